@@ -1,0 +1,56 @@
+"""Shared test setup: the stack loaded by path, data/ importable, a small tokenizer, the shared data if present."""
+import importlib.util
+import os
+import sys
+
+# Triton reads this when a kernel is decorated: set it before the stack (or anything else) imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "data"))
+STACK_PATH = os.path.join(ROOT, "decoderstack_small_pt-eval-sft.py")
+SHARED_DATA = os.environ.get("DECODERSTACK_DATA", os.path.join(ROOT, "..", "shared", "data"))
+
+
+def load_stack():
+    spec = importlib.util.spec_from_file_location("decoderstack", STACK_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["decoderstack"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def stack():
+    return load_stack()
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    if not os.path.isdir(os.path.join(SHARED_DATA, "pretrain")):
+        pytest.skip(f"shared data not found at {SHARED_DATA} (set DECODERSTACK_DATA)")
+    return SHARED_DATA
+
+
+def stdlib_text():
+    """English-ish text that ships with every Python: the docstrings of a few standard modules."""
+    import argparse, collections, json, pathlib, subprocess, textwrap, typing, unittest
+    mods = [argparse, collections, json, pathlib, subprocess, textwrap, typing, unittest]
+    docs = []
+    for m in mods:
+        docs.append(m.__doc__ or "")
+        docs += [getattr(m, n).__doc__ for n in sorted(dir(m)) if not n.startswith("_")]
+    return [d for d in docs if isinstance(d, str) and len(d) > 40]
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory):
+    """A 1024-token tokenizer trained on stdlib docstrings, saved in the on-disk format."""
+    import tokenizer
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    tokenizer.train(iter(stdlib_text()), 1024).save(out)
+    return str(out)
