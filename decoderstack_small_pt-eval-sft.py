@@ -191,25 +191,26 @@ def pretrain_shards(data_dir, tokenizer, split):
 @dataclasses.dataclass
 class CoreData:
     tasks: list          # manifest task dicts: label, task_type, num_fewshot, random_baseline, first_example, n_examples
-    tokens: np.ndarray   # all sequences back to back
-    sequences: np.ndarray  # [n_seq, 4] offset, length, cont_start, cont_end
+    tokens: np.ndarray     # token segments back to back
+    sequences: np.ndarray  # [n_seq, 6] offset_a, len_a, offset_b, len_b, cont_start, cont_end: sequence = a ++ b
     examples: np.ndarray   # [n_ex, 4] task, gold, first sequence, number of sequences
     max_len: int
 
     def sequence(self, i):
-        offset, length, start, end = (int(x) for x in self.sequences[i])
-        return np.asarray(self.tokens[offset:offset + length], dtype=np.int64), start, end
+        """(tokens, cont_start, cont_end) of sequence i."""
+        off_a, len_a, off_b, len_b, start, end = (int(x) for x in self.sequences[i])
+        return np.concatenate([self.tokens[off_a:off_a + len_a], self.tokens[off_b:off_b + len_b]]).astype(np.int64), start, end
 
 
 def load_core(data_dir, tokenizer):
     directory = os.path.join(data_dir, "core")
     manifest = read_manifest(directory, "core", tokenizer)
     tokens = read_token_file(os.path.join(directory, "tokens.bin"), tokenizer.vocab_size)
-    sequences = load_npy(os.path.join(directory, "sequences.npy"), np.int64, (None, 4))
+    sequences = load_npy(os.path.join(directory, "sequences.npy"), np.int64, (None, 6))
     examples = load_npy(os.path.join(directory, "examples.npy"), np.int64, (None, 4))
     n_tasks = len(manifest["tasks"])
-    if len(sequences) and (sequences[:, 0] + sequences[:, 1]).max() > len(tokens):
-        raise DataFormatError(f"{directory}/sequences.npy: a sequence runs past the end of tokens.bin")
+    if len(sequences) and max((sequences[:, 0] + sequences[:, 1]).max(), (sequences[:, 2] + sequences[:, 3]).max()) > len(tokens):
+        raise DataFormatError(f"{directory}/sequences.npy: a segment runs past the end of tokens.bin")
     if len(examples) and ((examples[:, 0] >= n_tasks).any() or (examples[:, 2] + examples[:, 3]).max() > len(sequences)):
         raise DataFormatError(f"{directory}/examples.npy: a row points past the tasks or sequences")
     return CoreData(manifest["tasks"], tokens, sequences, examples, manifest["max_len"])

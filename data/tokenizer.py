@@ -37,9 +37,10 @@ class Tokenizer:
             for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]):
                 f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
         write_npy(os.path.join(out_dir, "token_bytes.npy"), self.token_bytes())
+        self.sha256 = sha256_file(bpe_path)
         write_json(os.path.join(out_dir, "tokenizer.json"), {
             "version": TOKENIZER_VERSION, "pattern": self.pattern, "special_tokens": self.special_tokens,
-            "vocab_size": self.vocab_size, "tiktoken_sha256": sha256_file(bpe_path)})
+            "vocab_size": self.vocab_size, "tiktoken_sha256": self.sha256})
 
     @classmethod
     def load(cls, tok_dir):
@@ -59,6 +60,7 @@ class Tokenizer:
             except ValueError:
                 raise DataError(f"{bpe_path}:{lineno}: expected '<base64 token> <rank>'") from None
         tok = cls(ranks, meta["pattern"], meta["special_tokens"])
+        tok.sha256 = meta["tiktoken_sha256"]  # identifies the tokenizer in every data manifest
         if tok.vocab_size != meta["vocab_size"]:
             raise DataError(f"{meta_path}: vocab_size {meta['vocab_size']} but the files define {tok.vocab_size} tokens")
         return tok
