@@ -1,0 +1,148 @@
+"""Tokenizer: training, pickle-free persistence, stack-side loading, special tokens, chat template."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tokenizer
+from common import DataError
+from conftest import ROOT, stdlib_text
+
+UNICODE = "naïve café — 東京 🚀 ünïcödé\n\ttabs  and   spaces\r\n"
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    return tokenizer.Tokenizer.load(tok_dir)
+
+
+def test_roundtrip_and_stack_agrees(tok, tok_dir, stack):
+    stack_tok = stack.Tokenizer(tok_dir)
+    for text in stdlib_text()[:50] + [UNICODE, "", "x" * 5000]:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert stack_tok.encode(text) == ids
+    assert stack_tok.vocab_size == tok.vocab_size == 1024
+    assert stack_tok.bos_id == tok.bos_id == tok.special("<|bos|>")
+
+
+def test_special_tokens_never_come_from_text(tok):
+    specials = set(tok.special_tokens.values())
+    assert len(specials) == 9 and max(specials) == tok.vocab_size - 1
+    text = "<|bos|>hello<|assistant_end|> <|python_start|>1+1<|python_end|>"
+    ids = tok.encode(text)
+    assert not specials & set(ids)
+    assert tok.decode(ids) == text
+
+
+def test_numbers_split_in_runs_of_two_digits(tok):
+    ids = tok.encode("year 1234567 and 99")
+    digit_tokens = [tok.decode([i]).strip() for i in ids if tok.decode([i]).strip().isdigit()]
+    assert "".join(digit_tokens) == "123456799"
+    assert max(map(len, digit_tokens)) <= 2
+
+
+def test_token_bytes_weights_count_utf8_bytes(tok, tok_dir):
+    token_bytes = np.load(os.path.join(tok_dir, "token_bytes.npy"), allow_pickle=False)
+    assert token_bytes.dtype == np.int32 and token_bytes.shape == (tok.vocab_size,)
+    assert all(token_bytes[i] == 0 for i in tok.special_tokens.values())
+    ids = tok.encode(UNICODE)
+    assert token_bytes[ids].sum() == len(UNICODE.encode("utf-8"))
+
+
+def test_saved_files_are_plain_text_and_json(tok_dir, tok):
+    meta = json.load(open(os.path.join(tok_dir, "tokenizer.json")))
+    assert set(meta) == {"version", "pattern", "special_tokens", "vocab_size", "tiktoken_sha256"}
+    lines = open(os.path.join(tok_dir, "tokenizer.tiktoken")).read().splitlines()
+    assert len(lines) == tok.vocab_size - 9
+    assert [int(line.split()[1]) for line in lines] == list(range(len(lines)))
+
+
+def test_load_errors_name_the_file(tmp_path, tok_dir):
+    bad = tmp_path / "tok"
+    bad.mkdir()
+    for name in ("tokenizer.json", "token_bytes.npy"):
+        (bad / name).write_bytes(open(os.path.join(tok_dir, name), "rb").read())
+    with pytest.raises(DataError, match="tokenizer.tiktoken: missing"):
+        tokenizer.Tokenizer.load(bad)
+    (bad / "tokenizer.tiktoken").write_text("QQ== 0\nnot-base64!! 1\n")
+    with pytest.raises(DataError, match=r"tokenizer.tiktoken:2:"):
+        tokenizer.Tokenizer.load(bad)
+
+
+def test_vocab_size_too_small():
+    with pytest.raises(DataError, match="at least 265"):
+        tokenizer.train(iter(["abc"]), 100)
+
+
+def test_cli_train_excludes_and_reports_held_out(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = stdlib_text()
+    (corpus / "a.txt").write_text("\n\n".join(texts[:100]))
+    (corpus / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[100:200]))
+    (corpus / "val_held_out.txt").write_text("\n\n".join(texts[200:]))
+    out = tmp_path / "tokenizer"
+    r = subprocess.run([sys.executable, "data/tokenizer.py", "train", "--input", str(corpus), "--exclude", "val_*",
+                        "--vocab-size", "600", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "trained a 600-token tokenizer on 2 files" in r.stdout
+    assert "held-out text (1 files)" in r.stdout and "ours" in r.stdout
+    assert tokenizer.Tokenizer.load(out).vocab_size == 600
+
+
+def test_cli_bad_input_is_one_clear_error(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    r = subprocess.run([sys.executable, "data/tokenizer.py", "train", "--input", str(tmp_path / "bad.jsonl"),
+                        "--vocab-size", "300", "--out", str(tmp_path / "tok")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'bad.jsonl'}:2: malformed JSON (Expecting value)"]
+    assert not (tmp_path / "tok").exists()
+
+
+# -- chat template ---------------------------------------------------------------------------------------------
+
+def supervised_text(tok, ids, mask):
+    return tok.decode([i for i, m in zip(ids, mask) if m])
+
+
+def test_render_conversation_masks(tok):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 6*7?"},
+        {"role": "assistant", "content": [
+            {"type": "text", "text": "Let me compute. "},
+            {"type": "python", "text": "6*7"},
+            {"type": "python_output", "text": "42"},
+            {"type": "text", "text": "It is 42."}]},
+        {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "content": "You're welcome."},
+    ]
+    ids, mask = tok.render_conversation(messages)
+    assert len(ids) == len(mask)
+    assert tok.decode(ids) == ("<|bos|><|user_start|>Be brief.\n\nWhat is 6*7?<|user_end|><|assistant_start|>Let me compute. "
+                               "<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|>It is 42.<|assistant_end|>"
+                               "<|user_start|>Thanks<|user_end|><|assistant_start|>You're welcome.<|assistant_end|>")
+    assert supervised_text(tok, ids, mask) == ("Let me compute. <|python_start|>6*7<|python_end|>It is 42.<|assistant_end|>"
+                                               "You're welcome.<|assistant_end|>")
+
+
+def test_render_conversation_errors_and_truncation(tok):
+    with pytest.raises(ValueError, match="message 1 has role 'user', expected 'assistant'"):
+        tok.render_conversation([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    with pytest.raises(ValueError, match="system message must be followed by a user message"):
+        tok.render_conversation([{"role": "system", "content": "a"}, {"role": "assistant", "content": "b"}])
+    ids, mask = tok.render_conversation([{"role": "user", "content": "word " * 500}, {"role": "assistant", "content": "ok"}], max_tokens=64)
+    assert len(ids) == len(mask) == 64
+
+
+def test_render_for_completion(tok):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    ids = tok.render_for_completion(messages)
+    assert tok.decode(ids) == "<|bos|><|user_start|>Hi<|user_end|><|assistant_start|>"
+    assert messages[-1]["content"] == "Hello"  # the caller's list is untouched
+    with pytest.raises(ValueError, match="last message must be the assistant"):
+        tok.render_for_completion(messages[:1])
