@@ -1,0 +1,54 @@
+"""The data foundation end to end on the shared data: prepare every format, move it through a hub mirror, check it
+with the stack's `data` phase."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def run(*args, **kw):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_prepare_mirror_and_check(shared_data, tmp_path, stack):
+    data = tmp_path / "data"
+    r = run("data/prepare.py", "--source", shared_data, "--vocab-size", "8192", "--out", data, "--shard-tokens", "4000000")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert sorted(os.listdir(data)) == ["chat_eval", "core", "pretrain", "sft", "tokenizer"]
+    pretrain = json.load(open(data / "pretrain" / "manifest.json"))
+    assert [s["file"] for s in pretrain["shards"]][:2] == ["val_000000.bin", "train_000001.bin"] and len(pretrain["shards"]) >= 3
+
+    mirror, copy = tmp_path / "mirror", tmp_path / "downloaded"
+    assert run("data/hub.py", "upload", data, "--local", mirror).returncode == 0
+    r = run("data/hub.py", "download", "--local", mirror, "--out", copy)
+    assert r.returncode == 0, r.stderr
+
+    r = run("decoderstack_small_pt-eval-sft.py", "--preset", "cpu", "--data-dir", copy, "--phases", "data")
+    assert r.returncode == 0, r.stderr
+    assert "is complete and consistent" in r.stdout
+    assert "core: 22 tasks" in r.stdout
+    for name in ("arc_easy", "arc_challenge", "mmlu", "gsm8k"):
+        assert name in r.stdout
+
+
+def test_data_phase_names_the_missing_part(tmp_path, tok_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    os.symlink(tok_dir, data / "tokenizer")
+    r = run("decoderstack_small_pt-eval-sft.py", "--data-dir", data, "--phases", "data")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == f"error: {data}/pretrain/manifest.json: missing"
+
+
+def test_config_presets_and_overrides(stack):
+    cfg = stack.parse_config(["--preset", "gpu1", "--seed=3", "--data-dir", "/x"])
+    assert (cfg.preset, cfg.seed, cfg.data_dir, cfg.run_dir) == ("gpu1", 3, "/x", "runs/gpu1")
+    with pytest.raises(SystemExit):
+        stack.parse_config(["--preset", "tpu"])
+    with pytest.raises(SystemExit):
+        stack.parse_config(["--no-such-field=1"])
