@@ -5,6 +5,7 @@ module and read with the stack so the two sides cannot drift. Formats are docume
 """
 import contextlib
 import fnmatch
+import glob
 import hashlib
 import json
 import os
@@ -141,7 +142,7 @@ def iter_jsonl(path):
             raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
 
 
-def read_json_records(path):
+def _read_json_records(path):
     """Records of a .jsonl file or a .json array, as (location, object) pairs for error messages."""
     if path.endswith(".jsonl"):
         return [(f"{path}:{n}", obj) for n, obj in iter_jsonl(path)]
@@ -152,6 +153,35 @@ def read_json_records(path):
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON array of records")
     return [(f"{path}[{i}]", obj) for i, obj in enumerate(data)]
+
+
+def hf_download(repo_id, patterns):
+    """Local paths of the files of a Hugging Face dataset that match `patterns` (cached by huggingface_hub)."""
+    from huggingface_hub import snapshot_download
+    try:
+        root = snapshot_download(repo_id, repo_type="dataset", allow_patterns=patterns)
+    except OSError as e:  # the hub's network and cache errors are OSErrors
+        raise DataError(f"{repo_id}: download failed ({e})") from None
+    files = sorted(f for pattern in patterns for f in glob.glob(os.path.join(root, pattern)))
+    if not files:
+        raise DataError(f"{repo_id}: no files match {patterns}")
+    return files
+
+
+def read_records(path):
+    """(location, record) pairs of a .jsonl, .json or .parquet file; location is file:line or file[index]."""
+    if not path.endswith(".parquet"):
+        yield from _read_json_records(path)
+        return
+    import pyarrow.parquet as pq
+    try:
+        i = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):  # smoltalk is too big for one to_pylist
+            for row in batch.to_pylist():
+                yield f"{path}[{i}]", row
+                i += 1
+    except (OSError, ValueError) as e:  # pyarrow's ArrowIOError / ArrowInvalid
+        raise DataError(f"{path}: unreadable parquet file ({e})") from None
 
 
 TEXT_EXTS = (".txt", ".jsonl", ".parquet")

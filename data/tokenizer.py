@@ -6,7 +6,6 @@ Saved files (data/README.md): tokenizer.tiktoken (base64 ranks), tokenizer.json,
 """
 import argparse
 import base64
-import itertools
 import os
 import time
 
@@ -186,6 +185,8 @@ def reference_encodings():
 def compression_report(tok, files):
     text = "".join(iter_documents(files))
     n_bytes = len(text.encode("utf-8"))
+    if not n_bytes:
+        return f"no compression report: the held-out text ({len(files)} files) is empty"
     rows = [("ours", tok.vocab_size, len(tok.encode(text)))]
     rows += [(name, enc.n_vocab, len(enc.encode_ordinary(text))) for name, enc in reference_encodings().items()]
     lines = [f"compression on {n_bytes / 1e6:.2f} MB of held-out text ({len(files)} files):",

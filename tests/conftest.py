@@ -38,8 +38,8 @@ def shared_data():
 
 def stdlib_text():
     """English-ish text that ships with every Python: the docstrings of a few standard modules."""
-    import argparse, collections, email, json, pathlib, subprocess, textwrap, unittest
-    mods = [argparse, collections, email, json, pathlib, subprocess, textwrap, unittest]
+    import argparse, collections, inspect, json, logging, os, pathlib, shutil, subprocess, textwrap, unittest
+    mods = [argparse, collections, inspect, json, logging, os, pathlib, shutil, subprocess, textwrap, unittest]
     docs = []
     for m in mods:
         docs.append(m.__doc__ or "")

@@ -82,9 +82,10 @@ def test_cli_train_excludes_and_reports_held_out(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     texts = stdlib_text()
-    (corpus / "a.txt").write_text("\n\n".join(texts[:100]))
-    (corpus / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[100:200]))
-    (corpus / "val_held_out.txt").write_text("\n\n".join(texts[200:]))
+    third = len(texts) // 3
+    (corpus / "a.txt").write_text("\n\n".join(texts[:third]))
+    (corpus / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[third:2 * third]))
+    (corpus / "val_held_out.txt").write_text("\n\n".join(texts[2 * third:]))
     out = tmp_path / "tokenizer"
     r = subprocess.run([sys.executable, "data/tokenizer.py", "train", "--input", str(corpus), "--exclude", "val_*",
                         "--vocab-size", "600", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
