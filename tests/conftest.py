@@ -12,7 +12,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "data"))
-STACK_PATH = os.path.join(ROOT, "decoderstack_small_pt-eval-sft.py")
+# DECODERSTACK_STACK runs the suite against another copy of the stack (e.g. a frozen record in baselines/).
+STACK_PATH = os.environ.get("DECODERSTACK_STACK", os.path.join(ROOT, "decoderstack_small_pt-eval-sft.py"))
 SHARED_DATA = os.environ.get("DECODERSTACK_DATA", os.path.join(ROOT, "..", "shared", "data"))
 
 
