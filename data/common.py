@@ -133,7 +133,9 @@ def read_text(path):
 
 def iter_jsonl(path):
     """Yield (line_number, object) for each non-blank line; a malformed line is an error naming file:line."""
-    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+    # split on "\n" only: str.splitlines would also break on U+2028 and friends, which JSON strings may hold raw
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
