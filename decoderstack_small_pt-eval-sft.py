@@ -6,24 +6,38 @@ Run:
     one GPU:        python decoderstack_small_pt-eval-sft.py --preset gpu1 --data-dir DIR
     Colab:          python decoderstack_small_pt-eval-sft.py --preset colab --data-dir DIR
     CPU:            python decoderstack_small_pt-eval-sft.py --preset cpu --data-dir DIR
-Any hyperparameter can be overridden with --name=value.
+Any hyperparameter can be overridden with --name=value (--flag / --no-flag for booleans, JSON for tuples).
 
 Contents
-    1. Hyperparameters: one dataclass, presets, --name=value overrides
-    2. Runtime: logging, run directory
-    3. Data readers: tokenizer, token files, pretrain shards, CORE, SFT, chat eval
-    4. Phases: data (check a prepared data directory)
-    5. Main
+    1. Hyperparameters: one dataclass, presets, overrides, the stage schedule
+    2. Runtime: device, precision, distributed, logging, wandb
+    3. Kernels: Triton kernels beside their PyTorch references
+    4. Attention: one entry point over packed documents; FA3 / FA2 / flex / SDPA
+    5. Model
+    6. Optimizer: NorMuon (Polar Express) + Adam
+    7. Data: readers of every format, the pretraining loader
+    8. Pretraining: schedule, bits per byte, checkpoints, the loop
+    9. Phases and main
 """
 import argparse
 import base64
 import dataclasses
+import functools
 import json
+import math
 import os
+import re
+import shutil
 import sys
+import threading
 import time
 
 import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 # =============================================================================================================
 # 1. Hyperparameters
@@ -31,18 +45,67 @@ import numpy as np
 
 @dataclasses.dataclass
 class Config:
-    preset: str = "cpu"
-    data_dir: str = "runs/data"
-    run_dir: str = "runs/cpu"
-    phases: str = "data"
+    # run
+    preset: str = "h100x8"
+    data_dir: str = "data"
+    run_dir: str = "runs/h100x8"
+    phases: str = "pt"
     seed: int = 0
+    resume: bool = False          # continue from the last checkpoint in run_dir
+    init_from: str = ""           # start from this checkpoint's weights
+    compile: bool = True
+    attn_backend: str = "auto"    # auto | fa3 | fa2 | flex | sdpa
+    dtype: str = "auto"           # auto: bf16 where the GPU supports it, else fp32 (bf16 is 50-150x slower on CPUs)
+    wandb: str = "auto"           # auto: online when WANDB_API_KEY is set, else disabled | offline | disabled
+    # model (modded-nanogpt track-1 scale)
+    n_layers: int = 11
+    model_dim: int = 768
+    n_heads: int = 6
+    head_dim: int = 128
+    mlp_mult: int = 4
+    vocab_multiple: int = 128
+    long_window_layers: str = "3,10"
+    value_embed_layers: str = "1,2,8,9,10"
+    bigram_rows_per_vocab: float = 7.5
+    attn_scale: float = 0.1
+    softcap: tuple = (23.0, 5.0, 7.5)  # logits = a * sigmoid((z + b) / c)
+    # schedule: stages of (steps, global batch tokens, max document length, short window, long window, lr multiplier,
+    # MTP weights at the stage's start, at its end); weights move linearly within a stage
+    stages: tuple = (
+        (423, 131072, 896, 128, 384, 1.0, (1.0, 0.5, 0.25), (1.0, 0.5, 0.0)),
+        (424, 262144, 2048, 384, 896, 1.52, (1.0, 0.5), (1.0, 0.0)),
+        (423, 393216, 2048, 640, 1408, 1.73, (1.0,), (1.0,)),
+        (15, 393216, 2048, 768, 1664, 1.73, (1.0,), (1.0,)),
+    )
+    micro_batch_tokens: int = 49152  # tokens per rank per forward; gradient accumulation makes up the batch
+    train_tokens: int = 0            # 0: as the stages say; N: rescale every stage's steps to N tokens in total
+    cooldown_frac: float = 0.6       # lr is flat, then decays linearly to final_lr over this last fraction
+    final_lr: float = 0.15
+    untie_frac: float = 0.667        # embed and lm_head share weights until this fraction of the steps
+    muon_lr: float = 0.023
+    muon_wd: float = 0.028
+    adam_lr: float = 0.008
+    adam_wd: float = 0.006
+    val_every: int = 250
+    val_tokens: int = 10_485_760
+    checkpoint_every: int = 0        # steps between checkpoints (0: only at the end)
+    log_every: int = 10
 
 
 PRESETS = {
     "h100x8": dict(run_dir="runs/h100x8"),
+    # the same model and tokens on one GPU: the stages' batches come from 8x gradient accumulation
     "gpu1": dict(run_dir="runs/gpu1"),
-    "colab": dict(run_dir="runs/colab"),
-    "cpu": dict(run_dir="runs/cpu"),
+    # T4/L4-class: no FA3 or FP8; a smaller model that fits 16 GB in fp32 where bf16 is missing
+    "colab": dict(run_dir="runs/colab", n_layers=8, model_dim=512, n_heads=4, micro_batch_tokens=16384,
+                  long_window_layers="3,7", value_embed_layers="1,2,5,6,7", train_tokens=100_000_000),
+    # a tiny model that pretrains in about 5 minutes on 2 CPU cores (fp32)
+    "cpu": dict(run_dir="runs/cpu", n_layers=4, model_dim=192, n_heads=3, head_dim=64, long_window_layers="3",
+                value_embed_layers="1,2,3", bigram_rows_per_vocab=2.0, micro_batch_tokens=4096,
+                stages=((60, 4096, 256, 64, 128, 1.0, (1.0, 0.5, 0.25), (1.0, 0.5, 0.0)),
+                        (60, 4096, 512, 128, 256, 1.0, (1.0, 0.5), (1.0, 0.0)),
+                        (60, 4096, 512, 128, 512, 1.0, (1.0,), (1.0,))),
+                val_every=60, val_tokens=131072, log_every=10, compile=False),
 }
 
 
@@ -51,7 +114,14 @@ def parse_config(argv=None):
     fields = {f.name: f for f in dataclasses.fields(Config)}
     parser = argparse.ArgumentParser(description="DecoderStack (see the header of this file)")
     for name, field in fields.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type(field.default), default=None)
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(field.default, bool):
+            parser.add_argument(flag, dest=name, nargs="?", const=True, default=None, type=parse_bool)
+            parser.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_const", const=False)
+        elif isinstance(field.default, tuple):
+            parser.add_argument(flag, dest=name, default=None, type=parse_tuple)
+        else:
+            parser.add_argument(flag, dest=name, default=None, type=type(field.default))
     args = parser.parse_args(argv)
     preset = args.preset or Config.preset
     if preset not in PRESETS:
@@ -61,16 +131,1066 @@ def parse_config(argv=None):
     return Config(**values)
 
 
+def parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def parse_tuple(text):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected JSON, got {text!r} ({e.msg})") from None
+    freeze = lambda v: tuple(freeze(x) for x in v) if isinstance(v, list) else v
+    return freeze(value)
+
+
+def parse_ints(text):
+    return [int(x) for x in str(text).split(",") if x.strip()]
+
+
 # =============================================================================================================
 # 2. Runtime
+
+
+@dataclasses.dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype    # autocast dtype of matmuls (fp32: none)
+    rank: int
+    world_size: int
+    backend: str          # attention backend
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def pick_device():
+    """cuda -> mps -> cpu; FORCE_DEVICE overrides (e.g. FORCE_DEVICE=cpu on a GPU machine)."""
+    forced = os.environ.get("FORCE_DEVICE")
+    if forced:
+        return torch.device(forced)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def init_runtime(cfg):
+    device = pick_device()
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
+    return Runtime(device, dtype, rank, world_size, select_attention_backend(device, cfg.attn_backend))
+
+
+def autocast(rt):
+    """Matmuls in rt.dtype on accelerators; parameters and optimizer state stay fp32."""
+    if rt.dtype == torch.float32:
+        return torch.autocast(rt.device.type, enabled=False)
+    return torch.autocast(rt.device.type, dtype=rt.dtype)
+
+
+class Logger:
+    """Rank 0 prints and appends to RUN_DIR/log.txt; metrics also go to wandb when it is enabled."""
+
+    def __init__(self, cfg, rt):
+        self.master, self.path, self.wandb = rt.master, os.path.join(cfg.run_dir, "log.txt"), None
+        if not self.master:
+            return
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        mode = cfg.wandb if cfg.wandb != "auto" else ("online" if os.environ.get("WANDB_API_KEY") else "disabled")
+        if os.environ.get("WANDB_MODE") == "disabled":
+            mode = "disabled"
+        if mode != "disabled":
+            import wandb
+            self.wandb = wandb.init(project="decoderstack", name=os.path.basename(os.path.abspath(cfg.run_dir)),
+                                    config=dataclasses.asdict(cfg), mode=mode, dir=cfg.run_dir)
+
+    def __call__(self, msg):
+        if self.master:
+            print(msg, flush=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(msg + "\n")
+
+    def metrics(self, step, values):
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
 
 
 def log(msg):
     print(msg, flush=True)
 
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # e.g. Macs: every op below falls back to its PyTorch reference
+    triton = None
+
 # =============================================================================================================
-# 3. Data readers. The writers are data/*.py; the formats are documented in data/README.md.
+# 3. Kernels. Each op has a PyTorch reference (`*_reference`: the CPU/MPS path and the test oracle), a Triton
+# launcher (`*_triton`) and a dispatcher (the plain name) that picks Triton only for CUDA tensors on sm80+ (bf16
+# tl.dot). Kernels take bf16 or fp32 inputs and accumulate in fp32; fp32 inputs use TF32 tensor cores on the GPU.
+# The tests run the launchers on CPU under TRITON_INTERPRET=1, in fp32 (the interpreter's bf16 tl.dot is wrong,
+# triton#11584). One fixed tile config each; the `block*` keywords exist so tests can force several tiles.
+
+SOFTCAP = (23.0, 5.0, 7.5)  # u = A * sigmoid((z + B) / C): logits bounded to (0, 23), as in modded-nanogpt
+
+
+def _use_triton(t):
+    return triton is not None and t.is_cuda and torch.cuda.get_device_capability(t.device) >= (8, 0)
+
+
+if triton is not None:
+
+    # C = A @ A^T, or b*A + c*(A @ A^T) with ADD_A, for a batch of matrices. C is symmetric, so only tiles on or
+    # below the diagonal are computed, each stored twice (in place and mirrored): about half the FLOPs of a matmul,
+    # and an exactly symmetric result. These two products are the bulk of a Polar Express (Muon) iteration.
+    @triton.jit
+    def _sym_matmul_kernel(a_ptr, c_ptr, M, K, stride_ab, stride_am, stride_ak, stride_cb, stride_cm, stride_cn,
+                           b, c, ADD_A: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+        batch, pid_m, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        if pid_n > pid_m:  # upper triangle: written as the mirror of tile (pid_n, pid_m)
+            return
+        a_ptr += batch * stride_ab
+        c_ptr += batch * stride_cb
+        rows = pid_m * BLOCK + tl.arange(0, BLOCK)
+        cols = pid_n * BLOCK + tl.arange(0, BLOCK)
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kmask = (k0 + ks)[None, :] < K
+            a_rows = tl.load(a_ptr + rows[:, None] * stride_am + (k0 + ks)[None, :] * stride_ak,
+                             mask=(rows[:, None] < M) & kmask, other=0.0)
+            a_cols = tl.load(a_ptr + cols[:, None] * stride_am + (k0 + ks)[None, :] * stride_ak,
+                             mask=(cols[:, None] < M) & kmask, other=0.0)
+            acc = tl.dot(a_rows, tl.trans(a_cols), acc)
+        # Store the lower triangle and its mirror: a diagonal tile's dot need not be bitwise symmetric itself.
+        mask = (rows[:, None] < M) & (cols[None, :] <= rows[:, None])
+        if ADD_A:  # A is square and symmetric here, so its tile (rows, cols) serves the mirror too
+            a_tile = tl.load(a_ptr + rows[:, None] * stride_am + cols[None, :] * stride_ak, mask=mask, other=0.0)
+            acc = b * a_tile.to(tl.float32) + c * acc
+        out = acc.to(c_ptr.dtype.element_ty)
+        tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, out, mask=mask)
+        tl.store(c_ptr + cols[:, None] * stride_cm + rows[None, :] * stride_cn, tl.trans(out), mask=tl.trans(mask))
+
+    # relu(x @ W_fc^T)^2 with the activation fused into the matmul epilogue (FORWARD), and the backward's
+    # dpre = (g @ W_proj) * 2*sqrt(post) (relu(pre) = sqrt(post)). The hidden activation, 4x wider than the residual
+    # stream, is written once as `post` and read once in the backward; `pre` never reaches memory.
+    @triton.jit
+    def _relu2_matmul_kernel(a_ptr, b_ptr, c_ptr, post_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                             stride_cm, stride_cn, FORWARD: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(a_ptr + rows[:, None] * stride_am + (k0 + ks)[None, :] * stride_ak,
+                        mask=(rows[:, None] < M) & ((k0 + ks)[None, :] < K), other=0.0)
+            b = tl.load(b_ptr + (k0 + ks)[:, None] * stride_bk + cols[None, :] * stride_bn,
+                        mask=((k0 + ks)[:, None] < K) & (cols[None, :] < N), other=0.0)
+            acc = tl.dot(a, b, acc)
+        mask = (rows[:, None] < M) & (cols[None, :] < N)
+        offsets = rows[:, None] * stride_cm + cols[None, :] * stride_cn
+        if FORWARD:
+            acc = tl.maximum(acc, 0.0)
+            acc = acc * acc
+        else:
+            post = tl.load(post_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            acc = 2.0 * acc * tl.sqrt(post)
+        tl.store(c_ptr + offsets, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+    # Softcapped multi-token cross-entropy: per row the loss and dL/dz in one launch, so the (N, V) softcapped
+    # logits and probabilities are never materialised (unfused, each costs extra passes over the largest activation
+    # in the model). Sweep 1 over V: online logsumexp; sweep 2 (re-reading z, mostly from L2): the gradient
+    #   dz_j = (sum_k w_k * p_j - sum_{k: t_k = j} w_k) * (A/C) * s_j * (1 - s_j),  s = sigmoid((z+B)/C), u = A*s.
+    @triton.jit
+    def _softcap_ce_kernel(z_ptr, t_ptr, w_ptr, loss_ptr, dz_ptr, V, K, stride_z, stride_t, stride_dz,
+                           cap_a, cap_b, cap_c, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        z_row = z_ptr + row * stride_z
+        ks = tl.arange(0, BLOCK_K)
+        targets = tl.load(t_ptr + row * stride_t + ks, mask=ks < K, other=-1)
+        valid = targets >= 0
+        weights = tl.where(valid, tl.load(w_ptr + ks, mask=ks < K, other=0.0).to(tl.float32), 0.0)
+        z_t = tl.load(z_row + targets, mask=valid, other=0.0).to(tl.float32)
+        u_t = cap_a * tl.sigmoid((z_t + cap_b) / cap_c)
+        cols = tl.arange(0, BLOCK_V)
+        run_max = tl.full((), float("-inf"), tl.float32)
+        run_sum = tl.full((), 0.0, tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            mask = v0 + cols < V
+            z = tl.load(z_row + v0 + cols, mask=mask, other=0.0).to(tl.float32)
+            u = tl.where(mask, cap_a * tl.sigmoid((z + cap_b) / cap_c), float("-inf"))
+            new_max = tl.maximum(run_max, tl.max(u, axis=0))
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(u - new_max), axis=0)
+            run_max = new_max
+        lse = run_max + tl.log(run_sum)
+        tl.store(loss_ptr + row, tl.sum(weights * (lse - u_t), axis=0))
+        weight_sum = tl.sum(weights, axis=0)
+        dz_row = dz_ptr + row * stride_dz
+        for v0 in range(0, V, BLOCK_V):
+            mask = v0 + cols < V
+            z = tl.load(z_row + v0 + cols, mask=mask, other=0.0).to(tl.float32)
+            s = tl.sigmoid((z + cap_b) / cap_c)
+            p = tl.exp(cap_a * s - lse)
+            hits = tl.sum(tl.where((v0 + cols)[:, None] == targets[None, :], weights[None, :], 0.0), axis=1)
+            dz = (weight_sum * p - hits) * (cap_a / cap_c) * s * (1.0 - s)
+            tl.store(dz_row + v0 + cols, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+# --- A @ A^T and b*A + c*A@A^T (Polar Express)
+
+
+def xxt_reference(A):
+    return A @ A.mT
+
+
+def ba_plus_caa_reference(A, b, c):
+    return b * A + c * (A @ A.mT)
+
+
+def _sym_matmul_triton(A, b, c, add_a, block, block_k):
+    *batch, m, k = A.shape
+    A3 = A.reshape(-1, m, k)  # a view for X.mT-style inputs: the kernel takes any strides
+    out = torch.empty(A3.shape[0], m, m, dtype=A.dtype, device=A.device)
+    grid = (A3.shape[0], triton.cdiv(m, block), triton.cdiv(m, block))
+    _sym_matmul_kernel[grid](A3, out, m, k, *A3.stride(), *out.stride(), b, c,
+                             ADD_A=add_a, BLOCK=block, BLOCK_K=block_k, num_warps=4, num_stages=3)
+    return out.reshape(*batch, m, m)
+
+
+def xxt_triton(A, *, block=64, block_k=32):
+    return _sym_matmul_triton(A, 0.0, 0.0, False, block, block_k)
+
+
+def ba_plus_caa_triton(A, b, c, *, block=64, block_k=32):
+    assert A.shape[-1] == A.shape[-2], "ba_plus_caa needs square symmetric matrices"
+    return _sym_matmul_triton(A, float(b), float(c), True, block, block_k)
+
+
+def xxt(A):
+    """A @ A.mT for A of shape (..., m, k)."""
+    return xxt_triton(A) if _use_triton(A) else xxt_reference(A)
+
+
+def ba_plus_caa(A, b, c):
+    """b*A + c*(A @ A.mT) for symmetric A of shape (..., m, m)."""
+    return ba_plus_caa_triton(A, b, c) if _use_triton(A) else ba_plus_caa_reference(A, b, c)
+
+
+# --- ReLU^2 MLP
+
+
+def relu2_mlp_reference(x, w_fc, w_proj):
+    return torch.relu(x @ w_fc.mT).square() @ w_proj.mT
+
+
+def _relu2_matmul(a, b, post, blocks):
+    """relu(a @ b)^2 if post is None, else (a @ b) * 2*sqrt(post). a (M, K), b (K, N) any strides; post contiguous."""
+    (M, K), N = a.shape, b.shape[1]
+    block_m, block_n, block_k = blocks
+    out = torch.empty(M, N, dtype=a.dtype, device=a.device)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    aux = out if post is None else post  # the forward never reads post_ptr: any tensor fills the slot
+    _relu2_matmul_kernel[grid](a, b, out, aux, M, N, K, *a.stride(), *b.stride(), *out.stride(), FORWARD=post is None,
+                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8, num_stages=3)
+    return out
+
+
+class _Relu2MLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_fc, w_proj, blocks):
+        # tl.dot needs one dtype; autograd casts the weight grads back to the weights' dtype.
+        x2, w_fc, w_proj = x.reshape(-1, x.shape[-1]), w_fc.to(x.dtype), w_proj.to(x.dtype)
+        post = _relu2_matmul(x2, w_fc.mT, None, blocks)
+        ctx.save_for_backward(x2, w_fc, w_proj, post)
+        ctx.blocks = blocks
+        return (post @ w_proj.mT).reshape(*x.shape[:-1], w_proj.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, w_fc, w_proj, post = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        dpre = _relu2_matmul(g2, w_proj, post, ctx.blocks)
+        dx = (dpre @ w_fc).reshape(*grad.shape[:-1], w_fc.shape[1])
+        return dx, dpre.mT @ x2, g2.mT @ post, None
+
+
+def relu2_mlp_triton(x, w_fc, w_proj, *, blocks=(128, 128, 32)):
+    return _Relu2MLP.apply(x, w_fc, w_proj, blocks)
+
+
+def relu2_mlp(x, w_fc, w_proj):
+    """relu(x @ w_fc.T)^2 @ w_proj.T; x (..., dim), w_fc (hidden, dim), w_proj (dim, hidden) as in nn.Linear."""
+    return relu2_mlp_triton(x, w_fc, w_proj) if _use_triton(x) else relu2_mlp_reference(x, w_fc, w_proj)
+
+
+# --- Softcapped multi-token cross-entropy
+
+
+def softcap(logits, cap=SOFTCAP):
+    """The logits the model predicts with (fp32): A * sigmoid((z + B) / C)."""
+    a, b, c = cap
+    return a * torch.sigmoid((logits.float() + b) / c)
+
+
+def softcap_cross_entropy_reference(logits, targets, weights, cap=SOFTCAP):
+    u = softcap(logits, cap)
+    picked = u.gather(1, targets.clamp(min=0))
+    per_target = (u.logsumexp(1, keepdim=True) - picked) * weights.float()
+    return torch.where(targets >= 0, per_target, 0.0).sum(1)
+
+
+class _SoftcapCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, weights, cap, block_v):
+        (n, v), k = logits.shape, targets.shape[1]
+        assert logits.stride(1) == 1 and targets.stride(1) == 1 and weights.is_contiguous() and len(weights) == k
+        loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+        dz = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        _softcap_ce_kernel[(n,)](logits, targets, weights, loss, dz, v, k, logits.stride(0), targets.stride(0),
+                                 dz.stride(0), *map(float, cap), BLOCK_V=block_v,
+                                 BLOCK_K=triton.next_power_of_2(k), num_warps=4)
+        ctx.save_for_backward(dz)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (dz,) = ctx.saved_tensors
+        return dz * grad_loss[:, None].to(dz.dtype), None, None, None, None
+
+
+def softcap_cross_entropy_triton(logits, targets, weights, cap=SOFTCAP, *, block_v=1024):
+    return _SoftcapCrossEntropy.apply(logits, targets, weights, cap, block_v)
+
+
+def softcap_cross_entropy(logits, targets, weights, cap=SOFTCAP):
+    """Per-row loss (N,): sum_k weights[k] * CE(softcap(logits), targets[:, k]) over targets != -1.
+    logits (N, V) before the softcap; targets (N, K) int64, column k = the token k+1 ahead, -1 = ignored."""
+    if _use_triton(logits):
+        return softcap_cross_entropy_triton(logits, targets, weights, cap)
+    return softcap_cross_entropy_reference(logits, targets, weights, cap)
+
+
+# --- FP8 lm_head (training only, sm89+): e4m3 inputs, e5m2 output grads, fixed per-tensor scales, each mapping the
+# tensor's expected max |value| to the format's max. modded-nanogpt: x_scale=100/448, w_scale=1.6/448 and
+# grad_scale=0.75/448/grad_accum for a loss summed over tokens (with a mean loss, also divide by the tokens per step).
+# CUDA's _scaled_mm needs every dim a multiple of 16. torch's CPU build runs _scaled_mm too, which the tests use;
+# only speed and CUDA's layout rules are GPU-only.
+
+
+def fp8_supported(device):
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_quantize(t, scale, dtype):
+    """t / scale in an fp8 format, saturated: unclamped, an overflow becomes inf in e5m2 (e4m3fn has no inf)."""
+    limit = torch.finfo(dtype).max
+    return (t / scale).clamp(-limit, limit).to(dtype)
+
+
+def fp8_dequantize(t8, scale):
+    return t8.float() * scale
+
+
+class _FP8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, x_scale, w_scale, grad_scale):
+        x8 = fp8_quantize(x.reshape(-1, x.shape[-1]), x_scale, torch.float8_e4m3fn)
+        w8 = fp8_quantize(w, w_scale, torch.float8_e4m3fn)
+        ctx.save_for_backward(x8, w8)
+        ctx.scales = x_scale, w_scale, grad_scale
+        # _scaled_mm wants a row-major first and a column-major second operand: w8 (out, in) row-major gives w8.mT.
+        out = torch._scaled_mm(x8, w8.mT, scale_a=x8.new_tensor(x_scale, dtype=torch.float32),
+                               scale_b=x8.new_tensor(w_scale, dtype=torch.float32), out_dtype=x.dtype,
+                               use_fast_accum=True)
+        return out.reshape(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x8, w8 = ctx.saved_tensors
+        x_scale, w_scale, grad_scale = (x8.new_tensor(s, dtype=torch.float32) for s in ctx.scales)
+        g8 = fp8_quantize(grad.reshape(-1, grad.shape[-1]).contiguous(), ctx.scales[2], torch.float8_e5m2)
+        grad_x = torch._scaled_mm(g8, w8.mT.contiguous().mT, scale_a=grad_scale, scale_b=w_scale,
+                                  out_dtype=grad.dtype)
+        grad_w = torch._scaled_mm(g8.mT.contiguous(), x8.mT.contiguous().mT, scale_a=grad_scale, scale_b=x_scale,
+                                  out_dtype=torch.float32)
+        return grad_x.reshape(*grad.shape[:-1], w8.shape[1]), grad_w, None, None, None
+
+
+def fp8_linear(x, w, x_scale, w_scale, grad_scale):
+    """x @ w.T (w in nn.Linear layout (out, in)) with fp8 matmuls in forward and backward; use where
+    fp8_supported(x.device), else a plain matmul."""
+    return _FP8Linear.apply(x, w, x_scale, w_scale, grad_scale)
+
+
+# =============================================================================================================
+# 4. Attention over packed documents: one entry point, four backends (FA3, FA2, flex_attention, SDPA).
+#
+# Documents are packed into one (T, H, D) sequence and described by cu_seqlens, int32 (n+1,): document d holds
+# tokens cu_seqlens[d]:cu_seqlens[d+1]. Its length is static: unused tail entries repeat T (empty documents), so
+# torch.compile sees the same shapes every step. The mask, identical for every backend: query i attends key j iff
+#     doc(j) == doc(i)  and  j <= i  and  i - j <= window
+# so a query sees itself plus up to `window` earlier tokens of its own document; window None or < 0 means plain
+# causal attention within the document. This is FlashAttention's window_size=(window, 0) with causal=True.
+
+ATTENTION_BACKENDS = ("fa3", "fa2", "flex", "sdpa")  # the order "auto" tries them in
+
+_FLASH = {}  # "fa3"/"fa2" -> flash_attn_varlen_func, or the exception loading it raised (tried once per process)
+
+
+def _load_fa3():
+    """FA3's flash_attn_varlen_func from the HF kernels hub (cached in the HF cache; offline it fails in seconds)."""
+    from kernels import get_kernel
+    if torch.cuda.get_device_capability()[0] == 9:
+        try:  # faster on Hopper; a personal repo, not a hub-trusted organisation: kernels>=0.14 wants the opt-in
+            module = get_kernel("varunneal/flash-attention-3", revision="main", trust_remote_code=True)
+            return getattr(module, "flash_attn_interface", module).flash_attn_varlen_func
+        except Exception:
+            pass  # the kernels-community build below also covers Hopper
+    module = get_kernel("kernels-community/flash-attn3", version=1)
+    return getattr(module, "flash_attn_interface", module).flash_attn_varlen_func
+
+
+def _load_fa2():
+    from flash_attn import flash_attn_varlen_func
+    return flash_attn_varlen_func
+
+
+def _flash_varlen_func(name):
+    if name not in _FLASH:
+        try:
+            _FLASH[name] = _load_fa3() if name == "fa3" else _load_fa2()
+        except Exception as e:  # no network, package missing, no build for this torch/GPU
+            _FLASH[name] = e
+    if isinstance(_FLASH[name], Exception):
+        raise RuntimeError(f"could not load {name}: {_FLASH[name]!r}") from _FLASH[name]
+    return _FLASH[name]
+
+
+def _unavailable(name, device):
+    """Why backend `name` can't train on `device`, or None if it can."""
+    if name == "sdpa":
+        return None
+    if device.type != "cuda":
+        return "flex_attention trains only on CUDA (no CPU backward)" if name == "flex" else "it needs a CUDA GPU"
+    major, minor = torch.cuda.get_device_capability(device)
+    if name == "fa3" and major not in (8, 9):  # the hub builds cover sm80-sm90
+        return f"the hub builds cover sm80-sm90, this GPU is sm{major}{minor}"
+    if name == "fa2" and major < 8:
+        return f"it needs sm80+, this GPU is sm{major}{minor}"
+    if name in ("fa3", "fa2"):
+        try:
+            _flash_varlen_func(name)
+        except RuntimeError as e:
+            return str(e)
+    return None
+
+
+def select_attention_backend(device, requested="auto"):
+    """The backend to train with: `requested`, or for "auto" the first of fa3, fa2, flex (CUDA), sdpa that works
+    here. An explicit request that can't run raises RuntimeError saying why."""
+    device = torch.device(device)
+    if requested not in ("auto", *ATTENTION_BACKENDS):
+        raise ValueError(f"unknown attention backend {requested!r}; choose auto, {', '.join(ATTENTION_BACKENDS)}")
+    for name in ATTENTION_BACKENDS if requested == "auto" else (requested,):
+        reason = _unavailable(name, device)
+        if reason is None:
+            return name
+        if requested != "auto":
+            raise RuntimeError(f"attention backend {name!r} can't run on {device}: {reason}")
+
+
+def _document_ids(cu_seqlens, T):
+    """(T,) index of each token's document; right=True sends a token past the empty (repeated) entries."""
+    return torch.searchsorted(cu_seqlens, torch.arange(T, dtype=cu_seqlens.dtype, device=cu_seqlens.device), right=True)
+
+
+def _mask_mod(doc, window):
+    """The mask as a flex_attention mask_mod; SDPA calls it with broadcast index grids."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
+    return mask_mod
+
+
+def _sdpa_attention(q, k, v, cu_seqlens, window, scale, reach, block=256):
+    """SDPA with a boolean mask. When every query's keys lie within `reach` tokens (the window, or the longest
+    document), queries go in blocks that each see only their band of block + reach keys: T*(block+reach) work instead
+    of T*T, which is what makes CPU training with short windows affordable."""
+    T = q.size(0)
+    doc = _document_ids(cu_seqlens, T)
+    if block + reach >= T:  # one dense block
+        pos = torch.arange(T, device=q.device)
+        mask = _mask_mod(doc, window)(None, None, pos[:, None], pos[None, :])
+        q, k, v = (x.transpose(0, 1) for x in (q, k, v))  # (H, T, D)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(0, 1).contiguous()
+    n, span = -(-T // block), block + reach
+    pad = n * block - T
+    # keys get `reach` slots on the left (document -2: matches nothing) and, like the queries, `pad` on the right
+    # (document -1): padded queries see themselves, so no row of the mask is empty
+    doc_q = F.pad(doc, (0, pad), value=-1)
+    doc_k = F.pad(doc, (reach, pad), value=-2)
+    doc_k[reach + T:] = -1
+    k, v = (F.pad(x, (0, 0, 0, 0, reach, pad)) for x in (k, v))
+    kb, vb = (x.unfold(0, span, block).permute(0, 1, 3, 2) for x in (k, v))  # (n, H, span, D)
+    qb = F.pad(q, (0, 0, 0, 0, 0, pad)).view(n, block, *q.shape[1:]).transpose(1, 2)  # (n, H, block, D)
+    qi = torch.arange(n * block, device=q.device).view(n, block)
+    kj = qi[:, :1] - reach + torch.arange(span, device=q.device)  # absolute key position of each band slot
+    mask = (doc_q.view(n, block)[:, :, None] == doc_k.unfold(0, span, block)[:, None, :])
+    mask &= (kj[:, None, :] <= qi[:, :, None]) & (qi[:, :, None] - kj[:, None, :] <= window)
+    y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[:, None], scale=scale)  # (n, H, block, D)
+    return y.transpose(1, 2).reshape(n * block, *q.shape[1:])[:T].contiguous()
+
+
+def _flex_attention(q, k, v, cu_seqlens, window, scale):
+    """Eager form; attention() runs it compiled (eager flex_attention materialises the T x T scores)."""
+    T = q.size(0)
+    block_mask = create_block_mask(_mask_mod(_document_ids(cu_seqlens, T), window), None, None, T, T, device=q.device)
+    # (1, H, T, D) contiguous: inductor's CPU flex template rejects the transposed view
+    q, k, v = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale)[0].transpose(0, 1).contiguous()
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(_flex_attention)  # once per process; a changing window int becomes dynamic after one recompile
+
+
+def _flash_attention(fn, q, k, v, cu_seqlens, max_seqlen, window, scale):
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"FlashAttention needs bf16 or fp16 inputs, got {q.dtype}")
+    cu = cu_seqlens.to(torch.int32).contiguous()
+    out = fn(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q=cu, cu_seqlens_k=cu,
+             max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, softmax_scale=scale, causal=True,
+             window_size=(window, 0))
+    return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the log-sum-exp
+
+
+def attention(q, k, v, cu_seqlens, max_seqlen, window, scale, backend):
+    """Causal sliding-window attention within packed documents (mask defined at the top of this section).
+    q, k, v: (T, H, D); cu_seqlens: int32 (n+1,) document starts ending in T, padded by repeating T; max_seqlen: an
+    upper bound on a document's length (FA sizes its grid with it); window: earlier tokens a query may also see
+    (None or < 0: all of its document); scale: softmax scale; backend: a name from select_attention_backend.
+    Returns (T, H, D), contiguous."""
+    T = q.size(0)
+    window = T if window is None or window < 0 else min(window, T)  # i - j <= T - 1 always holds: plain causal
+    if backend in ("fa3", "fa2"):
+        return _flash_attention(_flash_varlen_func(backend), q, k, v, cu_seqlens, max_seqlen,
+                                -1 if window == T else window, scale)
+    if backend == "flex":
+        return _compiled_flex()(q, k, v, cu_seqlens, window, scale)
+    if backend == "sdpa":
+        return _sdpa_attention(q, k, v, cu_seqlens, window, scale, min(window, max(1, max_seqlen) - 1))
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+
+
+def attention_reference(q, k, v, cu_seqlens, window, scale):
+    """Ground truth for attention(): a Python loop over documents with an explicit fp32 softmax. Differentiable."""
+    bounds = cu_seqlens.tolist()
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qd, kd, vd = (x[start:end].float().transpose(0, 1) for x in (q, k, v))  # (H, L, D)
+        i = torch.arange(end - start, device=q.device)
+        allowed = i[:, None] >= i[None, :]
+        if window is not None and window >= 0:
+            allowed &= i[:, None] - i[None, :] <= window
+        scores = (qd @ kd.transpose(1, 2) * scale).masked_fill(~allowed, float("-inf"))
+        p = (scores - scores.amax(-1, keepdim=True)).exp()
+        outs.append(((p / p.sum(-1, keepdim=True)) @ vd).transpose(0, 1).to(q.dtype))
+    return torch.cat(outs)
+
+
+# =============================================================================================================
+# 5. Model: modded-nanogpt's architecture, restricted to what a KV cache serves exactly.
+# Left out, and why: paired-head attention (two tokens' heads interleaved into one doubled sequence: a per-token
+# cache cannot hold it), partial key offset (a token's cached key would need the next token's shift), XSA / MUDD
+# dense connections / DC attention (large extra machinery for small gains at our scales), FP8 MLP (GPU-only, later).
+
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Rotary(nn.Module):
+    """Half-truncated RoPE: the first half of each head's dims rotate (periods from 2*pi to 2*pi*1024 tokens), the
+    second half carry position-free content. `yarn` stretches the slow frequencies when the window grows, and the
+    frequencies live in a buffer so checkpoints (and the KV cache) use exactly the trained ones."""
+
+    def __init__(self, head_dim):
+        super().__init__()
+        n_rot = head_dim // 4
+        freqs = torch.cat([(1 / 1024) ** torch.linspace(0, 1, n_rot), torch.zeros(head_dim // 2 - n_rot)])
+        self.register_buffer("freqs", freqs, persistent=True)
+
+    def yarn(self, old_window, new_window, alpha=1.0, beta=32.0):
+        """Interpolate frequencies that turn fewer than `beta` times inside the old window (YaRN); returns the factor
+        by which the attention scale grows."""
+        rotations = old_window * self.freqs / (2 * math.pi)
+        ramp = ((rotations - alpha) / (beta - alpha)).clamp(0, 1)
+        s = old_window / new_window
+        self.freqs.mul_(s + ramp * (1 - s))
+        return 0.2 * math.log(new_window / old_window) + 1
+
+    def forward(self, x, positions):
+        """x: (T, H, D); positions: (T,) absolute positions (only differences matter inside a document)."""
+        angles = positions.to(self.freqs.dtype)[:, None] * self.freqs[None, :]
+        cos, sin = angles.cos()[:, None, :].to(x.dtype), angles.sin()[:, None, :].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer, has_value_embed):
+        super().__init__()
+        inner, dim = cfg.n_heads * cfg.head_dim, cfg.model_dim
+        self.n_heads, self.head_dim, self.layer = cfg.n_heads, cfg.head_dim, layer
+        bound = math.sqrt(3) * 0.5 / math.sqrt(dim)  # uniform with std 0.5/sqrt(dim)
+        self.q, self.k, self.v = (nn.Parameter(torch.empty(inner, dim).uniform_(-bound, bound)) for _ in range(3))
+        self.o = nn.Parameter(torch.zeros(dim, inner))  # zero-init output projections: each block starts as identity
+        self.fc = nn.Parameter(torch.empty(cfg.mlp_mult * dim, dim).uniform_(-bound, bound))
+        self.proj = nn.Parameter(torch.zeros(dim, cfg.mlp_mult * dim))
+        self.attn_gate = nn.Parameter(torch.zeros(cfg.n_heads, 12))  # sparse attention gate, starts at 0.5
+        self.ve_gate = nn.Parameter(torch.zeros(cfg.n_heads, 12)) if has_value_embed else None  # starts at 1
+
+    def forward(self, x, ve, rotary, positions, attn_scale, window, cu_seqlens, max_seqlen, backend, cache=None):
+        T = x.size(0)
+        h = norm(x)
+        q = (h @ self.q.T).view(T, self.n_heads, self.head_dim)
+        k = (h @ self.k.T).view(T, self.n_heads, self.head_dim)
+        v = (h @ self.v.T).view(T, self.n_heads, self.head_dim)
+        q, k = rotary(norm(q), positions), rotary(norm(k), positions)  # QK-norm, then rotate
+        if ve is not None:
+            v = v + 2 * torch.sigmoid(h[:, :12] @ self.ve_gate.T)[:, :, None] * ve.view_as(v)
+        if cache is None:
+            y = attention(q, k, v, cu_seqlens, max_seqlen, window, attn_scale, backend)
+        else:
+            y = cache.attend(self.layer, q, k, v, window, attn_scale)
+        y = y * torch.sigmoid(h[:, :12] @ self.attn_gate.T)[:, :, None]
+        x = x + y.reshape(T, -1) @ self.o.T
+        return x + relu2_mlp(norm(x), self.fc, self.proj)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg, vocab_size):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        padded = -(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple  # matmul-friendly rows; extra ids never occur
+        dim, L = cfg.model_dim, cfg.n_layers
+        self.value_embed_layers = [i for i in parse_ints(cfg.value_embed_layers) if i < L]
+        self.long_window_layers = set(i for i in parse_ints(cfg.long_window_layers) if i < L)
+        self.blocks = nn.ModuleList(Block(cfg, i, i in self.value_embed_layers) for i in range(L))
+        self.lm_head = nn.Parameter(torch.randn(padded, dim) * 0.005)
+        self.embed = nn.Parameter(self.lm_head.detach().clone())  # used once untied; until then lm_head serves both
+        self.value_embeds = nn.Parameter(torch.randn(len(self.value_embed_layers), padded, cfg.n_heads * cfg.head_dim) * 0.01)
+        self.bigram_rows = max(2, int(cfg.bigram_rows_per_vocab * vocab_size))
+        self.bigram_embed = nn.Parameter(torch.zeros(self.bigram_rows, dim))
+        self.smear_gate = nn.Parameter(torch.zeros(12))
+        # residual mixing per block: x = a*x + b*x0 + c*bigram; U-net skips from the first half into the second
+        self.block_lambdas = nn.Parameter(torch.tensor([[1.0, 0.0, 0.05]] * L))
+        self.skip_weights = nn.Parameter(torch.ones(L // 2))
+        self.smear_lambda = nn.Parameter(torch.zeros(()))
+        self.rotary = Rotary(cfg.head_dim)
+        # state that changes during training lives in buffers (saved in checkpoints) mirrored by Python values,
+        # so compiled code sees constants instead of reading tensors
+        self.register_buffer("attn_scale", torch.tensor(cfg.attn_scale))
+        self.register_buffer("tied", torch.tensor(True))
+        self.sync_flags()
+
+    def sync_flags(self):
+        self.is_tied, self.scale = bool(self.tied), float(self.attn_scale)
+
+    # -- training-time structure changes --
+    def untie(self):
+        """Give the input embedding its own weights (a copy of lm_head); the optimizer copies the state too."""
+        with torch.no_grad():
+            self.embed.copy_(self.lm_head)
+        self.tied.fill_(False)
+        self.sync_flags()
+
+    def grow_window(self, old_window, new_window):
+        self.attn_scale.mul_(self.rotary.yarn(old_window, new_window))
+        self.sync_flags()
+
+    def windows(self, short_window, long_window):
+        return [long_window if i in self.long_window_layers else short_window for i in range(self.cfg.n_layers)]
+
+    # -- forward --
+    def bigram_ids(self, ids, prev_ids):
+        """Hash of (previous token, token); a document start (prev_ids < 0) gets the reserved last row."""
+        h = ((36313 * ids) ^ (27191 * prev_ids.clamp(min=0))) % (self.bigram_rows - 1)
+        return torch.where(prev_ids < 0, self.bigram_rows - 1, h)
+
+    def hidden(self, ids, prev_ids, positions, windows, cu_seqlens=None, max_seqlen=None, backend="sdpa", cache=None, prev_embed=None):
+        """Final hidden states (T, dim). ids: (T,) tokens; prev_ids: (T,) previous token in the same document or -1.
+        prev_embed: the embedding of the token before ids[0] when decoding with a cache (smear reaches back one token)."""
+        embed = self.lm_head if self.is_tied else self.embed
+        e = F.embedding(ids, embed)
+        # smear: each token takes a gated share of the previous token's embedding (not across documents)
+        before = torch.cat([prev_embed if prev_embed is not None else torch.zeros_like(e[:1]), e[:-1]])
+        before = torch.where((prev_ids >= 0)[:, None], before, torch.zeros_like(before))
+        e = e + self.smear_lambda * torch.sigmoid(e[:, :12] @ self.smear_gate)[:, None] * before
+        x = x0 = norm(e)
+        bigram = F.embedding(self.bigram_ids(ids, prev_ids), self.bigram_embed)
+        skips, L = [], self.cfg.n_layers
+        for i, block in enumerate(self.blocks):
+            if i >= L - L // 2 and skips:
+                x = x + self.skip_weights[L - 1 - i] * skips.pop()
+            a, b, c = self.block_lambdas[i]
+            x = a * x + b * x0 + c * bigram
+            ve = F.embedding(ids, self.value_embeds[self.value_embed_layers.index(i)]) if i in self.value_embed_layers else None
+            x = block(x, ve, self.rotary, positions, self.scale, windows[i], cu_seqlens, max_seqlen, backend, cache)
+            if i < L // 2:
+                skips.append(x)
+        return norm(x), e[-1:]
+
+    def logits(self, h):
+        return softcap(h @ self.lm_head[:self.vocab_size].T, self.cfg.softcap)
+
+
+def param_label(name):
+    """Optimizer label of a parameter: selects its update rule, lr and weight decay in LABELS."""
+    leaf = name.rsplit(".", 1)[-1]
+    if name.startswith("blocks."):
+        return {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "fc": "mlp_fc", "proj": "mlp_proj"}.get(leaf, "gate")
+    return {"lm_head": "lm_head", "embed": "embed", "value_embeds": "value_embed", "bigram_embed": "bigram",
+            "smear_gate": "gate"}.get(leaf, "scalar")
+
+
+def optimizer_labels(cfg):
+    """Per-label update rule, lr and weight decay: modded-nanogpt's table. Our weight decay is linear in lr, so its
+    values are modded's quadratic ones taken at lr factor 1; mlp_proj gets x4 where modded's (3072, 768) storage gets
+    x2 from its shape and x2 more."""
+    muon = lambda lr_mul=1.0: dict(kind="normuon", lr=cfg.muon_lr, lr_mul=lr_mul, wd=cfg.muon_wd)
+    adam = lambda betas, lr_mul=1.0, wd_mul=0.0: dict(kind="adam", lr=cfg.adam_lr, lr_mul=lr_mul, wd=cfg.adam_wd, wd_mul=wd_mul, betas=betas)
+    return {"attn": muon(), "mlp_fc": muon(), "mlp_proj": muon(4.0),
+            "lm_head": adam((0.5, 0.95), wd_mul=1.0), "embed": adam((0.5, 0.95), wd_mul=1.0),
+            "value_embed": adam((0.75, 0.95), 75, 2.5), "bigram": adam((0.75, 0.95), 75, 2.5),
+            "gate": adam((0.9, 0.99)), "scalar": adam((0.9, 0.99), 5)}
+
+
+def make_optimizer(model, cfg):
+    return NorMuonAdam(list(model.named_parameters()), param_label, optimizer_labels(cfg))
+
+
+# =============================================================================================================
+# N. Optimizer: NorMuon (Polar Express) for matrices, Adam for everything else, sharded across ranks
+
+# Polar Express (Amsel et al., arXiv:2505.16932): per iteration, the odd polynomial p(x) = a x + b x^3 + c x^5 applied
+# to the singular values. Computed for 5 iterations, safety factor 2e-2, cushion 2 (the set modded-nanogpt uses).
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def polar_express(G, steps=5, dtype=None):
+    """Approximately orthogonalise G (..., rows, cols), batched over the leading dims: U S V^T -> U V^T, with the
+    singular values landing near 1 rather than exactly on it. Runs in `dtype`: default bf16 on CUDA, fp32 elsewhere
+    (bf16 matmuls are ~100x slower on a CPU). Returns a tensor of that dtype."""
+    assert 1 <= steps <= len(POLAR_EXPRESS_COEFFS), steps
+    dtype = dtype or (torch.bfloat16 if G.is_cuda else torch.float32)
+    # Iterate on the wide orientation so the Gram matrix A = X X^T is the small one (an odd polynomial commutes with
+    # transposition); contiguous because the Gram kernels expect row-major input.
+    tall = G.size(-2) > G.size(-1)
+    X = (G.mT if tall else G).to(dtype).contiguous()
+    # The Frobenius norm bounds the spectral norm; the 2% extra keeps it below 1 after bf16 rounding.
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
+        B = ba_plus_caa(xxt(X), b, c)  # b A + c A^2
+        X = torch.matmul(B, X).add_(X, alpha=a)  # a X + b X X^T X + c (X X^T)^2 X
+    return X.mT if tall else X
+
+
+def muon_momentum(step, total_steps, warmup=300, cooldown=50, low=0.85, high=0.95):
+    """NorMuon momentum: linear low->high over the first `warmup` steps, high->low over the last `cooldown` steps."""
+    if step < warmup:
+        return low + (high - low) * step / warmup
+    if step > total_steps - cooldown:
+        return high - (high - low) * (step - (total_steps - cooldown)) / cooldown
+    return high
+
+
+def normuon_update(p, g, momentum, second_moment, mu, beta2, lr, wd, eps=1e-10):
+    """One NorMuon step on a chunk of matrices (n, rows, cols), all fp32. Updates the two state buffers in place and
+    returns the new parameter values. second_moment is (n, rows, 1) if rows >= cols else (n, 1, cols)."""
+    momentum.lerp_(g, 1 - mu)  # EMA form: buf = mu buf + (1 - mu) g
+    V = polar_express(g.lerp(momentum, mu)).float()  # Nesterov: (1 - mu) g + mu buf
+    # NorMuon: divide each row (or column, whichever dim is larger) by its running RMS, then restore the
+    # orthogonalised update's Frobenius norm so only the distribution across neurons changes.
+    red_dim = -1 if V.size(-2) >= V.size(-1) else -2
+    second_moment.lerp_(V.square().mean(dim=red_dim, keepdim=True), 1 - beta2)
+    norm = V.norm(dim=(-2, -1), keepdim=True)
+    V = V * second_moment.clamp_min(eps).rsqrt()
+    V = V * (norm / V.norm(dim=(-2, -1), keepdim=True).clamp_min(eps))
+    # Cautious weight decay: only shrink weights the update is already pushing towards zero (same sign: p -= lr V).
+    # Decay lr*wd is linear in lr (decoupled AdamW convention, as nanochat), so wd keeps its meaning whatever the
+    # base lr and schedule are; modded-nanogpt's decay is quadratic in the scheduled lr (wd_lin = 0.023*1.2 there).
+    mask = (V * p) >= 0
+    return p - lr * (V + wd * mask * p)
+
+
+def adam_update(p, g, exp_avg, exp_avg_sq, step, betas, lr, wd, eps=1e-10):
+    """One bias-corrected Adam step (torch.optim.Adam's arithmetic) with cautious weight decay, all fp32. Updates the
+    moments in place and returns the new parameter values. Decay is lr*wd, linear in lr (see normuon_update)."""
+    beta1, beta2 = betas
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    # eps is added to the bias-corrected sqrt(v), as torch does (modded adds it before the correction; at 1e-10 moot)
+    denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
+    update = exp_avg / denom * (lr / (1 - beta1 ** step))
+    mask = (update * p) > 0
+    return p - update - lr * wd * mask * p
+
+
+@dataclasses.dataclass
+class OptimLabel:
+    """Settings shared by every parameter with this label. Effective lr = lr * lr_mul * lr_factor (the schedule),
+    times max(1, rows/cols)**0.5 for NorMuon; effective decay = wd * wd_mul (applied as lr * decay)."""
+    kind: str  # "normuon" (matrices) or "adam"
+    lr: float
+    wd: float = 0.0
+    lr_mul: float = 1.0
+    wd_mul: float = 1.0
+    betas: tuple = (0.9, 0.95)  # Adam only
+
+
+class _Group:
+    """Parameters updated together: their tensors viewed as rows of shape `tail` ((rows, cols) matrices for NorMuon,
+    single elements for Adam) and stacked along dim 0. When sharded, the row count is padded with zero rows to a
+    multiple of the world size and rank r updates rows [r*chunk, (r+1)*chunk); otherwise every rank updates all."""
+
+    def __init__(self, label, spec, tail, sharded):
+        self.label, self.spec, self.tail, self.sharded = label, spec, tuple(tail), sharded
+        self.names, self.params = [], []
+        self.step = 0  # optimizer steps this group took (bias correction)
+
+    def finalize(self, world, rank):
+        self.rows = [p.numel() // math.prod(self.tail) for p in self.params]
+        self.offsets = [sum(self.rows[:i]) for i in range(len(self.rows))]
+        self.n = sum(self.rows)
+        self.shards = world if self.sharded else 1
+        self.chunk = -(-self.n // self.shards)
+        self.start = rank * self.chunk if self.sharded else 0
+        p0 = self.params[0]
+        if self.spec.kind == "normuon":
+            r, c = self.tail
+            self.state_tails = {"momentum": (r, c), "second_moment": (r, 1) if r >= c else (1, c)}
+        else:
+            self.state_tails = {"exp_avg": (), "exp_avg_sq": ()}
+        self.state = {k: torch.zeros(self.chunk, *t, device=p0.device) for k, t in self.state_tails.items()}
+
+    def rows_of(self, tensors, pad_to, start=0, stop=None):
+        """Rows [start, stop) of the stacked `tensors` (one per param, or None = zeros), zero-padded to `pad_to` rows,
+        as a new contiguous tensor. Only the overlapping parts of each tensor are read."""
+        stop = self.n if stop is None else min(stop, self.n)
+        ref = self.params[0]
+        parts = []
+        for t, p, off, rows in zip(tensors, self.params, self.offsets, self.rows):
+            a, b = max(start, off), min(stop, off + rows)
+            if a < b:
+                parts.append(torch.zeros(b - a, *self.tail, dtype=ref.dtype, device=ref.device) if t is None
+                             else t.detach().reshape(-1, *self.tail)[a - off:b - off])
+        pad = pad_to - sum(x.size(0) for x in parts)
+        parts.append(torch.zeros(pad, *self.tail, dtype=parts[0].dtype if parts else ref.dtype, device=ref.device))
+        return torch.cat(parts)
+
+    def full_shape(self, p, key):
+        """Shape of parameter p's unsharded state `key`: p's leading dims, then the per-row state shape."""
+        return p.shape[:p.ndim - len(self.tail)] + self.state_tails[key]
+
+
+def _launch(collective, *tensors, **kwargs):
+    """Start an async collective. gloo silently reduces the wrong memory for non-contiguous tensors: refuse them."""
+    assert all(t.is_contiguous() for t in tensors), "collective on a non-contiguous tensor"
+    return collective(*tensors, async_op=True, **kwargs)
+
+
+class NorMuonAdam:
+    """NorMuon for matrix parameters, Adam for the rest, ZeRO-style across the ranks of the default process group
+    (set up by the caller; without one the world is this process).
+
+    named_params: (name, parameter) pairs. label_of: name -> label, either a function or a list of (regex, label)
+    pairs, the first whose regex fully matches the name wins. labels: label -> dict of OptimLabel fields.
+
+    Communication: NorMuon matrices are grouped by (label, shape) into banks whose gradients are reduce-scattered so
+    each rank orthogonalises whole matrices of its own, then all-gathered. Adam parameters of a label are flattened
+    and concatenated: the big ones (numel >= shard_numel) are reduce-scattered and all-gathered the same way (Adam is
+    elementwise, so shards need not follow dim 0), the small ones all-reduced and updated on every rank. Every
+    reduction is launched before the first update and waited for just before its group's update, and each gather
+    right after it, so communication overlaps the optimizer math. Launching the reductions from post-accumulate-grad
+    hooks would overlap them with the backward pass too; a possible next step.
+
+    A group whose parameters all have no gradient skips the step (no state change); a missing gradient in a group
+    that does step counts as zero. Which gradients exist must be the same on every rank (it is for a fixed model).
+    """
+
+    def __init__(self, named_params, label_of, labels, beta2=0.9, eps=1e-10, shard_numel=16384):
+        if not callable(label_of):
+            table = [(re.compile(pattern), label) for pattern, label in label_of]
+            label_of = lambda name: next((lab for rx, lab in table if rx.fullmatch(name)), None)
+        self.labels = {k: OptimLabel(**v) if isinstance(v, dict) else v for k, v in labels.items()}
+        self.beta2, self.eps = beta2, eps
+        distributed = dist.is_available() and dist.is_initialized()
+        self.world, self.rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        groups, self.where = {}, {}
+        for name, p in named_params:
+            if not p.requires_grad:
+                continue
+            label = label_of(name)
+            if label not in self.labels:
+                raise ValueError(f"parameter {name!r}: no label in the table ({', '.join(self.labels)}) matches (got {label!r})")
+            spec = self.labels[label]
+            assert p.is_contiguous(), f"{name}: the optimizer writes parameters through views"
+            if spec.kind == "normuon":
+                assert p.ndim >= 2, f"{name}: NorMuon needs a matrix (or a stack of them), got shape {tuple(p.shape)}"
+                key, tail, sharded = (label, p.dtype, "matrix", *p.shape[-2:]), p.shape[-2:], True
+            elif spec.kind == "adam":
+                sharded = p.numel() >= shard_numel
+                key, tail = (label, p.dtype, "sharded" if sharded else "replicated"), ()
+            else:
+                raise ValueError(f"label {label!r}: kind must be 'normuon' or 'adam', got {spec.kind!r}")
+            group = groups.setdefault(key, _Group(label, spec, tail, sharded and self.world > 1))
+            self.where[name] = (group, len(group.params))
+            group.names.append(name)
+            group.params.append(p)
+        self.groups = list(groups.values())
+        for group in self.groups:
+            group.finalize(self.world, self.rank)
+
+    @torch.no_grad()
+    def step(self, lr_factor=1.0, muon_momentum=0.95):
+        """Update every parameter from its .grad, averaged over the ranks here. lr_factor multiplies every label's lr
+        and muon_momentum is NorMuon's mu (both schedules are the caller's, e.g. muon_momentum() above)."""
+        active = [g for g in self.groups if any(p.grad is not None for p in g.params)]
+        # 1. Launch every reduction.
+        pending = []
+        for g in active:
+            grads = g.rows_of([p.grad for p in g.params], g.shards * g.chunk)
+            if self.world == 1:
+                pending.append((grads, None))
+            elif g.sharded:
+                chunk = grads.new_empty(g.chunk, *g.tail)
+                pending.append((chunk, _launch(dist.reduce_scatter_tensor, chunk, grads, op=dist.ReduceOp.AVG)))
+            else:
+                pending.append((grads, _launch(dist.all_reduce, grads, op=dist.ReduceOp.AVG)))
+        # 2. Per group: wait for its gradients, update this rank's rows, launch the gather.
+        gathers = []
+        for g, (grad, work) in zip(active, pending):
+            if work is not None:
+                work.wait()
+            g.step += 1
+            spec, grad = g.spec, grad.float()
+            p = g.rows_of(g.params, g.chunk, g.start, g.start + g.chunk).float()
+            lr, wd = spec.lr * spec.lr_mul * lr_factor, spec.wd * spec.wd_mul
+            if spec.kind == "normuon":
+                rows, cols = g.tail
+                new = normuon_update(p, grad, g.state["momentum"], g.state["second_moment"], muon_momentum,
+                                     self.beta2, lr * max(1.0, rows / cols) ** 0.5, wd, self.eps)
+            else:
+                new = adam_update(p, grad, g.state["exp_avg"], g.state["exp_avg_sq"], g.step, spec.betas, lr, wd, self.eps)
+            new = new.to(g.params[0].dtype)
+            if g.sharded:
+                full = new.new_empty(g.shards * g.chunk, *g.tail)
+                gathers.append((g, full, _launch(dist.all_gather_into_tensor, full, new)))
+            else:
+                gathers.append((g, new, None))
+        # 3. Write the gathered rows back into the parameters.
+        for g, full, work in gathers:
+            if work is not None:
+                work.wait()
+            for p, off, rows in zip(g.params, g.offsets, g.rows):
+                p.view(-1, *g.tail).copy_(full[off:off + rows])
+
+    def zero_grad(self, set_to_none=True):
+        for g in self.groups:
+            for p in g.params:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
+
+    # -- checkpoints: full (unsharded) state keyed by parameter name, so N ranks can resume on M --
+    def _group_state(self, g):
+        """{key: state for all g.n rows} on every rank (a collective when sharded)."""
+        out = {}
+        for key, t in g.state.items():
+            if g.sharded:
+                full = t.new_empty(g.shards * g.chunk, *t.shape[1:])
+                _launch(dist.all_gather_into_tensor, full, t).wait()
+                t = full[:g.n]
+            out[key] = t
+        return out
+
+    def _param_states(self, g):
+        """{name: {key: full state shaped for that parameter, "step": int}} for the parameters of group g."""
+        full = self._group_state(g)
+        return {name: {**{k: t[off:off + rows].reshape(g.full_shape(p, k)) for k, t in full.items()}, "step": g.step}
+                for name, p, off, rows in zip(g.names, g.params, g.offsets, g.rows)}
+
+    def _set_param_state(self, name, state):
+        g, i = self.where[name]
+        for key in g.state:
+            want = g.full_shape(g.params[i], key)
+            if key not in state or tuple(state[key].shape) != tuple(want):
+                got = tuple(state[key].shape) if key in state else "missing"
+                raise ValueError(f"optimizer state {name}.{key}: expected shape {tuple(want)}, got {got}")
+            # Write the overlap of this parameter's rows with this rank's chunk.
+            a, b = max(g.start, g.offsets[i]), min(g.start + g.chunk, g.offsets[i] + g.rows[i])
+            if a < b:
+                src = state[key].reshape(-1, *g.state_tails[key])[a - g.offsets[i]:b - g.offsets[i]]
+                g.state[key][a - g.start:b - g.start].copy_(src)
+        g.step = int(state["step"])
+
+    def state_dict(self):
+        """{"state": {param name: {state tensors (full, CPU), "step": int}}}: plain tensors and ints, loadable with
+        torch.load(weights_only=True). A collective: every rank must call it (each gets the whole dict)."""
+        state = {}
+        for g in self.groups:
+            for name, st in self._param_states(g).items():
+                state[name] = {k: v.cpu().clone() if torch.is_tensor(v) else v for k, v in st.items()}
+        return {"state": state}
+
+    def load_state_dict(self, sd):
+        """Load a state_dict saved with any number of ranks. Every rank passes the whole dict."""
+        missing, extra = set(self.where) - set(sd["state"]), set(sd["state"]) - set(self.where)
+        if missing or extra:
+            raise ValueError(f"optimizer state does not match the parameters: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        for g in self.groups:
+            steps = {int(sd["state"][name]["step"]) for name in g.names}
+            if len(steps) > 1:
+                raise ValueError(f"parameters of one optimizer group ({', '.join(g.names)}) have different step counts {steps}")
+            for name in g.names:
+                self._set_param_state(name, sd["state"][name])
+
+    def copy_state(self, src, dst):
+        """Give parameter `dst` the optimizer state of `src` (same shape and kind), e.g. an input embedding untied from
+        lm_head. dst's whole group takes src's step count. A collective when either is sharded."""
+        self._set_param_state(dst, self._param_states(self.where[src][0])[src])
+
+
+# =============================================================================================================
+# 7. Data: readers of every format (the writers are data/*.py; formats in data/README.md), the pretraining loader
 
 TOKEN_FILE_MAGIC, TOKEN_FILE_VERSION, HEADER_INTS = 20240520, 1, 256
 FORMAT_VERSIONS = {"pretrain": 1, "core": 1, "sft": 1, "chat_eval": 1}
@@ -262,8 +1382,319 @@ def load_chat_eval(data_dir, tokenizer):
     return ChatEvalData(manifest["tasks"], tokens, examples, manifest["letter_ids"])
 
 
+@dataclasses.dataclass
+class Batch:
+    inputs: torch.Tensor      # (T,) token ids
+    prev_ids: torch.Tensor    # (T,) previous token of the same document, -1 at a document start
+    positions: torch.Tensor   # (T,) positions for RoPE (only differences inside a segment matter)
+    targets: torch.Tensor     # (T, K) token k+1 ahead, -1 where that crosses a document end
+    cu_seqlens: torch.Tensor  # int32, segment starts padded to a static length with T
+    max_seqlen: int
+
+
+def padded_length(n):
+    """Static cu_seqlens length: a power of two >= 128, so torch.compile sees few distinct shapes."""
+    return max(128, 1 << (n - 1).bit_length())
+
+
+def make_batch(buf, bos_id, max_doc_len, n_targets, device):
+    """Packed varlen batch from a token window `buf` of T + n_targets tokens. Segments start at every BOS and
+    every max_doc_len tokens inside a document, so long documents (books) are trained on whole, in pieces."""
+    T = len(buf) - n_targets
+    inputs = buf[:T]
+    is_bos = inputs == bos_id
+    doc_start = np.flatnonzero(is_bos).tolist()
+    starts = []
+    for a, b in zip([0] + doc_start, doc_start + [T]):
+        starts += range(a, b, max_doc_len)
+    starts = sorted(set(starts))
+    cu = np.full(padded_length(len(starts) + 1), T, dtype=np.int32)
+    cu[:len(starts)] = starts
+    prev = np.concatenate([[-1], inputs[:-1]]).astype(np.int64)
+    prev[is_bos] = -1
+    # target k (k tokens beyond the next one) is valid only while no BOS lies between: MTP never crosses documents
+    bos_seen = np.cumsum(buf == bos_id)
+    targets = np.stack([buf[1 + k:T + 1 + k] for k in range(n_targets)], axis=1).astype(np.int64)
+    for k in range(1, n_targets):
+        targets[bos_seen[1 + k:T + 1 + k] != bos_seen[1:T + 1], k] = -1
+    lengths = np.diff(cu[:len(starts) + 1])
+    as_tensor = lambda a, dtype: torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
+    return Batch(as_tensor(inputs, torch.long), as_tensor(prev, torch.long), torch.arange(T, device=device),
+                 as_tensor(targets, torch.long), as_tensor(cu, torch.int32), int(lengths.max()))
+
+
+class PretrainLoader:
+    """A contiguous token stream over the shards, wrapping around at the end. Each step takes world_size * T
+    tokens; rank r reads its own slice. The position (shard, offset, epoch) is saved in checkpoints."""
+
+    def __init__(self, paths, tokenizer, rank, world_size, state=None):
+        self.paths, self.vocab, self.bos = paths, tokenizer.vocab_size, tokenizer.bos_id
+        self.rank, self.world_size = rank, world_size
+        self.state = dict(state or {"shard": 0, "offset": 0, "epoch": 0})
+        self._cache, self._prefetch = {}, None
+
+    def _tokens(self, shard):
+        if shard not in self._cache:
+            self._cache = {shard: read_token_file(self.paths[shard], self.vocab, check_ids=False)}
+            nxt = (shard + 1) % len(self.paths)  # page the next shard in while this one is used
+            self._prefetch = threading.Thread(target=lambda: np.asarray(read_token_file(self.paths[nxt], self.vocab, check_ids=False)).sum(), daemon=True)
+            self._prefetch.start()
+        return self._cache[shard]
+
+    def _take(self, shard, offset, n):
+        """n tokens from (shard, offset) onwards, crossing shard ends."""
+        parts = []
+        while n > 0:
+            tokens = self._tokens(shard)
+            if offset >= len(tokens):
+                shard, offset = (shard + 1) % len(self.paths), offset - len(tokens)
+                continue
+            part = np.asarray(tokens[offset:offset + n])
+            parts.append(part)
+            n -= len(part)
+            shard, offset = (shard + 1) % len(self.paths), 0
+        return np.concatenate(parts)
+
+    def next_batch(self, T, max_doc_len, n_targets, device):
+        s = self.state
+        buf = self._take(s["shard"], s["offset"] + self.rank * T, T + n_targets)
+        offset = s["offset"] + self.world_size * T
+        while offset >= len(self._tokens(s["shard"])):
+            offset -= len(self._tokens(s["shard"]))
+            s["shard"] = (s["shard"] + 1) % len(self.paths)
+            s["epoch"] += s["shard"] == 0
+        s["offset"] = offset
+        return make_batch(buf, self.bos, max_doc_len, n_targets, device)
+
 # =============================================================================================================
-# 4. Phases
+# 8. Pretraining
+
+
+@dataclasses.dataclass
+class StepPlan:
+    stage: int
+    batch_tokens: int
+    max_doc_len: int
+    short_window: int
+    long_window: int
+    lr_factor: float
+    mtp_weights: list
+
+
+def scaled_stages(cfg):
+    """The stages, with step counts rescaled so that they add up to --train-tokens when it is set."""
+    stages = [list(s) for s in cfg.stages]
+    if cfg.train_tokens:
+        factor = cfg.train_tokens / sum(s[0] * s[1] for s in stages)
+        for s in stages:
+            s[0] = max(1, round(s[0] * factor))
+    return stages
+
+
+def plan_step(cfg, stages, step):
+    total, start = sum(s[0] for s in stages), 0
+    for index, (steps, batch, doc_len, short, long_, lr_mul, mtp_start, mtp_end) in enumerate(stages):
+        if step < start + steps or index == len(stages) - 1:
+            break
+        start += steps
+    t = (step - start) / max(1, steps - 1)
+    mtp = [a + t * (b - a) for a, b in zip(mtp_start, mtp_end)]
+    while len(mtp) > 1 and mtp[-1] == 0:  # a horizon whose weight reached 0 costs nothing: drop it
+        mtp.pop()
+    cooldown_start = total * (1 - cfg.cooldown_frac)
+    frac = min(1.0, max(0.0, (step - cooldown_start) / max(1, total - cooldown_start)))
+    return StepPlan(index, batch, doc_len, short, long_, lr_mul * (1 - frac) + cfg.final_lr * frac, mtp)
+
+
+def train_loss(model, batch, windows, mtp_weights, backend):
+    """Mean over tokens of the MTP-weighted softcapped cross entropy."""
+    h, _ = model.hidden(batch.inputs, batch.prev_ids, batch.positions, windows, batch.cu_seqlens, batch.max_seqlen, backend)
+    logits = h @ model.lm_head[:model.vocab_size].T
+    weights = torch.tensor(mtp_weights, device=h.device, dtype=torch.float32)
+    return softcap_cross_entropy(logits, batch.targets[:, :len(mtp_weights)], weights, model.cfg.softcap).sum() / batch.inputs.numel()
+
+
+@torch.no_grad()
+def evaluate_bpb(model, cfg, rt, tokenizer, windows, max_doc_len):
+    """Bits per byte and mean loss of next-token prediction on the val shards. Targets that are special tokens
+    (0 bytes) count in neither sum, so bpb is comparable across tokenizers."""
+    model.eval()
+    paths = pretrain_shards(cfg.data_dir, tokenizer, "val")
+    n_val = sum(len(read_token_file(p, tokenizer.vocab_size, check_ids=False)) for p in paths)
+    T = cfg.micro_batch_tokens
+    steps = max(1, min(cfg.val_tokens, n_val - 1) // (T * rt.world_size))
+    loader = PretrainLoader(paths, tokenizer, rt.rank, rt.world_size)
+    token_bytes = torch.from_numpy(tokenizer.token_bytes).to(rt.device)
+    sums = torch.zeros(3, device=rt.device, dtype=torch.float64)  # nats over counted tokens, bytes, tokens
+    for _ in range(steps):
+        b = loader.next_batch(T, max_doc_len, 1, rt.device)
+        with autocast(rt):
+            h, _ = model.hidden(b.inputs, b.prev_ids, b.positions, windows, b.cu_seqlens, b.max_seqlen, rt.backend)
+        for rows in torch.split(torch.arange(T, device=rt.device), 8192):  # bounded logits memory
+            loss = F.cross_entropy(model.logits(h[rows]).float(), b.targets[rows, 0], reduction="none")
+            nbytes = token_bytes[b.targets[rows, 0]]
+            sums += torch.stack([(loss * (nbytes > 0)).sum(), nbytes.sum(), (nbytes > 0).sum()]).double()
+    if rt.world_size > 1:
+        dist.all_reduce(sums)
+    model.train()
+    nats, nbytes, count = sums.tolist()
+    return nats / (math.log(2) * nbytes), nats / count
+
+
+def flops_per_token(model, windows, max_doc_len):
+    """Training FLOPs per token: 6 per matmul weight (embedding lookups excluded) plus causal attention over the
+    average visible context."""
+    cfg = model.cfg
+    matmul = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2 and "gate" not in n)
+    matmul += model.vocab_size * cfg.model_dim
+    attn = sum(12 * cfg.n_heads * cfg.head_dim * min(w + 1, max_doc_len) / 2 for w in windows)
+    return 6 * matmul + attn
+
+
+PEAK_FLOPS = {"H100": 989e12, "A100": 312e12, "L4": 121e12, "T4": 65e12}  # dense bf16/fp16 tensor-core peaks
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None  # CPU/MPS peaks depend on the part; no honest number
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+# -- checkpoints: safetensors weights + weights_only-loadable optimizer state + JSON; written atomically --
+
+def save_checkpoint(cfg, rt, step, model, opt, loader_state):
+    opt_state = opt.state_dict()  # a collective when sharded: every rank calls it
+    if not rt.master:
+        return
+    from safetensors.torch import save_file
+    final = os.path.join(cfg.run_dir, f"ckpt_{step:06d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+    torch.save(opt_state, os.path.join(tmp, "optim.pt"))
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump({"step": step, "loader": loader_state, "config": dataclasses.asdict(cfg)}, f, indent=1)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    write_text_atomic(os.path.join(cfg.run_dir, "latest"), os.path.basename(final))
+    for old in sorted(d for d in os.listdir(cfg.run_dir) if d.startswith("ckpt_") and not d.endswith(".tmp"))[:-2]:
+        shutil.rmtree(os.path.join(cfg.run_dir, old))  # keep the last two
+
+
+def latest_checkpoint(run_dir):
+    path = os.path.join(run_dir, "latest")
+    return os.path.join(run_dir, open(path).read().strip()) if os.path.isfile(path) else None
+
+
+def load_checkpoint(path, model, opt=None):
+    from safetensors.torch import load_file
+    weights = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(weights):
+        raise DataFormatError(f"{weights}: missing (not a checkpoint directory?)")
+    model.load_state_dict(load_file(weights, device=str(next(model.parameters()).device)))
+    model.sync_flags()
+    if opt is not None:
+        opt.load_state_dict(torch.load(os.path.join(path, "optim.pt"), weights_only=True, map_location="cpu"))
+    return read_json(os.path.join(path, "state.json"))
+
+
+def write_text_atomic(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def update_metrics(cfg, rt, values):
+    """Merge values into RUN_DIR/metrics.json (every phase adds its own keys)."""
+    if not rt.master:
+        return
+    path = os.path.join(cfg.run_dir, "metrics.json")
+    metrics = read_json(path) if os.path.isfile(path) else {}
+    metrics.update(values)
+    write_text_atomic(path, json.dumps(metrics, indent=1) + "\n")
+
+
+def phase_pt(cfg, rt, log):
+    tokenizer = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg, tokenizer.vocab_size).to(rt.device)
+    opt = make_optimizer(model, cfg)
+    stages = scaled_stages(cfg)
+    total = sum(s[0] for s in stages)
+    untie_step = round(cfg.untie_frac * total)
+    loader = PretrainLoader(pretrain_shards(cfg.data_dir, tokenizer, "train"), tokenizer, rt.rank, rt.world_size)
+    start = 0
+    if cfg.resume and latest_checkpoint(cfg.run_dir):
+        state = load_checkpoint(latest_checkpoint(cfg.run_dir), model, opt)
+        start, loader.state = state["step"], state["loader"]
+        log(f"resumed from {latest_checkpoint(cfg.run_dir)} at step {start}")
+    elif cfg.init_from:
+        load_checkpoint(cfg.init_from, model)
+        log(f"initialized from {cfg.init_from}")
+    n_params = sum(p.numel() for p in model.parameters())
+    n_matrix = sum(p.numel() for n, p in model.named_parameters() if param_label(n) in ("attn", "mlp_fc", "mlp_proj"))
+    log(f"model: {n_params:,} parameters ({n_matrix:,} in NorMuon matrices), {total} steps, attention backend {rt.backend}, "
+        f"device {rt.device}, dtype {rt.dtype}, world size {rt.world_size}")
+    loss_fn = torch.compile(train_loss) if cfg.compile else train_loss
+    peak = peak_flops(rt.device)
+    train_time, val_bpb, tok_per_s, last = 0.0, None, 0.0, None
+    for step in range(start, total):
+        p = plan_step(cfg, stages, step)
+        if step > 0:
+            before = plan_step(cfg, stages, step - 1)
+            if p.long_window != before.long_window:
+                model.grow_window(before.long_window, p.long_window)
+        if step == untie_step and model.is_tied:
+            model.untie()
+            opt.copy_state("lm_head", "embed")
+        windows = model.windows(p.short_window, p.long_window)
+        T = min(cfg.micro_batch_tokens, p.batch_tokens // rt.world_size)
+        accum = p.batch_tokens // (rt.world_size * T)
+        if accum * rt.world_size * T != p.batch_tokens:
+            raise ValueError(f"stage {p.stage}: batch of {p.batch_tokens} tokens is not a multiple of world size {rt.world_size} x {T} tokens")
+        t0 = time.perf_counter()
+        step_loss = torch.zeros((), device=rt.device)
+        for _ in range(accum):
+            batch = loader.next_batch(T, p.max_doc_len, len(p.mtp_weights), rt.device)
+            with autocast(rt):
+                loss = loss_fn(model, batch, windows, p.mtp_weights, rt.backend) / accum
+            loss.backward()
+            step_loss += loss.detach()
+        if rt.world_size > 1:
+            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+        if not torch.isfinite(step_loss):
+            log(f"step {step}: loss is {step_loss.item()}; stopping. The last good checkpoint is {latest_checkpoint(cfg.run_dir)}")
+            update_metrics(cfg, rt, {"diverged_at_step": step})
+            sys.exit(2)
+        opt.step(p.lr_factor, muon_momentum(step, total))
+        opt.zero_grad()
+        dt = time.perf_counter() - t0
+        if step > start:  # the first step includes compilation
+            train_time += dt
+        last = step
+        if step % cfg.log_every == 0 or step == total - 1:
+            tok_per_s = p.batch_tokens / dt
+            mfu = f" mfu {100 * flops_per_token(model, windows, p.max_doc_len) * tok_per_s / (peak * rt.world_size):.1f}%" if peak else ""
+            eta = dt * (total - step - 1)
+            log(f"step {step + 1}/{total} loss {step_loss.item():.4f} lr {p.lr_factor:.3f} {tok_per_s:,.0f} tok/s{mfu} eta {eta / 60:.1f} min")
+            log.metrics(step, {"train/loss": step_loss.item(), "train/tok_per_s": tok_per_s})
+        if (step + 1) % cfg.val_every == 0 or step == total - 1:
+            val_bpb, val_loss = evaluate_bpb(model, cfg, rt, tokenizer, windows, p.max_doc_len)
+            log(f"step {step + 1}/{total} val bpb {val_bpb:.4f} val loss {val_loss:.4f}")
+            log.metrics(step, {"val/bpb": val_bpb, "val/loss": val_loss})
+        if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or step == total - 1:
+            save_checkpoint(cfg, rt, step + 1, model, opt, loader.state)
+    if last is None:
+        log(f"nothing to do: run already at step {start} of {total}")
+        return model
+    steps_timed = last - start
+    update_metrics(cfg, rt, {
+        "val_bpb": val_bpb, "train_tokens": sum(s[0] * s[1] for s in stages), "params": n_params, "params_matrix": n_matrix,
+        "tok_per_s": sum(plan_step(cfg, stages, s).batch_tokens for s in range(start + 1, last + 1)) / train_time if steps_timed else tok_per_s,
+        "device": str(rt.device), "attn_backend": rt.backend, "world_size": rt.world_size, "pt_train_time_s": train_time})
+    return model
 
 
 def phase_data(cfg):
@@ -284,12 +1715,11 @@ def phase_data(cfg):
     log("chat_eval: " + ", ".join(f"{t['name']} {t['n_examples']}" for t in chat.tasks))
     log(f"data directory {cfg.data_dir} is complete and consistent ({time.time() - t0:.1f}s)")
 
-
-PHASES = {"data": phase_data}
-
-
 # =============================================================================================================
-# 5. Main
+# 9. Phases and main
+
+
+PHASES = {"data": phase_data, "pt": phase_pt}
 
 
 def main(argv=None):
@@ -298,12 +1728,27 @@ def main(argv=None):
     unknown = [p for p in phases if p not in PHASES]
     if unknown:
         sys.exit(f"error: unknown phase(s) {', '.join(unknown)}; available: {', '.join(PHASES)}")
+    if phases == ["data"]:  # checking data needs no device, run directory or log
+        try:
+            return phase_data(cfg)
+        except DataFormatError as e:
+            sys.exit(f"error: {e}")
+    rt = init_runtime(cfg)
+    log = Logger(cfg, rt)
+    if rt.master:
+        with open(log.path, "a", encoding="utf-8") as f:  # the exact code and config of the run, modded-nanogpt style
+            f.write(open(__file__, encoding="utf-8").read() + "\n" + "=" * 100 + "\n")
     log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+    if rt.master:
+        write_text_atomic(os.path.join(cfg.run_dir, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
     try:
         for phase in phases:
-            PHASES[phase](cfg)
+            PHASES[phase](cfg, rt, log) if phase != "data" else phase_data(cfg)
     except DataFormatError as e:
         sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
