@@ -1389,7 +1389,7 @@ class Batch:
     positions: torch.Tensor   # (T,) positions for RoPE (only differences inside a segment matter)
     targets: torch.Tensor     # (T, K) token k+1 ahead, -1 where that crosses a document end
     cu_seqlens: torch.Tensor  # int32, segment starts padded to a static length with T
-    max_seqlen: int
+    max_seqlen: int           # bound on segment lengths: the stage's max_doc_len, static so compiled code is reused
 
 
 def padded_length(n):
@@ -1412,15 +1412,15 @@ def make_batch(buf, bos_id, max_doc_len, n_targets, device):
     cu[:len(starts)] = starts
     prev = np.concatenate([[-1], inputs[:-1]]).astype(np.int64)
     prev[is_bos] = -1
-    # target k (k tokens beyond the next one) is valid only while no BOS lies between: MTP never crosses documents
+    # target k (k tokens beyond the next one) is valid while no BOS lies between it and the input: MTP never
+    # crosses into the next document (predicting the BOS that ends this one is fine)
     bos_seen = np.cumsum(buf == bos_id)
     targets = np.stack([buf[1 + k:T + 1 + k] for k in range(n_targets)], axis=1).astype(np.int64)
     for k in range(1, n_targets):
-        targets[bos_seen[1 + k:T + 1 + k] != bos_seen[1:T + 1], k] = -1
-    lengths = np.diff(cu[:len(starts) + 1])
-    as_tensor = lambda a, dtype: torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
+        targets[bos_seen[k:T + k] != bos_seen[:T], k] = -1
+    as_tensor = lambda a, dtype: torch.from_numpy(np.array(a, dtype=np.int64)).to(device=device, dtype=dtype)  # a copy: memmaps are read-only
     return Batch(as_tensor(inputs, torch.long), as_tensor(prev, torch.long), torch.arange(T, device=device),
-                 as_tensor(targets, torch.long), as_tensor(cu, torch.int32), int(lengths.max()))
+                 as_tensor(targets, torch.long), as_tensor(cu, torch.int32), min(max_doc_len, T))
 
 
 class PretrainLoader:
@@ -1502,16 +1502,16 @@ def plan_step(cfg, stages, step):
     while len(mtp) > 1 and mtp[-1] == 0:  # a horizon whose weight reached 0 costs nothing: drop it
         mtp.pop()
     cooldown_start = total * (1 - cfg.cooldown_frac)
-    frac = min(1.0, max(0.0, (step - cooldown_start) / max(1, total - cooldown_start)))
+    frac = min(1.0, max(0.0, (step - cooldown_start) / max(1, total - 1 - cooldown_start)))  # reaches final_lr on the last step
     return StepPlan(index, batch, doc_len, short, long_, lr_mul * (1 - frac) + cfg.final_lr * frac, mtp)
 
 
 def train_loss(model, batch, windows, mtp_weights, backend):
-    """Mean over tokens of the MTP-weighted softcapped cross entropy."""
+    """Mean over tokens of the MTP-weighted softcapped cross entropy; mtp_weights is a (K,) tensor (a tensor, not
+    floats, so compiled code is not specialised to each step's values)."""
     h, _ = model.hidden(batch.inputs, batch.prev_ids, batch.positions, windows, batch.cu_seqlens, batch.max_seqlen, backend)
     logits = h @ model.lm_head[:model.vocab_size].T
-    weights = torch.tensor(mtp_weights, device=h.device, dtype=torch.float32)
-    return softcap_cross_entropy(logits, batch.targets[:, :len(mtp_weights)], weights, model.cfg.softcap).sum() / batch.inputs.numel()
+    return softcap_cross_entropy(logits, batch.targets[:, :len(mtp_weights)], mtp_weights, model.cfg.softcap).sum() / batch.inputs.numel()
 
 
 @torch.no_grad()
@@ -1656,10 +1656,11 @@ def phase_pt(cfg, rt, log):
             raise ValueError(f"stage {p.stage}: batch of {p.batch_tokens} tokens is not a multiple of world size {rt.world_size} x {T} tokens")
         t0 = time.perf_counter()
         step_loss = torch.zeros((), device=rt.device)
+        mtp_weights = torch.tensor(p.mtp_weights, device=rt.device)
         for _ in range(accum):
             batch = loader.next_batch(T, p.max_doc_len, len(p.mtp_weights), rt.device)
             with autocast(rt):
-                loss = loss_fn(model, batch, windows, p.mtp_weights, rt.backend) / accum
+                loss = loss_fn(model, batch, windows, mtp_weights, rt.backend) / accum
             loss.backward()
             step_loss += loss.detach()
         if rt.world_size > 1:

@@ -55,3 +55,30 @@ def tok_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
     tokenizer.train(iter(stdlib_text()), 1024).save(out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, tok_dir):
+    """A prepared data directory (tokenizer + pretrain shards) built from stdlib text; several train shards."""
+    import json
+    import shutil
+    import pretrain_shards
+    root = tmp_path_factory.mktemp("data")
+    shutil.copytree(tok_dir, root / "tokenizer")
+    texts = stdlib_text()
+    src, val = root / "src", root / "val"
+    src.mkdir()
+    val.mkdir()
+    for i, t in enumerate(texts[:-40]):
+        (src / f"doc{i:04d}.txt").write_text(t)
+    (val / "val.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[-40:]))
+    files = pretrain_shards.expand_inputs([src], pretrain_shards.TEXT_EXTS)
+    pretrain_shards.write_pretrain(files, [str(val / "val.jsonl")], str(root / "tokenizer"), str(root / "pretrain"), shard_tokens=20000, progress=False)
+    return str(root)
+
+
+# A model small enough for seconds-long CPU runs; stages cover a window change, MTP decay and the untie step.
+TINY_ARGS = ["--preset", "cpu", "--n-layers", "2", "--model-dim", "64", "--n-heads", "2", "--head-dim", "32",
+             "--long-window-layers", "1", "--value-embed-layers", "0,1", "--micro-batch-tokens", "512",
+             "--stages", "[[4, 1024, 128, 32, 64, 1.0, [1, 0.5], [1, 0]], [4, 1024, 128, 32, 128, 1.0, [1], [1]]]",
+             "--val-tokens", "2048", "--val-every", "4", "--log-every", "1", "--wandb", "disabled"]
