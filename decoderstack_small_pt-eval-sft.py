@@ -102,10 +102,10 @@ PRESETS = {
     # a tiny model that pretrains in about 5 minutes on 2 CPU cores (fp32)
     "cpu": dict(run_dir="runs/cpu", n_layers=4, model_dim=192, n_heads=3, head_dim=64, long_window_layers="3",
                 value_embed_layers="1,2,3", bigram_rows_per_vocab=2.0, micro_batch_tokens=4096,
-                stages=((60, 4096, 256, 64, 128, 1.0, (1.0, 0.5, 0.25), (1.0, 0.5, 0.0)),
-                        (60, 4096, 512, 128, 256, 1.0, (1.0, 0.5), (1.0, 0.0)),
-                        (60, 4096, 512, 128, 512, 1.0, (1.0,), (1.0,))),
-                val_every=60, val_tokens=131072, log_every=10, compile=False),
+                stages=((50, 4096, 256, 64, 128, 1.0, (1.0, 0.5, 0.25), (1.0, 0.5, 0.0)),
+                        (50, 4096, 512, 128, 256, 1.0, (1.0, 0.5), (1.0, 0.0)),
+                        (50, 4096, 512, 128, 512, 1.0, (1.0,), (1.0,))),
+                val_every=75, val_tokens=131072, checkpoint_every=50, log_every=10, compile=False),
 }
 
 
