@@ -69,6 +69,7 @@ class Config:
     bigram_rows_per_vocab: float = 7.5
     attn_scale: float = 0.1
     softcap: tuple = (23.0, 5.0, 7.5)  # logits = a * sigmoid((z + b) / c)
+    fp8: bool = True                   # FP8 lm_head matmuls in training, where the GPU has them (sm89+)
     # schedule: stages of (steps, global batch tokens, max document length, short window, long window, lr multiplier,
     # MTP weights at the stage's start, at its end); weights move linearly within a stage
     stages: tuple = (
@@ -97,7 +98,7 @@ PRESETS = {
     # the same model and tokens on one GPU: the stages' batches come from 8x gradient accumulation
     "gpu1": dict(run_dir="runs/gpu1"),
     # T4/L4-class: no FA3 or FP8; a smaller model that fits 16 GB in fp32 where bf16 is missing
-    "colab": dict(run_dir="runs/colab", n_layers=8, model_dim=512, n_heads=4, micro_batch_tokens=16384,
+    "colab": dict(run_dir="runs/colab", fp8=False, n_layers=8, model_dim=512, n_heads=4, micro_batch_tokens=16384,
                   long_window_layers="3,7", value_embed_layers="1,2,5,6,7", train_tokens=100_000_000),
     # a tiny model that pretrains in about 5 minutes on 2 CPU cores (fp32)
     "cpu": dict(run_dir="runs/cpu", n_layers=4, model_dim=192, n_heads=3, head_dim=64, long_window_layers="3",
@@ -1506,11 +1507,16 @@ def plan_step(cfg, stages, step):
     return StepPlan(index, batch, doc_len, short, long_, lr_mul * (1 - frac) + cfg.final_lr * frac, mtp)
 
 
-def train_loss(model, batch, windows, mtp_weights, backend):
+def train_loss(model, batch, windows, mtp_weights, backend, grad_scale=1.0):
     """Mean over tokens of the MTP-weighted softcapped cross entropy; mtp_weights is a (K,) tensor (a tensor, not
-    floats, so compiled code is not specialised to each step's values)."""
+    floats, so compiled code is not specialised to each step's values); grad_scale is 1 / gradient accumulation."""
     h, _ = model.hidden(batch.inputs, batch.prev_ids, batch.positions, windows, batch.cu_seqlens, batch.max_seqlen, backend)
-    logits = h @ model.lm_head[:model.vocab_size].T
+    if model.cfg.fp8 and fp8_supported(h.device):
+        # modded-nanogpt's static scales; the gradient's follows our mean loss (it shrinks with the tokens per step).
+        # The padded lm_head keeps every matmul dim a multiple of 16, as _scaled_mm requires.
+        logits = fp8_linear(h, model.lm_head, 100 / 448, 1.6 / 448, 0.75 / 448 * grad_scale / batch.inputs.numel())[:, :model.vocab_size]
+    else:
+        logits = h @ model.lm_head[:model.vocab_size].T
     return softcap_cross_entropy(logits, batch.targets[:, :len(mtp_weights)], mtp_weights, model.cfg.softcap).sum() / batch.inputs.numel()
 
 
@@ -1660,7 +1666,7 @@ def phase_pt(cfg, rt, log):
         for _ in range(accum):
             batch = loader.next_batch(T, p.max_doc_len, len(p.mtp_weights), rt.device)
             with autocast(rt):
-                loss = loss_fn(model, batch, windows, mtp_weights, rt.backend) / accum
+                loss = loss_fn(model, batch, windows, mtp_weights, rt.backend, 1 / accum) / accum
             loss.backward()
             step_loss += loss.detach()
         if rt.world_size > 1:

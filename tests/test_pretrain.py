@@ -225,6 +225,28 @@ def test_compiled_loss_and_grads_match_eager(stack, tiny_data):
         torch.testing.assert_close(gb[name], ga[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
+def test_fp8_lm_head_path_matches_plain_matmul(stack, tiny_data, monkeypatch):
+    """The FP8 lm_head (used on sm89+ GPUs) through torch._scaled_mm, which torch's CPU build also runs."""
+    cfg = stack.parse_config(TINY_ARGS + ["--data-dir", tiny_data])
+    tok = stack.Tokenizer(os.path.join(tiny_data, "tokenizer"))
+    torch.manual_seed(0)
+    model = stack.GPT(cfg, tok.vocab_size)
+    with torch.no_grad():
+        model.lm_head.normal_(0, 0.05)
+    batch = stack.PretrainLoader(stack.pretrain_shards(tiny_data, tok, "train"), tok, 0, 1).next_batch(512, 128, 1, "cpu")
+    results = []
+    for fp8 in (False, True):
+        monkeypatch.setattr(stack, "fp8_supported", lambda device: fp8)
+        model.zero_grad()
+        loss = stack.train_loss(model, batch, model.windows(32, 64), torch.tensor([1.0]), "sdpa", 0.5)
+        loss.backward()
+        results.append((loss.item(), model.lm_head.grad.clone()))
+    (plain, g_plain), (fp8, g_fp8) = results
+    assert fp8 != plain and fp8 == pytest.approx(plain, rel=2e-2)  # quantised, and close
+    assert (g_fp8[tok.vocab_size:] == 0).all()  # padded rows get no gradient
+    assert torch.nn.functional.cosine_similarity(g_fp8.flatten(), g_plain.flatten(), dim=0) > 0.98
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(stack, tiny_data, tmp_path, monkeypatch):
     cfg = stack.parse_config(TINY_ARGS + ["--data-dir", tiny_data, "--run-dir", str(tmp_path), "--checkpoint-every", "2"])
     rt = stack.Runtime(torch.device("cpu"), torch.float32, 0, 1, "sdpa")

@@ -1,0 +1,472 @@
+"""gpt2-adamw: the classic GPT-2 recipe (nanoGPT / llm.c) as a peer of DecoderStack's main stack.
+
+Same prepared data directory (data/README.md), same bits-per-byte definition, same metrics.json keys, so the two
+can be compared run for run. Deliberately plain: learned positions, pre-LayerNorm, GELU MLP, tied embeddings,
+AdamW with warmup + cosine decay, attention over fixed windows that cross document boundaries. Single process.
+Self-contained on purpose: it imports neither the main stack nor data/, so it can be diffed and frozen.
+
+Run:
+    CPU (~ the main stack's cpu preset compute):  python train_gpt2.py --preset cpu --data-dir DIR --run-dir DIR
+    one GPU (GPT-2 124M):                         python train_gpt2.py --preset gpu --data-dir DIR --run-dir DIR
+Any field of Config can be overridden with --name=value (--flag / --no-flag for booleans, JSON for tuples).
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclasses.dataclass
+class Config:
+    preset: str = "gpu"
+    data_dir: str = ""
+    run_dir: str = "runs/gpt2-adamw"
+    seed: int = 0
+    device: str = "auto"               # auto: cuda -> mps -> cpu
+    compile: bool = True
+    # model: GPT-2 small
+    n_layers: int = 12
+    model_dim: int = 768
+    n_heads: int = 12
+    seq_len: int = 1024
+    vocab_multiple: int = 64           # pad the embedding rows for matmul-friendly shapes; logits are sliced back
+    # optimization: llm.c's GPT-2 124M settings
+    batch_tokens: int = 524288         # tokens per optimizer step
+    micro_batch_tokens: int = 32768    # tokens per forward; gradient accumulation makes up batch_tokens
+    train_tokens: int = 338_821_120    # the main stack's h100x8 token budget (llm.c's classic run is 10B)
+    lr: float = 6e-4
+    betas: tuple = (0.9, 0.95)
+    weight_decay: float = 0.1          # on 2D tensors (matmul weights and embeddings), not on biases or LayerNorms
+    grad_clip: float = 1.0
+    warmup_frac: float = 0.037         # llm.c: 700 of 19073 steps
+    min_lr_frac: float = 0.1           # cosine decay from lr to lr * min_lr_frac at the last step
+    # evaluation and logging
+    val_tokens: int = 10_485_760
+    val_every: int = 250
+    log_every: int = 10
+
+
+PRESETS = {
+    "gpu": {},
+    # the main stack's cpu preset model shape and token budget (180 steps x 4096 tokens), fp32 on 2 cores
+    "cpu": dict(n_layers=4, model_dim=192, n_heads=3, seq_len=512, batch_tokens=4096, micro_batch_tokens=4096,
+                train_tokens=737_280, val_tokens=131_072, val_every=60, log_every=10, compile=False),
+}
+
+
+def parse_config(argv=None):
+    """--preset picks the defaults, then every --name=value (or --name value) overrides one field."""
+    parser = argparse.ArgumentParser(description="GPT-2 + AdamW peer stack (see the header of this file)")
+    for field in dataclasses.fields(Config):
+        flags = sorted({f"--{field.name.replace('_', '-')}", f"--{field.name}"})
+        if isinstance(field.default, bool):
+            parser.add_argument(*flags, dest=field.name, nargs="?", const=True, default=None, type=parse_bool)
+            parser.add_argument(f"--no-{field.name.replace('_', '-')}", dest=field.name, action="store_const", const=False)
+        elif isinstance(field.default, tuple):
+            parser.add_argument(*flags, dest=field.name, default=None, type=parse_tuple)
+        else:
+            parser.add_argument(*flags, dest=field.name, default=None, type=type(field.default))
+    args = parser.parse_args(argv)
+    preset = args.preset or Config.preset
+    if preset not in PRESETS:
+        parser.error(f"unknown --preset {preset!r}; choose from {', '.join(PRESETS)}")
+    values = {**PRESETS[preset], "preset": preset}
+    values.update({k: v for k, v in vars(args).items() if v is not None})
+    cfg = Config(**values)
+    if not cfg.data_dir:
+        parser.error("--data-dir is required (a directory prepared by data/prepare.py)")
+    if cfg.model_dim % cfg.n_heads:
+        parser.error(f"--model-dim {cfg.model_dim} is not a multiple of --n-heads {cfg.n_heads}")
+    micro = min(cfg.micro_batch_tokens, cfg.batch_tokens)
+    if micro % cfg.seq_len or cfg.batch_tokens % micro:
+        parser.error(f"--batch-tokens {cfg.batch_tokens} must be a multiple of the micro batch ({micro} tokens), "
+                     f"itself a multiple of --seq-len {cfg.seq_len}")
+    return cfg
+
+
+def parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def parse_tuple(text):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON list, got {text!r} ({e.msg})") from None
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f"expected a JSON list, got {text!r}")
+    return tuple(value)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Data: the tokenizer's metadata and the pretrain shards (formats in data/README.md; only what training needs)
+
+MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
+
+
+class DataError(Exception):
+    """A prepared file is missing or malformed; the message names the file."""
+
+
+@dataclasses.dataclass
+class TokenizerInfo:
+    vocab_size: int
+    bos_id: int
+    sha256: str
+    token_bytes: np.ndarray  # int32 [vocab_size]: UTF-8 bytes of each token, 0 for special tokens
+
+
+def read_json(path):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: missing")
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: malformed JSON ({e})") from None
+
+
+def load_tokenizer(tok_dir):
+    """Vocabulary size, BOS id and byte counts; the BPE ranks themselves are not needed to train on token ids."""
+    meta_path, bytes_path = os.path.join(tok_dir, "tokenizer.json"), os.path.join(tok_dir, "token_bytes.npy")
+    meta = read_json(meta_path)
+    if meta.get("version") != 1:
+        raise DataError(f"{meta_path}: tokenizer version {meta.get('version')} is not 1")
+    vocab_size, bos_id = meta["vocab_size"], meta["special_tokens"]["<|bos|>"]
+    if not os.path.isfile(bytes_path):
+        raise DataError(f"{bytes_path}: missing")
+    try:
+        token_bytes = np.load(bytes_path, allow_pickle=False)  # never unpickle data files
+    except ValueError as e:
+        raise DataError(f"{bytes_path}: not a plain .npy array ({e})") from None
+    if token_bytes.dtype != np.int32 or token_bytes.shape != (vocab_size,):
+        raise DataError(f"{bytes_path}: expected int32 array of shape ({vocab_size},), got {token_bytes.dtype} {token_bytes.shape}")
+    return TokenizerInfo(vocab_size, bos_id, meta["tiktoken_sha256"], token_bytes)
+
+
+def read_shard(path, vocab_size):
+    """Memory-map a token file after checking its header against the file size and the tokenizer."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: missing")
+    size = os.path.getsize(path)
+    if size < HEADER_INTS * 4:
+        raise DataError(f"{path}: truncated header ({size} bytes, expected at least {HEADER_INTS * 4})")
+    magic, version, n_tokens, width, file_vocab = (int(x) for x in np.fromfile(path, dtype="<i4", count=5))
+    if magic != MAGIC:
+        raise DataError(f"{path}: bad magic {magic} (expected {MAGIC}): not a DecoderStack token file")
+    if version != VERSION:
+        raise DataError(f"{path}: token file version {version}, this reader knows {VERSION}")
+    if width != (2 if file_vocab <= 65536 else 4):
+        raise DataError(f"{path}: {width} bytes per token does not fit vocab_size {file_vocab}")
+    if file_vocab != vocab_size:
+        raise DataError(f"{path}: written for vocab_size {file_vocab}, but the tokenizer has {vocab_size}")
+    if size != HEADER_INTS * 4 + n_tokens * width:
+        raise DataError(f"{path}: header says {n_tokens} tokens ({HEADER_INTS * 4 + n_tokens * width} bytes), file has {size} bytes (truncated?)")
+    return np.memmap(path, dtype="<u2" if width == 2 else "<u4", mode="r", offset=HEADER_INTS * 4, shape=(n_tokens,))
+
+
+class TokenStream:
+    """The shards of one split, in manifest order, as one stream of tokens that wraps around at its end."""
+
+    def __init__(self, shards):
+        self.shards = shards
+        self.starts = np.cumsum([0] + [len(s) for s in shards])
+        self.n_tokens = int(self.starts[-1])
+
+    def read(self, pos, n):
+        """n tokens (int64) from stream position pos onwards, wrapping around."""
+        parts, pos = [], pos % self.n_tokens
+        while n > 0:
+            i = int(np.searchsorted(self.starts, pos, side="right")) - 1  # side=right skips empty shards
+            offset = pos - int(self.starts[i])
+            part = self.shards[i][offset:offset + n]
+            parts.append(part)
+            n -= len(part)
+            pos = (pos + len(part)) % self.n_tokens
+        return np.concatenate(parts).astype(np.int64)
+
+
+def load_split(data_dir, split, tok):
+    """The 'train' or 'val' pretrain shards listed in pretrain/manifest.json, every header checked."""
+    directory = os.path.join(data_dir, "pretrain")
+    path = os.path.join(directory, "manifest.json")
+    manifest = read_json(path)
+    if manifest.get("format") != "pretrain" or manifest.get("version") != 1:
+        raise DataError(f"{path}: expected format 'pretrain' version 1, got {manifest.get('format')!r} version {manifest.get('version')}")
+    if manifest.get("tokenizer_sha256") != tok.sha256:
+        raise DataError(f"{path}: written with a different tokenizer than {tok.sha256[:12]}... (re-prepare the data)")
+    shards = [read_shard(os.path.join(directory, s["file"]), tok.vocab_size) for s in manifest["shards"] if s["split"] == split]
+    stream = TokenStream(shards)
+    if stream.n_tokens == 0:
+        raise DataError(f"{path}: no {split} tokens")
+    return stream
+
+
+class TrainLoader:
+    """llm.c's loader: each micro batch is B consecutive windows of T+1 tokens (inputs and shifted targets) read
+    from the train stream; consecutive windows share one token, and the stream wraps around at its end."""
+
+    def __init__(self, stream, rows, seq_len, device):
+        self.stream, self.rows, self.seq_len, self.device = stream, rows, seq_len, device
+        self.pos = 0
+
+    def next_batch(self):
+        B, T = self.rows, self.seq_len
+        buf = torch.from_numpy(self.stream.read(self.pos, B * T + 1))
+        self.pos = (self.pos + B * T) % self.stream.n_tokens
+        return buf[:-1].view(B, T).to(self.device), buf[1:].view(B, T).to(self.device)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Model: GPT-2
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.c_attn = nn.Linear(cfg.model_dim, 3 * cfg.model_dim)
+        self.c_proj = nn.Linear(cfg.model_dim, cfg.model_dim)
+        self.c_proj.residual = True
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # the whole window, documents included
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.model_dim, 4 * cfg.model_dim)
+        self.c_proj = nn.Linear(4 * cfg.model_dim, cfg.model_dim)
+        self.c_proj.residual = True
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's tanh approximation
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(cfg.model_dim), CausalSelfAttention(cfg)
+        self.ln_2, self.mlp = nn.LayerNorm(cfg.model_dim), MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg, vocab_size):
+        super().__init__()
+        self.cfg, self.vocab_size = cfg, vocab_size
+        padded = -(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple  # the extra rows are never targets
+        self.wte = nn.Embedding(padded, cfg.model_dim)
+        self.wpe = nn.Embedding(cfg.seq_len, cfg.model_dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.model_dim)
+        self.lm_head = nn.Linear(cfg.model_dim, padded, bias=False)
+        self.wte.weight = self.lm_head.weight  # tied
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        """GPT-2: N(0, 0.02) everywhere, zero biases; projections into the residual stream are scaled by
+        1/sqrt(2 * n_layers) so the stream's variance does not grow with depth."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if getattr(module, "residual", False) else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx):
+        """idx: (B, T) token ids, T <= seq_len -> logits (B, T, vocab_size) over the real vocabulary."""
+        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))[..., :self.vocab_size]
+
+
+def matrix_params(model):
+    """The Linear weights inside the blocks: what the main stack's params_matrix counts."""
+    return sum(m.weight.numel() for m in model.blocks.modules() if isinstance(m, nn.Linear))
+
+
+def make_optimizer(model, cfg, device):
+    # nanoGPT's split: every 2D tensor decays (matmul weights, embeddings), biases and LayerNorm gains do not
+    params = list(model.parameters())  # deduplicated: the tied embedding appears once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8, fused=device.type == "cuda")
+
+
+def lr_at(cfg, step, total):
+    """Linear warmup to lr, then cosine decay that reaches lr * min_lr_frac on the last step."""
+    warmup = round(cfg.warmup_frac * total)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - 1 - warmup)
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate_bpb(model, val, token_bytes, seq_len, val_tokens, rows, device, autocast=contextlib.nullcontext):
+    """Bits per byte and mean loss of next-token prediction on the val stream, as the main stack defines them:
+    windows of seq_len + 1 tokens at stride seq_len cover targets 1 .. n_windows * seq_len (n_windows * seq_len <=
+    min(val_tokens, n_val - 1)); targets that are special tokens (0 bytes) count in neither sum. autocast: a
+    function returning the precision context of the forward."""
+    n_windows = min(val_tokens, val.n_tokens - 1) // seq_len
+    if n_windows == 0:
+        raise ValueError(f"val split has {val.n_tokens} tokens: fewer than one window of {seq_len + 1}")
+    token_bytes = torch.from_numpy(token_bytes).to(device)
+    was_training = model.training
+    model.eval()
+    nats = nbytes = count = 0.0
+    for first in range(0, n_windows, rows):
+        n = min(rows, n_windows - first)
+        buf = torch.from_numpy(val.read(first * seq_len, n * seq_len + 1))
+        x, y = buf[:-1].view(n, seq_len).to(device), buf[1:].view(n, seq_len).to(device)
+        with autocast():
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+        w = token_bytes[y.flatten()]
+        nats += float((loss * (w > 0)).double().sum())
+        nbytes += float(w.double().sum())
+        count += float((w > 0).sum())
+    model.train(was_training)
+    return nats / (math.log(2) * nbytes), nats / count
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Run
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def train(cfg):
+    device = pick_device(cfg.device)
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    log_file = open(os.path.join(cfg.run_dir, "log.txt"), "w", encoding="utf-8")
+
+    def log(msg):
+        print(msg, flush=True)
+        log_file.write(msg + "\n")
+        log_file.flush()
+
+    log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+    tok = load_tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
+    train_stream, val_stream = load_split(cfg.data_dir, "train", tok), load_split(cfg.data_dir, "val", tok)
+
+    # bf16 matmuls where the GPU has them (parameters and optimizer state stay fp32); fp32 elsewhere, since bf16
+    # on CPUs is many times slower
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg, tok.vocab_size).to(device)
+    opt = make_optimizer(model, cfg, device)
+    forward = torch.compile(model) if cfg.compile else model
+    micro = min(cfg.micro_batch_tokens, cfg.batch_tokens)
+    accum, rows = cfg.batch_tokens // micro, micro // cfg.seq_len
+    total = max(1, cfg.train_tokens // cfg.batch_tokens)
+    loader = TrainLoader(train_stream, rows, cfg.seq_len, device)
+    n_params, n_matrix = sum(p.numel() for p in model.parameters()), matrix_params(model)
+    log(f"model: {n_params:,} parameters ({n_matrix:,} in block matrices), vocab {tok.vocab_size}, {total} steps of "
+        f"{cfg.batch_tokens:,} tokens ({accum} x {rows} x {cfg.seq_len}), device {device}, bf16 {use_bf16}, world size 1")
+    log(f"data: {train_stream.n_tokens:,} train tokens, {val_stream.n_tokens:,} val tokens")
+
+    evaluate = lambda: evaluate_bpb(model, val_stream, tok.token_bytes, cfg.seq_len, cfg.val_tokens, rows, device, autocast)
+    train_time, val_bpb, val_loss = 0.0, None, None
+    for step in range(total):
+        lr = lr_at(cfg, step, total)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        step_loss = torch.zeros((), device=device)
+        for _ in range(accum):
+            x, y = loader.next_batch()
+            with autocast():
+                logits = forward(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / accum
+            loss.backward()
+            step_loss += loss.detach()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_value = step_loss.item()  # also waits for the GPU, so dt is the step's real time
+        dt = time.perf_counter() - t0
+        if step > 0 or total == 1:  # the first step includes compilation and allocator warmup
+            train_time += dt
+        if not math.isfinite(loss_value):
+            log(f"step {step + 1}/{total}: loss is {loss_value}; stopping")
+            sys.exit(2)
+        if step % cfg.log_every == 0 or step == total - 1:
+            log(f"step {step + 1}/{total} loss {loss_value:.4f} lr {lr:.2e} {cfg.batch_tokens / dt:,.0f} tok/s "
+                f"eta {dt * (total - step - 1) / 60:.1f} min")
+        if (step + 1) % cfg.val_every == 0 or step == total - 1:
+            val_bpb, val_loss = evaluate()
+            log(f"step {step + 1}/{total} val bpb {val_bpb:.4f} val loss {val_loss:.4f}")
+
+    from safetensors.torch import save_model  # save_model stores the tied embedding once
+    tmp = os.path.join(cfg.run_dir, "model.safetensors.tmp")
+    save_model(model, tmp, metadata={"config": json.dumps(dataclasses.asdict(cfg)), "vocab_size": str(tok.vocab_size)})
+    os.replace(tmp, os.path.join(cfg.run_dir, "model.safetensors"))
+    timed_steps = total - 1 if total > 1 else 1
+    metrics = {"stack": "gpt2-adamw", "val_bpb": val_bpb, "val_loss": val_loss, "train_tokens": total * cfg.batch_tokens,
+               "params": n_params, "params_matrix": n_matrix, "tok_per_s": timed_steps * cfg.batch_tokens / train_time,
+               "device": str(device), "world_size": 1, "pt_train_time_s": train_time}
+    write_atomic(os.path.join(cfg.run_dir, "metrics.json"), json.dumps(metrics, indent=1) + "\n")
+    log(f"gpt2-adamw done: val bpb {val_bpb:.4f}, val loss {val_loss:.4f}, {metrics['train_tokens']:,} tokens, "
+        f"{n_params:,} params, {metrics['tok_per_s']:,.0f} tok/s on {device}; wrote {cfg.run_dir}/metrics.json and model.safetensors")
+    log_file.close()
+    return metrics
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    try:
+        train(cfg)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
