@@ -310,12 +310,13 @@ def matrix_params(model):
     return sum(m.weight.numel() for m in model.blocks.modules() if isinstance(m, nn.Linear))
 
 
-def make_optimizer(model, cfg, device):
+def make_optimizer(model, cfg):
     # nanoGPT's split: every 2D tensor decays (matmul weights, embeddings), biases and LayerNorm gains do not
     params = list(model.parameters())  # deduplicated: the tied embedding appears once
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8, fused=device.type == "cuda")
+    # fused: one kernel over all tensors; on CPU the default foreach path took ~5x longer per step
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8, fused=True)
 
 
 def lr_at(cfg, step, total):
@@ -392,6 +393,8 @@ def train(cfg):
     log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     tok = load_tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
     train_stream, val_stream = load_split(cfg.data_dir, "train", tok), load_split(cfg.data_dir, "val", tok)
+    if val_stream.n_tokens <= cfg.seq_len:  # fail before training, not at the first evaluation
+        raise DataError(f"{cfg.data_dir}/pretrain: {val_stream.n_tokens} val tokens, fewer than one window of {cfg.seq_len + 1}")
 
     # bf16 matmuls where the GPU has them (parameters and optimizer state stay fp32); fp32 elsewhere, since bf16
     # on CPUs is many times slower
@@ -402,7 +405,7 @@ def train(cfg):
 
     torch.manual_seed(cfg.seed)
     model = GPT(cfg, tok.vocab_size).to(device)
-    opt = make_optimizer(model, cfg, device)
+    opt = make_optimizer(model, cfg)
     forward = torch.compile(model) if cfg.compile else model
     micro = min(cfg.micro_batch_tokens, cfg.batch_tokens)
     accum, rows = cfg.batch_tokens // micro, micro // cfg.seq_len
