@@ -80,6 +80,7 @@ class Config:
     )
     micro_batch_tokens: int = 49152  # tokens per rank per forward; gradient accumulation makes up the batch
     train_tokens: int = 0            # 0: as the stages say; N: rescale every stage's steps to N tokens in total
+    lr_warmup_steps: int = 0         # linear lr warmup (modded-nanogpt needs none)
     cooldown_frac: float = 0.6       # lr is flat, then decays linearly to final_lr over this last fraction
     final_lr: float = 0.15
     untie_frac: float = 0.667        # embed and lm_head share weights until this fraction of the steps
@@ -1504,7 +1505,8 @@ def plan_step(cfg, stages, step):
         mtp.pop()
     cooldown_start = total * (1 - cfg.cooldown_frac)
     frac = min(1.0, max(0.0, (step - cooldown_start) / max(1, total - 1 - cooldown_start)))  # reaches final_lr on the last step
-    return StepPlan(index, batch, doc_len, short, long_, lr_mul * (1 - frac) + cfg.final_lr * frac, mtp)
+    warmup = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
+    return StepPlan(index, batch, doc_len, short, long_, warmup * (lr_mul * (1 - frac) + cfg.final_lr * frac), mtp)
 
 
 def train_loss(model, batch, windows, mtp_weights, backend, grad_scale=1.0):

@@ -68,6 +68,8 @@ def test_schedule_stages_lr_and_mtp(stack):
     assert plans[5].mtp_weights == pytest.approx([1, 0.5 * (1 - 5 / 9)])
     assert plans[9].lr_factor == pytest.approx(1.0) and plans[19].lr_factor == pytest.approx(0.1)
     assert plans[15].lr_factor == pytest.approx(2.0 * 4 / 9 + 0.1 * 5 / 9)
+    warm = stack.dataclasses.replace(cfg, lr_warmup_steps=4)
+    assert [stack.plan_step(warm, stages, s).lr_factor for s in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
     rescaled = stack.scaled_stages(stack.dataclasses.replace(cfg, train_tokens=1500))
     assert [s[0] for s in rescaled] == [5, 5]  # half the tokens: half the steps of each stage
 
