@@ -39,6 +39,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # e.g. Macs: every kernel falls back to its PyTorch reference
+    triton = None
+
 # =============================================================================================================
 # 1. Hyperparameters
 
@@ -234,12 +240,6 @@ class Logger:
 def log(msg):
     print(msg, flush=True)
 
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # e.g. Macs: every op below falls back to its PyTorch reference
-    triton = None
 
 # =============================================================================================================
 # 3. Kernels. Each op has a PyTorch reference (`*_reference`: the CPU/MPS path and the test oracle), a Triton
@@ -893,7 +893,7 @@ def make_optimizer(model, cfg):
 
 
 # =============================================================================================================
-# N. Optimizer: NorMuon (Polar Express) for matrices, Adam for everything else, sharded across ranks
+# 6. Optimizer: NorMuon (Polar Express) for matrices, Adam for everything else, sharded across ranks
 
 # Polar Express (Amsel et al., arXiv:2505.16932): per iteration, the odd polynomial p(x) = a x + b x^3 + c x^5 applied
 # to the singular values. Computed for 5 iterations, safety factor 2e-2, cushion 2 (the set modded-nanogpt uses).
