@@ -32,7 +32,6 @@ def load_stack():
 def training_speed(stack, data_dir, compile_, steps=6, warmup=2):
     """tok/s of forward + backward + optimizer steps of the cpu preset's last stage, after `warmup` steps."""
     cfg = stack.parse_config(["--preset", "cpu", "--data-dir", data_dir])
-    rt = stack.Runtime(torch.device("cpu"), torch.float32, 0, 1, "sdpa")
     tok = stack.Tokenizer(os.path.join(data_dir, "tokenizer"))
     torch.manual_seed(0)
     model = stack.GPT(cfg, tok.vocab_size)

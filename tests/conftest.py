@@ -17,17 +17,18 @@ STACK_PATH = os.environ.get("DECODERSTACK_STACK", os.path.join(ROOT, "decodersta
 SHARED_DATA = os.environ.get("DECODERSTACK_DATA", os.path.join(ROOT, "..", "shared", "data"))
 
 
-def load_stack():
-    spec = importlib.util.spec_from_file_location("decoderstack", STACK_PATH)
+def load_module(path, name):
+    """Import a single-file stack by path (they are scripts, not packages)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["decoderstack"] = module  # dataclasses look their module up by name
+    sys.modules[name] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 
 
 @pytest.fixture(scope="session")
 def stack():
-    return load_stack()
+    return load_module(STACK_PATH, "decoderstack")
 
 
 @pytest.fixture(scope="session")

@@ -88,8 +88,8 @@ def train_step(stack, model, opt, step, rank=0, world=1):
 def main(out_dir):
     import torch.distributed as dist
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from conftest import load_stack
-    stack = load_stack()
+    from conftest import STACK_PATH, load_module
+    stack = load_module(STACK_PATH, "decoderstack")
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -1,6 +1,5 @@
 """Peer stacks in models/: a whole gpt2-adamw run on the tiny data, and agreement with the main stack on what bits
 per byte means."""
-import importlib.util
 import json
 import math
 import os
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_ARGS
+from conftest import ROOT, TINY_ARGS, load_module
 
 GPT2_PATH = os.path.join(ROOT, "models", "gpt2-adamw", "train_gpt2.py")
 GPT2_TINY = ["--preset", "cpu", "--n-layers", "2", "--model-dim", "64", "--n-heads", "2", "--seq-len", "128"]
@@ -21,11 +20,7 @@ GPT2_TINY = ["--preset", "cpu", "--n-layers", "2", "--model-dim", "64", "--n-hea
 
 @pytest.fixture(scope="module")
 def gpt2():
-    spec = importlib.util.spec_from_file_location("train_gpt2", GPT2_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_gpt2"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_module(GPT2_PATH, "train_gpt2")
 
 
 def val_shard(data_dir):
@@ -140,3 +135,16 @@ def test_gpt2_rejects_a_damaged_shard_naming_the_file(gpt2, tiny_data, tmp_path,
     tok = gpt2.load_tokenizer(str(data / "tokenizer"))
     with pytest.raises(gpt2.DataError, match=f"{re.escape(str(shard))}: .*{message}"):
         gpt2.load_split(str(data), "train", tok)
+
+
+def test_gpt2_cli_reports_bad_data_in_one_line_and_writes_nothing(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    shard = data / "pretrain" / "val_000000.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, GPT2_PATH, "--data-dir", str(data), "--run-dir", str(run)] + GPT2_TINY,
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(f"error: {shard}: header says")
+    assert not run.exists()

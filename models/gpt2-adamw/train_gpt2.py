@@ -60,9 +60,9 @@ class Config:
 
 PRESETS = {
     "gpu": {},
-    # the main stack's cpu preset model shape and token budget (180 steps x 4096 tokens), fp32 on 2 cores
+    # the main stack's cpu preset: its layers, width, batch and steps (150 x 4096 tokens), val tokens; fp32
     "cpu": dict(n_layers=4, model_dim=192, n_heads=3, seq_len=512, batch_tokens=4096, micro_batch_tokens=4096,
-                train_tokens=737_280, val_tokens=131_072, val_every=60, log_every=10, compile=False),
+                train_tokens=614_400, val_tokens=131_072, val_every=75, log_every=10, compile=False),
 }
 
 
@@ -381,6 +381,11 @@ def write_atomic(path, text):
 
 
 def train(cfg):
+    # check the data before anything is written: a bad data directory leaves no run directory behind
+    tok = load_tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
+    train_stream, val_stream = load_split(cfg.data_dir, "train", tok), load_split(cfg.data_dir, "val", tok)
+    if val_stream.n_tokens <= cfg.seq_len:
+        raise DataError(f"{cfg.data_dir}/pretrain: {val_stream.n_tokens} val tokens, fewer than one window of {cfg.seq_len + 1}")
     device = pick_device(cfg.device)
     os.makedirs(cfg.run_dir, exist_ok=True)
     log_file = open(os.path.join(cfg.run_dir, "log.txt"), "w", encoding="utf-8")
@@ -391,10 +396,6 @@ def train(cfg):
         log_file.flush()
 
     log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
-    tok = load_tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
-    train_stream, val_stream = load_split(cfg.data_dir, "train", tok), load_split(cfg.data_dir, "val", tok)
-    if val_stream.n_tokens <= cfg.seq_len:  # fail before training, not at the first evaluation
-        raise DataError(f"{cfg.data_dir}/pretrain: {val_stream.n_tokens} val tokens, fewer than one window of {cfg.seq_len + 1}")
 
     # bf16 matmuls where the GPU has them (parameters and optimizer state stay fp32); fp32 elsewhere, since bf16
     # on CPUs is many times slower
