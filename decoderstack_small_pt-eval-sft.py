@@ -17,20 +17,25 @@ Contents
     6. Optimizer: NorMuon (Polar Express) + Adam
     7. Data: readers of every format, the pretraining loader
     8. Pretraining: schedule, bits per byte, checkpoints, the loop
-    9. Phases and main
+    9. Evaluation: CORE
+    10. Inference: the calculator tool
+    11. Phases and main
 """
 import argparse
+import ast
 import base64
 import dataclasses
 import functools
 import json
 import math
+import operator
 import os
 import re
 import shutil
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -97,6 +102,8 @@ class Config:
     val_every: int = 250
     val_tokens: int = 10_485_760
     checkpoint_every: int = 0        # steps between checkpoints (0: only at the end)
+    core_max_per_task: int = -1      # CORE examples per task in --phases eval (-1: all)
+    core_batch_tokens: int = 32768   # tokens per packed CORE forward
     log_every: int = 10
 
 
@@ -113,7 +120,8 @@ PRESETS = {
                 stages=((50, 4096, 256, 64, 128, 1.0, (1.0, 0.5, 0.25), (1.0, 0.5, 0.0)),
                         (50, 4096, 512, 128, 256, 1.0, (1.0, 0.5), (1.0, 0.0)),
                         (50, 4096, 512, 128, 512, 1.0, (1.0,), (1.0,))),
-                val_every=75, val_tokens=131072, checkpoint_every=50, log_every=10, compile=False),
+                val_every=75, val_tokens=131072, checkpoint_every=50, log_every=10, compile=False,
+                core_max_per_task=50, core_batch_tokens=8192),
 }
 
 
@@ -759,10 +767,10 @@ class Rotary(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, layer, has_value_embed):
+    def __init__(self, cfg, has_value_embed):
         super().__init__()
         inner, dim = cfg.n_heads * cfg.head_dim, cfg.model_dim
-        self.n_heads, self.head_dim, self.layer = cfg.n_heads, cfg.head_dim, layer
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
         bound = math.sqrt(3) * 0.5 / math.sqrt(dim)  # uniform with std 0.5/sqrt(dim)
         self.q, self.k, self.v = (nn.Parameter(torch.empty(inner, dim).uniform_(-bound, bound)) for _ in range(3))
         self.o = nn.Parameter(torch.zeros(dim, inner))  # zero-init output projections: each block starts as identity
@@ -771,7 +779,7 @@ class Block(nn.Module):
         self.attn_gate = nn.Parameter(torch.zeros(cfg.n_heads, 12))  # sparse attention gate, starts at 0.5
         self.ve_gate = nn.Parameter(torch.zeros(cfg.n_heads, 12)) if has_value_embed else None  # starts at 1
 
-    def forward(self, x, ve, rotary, positions, attn_scale, window, cu_seqlens, max_seqlen, backend, cache=None):
+    def forward(self, x, ve, rotary, positions, attn_scale, window, cu_seqlens, max_seqlen, backend):
         T = x.size(0)
         h = norm(x)
         q = (h @ self.q.T).view(T, self.n_heads, self.head_dim)
@@ -780,10 +788,7 @@ class Block(nn.Module):
         q, k = rotary(norm(q), positions), rotary(norm(k), positions)  # QK-norm, then rotate
         if ve is not None:
             v = v + 2 * torch.sigmoid(h[:, :12] @ self.ve_gate.T)[:, :, None] * ve.view_as(v)
-        if cache is None:
-            y = attention(q, k, v, cu_seqlens, max_seqlen, window, attn_scale, backend)
-        else:
-            y = cache.attend(self.layer, q, k, v, window, attn_scale)
+        y = attention(q, k, v, cu_seqlens, max_seqlen, window, attn_scale, backend)
         y = y * torch.sigmoid(h[:, :12] @ self.attn_gate.T)[:, :, None]
         x = x + y.reshape(T, -1) @ self.o.T
         return x + relu2_mlp(norm(x), self.fc, self.proj)
@@ -798,7 +803,7 @@ class GPT(nn.Module):
         dim, L = cfg.model_dim, cfg.n_layers
         self.value_embed_layers = [i for i in parse_ints(cfg.value_embed_layers) if i < L]
         self.long_window_layers = set(i for i in parse_ints(cfg.long_window_layers) if i < L)
-        self.blocks = nn.ModuleList(Block(cfg, i, i in self.value_embed_layers) for i in range(L))
+        self.blocks = nn.ModuleList(Block(cfg, i in self.value_embed_layers) for i in range(L))
         self.lm_head = nn.Parameter(torch.randn(padded, dim) * 0.005)
         self.embed = nn.Parameter(self.lm_head.detach().clone())  # used once untied; until then lm_head serves both
         self.value_embeds = nn.Parameter(torch.randn(len(self.value_embed_layers), padded, cfg.n_heads * cfg.head_dim) * 0.01)
@@ -840,13 +845,13 @@ class GPT(nn.Module):
         h = ((36313 * ids) ^ (27191 * prev_ids.clamp(min=0))) % (self.bigram_rows - 1)
         return torch.where(prev_ids < 0, self.bigram_rows - 1, h)
 
-    def hidden(self, ids, prev_ids, positions, windows, cu_seqlens=None, max_seqlen=None, backend="sdpa", cache=None, prev_embed=None):
-        """Final hidden states (T, dim). ids: (T,) tokens; prev_ids: (T,) previous token in the same document or -1.
-        prev_embed: the embedding of the token before ids[0] when decoding with a cache (smear reaches back one token)."""
+    def hidden(self, ids, prev_ids, positions, windows, cu_seqlens, max_seqlen, backend):
+        """Final hidden states (T, dim) of packed documents. ids: (T,) tokens; prev_ids: (T,) previous token in the
+        same document or -1; positions: (T,) RoPE positions; windows: per layer; cu_seqlens/max_seqlen: see attention."""
         embed = self.lm_head if self.is_tied else self.embed
         e = F.embedding(ids, embed)
         # smear: each token takes a gated share of the previous token's embedding (not across documents)
-        before = torch.cat([prev_embed if prev_embed is not None else torch.zeros_like(e[:1]), e[:-1]])
+        before = torch.cat([torch.zeros_like(e[:1]), e[:-1]])
         before = torch.where((prev_ids >= 0)[:, None], before, torch.zeros_like(before))
         e = e + self.smear_lambda * torch.sigmoid(e[:, :12] @ self.smear_gate)[:, None] * before
         x = x0 = norm(e)
@@ -858,10 +863,10 @@ class GPT(nn.Module):
             a, b, c = self.block_lambdas[i]
             x = a * x + b * x0 + c * bigram
             ve = F.embedding(ids, self.value_embeds[self.value_embed_layers.index(i)]) if i in self.value_embed_layers else None
-            x = block(x, ve, self.rotary, positions, self.scale, windows[i], cu_seqlens, max_seqlen, backend, cache)
+            x = block(x, ve, self.rotary, positions, self.scale, windows[i], cu_seqlens, max_seqlen, backend)
             if i < L // 2:
                 skips.append(x)
-        return norm(x), e[-1:]
+        return norm(x)
 
     def logits(self, h):
         return softcap(h @ self.lm_head[:self.vocab_size].T, self.cfg.softcap)
@@ -1388,7 +1393,7 @@ def load_chat_eval(data_dir, tokenizer):
 class Batch:
     inputs: torch.Tensor      # (T,) token ids
     prev_ids: torch.Tensor    # (T,) previous token of the same document, -1 at a document start
-    positions: torch.Tensor   # (T,) positions for RoPE (only differences inside a segment matter)
+    positions: torch.Tensor   # (T,) position inside the segment: the angles a document gets when it is alone
     targets: torch.Tensor     # (T, K) token k+1 ahead, -1 where that crosses a document end
     cu_seqlens: torch.Tensor  # int32, segment starts padded to a static length with T
     max_seqlen: int           # bound on segment lengths: the stage's max_doc_len, static so compiled code is reused
@@ -1412,6 +1417,7 @@ def make_batch(buf, bos_id, max_doc_len, n_targets, device):
     starts = sorted(set(starts))
     cu = np.full(padded_length(len(starts) + 1), T, dtype=np.int32)
     cu[:len(starts)] = starts
+    positions = np.arange(T) - np.asarray(starts)[np.searchsorted(starts, np.arange(T), side="right") - 1]
     prev = np.concatenate([[-1], inputs[:-1]]).astype(np.int64)
     prev[is_bos] = -1
     # target k (k tokens beyond the next one) is valid while no BOS lies between it and the input: MTP never
@@ -1421,7 +1427,7 @@ def make_batch(buf, bos_id, max_doc_len, n_targets, device):
     for k in range(1, n_targets):
         targets[bos_seen[k:T + k] != bos_seen[:T], k] = -1
     as_tensor = lambda a, dtype: torch.from_numpy(np.array(a, dtype=np.int64)).to(device=device, dtype=dtype)  # a copy: memmaps are read-only
-    return Batch(as_tensor(inputs, torch.long), as_tensor(prev, torch.long), torch.arange(T, device=device),
+    return Batch(as_tensor(inputs, torch.long), as_tensor(prev, torch.long), as_tensor(positions, torch.long),
                  as_tensor(targets, torch.long), as_tensor(cu, torch.int32), min(max_doc_len, T))
 
 
@@ -1512,7 +1518,7 @@ def plan_step(cfg, stages, step):
 def train_loss(model, batch, windows, mtp_weights, backend, grad_scale=1.0):
     """Mean over tokens of the MTP-weighted softcapped cross entropy; mtp_weights is a (K,) tensor (a tensor, not
     floats, so compiled code is not specialised to each step's values); grad_scale is 1 / gradient accumulation."""
-    h, _ = model.hidden(batch.inputs, batch.prev_ids, batch.positions, windows, batch.cu_seqlens, batch.max_seqlen, backend)
+    h = model.hidden(batch.inputs, batch.prev_ids, batch.positions, windows, batch.cu_seqlens, batch.max_seqlen, backend)
     if model.cfg.fp8 and fp8_supported(h.device):
         # modded-nanogpt's static scales; the gradient's follows our mean loss (it shrinks with the tokens per step).
         # The padded lm_head keeps every matmul dim a multiple of 16, as _scaled_mm requires.
@@ -1537,7 +1543,7 @@ def evaluate_bpb(model, cfg, rt, tokenizer, windows, max_doc_len):
     for _ in range(steps):
         b = loader.next_batch(T, max_doc_len, 1, rt.device)
         with autocast(rt):
-            h, _ = model.hidden(b.inputs, b.prev_ids, b.positions, windows, b.cu_seqlens, b.max_seqlen, rt.backend)
+            h = model.hidden(b.inputs, b.prev_ids, b.positions, windows, b.cu_seqlens, b.max_seqlen, rt.backend)
         for rows in torch.split(torch.arange(T, device=rt.device), 8192):  # bounded logits memory
             loss = F.cross_entropy(model.logits(h[rows]).float(), b.targets[rows, 0], reduction="none")
             nbytes = token_bytes[b.targets[rows, 0]]
@@ -1725,10 +1731,264 @@ def phase_data(cfg):
     log(f"data directory {cfg.data_dir} is complete and consistent ({time.time() - t0:.1f}s)")
 
 # =============================================================================================================
-# 9. Phases and main
+# 9. Evaluation: CORE (DCLM's 22 tasks, as nanochat scores them) over packed varlen batches
+#
+# nanochat forwards each example alone, its options padded into a (n_options, L) batch. Here sequences of many
+# examples (and tasks) go back to back into one varlen batch, each its own document, so no token is padding; the
+# decisions are nanochat's. evaluate_example_alone is the one-sequence-per-forward reference the tests compare with.
 
 
-PHASES = {"data": phase_data, "pt": phase_pt}
+def core_decision(task_type, gold, mean_losses, all_right):
+    """nanochat's rule. multiple_choice / schema: the option with the lowest mean continuation loss is the answer.
+    language_modeling (one sequence): correct iff every greedy prediction over the continuation is right."""
+    if task_type == "language_modeling":
+        return all_right[0]
+    # The mean over an empty continuation (piqa has some) is NaN. min() replaces its running value only by a smaller
+    # one, so a NaN option wins exactly when it comes first (then index() finds that very object) and never otherwise
+    return mean_losses.index(min(mean_losses)) == gold
+
+
+def _span_scores(losses, right, spans):
+    """Per sequence (mean loss, all predictions right) from flat fp32 losses / bools laid out span after span."""
+    scores, k = [], 0
+    for n in spans:
+        # .mean() of an empty slice is NaN, as in nanochat (see core_decision)
+        scores.append((losses[k:k + n].mean().item(), bool(right[k:k + n].all())))
+        k += n
+    return scores
+
+
+@torch.no_grad()
+def core_scores_packed(model, seqs, rt, windows):
+    """(mean continuation loss, continuation all argmax-right) of each (tokens, cont_start, cont_end) in `seqs`, from
+    one forward of them packed back to back. Only the rows that predict a continuation token get logits."""
+    lengths = [len(t) for t, _, _ in seqs]
+    starts = np.cumsum([0] + lengths)
+    T = int(starts[-1])
+    ids = np.concatenate([t for t, _, _ in seqs])
+    prev = np.concatenate([[-1], ids[:-1]])
+    prev[starts[:-1]] = -1  # every sequence is a document (left-truncated ones do not start with BOS)
+    # positions restart in each sequence: RoPE angles (position * frequency, fp32) then match the sequence alone
+    # exactly, where offsets of tens of thousands would carry a few 1e-3 rad of rounding
+    positions = np.concatenate([np.arange(n) for n in lengths])
+    cu = np.full(padded_length(len(seqs) + 1), T, dtype=np.int32)
+    cu[:len(seqs)] = starts[:-1]
+    rows = np.concatenate([o + np.arange(s - 1, e - 1) for o, (_, s, e) in zip(starts, seqs)]).astype(np.int64)
+    dev = lambda a, dtype=torch.long: torch.from_numpy(np.asarray(a)).to(rt.device, dtype)
+    ids_t, rows_t = dev(ids), dev(rows)
+    with autocast(rt):
+        h = model.hidden(ids_t, dev(prev), dev(positions), windows, dev(cu, torch.int32), max(lengths), rt.backend)
+    targets = ids_t[rows_t + 1]
+    losses, right = [], []
+    for chunk in torch.split(torch.arange(len(rows), device=rt.device), 8192):  # bounded logits memory
+        logits = model.logits(h[rows_t[chunk]])
+        losses.append(F.cross_entropy(logits, targets[chunk], reduction="none"))
+        right.append(logits.argmax(-1) == targets[chunk])
+    return _span_scores(torch.cat(losses).cpu(), torch.cat(right).cpu(), [e - s for _, s, e in seqs])
+
+
+@torch.no_grad()
+def evaluate_core(model, core, rt, windows, max_per_task=-1, batch_tokens=32768):
+    """CORE of `model` on CoreData `core`: the first max_per_task examples of each task (<= 0: all, as in nanochat;
+    the file's examples are pre-shuffled), rank r taking examples r, r + world_size, ... of each task. Sequences are
+    packed into forwards of up to batch_tokens tokens (a longer one goes alone). Returns dict(results={label:
+    accuracy}, centered={label: (accuracy - baseline) / (1 - baseline)}, core=mean centered, correct=int8 per row of
+    core.examples: 1 right, 0 wrong, -1 not evaluated)."""
+    was_training = model.training
+    model.eval()
+    evaluated, mine = np.zeros(len(core.examples), dtype=bool), []
+    for t in core.tasks:
+        first, n = t["first_example"], t["n_examples"] if max_per_task <= 0 else min(max_per_task, t["n_examples"])
+        evaluated[first:first + n] = True
+        mine += range(first + rt.rank, first + n, rt.world_size)
+    correct = torch.zeros(len(core.examples), dtype=torch.float32)
+    scores = {}  # example -> scores of its sequences so far (an example may straddle two forwards)
+
+    def run(batch):
+        for (e, n_seqs), score in zip([key for key, _ in batch], core_scores_packed(model, [seq for _, seq in batch], rt, windows)):
+            scores.setdefault(e, []).append(score)
+            if len(scores[e]) == n_seqs:
+                task, gold = (int(x) for x in core.examples[e, :2])
+                losses, right = zip(*scores.pop(e))
+                correct[e] = float(core_decision(core.tasks[task]["task_type"], gold, list(losses), right))
+
+    batch, used = [], 0
+    for e in mine:
+        first, n_seqs = (int(x) for x in core.examples[e, 2:])
+        for s in range(first, first + n_seqs):
+            seq = core.sequence(s)
+            if batch and used + len(seq[0]) > batch_tokens:
+                run(batch)
+                batch, used = [], 0
+            batch.append(((e, n_seqs), seq))
+            used += len(seq[0])
+    if batch:
+        run(batch)
+    if rt.world_size > 1:
+        correct = correct.to(rt.device)
+        assert correct.is_contiguous()  # gloo reduces the wrong memory for non-contiguous tensors
+        dist.all_reduce(correct)
+    model.train(was_training)
+    correct = np.where(evaluated, correct.cpu().numpy(), -1).astype(np.int8)
+    results, centered = {}, {}
+    for t in core.tasks:
+        rows = correct[t["first_example"]:t["first_example"] + t["n_examples"]]
+        results[t["label"]] = float((rows == 1).sum() / (rows >= 0).sum())
+        b = t["random_baseline"]
+        centered[t["label"]] = (results[t["label"]] - b) / (1 - b)
+    return dict(results=results, centered=centered, core=sum(centered.values()) / len(centered), correct=correct)
+
+
+@torch.no_grad()
+def evaluate_example_alone(model, core, example_index, rt, windows):
+    """The reference path: each sequence of example `example_index` forwarded alone (one document, full logits,
+    then the continuation sliced out, as nanochat does); returns whether the model gets it right."""
+    task, gold, first, n_seqs = (int(x) for x in core.examples[example_index])
+    scores = []
+    for s in range(first, first + n_seqs):
+        tokens, start, end = core.sequence(s)
+        ids = torch.from_numpy(tokens).to(rt.device)
+        L = len(ids)
+        prev = torch.cat([ids.new_full((1,), -1), ids[:-1]])
+        cu = torch.full((padded_length(2),), L, dtype=torch.int32, device=rt.device)
+        cu[0] = 0
+        with autocast(rt):
+            h = model.hidden(ids, prev, torch.arange(L, device=rt.device), windows, cu, L, rt.backend)
+        logits = model.logits(h)
+        losses = F.cross_entropy(logits[:-1], ids[1:], reduction="none")  # row i predicts token i + 1
+        right = logits[:-1].argmax(-1) == ids[1:]
+        scores += _span_scores(losses[start - 1:end - 1].cpu(), right[start - 1:end - 1].cpu(), [end - start])
+    losses, right = zip(*scores)
+    return core_decision(core.tasks[task]["task_type"], gold, list(losses), right)
+
+
+def format_core_table(out, core):
+    """Per-task accuracy and centered accuracy (stand-in data marked), then the CORE line."""
+    lines = [f"{'task':<34} {'examples':>8} {'accuracy':>8} {'centered':>8}"]
+    for t in core.tasks:
+        n = int((out["correct"][t["first_example"]:t["first_example"] + t["n_examples"]] >= 0).sum())
+        note = "  (stand-in)" if t.get("stand_in") else ""
+        lines.append(f"{t['label']:<34} {n:>8} {out['results'][t['label']]:>8.4f} {out['centered'][t['label']]:>8.4f}{note}")
+    lines.append(f"{'CORE':<34} {'':>8} {'':>8} {out['core']:>8.4f}")
+    return "\n".join(lines)
+
+
+# =============================================================================================================
+# 10. Inference: the calculator tool the chat model calls between <|python_start|> and <|python_end|>
+# The expression is parsed, never executed: calculate() walks the syntax tree and computes only whitelisted nodes.
+# Every computation is bounded, so no timer is needed: the input is at most CALC_MAX_CHARS characters and at most
+# CALC_MAX_NODES tree nodes (so at most ~50 operations, and recursion depth of calc_value <= CALC_MAX_NODES); every
+# value, constants included, is checked to be within CALC_MAX_MAGNITUDE, so each operation works on <= 50-bit numbers,
+# except that a power may first produce up to (1e15)**64 (~3,200 bits, microseconds) before its check; strings exist
+# only as literals of the input (no operator accepts one), so str.count scans at most CALC_MAX_CHARS characters.
+
+CALC_MAX_CHARS = 200  # GSM8K's calls are a few dozen characters
+CALC_MAX_NODES = 100  # ~30 operations: the longest GSM8K sums fit, and each node costs microseconds
+CALC_MAX_EXPONENT = 64
+CALC_MAX_MAGNITUDE = 10**15  # below 2**53, so integral floats are still exact integers
+CALC_DECIMALS = 6
+CALC_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+               ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+DIGIT_GROUP_COMMA = re.compile(r"(?<=\d),(?=\d{3})")  # "1,200*3": GSM8K writes thousands separators
+
+
+def calc_is_count(node):
+    """Is this Call exactly '<str literal>.count(<str literal>)'?"""
+    func, args = node.func, node.args
+    return (type(func) is ast.Attribute and func.attr == "count"
+            and type(func.value) is ast.Constant and type(func.value.value) is str
+            and len(args) == 1 and not node.keywords and type(args[0]) is ast.Constant and type(args[0].value) is str)
+
+
+def calc_value(node):
+    """The int or float a whitelisted node computes to; any other node, or a value out of bounds, raises ValueError."""
+    kind = type(node)
+    if kind is ast.Constant and type(node.value) in (int, float):  # type(), not isinstance: bools are ints
+        value = node.value
+    elif kind is ast.UnaryOp and type(node.op) in (ast.UAdd, ast.USub):
+        value = calc_value(node.operand)
+        value = -value if type(node.op) is ast.USub else value
+    elif kind is ast.BinOp and type(node.op) in CALC_BINOPS:
+        left, right = calc_value(node.left), calc_value(node.right)
+        if type(node.op) is ast.Pow and abs(right) > CALC_MAX_EXPONENT:
+            raise ValueError("exponent too large")
+        value = CALC_BINOPS[type(node.op)](left, right)
+    elif kind is ast.Call and calc_is_count(node):
+        value = node.func.value.value.count(node.args[0].value)
+    else:
+        raise ValueError(f"{kind.__name__} is not allowed")
+    # A negative base to a fractional power is complex; nan fails the comparison; 1e400 parses as inf.
+    if type(value) not in (int, float) or not abs(value) <= CALC_MAX_MAGNITUDE:
+        raise ValueError("result out of bounds")
+    return value
+
+
+def calc_format(value):
+    """GSM8K's notation, which the SFT data teaches: 0.2*50 -> '10', 12/60 -> '0.2', 2/3 -> '0.666667'.
+    (nanochat's use_calculator returns str() of the raw value: '10.0', '0.30000000000000004'.)"""
+    if type(value) is int:
+        return str(value)
+    text = f"{value:.{CALC_DECIMALS}f}".rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
+
+
+def calculate(expr):
+    """The tool's output for the text between <|python_start|> and <|python_end|>: arithmetic (+ - * / // % **, unary
+    +-) on int/float literals, or "'word'.count('r')"; None when the expression is not allowed or fails."""
+    expr = DIGIT_GROUP_COMMA.sub("", expr).strip()
+    if len(expr) > CALC_MAX_CHARS:
+        return None
+    try:
+        with warnings.catch_warnings():  # e.g. an invalid escape in a string literal warns; it is still just a literal
+            warnings.simplefilter("ignore")
+            tree = ast.parse(expr, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # ValueError: null bytes (Python < 3.12)
+        return None
+    if sum(1 for _ in ast.walk(tree)) > CALC_MAX_NODES:  # ast.walk iterates, so a deep tree cannot overflow it
+        return None
+    try:
+        return calc_format(calc_value(tree.body))
+    except (ValueError, ArithmeticError):  # ArithmeticError: division by zero, float overflow in **
+        return None
+
+
+# =============================================================================================================
+# 11. Phases and main
+
+
+def trained_model(cfg, rt, tokenizer):
+    """The model of --init-from, else of the run's latest checkpoint, built with the config it was trained with."""
+    path = cfg.init_from or latest_checkpoint(cfg.run_dir)
+    if not path:
+        raise DataFormatError(f"{cfg.run_dir}: no checkpoint to evaluate (run --phases pt first, or pass --init-from)")
+    trained = read_json(os.path.join(path, "state.json"))["config"]
+    model_cfg = Config(**{k: parse_tuple(json.dumps(v)) if isinstance(v, list) else v for k, v in trained.items()})
+    model = GPT(model_cfg, tokenizer.vocab_size).to(rt.device)
+    load_checkpoint(path, model)
+    model.eval()
+    stages = scaled_stages(model_cfg)
+    last = plan_step(model_cfg, stages, sum(s[0] for s in stages) - 1)  # evaluate with the final windows
+    return model, model.windows(last.short_window, last.long_window), last.max_doc_len, path
+
+
+def phase_eval(cfg, rt, log):
+    """Bits per byte and CORE of a trained model."""
+    tokenizer = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
+    model, windows, max_doc_len, path = trained_model(cfg, rt, tokenizer)
+    log(f"evaluating {path}")
+    t0 = time.time()
+    bpb, loss = evaluate_bpb(model, cfg, rt, tokenizer, windows, max_doc_len)
+    log(f"val bpb {bpb:.4f} val loss {loss:.4f}")
+    core = load_core(cfg.data_dir, tokenizer)
+    with torch.no_grad():
+        out = evaluate_core(model, core, rt, windows, cfg.core_max_per_task, cfg.core_batch_tokens)
+    log(format_core_table(out, core))
+    log(f"eval took {time.time() - t0:.0f}s")
+    update_metrics(cfg, rt, {"val_bpb": bpb, "core": out["core"], "core_per_task": out["centered"],
+                             "core_max_per_task": cfg.core_max_per_task})
+
+
+PHASES = {"data": phase_data, "pt": phase_pt, "eval": phase_eval}
 
 
 def main(argv=None):

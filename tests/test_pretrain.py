@@ -29,6 +29,7 @@ def test_make_batch_segments_targets_and_padding(stack):
     assert b.cu_seqlens[:5].tolist() == [0, 4, 7, 10, T] and (b.cu_seqlens[5:] == T).all()
     assert b.max_seqlen == 4  # the bound, not the batch's longest segment
     assert b.prev_ids.tolist() == [-1, BOS, 1, 2, 3, 4, 5, -1, BOS, 7, -1]
+    assert b.positions.tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 0]
     assert b.targets[:, 0].tolist() == buf[1:T + 1].tolist()  # next token, BOS included (end of document)
     # 2 and 3 ahead stop at the next document: position 5 ('5') may predict '6' and BOS but not 'g'
     assert b.targets[5].tolist() == [6, BOS, -1]
@@ -90,7 +91,7 @@ def test_bits_per_byte_weights_tokens_by_bytes(stack, tiny_data):
     for start in (0, 512):
         b = stack.make_batch(val[start:start + 513], tok.bos_id, 128, 1, "cpu")
         with torch.no_grad():
-            h, _ = model.hidden(b.inputs, b.prev_ids, b.positions, windows, b.cu_seqlens, b.max_seqlen, "sdpa")
+            h = model.hidden(b.inputs, b.prev_ids, b.positions, windows, b.cu_seqlens, b.max_seqlen, "sdpa")
             losses = torch.nn.functional.cross_entropy(model.logits(h), b.targets[:, 0], reduction="none")
         w = torch.from_numpy(tok.token_bytes)[b.targets[:, 0]]
         nats += float((losses * (w > 0)).sum())
