@@ -58,7 +58,7 @@ except ImportError:  # e.g. Macs: every kernel falls back to its PyTorch referen
 class Config:
     # run
     preset: str = "h100x8"
-    data_dir: str = "data"
+    data_dir: str = "runs/data"     # written by data/prepare.py
     run_dir: str = "runs/h100x8"
     phases: str = "pt"
     seed: int = 0
@@ -157,11 +157,14 @@ def parse_bool(text):
 
 def parse_tuple(text):
     try:
-        value = json.loads(text)
+        return freeze(json.loads(text))
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"expected JSON, got {text!r} ({e.msg})") from None
-    freeze = lambda v: tuple(freeze(x) for x in v) if isinstance(v, list) else v
-    return freeze(value)
+
+
+def freeze(value):
+    """JSON lists -> nested tuples, the form of the tuple fields of Config."""
+    return tuple(freeze(x) for x in value) if isinstance(value, list) else value
 
 
 def parse_ints(text):
@@ -243,10 +246,6 @@ class Logger:
     def metrics(self, step, values):
         if self.wandb is not None:
             self.wandb.log(values, step=step)
-
-
-def log(msg):
-    print(msg, flush=True)
 
 
 # =============================================================================================================
@@ -1712,7 +1711,7 @@ def phase_pt(cfg, rt, log):
     return model
 
 
-def phase_data(cfg):
+def phase_data(cfg, rt, log):
     """Check every part of a prepared data directory and print what it holds."""
     t0 = time.time()
     tok = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
@@ -1962,7 +1961,7 @@ def trained_model(cfg, rt, tokenizer):
     if not path:
         raise DataFormatError(f"{cfg.run_dir}: no checkpoint to evaluate (run --phases pt first, or pass --init-from)")
     trained = read_json(os.path.join(path, "state.json"))["config"]
-    model_cfg = Config(**{k: parse_tuple(json.dumps(v)) if isinstance(v, list) else v for k, v in trained.items()})
+    model_cfg = Config(**{k: freeze(v) for k, v in trained.items()})
     model = GPT(model_cfg, tokenizer.vocab_size).to(rt.device)
     load_checkpoint(path, model)
     model.eval()
@@ -1997,11 +1996,10 @@ def main(argv=None):
     unknown = [p for p in phases if p not in PHASES]
     if unknown:
         sys.exit(f"error: unknown phase(s) {', '.join(unknown)}; available: {', '.join(PHASES)}")
-    if phases == ["data"]:  # checking data needs no device, run directory or log
-        try:
-            return phase_data(cfg)
-        except DataFormatError as e:
-            sys.exit(f"error: {e}")
+    if phases == ["data"]:  # checking data needs no device, run directory or log file
+        rt, log = None, lambda msg: print(msg, flush=True)
+        phases_to_run(phases, cfg, rt, log)
+        return
     rt = init_runtime(cfg)
     log = Logger(cfg, rt)
     if rt.master:
@@ -2011,13 +2009,18 @@ def main(argv=None):
     if rt.master:
         write_text_atomic(os.path.join(cfg.run_dir, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
     try:
-        for phase in phases:
-            PHASES[phase](cfg, rt, log) if phase != "data" else phase_data(cfg)
-    except DataFormatError as e:
-        sys.exit(f"error: {e}")
+        phases_to_run(phases, cfg, rt, log)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def phases_to_run(phases, cfg, rt, log):
+    try:
+        for phase in phases:
+            PHASES[phase](cfg, rt, log)
+    except DataFormatError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@ the batch boundaries), nanochat's rule for empty continuations, the accuracy / c
 rank split, the table, and a run over the real 22 tasks. CORE files are written with data/core_shards.py."""
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ import yaml
 
 import core_shards
 import tokenizer
-from conftest import TINY_ARGS
+from conftest import ROOT, STACK_PATH, TINY_ARGS
 
 MC_ROWS = [{"query": f"Question: Which fruit is number {i} in the list of all the fruits we saw?",
             "choices": ["Apple", "Banana", "Cherry"], "gold": i % 3} for i in range(8)]
@@ -273,10 +276,6 @@ def test_real_core_tasks(stack, shared_data, tmp_path):
 
 def test_pt_then_eval_phase_writes_core_metrics(tiny_data, tok_dir, tmp_path):
     """--phases pt,eval: the eval phase rebuilds the model from the checkpoint's own config and adds CORE."""
-    import shutil
-    import subprocess
-    import sys
-    from conftest import ROOT, STACK_PATH
     data, run = tmp_path / "data", tmp_path / "run"
     shutil.copytree(tiny_data, data)
     core_shards.write_core(write_bundle(tmp_path / "bundle", TASKS), tok_dir, data / "core", max_len=MAX_LEN)
