@@ -18,8 +18,10 @@ Contents
     7. Data: readers of every format, the pretraining loader
     8. Pretraining: schedule, bits per byte, checkpoints, the loop
     9. Evaluation: CORE
-    10. Inference: the calculator tool
-    11. Phases and main
+    10. Inference: KV cache, sampling, the calculator tool, the engine
+    11. Evaluation: chat (ARC, MMLU, GSM8K, HumanEval; ChatCORE)
+    12. Post-training: chat SFT and GSM8K RL
+    13. Phases and main
 """
 import argparse
 import ast
@@ -32,7 +34,10 @@ import operator
 import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -103,7 +108,31 @@ class Config:
     val_tokens: int = 10_485_760
     checkpoint_every: int = 0        # steps between checkpoints (0: only at the end)
     core_max_per_task: int = -1      # CORE examples per task in --phases eval (-1: all)
-    core_batch_tokens: int = 32768   # tokens per packed CORE forward
+    core_batch_tokens: int = 32768   # tokens per packed CORE (and categorical chat-eval) forward
+    chat_max_per_task: int = -1      # chat-eval examples per task in --phases chat (-1: all)
+    chat_batch_size: int = 16        # GSM8K problems generated together
+    chat_max_new_tokens: int = 512
+    # GSM8K RL (--phases rl): on-policy policy gradient, nanochat's recipe
+    rl_steps: int = 60
+    rl_questions_per_step: int = 16  # over all ranks
+    rl_samples: int = 16             # per question: the group whose mean reward is the baseline
+    rl_max_new_tokens: int = 256
+    rl_temperature: float = 1.0
+    rl_top_k: int = 50
+    rl_lr_mul: float = 0.05          # times the checkpoint's learning rates, decaying linearly to 0
+    rl_batch_tokens: int = 16384     # tokens per training forward
+    rl_eval_every: int = 20
+    rl_eval_questions: int = 400     # held-out GSM8K test questions for pass@k
+    rl_eval_samples: int = 8         # k of pass@1..k
+    # generation (--phases generate): --prompt, or an interactive chat on stdin without one
+    prompt: str = ""
+    prompt_format: str = "auto"      # auto: a user turn for SFT/RL checkpoints, plain text for base models | chat | text
+    num_samples: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 0.8
+    top_k: int = 50                  # 0: off
+    top_p: float = 1.0               # 1: off
+    min_p: float = 0.0               # 0: off
     log_every: int = 10
 
 
@@ -121,7 +150,7 @@ PRESETS = {
                         (50, 4096, 512, 128, 256, 1.0, (1.0, 0.5), (1.0, 0.0)),
                         (50, 4096, 512, 128, 512, 1.0, (1.0,), (1.0,))),
                 val_every=75, val_tokens=131072, checkpoint_every=50, log_every=10, compile=False,
-                core_max_per_task=50, core_batch_tokens=8192),
+                core_max_per_task=50, core_batch_tokens=8192, chat_max_per_task=50, chat_max_new_tokens=256),
 }
 
 
@@ -560,28 +589,29 @@ def fp8_linear(x, w, x_scale, w_scale, grad_scale):
 
 ATTENTION_BACKENDS = ("fa3", "fa2", "flex", "sdpa")  # the order "auto" tries them in
 
-_FLASH = {}  # "fa3"/"fa2" -> flash_attn_varlen_func, or the exception loading it raised (tried once per process)
+_FLASH = {}  # "fa3"/"fa2" -> FA's interface module, or the exception loading it raised (tried once per process)
 
 
 def _load_fa3():
-    """FA3's flash_attn_varlen_func from the HF kernels hub (cached in the HF cache; offline it fails in seconds)."""
+    """FA3's interface (flash_attn_varlen_func, flash_attn_with_kvcache) from the HF kernels hub (cached in the HF
+    cache; offline it fails in seconds)."""
     from kernels import get_kernel
     if torch.cuda.get_device_capability()[0] == 9:
         try:  # faster on Hopper; a personal repo, not a hub-trusted organisation: kernels>=0.14 wants the opt-in
             module = get_kernel("varunneal/flash-attention-3", revision="main", trust_remote_code=True)
-            return getattr(module, "flash_attn_interface", module).flash_attn_varlen_func
+            return getattr(module, "flash_attn_interface", module)
         except Exception:
             pass  # the kernels-community build below also covers Hopper
     module = get_kernel("kernels-community/flash-attn3", version=1)
-    return getattr(module, "flash_attn_interface", module).flash_attn_varlen_func
+    return getattr(module, "flash_attn_interface", module)
 
 
 def _load_fa2():
-    from flash_attn import flash_attn_varlen_func
-    return flash_attn_varlen_func
+    import flash_attn
+    return flash_attn
 
 
-def _flash_varlen_func(name):
+def _flash_func(name, func="flash_attn_varlen_func"):
     if name not in _FLASH:
         try:
             _FLASH[name] = _load_fa3() if name == "fa3" else _load_fa2()
@@ -589,7 +619,7 @@ def _flash_varlen_func(name):
             _FLASH[name] = e
     if isinstance(_FLASH[name], Exception):
         raise RuntimeError(f"could not load {name}: {_FLASH[name]!r}") from _FLASH[name]
-    return _FLASH[name]
+    return getattr(_FLASH[name], func)
 
 
 def _unavailable(name, device):
@@ -605,7 +635,7 @@ def _unavailable(name, device):
         return f"it needs sm80+, this GPU is sm{major}{minor}"
     if name in ("fa3", "fa2"):
         try:
-            _flash_varlen_func(name)
+            _flash_func(name)
         except RuntimeError as e:
             return str(e)
     return None
@@ -699,7 +729,7 @@ def attention(q, k, v, cu_seqlens, max_seqlen, window, scale, backend):
     T = q.size(0)
     window = T if window is None or window < 0 else min(window, T)  # i - j <= T - 1 always holds: plain causal
     if backend in ("fa3", "fa2"):
-        return _flash_attention(_flash_varlen_func(backend), q, k, v, cu_seqlens, max_seqlen,
+        return _flash_attention(_flash_func(backend), q, k, v, cu_seqlens, max_seqlen,
                                 -1 if window == T else window, scale)
     if backend == "flex":
         return _compiled_flex()(q, k, v, cu_seqlens, window, scale)
@@ -724,6 +754,34 @@ def attention_reference(q, k, v, cu_seqlens, window, scale):
         p = (scores - scores.amax(-1, keepdim=True)).exp()
         outs.append(((p / p.sum(-1, keepdim=True)) @ vd).transpose(0, 1).to(q.dtype))
     return torch.cat(outs)
+
+
+def cached_attention(q, k, v, k_cache, v_cache, lengths, key_span, window, scale, backend):
+    """Attention for decoding: row b of the batch appends S new tokens at positions lengths[b] .. lengths[b] + S - 1
+    of its cache and attends over its cache, with the mask of attention() (key j visible from position i iff
+    j <= i and i - j <= window). q, k, v: (B, S, H, D); k_cache, v_cache: (B, capacity, H, D), written in place;
+    lengths: int32 (B,) tokens cached before this call; key_span: host ints (lo, hi), lo <= the first key any new
+    token may see and hi = max(lengths) + S, so SDPA reads only the window's slice of the cache. FA3/FA2 do all
+    of it in flash_attn_with_kvcache; flex has nothing to add for one new token per row, so it decodes with SDPA."""
+    window = -1 if window is None or window < 0 else window
+    if backend in ("fa3", "fa2"):
+        out = _flash_func(backend, "flash_attn_with_kvcache")(
+            q.to(k_cache.dtype).contiguous(), k_cache, v_cache, k=k.to(k_cache.dtype).contiguous(),
+            v=v.to(k_cache.dtype).contiguous(), cache_seqlens=lengths, softmax_scale=scale, causal=True,
+            window_size=(window, 0))
+        return (out[0] if isinstance(out, tuple) else out).to(q.dtype)
+    B, S = q.shape[:2]
+    pos = lengths.long()[:, None] + torch.arange(S, device=q.device)  # (B, S)
+    rows = torch.arange(B, device=q.device)[:, None]
+    k_cache[rows, pos], v_cache[rows, pos] = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    lo, hi = key_span
+    j = torch.arange(lo, hi, device=q.device)
+    mask = j <= pos[..., None]
+    if window >= 0:
+        mask &= pos[..., None] - j <= window
+    keys, values = (c[:, lo:hi].to(q.dtype).transpose(1, 2) for c in (k_cache, v_cache))  # (B, H, hi - lo, D)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[:, None], scale=scale)
+    return y.transpose(1, 2)
 
 
 # =============================================================================================================
@@ -758,9 +816,9 @@ class Rotary(nn.Module):
         return 0.2 * math.log(new_window / old_window) + 1
 
     def forward(self, x, positions):
-        """x: (T, H, D); positions: (T,) absolute positions (only differences matter inside a document)."""
-        angles = positions.to(self.freqs.dtype)[:, None] * self.freqs[None, :]
-        cos, sin = angles.cos()[:, None, :].to(x.dtype), angles.sin()[:, None, :].to(x.dtype)
+        """x: (..., H, D); positions: (...) positions (only differences matter inside a document)."""
+        angles = positions.to(self.freqs.dtype)[..., None] * self.freqs
+        cos, sin = angles.cos()[..., None, :].to(x.dtype), angles.sin()[..., None, :].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
@@ -778,18 +836,17 @@ class Block(nn.Module):
         self.attn_gate = nn.Parameter(torch.zeros(cfg.n_heads, 12))  # sparse attention gate, starts at 0.5
         self.ve_gate = nn.Parameter(torch.zeros(cfg.n_heads, 12)) if has_value_embed else None  # starts at 1
 
-    def forward(self, x, ve, rotary, positions, attn_scale, window, cu_seqlens, max_seqlen, backend):
-        T = x.size(0)
+    def forward(self, x, ve, rotary, positions, attn_scale, window, attend):
+        """x: (..., dim) tokens; attend(q, k, v, window, scale): packed attention() or a KV cache's."""
         h = norm(x)
-        q = (h @ self.q.T).view(T, self.n_heads, self.head_dim)
-        k = (h @ self.k.T).view(T, self.n_heads, self.head_dim)
-        v = (h @ self.v.T).view(T, self.n_heads, self.head_dim)
+        heads = (*x.shape[:-1], self.n_heads, self.head_dim)
+        q, k, v = (h @ self.q.T).view(heads), (h @ self.k.T).view(heads), (h @ self.v.T).view(heads)
         q, k = rotary(norm(q), positions), rotary(norm(k), positions)  # QK-norm, then rotate
         if ve is not None:
-            v = v + 2 * torch.sigmoid(h[:, :12] @ self.ve_gate.T)[:, :, None] * ve.view_as(v)
-        y = attention(q, k, v, cu_seqlens, max_seqlen, window, attn_scale, backend)
-        y = y * torch.sigmoid(h[:, :12] @ self.attn_gate.T)[:, :, None]
-        x = x + y.reshape(T, -1) @ self.o.T
+            v = v + 2 * torch.sigmoid(h[..., :12] @ self.ve_gate.T)[..., None] * ve.view_as(v)
+        y = attend(q, k, v, window=window, scale=attn_scale)
+        y = y * torch.sigmoid(h[..., :12] @ self.attn_gate.T)[..., None]
+        x = x + y.flatten(-2) @ self.o.T
         return x + relu2_mlp(norm(x), self.fc, self.proj)
 
 
@@ -844,15 +901,17 @@ class GPT(nn.Module):
         h = ((36313 * ids) ^ (27191 * prev_ids.clamp(min=0))) % (self.bigram_rows - 1)
         return torch.where(prev_ids < 0, self.bigram_rows - 1, h)
 
-    def hidden(self, ids, prev_ids, positions, windows, cu_seqlens, max_seqlen, backend):
+    def hidden(self, ids, prev_ids, positions, windows, cu_seqlens=None, max_seqlen=None, backend="sdpa", cache=None):
         """Final hidden states (T, dim) of packed documents. ids: (T,) tokens; prev_ids: (T,) previous token in the
-        same document or -1; positions: (T,) RoPE positions; windows: per layer; cu_seqlens/max_seqlen: see attention."""
+        same document or -1; positions: (T,) RoPE positions; windows: per layer; cu_seqlens/max_seqlen: see attention.
+        With a KVCache instead: ids, prev_ids, positions are (B, S), new tokens appended to each row's cache.
+        Everything but attention is per token, given its previous token: the two paths compute the same thing."""
         embed = self.lm_head if self.is_tied else self.embed
         e = F.embedding(ids, embed)
         # smear: each token takes a gated share of the previous token's embedding (not across documents)
-        before = torch.cat([torch.zeros_like(e[:1]), e[:-1]])
-        before = torch.where((prev_ids >= 0)[:, None], before, torch.zeros_like(before))
-        e = e + self.smear_lambda * torch.sigmoid(e[:, :12] @ self.smear_gate)[:, None] * before
+        before = F.embedding(prev_ids.clamp(min=0), embed)
+        before = torch.where((prev_ids >= 0)[..., None], before, torch.zeros_like(before))
+        e = e + self.smear_lambda * torch.sigmoid(e[..., :12] @ self.smear_gate)[..., None] * before
         x = x0 = norm(e)
         bigram = F.embedding(self.bigram_ids(ids, prev_ids), self.bigram_embed)
         skips, L = [], self.cfg.n_layers
@@ -862,13 +921,24 @@ class GPT(nn.Module):
             a, b, c = self.block_lambdas[i]
             x = a * x + b * x0 + c * bigram
             ve = F.embedding(ids, self.value_embeds[self.value_embed_layers.index(i)]) if i in self.value_embed_layers else None
-            x = block(x, ve, self.rotary, positions, self.scale, windows[i], cu_seqlens, max_seqlen, backend)
+            attend = (functools.partial(cache.attend, i) if cache is not None else
+                      functools.partial(attention, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=backend))
+            x = block(x, ve, self.rotary, positions, self.scale, windows[i], attend)
             if i < L // 2:
                 skips.append(x)
         return norm(x)
 
     def logits(self, h):
         return softcap(h @ self.lm_head[:self.vocab_size].T, self.cfg.softcap)
+
+    def decode(self, ids, cache, windows, last_only=False):
+        """Logits (B, S, vocab) of ids (B, S) appended to the rows of a KVCache (prefill: S = prompt length), or
+        (B, 1, vocab) of the last token only."""
+        prev = torch.cat([cache.last_ids[:, None], ids[:, :-1]], dim=1)
+        positions = cache.lengths.long()[:, None] + torch.arange(ids.size(1), device=ids.device)
+        h = self.hidden(ids, prev, positions, windows, cache=cache)
+        cache.advance(ids)
+        return self.logits(h[:, -1:] if last_only else h)
 
 
 def param_label(name):
@@ -949,10 +1019,11 @@ def normuon_update(p, g, momentum, second_moment, mu, beta2, lr, wd, eps=1e-10):
     norm = V.norm(dim=(-2, -1), keepdim=True)
     V = V * second_moment.clamp_min(eps).rsqrt()
     V = V * (norm / V.norm(dim=(-2, -1), keepdim=True).clamp_min(eps))
-    # Cautious weight decay: only shrink weights the update is already pushing towards zero (same sign: p -= lr V).
+    # Cautious weight decay: only shrink weights the update is already pushing towards zero (same sign: p -= lr V;
+    # a zero update pushes nowhere, so a zero gradient leaves the weights alone).
     # Decay lr*wd is linear in lr (decoupled AdamW convention, as nanochat), so wd keeps its meaning whatever the
     # base lr and schedule are; modded-nanogpt's decay is quadratic in the scheduled lr (wd_lin = 0.023*1.2 there).
-    mask = (V * p) >= 0
+    mask = (V * p) > 0
     return p - lr * (V + wd * mask * p)
 
 
@@ -1199,7 +1270,7 @@ class NorMuonAdam:
 # 7. Data: readers of every format (the writers are data/*.py; formats in data/README.md), the pretraining loader
 
 TOKEN_FILE_MAGIC, TOKEN_FILE_VERSION, HEADER_INTS = 20240520, 1, 256
-FORMAT_VERSIONS = {"pretrain": 1, "core": 1, "sft": 1, "chat_eval": 1}
+FORMAT_VERSIONS = {"pretrain": 1, "core": 1, "sft": 1, "chat_eval": 2}
 
 
 class DataFormatError(Exception):
@@ -1378,8 +1449,9 @@ class ChatEvalData:
         return np.asarray(self.tokens[offset:offset + length], dtype=np.int64), gold, n_choices
 
 
-def load_chat_eval(data_dir, tokenizer):
-    directory = os.path.join(data_dir, "chat_eval")
+def load_chat_eval(data_dir, tokenizer, name="chat_eval"):
+    """The chat-eval file, or another in its format (name "rl": GSM8K's training questions)."""
+    directory = os.path.join(data_dir, name)
     manifest = read_manifest(directory, "chat_eval", tokenizer)
     tokens = read_token_file(os.path.join(directory, "tokens.bin"), tokenizer.vocab_size)
     examples = load_npy(os.path.join(directory, "examples.npy"), np.int64, (None, 5))
@@ -1576,28 +1648,37 @@ def peak_flops(device):
 
 # -- checkpoints: safetensors weights + weights_only-loadable optimizer state + JSON; written atomically --
 
-def save_checkpoint(cfg, rt, step, model, opt, loader_state):
+CHECKPOINT_PREFIX = {"pt": "ckpt_", "sft": "sft_ckpt_", "rl": "rl_ckpt_"}  # RUN_DIR/<prefix><step>/
+
+
+def save_checkpoint(cfg, rt, step, model, opt, extra_state, phase="pt"):
+    """RUN_DIR/<prefix><step>/: model.safetensors, optim.pt, state.json (step, phase, extra_state e.g. the loader's
+    position, config). RUN_DIR/latest_<phase> names it (what --resume continues) and RUN_DIR/latest too (the model
+    the next phase starts from). The last two of each phase are kept."""
     opt_state = opt.state_dict()  # a collective when sharded: every rank calls it
     if not rt.master:
         return
     from safetensors.torch import save_file
-    final = os.path.join(cfg.run_dir, f"ckpt_{step:06d}")
+    prefix = CHECKPOINT_PREFIX[phase]
+    final = os.path.join(cfg.run_dir, f"{prefix}{step:06d}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
     torch.save(opt_state, os.path.join(tmp, "optim.pt"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump({"step": step, "loader": loader_state, "config": dataclasses.asdict(cfg)}, f, indent=1)
+        json.dump({"step": step, "phase": phase, "loader": extra_state, "config": dataclasses.asdict(model.cfg)}, f, indent=1)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    write_text_atomic(os.path.join(cfg.run_dir, f"latest_{phase}"), os.path.basename(final))
     write_text_atomic(os.path.join(cfg.run_dir, "latest"), os.path.basename(final))
-    for old in sorted(d for d in os.listdir(cfg.run_dir) if d.startswith("ckpt_") and not d.endswith(".tmp"))[:-2]:
+    for old in sorted(d for d in os.listdir(cfg.run_dir) if re.fullmatch(re.escape(prefix) + r"\d+", d))[:-2]:
         shutil.rmtree(os.path.join(cfg.run_dir, old))  # keep the last two
 
 
-def latest_checkpoint(run_dir):
-    path = os.path.join(run_dir, "latest")
+def latest_checkpoint(run_dir, phase=None):
+    """The newest checkpoint of `phase`, or of any phase (the model the next phase starts from); None if none."""
+    path = os.path.join(run_dir, f"latest_{phase}" if phase else "latest")
     return os.path.join(run_dir, open(path).read().strip()) if os.path.isfile(path) else None
 
 
@@ -1639,10 +1720,10 @@ def phase_pt(cfg, rt, log):
     untie_step = round(cfg.untie_frac * total)
     loader = PretrainLoader(pretrain_shards(cfg.data_dir, tokenizer, "train"), tokenizer, rt.rank, rt.world_size)
     start = 0
-    if cfg.resume and latest_checkpoint(cfg.run_dir):
-        state = load_checkpoint(latest_checkpoint(cfg.run_dir), model, opt)
+    if cfg.resume and latest_checkpoint(cfg.run_dir, "pt"):
+        state = load_checkpoint(latest_checkpoint(cfg.run_dir, "pt"), model, opt)
         start, loader.state = state["step"], state["loader"]
-        log(f"resumed from {latest_checkpoint(cfg.run_dir)} at step {start}")
+        log(f"resumed from {latest_checkpoint(cfg.run_dir, 'pt')} at step {start}")
     elif cfg.init_from:
         load_checkpoint(cfg.init_from, model)
         log(f"initialized from {cfg.init_from}")
@@ -1679,7 +1760,7 @@ def phase_pt(cfg, rt, log):
         if rt.world_size > 1:
             dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
         if not torch.isfinite(step_loss):
-            log(f"step {step}: loss is {step_loss.item()}; stopping. The last good checkpoint is {latest_checkpoint(cfg.run_dir)}")
+            log(f"step {step}: loss is {step_loss.item()}; stopping. The last good checkpoint is {latest_checkpoint(cfg.run_dir, 'pt')}")
             update_metrics(cfg, rt, {"diverged_at_step": step})
             sys.exit(2)
         opt.step(p.lr_factor, muon_momentum(step, total))
@@ -1757,26 +1838,40 @@ def _span_scores(losses, right, spans):
     return scores
 
 
-@torch.no_grad()
-def core_scores_packed(model, seqs, rt, windows):
-    """(mean continuation loss, continuation all argmax-right) of each (tokens, cont_start, cont_end) in `seqs`, from
-    one forward of them packed back to back. Only the rows that predict a continuation token get logits."""
-    lengths = [len(t) for t, _, _ in seqs]
+def packed_documents(sequences, device):
+    """Token arrays `sequences` packed back to back, each its own document (no padding): (ids, prev_ids, positions,
+    cu_seqlens, max_seqlen) for GPT.hidden, and each sequence's start offset (n + 1 offsets, ending in T)."""
+    lengths = [len(t) for t in sequences]
     starts = np.cumsum([0] + lengths)
     T = int(starts[-1])
-    ids = np.concatenate([t for t, _, _ in seqs])
+    ids = np.concatenate(sequences).astype(np.int64)
     prev = np.concatenate([[-1], ids[:-1]])
     prev[starts[:-1]] = -1  # every sequence is a document (left-truncated ones do not start with BOS)
     # positions restart in each sequence: RoPE angles (position * frequency, fp32) then match the sequence alone
     # exactly, where offsets of tens of thousands would carry a few 1e-3 rad of rounding
     positions = np.concatenate([np.arange(n) for n in lengths])
-    cu = np.full(padded_length(len(seqs) + 1), T, dtype=np.int32)
-    cu[:len(seqs)] = starts[:-1]
-    rows = np.concatenate([o + np.arange(s - 1, e - 1) for o, (_, s, e) in zip(starts, seqs)]).astype(np.int64)
-    dev = lambda a, dtype=torch.long: torch.from_numpy(np.asarray(a)).to(rt.device, dtype)
-    ids_t, rows_t = dev(ids), dev(rows)
+    cu = np.full(padded_length(len(sequences) + 1), T, dtype=np.int32)
+    cu[:len(sequences)] = starts[:-1]
+    dev = lambda a, dtype=torch.long: torch.from_numpy(np.asarray(a)).to(device, dtype)
+    return (dev(ids), dev(prev), dev(positions), dev(cu, torch.int32), max(lengths)), starts
+
+
+@torch.no_grad()
+def packed_hidden(model, sequences, rt, windows):
+    """One forward of `sequences` as packed_documents: final hidden states (T, dim), tokens (T,), start offsets."""
+    (ids, prev, positions, cu, max_len), starts = packed_documents(sequences, rt.device)
     with autocast(rt):
-        h = model.hidden(ids_t, dev(prev), dev(positions), windows, dev(cu, torch.int32), max(lengths), rt.backend)
+        h = model.hidden(ids, prev, positions, windows, cu, max_len, rt.backend)
+    return h, ids, starts
+
+
+@torch.no_grad()
+def core_scores_packed(model, seqs, rt, windows):
+    """(mean continuation loss, continuation all argmax-right) of each (tokens, cont_start, cont_end) in `seqs`, from
+    one forward of them packed back to back. Only the rows that predict a continuation token get logits."""
+    h, ids_t, starts = packed_hidden(model, [t for t, _, _ in seqs], rt, windows)
+    rows = np.concatenate([o + np.arange(s - 1, e - 1) for o, (_, s, e) in zip(starts, seqs)]).astype(np.int64)
+    rows_t = torch.from_numpy(rows).to(rt.device)
     targets = ids_t[rows_t + 1]
     losses, right = [], []
     for chunk in torch.split(torch.arange(len(rows), device=rt.device), 8192):  # bounded logits memory
@@ -1795,47 +1890,63 @@ def evaluate_core(model, core, rt, windows, max_per_task=-1, batch_tokens=32768)
     core.examples: 1 right, 0 wrong, -1 not evaluated)."""
     was_training = model.training
     model.eval()
-    evaluated, mine = np.zeros(len(core.examples), dtype=bool), []
-    for t in core.tasks:
-        first, n = t["first_example"], t["n_examples"] if max_per_task <= 0 else min(max_per_task, t["n_examples"])
-        evaluated[first:first + n] = True
-        mine += range(first + rt.rank, first + n, rt.world_size)
+    evaluated, mine = examples_of_rank(core.tasks, len(core.examples), max_per_task, rt)
     correct = torch.zeros(len(core.examples), dtype=torch.float32)
     scores = {}  # example -> scores of its sequences so far (an example may straddle two forwards)
-
-    def run(batch):
+    sequences = (((e, int(core.examples[e, 3])), core.sequence(s)) for e in mine
+                 for s in range(int(core.examples[e, 2]), int(core.examples[e, 2] + core.examples[e, 3])))
+    for batch in token_batches(sequences, lambda item: len(item[1][0]), batch_tokens):
         for (e, n_seqs), score in zip([key for key, _ in batch], core_scores_packed(model, [seq for _, seq in batch], rt, windows)):
             scores.setdefault(e, []).append(score)
             if len(scores[e]) == n_seqs:
                 task, gold = (int(x) for x in core.examples[e, :2])
                 losses, right = zip(*scores.pop(e))
                 correct[e] = float(core_decision(core.tasks[task]["task_type"], gold, list(losses), right))
+    model.train(was_training)
+    out = task_scores(core.tasks, "label", correct, evaluated, rt)
+    return dict(out, core=out.pop("mean"))
 
+
+def examples_of_rank(tasks, n_examples, max_per_task, rt):
+    """Which examples are evaluated (bool per example: the first max_per_task of each task, all when <= 0) and the
+    ones this rank takes: r, r + world_size, ... of each task."""
+    evaluated, mine = np.zeros(n_examples, dtype=bool), []
+    for t in tasks:
+        first, n = t["first_example"], t["n_examples"] if max_per_task <= 0 else min(max_per_task, t["n_examples"])
+        evaluated[first:first + n] = True
+        mine += range(first + rt.rank, first + n, rt.world_size)
+    return evaluated, mine
+
+
+def token_batches(items, n_tokens, batch_tokens):
+    """Consecutive items grouped into batches of up to batch_tokens tokens (an item longer than that goes alone)."""
     batch, used = [], 0
-    for e in mine:
-        first, n_seqs = (int(x) for x in core.examples[e, 2:])
-        for s in range(first, first + n_seqs):
-            seq = core.sequence(s)
-            if batch and used + len(seq[0]) > batch_tokens:
-                run(batch)
-                batch, used = [], 0
-            batch.append(((e, n_seqs), seq))
-            used += len(seq[0])
+    for item in items:
+        if batch and used + n_tokens(item) > batch_tokens:
+            yield batch
+            batch, used = [], 0
+        batch.append(item)
+        used += n_tokens(item)
     if batch:
-        run(batch)
+        yield batch
+
+
+def task_scores(tasks, name_key, correct, evaluated, rt):
+    """Sum the ranks' float `correct` (1 right, 0 wrong or not mine) and score each task: dict(results={name:
+    accuracy}, centered={name: (accuracy - baseline) / (1 - baseline)}, mean=mean centered, correct=int8 per example:
+    1 right, 0 wrong, -1 not evaluated)."""
     if rt.world_size > 1:
         correct = correct.to(rt.device)
         assert correct.is_contiguous()  # gloo reduces the wrong memory for non-contiguous tensors
         dist.all_reduce(correct)
-    model.train(was_training)
     correct = np.where(evaluated, correct.cpu().numpy(), -1).astype(np.int8)
     results, centered = {}, {}
-    for t in core.tasks:
+    for t in tasks:
         rows = correct[t["first_example"]:t["first_example"] + t["n_examples"]]
-        results[t["label"]] = float((rows == 1).sum() / (rows >= 0).sum())
+        results[t[name_key]] = float((rows == 1).sum() / max(1, (rows >= 0).sum()))
         b = t["random_baseline"]
-        centered[t["label"]] = (results[t["label"]] - b) / (1 - b)
-    return dict(results=results, centered=centered, core=sum(centered.values()) / len(centered), correct=correct)
+        centered[t[name_key]] = (results[t[name_key]] - b) / (1 - b)
+    return dict(results=results, centered=centered, mean=sum(centered.values()) / len(centered), correct=correct)
 
 
 @torch.no_grad()
@@ -1873,7 +1984,72 @@ def format_core_table(out, core):
 
 
 # =============================================================================================================
-# 10. Inference: the calculator tool the chat model calls between <|python_start|> and <|python_end|>
+# 10. Inference: a KV cache that reproduces the training forward, sampling, the calculator tool, the engine
+
+
+class KVCache:
+    """Keys and values of every layer for B rows, (B, capacity, H, D) each (FA's layout), plus what a new token needs
+    besides attention: its row's length (its RoPE position) and its row's last token (for smear and the bigram hash)."""
+
+    def __init__(self, model, batch, capacity, device, dtype, backend="sdpa"):
+        cfg = model.cfg
+        shape = (cfg.n_layers, batch, capacity, cfg.n_heads, cfg.head_dim)
+        self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.host_lengths = [0] * batch  # the same on the host: slicing the cache needs no device sync
+        self.last_ids = torch.full((batch,), -1, dtype=torch.long, device=device)  # -1: nothing yet (document start)
+        self.backend, self.capacity = backend, capacity
+        self._new = 0  # tokens per row in the forward under way
+
+    def attend(self, layer, q, k, v, window, scale):
+        """The attend() of Block.forward: write this layer's new keys/values, attend over the visible cache."""
+        S = q.size(1)
+        if max(self.host_lengths) + S > self.capacity:
+            raise ValueError(f"KV cache full: {max(self.host_lengths)} + {S} tokens > capacity {self.capacity}")
+        self._new = S
+        lo = 0 if window is None or window < 0 else max(0, min(self.host_lengths) - window)
+        return cached_attention(q, k, v, self.k[layer], self.v[layer], self.lengths, (lo, max(self.host_lengths) + S),
+                                window, scale, self.backend)
+
+    def advance(self, ids):
+        """After a forward of ids (B, S): every row is S tokens longer."""
+        self.lengths += ids.size(1)
+        self.host_lengths = [n + ids.size(1) for n in self.host_lengths]
+        self.last_ids = ids[:, -1].clone()
+
+    def put(self, row, other, other_row=0):
+        """Row `row` becomes a copy of row `other_row` of cache `other` (one prefill serves all samples of a prompt)."""
+        n = other.host_lengths[other_row]
+        self.k[:, row, :n], self.v[:, row, :n] = other.k[:, other_row, :n], other.v[:, other_row, :n]
+        self.lengths[row], self.last_ids[row], self.host_lengths[row] = n, other.last_ids[other_row], n
+
+    def keep(self, rows):
+        """Drop every row not in `rows` (finished samples stop costing compute)."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.k.device)
+        self.k, self.v = self.k[:, index], self.v[:, index]
+        self.lengths, self.last_ids = self.lengths[index], self.last_ids[index]
+        self.host_lengths = [self.host_lengths[r] for r in rows]
+
+
+def sample_next(logits, generator, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    """(B,) next tokens from logits (B, V): argmax at temperature 0, else a draw after the filters: top-k keeps the k
+    largest, min-p drops tokens below min_p x the top probability, top-p keeps the smallest set reaching top_p."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.size(-1):
+        logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], float("-inf"))
+    probs = logits.softmax(-1)
+    if min_p > 0:
+        probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0)
+    if top_p < 1:
+        sorted_p, order = probs.sort(-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens: the first token is always kept
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(before >= top_p * sorted_p.sum(-1, keepdim=True), 0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # multinomial renormalises
+
+
+# -- the calculator tool the chat model calls between <|python_start|> and <|python_end|> --
 # The expression is parsed, never executed: calculate() walks the syntax tree and computes only whitelisted nodes.
 # Every computation is bounded, so no timer is needed: the input is at most CALC_MAX_CHARS characters and at most
 # CALC_MAX_NODES tree nodes (so at most ~50 operations, and recursion depth of calc_value <= CALC_MAX_NODES); every
@@ -1951,8 +2127,355 @@ def calculate(expr):
         return None
 
 
+@dataclasses.dataclass
+class Sample:
+    tokens: list   # generated tokens, forced tool output included; the stop token too when one was reached
+    mask: list     # 1 where the model sampled the token, 0 where the calculator's output was forced
+    stopped: bool  # ended on <|assistant_end|> or <|bos|> (else it ran into max_new_tokens)
+
+
+class Engine:
+    """Batched generation with a KV cache and the calculator tool. Each prompt is prefilled once and its samples
+    share that prefill, then all rows decode together, each drawing its own tokens; a row stops at
+    <|assistant_end|> or <|bos|> and leaves the batch. After <|python_start|> expr <|python_end|> the row's next
+    tokens are forced: <|output_start|> calculate(expr) <|output_end|> (nothing when the expression is refused)."""
+
+    def __init__(self, model, tokenizer, windows, rt):
+        self.model, self.tokenizer, self.windows, self.rt = model, tokenizer, windows, rt
+        special = tokenizer.special
+        self.stops = {special("<|assistant_end|>"), tokenizer.bos_id}
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+
+    def _decode(self, ids, cache):
+        with autocast(self.rt):
+            return self.model.decode(torch.tensor(ids, device=self.rt.device), cache, self.windows, last_only=True)[:, -1].float()
+
+    @torch.no_grad()
+    def generate(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                 seed=0, on_token=None):
+        """num_samples Samples for each prompt (a list of token ids); on_token(row, token) sees tokens as they come."""
+        rt, n_rows = self.rt, len(prompts) * num_samples
+        cache = KVCache(self.model, n_rows, max(map(len, prompts)) + max_new_tokens, rt.device, rt.dtype, rt.backend)
+        logits = []
+        for i, prompt in enumerate(prompts):
+            alone = KVCache(self.model, 1, len(prompt), rt.device, rt.dtype, rt.backend)
+            last = self._decode([prompt], alone)
+            for row in range(i * num_samples, (i + 1) * num_samples):
+                cache.put(row, alone)
+                logits.append(last)
+        logits = torch.cat(logits)
+        generator = torch.Generator(device=rt.device).manual_seed(seed)
+        samples = [Sample([], [], False) for _ in range(n_rows)]
+        forced = [[] for _ in range(n_rows)]
+        calls = [None] * n_rows  # tokens of a row's open calculator call
+        active = list(range(n_rows))
+        while active:
+            sampled = sample_next(logits, generator, temperature, top_k, top_p, min_p).tolist()
+            going, feed = [], []
+            for row, token in zip(active, sampled):
+                sample = samples[row]
+                is_forced = bool(forced[row])
+                token = forced[row].pop(0) if is_forced else token
+                sample.tokens.append(token)
+                sample.mask.append(0 if is_forced else 1)
+                if on_token:
+                    on_token(row, token)
+                if token in self.stops:
+                    sample.stopped = True
+                    continue
+                self._tool(row, token, calls, forced)
+                if len(sample.tokens) < max_new_tokens:
+                    going.append(row)
+                    feed.append([token])
+            if not going:
+                break
+            if len(going) < len(active):
+                cache.keep([active.index(row) for row in going])
+            active = going
+            logits = self._decode(feed, cache)
+        return [samples[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+
+    def _tool(self, row, token, calls, forced):
+        if token == self.python_start:
+            calls[row] = []
+        elif calls[row] is not None and token == self.python_end:
+            result = calculate(self.tokenizer.decode(calls[row]))
+            calls[row] = None
+            if result is not None:
+                forced[row] += [self.output_start, *self.tokenizer.encode(result), self.output_end]
+        elif calls[row] is not None:
+            calls[row].append(token)
+
+
+def chat_turn(tokenizer, conversation, user_text):
+    """conversation (tokens so far, starting with <|bos|>) + a user turn + <|assistant_start|>: the prompt for a reply."""
+    special = tokenizer.special
+    return [*conversation, special("<|user_start|>"), *tokenizer.encode(user_text), special("<|user_end|>"),
+            special("<|assistant_start|>")]
+
+
+
 # =============================================================================================================
-# 11. Phases and main
+# 11. Evaluation: chat (ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval; ChatCORE)
+
+
+def reply_text(tokenizer, sample):
+    """The text of a generated Sample, without the stop token that ended it."""
+    return tokenizer.decode(sample.tokens[:-1] if sample.stopped else sample.tokens)
+
+
+def gsm8k_answer(text):
+    """The number after '####' (commas dropped), where GSM8K puts its final answers; None when there is none."""
+    match = re.search(r"####\s*(-?[\d,]*\.?\d+)", text)
+    return match.group(1).replace(",", "") if match else None
+
+
+@torch.no_grad()
+def categorical_choices(model, prompts, letter_ids, rt, windows):
+    """The model's choice for each (prompt tokens, n_choices) in `prompts`, all in one packed forward: the argmax of
+    the next-token logits after the prompt, over the first n_choices answer letters."""
+    h, _, starts = packed_hidden(model, [p for p, _ in prompts], rt, windows)
+    letter_logits = model.logits(h[torch.from_numpy(starts[1:] - 1).to(rt.device)])[:, letter_ids].float()
+    n_choices = torch.tensor([n for _, n in prompts], device=rt.device)
+    allowed = torch.arange(len(letter_ids), device=rt.device) < n_choices[:, None]
+    return letter_logits.masked_fill(~allowed, float("-inf")).argmax(-1).tolist()
+
+
+# -- HumanEval: the model's code runs only in a child interpreter with time, memory and file-size limits, no network --
+
+# Runs in the child (`python -I -c`) before the program. A best-effort sandbox against accidents (loops, memory
+# bombs, stray writes and connections), not a jail against adversarial code: the program still runs as our user, may
+# read what we can read and write outside its directory (bounded by RLIMIT_FSIZE), and root ignores RLIMIT_NPROC.
+# The network is cut twice: socket creation raises, and, where the kernel lets an unprivileged process create user
+# namespaces (or we are root), a new network namespace leaves the child with no interface at all.
+SANDBOX_BOOTSTRAP = r"""
+import _socket, resource, runpy, socket, sys
+memory, cpu_seconds = int(sys.argv[1]), int(sys.argv[2])
+for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu_seconds), (resource.RLIMIT_FSIZE, 16 << 20),
+                     (resource.RLIMIT_NPROC, 0), (resource.RLIMIT_CORE, 0)):
+    try:
+        resource.setrlimit(limit, (value, value))
+    except (ValueError, OSError):  # already lower, or refused (macOS and RLIMIT_AS): keep what we have
+        pass
+if sys.platform == "linux":
+    import ctypes
+    ctypes.CDLL(None).unshare(0x10000000 | 0x40000000)  # CLONE_NEWUSER | CLONE_NEWNET; returns -1 where refused
+
+class NoNetwork(socket.socket):
+    def __init__(self, *args, **kwargs):
+        raise OSError("network access is disabled in the sandbox")
+
+socket.socket = socket.SocketType = _socket.socket = _socket.SocketType = NoNetwork
+try:  # not as __main__: like OpenAI's harness, the model's `if __name__ == "__main__":` demos (input(), unittest) don't run
+    runpy.run_path("program.py", run_name="program")
+except SystemExit as e:  # sys.exit(0) before check() ran must not count as a pass
+    sys.exit(f"the program exited ({e.code!r}) before its end")
+"""
+
+
+def extract_program(completion, prompt):
+    """The program of a HumanEval completion: the problem's prompt, then the first ``` block of the completion
+    (an unclosed one runs to the end: generation stopped), else its whole text. The prompt always goes first: its
+    imports and helpers (HumanEval/10, 32, 38, 50's tests call is_palindrome, poly, encode_cyclic, encode_shift) must be
+    there, a completion that restates the function replaces the prompt's docstring-only stub, and one that is only the
+    body continues it. nanochat prepends only the prompt's imports, which fails a correct answer that omits a helper."""
+    fenced = re.search(r"```[\w+-]*[ \t]*\n(.*?)(?:```|\Z)", completion, re.DOTALL)  # ```python, ```py, ```Python3, ```
+    return prompt + "\n" + (fenced.group(1) if fenced else completion)
+
+
+def run_sandboxed(program, timeout=5.0, memory_mb=512):
+    """Run Python source in a fresh `python -I` child (isolated mode, PATH-only environment, stdin from /dev/null) inside a
+    temporary directory that is deleted afterwards. -> (passed, reason): passed if it ran to its end and exited 0;
+    otherwise the reason is the last line of its stderr (e.g. "AssertionError", "MemoryError"), a signal or a timeout."""
+    with tempfile.TemporaryDirectory(prefix="decoderstack-sandbox-") as tmp:
+        with open(os.path.join(tmp, "program.py"), "w", encoding="utf-8") as f:
+            f.write(program)
+        with open(os.path.join(tmp, "stderr"), "w+b") as err:  # a file, not a pipe: RLIMIT_FSIZE bounds it
+            cmd = [sys.executable, "-I", "-c", SANDBOX_BOOTSTRAP, str(memory_mb << 20), str(math.ceil(timeout) + 1)]
+            child = subprocess.Popen(cmd, cwd=tmp, env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+            try:
+                child.wait(timeout)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            try:  # the child is its own process group: this also ends whatever it started
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            child.wait()
+            err.seek(max(0, os.fstat(err.fileno()).st_size - 4096))
+            lines = err.read().decode("utf-8", "replace").strip().splitlines()
+    if timed_out:
+        return False, f"timed out after {timeout:g}s"
+    if child.returncode == 0:
+        return True, "passed"
+    if child.returncode < 0:  # SIGKILL at the CPU limit, SIGSEGV, ...
+        return False, f"killed by {signal.Signals(-child.returncode).name}"
+    return False, (lines[-1] if lines else f"exit status {child.returncode}")[:200]
+
+
+def humaneval_passed(completion, problem, timeout=5.0):
+    """Whether the completion passes a HumanEval problem (an entry of the code task's manifest "problems")."""
+    program = f"{extract_program(completion, problem['prompt'])}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+    return run_sandboxed(program, timeout)[0]
+
+
+@torch.no_grad()
+def evaluate_chat(model, chat, tokenizer, rt, windows, max_per_task=-1, batch_tokens=32768, batch_size=16,
+                  max_new_tokens=512):
+    """Chat evaluation on ChatEvalData `chat`: categorical tasks by letter argmax (packed varlen forwards of up to
+    batch_tokens tokens); generative (GSM8K) and code (HumanEval) ones by greedy generation with the calculator,
+    batch_size prompts at a time, scored on the number after '####' or by running the problem's tests in the sandbox.
+    Examples split across ranks as in CORE. Returns dict(results={task: accuracy}, centered={task: centered
+    accuracy}, chatcore=mean centered, correct=int8 per example)."""
+    was_training = model.training
+    model.eval()
+    evaluated, mine = examples_of_rank(chat.tasks, len(chat.examples), max_per_task, rt)
+    correct = torch.zeros(len(chat.examples), dtype=torch.float32)
+    kind = {e: chat.tasks[int(chat.examples[e, 0])]["kind"] for e in mine}
+    categorical = [(e, chat.prompt(e)) for e in mine if kind[e] == "categorical"]
+    for batch in token_batches(categorical, lambda item: len(item[1][0]), batch_tokens):
+        choices = categorical_choices(model, [(tokens, n) for _, (tokens, _, n) in batch], chat.letter_ids, rt, windows)
+        for (e, (_, gold, _)), choice in zip(batch, choices):
+            correct[e] = float(choice == gold)
+    engine = Engine(model, tokenizer, windows, rt)
+    generated = [e for e in mine if kind[e] != "categorical"]
+    for i in range(0, len(generated), batch_size):
+        batch = generated[i:i + batch_size]
+        samples = engine.generate([chat.prompt(e)[0].tolist() for e in batch], 1, max_new_tokens, temperature=0)
+        for e, (sample,) in zip(batch, samples):
+            task = chat.tasks[int(chat.examples[e, 0])]
+            text, index = reply_text(tokenizer, sample), e - task["first_example"]
+            if task["kind"] == "code":
+                correct[e] = float(humaneval_passed(text, task["problems"][index]))
+            else:
+                correct[e] = float(gsm8k_answer(text) == task["answers"][index])
+    model.train(was_training)
+    out = task_scores(chat.tasks, "name", correct, evaluated, rt)
+    return dict(out, chatcore=out.pop("mean"))
+
+
+def format_chat_table(out, chat):
+    lines = [f"{'task':<16} {'examples':>8} {'accuracy':>8} {'centered':>8}"]
+    for t in chat.tasks:
+        n = int((out["correct"][t["first_example"]:t["first_example"] + t["n_examples"]] >= 0).sum())
+        lines.append(f"{t['name']:<16} {n:>8} {out['results'][t['name']]:>8.4f} {out['centered'][t['name']]:>8.4f}")
+    lines.append(f"{'ChatCORE':<16} {'':>8} {'':>8} {out['chatcore']:>8.4f}")
+    return "\n".join(lines)
+
+
+# =============================================================================================================
+# 12. Post-training: chat SFT and GSM8K RL
+
+# -- GSM8K RL: on-policy policy gradient with the engine and the calculator, nanochat-style --
+
+
+def gsm8k_reward(tokenizer, sample, answer):
+    """1 when the number after '####' in the sample is the reference answer, else 0."""
+    return float(gsm8k_answer(reply_text(tokenizer, sample)) == answer)
+
+
+def group_advantages(rewards):
+    """Reward minus the mean over the k samples of the same question (no std scaling, as nanochat)."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    return rewards - rewards.mean()
+
+
+def policy_gradient_loss(model, rollouts, windows, rt, n_tokens):
+    """-sum(advantage x log p(token)) / n_tokens over the sampled tokens of `rollouts`, a list of (prompt, Sample,
+    advantage) packed into one varlen forward. Prompt tokens and forced tool output (mask 0) get no gradient: their
+    rows never reach the logits. n_tokens: sampled tokens of the whole step (token-level normalisation)."""
+    (ids, prev, positions, cu, max_len), starts = packed_documents(
+        [np.array(prompt + sample.tokens) for prompt, sample, _ in rollouts], rt.device)
+    rows, weights = [], []
+    for start, (prompt, sample, advantage) in zip(starts, rollouts):
+        sampled = np.flatnonzero(np.array(sample.mask) == 1)  # token i of the sample sits at start + len(prompt) + i
+        rows.append(start + len(prompt) + sampled - 1)        # ... and is predicted by the row before it
+        weights.append(np.full(len(sampled), advantage, dtype=np.float32))
+    rows = torch.from_numpy(np.concatenate(rows)).to(rt.device)
+    with autocast(rt):
+        h = model.hidden(ids, prev, positions, windows, cu, max_len, rt.backend)
+        logp = -F.cross_entropy(model.logits(h[rows]).float(), ids[rows + 1], reduction="none")
+    return -(logp * torch.from_numpy(np.concatenate(weights)).to(rt.device)).sum() / max(1, n_tokens)
+
+
+@torch.no_grad()
+def gsm8k_pass_at_k(engine, tokenizer, chat, task, examples, k, cfg, rt, seed):
+    """pass@1..k on the given examples of a generative chat-eval task: the fraction of questions where one of the
+    first j samples (temperature cfg.rl_temperature) is right; examples split across ranks."""
+    hits = torch.zeros(k, device=rt.device)
+    for e in examples[rt.rank::rt.world_size]:
+        samples = engine.generate([chat.prompt(e)[0].tolist()], k, cfg.rl_max_new_tokens, cfg.rl_temperature,
+                                  cfg.rl_top_k, seed=seed + e)[0]
+        right = [gsm8k_reward(tokenizer, s, task["answers"][e - task["first_example"]]) for s in samples]
+        hits += torch.tensor(np.maximum.accumulate(right), dtype=torch.float32, device=rt.device)
+    if rt.world_size > 1:
+        dist.all_reduce(hits)
+    return {j + 1: float(hits[j]) / len(examples) for j in range(k)}
+
+
+def phase_rl(cfg, rt, log):
+    """GSM8K RL from the latest checkpoint (or --init-from): each step, rl_questions_per_step training questions (split
+    across ranks) get rl_samples samples each from the engine; reward 1 for the right '####' answer; loss
+    -advantage x log p over the sampled tokens; lr decays linearly to 0; pass@k on held-out test questions."""
+    tokenizer = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
+    model, windows, _, path = trained_model(cfg, rt, tokenizer)
+    train, test = load_chat_eval(cfg.data_dir, tokenizer, "rl"), load_chat_eval(cfg.data_dir, tokenizer)
+    train_task = next(t for t in train.tasks if t["name"] == "gsm8k")
+    test_task = next(t for t in test.tasks if t["name"] == "gsm8k")
+    test_examples = list(range(test_task["first_example"], test_task["first_example"] + min(cfg.rl_eval_questions, test_task["n_examples"])))
+    if cfg.rl_questions_per_step < rt.world_size:
+        raise ValueError(f"--rl-questions-per-step {cfg.rl_questions_per_step} < world size {rt.world_size}: every rank needs a question")
+    base = model.cfg
+    opt = make_optimizer(model, dataclasses.replace(base, muon_lr=base.muon_lr * cfg.rl_lr_mul, adam_lr=base.adam_lr * cfg.rl_lr_mul))
+    engine = Engine(model, tokenizer, windows, rt)
+    order = np.random.default_rng(cfg.seed).permutation(train_task["n_examples"]) + train_task["first_example"]
+    log(f"RL from {path}: {cfg.rl_steps} steps x {cfg.rl_questions_per_step} questions x {cfg.rl_samples} samples, "
+        f"{train_task['n_examples']} training questions, pass@{cfg.rl_eval_samples} on {len(test_examples)} test questions")
+    rewards, pass_at = [], {}
+    for step in range(cfg.rl_steps + 1):
+        if step % cfg.rl_eval_every == 0 or step == cfg.rl_steps:
+            model.eval()
+            pass_at = gsm8k_pass_at_k(engine, tokenizer, test, test_task, test_examples, cfg.rl_eval_samples, cfg, rt, cfg.seed)
+            log(f"rl step {step}/{cfg.rl_steps} " + " ".join(f"pass@{j} {v:.4f}" for j, v in pass_at.items()))
+            log.metrics(step, {f"rl/pass@{j}": v for j, v in pass_at.items()})
+        if step == cfg.rl_steps:
+            break
+        t0 = time.perf_counter()
+        model.eval()
+        questions = [int(order[(step * cfg.rl_questions_per_step + i) % len(order)]) for i in range(cfg.rl_questions_per_step)]
+        rollouts, step_rewards = [], []
+        for e in questions[rt.rank::rt.world_size]:
+            prompt = train.prompt(e)[0].tolist()
+            samples = engine.generate([prompt], cfg.rl_samples, cfg.rl_max_new_tokens, cfg.rl_temperature, cfg.rl_top_k,
+                                      seed=cfg.seed * 1_000_003 + step * 1009 + e)[0]
+            reward = [gsm8k_reward(tokenizer, s, train_task["answers"][e - train_task["first_example"]]) for s in samples]
+            step_rewards += reward
+            rollouts += [(prompt, s, float(a)) for s, a in zip(samples, group_advantages(reward))]
+        model.train()
+        n_tokens = sum(sum(s.mask) for _, s, _ in rollouts)
+        # rollouts with advantage 0 (all k samples equally right) add nothing to the gradient: skip their forward,
+        # but keep one (weighted 0) so every rank's optimizer sees the same gradients exist
+        learning = [r for r in rollouts if r[2] != 0] or [(rollouts[0][0], rollouts[0][1], 0.0)]
+        for batch in token_batches(learning, lambda r: len(r[0]) + len(r[1].tokens), cfg.rl_batch_tokens):
+            policy_gradient_loss(model, batch, windows, rt, n_tokens).backward()
+        opt.step(1 - step / cfg.rl_steps, 0.95)
+        opt.zero_grad()
+        stats = torch.tensor([sum(step_rewards), len(step_rewards), n_tokens], dtype=torch.float64, device=rt.device)
+        if rt.world_size > 1:
+            dist.all_reduce(stats)
+        rewards.append(float(stats[0] / stats[1]))
+        log(f"rl step {step + 1}/{cfg.rl_steps} reward {rewards[-1]:.4f} sampled tokens {int(stats[2])} "
+            f"lr {1 - step / cfg.rl_steps:.3f} {time.perf_counter() - t0:.1f}s")
+        log.metrics(step, {"rl/reward": rewards[-1]})
+    save_checkpoint(cfg, rt, cfg.rl_steps, model, opt, {}, phase="rl")
+    update_metrics(cfg, rt, {"rl_reward": rewards, "gsm8k_pass_at": pass_at})
+
+
+# =============================================================================================================
+# 13. Phases and main
 
 
 def trained_model(cfg, rt, tokenizer):
@@ -1987,7 +2510,65 @@ def phase_eval(cfg, rt, log):
                              "core_max_per_task": cfg.core_max_per_task})
 
 
-PHASES = {"data": phase_data, "pt": phase_pt, "eval": phase_eval}
+def phase_chat(cfg, rt, log):
+    """Chat evaluation (ARC, MMLU, GSM8K; ChatCORE) of the latest checkpoint or --init-from."""
+    tokenizer = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
+    model, windows, _, path = trained_model(cfg, rt, tokenizer)
+    chat = load_chat_eval(cfg.data_dir, tokenizer)
+    log(f"chat evaluation of {path}")
+    t0 = time.time()
+    out = evaluate_chat(model, chat, tokenizer, rt, windows, cfg.chat_max_per_task, cfg.core_batch_tokens,
+                        cfg.chat_batch_size, cfg.chat_max_new_tokens)
+    log(format_chat_table(out, chat))
+    log(f"chat eval took {time.time() - t0:.0f}s")
+    update_metrics(cfg, rt, {"chatcore": out["chatcore"], "chat_per_task": out["results"],
+                             "chat_max_per_task": cfg.chat_max_per_task})
+
+
+def phase_generate(cfg, rt, log):
+    """Samples from a checkpoint for --prompt, or an interactive chat on stdin when there is no --prompt. The prompt
+    is a user turn for a chat model (SFT/RL checkpoints, or --prompt-format chat), plain text for a base model."""
+    tokenizer = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
+    model, windows, _, path = trained_model(cfg, rt, tokenizer)
+    phase = read_json(os.path.join(path, "state.json")).get("phase", "pt")
+    chat = cfg.prompt_format == "chat" or (cfg.prompt_format == "auto" and phase != "pt")
+    engine = Engine(model, tokenizer, windows, rt)
+    options = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                   min_p=cfg.min_p, seed=cfg.seed)
+    text = lambda tokens: tokenizer.decode([t for t in tokens if t not in engine.stops])  # a stream has no Sample yet
+    if cfg.prompt:
+        prompt = chat_turn(tokenizer, [tokenizer.bos_id], cfg.prompt) if chat else [tokenizer.bos_id, *tokenizer.encode(cfg.prompt)]
+        log(f"sampling from {path} ({'chat' if chat else 'text'} prompt)")
+        for i, sample in enumerate(engine.generate([prompt], cfg.num_samples, **options)[0]):
+            log(f"--- sample {i + 1}/{cfg.num_samples} ({len(sample.tokens)} tokens)\n"
+                f"{'' if chat else cfg.prompt}{reply_text(tokenizer, sample)}")
+        return
+    if rt.world_size > 1:
+        raise ValueError("interactive chat runs in one process: pass --prompt, or run without torchrun")
+    print(f"chatting with {path}: type a message, an empty line to start over, Ctrl-D to quit", flush=True)
+    conversation = [tokenizer.bos_id]
+    for line in sys.stdin:
+        if not line.strip():
+            conversation = [tokenizer.bos_id]
+            continue
+        prompt = chat_turn(tokenizer, conversation, line.strip()) if chat else conversation + tokenizer.encode(line)
+        reply, shown = [], ""
+
+        def stream(_, token):  # print each new piece of the reply (a token may end mid-character)
+            nonlocal shown
+            reply.append(token)
+            now = text(reply)
+            print(now[len(shown):], end="", flush=True)
+            shown = now
+
+        sample = engine.generate([prompt], 1, on_token=stream, **options)[0][0]
+        print(flush=True)
+        conversation = prompt + sample.tokens + ([] if sample.stopped or not chat else [tokenizer.special("<|assistant_end|>")])
+        options["seed"] += 1
+
+
+PHASES = {"data": phase_data, "pt": phase_pt, "eval": phase_eval, "chat": phase_chat, "rl": phase_rl,
+          "generate": phase_generate}
 
 
 def main(argv=None):

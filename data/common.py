@@ -6,11 +6,13 @@ module and read with the stack so the two sides cannot drift. Formats are docume
 import contextlib
 import fnmatch
 import glob
+import gzip
 import hashlib
 import json
 import os
 import sys
 import tempfile
+import zlib
 
 import numpy as np
 
@@ -124,11 +126,14 @@ def expand_inputs(paths, exts, exclude=()):
 
 
 def read_text(path):
+    """A UTF-8 file's text; a name ending in .gz is gunzipped first (HumanEval ships as .jsonl.gz)."""
     try:
-        with open(path, "rb") as f:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             return f.read().decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: corrupt gzip file ({e})") from None
 
 
 def iter_jsonl(path):
@@ -145,8 +150,8 @@ def iter_jsonl(path):
 
 
 def _read_json_records(path):
-    """Records of a .jsonl file or a .json array, as (location, object) pairs for error messages."""
-    if path.endswith(".jsonl"):
+    """Records of a .jsonl(.gz) file or a .json array, as (location, object) pairs for error messages."""
+    if path.endswith((".jsonl", ".jsonl.gz")):
         return [(f"{path}:{n}", obj) for n, obj in iter_jsonl(path)]
     try:
         data = json.loads(read_text(path))
@@ -171,7 +176,7 @@ def hf_download(repo_id, patterns):
 
 
 def read_records(path):
-    """(location, record) pairs of a .jsonl, .json or .parquet file; location is file:line or file[index]."""
+    """(location, record) pairs of a .jsonl(.gz), .json or .parquet file; location is file:line or file[index]."""
     if not path.endswith(".parquet"):
         yield from _read_json_records(path)
         return

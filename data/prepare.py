@@ -50,6 +50,7 @@ def steps(args):
         ["core_shards.py", "--bundle", bundle, "--tokenizer", tok, "--out", os.path.join(out, "core")],
         ["sft_shards.py", "--input", *sft_inputs, "--tokenizer", tok, "--out", os.path.join(out, "sft")],
         ["chat_eval_shards.py", "--input", chat_input, "--tokenizer", tok, "--out", os.path.join(out, "chat_eval")],
+        ["chat_eval_shards.py", "--rl", "--input", chat_input, "--tokenizer", tok, "--out", os.path.join(out, "rl")],
     ]
 
 

@@ -83,3 +83,36 @@ TINY_ARGS = ["--preset", "cpu", "--n-layers", "2", "--model-dim", "64", "--n-hea
              "--long-window-layers", "1", "--value-embed-layers", "0,1", "--micro-batch-tokens", "512",
              "--stages", "[[4, 1024, 128, 32, 64, 1.0, [1, 0.5], [1, 0]], [4, 1024, 128, 32, 128, 1.0, [1], [1]]]",
              "--val-tokens", "2048", "--val-every", "4", "--log-every", "1", "--wandb", "disabled"]
+
+
+def write_eval_sources(root):
+    """ARC, MMLU and GSM8K (test and train) files in the shared eval layout, a few questions each."""
+    import json
+    for d in ("arc", "mmlu/test", "gsm8k"):
+        (root / d).mkdir(parents=True)
+    arc = lambda q, key: json.dumps({"id": q, "question": {"stem": q, "choices": [{"text": t, "label": l} for t, l in zip(["red", "blue", "green", "pink"], "ABCD")]}, "answerKey": key}) + "\n"
+    (root / "arc/ARC-Easy-Test.jsonl").write_text(arc("Sky color?", "B") + arc("Grass color?", "C"))
+    (root / "arc/ARC-Challenge-Test.jsonl").write_text(arc("Rose color?", "A"))
+    (root / "mmlu/test/astronomy_test.csv").write_text("question,choice0,choice1,choice2,choice3,answer\nPlain?,a,b,c,d,0\n")
+    gsm8k = lambda pairs: "".join(json.dumps({"question": q, "answer": f"#### {a}"}) + "\n" for q, a in pairs)
+    (root / "gsm8k/test.jsonl").write_text(gsm8k([("1+1?", 2), ("2+3?", 5)]))
+    (root / "gsm8k/train.jsonl").write_text(gsm8k([("3+3?", 6), ("4+1?", 5), ("2*4?", 8)]))
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(tiny_data, tok_dir, tmp_path_factory):
+    """A tiny pretrained checkpoint (RUN/ckpt_000008) with chat-eval and RL data beside its pretraining data. Tests
+    that write checkpoints copy RUN first."""
+    import shutil
+    import subprocess
+    import chat_eval_shards
+    root = tmp_path_factory.mktemp("pretrained")
+    data, run = root / "data", root / "run"
+    shutil.copytree(tiny_data, data)
+    write_eval_sources(root / "eval")
+    chat_eval_shards.write_chat_eval(str(root / "eval"), tok_dir, str(data / "chat_eval"))
+    chat_eval_shards.write_rl(str(root / "eval"), tok_dir, str(data / "rl"))
+    r = subprocess.run([sys.executable, STACK_PATH, *TINY_ARGS, "--data-dir", str(data), "--run-dir", str(run), "--phases", "pt"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return data, run

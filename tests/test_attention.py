@@ -2,6 +2,7 @@
 mask, the SDPA backward, the FlashAttention call (through stand-ins with FA's exact varlen signatures) and the
 backend selection."""
 import inspect
+import types
 
 import pytest
 import torch
@@ -185,7 +186,8 @@ def test_standins_have_fas_exact_signatures(stack):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_flash_backends_call_fa_correctly(stack, monkeypatch, backend, fa3_returns_lse, dtype):
     calls = []
-    monkeypatch.setitem(stack._FLASH, backend, make_standins(stack, calls, fa3_returns_lse)[backend])
+    standin = make_standins(stack, calls, fa3_returns_lse)[backend]
+    monkeypatch.setitem(stack._FLASH, backend, types.SimpleNamespace(flash_attn_varlen_func=standin))
     lengths = [5, 17, 1, 30, 11]
     q, k, v, cu = packed(lengths, 3, 2, 16, dtype=dtype)
     for window, passed in [(None, (-1, 0)), (-1, (-1, 0)), (0, (0, 0)), (7, (7, 0)), (1000, (-1, 0))]:

@@ -1,7 +1,9 @@
-"""Chat-eval file: written by data/chat_eval_shards.py, read by the stack; prompts, golds, answers, bad rows."""
+"""Chat-eval file: written by data/chat_eval_shards.py, read by the stack; prompts, golds, answers, problems, bad rows."""
 import csv
+import gzip
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -42,6 +44,22 @@ def eval_dir(tmp_path):
     return root
 
 
+# Tiny HumanEval problems in the file's schema (canonical_solution is read but not kept).
+HUMANEVAL = [{"task_id": f"HumanEval/{i}", "prompt": f"def f{i}(x):\n    \"\"\"Return x + {i}.\"\"\"\n", "entry_point": f"f{i}",
+              "canonical_solution": f"    return x + {i}\n", "test": f"\n\ndef check(candidate):\n    assert candidate(1) == {1 + i}\n"}
+             for i in range(3)]
+
+
+def write_humaneval(eval_dir, records=HUMANEVAL):
+    (eval_dir / "humaneval").mkdir(exist_ok=True)
+    with gzip.open(eval_dir / "humaneval" / "HumanEval.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def code_prompt(prompt):
+    return f"<|bos|><|user_start|>{prompt}<|user_end|><|assistant_start|>"
+
+
 def mc_prompt(question, choices):
     lines = "".join(f"- {c}={l}\n" for c, l in zip(choices, "ABCDE"))
     return (f"<|bos|><|user_start|>Multiple Choice question: {question}\n{lines}\nRespond only with the letter of the correct answer."
@@ -71,9 +89,10 @@ def read_back(stack, tok, data_dir):
             next_offset += len(ids)
             text = tok.decode(ids)
             assert ids[-1] == tok.special("<|assistant_start|>") and (ids == tok.special("<|assistant_start|>")).sum() == 1
-            if task["kind"] == "generative":
+            if task["kind"] != "categorical":
                 assert (gold, n_choices) == (-1, 0)
-            got[task["name"]][text] = task["answers"][j] if task["kind"] == "generative" else (gold, n_choices)
+            references = {"generative": "answers", "code": "problems"}.get(task["kind"])
+            got[task["name"]][text] = task[references][j] if references else (gold, n_choices)
     assert next_offset == len(data.tokens)
     return data, got
 
@@ -83,6 +102,7 @@ def run_cli(*args):
 
 
 def test_cli_roundtrip_through_stack_reader(eval_dir, tok_dir, tmp_path, stack):
+    """The folder has no humaneval/: the optional code task is left out."""
     result = run_cli("--input", eval_dir, "--tokenizer", tok_dir, "--out", tmp_path / "chat_eval")
     assert result.returncode == 0, result.stderr
     assert "mmlu" in result.stdout and "letters ABCDE" in result.stdout
@@ -99,16 +119,51 @@ def test_cli_roundtrip_through_stack_reader(eval_dir, tok_dir, tmp_path, stack):
 
 
 def test_max_per_task_keeps_a_prefix_of_the_shuffled_examples(eval_dir, tok_dir, tmp_path, stack):
+    write_humaneval(eval_dir)
     tok = stack.Tokenizer(tok_dir)
     chat_eval_shards.write_chat_eval(str(eval_dir), tok_dir, str(tmp_path / "all" / "chat_eval"))
     chat_eval_shards.write_chat_eval(str(eval_dir), tok_dir, str(tmp_path / "one" / "chat_eval"), max_per_task=1)
     full, _ = read_back(stack, tok, tmp_path / "all")
     one, _ = read_back(stack, tok, tmp_path / "one")
-    assert [t["n_examples"] for t in one.tasks] == [1, 1, 1, 1]
+    assert [t["n_examples"] for t in one.tasks] == [1, 1, 1, 1, 1]
     for task_full, task_one in zip(full.tasks, one.tasks):
         (ids_full, *gold_full), (ids_one, *gold_one) = full.prompt(task_full["first_example"]), one.prompt(task_one["first_example"])
         assert np.array_equal(ids_full, ids_one) and gold_full == gold_one
     assert one.tasks[3]["answers"] == full.tasks[3]["answers"][:1]
+    assert one.tasks[4]["problems"] == full.tasks[4]["problems"][:1]
+
+
+def test_humaneval_is_a_code_task(eval_dir, tok_dir, tmp_path, stack):
+    write_humaneval(eval_dir)
+    manifest, _ = chat_eval_shards.write_chat_eval(str(eval_dir), tok_dir, str(tmp_path / "chat_eval"))
+    data, got = read_back(stack, stack.Tokenizer(tok_dir), tmp_path)
+    assert manifest["version"] == 2 and {name: got[name] for name in EXPECTED} == EXPECTED  # the other tasks as before
+    task = data.tasks[4]
+    assert (task["name"], task["kind"], task["n_examples"], task["random_baseline"]) == ("humaneval", "code", 3, 0.0)
+    assert "answers" not in task and not any("problems" in t for t in data.tasks[:4])
+    # the user turn is the prompt itself; problems[j] belongs to example j (read_back pairs them)
+    assert got["humaneval"] == {code_prompt(r["prompt"]): {k: r[k] for k in ("task_id", "prompt", "entry_point", "test")} for r in HUMANEVAL}
+    order = [r["task_id"] for r in HUMANEVAL]
+    random.Random(42).shuffle(order)
+    assert [p["task_id"] for p in task["problems"]] == order  # shuffled like every task
+    rows = data.examples[task["first_example"]:]
+    assert len(rows) == 3 and (rows[:, 0] == 4).all() and (rows[:, 3] == -1).all() and (rows[:, 4] == 0).all()
+
+
+def test_bad_humaneval_files_name_file_and_line(eval_dir, tok_dir, tmp_path):
+    path = eval_dir / "humaneval" / "HumanEval.jsonl.gz"
+    no_test = {k: v for k, v in HUMANEVAL[1].items() if k != "test"}
+    for records, where, fragment in [([HUMANEVAL[0], no_test], ":2:", "malformed humaneval record (KeyError: 'test')"),
+                                     ([{**HUMANEVAL[0], "entry_point": None}], ":1:", "must be non-empty strings")]:
+        write_humaneval(eval_dir, records)
+        with pytest.raises(DataError) as e:
+            chat_eval_shards.write_chat_eval(str(eval_dir), tok_dir, str(tmp_path / "out" / "chat_eval"))
+        assert str(e.value).startswith(f"{path}{where} ") and fragment in str(e.value), str(e.value)
+    for corrupt in (b"not gzip", gzip.compress(json.dumps(HUMANEVAL[0]).encode())[:-12]):  # garbage, truncated
+        path.write_bytes(corrupt)
+        with pytest.raises(DataError, match="corrupt gzip file"):
+            chat_eval_shards.write_chat_eval(str(eval_dir), tok_dir, str(tmp_path / "out" / "chat_eval"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_hf_schemas(monkeypatch, tok_dir, tmp_path, stack):
@@ -120,6 +175,7 @@ def test_hf_schemas(monkeypatch, tok_dir, tmp_path, stack):
                                                              "choices": [{"text": ["x", "y", "z"], "label": ["1", "2", "3"]}]},
         ("cais/mmlu", "all/test-*.parquet"): {"question": ["Plain?"], "subject": ["virology"], "choices": [list("abcd")], "answer": [0]},
         ("openai/gsm8k", "main/test-*.parquet"): {"question": ["How much in total?"], "answer": ["<<500*2=1000>>1000\n#### 1,234"]},
+        ("openai/openai_humaneval", "openai_humaneval/test-*.parquet"): {k: [HUMANEVAL[0][k]] for k in HUMANEVAL[0]},
     }
 
     def fake_download(repo_id, patterns):
@@ -133,7 +189,8 @@ def test_hf_schemas(monkeypatch, tok_dir, tmp_path, stack):
     assert got == {"arc_easy": {mc_prompt("Sky color?", ["red", "blue", "green", "pink"]): (1, 4)},
                    "arc_challenge": {mc_prompt("Numeric labels?", ["x", "y", "z"]): (2, 3)},
                    "mmlu": {mc_prompt("Plain?", list("abcd")): (0, 4)},
-                   "gsm8k": {"<|bos|><|user_start|>How much in total?<|user_end|><|assistant_start|>": "1234"}}
+                   "gsm8k": {"<|bos|><|user_start|>How much in total?<|user_end|><|assistant_start|>": "1234"},
+                   "humaneval": {code_prompt(HUMANEVAL[0]["prompt"]): {k: HUMANEVAL[0][k] for k in ("task_id", "prompt", "entry_point", "test")}}}
 
 
 def test_letters_must_be_single_tokens():
@@ -183,8 +240,8 @@ def test_real_eval_data(shared_data, tok_dir, tmp_path, stack):
     manifest, _ = chat_eval_shards.write_chat_eval(os.path.join(shared_data, "eval"), tok_dir, str(tmp_path / "chat_eval"), max_per_task=20)
     tok = stack.Tokenizer(tok_dir)
     data = stack.load_chat_eval(str(tmp_path), tok)
-    assert [(t["name"], t["n_examples"]) for t in data.tasks] == [("arc_easy", 20), ("arc_challenge", 20), ("mmlu", 20), ("gsm8k", 20)]
-    assert all(0.19 < t["random_baseline"] < 0.34 for t in data.tasks[:3]) and data.tasks[3]["random_baseline"] == 0
+    assert [(t["name"], t["n_examples"]) for t in data.tasks] == [("arc_easy", 20), ("arc_challenge", 20), ("mmlu", 20), ("gsm8k", 20), ("humaneval", 20)]
+    assert all(0.19 < t["random_baseline"] < 0.34 for t in data.tasks[:3]) and data.tasks[3]["random_baseline"] == data.tasks[4]["random_baseline"] == 0
     assert all(a.lstrip("-").replace(".", "").isdigit() for a in data.tasks[3]["answers"])
     with open(os.path.join(shared_data, "eval", "mmlu", "test", "abstract_algebra_test.csv"), newline="") as f:
         first_rows = [row[0] for row in csv.reader(f)][1:21]
@@ -196,3 +253,18 @@ def test_real_eval_data(shared_data, tok_dir, tmp_path, stack):
         assert text.startswith("<|bos|><|user_start|>") and text.endswith("<|user_end|><|assistant_start|>")
         if n_choices:
             assert 0 <= gold < n_choices and text.count("=") >= n_choices and f"={'ABCDE'[n_choices - 1]}\n\nRespond only" in text
+
+
+def test_real_humaneval(shared_data, eval_dir, tok_dir, tmp_path, stack):
+    """All 164 problems of the shared file (beside the tiny fixture tasks, to stay fast)."""
+    os.symlink(os.path.join(shared_data, "eval", "humaneval"), eval_dir / "humaneval")
+    chat_eval_shards.write_chat_eval(str(eval_dir), tok_dir, str(tmp_path / "chat_eval"))
+    tok = stack.Tokenizer(tok_dir)
+    data = stack.load_chat_eval(str(tmp_path), tok)
+    task = data.tasks[4]
+    assert (task["name"], task["kind"], task["n_examples"], task["random_baseline"]) == ("humaneval", "code", 164, 0.0)
+    assert sorted(p["task_id"] for p in task["problems"]) == sorted(f"HumanEval/{i}" for i in range(164))
+    for j, p in enumerate(task["problems"]):
+        ids, gold, n_choices = data.prompt(task["first_example"] + j)
+        assert ids[-1] == tok.special("<|assistant_start|>") and tok.decode(ids) == code_prompt(p["prompt"])
+        assert (gold, n_choices) == (-1, 0) and f"def {p['entry_point']}(" in p["prompt"] and "def check(candidate)" in p["test"]

@@ -115,10 +115,10 @@ def test_packed_scores_equal_each_sequence_alone(stack, core, model, tok_dir, mo
     assert min(len(t) for t, _, _ in seqs) > min(windows_of(model))
     attention = stack.attention
 
-    def checked_attention(q, k, v, cu_seqlens, max_seqlen, *args):
+    def checked_attention(q, k, v, cu_seqlens, max_seqlen, window, scale, backend):
         assert cu_seqlens.dtype == torch.int32 and len(cu_seqlens) == 128
         assert max_seqlen >= int(cu_seqlens.diff().max())  # FA sizes its grid with it, SDPA its key bands
-        return attention(q, k, v, cu_seqlens, max_seqlen, *args)
+        return attention(q, k, v, cu_seqlens, max_seqlen, window, scale, backend)
 
     monkeypatch.setattr(stack, "attention", checked_attention)
     packed = stack.core_scores_packed(model, seqs, cpu_rt(stack), windows_of(model))

@@ -134,7 +134,7 @@ class Reference:
         U = V / st["v"].clamp_min(self.eps).sqrt()
         U = U * V.norm() / U.norm()
         lr = lr * max(1.0, r / c) ** 0.5
-        decay = torch.where(U * P >= 0, P, torch.zeros_like(P))
+        decay = torch.where(U * P > 0, P, torch.zeros_like(P))
         return P - lr * U - lr * wd * decay
 
     def adam(self, key, p, g, lr, wd, betas):
@@ -196,12 +196,12 @@ def test_cautious_weight_decay_masks(stack):
         state = [s.clone() for s in state]
         return fn(p.clone(), grad.clone(), *state, wd=wd)
 
-    # NorMuon: decay lr*wd*p exactly where the update V (from the undecayed step) and p agree in sign, V*p >= 0
+    # NorMuon: decay lr*wd*p exactly where the update V (from the undecayed step) and p agree in sign, V*p > 0
     normuon = lambda p, g, m, v, wd: stack.normuon_update(p, g, m, v, 0.9, 0.9, lr, wd)
     buf, second = torch.randn(6, 16, 8, generator=g), torch.rand(6, 16, 1, generator=g)
     plain, decayed = run(normuon, 0.0, buf, second), run(normuon, wd, buf, second)
     V = (p - plain) / lr
-    mask = V * p >= 0
+    mask = V * p > 0
     assert 0.2 < mask.float().mean() < 0.8
     torch.testing.assert_close(plain - decayed, lr * wd * p * mask, atol=1e-6, rtol=0)
     # Adam: the mask is strict (u * p > 0); with a zero moment the update is 0 and nothing decays

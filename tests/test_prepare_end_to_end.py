@@ -32,7 +32,7 @@ def test_prepare_mirror_and_check(shared_data, tmp_path, stack):
     assert r.returncode == 0, r.stderr
     assert "is complete and consistent" in r.stdout
     assert "core: 22 tasks" in r.stdout
-    for name in ("arc_easy", "arc_challenge", "mmlu", "gsm8k"):
+    for name in ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval"):
         assert name in r.stdout
 
 

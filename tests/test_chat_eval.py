@@ -1,0 +1,121 @@
+"""Chat evaluation (categorical letter argmax over packed prompts, GSM8K by generation, ChatCORE) and the chat and
+generate phases end to end on a tiny pretrained checkpoint."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, STACK_PATH, TINY_ARGS
+from test_engine import VOCAB, cpu_rt, make_model
+
+
+@pytest.mark.parametrize("text,answer", [
+    ("so 5 + 7 = 12.\n#### 12", "12"), ("#### 1,234 dollars", "1234"), ("####-3", "-3"), ("#### 2.50", "2.50"),
+    ("#### .5", ".5"), ("the answer is 12", None), ("#### twelve", None), ("#### 7\n#### 8", "7"),
+])
+def test_gsm8k_answer(stack, text, answer):
+    assert stack.gsm8k_answer(text) == answer
+
+
+def test_categorical_packed_equals_each_prompt_alone(stack):
+    """The packed choice of every prompt equals the argmax over its allowed letters of its own forward."""
+    model = make_model(stack)
+    windows = [4, 9, 3, 40]
+    letters = [10, 11, 12, 13, 14]
+    g = torch.Generator().manual_seed(5)
+    prompts = [(torch.randint(0, VOCAB, (int(n),), generator=g).numpy(), int(c))
+               for n, c in zip(torch.randint(3, 60, (12,), generator=g), [2, 3, 4, 5] * 3)]
+    packed = stack.categorical_choices(model, prompts, letters, cpu_rt(stack), windows)
+    for (tokens, n_choices), choice in zip(prompts, packed):
+        ids = torch.from_numpy(tokens)
+        cu = torch.full((128,), len(ids), dtype=torch.int32)
+        cu[0] = 0
+        with torch.no_grad():
+            h = model.hidden(ids, torch.cat([torch.tensor([-1]), ids[:-1]]), torch.arange(len(ids)), windows, cu, len(ids), "sdpa")
+            alone = model.logits(h[-1])[letters[:n_choices]].argmax().item()
+        assert choice == alone < n_choices
+    assert len(set(packed)) > 1
+
+
+def chat_data(stack, kinds_and_golds):
+    """ChatEvalData in memory: tasks of (name, kind, [(prompt, gold or answer)...])."""
+    tasks, examples, tokens = [], [], []
+    for name, kind, rows in kinds_and_golds:
+        task = dict(name=name, kind=kind, first_example=len(examples), n_examples=len(rows),
+                    random_baseline=0.25 if kind == "categorical" else 0.0)
+        if kind == "generative":
+            task["answers"] = [a for _, a in rows]
+        for prompt, gold in rows:
+            examples.append([len(tasks), len(tokens), len(prompt), gold if kind == "categorical" else -1, 4 if kind == "categorical" else 0])
+            tokens += prompt
+        tasks.append(task)
+    return stack.ChatEvalData(tasks, np.array(tokens), np.array(examples), [10, 11, 12, 13])
+
+
+def test_evaluate_chat_scores_and_chatcore(stack, tok_dir, monkeypatch):
+    """Rigged answers: categorical choices and GSM8K texts are scripted; accuracies, centering, ChatCORE and
+    --max-per-task follow."""
+    tok = stack.Tokenizer(tok_dir)
+    chat = chat_data(stack, [("arc_easy", "categorical", [([1, 2], 0), ([1, 3], 1), ([1, 4], 2), ([1, 5], 3)]),
+                             ("gsm8k", "generative", [([1, 6], "12"), ([1, 7], "1234"), ([1, 8], "5")])])
+    monkeypatch.setattr(stack, "categorical_choices", lambda model, prompts, letter_ids, rt, windows:
+                        [{2: 0, 3: 1, 4: 0, 5: 0}[int(p[-1])] for p, _ in prompts])  # right on the first two
+    replies = {6: "so #### 12", 7: "#### 1,234", 8: "no idea"}
+
+    def generate(self, prompts, num_samples, max_new_tokens, temperature):
+        assert temperature == 0 and num_samples == 1
+        return [[stack.Sample(tok.encode(replies[p[-1]]) + [tok.special("<|assistant_end|>")], [], True)] for p in prompts]
+
+    monkeypatch.setattr(stack.Engine, "generate", generate)
+    model = make_model(stack)
+    out = stack.evaluate_chat(model, chat, tok, cpu_rt(stack), [None] * 4)
+    assert out["results"] == {"arc_easy": 0.5, "gsm8k": pytest.approx(2 / 3)}
+    assert out["centered"]["arc_easy"] == pytest.approx((0.5 - 0.25) / 0.75)
+    assert out["chatcore"] == pytest.approx(((0.5 - 0.25) / 0.75 + 2 / 3) / 2)
+    assert out["correct"].tolist() == [1, 1, 0, 0, 1, 1, 0]
+    two = stack.evaluate_chat(model, chat, tok, cpu_rt(stack), [None] * 4, max_per_task=2)
+    assert two["correct"].tolist() == [1, 1, -1, -1, 1, 1, -1] and two["results"] == {"arc_easy": 1.0, "gsm8k": 1.0}
+    table = stack.format_chat_table(out, chat)
+    assert table.splitlines()[-1].split() == ["ChatCORE", f"{out['chatcore']:.4f}"]
+
+
+def run_stack(data, run, *args, stdin=None):
+    return subprocess.run([sys.executable, STACK_PATH, *TINY_ARGS, "--data-dir", str(data), "--run-dir", str(run), *args],
+                          cwd=ROOT, capture_output=True, text=True, input=stdin)
+
+
+def test_chat_phase_writes_chatcore(pretrained_run):
+    data, run = pretrained_run
+    r = run_stack(data, run, "--phases", "chat", "--chat-max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = json.load(open(run / "metrics.json"))
+    assert set(metrics["chat_per_task"]) == {"arc_easy", "arc_challenge", "mmlu", "gsm8k"}
+    assert metrics["chatcore"] == pytest.approx(np.mean([(metrics["chat_per_task"][t] - b) / (1 - b) for t, b in
+                                                         [("arc_easy", 0.25), ("arc_challenge", 0.25), ("mmlu", 0.25), ("gsm8k", 0.0)]]))
+    assert "ChatCORE" in r.stdout and "chat evaluation of " + str(run / "ckpt_000008") in r.stdout
+
+
+def test_generate_phase_prints_samples(pretrained_run):
+    data, run = pretrained_run
+    args = ["--phases", "generate", "--init-from", str(run / "ckpt_000008"), "--prompt", "The module", "--num-samples", "3",
+            "--max-new-tokens", "6", "--temperature", "0.9", "--top-k", "20"]
+    r = run_stack(data, run, *args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    samples = r.stdout.split("--- sample ")[1:]
+    assert [s.split(" ")[0] for s in samples] == ["1/3", "2/3", "3/3"]
+    assert all(s.splitlines()[1].startswith("The module") for s in samples)
+    assert run_stack(data, run, *args).stdout.split("--- sample ")[1:] == samples  # seeded
+    greedy = run_stack(data, run, *args[:-4], "--temperature", "0")
+    texts = [s.split("\n", 1)[1] for s in greedy.stdout.split("--- sample ")[1:]]
+    assert len(texts) == 3 and len(set(texts)) == 1
+
+
+def test_interactive_chat_reads_stdin(pretrained_run):
+    data, run = pretrained_run
+    r = run_stack(data, run, "--phases", "generate", "--prompt-format", "chat", "--max-new-tokens", "5",
+                  stdin="hello there\n\nanother conversation\n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("\n") >= 3 and "Ctrl-D" in r.stdout
