@@ -134,6 +134,16 @@ class Config:
     top_p: float = 1.0               # 1: off
     min_p: float = 0.0               # 0: off
     log_every: int = 10
+    # SFT (--phases sft): fine-tune the latest checkpoint on the sft/ conversations
+    sft_steps: int = 500              # optimizer steps
+    sft_batch_tokens: int = 393216    # global tokens per step: whole conversations packed, the rest padding
+    sft_lr_mul: float = 0.8           # SFT lr = the checkpoint's muon_lr / adam_lr times this (nanochat: 0.8)
+    sft_warmup_frac: float = 0.0      # linear lr warmup over this first fraction of the steps
+    sft_cooldown_frac: float = 0.5    # then flat, then a linear decay to 0 over this last fraction (nanochat's shape)
+    sft_momentum_warmup: int = 300    # NorMuon momentum 0.85 -> 0.95 over these steps (the optimizer starts fresh)
+    sft_eval_every: int = 100         # steps between SFT evaluations (also at the start and the end)
+    sft_val_tokens: int = 4_194_304   # val conversation tokens per evaluation (masked loss on their supervised tokens)
+    sft_chat_max_per_task: int = 0    # chat-eval examples per task at each SFT evaluation but the first (0: none)
 
 
 PRESETS = {
@@ -150,7 +160,10 @@ PRESETS = {
                         (50, 4096, 512, 128, 256, 1.0, (1.0, 0.5), (1.0, 0.0)),
                         (50, 4096, 512, 128, 512, 1.0, (1.0,), (1.0,))),
                 val_every=75, val_tokens=131072, checkpoint_every=50, log_every=10, compile=False,
-                core_max_per_task=50, core_batch_tokens=8192, chat_max_per_task=50, chat_max_new_tokens=256),
+                core_max_per_task=50, core_batch_tokens=8192, chat_max_per_task=50, chat_max_new_tokens=256,
+                sft_steps=40, sft_batch_tokens=4096, sft_lr_mul=2.0, sft_momentum_warmup=20, sft_eval_every=20,
+                sft_val_tokens=32768, rl_steps=8, rl_questions_per_step=4, rl_samples=8, rl_max_new_tokens=128,
+                rl_batch_tokens=8192, rl_eval_every=4, rl_eval_questions=16, rl_eval_samples=4),
 }
 
 
@@ -1806,8 +1819,9 @@ def phase_data(cfg, rt, log):
     for split in ("val", "train"):
         sft = load_sft(cfg.data_dir, tok, split)
         log(f"sft/{split}: {len(sft.convs) - 1:,} conversations, {len(sft.tokens):,} tokens, {int(sft.mask.sum()):,} supervised")
-    chat = load_chat_eval(cfg.data_dir, tok)
-    log("chat_eval: " + ", ".join(f"{t['name']} {t['n_examples']}" for t in chat.tasks))
+    for name in ("chat_eval", "rl"):
+        chat = load_chat_eval(cfg.data_dir, tok, name)
+        log(f"{name}: " + ", ".join(f"{t['name']} {t['n_examples']}" for t in chat.tasks))
     log(f"data directory {cfg.data_dir} is complete and consistent ({time.time() - t0:.1f}s)")
 
 # =============================================================================================================
@@ -2368,6 +2382,190 @@ def format_chat_table(out, chat):
 
 # =============================================================================================================
 # 12. Post-training: chat SFT and GSM8K RL
+#
+# SFT. Each conversation is its own document of a varlen batch, as in pretraining: positions from 0, no attention
+# across conversations, so a conversation gets exactly the losses it would get alone. Only tokens the SFT mask marks
+# (assistant text, tool calls, <|assistant_end|>) are targets. nanochat pads rows of a (B, T) batch instead.
+
+
+def sft_batch(split, convs, T, bos_id, device):
+    """Packed Batch of T tokens from conversations `convs` (indices into SFTSplit `split`) back to back; only the
+    first may be longer than T (it is cut). The rest is one padding document (BOS, then token 0s), so padding adds a
+    single cu_seqlens entry. Targets: the next token where its mask is 1, else -1 (so never across conversations:
+    each starts with BOS, whose mask is 0)."""
+    tokens, masks = zip(*(split.conversation(i) for i in convs))
+    pad = max(0, T - sum(len(t) for t in tokens))
+    buf = np.concatenate([*tokens, [bos_id], np.zeros(pad, np.int64)])[:T + 1]
+    supervised = np.concatenate([*masks, np.zeros(pad + 1, np.int64)])[1:T + 1] == 1
+    batch = make_batch(buf, bos_id, T, 1, device)  # max_doc_len T: documents start only at BOS
+    batch.targets.masked_fill_(~torch.from_numpy(supervised).to(device)[:, None], -1)
+    return batch
+
+
+class SFTLoader:
+    """Whole conversations in a shuffled order (a new permutation each epoch, from the seed), packed greedily: a
+    batch takes the next conversations while they fit in T tokens (the first always, cut if longer). Every rank packs
+    the same stream and keeps every world_size-th batch, so ranks see disjoint conversations and together exactly
+    the single-process batches. The position (epoch, cursor into its permutation) is saved in checkpoints."""
+
+    def __init__(self, split, tokenizer, rank, world_size, seed, state=None):
+        self.split, self.bos, self.rank, self.world_size, self.seed = split, tokenizer.bos_id, rank, world_size, seed
+        self.lengths = np.diff(split.convs)
+        self.state = dict(state or {"epoch": 0, "cursor": 0})
+        self._order = (None, None)
+
+    def order(self, epoch):
+        if self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths)))
+        return self._order[1]
+
+    def _take(self, T):
+        """Conversation indices of the next batch of the shared stream; advances the state."""
+        s, convs, used = self.state, [], 0
+        while True:
+            i = int(self.order(s["epoch"])[s["cursor"]])
+            if convs and used + self.lengths[i] > T:
+                return convs
+            convs.append(i)
+            used += int(self.lengths[i])
+            s["cursor"] += 1
+            if s["cursor"] == len(self.lengths):
+                s["epoch"], s["cursor"] = s["epoch"] + 1, 0
+
+    def next_batch(self, T, device):
+        mine = [self._take(T) for _ in range(self.world_size)][self.rank]
+        return sft_batch(self.split, mine, T, self.bos, device)
+
+
+def sft_loss(model, batch, windows, backend):
+    """Mean softcapped cross entropy over the supervised targets (targets -1 count nowhere, get no gradient).
+    The lm_head stays a plain matmul: FP8's static gradient scale is set for pretraining's mean over all tokens."""
+    h = model.hidden(batch.inputs, batch.prev_ids, batch.positions, windows, batch.cu_seqlens, batch.max_seqlen, backend)
+    logits = h @ model.lm_head[:model.vocab_size].T
+    targets = batch.targets[:, :1]
+    losses = softcap_cross_entropy(logits, targets, torch.ones(1, device=h.device), model.cfg.softcap)
+    return losses.sum() / (targets >= 0).sum().clamp(min=1)
+
+
+@torch.no_grad()
+def evaluate_sft_loss(model, split, rt, windows, max_tokens, batch_tokens=8192):
+    """Mean nats per supervised token of a fixed sample of val conversations holding up to max_tokens tokens (the
+    first ones of a seed-0 permutation: the files are grouped by source), packed without padding into forwards of up
+    to batch_tokens (a longer conversation goes alone, cut); rank r takes forwards r, r + world_size, ... Only
+    supervised rows get logits."""
+    was_training = model.training
+    model.eval()
+    order = np.random.default_rng(0).permutation(len(split.convs) - 1)
+    n = max(1, int(np.searchsorted(np.cumsum(np.diff(split.convs)[order]), max_tokens, side="right")))
+    convs = (split.conversation(int(i)) for i in order[:n])
+    sums = torch.zeros(2, device=rt.device, dtype=torch.float64)  # nats, supervised tokens
+    for k, batch in enumerate(token_batches(convs, lambda c: len(c[0]), batch_tokens)):
+        if k % rt.world_size != rt.rank:
+            continue
+        batch = [(t[:batch_tokens], m[:batch_tokens]) for t, m in batch]
+        h, ids, starts = packed_hidden(model, [t for t, _ in batch], rt, windows)
+        # row i predicts token i + 1 of its conversation: a target where that token's mask is 1
+        rows = torch.from_numpy(np.concatenate([o + np.flatnonzero(m[1:]) for o, (_, m) in zip(starts, batch)])).to(rt.device)
+        for chunk in torch.split(rows, 8192):  # bounded logits memory
+            sums[0] += F.cross_entropy(model.logits(h[chunk]), ids[chunk + 1], reduction="sum").double()
+        sums[1] += len(rows)
+    if rt.world_size > 1:
+        dist.all_reduce(sums)
+    model.train(was_training)
+    nats, count = sums.tolist()
+    return nats / max(count, 1)
+
+
+def sft_lr_factor(cfg, step, total):
+    """Linear warmup over sft_warmup_frac of the steps, flat, then linear decay over the last sft_cooldown_frac
+    (to 1/cooldown steps on the last step, so no step is wasted at lr 0)."""
+    warmup, cooldown = cfg.sft_warmup_frac * total, cfg.sft_cooldown_frac * total
+    up = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    down = min(1.0, (total - step) / cooldown) if cooldown else 1.0
+    return up * down
+
+
+def phase_sft(cfg, rt, log):
+    """Fine-tune the latest model (or --init-from) on the SFT conversations with a fresh optimizer."""
+    tokenizer = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
+    model, windows, _, path = trained_model(cfg, rt, tokenizer)  # the checkpoint's architecture and final windows
+    model.train()
+    mcfg = model.cfg  # scale its learning rates in a copy: model.cfg is what checkpoints record
+    opt = make_optimizer(model, dataclasses.replace(mcfg, muon_lr=mcfg.muon_lr * cfg.sft_lr_mul, adam_lr=mcfg.adam_lr * cfg.sft_lr_mul))
+    train, val = load_sft(cfg.data_dir, tokenizer, "train"), load_sft(cfg.data_dir, tokenizer, "val")
+    loader = SFTLoader(train, tokenizer, rt.rank, rt.world_size, cfg.seed)
+    total = cfg.sft_steps
+    T = min(cfg.micro_batch_tokens, cfg.sft_batch_tokens // rt.world_size)
+    accum = cfg.sft_batch_tokens // (rt.world_size * T)
+    if accum * rt.world_size * T != cfg.sft_batch_tokens:
+        raise ValueError(f"sft batch of {cfg.sft_batch_tokens} tokens is not a multiple of world size {rt.world_size} x {T} tokens")
+    start = 0
+    if cfg.resume and latest_checkpoint(cfg.run_dir, "sft"):
+        state = load_checkpoint(latest_checkpoint(cfg.run_dir, "sft"), model, opt)
+        start, loader.state = state["step"], state["loader"]
+        log(f"sft: resumed from {latest_checkpoint(cfg.run_dir, 'sft')} at step {start}")
+    log(f"sft: from {path}, {total} steps of {cfg.sft_batch_tokens:,} tokens, {len(train.convs) - 1:,} train conversations "
+        f"({len(train.tokens):,} tokens), lr x{cfg.sft_lr_mul}")
+    loss_fn = torch.compile(sft_loss) if cfg.compile else sft_loss
+    chat = load_chat_eval(cfg.data_dir, tokenizer) if cfg.sft_chat_max_per_task > 0 else None
+
+    def evaluate(step):
+        val_loss = evaluate_sft_loss(model, val, rt, windows, cfg.sft_val_tokens, T)
+        log(f"sft step {step}/{total} val loss {val_loss:.4f}")
+        log.metrics(step, {"sft/val_loss": val_loss})
+        if chat is not None and step > 0:  # the base model cannot chat yet: nothing to learn from its score
+            out = evaluate_chat(model, chat, tokenizer, rt, windows, cfg.sft_chat_max_per_task, cfg.core_batch_tokens,
+                                cfg.chat_batch_size, cfg.chat_max_new_tokens)
+            log(f"sft step {step}/{total} chatcore {out['chatcore']:.4f} " + " ".join(f"{k} {v:.4f}" for k, v in out["results"].items()))
+            log.metrics(step, {"sft/chatcore": out["chatcore"]})
+            update_metrics(cfg, rt, {"sft_chatcore": out["chatcore"], "sft_chat_per_task": out["results"]})
+        return val_loss
+
+    if start == 0:
+        update_metrics(cfg, rt, {"sft_val_loss_init": evaluate(0)})
+    train_time, last = 0.0, None
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        batches = [loader.next_batch(T, rt.device) for _ in range(accum)]
+        # the step's loss is the mean over every supervised target of every rank: weigh each micro-batch's mean by
+        # its share of them (times world size: the optimizer averages gradients over ranks)
+        counts = torch.stack([(b.targets[:, 0] >= 0).sum() for b in batches]).double()
+        n_total = counts.sum()
+        if rt.world_size > 1:
+            dist.all_reduce(n_total)
+        step_loss = torch.zeros((), device=rt.device)
+        for b, n in zip(batches, counts):
+            with autocast(rt):
+                loss = loss_fn(model, b, windows, rt.backend) * (n * rt.world_size / n_total.clamp(min=1)).float()
+            loss.backward()
+            step_loss += loss.detach()
+        if rt.world_size > 1:
+            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+        if not torch.isfinite(step_loss):
+            log(f"sft step {step}: loss is {step_loss.item()}; stopping. The last good checkpoint is {latest_checkpoint(cfg.run_dir)}")
+            update_metrics(cfg, rt, {"sft_diverged_at_step": step})
+            sys.exit(2)
+        lr = sft_lr_factor(cfg, step, total)
+        opt.step(lr, muon_momentum(step, total, warmup=cfg.sft_momentum_warmup, cooldown=0))
+        opt.zero_grad()
+        dt = time.perf_counter() - t0
+        if step > start:  # the first step includes compilation
+            train_time += dt
+        last = step
+        if step % cfg.log_every == 0 or step == total - 1:
+            log(f"sft step {step + 1}/{total} loss {step_loss.item():.4f} lr {lr:.3f} {cfg.sft_batch_tokens / dt:,.0f} tok/s "
+                f"eta {dt * (total - step - 1) / 60:.1f} min")
+            log.metrics(step, {"sft/loss": step_loss.item()})
+        if (step + 1) % cfg.sft_eval_every == 0 and step < total - 1:
+            evaluate(step + 1)
+        if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or step == total - 1:
+            save_checkpoint(cfg, rt, step + 1, model, opt, loader.state, phase="sft")
+    if last is None:
+        log(f"sft: nothing to do: run already at step {start} of {total}")
+        return model
+    update_metrics(cfg, rt, {"sft_val_loss": evaluate(total), "sft_steps": total, "sft_train_time_s": train_time})
+    return model
+
 
 # -- GSM8K RL: on-policy policy gradient with the engine and the calculator, nanochat-style --
 
@@ -2521,8 +2719,11 @@ def phase_chat(cfg, rt, log):
                         cfg.chat_batch_size, cfg.chat_max_new_tokens)
     log(format_chat_table(out, chat))
     log(f"chat eval took {time.time() - t0:.0f}s")
-    update_metrics(cfg, rt, {"chatcore": out["chatcore"], "chat_per_task": out["results"],
-                             "chat_max_per_task": cfg.chat_max_per_task})
+    values = {"chatcore": out["chatcore"], "chat_per_task": out["results"], "chat_max_per_task": cfg.chat_max_per_task}
+    # the pipeline evaluates after SFT and again after RL: keep each checkpoint's numbers, the latest on top
+    metrics_path = os.path.join(cfg.run_dir, "metrics.json")
+    history = (read_json(metrics_path) if os.path.isfile(metrics_path) else {}).get("chat_by_checkpoint", {})
+    update_metrics(cfg, rt, {**values, "chat_by_checkpoint": {**history, os.path.basename(path): values}})
 
 
 def phase_generate(cfg, rt, log):
@@ -2567,7 +2768,7 @@ def phase_generate(cfg, rt, log):
         options["seed"] += 1
 
 
-PHASES = {"data": phase_data, "pt": phase_pt, "eval": phase_eval, "chat": phase_chat, "rl": phase_rl,
+PHASES = {"data": phase_data, "pt": phase_pt, "eval": phase_eval, "sft": phase_sft, "chat": phase_chat, "rl": phase_rl,
           "generate": phase_generate}
 
 

@@ -95,6 +95,7 @@ def test_chat_phase_writes_chatcore(pretrained_run):
     assert set(metrics["chat_per_task"]) == {"arc_easy", "arc_challenge", "mmlu", "gsm8k"}
     assert metrics["chatcore"] == pytest.approx(np.mean([(metrics["chat_per_task"][t] - b) / (1 - b) for t, b in
                                                          [("arc_easy", 0.25), ("arc_challenge", 0.25), ("mmlu", 0.25), ("gsm8k", 0.0)]]))
+    assert metrics["chat_by_checkpoint"]["ckpt_000008"]["chatcore"] == metrics["chatcore"]
     assert "ChatCORE" in r.stdout and "chat evaluation of " + str(run / "ckpt_000008") in r.stdout
 
 

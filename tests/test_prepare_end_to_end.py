@@ -19,7 +19,7 @@ def test_prepare_mirror_and_check(shared_data, tmp_path, stack):
     data = tmp_path / "data"
     r = run("data/prepare.py", "--source", shared_data, "--vocab-size", "8192", "--out", data, "--shard-tokens", "4000000")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert sorted(os.listdir(data)) == ["chat_eval", "core", "pretrain", "sft", "tokenizer"]
+    assert sorted(os.listdir(data)) == ["chat_eval", "core", "pretrain", "rl", "sft", "tokenizer"]
     pretrain = json.load(open(data / "pretrain" / "manifest.json"))
     assert [s["file"] for s in pretrain["shards"]][:2] == ["val_000000.bin", "train_000001.bin"] and len(pretrain["shards"]) >= 3
 
@@ -34,6 +34,7 @@ def test_prepare_mirror_and_check(shared_data, tmp_path, stack):
     assert "core: 22 tasks" in r.stdout
     for name in ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval"):
         assert name in r.stdout
+    assert "rl: gsm8k 7473" in r.stdout  # GSM8K's training split, the RL questions
 
 
 def test_data_phase_names_the_missing_part(tmp_path, tok_dir):
