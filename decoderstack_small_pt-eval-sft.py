@@ -148,8 +148,9 @@ class Config:
 
 PRESETS = {
     "h100x8": dict(run_dir="runs/h100x8"),
-    # the same model and tokens on one GPU: the stages' batches come from 8x gradient accumulation
-    "gpu1": dict(run_dir="runs/gpu1"),
+    # the same model and tokens on one GPU: the stages' batches come from gradient accumulation of 32K-token
+    # forwards (every stage's batch is a multiple; 49152 is not a divisor of 131072)
+    "gpu1": dict(run_dir="runs/gpu1", micro_batch_tokens=32768),
     # T4/L4-class: no FA3 or FP8; a smaller model that fits 16 GB in fp32 where bf16 is missing
     "colab": dict(run_dir="runs/colab", fp8=False, n_layers=8, model_dim=512, n_heads=4, micro_batch_tokens=16384,
                   long_window_layers="3,7", value_embed_layers="1,2,5,6,7", train_tokens=100_000_000),
@@ -800,8 +801,9 @@ def cached_attention(q, k, v, k_cache, v_cache, lengths, key_span, window, scale
 # =============================================================================================================
 # 5. Model: modded-nanogpt's architecture, restricted to what a KV cache serves exactly.
 # Left out, and why: paired-head attention (two tokens' heads interleaved into one doubled sequence: a per-token
-# cache cannot hold it), partial key offset (a token's cached key would need the next token's shift), XSA / MUDD
-# dense connections / DC attention (large extra machinery for small gains at our scales), FP8 MLP (GPU-only, later).
+# cache cannot hold it), partial key offset (token t's key takes some dims of token t-1's: a cache would have to keep
+# each row's previous unshifted key per layer; left out for now), XSA / MUDD dense connections / DC attention (large
+# extra machinery for small gains at our scales), FP8 MLP (GPU-only, later). models/modded-nanogpt has the first two.
 
 
 def norm(x):

@@ -1,5 +1,7 @@
-"""Peer stacks in models/: a whole gpt2-adamw run on the tiny data, and agreement with the main stack on what bits
-per byte means."""
+"""Peer stacks in models/: a whole run of each on the tiny data, agreement with the main stack on what bits per byte
+means, and per stack the invariants that make it what it claims to be (nanochat's window pattern, best-fit rows,
+Muon's update norm, padding-free CORE rows; modded-nanogpt's paired heads, partial key offset, equality with the main
+stack without them, and packed CORE equal to each sequence alone)."""
 import json
 import math
 import os
@@ -12,15 +14,44 @@ import numpy as np
 import pytest
 import torch
 
+import core_shards
 from conftest import ROOT, TINY_ARGS, load_module
+from test_core_eval import MAX_LEN, TASKS, one_thread, write_bundle  # noqa: F401 (one_thread: an autouse fixture)
 
 GPT2_PATH = os.path.join(ROOT, "models", "gpt2-adamw", "train_gpt2.py")
 GPT2_TINY = ["--preset", "cpu", "--n-layers", "2", "--model-dim", "64", "--n-heads", "2", "--seq-len", "128"]
+NANOCHAT_PATH = os.path.join(ROOT, "models", "nanochat", "train_nanochat.py")
+NANOCHAT_TINY = ["--preset", "cpu", "--n-layers", "3", "--model-dim", "64", "--n-heads", "2", "--seq-len", "128"]
+MODDED_PATH = os.path.join(ROOT, "models", "modded-nanogpt", "train_modded.py")
+# 4 layers: paired heads in 0 and 2, the key offset in long-window layer 3, layer 1 without attention
+MODDED_TINY = ["--preset", "cpu", "--n-layers", "4", "--model-dim", "64", "--n-heads", "4", "--head-dim", "16",
+               "--no-attn-layers", "1", "--value-embed-layers", "2,3", "--micro-batch-tokens", "512",
+               "--stages", "[[8, 512, 128, 32, 64, 1.0, [1, 0.5], [1, 0]], [8, 512, 128, 32, 128, 1.0, [1], [1]]]"]
 
 
 @pytest.fixture(scope="module")
 def gpt2():
     return load_module(GPT2_PATH, "train_gpt2")
+
+
+@pytest.fixture(scope="module")
+def nanochat():
+    return load_module(NANOCHAT_PATH, "train_nanochat")
+
+
+@pytest.fixture(scope="module")
+def modded():
+    return load_module(MODDED_PATH, "train_modded")
+
+
+@pytest.fixture(scope="module")
+def core_data(tiny_data, tok_dir, tmp_path_factory):
+    """The tiny data plus a small CORE file (test_core_eval's three tasks: multiple choice, schema, language
+    modeling; left-truncated sequences and empty continuations included)."""
+    root = tmp_path_factory.mktemp("models_core")
+    shutil.copytree(tiny_data, root / "data")
+    core_shards.write_core(write_bundle(root / "bundle", TASKS), tok_dir, root / "data" / "core", max_len=MAX_LEN)
+    return str(root / "data")
 
 
 def val_shard(data_dir):
@@ -148,3 +179,314 @@ def test_gpt2_cli_reports_bad_data_in_one_line_and_writes_nothing(tiny_data, tmp
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(f"error: {shard}: header says")
     assert not run.exists()
+
+
+# --- peer stacks with CORE: whole runs -----------------------------------------------------------------------------
+
+
+def run_stack(path, args, data, run):
+    proc = subprocess.run([sys.executable, path, *args, "--data-dir", data, "--run-dir", str(run), "--val-tokens", "2048",
+                           "--val-every", "8", "--log-every", "1", "--core-max-per-task", "4"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"stack", "val_bpb", "val_loss", "train_tokens", "params", "params_matrix", "tok_per_s", "device", "world_size",
+            "pt_train_time_s", "core", "core_per_task", "core_max_per_task"} <= set(metrics)
+    assert metrics["world_size"] == 1 and metrics["device"] == "cpu" and metrics["tok_per_s"] > 0
+    assert 0 < metrics["val_bpb"] < 10 and math.isfinite(metrics["val_loss"])
+    assert set(metrics["core_per_task"]) == {"mc", "schema", "lm"} and metrics["core_max_per_task"] == 4
+    assert metrics["core"] == pytest.approx(np.mean(list(metrics["core_per_task"].values())))
+    log = (run / "log.txt").read_text()
+    assert log.startswith("config: {") and f"{metrics['stack']} done: val bpb" in proc.stdout.splitlines()[-1]
+    losses = [float(x) for x in re.findall(r"^step \d+/16 loss (\S+)", log, re.M)]
+    assert len(losses) == 16 and all(map(math.isfinite, losses)) and np.mean(losses[-4:]) < losses[0] - 0.5
+    vals = re.findall(r"^step (\d+)/16 val bpb (\S+) val loss (\S+)$", log, re.M)
+    assert [v[0] for v in vals] == ["8", "16"] and float(vals[-1][1]) == pytest.approx(metrics["val_bpb"], abs=1e-4)
+    assert re.search(r"^CORE +(\S+)$", log, re.M) and not any(p.name.endswith(".tmp") for p in run.iterdir())
+    return metrics
+
+
+def test_nanochat_run_writes_metrics_log_core_and_checkpoint(nanochat, core_data, tmp_path):
+    run = tmp_path / "run"
+    args = NANOCHAT_TINY + ["--batch-tokens", "512", "--train-tokens", "8192", "--loader", "bestfit", "--bestfit-buffer", "50"]
+    metrics = run_stack(NANOCHAT_PATH, args, core_data, run)
+    d, L, V, T = 64, 3, 1024, 128
+    assert metrics["stack"] == "nanochat" and metrics["train_tokens"] == 8192
+    assert metrics["params_matrix"] == L * 12 * d * d
+    # untied wte and lm_head, value embeddings in layers 0 and 2, their gates (2 heads x 12), 2L lambdas, smear, backout
+    assert metrics["params"] == 2 * V * d + L * 12 * d * d + 2 * (V * d + 2 * 12) + 2 * L + 24 + 2
+    # the checkpoint holds the trained model: reloaded, it scores the same val bpb
+    from safetensors.torch import load_model
+    model = nanochat.GPT(nanochat.parse_config(NANOCHAT_TINY + ["--data-dir", core_data]), V)
+    load_model(model, str(run / "model.safetensors"))
+    tok = nanochat.load_tokenizer(os.path.join(core_data, "tokenizer"))
+    bpb, _ = nanochat.evaluate_bpb(model, nanochat.load_split(core_data, "val", tok), tok.token_bytes, T, 2048, 4, torch.device("cpu"))
+    assert bpb == pytest.approx(metrics["val_bpb"], rel=1e-5)
+
+
+def test_modded_run_writes_metrics_log_core_and_checkpoint(modded, core_data, tmp_path):
+    run = tmp_path / "run"
+    metrics = run_stack(MODDED_PATH, MODDED_TINY + ["--attn-backend", "sdpa"], core_data, run)
+    assert metrics["stack"] == "modded-nanogpt" and metrics["train_tokens"] == 8192 and metrics["attn_backend"] == "sdpa"
+    d, inner = 64, 64
+    assert metrics["params_matrix"] == 3 * 4 * inner * d + 4 * 8 * d * d  # attention in 3 of 4 layers, MLPs in all
+    log = (run / "log.txt").read_text()
+    assert "paired-head layers [0, 2]" in log
+    from safetensors.torch import load_file
+    state = load_file(str(run / "model.safetensors"))
+    assert "blocks.1.q" not in state and "blocks.0.q" in state and not bool(state["tied"])  # untied at 2/3 of the steps
+    assert float(state["attn_scale"]) > 0.1  # YaRN grew it with the long window
+
+
+@pytest.mark.parametrize("path", [NANOCHAT_PATH, MODDED_PATH], ids=["nanochat", "modded"])
+def test_peer_cli_reports_bad_data_in_one_line_and_writes_nothing(path, core_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(core_data, data)
+    (data / "core" / "examples.npy").unlink()
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, path, "--preset", "cpu", "--data-dir", str(data), "--run-dir", str(run)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip() == f"error: {data / 'core' / 'examples.npy'}: missing"
+    assert not run.exists()
+
+
+# --- nanochat invariants -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern, n_layers, seq_len, expected", [
+    ("SSSL", 6, 2048, [512, 512, 512, 2048, 512, 2048]),  # tiled, the last layer always long
+    ("SSSL", 4, 512, [128, 128, 128, 512]),               # the cpu preset: a quarter of 512 is exactly 128
+    ("SL", 3, 600, [256, 600, 600]),                      # 150 rounds up to FA3's tile of 128
+    ("L", 2, 128, [128, 128]),
+])
+def test_nanochat_window_pattern_is_what_the_config_says(nanochat, pattern, n_layers, seq_len, expected):
+    cfg = nanochat.parse_config(["--preset", "cpu", "--data-dir", "x", "--window-pattern", pattern,
+                                 "--n-layers", str(n_layers), "--seq-len", str(seq_len), "--batch-tokens", str(seq_len)])
+    assert nanochat.window_sizes(cfg) == expected
+
+
+@pytest.mark.parametrize("window", [0, 5, 30, 31, 100])
+def test_nanochat_attention_sees_exactly_its_window(nanochat, window):
+    """A query at i sees keys i - window .. i of its row and nothing else (documents are not masked)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 2, 32, 8).unbind(0)
+    y = nanochat.causal_attention(q, k, v, window)
+    i = torch.arange(32)
+    allowed = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] <= window)
+    scores = (q @ k.mT / math.sqrt(8)).masked_fill(~allowed, float("-inf"))
+    torch.testing.assert_close(y, scores.softmax(-1) @ v, atol=1e-6, rtol=1e-5)
+
+
+def bestfit_reference(documents, n_rows, width, buffer_size):
+    """nanochat's loop, written plainly: per row, repeatedly the largest buffered document that fits (the first of
+    equals), or when none fits the shortest one cropped to the room left."""
+    buffer, rows = [], []
+    for _ in range(n_rows):
+        row = []
+        while len(row) < width:
+            while len(buffer) < buffer_size:
+                buffer.append(next(documents))
+            room = width - len(row)
+            best = -1
+            for i, d in enumerate(buffer):
+                if len(d) <= room and (best < 0 or len(d) > len(buffer[best])):
+                    best = i
+            row += buffer.pop(best) if best >= 0 else buffer.pop(min(range(len(buffer)), key=lambda i: len(buffer[i])))[:room]
+        rows.append(row)
+    return rows
+
+
+def test_nanochat_bestfit_rows(nanochat, tiny_data):
+    """Best-fit rows are nanochat's: each starts with <|bos|> and holds whole documents but for a cropped last one;
+    the rows equal those of the plain reference loop, which takes each document out of the buffer once."""
+    tok = nanochat.load_tokenizer(os.path.join(tiny_data, "tokenizer"))
+    docs = nanochat.Documents(nanochat.load_split(tiny_data, "train", tok), tok.bos_id)
+    in_order = [np.asarray(docs.stream.shards[s][a:b]).tolist() for s, a, b in docs.spans]
+    whole = {tuple(d) for d in in_order}
+    assert len(in_order) > 100 and all(d[0] == tok.bos_id for d in in_order)
+    loader = nanochat.BestFitLoader(docs, 4, 63, 20, "cpu")
+    rows = []
+    for _ in range(6):
+        x, y = loader.next_batch()
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        rows += torch.cat([x, y[:, -1:]], dim=1).tolist()
+    assert rows == bestfit_reference(iter(in_order), 24, 64, 20)
+    pieces = []
+    for row in rows:
+        starts = [i for i, t in enumerate(row) if t == tok.bos_id] + [len(row)]
+        parts = [tuple(row[a:b]) for a, b in zip(starts, starts[1:])]
+        assert starts[0] == 0 and all(p in whole for p in parts[:-1])
+        assert any(d[:len(parts[-1])] == parts[-1] for d in whole)  # whole or cropped
+        pieces += parts
+    assert docs.i < len(docs.spans) and len(pieces) > len(rows)  # some rows hold several documents; no wrap yet
+
+
+def test_nanochat_muon_update_has_the_norm_of_an_orthogonal_matrix(nanochat):
+    """Muon+ snaps the orthogonalised update to Frobenius norm sqrt(min(rows, cols)) and NorMuon's rescaling keeps
+    it; without weight decay each matrix moves by exactly lr times that."""
+    torch.manual_seed(0)
+    for rows, cols in [(48, 16), (16, 48), (32, 32)]:
+        p, g = torch.randn(3, rows, cols), torch.randn(3, rows, cols)
+        before = p.clone()
+        second = torch.zeros(3, *((rows, 1) if rows >= cols else (1, cols)))
+        nanochat.muon_update(p, g, torch.zeros_like(p), second, 0.95, 0.01, 0.0)
+        moved = (p - before).norm(dim=(-2, -1))
+        torch.testing.assert_close(moved, torch.full((3,), 0.01 * min(rows, cols) ** 0.5), rtol=1e-5, atol=0)
+        sv = torch.linalg.svdvals(nanochat.polar_express(g))
+        assert sv.min() > 0.5 and sv.max() < 1.3  # Polar Express lands the singular values near 1
+
+
+@torch.no_grad()
+def test_nanochat_core_rows_padding_is_invisible(nanochat, core_data):
+    """CORE sequences of different lengths in one right-padded forward score exactly as each forwarded alone."""
+    tok = nanochat.load_tokenizer(os.path.join(core_data, "tokenizer"))
+    core = nanochat.load_core(core_data, tok)
+    torch.manual_seed(0)
+    model = nanochat.GPT(nanochat.parse_config(NANOCHAT_TINY + ["--data-dir", core_data]), tok.vocab_size)
+    for name, p in model.named_parameters():
+        if "c_proj" in name:
+            p.normal_(0, 0.05)  # zero-initialised: make every block do something
+    seqs = [core.sequence(i) for i in range(len(core.sequences))]
+    assert len({len(t) for t, _, _ in seqs}) > 5
+    batched = nanochat.sequence_scores(model, seqs, tok.bos_id, "cpu")
+    alone = [nanochat.sequence_scores(model, [s], tok.bos_id, "cpu")[0] for s in seqs]
+    np.testing.assert_allclose([b[0] for b in batched], [a[0] for a in alone], rtol=1e-5, equal_nan=True)
+    assert [b[1] for b in batched] == [a[1] for a in alone]
+
+
+# --- modded-nanogpt invariants -------------------------------------------------------------------------------------
+
+
+def modded_model(modded, vocab_size, extra=(), seed=0):
+    """The tiny model with its zero-initialised projections, bigram table and smear randomised."""
+    torch.manual_seed(seed)
+    model = modded.GPT(modded.parse_config(MODDED_TINY + ["--data-dir", "x", *extra]), vocab_size)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".o", ".proj", "bigram_embed", "smear_lambda", "attn_gate", "ve_gate")):
+                p.normal_(0, 0.1)
+    return model
+
+
+def packed(modded, lengths, vocab_size, bos=None, seed=0):
+    """A packed batch of documents of the given lengths (BOS-started unless bos is None: then prev_ids mark them)."""
+    rng = np.random.default_rng(seed)
+    seqs = [rng.integers(0, vocab_size - 1, n) for n in lengths]
+    return modded.packed_sequences(seqs, "cpu"), seqs
+
+
+def rotate_reference(x, position, freqs):
+    """RoPE by hand: dim i and dim i + D/2 turn by position * freqs[i] (as complex numbers)."""
+    D = x.numel() // 2
+    z = torch.complex(x[:D].double(), x[D:].double()) * torch.polar(torch.ones(D, dtype=torch.float64), -position * freqs.double())
+    return torch.cat([z.real, z.imag]).float()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("window", [3, 9, 1000])
+def test_paired_head_attention_equals_its_reference(modded, window):
+    """The record's paired heads, written out: heads h and h + H/2 of every token form one head over 2T slots (token t's
+    first H/2 heads in slot 2t, the others in 2t + 1); a query sees the slots of its own document up to its own,
+    at most `window` slots back; head h rotates as position 2p + (h mod 2). Checked through a whole paired block."""
+    model = modded_model(modded, 64)
+    block, H, D = model.blocks[0], 4, 16
+    assert 0 in model.paired_head_layers
+    batch, _ = packed(modded, [7, 12, 5], 64)
+    x = torch.randn(24, 64)
+    out = block(x, None, model.rotary, batch, 0.3, window, True, False, "sdpa")
+
+    h = modded.norm(x)
+    q, k, v = ((h @ w.T).view(24, H, D) for w in (block.q, block.k, block.v))
+    q, k = modded.norm(q), modded.norm(k)  # QK-norm per head
+    pos, doc = batch.positions, modded.segment_ids(batch.cu_seqlens, 24)
+    rot = lambda t, hh, z: rotate_reference(z, 2 * int(pos[t]) + hh % 2, model.rotary.freqs)
+    slot = lambda t, hh: 2 * t + hh // (H // 2)
+    y = torch.zeros(24, H, D)
+    for t in range(24):
+        for hh in range(H):
+            keys = [(t2, h2) for t2 in range(24) for h2 in range(H) if h2 % (H // 2) == hh % (H // 2) and doc[t2] == doc[t]
+                    and slot(t2, h2) <= slot(t, hh) and slot(t, hh) - slot(t2, h2) <= window]
+            scores = torch.stack([0.3 * rot(t, hh, q[t, hh]) @ rot(t2, h2, k[t2, h2]) for t2, h2 in keys])
+            y[t, hh] = scores.softmax(0) @ torch.stack([v[t2, h2] for t2, h2 in keys])
+    y = y * torch.sigmoid(h[:, :12] @ block.attn_gate.T)[..., None]
+    x2 = x + y.flatten(-2) @ block.o.T
+    expected = x2 + torch.relu(modded.norm(x2) @ block.fc.T).square() @ block.proj.T
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_partial_key_offset_shifts_exactly_the_stationary_dims(modded):
+    """Only the dims RoPE leaves alone (frequency 0: D/4..D/2 and 3D/4..D) take the previous token's values, and
+    not across a document start; and only long-window layers without paired heads use it."""
+    model = modded_model(modded, 64)
+    D = 16
+    stationary = model.rotary.stationary()
+    assert stationary.tolist() == [False] * 4 + [True] * 4 + [False] * 4 + [True] * 4
+    k = torch.randn(10, 4, D)
+    prev = torch.tensor([-1, 5, 5, 5, -1, 5, 5, -1, -1, 5])
+    out = modded.partial_key_offset(k, prev, stationary)
+    for t in range(10):
+        expected = k[t].clone()
+        if prev[t] >= 0:
+            expected[:, stationary] = k[t - 1][:, stationary]
+        assert torch.equal(out[t], expected)
+    # a rotation leaves the stationary dims as they were: shifting before or after RoPE is the same
+    pos = torch.arange(10)[:, None] * 7
+    assert torch.equal(model.rotary(k, pos)[..., stationary], k[..., stationary])
+
+    layers = []
+    original = modded.partial_key_offset
+    modded.partial_key_offset = lambda *a: layers.append(len(layers)) or original(*a)
+    try:
+        batch, _ = packed(modded, [40, 24], 64)
+        model.hidden(batch, model.windows(8, 32))  # long-window layer 3 (unpaired); paired layers 0, 2; layer 1 MLP-only
+        assert len(layers) == 1
+        model3 = modded_model(modded, 64, ["--long-window-layers", "0,3"])
+        model3.hidden(batch, model3.windows(8, 32))  # layer 0 is long but paired: still only layer 3
+        assert len(layers) == 2
+    finally:
+        modded.partial_key_offset = original
+
+
+@torch.no_grad()
+def test_modded_without_its_additions_is_the_main_stack(modded, stack):
+    """Paired heads, key offset and MLP-only layers switched off, the stack computes exactly what the main stack
+    computes with the same weights: the diff between the two files is those three features."""
+    args = ["--preset", "cpu", "--n-layers", "3", "--model-dim", "64", "--n-heads", "2", "--head-dim", "32",
+            "--long-window-layers", "1", "--value-embed-layers", "0,2"]
+    torch.manual_seed(0)
+    main = stack.GPT(stack.parse_config(args), 300)
+    for p in main.parameters():
+        p.normal_(0, 0.1)
+    ours = modded.GPT(modded.parse_config(args + ["--data-dir", "x", "--paired-head-layers", "", "--no-attn-layers", "",
+                                                  "--no-key-offset"]), 300)
+    ours.load_state_dict(main.state_dict())
+    for m in (main, ours):
+        m.grow_window(16, 48)  # YaRN on the shared frequencies and scale
+        m.untie()
+    buf = np.random.default_rng(0).integers(0, 299, 201)
+    buf[[0, 37, 90, 91, 150]] = 299
+    windows = ours.windows(16, 48)
+    b, mb = modded.make_batch(buf, 299, 64, 2, "cpu"), stack.make_batch(buf, 299, 64, 2, "cpu")
+    assert torch.equal(b.targets, mb.targets) and torch.equal(b.cu_seqlens, mb.cu_seqlens)
+    h_main = main.hidden(mb.inputs, mb.prev_ids, mb.positions, windows, mb.cu_seqlens, mb.max_seqlen, "sdpa")
+    torch.testing.assert_close(ours.hidden(b, windows), h_main, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.logits(h_main), main.logits(h_main))
+    weights = torch.tensor([1.0, 0.5])
+    torch.testing.assert_close(modded.train_loss(ours, b, windows, weights, "sdpa"),
+                               stack.train_loss(main, mb, windows, weights, "sdpa"), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_modded_packed_core_scores_equal_each_sequence_alone(modded, core_data):
+    """Paired heads and the key offset stay inside each document, so CORE sequences packed into one forward score
+    as each forwarded alone."""
+    tok = modded.load_tokenizer(os.path.join(core_data, "tokenizer"))
+    core = modded.load_core(core_data, tok)
+    model = modded_model(modded, tok.vocab_size)
+    windows = model.windows(8, 40)
+    seqs = [core.sequence(i) for i in range(len(core.sequences))]
+    assert any(t[0] != tok.bos_id for t, _, _ in seqs) and any(s == e for _, s, e in seqs)
+    together = modded.sequence_scores(model, seqs, windows, "cpu", "sdpa")
+    alone = [modded.sequence_scores(model, [s], windows, "cpu", "sdpa")[0] for s in seqs]
+    np.testing.assert_allclose([a[0] for a in together], [a[0] for a in alone], rtol=1e-5, equal_nan=True)
+    assert [a[1] for a in together] == [a[1] for a in alone]

@@ -53,3 +53,15 @@ def test_config_presets_and_overrides(stack):
         stack.parse_config(["--preset", "tpu"])
     with pytest.raises(SystemExit):
         stack.parse_config(["--no-such-field=1"])
+
+
+@pytest.mark.parametrize("preset,world_size", [("h100x8", 8), ("gpu1", 1), ("colab", 1), ("cpu", 1), ("cpu", 2)])
+def test_every_stage_batch_splits_into_micro_batches(stack, preset, world_size):
+    """phase_pt stops at a stage whose batch is not world_size x micro-batch x accumulation: catch it here, not on
+    the GPU."""
+    cfg = stack.parse_config(["--preset", preset])
+    for steps, batch, *_ in stack.scaled_stages(cfg):
+        T = min(cfg.micro_batch_tokens, batch // world_size)
+        assert batch % (world_size * T) == 0, (preset, batch, T)
+    T = min(cfg.micro_batch_tokens, cfg.sft_batch_tokens // world_size)
+    assert cfg.sft_batch_tokens % (world_size * T) == 0, (preset, "sft")
