@@ -1725,6 +1725,18 @@ def update_metrics(cfg, rt, values):
     write_text_atomic(path, json.dumps(metrics, indent=1) + "\n")
 
 
+def average_or_stop(step_loss, step, cfg, rt, log, phase):
+    """Average the step's loss over ranks (in place); a NaN/inf loss stops the run with exit code 2, recorded in
+    metrics.json, before the optimizer step: the phase's last checkpoint is the last good one."""
+    if rt.world_size > 1:
+        dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+    if not torch.isfinite(step_loss):
+        prefix = "" if phase == "pt" else phase + " "
+        log(f"{prefix}step {step}: loss is {step_loss.item()}; stopping. The last good checkpoint is {latest_checkpoint(cfg.run_dir, phase)}")
+        update_metrics(cfg, rt, {prefix.replace(" ", "_") + "diverged_at_step": step})
+        sys.exit(2)
+
+
 def phase_pt(cfg, rt, log):
     tokenizer = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
     torch.manual_seed(cfg.seed)
@@ -1772,12 +1784,7 @@ def phase_pt(cfg, rt, log):
                 loss = loss_fn(model, batch, windows, mtp_weights, rt.backend, 1 / accum) / accum
             loss.backward()
             step_loss += loss.detach()
-        if rt.world_size > 1:
-            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-        if not torch.isfinite(step_loss):
-            log(f"step {step}: loss is {step_loss.item()}; stopping. The last good checkpoint is {latest_checkpoint(cfg.run_dir, 'pt')}")
-            update_metrics(cfg, rt, {"diverged_at_step": step})
-            sys.exit(2)
+        average_or_stop(step_loss, step, cfg, rt, log, "pt")
         opt.step(p.lr_factor, muon_momentum(step, total))
         opt.zero_grad()
         dt = time.perf_counter() - t0
@@ -2541,12 +2548,7 @@ def phase_sft(cfg, rt, log):
                 loss = loss_fn(model, b, windows, rt.backend) * (n * rt.world_size / n_total.clamp(min=1)).float()
             loss.backward()
             step_loss += loss.detach()
-        if rt.world_size > 1:
-            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-        if not torch.isfinite(step_loss):
-            log(f"sft step {step}: loss is {step_loss.item()}; stopping. The last good checkpoint is {latest_checkpoint(cfg.run_dir)}")
-            update_metrics(cfg, rt, {"sft_diverged_at_step": step})
-            sys.exit(2)
+        average_or_stop(step_loss, step, cfg, rt, log, "sft")
         lr = sft_lr_factor(cfg, step, total)
         opt.step(lr, muon_momentum(step, total, warmup=cfg.sft_momentum_warmup, cooldown=0))
         opt.zero_grad()
@@ -2655,17 +2657,19 @@ def phase_rl(cfg, rt, log):
             step_rewards += reward
             rollouts += [(prompt, s, float(a)) for s, a in zip(samples, group_advantages(reward))]
         model.train()
-        n_tokens = sum(sum(s.mask) for _, s, _ in rollouts)
+        stats = torch.tensor([sum(step_rewards), len(step_rewards), sum(sum(s.mask) for _, s, _ in rollouts)],
+                             dtype=torch.float64, device=rt.device)
+        if rt.world_size > 1:
+            dist.all_reduce(stats)
         # rollouts with advantage 0 (all k samples equally right) add nothing to the gradient: skip their forward,
         # but keep one (weighted 0) so every rank's optimizer sees the same gradients exist
         learning = [r for r in rollouts if r[2] != 0] or [(rollouts[0][0], rollouts[0][1], 0.0)]
         for batch in token_batches(learning, lambda r: len(r[0]) + len(r[1].tokens), cfg.rl_batch_tokens):
-            policy_gradient_loss(model, batch, windows, rt, n_tokens).backward()
+            # normalised by all ranks' sampled tokens / world size: the optimizer's average over ranks then gives
+            # the same update as one process with every question
+            policy_gradient_loss(model, batch, windows, rt, float(stats[2]) / rt.world_size).backward()
         opt.step(1 - step / cfg.rl_steps, 0.95)
         opt.zero_grad()
-        stats = torch.tensor([sum(step_rewards), len(step_rewards), n_tokens], dtype=torch.float64, device=rt.device)
-        if rt.world_size > 1:
-            dist.all_reduce(stats)
         rewards.append(float(stats[0] / stats[1]))
         log(f"rl step {step + 1}/{cfg.rl_steps} reward {rewards[-1]:.4f} sampled tokens {int(stats[2])} "
             f"lr {1 - step / cfg.rl_steps:.3f} {time.perf_counter() - t0:.1f}s")

@@ -424,13 +424,13 @@ def new_record(run, name, track="cpu", hardware=None, records=HERE, script=None,
             raise RecordError(f"the seeds do not show {metric} < {target} at p < {P_THRESHOLD} (p = {test.p:.3g}); no record written")
         verification = {"metric": metric, "target": target, "values": values, **dataclasses.asdict(test)}
 
-    script_rel = os.path.relpath(os.path.abspath(script), ROOT)
+    in_repo = lambda path: (lambda rel: rel if not rel.startswith("..") else os.path.abspath(path))(os.path.relpath(os.path.abspath(path), ROOT))
     meta = {
         "name": name, "track": track, "date": date, "folder": folder,
         "hardware": hardware or detect_hardware(metrics),
-        "script": os.path.basename(script), "script_path": script_rel if not script_rel.startswith("..") else os.path.abspath(script),
+        "script": os.path.basename(script), "script_path": in_repo(script),  # relative to the checkout when inside it
         "script_sha256": hashlib.sha256(source.encode("utf-8")).hexdigest(),
-        "matches_working_script": matches, "run_dir": os.path.abspath(run_dir),
+        "matches_working_script": matches, "run_dir": in_repo(run_dir),
         "val_bpb": metrics.get("val_bpb"), "final_val_loss": curves.final_loss, "core": metrics.get("core"),
         "chatcore": metrics.get("chatcore"), "steps": curves.total_steps, "train_tokens": metrics.get("train_tokens"),
         "train_time_s": metrics.get("pt_train_time_s"), "params": metrics.get("params"),

@@ -5,7 +5,6 @@
 Prints one table and a last summary line. Timings vary +-30% on shared machines.
 """
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -13,18 +12,12 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from load import ROOT, load_stack
+
 sys.path.insert(0, os.path.join(ROOT, "data"))
 import pretrain_shards  # noqa: E402
 import tokenizer  # noqa: E402
 from common import TEXT_EXTS, expand_inputs, iter_documents, write_token_file  # noqa: E402
-
-
-def load_stack():
-    spec = importlib.util.spec_from_file_location("decoderstack", os.path.join(ROOT, "decoderstack_small_pt-eval-sft.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def timed(fn):

@@ -6,7 +6,6 @@ decoding tok/s with the KV cache vs recomputing the whole prefix, generation tok
 Prints one table per part and a last summary line. Timings vary +-30% on shared machines.
 """
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -14,16 +13,8 @@ import time
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STACK = os.path.join(ROOT, "decoderstack_small_pt-eval-sft.py")
+from load import load_stack
 
-
-def load_stack():
-    spec = importlib.util.spec_from_file_location("decoderstack", STACK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["decoderstack"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def timed(fn):
@@ -53,16 +44,18 @@ def decode_speed(stack, model, windows, prompt_len, new_tokens):
         for _ in range(new_tokens - 1):
             logits = model.decode(logits[:, -1].argmax(-1, keepdim=True), cache, windows, last_only=True)
 
+    recompute_tokens = min(new_tokens, 16)  # the same work per token whatever the count: keep the slow path short
+
     def recomputed():
         seq = list(ids)
-        for _ in range(new_tokens):
+        for _ in range(recompute_tokens):
             t = torch.tensor(seq)
             cu = torch.full((128,), len(seq), dtype=torch.int32)
             cu[0] = 0
             h = model.hidden(t, torch.cat([torch.tensor([-1]), t[:-1]]), torch.arange(len(seq)), windows, cu, len(seq), "sdpa")
             seq.append(int(model.logits(h[-1]).argmax()))
 
-    return new_tokens / timed(cached)[1], new_tokens / timed(recomputed)[1]
+    return new_tokens / timed(cached)[1], recompute_tokens / timed(recomputed)[1]
 
 
 def generation_speed(stack, engine, tok, batch, new_tokens):

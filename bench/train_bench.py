@@ -6,7 +6,6 @@ AdamW baseline (models/gpt2-adamw) trained on the same data and tokens.
 Prints one table per part and a last summary line. Timings vary +-30% on shared machines.
 """
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,17 +15,9 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STACK = os.path.join(ROOT, "decoderstack_small_pt-eval-sft.py")
+from load import ROOT, STACK, load_stack
+
 BASELINE = os.path.join(ROOT, "models", "gpt2-adamw", "train_gpt2.py")
-
-
-def load_stack():
-    spec = importlib.util.spec_from_file_location("decoderstack", STACK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["decoderstack"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def training_speed(stack, data_dir, compile_, steps=6, warmup=2):

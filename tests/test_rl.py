@@ -115,3 +115,21 @@ def test_rl_phase_reports_reward_and_pass_at_k(pretrained_run, tmp_path):
     values = list(metrics["gsm8k_pass_at"].values())
     assert values == sorted(values)  # pass@j never falls with j
     assert open(run / "latest").read() == "rl_ckpt_000003" and "pass@3" in r.stdout
+
+
+@pytest.mark.slow
+def test_chat_and_rl_on_two_gloo_ranks_match_one_process(pretrained_run, tmp_path):
+    """Under torchrun the chat eval and RL split their questions over the ranks and add up to the same numbers."""
+    from test_pretrain import free_port
+    data, pretrained = pretrained_run
+    out = {}
+    for name, launcher in (("one", ()), ("two", ("-m", "torch.distributed.run", "--nproc_per_node=2",
+                                                 f"--master-port={free_port()}", "--master-addr=127.0.0.1"))):
+        shutil.copytree(pretrained, tmp_path / name)
+        r = subprocess.run([sys.executable, *launcher, STACK_PATH, *TINY_ARGS, "--data-dir", str(data), "--run-dir",
+                            str(tmp_path / name), "--phases", "chat,rl", "--chat-max-new-tokens", "8", *RL_ARGS],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[name] = json.load(open(tmp_path / name / "metrics.json"))
+    for key in ("chat_per_task", "rl_reward", "gsm8k_pass_at"):
+        assert out["two"][key] == pytest.approx(out["one"][key]), key

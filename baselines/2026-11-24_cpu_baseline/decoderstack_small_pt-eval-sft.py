@@ -1,0 +1,2811 @@
+"""DecoderStack: one file that pretrains a decoder on pre-tokenized shards, evaluates it (bits per byte, CORE),
+fine-tunes it for chat and generates with a KV cache. Data is prepared by the scripts in data/ (data/README.md).
+
+Run:
+    8xH100 record:  torchrun --nproc_per_node=8 decoderstack_small_pt-eval-sft.py --preset h100x8 --data-dir DIR
+    one GPU:        python decoderstack_small_pt-eval-sft.py --preset gpu1 --data-dir DIR
+    Colab:          python decoderstack_small_pt-eval-sft.py --preset colab --data-dir DIR
+    CPU:            python decoderstack_small_pt-eval-sft.py --preset cpu --data-dir DIR
+Any hyperparameter can be overridden with --name=value (--flag / --no-flag for booleans, JSON for tuples).
+
+Contents
+    1. Hyperparameters: one dataclass, presets, overrides, the stage schedule
+    2. Runtime: device, precision, distributed, logging, wandb
+    3. Kernels: Triton kernels beside their PyTorch references
+    4. Attention: one entry point over packed documents; FA3 / FA2 / flex / SDPA
+    5. Model
+    6. Optimizer: NorMuon (Polar Express) + Adam
+    7. Data: readers of every format, the pretraining loader
+    8. Pretraining: schedule, bits per byte, checkpoints, the loop
+    9. Evaluation: CORE
+    10. Inference: KV cache, sampling, the calculator tool, the engine
+    11. Evaluation: chat (ARC, MMLU, GSM8K, HumanEval; ChatCORE)
+    12. Post-training: chat SFT and GSM8K RL
+    13. Phases and main
+"""
+import argparse
+import ast
+import base64
+import dataclasses
+import functools
+import json
+import math
+import operator
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # e.g. Macs: every kernel falls back to its PyTorch reference
+    triton = None
+
+# =============================================================================================================
+# 1. Hyperparameters
+
+
+@dataclasses.dataclass
+class Config:
+    # run
+    preset: str = "h100x8"
+    data_dir: str = "runs/data"     # written by data/prepare.py
+    run_dir: str = "runs/h100x8"
+    phases: str = "pt"
+    seed: int = 0
+    resume: bool = False          # continue from the last checkpoint in run_dir
+    init_from: str = ""           # start from this checkpoint's weights
+    compile: bool = True
+    attn_backend: str = "auto"    # auto | fa3 | fa2 | flex | sdpa
+    dtype: str = "auto"           # auto: bf16 where the GPU supports it, else fp32 (bf16 is 50-150x slower on CPUs)
+    wandb: str = "auto"           # auto: online when WANDB_API_KEY is set, else disabled | offline | disabled
+    # model (modded-nanogpt track-1 scale)
+    n_layers: int = 11
+    model_dim: int = 768
+    n_heads: int = 6
+    head_dim: int = 128
+    mlp_mult: int = 4
+    vocab_multiple: int = 128
+    long_window_layers: str = "3,10"
+    value_embed_layers: str = "1,2,8,9,10"
+    bigram_rows_per_vocab: float = 7.5
+    attn_scale: float = 0.1
+    softcap: tuple = (23.0, 5.0, 7.5)  # logits = a * sigmoid((z + b) / c)
+    fp8: bool = True                   # FP8 lm_head matmuls in training, where the GPU has them (sm89+)
+    # schedule: stages of (steps, global batch tokens, max document length, short window, long window, lr multiplier,
+    # MTP weights at the stage's start, at its end); weights move linearly within a stage
+    stages: tuple = (
+        (423, 131072, 896, 128, 384, 1.0, (1.0, 0.5, 0.25), (1.0, 0.5, 0.0)),
+        (424, 262144, 2048, 384, 896, 1.52, (1.0, 0.5), (1.0, 0.0)),
+        (423, 393216, 2048, 640, 1408, 1.73, (1.0,), (1.0,)),
+        (15, 393216, 2048, 768, 1664, 1.73, (1.0,), (1.0,)),
+    )
+    micro_batch_tokens: int = 49152  # tokens per rank per forward; gradient accumulation makes up the batch
+    train_tokens: int = 0            # 0: as the stages say; N: rescale every stage's steps to N tokens in total
+    lr_warmup_steps: int = 0         # linear lr warmup (modded-nanogpt needs none)
+    cooldown_frac: float = 0.6       # lr is flat, then decays linearly to final_lr over this last fraction
+    final_lr: float = 0.15
+    untie_frac: float = 0.667        # embed and lm_head share weights until this fraction of the steps
+    muon_lr: float = 0.023
+    muon_wd: float = 0.028
+    adam_lr: float = 0.008
+    adam_wd: float = 0.006
+    val_every: int = 250
+    val_tokens: int = 10_485_760
+    checkpoint_every: int = 0        # steps between checkpoints (0: only at the end)
+    core_max_per_task: int = -1      # CORE examples per task in --phases eval (-1: all)
+    core_batch_tokens: int = 32768   # tokens per packed CORE (and categorical chat-eval) forward
+    chat_max_per_task: int = -1      # chat-eval examples per task in --phases chat (-1: all)
+    chat_batch_size: int = 16        # GSM8K problems generated together
+    chat_max_new_tokens: int = 512
+    # GSM8K RL (--phases rl): on-policy policy gradient, nanochat's recipe
+    rl_steps: int = 60
+    rl_questions_per_step: int = 16  # over all ranks
+    rl_samples: int = 16             # per question: the group whose mean reward is the baseline
+    rl_max_new_tokens: int = 256
+    rl_temperature: float = 1.0
+    rl_top_k: int = 50
+    rl_lr_mul: float = 0.05          # times the checkpoint's learning rates, decaying linearly to 0
+    rl_batch_tokens: int = 16384     # tokens per training forward
+    rl_eval_every: int = 20
+    rl_eval_questions: int = 400     # held-out GSM8K test questions for pass@k
+    rl_eval_samples: int = 8         # k of pass@1..k
+    # generation (--phases generate): --prompt, or an interactive chat on stdin without one
+    prompt: str = ""
+    prompt_format: str = "auto"      # auto: a user turn for SFT/RL checkpoints, plain text for base models | chat | text
+    num_samples: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 0.8
+    top_k: int = 50                  # 0: off
+    top_p: float = 1.0               # 1: off
+    min_p: float = 0.0               # 0: off
+    log_every: int = 10
+    # SFT (--phases sft): fine-tune the latest checkpoint on the sft/ conversations
+    sft_steps: int = 500              # optimizer steps
+    sft_batch_tokens: int = 393216    # global tokens per step: whole conversations packed, the rest padding
+    sft_lr_mul: float = 0.8           # SFT lr = the checkpoint's muon_lr / adam_lr times this (nanochat: 0.8)
+    sft_warmup_frac: float = 0.0      # linear lr warmup over this first fraction of the steps
+    sft_cooldown_frac: float = 0.5    # then flat, then a linear decay to 0 over this last fraction (nanochat's shape)
+    sft_momentum_warmup: int = 300    # NorMuon momentum 0.85 -> 0.95 over these steps (the optimizer starts fresh)
+    sft_eval_every: int = 100         # steps between SFT evaluations (also at the start and the end)
+    sft_val_tokens: int = 4_194_304   # val conversation tokens per evaluation (masked loss on their supervised tokens)
+    sft_chat_max_per_task: int = 0    # chat-eval examples per task at each SFT evaluation but the first (0: none)
+
+
+PRESETS = {
+    "h100x8": dict(run_dir="runs/h100x8"),
+    # the same model and tokens on one GPU: the stages' batches come from gradient accumulation of 32K-token
+    # forwards (every stage's batch is a multiple; 49152 is not a divisor of 131072)
+    "gpu1": dict(run_dir="runs/gpu1", micro_batch_tokens=32768),
+    # T4/L4-class: no FA3 or FP8; a smaller model that fits 16 GB in fp32 where bf16 is missing
+    "colab": dict(run_dir="runs/colab", fp8=False, n_layers=8, model_dim=512, n_heads=4, micro_batch_tokens=16384,
+                  long_window_layers="3,7", value_embed_layers="1,2,5,6,7", train_tokens=100_000_000),
+    # a tiny model that pretrains in about 5 minutes on 2 CPU cores (fp32)
+    "cpu": dict(run_dir="runs/cpu", n_layers=4, model_dim=192, n_heads=3, head_dim=64, long_window_layers="3",
+                value_embed_layers="1,2,3", bigram_rows_per_vocab=2.0, micro_batch_tokens=4096,
+                stages=((50, 4096, 256, 64, 128, 1.0, (1.0, 0.5, 0.25), (1.0, 0.5, 0.0)),
+                        (50, 4096, 512, 128, 256, 1.0, (1.0, 0.5), (1.0, 0.0)),
+                        (50, 4096, 512, 128, 512, 1.0, (1.0,), (1.0,))),
+                val_every=75, val_tokens=131072, checkpoint_every=50, log_every=10, compile=False,
+                core_max_per_task=50, core_batch_tokens=8192, chat_max_per_task=50, chat_max_new_tokens=256,
+                sft_steps=40, sft_batch_tokens=4096, sft_lr_mul=2.0, sft_momentum_warmup=20, sft_eval_every=20,
+                sft_val_tokens=32768, rl_steps=8, rl_questions_per_step=4, rl_samples=8, rl_max_new_tokens=128,
+                rl_batch_tokens=8192, rl_eval_every=4, rl_eval_questions=16, rl_eval_samples=4),
+}
+
+
+def parse_config(argv=None):
+    """--preset picks the defaults, then every --name=value (or --name value) overrides one field."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    parser = argparse.ArgumentParser(description="DecoderStack (see the header of this file)")
+    for name, field in fields.items():
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(field.default, bool):
+            parser.add_argument(flag, dest=name, nargs="?", const=True, default=None, type=parse_bool)
+            parser.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_const", const=False)
+        elif isinstance(field.default, tuple):
+            parser.add_argument(flag, dest=name, default=None, type=parse_tuple)
+        else:
+            parser.add_argument(flag, dest=name, default=None, type=type(field.default))
+    args = parser.parse_args(argv)
+    preset = args.preset or Config.preset
+    if preset not in PRESETS:
+        parser.error(f"unknown --preset {preset!r}; choose from {', '.join(PRESETS)}")
+    values = {**PRESETS[preset], "preset": preset}
+    values.update({k: v for k, v in vars(args).items() if v is not None})
+    return Config(**values)
+
+
+def parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def parse_tuple(text):
+    try:
+        return freeze(json.loads(text))
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected JSON, got {text!r} ({e.msg})") from None
+
+
+def freeze(value):
+    """JSON lists -> nested tuples, the form of the tuple fields of Config."""
+    return tuple(freeze(x) for x in value) if isinstance(value, list) else value
+
+
+def parse_ints(text):
+    return [int(x) for x in str(text).split(",") if x.strip()]
+
+
+# =============================================================================================================
+# 2. Runtime
+
+
+@dataclasses.dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype    # autocast dtype of matmuls (fp32: none)
+    rank: int
+    world_size: int
+    backend: str          # attention backend
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def pick_device():
+    """cuda -> mps -> cpu; FORCE_DEVICE overrides (e.g. FORCE_DEVICE=cpu on a GPU machine)."""
+    forced = os.environ.get("FORCE_DEVICE")
+    if forced:
+        return torch.device(forced)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def init_runtime(cfg):
+    device = pick_device()
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
+    return Runtime(device, dtype, rank, world_size, select_attention_backend(device, cfg.attn_backend))
+
+
+def autocast(rt):
+    """Matmuls in rt.dtype on accelerators; parameters and optimizer state stay fp32."""
+    if rt.dtype == torch.float32:
+        return torch.autocast(rt.device.type, enabled=False)
+    return torch.autocast(rt.device.type, dtype=rt.dtype)
+
+
+class Logger:
+    """Rank 0 prints and appends to RUN_DIR/log.txt; metrics also go to wandb when it is enabled."""
+
+    def __init__(self, cfg, rt):
+        self.master, self.path, self.wandb = rt.master, os.path.join(cfg.run_dir, "log.txt"), None
+        if not self.master:
+            return
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        mode = cfg.wandb if cfg.wandb != "auto" else ("online" if os.environ.get("WANDB_API_KEY") else "disabled")
+        if os.environ.get("WANDB_MODE") == "disabled":
+            mode = "disabled"
+        if mode != "disabled":
+            import wandb
+            self.wandb = wandb.init(project="decoderstack", name=os.path.basename(os.path.abspath(cfg.run_dir)),
+                                    config=dataclasses.asdict(cfg), mode=mode, dir=cfg.run_dir)
+
+    def __call__(self, msg):
+        if self.master:
+            print(msg, flush=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(msg + "\n")
+
+    def metrics(self, step, values):
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+
+# =============================================================================================================
+# 3. Kernels. Each op has a PyTorch reference (`*_reference`: the CPU/MPS path and the test oracle), a Triton
+# launcher (`*_triton`) and a dispatcher (the plain name) that picks Triton only for CUDA tensors on sm80+ (bf16
+# tl.dot). Kernels take bf16 or fp32 inputs and accumulate in fp32; fp32 inputs use TF32 tensor cores on the GPU.
+# The tests run the launchers on CPU under TRITON_INTERPRET=1, in fp32 (the interpreter's bf16 tl.dot is wrong,
+# triton#11584). One fixed tile config each; the `block*` keywords exist so tests can force several tiles.
+
+SOFTCAP = (23.0, 5.0, 7.5)  # u = A * sigmoid((z + B) / C): logits bounded to (0, 23), as in modded-nanogpt
+
+
+def _use_triton(t):
+    return triton is not None and t.is_cuda and torch.cuda.get_device_capability(t.device) >= (8, 0)
+
+
+if triton is not None:
+
+    # C = A @ A^T, or b*A + c*(A @ A^T) with ADD_A, for a batch of matrices. C is symmetric, so only tiles on or
+    # below the diagonal are computed, each stored twice (in place and mirrored): about half the FLOPs of a matmul,
+    # and an exactly symmetric result. These two products are the bulk of a Polar Express (Muon) iteration.
+    @triton.jit
+    def _sym_matmul_kernel(a_ptr, c_ptr, M, K, stride_ab, stride_am, stride_ak, stride_cb, stride_cm, stride_cn,
+                           b, c, ADD_A: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+        batch, pid_m, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        if pid_n > pid_m:  # upper triangle: written as the mirror of tile (pid_n, pid_m)
+            return
+        a_ptr += batch * stride_ab
+        c_ptr += batch * stride_cb
+        rows = pid_m * BLOCK + tl.arange(0, BLOCK)
+        cols = pid_n * BLOCK + tl.arange(0, BLOCK)
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kmask = (k0 + ks)[None, :] < K
+            a_rows = tl.load(a_ptr + rows[:, None] * stride_am + (k0 + ks)[None, :] * stride_ak,
+                             mask=(rows[:, None] < M) & kmask, other=0.0)
+            a_cols = tl.load(a_ptr + cols[:, None] * stride_am + (k0 + ks)[None, :] * stride_ak,
+                             mask=(cols[:, None] < M) & kmask, other=0.0)
+            acc = tl.dot(a_rows, tl.trans(a_cols), acc)
+        # Store the lower triangle and its mirror: a diagonal tile's dot need not be bitwise symmetric itself.
+        mask = (rows[:, None] < M) & (cols[None, :] <= rows[:, None])
+        if ADD_A:  # A is square and symmetric here, so its tile (rows, cols) serves the mirror too
+            a_tile = tl.load(a_ptr + rows[:, None] * stride_am + cols[None, :] * stride_ak, mask=mask, other=0.0)
+            acc = b * a_tile.to(tl.float32) + c * acc
+        out = acc.to(c_ptr.dtype.element_ty)
+        tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, out, mask=mask)
+        tl.store(c_ptr + cols[:, None] * stride_cm + rows[None, :] * stride_cn, tl.trans(out), mask=tl.trans(mask))
+
+    # relu(x @ W_fc^T)^2 with the activation fused into the matmul epilogue (FORWARD), and the backward's
+    # dpre = (g @ W_proj) * 2*sqrt(post) (relu(pre) = sqrt(post)). The hidden activation, 4x wider than the residual
+    # stream, is written once as `post` and read once in the backward; `pre` never reaches memory.
+    @triton.jit
+    def _relu2_matmul_kernel(a_ptr, b_ptr, c_ptr, post_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                             stride_cm, stride_cn, FORWARD: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(a_ptr + rows[:, None] * stride_am + (k0 + ks)[None, :] * stride_ak,
+                        mask=(rows[:, None] < M) & ((k0 + ks)[None, :] < K), other=0.0)
+            b = tl.load(b_ptr + (k0 + ks)[:, None] * stride_bk + cols[None, :] * stride_bn,
+                        mask=((k0 + ks)[:, None] < K) & (cols[None, :] < N), other=0.0)
+            acc = tl.dot(a, b, acc)
+        mask = (rows[:, None] < M) & (cols[None, :] < N)
+        offsets = rows[:, None] * stride_cm + cols[None, :] * stride_cn
+        if FORWARD:
+            acc = tl.maximum(acc, 0.0)
+            acc = acc * acc
+        else:
+            post = tl.load(post_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            acc = 2.0 * acc * tl.sqrt(post)
+        tl.store(c_ptr + offsets, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+    # Softcapped multi-token cross-entropy: per row the loss and dL/dz in one launch, so the (N, V) softcapped
+    # logits and probabilities are never materialised (unfused, each costs extra passes over the largest activation
+    # in the model). Sweep 1 over V: online logsumexp; sweep 2 (re-reading z, mostly from L2): the gradient
+    #   dz_j = (sum_k w_k * p_j - sum_{k: t_k = j} w_k) * (A/C) * s_j * (1 - s_j),  s = sigmoid((z+B)/C), u = A*s.
+    @triton.jit
+    def _softcap_ce_kernel(z_ptr, t_ptr, w_ptr, loss_ptr, dz_ptr, V, K, stride_z, stride_t, stride_dz,
+                           cap_a, cap_b, cap_c, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        z_row = z_ptr + row * stride_z
+        ks = tl.arange(0, BLOCK_K)
+        targets = tl.load(t_ptr + row * stride_t + ks, mask=ks < K, other=-1)
+        valid = targets >= 0
+        weights = tl.where(valid, tl.load(w_ptr + ks, mask=ks < K, other=0.0).to(tl.float32), 0.0)
+        z_t = tl.load(z_row + targets, mask=valid, other=0.0).to(tl.float32)
+        u_t = cap_a * tl.sigmoid((z_t + cap_b) / cap_c)
+        cols = tl.arange(0, BLOCK_V)
+        run_max = tl.full((), float("-inf"), tl.float32)
+        run_sum = tl.full((), 0.0, tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            mask = v0 + cols < V
+            z = tl.load(z_row + v0 + cols, mask=mask, other=0.0).to(tl.float32)
+            u = tl.where(mask, cap_a * tl.sigmoid((z + cap_b) / cap_c), float("-inf"))
+            new_max = tl.maximum(run_max, tl.max(u, axis=0))
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(u - new_max), axis=0)
+            run_max = new_max
+        lse = run_max + tl.log(run_sum)
+        tl.store(loss_ptr + row, tl.sum(weights * (lse - u_t), axis=0))
+        weight_sum = tl.sum(weights, axis=0)
+        dz_row = dz_ptr + row * stride_dz
+        for v0 in range(0, V, BLOCK_V):
+            mask = v0 + cols < V
+            z = tl.load(z_row + v0 + cols, mask=mask, other=0.0).to(tl.float32)
+            s = tl.sigmoid((z + cap_b) / cap_c)
+            p = tl.exp(cap_a * s - lse)
+            hits = tl.sum(tl.where((v0 + cols)[:, None] == targets[None, :], weights[None, :], 0.0), axis=1)
+            dz = (weight_sum * p - hits) * (cap_a / cap_c) * s * (1.0 - s)
+            tl.store(dz_row + v0 + cols, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+# --- A @ A^T and b*A + c*A@A^T (Polar Express)
+
+
+def xxt_reference(A):
+    return A @ A.mT
+
+
+def ba_plus_caa_reference(A, b, c):
+    return b * A + c * (A @ A.mT)
+
+
+def _sym_matmul_triton(A, b, c, add_a, block, block_k):
+    *batch, m, k = A.shape
+    A3 = A.reshape(-1, m, k)  # a view for X.mT-style inputs: the kernel takes any strides
+    out = torch.empty(A3.shape[0], m, m, dtype=A.dtype, device=A.device)
+    grid = (A3.shape[0], triton.cdiv(m, block), triton.cdiv(m, block))
+    _sym_matmul_kernel[grid](A3, out, m, k, *A3.stride(), *out.stride(), b, c,
+                             ADD_A=add_a, BLOCK=block, BLOCK_K=block_k, num_warps=4, num_stages=3)
+    return out.reshape(*batch, m, m)
+
+
+def xxt_triton(A, *, block=64, block_k=32):
+    return _sym_matmul_triton(A, 0.0, 0.0, False, block, block_k)
+
+
+def ba_plus_caa_triton(A, b, c, *, block=64, block_k=32):
+    assert A.shape[-1] == A.shape[-2], "ba_plus_caa needs square symmetric matrices"
+    return _sym_matmul_triton(A, float(b), float(c), True, block, block_k)
+
+
+def xxt(A):
+    """A @ A.mT for A of shape (..., m, k)."""
+    return xxt_triton(A) if _use_triton(A) else xxt_reference(A)
+
+
+def ba_plus_caa(A, b, c):
+    """b*A + c*(A @ A.mT) for symmetric A of shape (..., m, m)."""
+    return ba_plus_caa_triton(A, b, c) if _use_triton(A) else ba_plus_caa_reference(A, b, c)
+
+
+# --- ReLU^2 MLP
+
+
+def relu2_mlp_reference(x, w_fc, w_proj):
+    return torch.relu(x @ w_fc.mT).square() @ w_proj.mT
+
+
+def _relu2_matmul(a, b, post, blocks):
+    """relu(a @ b)^2 if post is None, else (a @ b) * 2*sqrt(post). a (M, K), b (K, N) any strides; post contiguous."""
+    (M, K), N = a.shape, b.shape[1]
+    block_m, block_n, block_k = blocks
+    out = torch.empty(M, N, dtype=a.dtype, device=a.device)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    aux = out if post is None else post  # the forward never reads post_ptr: any tensor fills the slot
+    _relu2_matmul_kernel[grid](a, b, out, aux, M, N, K, *a.stride(), *b.stride(), *out.stride(), FORWARD=post is None,
+                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8, num_stages=3)
+    return out
+
+
+class _Relu2MLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_fc, w_proj, blocks):
+        # tl.dot needs one dtype; autograd casts the weight grads back to the weights' dtype.
+        x2, w_fc, w_proj = x.reshape(-1, x.shape[-1]), w_fc.to(x.dtype), w_proj.to(x.dtype)
+        post = _relu2_matmul(x2, w_fc.mT, None, blocks)
+        ctx.save_for_backward(x2, w_fc, w_proj, post)
+        ctx.blocks = blocks
+        return (post @ w_proj.mT).reshape(*x.shape[:-1], w_proj.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, w_fc, w_proj, post = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        dpre = _relu2_matmul(g2, w_proj, post, ctx.blocks)
+        dx = (dpre @ w_fc).reshape(*grad.shape[:-1], w_fc.shape[1])
+        return dx, dpre.mT @ x2, g2.mT @ post, None
+
+
+def relu2_mlp_triton(x, w_fc, w_proj, *, blocks=(128, 128, 32)):
+    return _Relu2MLP.apply(x, w_fc, w_proj, blocks)
+
+
+def relu2_mlp(x, w_fc, w_proj):
+    """relu(x @ w_fc.T)^2 @ w_proj.T; x (..., dim), w_fc (hidden, dim), w_proj (dim, hidden) as in nn.Linear."""
+    return relu2_mlp_triton(x, w_fc, w_proj) if _use_triton(x) else relu2_mlp_reference(x, w_fc, w_proj)
+
+
+# --- Softcapped multi-token cross-entropy
+
+
+def softcap(logits, cap=SOFTCAP):
+    """The logits the model predicts with (fp32): A * sigmoid((z + B) / C)."""
+    a, b, c = cap
+    return a * torch.sigmoid((logits.float() + b) / c)
+
+
+def softcap_cross_entropy_reference(logits, targets, weights, cap=SOFTCAP):
+    u = softcap(logits, cap)
+    picked = u.gather(1, targets.clamp(min=0))
+    per_target = (u.logsumexp(1, keepdim=True) - picked) * weights.float()
+    return torch.where(targets >= 0, per_target, 0.0).sum(1)
+
+
+class _SoftcapCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, weights, cap, block_v):
+        (n, v), k = logits.shape, targets.shape[1]
+        assert logits.stride(1) == 1 and targets.stride(1) == 1 and weights.is_contiguous() and len(weights) == k
+        loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+        dz = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        _softcap_ce_kernel[(n,)](logits, targets, weights, loss, dz, v, k, logits.stride(0), targets.stride(0),
+                                 dz.stride(0), *map(float, cap), BLOCK_V=block_v,
+                                 BLOCK_K=triton.next_power_of_2(k), num_warps=4)
+        ctx.save_for_backward(dz)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (dz,) = ctx.saved_tensors
+        return dz * grad_loss[:, None].to(dz.dtype), None, None, None, None
+
+
+def softcap_cross_entropy_triton(logits, targets, weights, cap=SOFTCAP, *, block_v=1024):
+    return _SoftcapCrossEntropy.apply(logits, targets, weights, cap, block_v)
+
+
+def softcap_cross_entropy(logits, targets, weights, cap=SOFTCAP):
+    """Per-row loss (N,): sum_k weights[k] * CE(softcap(logits), targets[:, k]) over targets != -1.
+    logits (N, V) before the softcap; targets (N, K) int64, column k = the token k+1 ahead, -1 = ignored."""
+    if _use_triton(logits):
+        return softcap_cross_entropy_triton(logits, targets, weights, cap)
+    return softcap_cross_entropy_reference(logits, targets, weights, cap)
+
+
+# --- FP8 lm_head (training only, sm89+): e4m3 inputs, e5m2 output grads, fixed per-tensor scales, each mapping the
+# tensor's expected max |value| to the format's max. modded-nanogpt: x_scale=100/448, w_scale=1.6/448 and
+# grad_scale=0.75/448/grad_accum for a loss summed over tokens (with a mean loss, also divide by the tokens per step).
+# CUDA's _scaled_mm needs every dim a multiple of 16. torch's CPU build runs _scaled_mm too, which the tests use;
+# only speed and CUDA's layout rules are GPU-only.
+
+
+def fp8_supported(device):
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_quantize(t, scale, dtype):
+    """t / scale in an fp8 format, saturated: unclamped, an overflow becomes inf in e5m2 (e4m3fn has no inf)."""
+    limit = torch.finfo(dtype).max
+    return (t / scale).clamp(-limit, limit).to(dtype)
+
+
+def fp8_dequantize(t8, scale):
+    return t8.float() * scale
+
+
+class _FP8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, x_scale, w_scale, grad_scale):
+        x8 = fp8_quantize(x.reshape(-1, x.shape[-1]), x_scale, torch.float8_e4m3fn)
+        w8 = fp8_quantize(w, w_scale, torch.float8_e4m3fn)
+        ctx.save_for_backward(x8, w8)
+        ctx.scales = x_scale, w_scale, grad_scale
+        # _scaled_mm wants a row-major first and a column-major second operand: w8 (out, in) row-major gives w8.mT.
+        out = torch._scaled_mm(x8, w8.mT, scale_a=x8.new_tensor(x_scale, dtype=torch.float32),
+                               scale_b=x8.new_tensor(w_scale, dtype=torch.float32), out_dtype=x.dtype,
+                               use_fast_accum=True)
+        return out.reshape(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x8, w8 = ctx.saved_tensors
+        x_scale, w_scale, grad_scale = (x8.new_tensor(s, dtype=torch.float32) for s in ctx.scales)
+        g8 = fp8_quantize(grad.reshape(-1, grad.shape[-1]).contiguous(), ctx.scales[2], torch.float8_e5m2)
+        grad_x = torch._scaled_mm(g8, w8.mT.contiguous().mT, scale_a=grad_scale, scale_b=w_scale,
+                                  out_dtype=grad.dtype)
+        grad_w = torch._scaled_mm(g8.mT.contiguous(), x8.mT.contiguous().mT, scale_a=grad_scale, scale_b=x_scale,
+                                  out_dtype=torch.float32)
+        return grad_x.reshape(*grad.shape[:-1], w8.shape[1]), grad_w, None, None, None
+
+
+def fp8_linear(x, w, x_scale, w_scale, grad_scale):
+    """x @ w.T (w in nn.Linear layout (out, in)) with fp8 matmuls in forward and backward; use where
+    fp8_supported(x.device), else a plain matmul."""
+    return _FP8Linear.apply(x, w, x_scale, w_scale, grad_scale)
+
+
+# =============================================================================================================
+# 4. Attention over packed documents: one entry point, four backends (FA3, FA2, flex_attention, SDPA).
+#
+# Documents are packed into one (T, H, D) sequence and described by cu_seqlens, int32 (n+1,): document d holds
+# tokens cu_seqlens[d]:cu_seqlens[d+1]. Its length is static: unused tail entries repeat T (empty documents), so
+# torch.compile sees the same shapes every step. The mask, identical for every backend: query i attends key j iff
+#     doc(j) == doc(i)  and  j <= i  and  i - j <= window
+# so a query sees itself plus up to `window` earlier tokens of its own document; window None or < 0 means plain
+# causal attention within the document. This is FlashAttention's window_size=(window, 0) with causal=True.
+
+ATTENTION_BACKENDS = ("fa3", "fa2", "flex", "sdpa")  # the order "auto" tries them in
+
+_FLASH = {}  # "fa3"/"fa2" -> FA's interface module, or the exception loading it raised (tried once per process)
+
+
+def _load_fa3():
+    """FA3's interface (flash_attn_varlen_func, flash_attn_with_kvcache) from the HF kernels hub (cached in the HF
+    cache; offline it fails in seconds)."""
+    from kernels import get_kernel
+    if torch.cuda.get_device_capability()[0] == 9:
+        try:  # faster on Hopper; a personal repo, not a hub-trusted organisation: kernels>=0.14 wants the opt-in
+            module = get_kernel("varunneal/flash-attention-3", revision="main", trust_remote_code=True)
+            return getattr(module, "flash_attn_interface", module)
+        except Exception:
+            pass  # the kernels-community build below also covers Hopper
+    module = get_kernel("kernels-community/flash-attn3", version=1)
+    return getattr(module, "flash_attn_interface", module)
+
+
+def _load_fa2():
+    import flash_attn
+    return flash_attn
+
+
+def _flash_func(name, func="flash_attn_varlen_func"):
+    if name not in _FLASH:
+        try:
+            _FLASH[name] = _load_fa3() if name == "fa3" else _load_fa2()
+        except Exception as e:  # no network, package missing, no build for this torch/GPU
+            _FLASH[name] = e
+    if isinstance(_FLASH[name], Exception):
+        raise RuntimeError(f"could not load {name}: {_FLASH[name]!r}") from _FLASH[name]
+    return getattr(_FLASH[name], func)
+
+
+def _unavailable(name, device):
+    """Why backend `name` can't train on `device`, or None if it can."""
+    if name == "sdpa":
+        return None
+    if device.type != "cuda":
+        return "flex_attention trains only on CUDA (no CPU backward)" if name == "flex" else "it needs a CUDA GPU"
+    major, minor = torch.cuda.get_device_capability(device)
+    if name == "fa3" and major not in (8, 9):  # the hub builds cover sm80-sm90
+        return f"the hub builds cover sm80-sm90, this GPU is sm{major}{minor}"
+    if name == "fa2" and major < 8:
+        return f"it needs sm80+, this GPU is sm{major}{minor}"
+    if name in ("fa3", "fa2"):
+        try:
+            _flash_func(name)
+        except RuntimeError as e:
+            return str(e)
+    return None
+
+
+def select_attention_backend(device, requested="auto"):
+    """The backend to train with: `requested`, or for "auto" the first of fa3, fa2, flex (CUDA), sdpa that works
+    here. An explicit request that can't run raises RuntimeError saying why."""
+    device = torch.device(device)
+    if requested not in ("auto", *ATTENTION_BACKENDS):
+        raise ValueError(f"unknown attention backend {requested!r}; choose auto, {', '.join(ATTENTION_BACKENDS)}")
+    for name in ATTENTION_BACKENDS if requested == "auto" else (requested,):
+        reason = _unavailable(name, device)
+        if reason is None:
+            return name
+        if requested != "auto":
+            raise RuntimeError(f"attention backend {name!r} can't run on {device}: {reason}")
+
+
+def _document_ids(cu_seqlens, T):
+    """(T,) index of each token's document; right=True sends a token past the empty (repeated) entries."""
+    return torch.searchsorted(cu_seqlens, torch.arange(T, dtype=cu_seqlens.dtype, device=cu_seqlens.device), right=True)
+
+
+def _mask_mod(doc, window):
+    """The mask as a flex_attention mask_mod; SDPA calls it with broadcast index grids."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
+    return mask_mod
+
+
+def _sdpa_attention(q, k, v, cu_seqlens, window, scale, reach, block=256):
+    """SDPA with a boolean mask. When every query's keys lie within `reach` tokens (the window, or the longest
+    document), queries go in blocks that each see only their band of block + reach keys: T*(block+reach) work instead
+    of T*T, which is what makes CPU training with short windows affordable."""
+    T = q.size(0)
+    doc = _document_ids(cu_seqlens, T)
+    if block + reach >= T:  # one dense block
+        pos = torch.arange(T, device=q.device)
+        mask = _mask_mod(doc, window)(None, None, pos[:, None], pos[None, :])
+        q, k, v = (x.transpose(0, 1) for x in (q, k, v))  # (H, T, D)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(0, 1).contiguous()
+    n, span = -(-T // block), block + reach
+    pad = n * block - T
+    # keys get `reach` slots on the left (document -2: matches nothing) and, like the queries, `pad` on the right
+    # (document -1): padded queries see themselves, so no row of the mask is empty
+    doc_q = F.pad(doc, (0, pad), value=-1)
+    doc_k = F.pad(doc, (reach, pad), value=-2)
+    doc_k[reach + T:] = -1
+    k, v = (F.pad(x, (0, 0, 0, 0, reach, pad)) for x in (k, v))
+    kb, vb = (x.unfold(0, span, block).permute(0, 1, 3, 2) for x in (k, v))  # (n, H, span, D)
+    qb = F.pad(q, (0, 0, 0, 0, 0, pad)).view(n, block, *q.shape[1:]).transpose(1, 2)  # (n, H, block, D)
+    qi = torch.arange(n * block, device=q.device).view(n, block)
+    kj = qi[:, :1] - reach + torch.arange(span, device=q.device)  # absolute key position of each band slot
+    mask = (doc_q.view(n, block)[:, :, None] == doc_k.unfold(0, span, block)[:, None, :])
+    mask &= (kj[:, None, :] <= qi[:, :, None]) & (qi[:, :, None] - kj[:, None, :] <= window)
+    y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[:, None], scale=scale)  # (n, H, block, D)
+    return y.transpose(1, 2).reshape(n * block, *q.shape[1:])[:T].contiguous()
+
+
+def _flex_attention(q, k, v, cu_seqlens, window, scale):
+    """Eager form; attention() runs it compiled (eager flex_attention materialises the T x T scores)."""
+    T = q.size(0)
+    block_mask = create_block_mask(_mask_mod(_document_ids(cu_seqlens, T), window), None, None, T, T, device=q.device)
+    # (1, H, T, D) contiguous: inductor's CPU flex template rejects the transposed view
+    q, k, v = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale)[0].transpose(0, 1).contiguous()
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(_flex_attention)  # once per process; a changing window int becomes dynamic after one recompile
+
+
+def _flash_attention(fn, q, k, v, cu_seqlens, max_seqlen, window, scale):
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"FlashAttention needs bf16 or fp16 inputs, got {q.dtype}")
+    cu = cu_seqlens.to(torch.int32).contiguous()
+    out = fn(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q=cu, cu_seqlens_k=cu,
+             max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, softmax_scale=scale, causal=True,
+             window_size=(window, 0))
+    return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the log-sum-exp
+
+
+def attention(q, k, v, cu_seqlens, max_seqlen, window, scale, backend):
+    """Causal sliding-window attention within packed documents (mask defined at the top of this section).
+    q, k, v: (T, H, D); cu_seqlens: int32 (n+1,) document starts ending in T, padded by repeating T; max_seqlen: an
+    upper bound on a document's length (FA sizes its grid with it); window: earlier tokens a query may also see
+    (None or < 0: all of its document); scale: softmax scale; backend: a name from select_attention_backend.
+    Returns (T, H, D), contiguous."""
+    T = q.size(0)
+    window = T if window is None or window < 0 else min(window, T)  # i - j <= T - 1 always holds: plain causal
+    if backend in ("fa3", "fa2"):
+        return _flash_attention(_flash_func(backend), q, k, v, cu_seqlens, max_seqlen,
+                                -1 if window == T else window, scale)
+    if backend == "flex":
+        return _compiled_flex()(q, k, v, cu_seqlens, window, scale)
+    if backend == "sdpa":
+        return _sdpa_attention(q, k, v, cu_seqlens, window, scale, min(window, max(1, max_seqlen) - 1))
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+
+
+def attention_reference(q, k, v, cu_seqlens, window, scale):
+    """Ground truth for attention(): a Python loop over documents with an explicit fp32 softmax. Differentiable."""
+    bounds = cu_seqlens.tolist()
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qd, kd, vd = (x[start:end].float().transpose(0, 1) for x in (q, k, v))  # (H, L, D)
+        i = torch.arange(end - start, device=q.device)
+        allowed = i[:, None] >= i[None, :]
+        if window is not None and window >= 0:
+            allowed &= i[:, None] - i[None, :] <= window
+        scores = (qd @ kd.transpose(1, 2) * scale).masked_fill(~allowed, float("-inf"))
+        p = (scores - scores.amax(-1, keepdim=True)).exp()
+        outs.append(((p / p.sum(-1, keepdim=True)) @ vd).transpose(0, 1).to(q.dtype))
+    return torch.cat(outs)
+
+
+def cached_attention(q, k, v, k_cache, v_cache, lengths, key_span, window, scale, backend):
+    """Attention for decoding: row b of the batch appends S new tokens at positions lengths[b] .. lengths[b] + S - 1
+    of its cache and attends over its cache, with the mask of attention() (key j visible from position i iff
+    j <= i and i - j <= window). q, k, v: (B, S, H, D); k_cache, v_cache: (B, capacity, H, D), written in place;
+    lengths: int32 (B,) tokens cached before this call; key_span: host ints (lo, hi), lo <= the first key any new
+    token may see and hi = max(lengths) + S, so SDPA reads only the window's slice of the cache. FA3/FA2 do all
+    of it in flash_attn_with_kvcache; flex has nothing to add for one new token per row, so it decodes with SDPA."""
+    window = -1 if window is None or window < 0 else window
+    if backend in ("fa3", "fa2"):
+        out = _flash_func(backend, "flash_attn_with_kvcache")(
+            q.to(k_cache.dtype).contiguous(), k_cache, v_cache, k=k.to(k_cache.dtype).contiguous(),
+            v=v.to(k_cache.dtype).contiguous(), cache_seqlens=lengths, softmax_scale=scale, causal=True,
+            window_size=(window, 0))
+        return (out[0] if isinstance(out, tuple) else out).to(q.dtype)
+    B, S = q.shape[:2]
+    pos = lengths.long()[:, None] + torch.arange(S, device=q.device)  # (B, S)
+    rows = torch.arange(B, device=q.device)[:, None]
+    k_cache[rows, pos], v_cache[rows, pos] = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    lo, hi = key_span
+    j = torch.arange(lo, hi, device=q.device)
+    mask = j <= pos[..., None]
+    if window >= 0:
+        mask &= pos[..., None] - j <= window
+    keys, values = (c[:, lo:hi].to(q.dtype).transpose(1, 2) for c in (k_cache, v_cache))  # (B, H, hi - lo, D)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[:, None], scale=scale)
+    return y.transpose(1, 2)
+
+
+# =============================================================================================================
+# 5. Model: modded-nanogpt's architecture, restricted to what a KV cache serves exactly.
+# Left out, and why: paired-head attention (two tokens' heads interleaved into one doubled sequence: a per-token
+# cache cannot hold it), partial key offset (token t's key takes some dims of token t-1's: a cache would have to keep
+# each row's previous unshifted key per layer; left out for now), XSA / MUDD dense connections / DC attention (large
+# extra machinery for small gains at our scales), FP8 MLP (GPU-only, later). models/modded-nanogpt has the first two.
+
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Rotary(nn.Module):
+    """Half-truncated RoPE: the first half of each head's dims rotate (periods from 2*pi to 2*pi*1024 tokens), the
+    second half carry position-free content. `yarn` stretches the slow frequencies when the window grows, and the
+    frequencies live in a buffer so checkpoints (and the KV cache) use exactly the trained ones."""
+
+    def __init__(self, head_dim):
+        super().__init__()
+        n_rot = head_dim // 4
+        freqs = torch.cat([(1 / 1024) ** torch.linspace(0, 1, n_rot), torch.zeros(head_dim // 2 - n_rot)])
+        self.register_buffer("freqs", freqs, persistent=True)
+
+    def yarn(self, old_window, new_window, alpha=1.0, beta=32.0):
+        """Interpolate frequencies that turn fewer than `beta` times inside the old window (YaRN); returns the factor
+        by which the attention scale grows."""
+        rotations = old_window * self.freqs / (2 * math.pi)
+        ramp = ((rotations - alpha) / (beta - alpha)).clamp(0, 1)
+        s = old_window / new_window
+        self.freqs.mul_(s + ramp * (1 - s))
+        return 0.2 * math.log(new_window / old_window) + 1
+
+    def forward(self, x, positions):
+        """x: (..., H, D); positions: (...) positions (only differences matter inside a document)."""
+        angles = positions.to(self.freqs.dtype)[..., None] * self.freqs
+        cos, sin = angles.cos()[..., None, :].to(x.dtype), angles.sin()[..., None, :].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, has_value_embed):
+        super().__init__()
+        inner, dim = cfg.n_heads * cfg.head_dim, cfg.model_dim
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        bound = math.sqrt(3) * 0.5 / math.sqrt(dim)  # uniform with std 0.5/sqrt(dim)
+        self.q, self.k, self.v = (nn.Parameter(torch.empty(inner, dim).uniform_(-bound, bound)) for _ in range(3))
+        self.o = nn.Parameter(torch.zeros(dim, inner))  # zero-init output projections: each block starts as identity
+        self.fc = nn.Parameter(torch.empty(cfg.mlp_mult * dim, dim).uniform_(-bound, bound))
+        self.proj = nn.Parameter(torch.zeros(dim, cfg.mlp_mult * dim))
+        self.attn_gate = nn.Parameter(torch.zeros(cfg.n_heads, 12))  # sparse attention gate, starts at 0.5
+        self.ve_gate = nn.Parameter(torch.zeros(cfg.n_heads, 12)) if has_value_embed else None  # starts at 1
+
+    def forward(self, x, ve, rotary, positions, attn_scale, window, attend):
+        """x: (..., dim) tokens; attend(q, k, v, window, scale): packed attention() or a KV cache's."""
+        h = norm(x)
+        heads = (*x.shape[:-1], self.n_heads, self.head_dim)
+        q, k, v = (h @ self.q.T).view(heads), (h @ self.k.T).view(heads), (h @ self.v.T).view(heads)
+        q, k = rotary(norm(q), positions), rotary(norm(k), positions)  # QK-norm, then rotate
+        if ve is not None:
+            v = v + 2 * torch.sigmoid(h[..., :12] @ self.ve_gate.T)[..., None] * ve.view_as(v)
+        y = attend(q, k, v, window=window, scale=attn_scale)
+        y = y * torch.sigmoid(h[..., :12] @ self.attn_gate.T)[..., None]
+        x = x + y.flatten(-2) @ self.o.T
+        return x + relu2_mlp(norm(x), self.fc, self.proj)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg, vocab_size):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        padded = -(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple  # matmul-friendly rows; extra ids never occur
+        dim, L = cfg.model_dim, cfg.n_layers
+        self.value_embed_layers = [i for i in parse_ints(cfg.value_embed_layers) if i < L]
+        self.long_window_layers = set(i for i in parse_ints(cfg.long_window_layers) if i < L)
+        self.blocks = nn.ModuleList(Block(cfg, i in self.value_embed_layers) for i in range(L))
+        self.lm_head = nn.Parameter(torch.randn(padded, dim) * 0.005)
+        self.embed = nn.Parameter(self.lm_head.detach().clone())  # used once untied; until then lm_head serves both
+        self.value_embeds = nn.Parameter(torch.randn(len(self.value_embed_layers), padded, cfg.n_heads * cfg.head_dim) * 0.01)
+        self.bigram_rows = max(2, int(cfg.bigram_rows_per_vocab * vocab_size))
+        self.bigram_embed = nn.Parameter(torch.zeros(self.bigram_rows, dim))
+        self.smear_gate = nn.Parameter(torch.zeros(12))
+        # residual mixing per block: x = a*x + b*x0 + c*bigram; U-net skips from the first half into the second
+        self.block_lambdas = nn.Parameter(torch.tensor([[1.0, 0.0, 0.05]] * L))
+        self.skip_weights = nn.Parameter(torch.ones(L // 2))
+        self.smear_lambda = nn.Parameter(torch.zeros(()))
+        self.rotary = Rotary(cfg.head_dim)
+        # state that changes during training lives in buffers (saved in checkpoints) mirrored by Python values,
+        # so compiled code sees constants instead of reading tensors
+        self.register_buffer("attn_scale", torch.tensor(cfg.attn_scale))
+        self.register_buffer("tied", torch.tensor(True))
+        self.sync_flags()
+
+    def sync_flags(self):
+        self.is_tied, self.scale = bool(self.tied), float(self.attn_scale)
+
+    # -- training-time structure changes --
+    def untie(self):
+        """Give the input embedding its own weights (a copy of lm_head); the optimizer copies the state too."""
+        with torch.no_grad():
+            self.embed.copy_(self.lm_head)
+        self.tied.fill_(False)
+        self.sync_flags()
+
+    def grow_window(self, old_window, new_window):
+        self.attn_scale.mul_(self.rotary.yarn(old_window, new_window))
+        self.sync_flags()
+
+    def windows(self, short_window, long_window):
+        return [long_window if i in self.long_window_layers else short_window for i in range(self.cfg.n_layers)]
+
+    # -- forward --
+    def bigram_ids(self, ids, prev_ids):
+        """Hash of (previous token, token); a document start (prev_ids < 0) gets the reserved last row."""
+        h = ((36313 * ids) ^ (27191 * prev_ids.clamp(min=0))) % (self.bigram_rows - 1)
+        return torch.where(prev_ids < 0, self.bigram_rows - 1, h)
+
+    def hidden(self, ids, prev_ids, positions, windows, cu_seqlens=None, max_seqlen=None, backend="sdpa", cache=None):
+        """Final hidden states (T, dim) of packed documents. ids: (T,) tokens; prev_ids: (T,) previous token in the
+        same document or -1; positions: (T,) RoPE positions; windows: per layer; cu_seqlens/max_seqlen: see attention.
+        With a KVCache instead: ids, prev_ids, positions are (B, S), new tokens appended to each row's cache.
+        Everything but attention is per token, given its previous token: the two paths compute the same thing."""
+        embed = self.lm_head if self.is_tied else self.embed
+        e = F.embedding(ids, embed)
+        # smear: each token takes a gated share of the previous token's embedding (not across documents)
+        before = F.embedding(prev_ids.clamp(min=0), embed)
+        before = torch.where((prev_ids >= 0)[..., None], before, torch.zeros_like(before))
+        e = e + self.smear_lambda * torch.sigmoid(e[..., :12] @ self.smear_gate)[..., None] * before
+        x = x0 = norm(e)
+        bigram = F.embedding(self.bigram_ids(ids, prev_ids), self.bigram_embed)
+        skips, L = [], self.cfg.n_layers
+        for i, block in enumerate(self.blocks):
+            if i >= L - L // 2 and skips:
+                x = x + self.skip_weights[L - 1 - i] * skips.pop()
+            a, b, c = self.block_lambdas[i]
+            x = a * x + b * x0 + c * bigram
+            ve = F.embedding(ids, self.value_embeds[self.value_embed_layers.index(i)]) if i in self.value_embed_layers else None
+            attend = (functools.partial(cache.attend, i) if cache is not None else
+                      functools.partial(attention, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=backend))
+            x = block(x, ve, self.rotary, positions, self.scale, windows[i], attend)
+            if i < L // 2:
+                skips.append(x)
+        return norm(x)
+
+    def logits(self, h):
+        return softcap(h @ self.lm_head[:self.vocab_size].T, self.cfg.softcap)
+
+    def decode(self, ids, cache, windows, last_only=False):
+        """Logits (B, S, vocab) of ids (B, S) appended to the rows of a KVCache (prefill: S = prompt length), or
+        (B, 1, vocab) of the last token only."""
+        prev = torch.cat([cache.last_ids[:, None], ids[:, :-1]], dim=1)
+        positions = cache.lengths.long()[:, None] + torch.arange(ids.size(1), device=ids.device)
+        h = self.hidden(ids, prev, positions, windows, cache=cache)
+        cache.advance(ids)
+        return self.logits(h[:, -1:] if last_only else h)
+
+
+def param_label(name):
+    """Optimizer label of a parameter: selects its update rule, lr and weight decay in LABELS."""
+    leaf = name.rsplit(".", 1)[-1]
+    if name.startswith("blocks."):
+        return {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "fc": "mlp_fc", "proj": "mlp_proj"}.get(leaf, "gate")
+    return {"lm_head": "lm_head", "embed": "embed", "value_embeds": "value_embed", "bigram_embed": "bigram",
+            "smear_gate": "gate"}.get(leaf, "scalar")
+
+
+def optimizer_labels(cfg):
+    """Per-label update rule, lr and weight decay: modded-nanogpt's table. Our weight decay is linear in lr, so its
+    values are modded's quadratic ones taken at lr factor 1; mlp_proj gets x4 where modded's (3072, 768) storage gets
+    x2 from its shape and x2 more."""
+    muon = lambda lr_mul=1.0: dict(kind="normuon", lr=cfg.muon_lr, lr_mul=lr_mul, wd=cfg.muon_wd)
+    adam = lambda betas, lr_mul=1.0, wd_mul=0.0: dict(kind="adam", lr=cfg.adam_lr, lr_mul=lr_mul, wd=cfg.adam_wd, wd_mul=wd_mul, betas=betas)
+    return {"attn": muon(), "mlp_fc": muon(), "mlp_proj": muon(4.0),
+            "lm_head": adam((0.5, 0.95), wd_mul=1.0), "embed": adam((0.5, 0.95), wd_mul=1.0),
+            "value_embed": adam((0.75, 0.95), 75, 2.5), "bigram": adam((0.75, 0.95), 75, 2.5),
+            "gate": adam((0.9, 0.99)), "scalar": adam((0.9, 0.99), 5)}
+
+
+def make_optimizer(model, cfg):
+    return NorMuonAdam(list(model.named_parameters()), param_label, optimizer_labels(cfg))
+
+
+# =============================================================================================================
+# 6. Optimizer: NorMuon (Polar Express) for matrices, Adam for everything else, sharded across ranks
+
+# Polar Express (Amsel et al., arXiv:2505.16932): per iteration, the odd polynomial p(x) = a x + b x^3 + c x^5 applied
+# to the singular values. Computed for 5 iterations, safety factor 2e-2, cushion 2 (the set modded-nanogpt uses).
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def polar_express(G, steps=5, dtype=None):
+    """Approximately orthogonalise G (..., rows, cols), batched over the leading dims: U S V^T -> U V^T, with the
+    singular values landing near 1 rather than exactly on it. Runs in `dtype`: default bf16 on CUDA, fp32 elsewhere
+    (bf16 matmuls are ~100x slower on a CPU). Returns a tensor of that dtype."""
+    assert 1 <= steps <= len(POLAR_EXPRESS_COEFFS), steps
+    dtype = dtype or (torch.bfloat16 if G.is_cuda else torch.float32)
+    # Iterate on the wide orientation so the Gram matrix A = X X^T is the small one (an odd polynomial commutes with
+    # transposition); contiguous because the Gram kernels expect row-major input.
+    tall = G.size(-2) > G.size(-1)
+    X = (G.mT if tall else G).to(dtype).contiguous()
+    # The Frobenius norm bounds the spectral norm; the 2% extra keeps it below 1 after bf16 rounding.
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
+        B = ba_plus_caa(xxt(X), b, c)  # b A + c A^2
+        X = torch.matmul(B, X).add_(X, alpha=a)  # a X + b X X^T X + c (X X^T)^2 X
+    return X.mT if tall else X
+
+
+def muon_momentum(step, total_steps, warmup=300, cooldown=50, low=0.85, high=0.95):
+    """NorMuon momentum: linear low->high over the first `warmup` steps, high->low over the last `cooldown` steps."""
+    if step < warmup:
+        return low + (high - low) * step / warmup
+    if step > total_steps - cooldown:
+        return high - (high - low) * (step - (total_steps - cooldown)) / cooldown
+    return high
+
+
+def normuon_update(p, g, momentum, second_moment, mu, beta2, lr, wd, eps=1e-10):
+    """One NorMuon step on a chunk of matrices (n, rows, cols), all fp32. Updates the two state buffers in place and
+    returns the new parameter values. second_moment is (n, rows, 1) if rows >= cols else (n, 1, cols)."""
+    momentum.lerp_(g, 1 - mu)  # EMA form: buf = mu buf + (1 - mu) g
+    V = polar_express(g.lerp(momentum, mu)).float()  # Nesterov: (1 - mu) g + mu buf
+    # NorMuon: divide each row (or column, whichever dim is larger) by its running RMS, then restore the
+    # orthogonalised update's Frobenius norm so only the distribution across neurons changes.
+    red_dim = -1 if V.size(-2) >= V.size(-1) else -2
+    second_moment.lerp_(V.square().mean(dim=red_dim, keepdim=True), 1 - beta2)
+    norm = V.norm(dim=(-2, -1), keepdim=True)
+    V = V * second_moment.clamp_min(eps).rsqrt()
+    V = V * (norm / V.norm(dim=(-2, -1), keepdim=True).clamp_min(eps))
+    # Cautious weight decay: only shrink weights the update is already pushing towards zero (same sign: p -= lr V;
+    # a zero update pushes nowhere, so a zero gradient leaves the weights alone).
+    # Decay lr*wd is linear in lr (decoupled AdamW convention, as nanochat), so wd keeps its meaning whatever the
+    # base lr and schedule are; modded-nanogpt's decay is quadratic in the scheduled lr (wd_lin = 0.023*1.2 there).
+    mask = (V * p) > 0
+    return p - lr * (V + wd * mask * p)
+
+
+def adam_update(p, g, exp_avg, exp_avg_sq, step, betas, lr, wd, eps=1e-10):
+    """One bias-corrected Adam step (torch.optim.Adam's arithmetic) with cautious weight decay, all fp32. Updates the
+    moments in place and returns the new parameter values. Decay is lr*wd, linear in lr (see normuon_update)."""
+    beta1, beta2 = betas
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    # eps is added to the bias-corrected sqrt(v), as torch does (modded adds it before the correction; at 1e-10 moot)
+    denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
+    update = exp_avg / denom * (lr / (1 - beta1 ** step))
+    mask = (update * p) > 0
+    return p - update - lr * wd * mask * p
+
+
+@dataclasses.dataclass
+class OptimLabel:
+    """Settings shared by every parameter with this label. Effective lr = lr * lr_mul * lr_factor (the schedule),
+    times max(1, rows/cols)**0.5 for NorMuon; effective decay = wd * wd_mul (applied as lr * decay)."""
+    kind: str  # "normuon" (matrices) or "adam"
+    lr: float
+    wd: float = 0.0
+    lr_mul: float = 1.0
+    wd_mul: float = 1.0
+    betas: tuple = (0.9, 0.95)  # Adam only
+
+
+class _Group:
+    """Parameters updated together: their tensors viewed as rows of shape `tail` ((rows, cols) matrices for NorMuon,
+    single elements for Adam) and stacked along dim 0. When sharded, the row count is padded with zero rows to a
+    multiple of the world size and rank r updates rows [r*chunk, (r+1)*chunk); otherwise every rank updates all."""
+
+    def __init__(self, label, spec, tail, sharded):
+        self.label, self.spec, self.tail, self.sharded = label, spec, tuple(tail), sharded
+        self.names, self.params = [], []
+        self.step = 0  # optimizer steps this group took (bias correction)
+
+    def finalize(self, world, rank):
+        self.rows = [p.numel() // math.prod(self.tail) for p in self.params]
+        self.offsets = [sum(self.rows[:i]) for i in range(len(self.rows))]
+        self.n = sum(self.rows)
+        self.shards = world if self.sharded else 1
+        self.chunk = -(-self.n // self.shards)
+        self.start = rank * self.chunk if self.sharded else 0
+        p0 = self.params[0]
+        if self.spec.kind == "normuon":
+            r, c = self.tail
+            self.state_tails = {"momentum": (r, c), "second_moment": (r, 1) if r >= c else (1, c)}
+        else:
+            self.state_tails = {"exp_avg": (), "exp_avg_sq": ()}
+        self.state = {k: torch.zeros(self.chunk, *t, device=p0.device) for k, t in self.state_tails.items()}
+
+    def rows_of(self, tensors, pad_to, start=0, stop=None):
+        """Rows [start, stop) of the stacked `tensors` (one per param, or None = zeros), zero-padded to `pad_to` rows,
+        as a new contiguous tensor. Only the overlapping parts of each tensor are read."""
+        stop = self.n if stop is None else min(stop, self.n)
+        ref = self.params[0]
+        parts = []
+        for t, p, off, rows in zip(tensors, self.params, self.offsets, self.rows):
+            a, b = max(start, off), min(stop, off + rows)
+            if a < b:
+                parts.append(torch.zeros(b - a, *self.tail, dtype=ref.dtype, device=ref.device) if t is None
+                             else t.detach().reshape(-1, *self.tail)[a - off:b - off])
+        pad = pad_to - sum(x.size(0) for x in parts)
+        parts.append(torch.zeros(pad, *self.tail, dtype=parts[0].dtype if parts else ref.dtype, device=ref.device))
+        return torch.cat(parts)
+
+    def full_shape(self, p, key):
+        """Shape of parameter p's unsharded state `key`: p's leading dims, then the per-row state shape."""
+        return p.shape[:p.ndim - len(self.tail)] + self.state_tails[key]
+
+
+def _launch(collective, *tensors, **kwargs):
+    """Start an async collective. gloo silently reduces the wrong memory for non-contiguous tensors: refuse them."""
+    assert all(t.is_contiguous() for t in tensors), "collective on a non-contiguous tensor"
+    return collective(*tensors, async_op=True, **kwargs)
+
+
+class NorMuonAdam:
+    """NorMuon for matrix parameters, Adam for the rest, ZeRO-style across the ranks of the default process group
+    (set up by the caller; without one the world is this process).
+
+    named_params: (name, parameter) pairs. label_of: name -> label, either a function or a list of (regex, label)
+    pairs, the first whose regex fully matches the name wins. labels: label -> dict of OptimLabel fields.
+
+    Communication: NorMuon matrices are grouped by (label, shape) into banks whose gradients are reduce-scattered so
+    each rank orthogonalises whole matrices of its own, then all-gathered. Adam parameters of a label are flattened
+    and concatenated: the big ones (numel >= shard_numel) are reduce-scattered and all-gathered the same way (Adam is
+    elementwise, so shards need not follow dim 0), the small ones all-reduced and updated on every rank. Every
+    reduction is launched before the first update and waited for just before its group's update, and each gather
+    right after it, so communication overlaps the optimizer math. Launching the reductions from post-accumulate-grad
+    hooks would overlap them with the backward pass too; a possible next step.
+
+    A group whose parameters all have no gradient skips the step (no state change); a missing gradient in a group
+    that does step counts as zero. Which gradients exist must be the same on every rank (it is for a fixed model).
+    """
+
+    def __init__(self, named_params, label_of, labels, beta2=0.9, eps=1e-10, shard_numel=16384):
+        if not callable(label_of):
+            table = [(re.compile(pattern), label) for pattern, label in label_of]
+            label_of = lambda name: next((lab for rx, lab in table if rx.fullmatch(name)), None)
+        self.labels = {k: OptimLabel(**v) if isinstance(v, dict) else v for k, v in labels.items()}
+        self.beta2, self.eps = beta2, eps
+        distributed = dist.is_available() and dist.is_initialized()
+        self.world, self.rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        groups, self.where = {}, {}
+        for name, p in named_params:
+            if not p.requires_grad:
+                continue
+            label = label_of(name)
+            if label not in self.labels:
+                raise ValueError(f"parameter {name!r}: no label in the table ({', '.join(self.labels)}) matches (got {label!r})")
+            spec = self.labels[label]
+            assert p.is_contiguous(), f"{name}: the optimizer writes parameters through views"
+            if spec.kind == "normuon":
+                assert p.ndim >= 2, f"{name}: NorMuon needs a matrix (or a stack of them), got shape {tuple(p.shape)}"
+                key, tail, sharded = (label, p.dtype, "matrix", *p.shape[-2:]), p.shape[-2:], True
+            elif spec.kind == "adam":
+                sharded = p.numel() >= shard_numel
+                key, tail = (label, p.dtype, "sharded" if sharded else "replicated"), ()
+            else:
+                raise ValueError(f"label {label!r}: kind must be 'normuon' or 'adam', got {spec.kind!r}")
+            group = groups.setdefault(key, _Group(label, spec, tail, sharded and self.world > 1))
+            self.where[name] = (group, len(group.params))
+            group.names.append(name)
+            group.params.append(p)
+        self.groups = list(groups.values())
+        for group in self.groups:
+            group.finalize(self.world, self.rank)
+
+    @torch.no_grad()
+    def step(self, lr_factor=1.0, muon_momentum=0.95):
+        """Update every parameter from its .grad, averaged over the ranks here. lr_factor multiplies every label's lr
+        and muon_momentum is NorMuon's mu (both schedules are the caller's, e.g. muon_momentum() above)."""
+        active = [g for g in self.groups if any(p.grad is not None for p in g.params)]
+        # 1. Launch every reduction.
+        pending = []
+        for g in active:
+            grads = g.rows_of([p.grad for p in g.params], g.shards * g.chunk)
+            if self.world == 1:
+                pending.append((grads, None))
+            elif g.sharded:
+                chunk = grads.new_empty(g.chunk, *g.tail)
+                pending.append((chunk, _launch(dist.reduce_scatter_tensor, chunk, grads, op=dist.ReduceOp.AVG)))
+            else:
+                pending.append((grads, _launch(dist.all_reduce, grads, op=dist.ReduceOp.AVG)))
+        # 2. Per group: wait for its gradients, update this rank's rows, launch the gather.
+        gathers = []
+        for g, (grad, work) in zip(active, pending):
+            if work is not None:
+                work.wait()
+            g.step += 1
+            spec, grad = g.spec, grad.float()
+            p = g.rows_of(g.params, g.chunk, g.start, g.start + g.chunk).float()
+            lr, wd = spec.lr * spec.lr_mul * lr_factor, spec.wd * spec.wd_mul
+            if spec.kind == "normuon":
+                rows, cols = g.tail
+                new = normuon_update(p, grad, g.state["momentum"], g.state["second_moment"], muon_momentum,
+                                     self.beta2, lr * max(1.0, rows / cols) ** 0.5, wd, self.eps)
+            else:
+                new = adam_update(p, grad, g.state["exp_avg"], g.state["exp_avg_sq"], g.step, spec.betas, lr, wd, self.eps)
+            new = new.to(g.params[0].dtype)
+            if g.sharded:
+                full = new.new_empty(g.shards * g.chunk, *g.tail)
+                gathers.append((g, full, _launch(dist.all_gather_into_tensor, full, new)))
+            else:
+                gathers.append((g, new, None))
+        # 3. Write the gathered rows back into the parameters.
+        for g, full, work in gathers:
+            if work is not None:
+                work.wait()
+            for p, off, rows in zip(g.params, g.offsets, g.rows):
+                p.view(-1, *g.tail).copy_(full[off:off + rows])
+
+    def zero_grad(self, set_to_none=True):
+        for g in self.groups:
+            for p in g.params:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
+
+    # -- checkpoints: full (unsharded) state keyed by parameter name, so N ranks can resume on M --
+    def _group_state(self, g):
+        """{key: state for all g.n rows} on every rank (a collective when sharded)."""
+        out = {}
+        for key, t in g.state.items():
+            if g.sharded:
+                full = t.new_empty(g.shards * g.chunk, *t.shape[1:])
+                _launch(dist.all_gather_into_tensor, full, t).wait()
+                t = full[:g.n]
+            out[key] = t
+        return out
+
+    def _param_states(self, g):
+        """{name: {key: full state shaped for that parameter, "step": int}} for the parameters of group g."""
+        full = self._group_state(g)
+        return {name: {**{k: t[off:off + rows].reshape(g.full_shape(p, k)) for k, t in full.items()}, "step": g.step}
+                for name, p, off, rows in zip(g.names, g.params, g.offsets, g.rows)}
+
+    def _set_param_state(self, name, state):
+        g, i = self.where[name]
+        for key in g.state:
+            want = g.full_shape(g.params[i], key)
+            if key not in state or tuple(state[key].shape) != tuple(want):
+                got = tuple(state[key].shape) if key in state else "missing"
+                raise ValueError(f"optimizer state {name}.{key}: expected shape {tuple(want)}, got {got}")
+            # Write the overlap of this parameter's rows with this rank's chunk.
+            a, b = max(g.start, g.offsets[i]), min(g.start + g.chunk, g.offsets[i] + g.rows[i])
+            if a < b:
+                src = state[key].reshape(-1, *g.state_tails[key])[a - g.offsets[i]:b - g.offsets[i]]
+                g.state[key][a - g.start:b - g.start].copy_(src)
+        g.step = int(state["step"])
+
+    def state_dict(self):
+        """{"state": {param name: {state tensors (full, CPU), "step": int}}}: plain tensors and ints, loadable with
+        torch.load(weights_only=True). A collective: every rank must call it (each gets the whole dict)."""
+        state = {}
+        for g in self.groups:
+            for name, st in self._param_states(g).items():
+                state[name] = {k: v.cpu().clone() if torch.is_tensor(v) else v for k, v in st.items()}
+        return {"state": state}
+
+    def load_state_dict(self, sd):
+        """Load a state_dict saved with any number of ranks. Every rank passes the whole dict."""
+        missing, extra = set(self.where) - set(sd["state"]), set(sd["state"]) - set(self.where)
+        if missing or extra:
+            raise ValueError(f"optimizer state does not match the parameters: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        for g in self.groups:
+            steps = {int(sd["state"][name]["step"]) for name in g.names}
+            if len(steps) > 1:
+                raise ValueError(f"parameters of one optimizer group ({', '.join(g.names)}) have different step counts {steps}")
+            for name in g.names:
+                self._set_param_state(name, sd["state"][name])
+
+    def copy_state(self, src, dst):
+        """Give parameter `dst` the optimizer state of `src` (same shape and kind), e.g. an input embedding untied from
+        lm_head. dst's whole group takes src's step count. A collective when either is sharded."""
+        self._set_param_state(dst, self._param_states(self.where[src][0])[src])
+
+
+# =============================================================================================================
+# 7. Data: readers of every format (the writers are data/*.py; formats in data/README.md), the pretraining loader
+
+TOKEN_FILE_MAGIC, TOKEN_FILE_VERSION, HEADER_INTS = 20240520, 1, 256
+FORMAT_VERSIONS = {"pretrain": 1, "core": 1, "sft": 1, "chat_eval": 2}
+
+
+class DataFormatError(Exception):
+    """A prepared file is missing or malformed; the message names the file."""
+
+
+class Tokenizer:
+    """The tokenizer written by data/tokenizer.py: tiktoken ranks in base64 text, JSON metadata, byte counts."""
+
+    def __init__(self, tok_dir):
+        import tiktoken
+        meta = read_json(os.path.join(tok_dir, "tokenizer.json"))
+        if meta.get("version") != 1:
+            raise DataFormatError(f"{tok_dir}/tokenizer.json: tokenizer version {meta.get('version')} is not 1")
+        bpe_path = os.path.join(tok_dir, "tokenizer.tiktoken")
+        ranks = {}
+        for lineno, line in enumerate(read_bytes(bpe_path).splitlines(), 1):
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:
+                raise DataFormatError(f"{bpe_path}:{lineno}: expected '<base64 token> <rank>'") from None
+        self.special_tokens = meta["special_tokens"]
+        self.enc = tiktoken.Encoding("decoderstack", pat_str=meta["pattern"], mergeable_ranks=ranks, special_tokens=self.special_tokens)
+        self.vocab_size, self.bos_id = self.enc.n_vocab, self.special_tokens["<|bos|>"]
+        if self.vocab_size != meta["vocab_size"]:
+            raise DataFormatError(f"{tok_dir}/tokenizer.json: vocab_size {meta['vocab_size']}, but the files define {self.vocab_size} tokens")
+        self.sha256 = meta["tiktoken_sha256"]
+        self.token_bytes = load_npy(os.path.join(tok_dir, "token_bytes.npy"), np.int32, (self.vocab_size,))
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids):
+        return self.enc.decode([int(i) for i in ids])
+
+    def special(self, name):
+        return self.special_tokens[name]
+
+
+def read_bytes(path):
+    if not os.path.isfile(path):
+        raise DataFormatError(f"{path}: missing")
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_json(path):
+    try:
+        return json.loads(read_bytes(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataFormatError(f"{path}: malformed JSON ({e})") from None
+
+
+def load_npy(path, dtype, shape=None):
+    """A plain .npy array (never unpickled) of the given dtype and, where given, shape (None = any size)."""
+    if not os.path.isfile(path):
+        raise DataFormatError(f"{path}: missing")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise DataFormatError(f"{path}: not a plain .npy array ({e})") from None
+    if arr.dtype != np.dtype(dtype) or (shape is not None and (arr.ndim != len(shape) or any(s is not None and s != a for s, a in zip(shape, arr.shape)))):
+        raise DataFormatError(f"{path}: expected {np.dtype(dtype)} array of shape {shape}, got {arr.dtype} {arr.shape}")
+    return arr
+
+
+def read_token_file(path, vocab_size, check_ids=True):
+    """Memory-map a token file after checking its header against the file size and the tokenizer."""
+    if not os.path.isfile(path):
+        raise DataFormatError(f"{path}: missing")
+    size = os.path.getsize(path)
+    if size < HEADER_INTS * 4:
+        raise DataFormatError(f"{path}: truncated header ({size} bytes, expected at least {HEADER_INTS * 4})")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    magic, version, n_tokens, width, file_vocab, _bos = (int(x) for x in header[:6])
+    if magic != TOKEN_FILE_MAGIC:
+        raise DataFormatError(f"{path}: bad magic {magic} (expected {TOKEN_FILE_MAGIC}): not a DecoderStack token file")
+    if version != TOKEN_FILE_VERSION:
+        raise DataFormatError(f"{path}: token file version {version}, this reader knows {TOKEN_FILE_VERSION}")
+    if width not in (2, 4) or width != (2 if file_vocab <= 65536 else 4):
+        raise DataFormatError(f"{path}: {width} bytes per token does not fit vocab_size {file_vocab}")
+    if file_vocab != vocab_size:
+        raise DataFormatError(f"{path}: written for vocab_size {file_vocab}, but the tokenizer has {vocab_size}")
+    if size != HEADER_INTS * 4 + n_tokens * width:
+        raise DataFormatError(f"{path}: header says {n_tokens} tokens ({HEADER_INTS * 4 + n_tokens * width} bytes), file has {size} bytes (truncated?)")
+    tokens = np.memmap(path, dtype="<u2" if width == 2 else "<u4", mode="r", offset=HEADER_INTS * 4, shape=(n_tokens,))
+    if check_ids and n_tokens and int(tokens.max()) >= vocab_size:
+        raise DataFormatError(f"{path}: token id {int(tokens.max())} >= vocab_size {vocab_size}")
+    return tokens
+
+
+def read_manifest(directory, fmt, tokenizer):
+    path = os.path.join(directory, "manifest.json")
+    manifest = read_json(path)
+    if manifest.get("format") != fmt or manifest.get("version") != FORMAT_VERSIONS[fmt]:
+        raise DataFormatError(f"{path}: expected format {fmt!r} version {FORMAT_VERSIONS[fmt]}, got {manifest.get('format')!r} version {manifest.get('version')}")
+    if manifest.get("tokenizer_sha256") != tokenizer.sha256:
+        raise DataFormatError(f"{path}: written with a different tokenizer than {tokenizer.sha256[:12]}... (re-prepare the data)")
+    return manifest
+
+
+def pretrain_shards(data_dir, tokenizer, split):
+    """Paths of the `split` ('train' or 'val') pretraining shards, in order, after checking every header."""
+    directory = os.path.join(data_dir, "pretrain")
+    manifest = read_manifest(directory, "pretrain", tokenizer)
+    paths = [os.path.join(directory, s["file"]) for s in manifest["shards"] if s["split"] == split]
+    if not paths:
+        raise DataFormatError(f"{directory}/manifest.json: no {split} shards")
+    for p in paths:
+        read_token_file(p, tokenizer.vocab_size, check_ids=False)
+    return paths
+
+
+@dataclasses.dataclass
+class CoreData:
+    tasks: list          # manifest task dicts: label, task_type, num_fewshot, random_baseline, first_example, n_examples
+    tokens: np.ndarray     # token segments back to back
+    sequences: np.ndarray  # [n_seq, 6] offset_a, len_a, offset_b, len_b, cont_start, cont_end: sequence = a ++ b
+    examples: np.ndarray   # [n_ex, 4] task, gold, first sequence, number of sequences
+    max_len: int
+
+    def sequence(self, i):
+        """(tokens, cont_start, cont_end) of sequence i."""
+        off_a, len_a, off_b, len_b, start, end = (int(x) for x in self.sequences[i])
+        return np.concatenate([self.tokens[off_a:off_a + len_a], self.tokens[off_b:off_b + len_b]]).astype(np.int64), start, end
+
+
+def load_core(data_dir, tokenizer):
+    directory = os.path.join(data_dir, "core")
+    manifest = read_manifest(directory, "core", tokenizer)
+    tokens = read_token_file(os.path.join(directory, "tokens.bin"), tokenizer.vocab_size)
+    sequences = load_npy(os.path.join(directory, "sequences.npy"), np.int64, (None, 6))
+    examples = load_npy(os.path.join(directory, "examples.npy"), np.int64, (None, 4))
+    n_tasks = len(manifest["tasks"])
+    if len(sequences) and max((sequences[:, 0] + sequences[:, 1]).max(), (sequences[:, 2] + sequences[:, 3]).max()) > len(tokens):
+        raise DataFormatError(f"{directory}/sequences.npy: a segment runs past the end of tokens.bin")
+    if len(examples) and ((examples[:, 0] >= n_tasks).any() or (examples[:, 2] + examples[:, 3]).max() > len(sequences)):
+        raise DataFormatError(f"{directory}/examples.npy: a row points past the tasks or sequences")
+    return CoreData(manifest["tasks"], tokens, sequences, examples, manifest["max_len"])
+
+
+@dataclasses.dataclass
+class SFTSplit:
+    tokens: np.ndarray  # conversations back to back, each starting with BOS
+    mask: np.ndarray    # uint8, 1 where the token is a training target
+    convs: np.ndarray   # [n_convs + 1] start offsets, then n_tokens
+
+    def conversation(self, i):
+        a, b = int(self.convs[i]), int(self.convs[i + 1])
+        return np.asarray(self.tokens[a:b], dtype=np.int64), np.asarray(self.mask[a:b], dtype=np.int64)
+
+
+def load_sft(data_dir, tokenizer, split):
+    directory = os.path.join(data_dir, "sft")
+    read_manifest(directory, "sft", tokenizer)
+    tokens = read_token_file(os.path.join(directory, f"{split}.bin"), tokenizer.vocab_size)
+    mask = load_npy(os.path.join(directory, f"{split}_mask.npy"), np.uint8, (len(tokens),))
+    convs = load_npy(os.path.join(directory, f"{split}_convs.npy"), np.int64, (None,))
+    if len(convs) < 1 or convs[0] != 0 or convs[-1] != len(tokens) or (np.diff(convs) <= 0).any():
+        raise DataFormatError(f"{directory}/{split}_convs.npy: offsets must rise from 0 to {len(tokens)}")
+    if len(convs) > 1 and (np.asarray(tokens[convs[:-1]]) != tokenizer.bos_id).any():
+        raise DataFormatError(f"{directory}/{split}.bin: a conversation does not start with <|bos|>")
+    return SFTSplit(tokens, mask, convs)
+
+
+@dataclasses.dataclass
+class ChatEvalData:
+    tasks: list       # manifest task dicts: name, kind, first_example, n_examples, random_baseline, answers
+    tokens: np.ndarray
+    examples: np.ndarray  # [n, 5] task, offset, length, gold (-1: generative), n_choices
+    letter_ids: list
+
+    def prompt(self, i):
+        _, offset, length, gold, n_choices = (int(x) for x in self.examples[i])
+        return np.asarray(self.tokens[offset:offset + length], dtype=np.int64), gold, n_choices
+
+
+def load_chat_eval(data_dir, tokenizer, name="chat_eval"):
+    """The chat-eval file, or another in its format (name "rl": GSM8K's training questions)."""
+    directory = os.path.join(data_dir, name)
+    manifest = read_manifest(directory, "chat_eval", tokenizer)
+    tokens = read_token_file(os.path.join(directory, "tokens.bin"), tokenizer.vocab_size)
+    examples = load_npy(os.path.join(directory, "examples.npy"), np.int64, (None, 5))
+    if len(examples) and (examples[:, 1] + examples[:, 2]).max() > len(tokens):
+        raise DataFormatError(f"{directory}/examples.npy: a prompt runs past the end of tokens.bin")
+    return ChatEvalData(manifest["tasks"], tokens, examples, manifest["letter_ids"])
+
+
+@dataclasses.dataclass
+class Batch:
+    inputs: torch.Tensor      # (T,) token ids
+    prev_ids: torch.Tensor    # (T,) previous token of the same document, -1 at a document start
+    positions: torch.Tensor   # (T,) position inside the segment: the angles a document gets when it is alone
+    targets: torch.Tensor     # (T, K) token k+1 ahead, -1 where that crosses a document end
+    cu_seqlens: torch.Tensor  # int32, segment starts padded to a static length with T
+    max_seqlen: int           # bound on segment lengths: the stage's max_doc_len, static so compiled code is reused
+
+
+def padded_length(n):
+    """Static cu_seqlens length: a power of two >= 128, so torch.compile sees few distinct shapes."""
+    return max(128, 1 << (n - 1).bit_length())
+
+
+def make_batch(buf, bos_id, max_doc_len, n_targets, device):
+    """Packed varlen batch from a token window `buf` of T + n_targets tokens. Segments start at every BOS and
+    every max_doc_len tokens inside a document, so long documents (books) are trained on whole, in pieces."""
+    T = len(buf) - n_targets
+    inputs = buf[:T]
+    is_bos = inputs == bos_id
+    doc_start = np.flatnonzero(is_bos).tolist()
+    starts = []
+    for a, b in zip([0] + doc_start, doc_start + [T]):
+        starts += range(a, b, max_doc_len)
+    starts = sorted(set(starts))
+    cu = np.full(padded_length(len(starts) + 1), T, dtype=np.int32)
+    cu[:len(starts)] = starts
+    positions = np.arange(T) - np.asarray(starts)[np.searchsorted(starts, np.arange(T), side="right") - 1]
+    prev = np.concatenate([[-1], inputs[:-1]]).astype(np.int64)
+    prev[is_bos] = -1
+    # target k (k tokens beyond the next one) is valid while no BOS lies between it and the input: MTP never
+    # crosses into the next document (predicting the BOS that ends this one is fine)
+    bos_seen = np.cumsum(buf == bos_id)
+    targets = np.stack([buf[1 + k:T + 1 + k] for k in range(n_targets)], axis=1).astype(np.int64)
+    for k in range(1, n_targets):
+        targets[bos_seen[k:T + k] != bos_seen[:T], k] = -1
+    as_tensor = lambda a, dtype: torch.from_numpy(np.array(a, dtype=np.int64)).to(device=device, dtype=dtype)  # a copy: memmaps are read-only
+    return Batch(as_tensor(inputs, torch.long), as_tensor(prev, torch.long), as_tensor(positions, torch.long),
+                 as_tensor(targets, torch.long), as_tensor(cu, torch.int32), min(max_doc_len, T))
+
+
+class PretrainLoader:
+    """A contiguous token stream over the shards, wrapping around at the end. Each step takes world_size * T
+    tokens; rank r reads its own slice. The position (shard, offset, epoch) is saved in checkpoints."""
+
+    def __init__(self, paths, tokenizer, rank, world_size, state=None):
+        self.paths, self.vocab, self.bos = paths, tokenizer.vocab_size, tokenizer.bos_id
+        self.rank, self.world_size = rank, world_size
+        self.state = dict(state or {"shard": 0, "offset": 0, "epoch": 0})
+        self._cache, self._prefetch = {}, None
+
+    def _tokens(self, shard):
+        if shard not in self._cache:
+            self._cache = {shard: read_token_file(self.paths[shard], self.vocab, check_ids=False)}
+            nxt = (shard + 1) % len(self.paths)  # page the next shard in while this one is used
+            self._prefetch = threading.Thread(target=lambda: np.asarray(read_token_file(self.paths[nxt], self.vocab, check_ids=False)).sum(), daemon=True)
+            self._prefetch.start()
+        return self._cache[shard]
+
+    def _take(self, shard, offset, n):
+        """n tokens from (shard, offset) onwards, crossing shard ends."""
+        parts = []
+        while n > 0:
+            tokens = self._tokens(shard)
+            if offset >= len(tokens):
+                shard, offset = (shard + 1) % len(self.paths), offset - len(tokens)
+                continue
+            part = np.asarray(tokens[offset:offset + n])
+            parts.append(part)
+            n -= len(part)
+            shard, offset = (shard + 1) % len(self.paths), 0
+        return np.concatenate(parts)
+
+    def next_batch(self, T, max_doc_len, n_targets, device):
+        s = self.state
+        buf = self._take(s["shard"], s["offset"] + self.rank * T, T + n_targets)
+        offset = s["offset"] + self.world_size * T
+        while offset >= len(self._tokens(s["shard"])):
+            offset -= len(self._tokens(s["shard"]))
+            s["shard"] = (s["shard"] + 1) % len(self.paths)
+            s["epoch"] += s["shard"] == 0
+        s["offset"] = offset
+        return make_batch(buf, self.bos, max_doc_len, n_targets, device)
+
+# =============================================================================================================
+# 8. Pretraining
+
+
+@dataclasses.dataclass
+class StepPlan:
+    stage: int
+    batch_tokens: int
+    max_doc_len: int
+    short_window: int
+    long_window: int
+    lr_factor: float
+    mtp_weights: list
+
+
+def scaled_stages(cfg):
+    """The stages, with step counts rescaled so that they add up to --train-tokens when it is set."""
+    stages = [list(s) for s in cfg.stages]
+    if cfg.train_tokens:
+        factor = cfg.train_tokens / sum(s[0] * s[1] for s in stages)
+        for s in stages:
+            s[0] = max(1, round(s[0] * factor))
+    return stages
+
+
+def plan_step(cfg, stages, step):
+    total, start = sum(s[0] for s in stages), 0
+    for index, (steps, batch, doc_len, short, long_, lr_mul, mtp_start, mtp_end) in enumerate(stages):
+        if step < start + steps or index == len(stages) - 1:
+            break
+        start += steps
+    t = (step - start) / max(1, steps - 1)
+    mtp = [a + t * (b - a) for a, b in zip(mtp_start, mtp_end)]
+    while len(mtp) > 1 and mtp[-1] == 0:  # a horizon whose weight reached 0 costs nothing: drop it
+        mtp.pop()
+    cooldown_start = total * (1 - cfg.cooldown_frac)
+    frac = min(1.0, max(0.0, (step - cooldown_start) / max(1, total - 1 - cooldown_start)))  # reaches final_lr on the last step
+    warmup = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
+    return StepPlan(index, batch, doc_len, short, long_, warmup * (lr_mul * (1 - frac) + cfg.final_lr * frac), mtp)
+
+
+def train_loss(model, batch, windows, mtp_weights, backend, grad_scale=1.0):
+    """Mean over tokens of the MTP-weighted softcapped cross entropy; mtp_weights is a (K,) tensor (a tensor, not
+    floats, so compiled code is not specialised to each step's values); grad_scale is 1 / gradient accumulation."""
+    h = model.hidden(batch.inputs, batch.prev_ids, batch.positions, windows, batch.cu_seqlens, batch.max_seqlen, backend)
+    if model.cfg.fp8 and fp8_supported(h.device):
+        # modded-nanogpt's static scales; the gradient's follows our mean loss (it shrinks with the tokens per step).
+        # The padded lm_head keeps every matmul dim a multiple of 16, as _scaled_mm requires.
+        logits = fp8_linear(h, model.lm_head, 100 / 448, 1.6 / 448, 0.75 / 448 * grad_scale / batch.inputs.numel())[:, :model.vocab_size]
+    else:
+        logits = h @ model.lm_head[:model.vocab_size].T
+    return softcap_cross_entropy(logits, batch.targets[:, :len(mtp_weights)], mtp_weights, model.cfg.softcap).sum() / batch.inputs.numel()
+
+
+@torch.no_grad()
+def evaluate_bpb(model, cfg, rt, tokenizer, windows, max_doc_len):
+    """Bits per byte and mean loss of next-token prediction on the val shards. Targets that are special tokens
+    (0 bytes) count in neither sum, so bpb is comparable across tokenizers."""
+    model.eval()
+    paths = pretrain_shards(cfg.data_dir, tokenizer, "val")
+    n_val = sum(len(read_token_file(p, tokenizer.vocab_size, check_ids=False)) for p in paths)
+    T = cfg.micro_batch_tokens
+    steps = max(1, min(cfg.val_tokens, n_val - 1) // (T * rt.world_size))
+    loader = PretrainLoader(paths, tokenizer, rt.rank, rt.world_size)
+    token_bytes = torch.from_numpy(tokenizer.token_bytes).to(rt.device)
+    sums = torch.zeros(3, device=rt.device, dtype=torch.float64)  # nats over counted tokens, bytes, tokens
+    for _ in range(steps):
+        b = loader.next_batch(T, max_doc_len, 1, rt.device)
+        with autocast(rt):
+            h = model.hidden(b.inputs, b.prev_ids, b.positions, windows, b.cu_seqlens, b.max_seqlen, rt.backend)
+        for rows in torch.split(torch.arange(T, device=rt.device), 8192):  # bounded logits memory
+            loss = F.cross_entropy(model.logits(h[rows]).float(), b.targets[rows, 0], reduction="none")
+            nbytes = token_bytes[b.targets[rows, 0]]
+            sums += torch.stack([(loss * (nbytes > 0)).sum(), nbytes.sum(), (nbytes > 0).sum()]).double()
+    if rt.world_size > 1:
+        dist.all_reduce(sums)
+    model.train()
+    nats, nbytes, count = sums.tolist()
+    return nats / (math.log(2) * nbytes), nats / count
+
+
+def flops_per_token(model, windows, max_doc_len):
+    """Training FLOPs per token: 6 per matmul weight (embedding lookups excluded) plus causal attention over the
+    average visible context."""
+    cfg = model.cfg
+    matmul = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2 and "gate" not in n)
+    matmul += model.vocab_size * cfg.model_dim
+    attn = sum(12 * cfg.n_heads * cfg.head_dim * min(w + 1, max_doc_len) / 2 for w in windows)
+    return 6 * matmul + attn
+
+
+PEAK_FLOPS = {"H100": 989e12, "A100": 312e12, "L4": 121e12, "T4": 65e12}  # dense bf16/fp16 tensor-core peaks
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None  # CPU/MPS peaks depend on the part; no honest number
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+# -- checkpoints: safetensors weights + weights_only-loadable optimizer state + JSON; written atomically --
+
+CHECKPOINT_PREFIX = {"pt": "ckpt_", "sft": "sft_ckpt_", "rl": "rl_ckpt_"}  # RUN_DIR/<prefix><step>/
+
+
+def save_checkpoint(cfg, rt, step, model, opt, extra_state, phase="pt"):
+    """RUN_DIR/<prefix><step>/: model.safetensors, optim.pt, state.json (step, phase, extra_state e.g. the loader's
+    position, config). RUN_DIR/latest_<phase> names it (what --resume continues) and RUN_DIR/latest too (the model
+    the next phase starts from). The last two of each phase are kept."""
+    opt_state = opt.state_dict()  # a collective when sharded: every rank calls it
+    if not rt.master:
+        return
+    from safetensors.torch import save_file
+    prefix = CHECKPOINT_PREFIX[phase]
+    final = os.path.join(cfg.run_dir, f"{prefix}{step:06d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+    torch.save(opt_state, os.path.join(tmp, "optim.pt"))
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump({"step": step, "phase": phase, "loader": extra_state, "config": dataclasses.asdict(model.cfg)}, f, indent=1)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    write_text_atomic(os.path.join(cfg.run_dir, f"latest_{phase}"), os.path.basename(final))
+    write_text_atomic(os.path.join(cfg.run_dir, "latest"), os.path.basename(final))
+    for old in sorted(d for d in os.listdir(cfg.run_dir) if re.fullmatch(re.escape(prefix) + r"\d+", d))[:-2]:
+        shutil.rmtree(os.path.join(cfg.run_dir, old))  # keep the last two
+
+
+def latest_checkpoint(run_dir, phase=None):
+    """The newest checkpoint of `phase`, or of any phase (the model the next phase starts from); None if none."""
+    path = os.path.join(run_dir, f"latest_{phase}" if phase else "latest")
+    return os.path.join(run_dir, open(path).read().strip()) if os.path.isfile(path) else None
+
+
+def load_checkpoint(path, model, opt=None):
+    from safetensors.torch import load_file
+    weights = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(weights):
+        raise DataFormatError(f"{weights}: missing (not a checkpoint directory?)")
+    model.load_state_dict(load_file(weights, device=str(next(model.parameters()).device)))
+    model.sync_flags()
+    if opt is not None:
+        opt.load_state_dict(torch.load(os.path.join(path, "optim.pt"), weights_only=True, map_location="cpu"))
+    return read_json(os.path.join(path, "state.json"))
+
+
+def write_text_atomic(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def update_metrics(cfg, rt, values):
+    """Merge values into RUN_DIR/metrics.json (every phase adds its own keys)."""
+    if not rt.master:
+        return
+    path = os.path.join(cfg.run_dir, "metrics.json")
+    metrics = read_json(path) if os.path.isfile(path) else {}
+    metrics.update(values)
+    write_text_atomic(path, json.dumps(metrics, indent=1) + "\n")
+
+
+def phase_pt(cfg, rt, log):
+    tokenizer = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg, tokenizer.vocab_size).to(rt.device)
+    opt = make_optimizer(model, cfg)
+    stages = scaled_stages(cfg)
+    total = sum(s[0] for s in stages)
+    untie_step = round(cfg.untie_frac * total)
+    loader = PretrainLoader(pretrain_shards(cfg.data_dir, tokenizer, "train"), tokenizer, rt.rank, rt.world_size)
+    start = 0
+    if cfg.resume and latest_checkpoint(cfg.run_dir, "pt"):
+        state = load_checkpoint(latest_checkpoint(cfg.run_dir, "pt"), model, opt)
+        start, loader.state = state["step"], state["loader"]
+        log(f"resumed from {latest_checkpoint(cfg.run_dir, 'pt')} at step {start}")
+    elif cfg.init_from:
+        load_checkpoint(cfg.init_from, model)
+        log(f"initialized from {cfg.init_from}")
+    n_params = sum(p.numel() for p in model.parameters())
+    n_matrix = sum(p.numel() for n, p in model.named_parameters() if param_label(n) in ("attn", "mlp_fc", "mlp_proj"))
+    log(f"model: {n_params:,} parameters ({n_matrix:,} in NorMuon matrices), {total} steps, attention backend {rt.backend}, "
+        f"device {rt.device}, dtype {rt.dtype}, world size {rt.world_size}")
+    loss_fn = torch.compile(train_loss) if cfg.compile else train_loss
+    peak = peak_flops(rt.device)
+    train_time, val_bpb, tok_per_s, last = 0.0, None, 0.0, None
+    for step in range(start, total):
+        p = plan_step(cfg, stages, step)
+        if step > 0:
+            before = plan_step(cfg, stages, step - 1)
+            if p.long_window != before.long_window:
+                model.grow_window(before.long_window, p.long_window)
+        if step == untie_step and model.is_tied:
+            model.untie()
+            opt.copy_state("lm_head", "embed")
+        windows = model.windows(p.short_window, p.long_window)
+        T = min(cfg.micro_batch_tokens, p.batch_tokens // rt.world_size)
+        accum = p.batch_tokens // (rt.world_size * T)
+        if accum * rt.world_size * T != p.batch_tokens:
+            raise ValueError(f"stage {p.stage}: batch of {p.batch_tokens} tokens is not a multiple of world size {rt.world_size} x {T} tokens")
+        t0 = time.perf_counter()
+        step_loss = torch.zeros((), device=rt.device)
+        mtp_weights = torch.tensor(p.mtp_weights, device=rt.device)
+        for _ in range(accum):
+            batch = loader.next_batch(T, p.max_doc_len, len(p.mtp_weights), rt.device)
+            with autocast(rt):
+                loss = loss_fn(model, batch, windows, mtp_weights, rt.backend, 1 / accum) / accum
+            loss.backward()
+            step_loss += loss.detach()
+        if rt.world_size > 1:
+            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+        if not torch.isfinite(step_loss):
+            log(f"step {step}: loss is {step_loss.item()}; stopping. The last good checkpoint is {latest_checkpoint(cfg.run_dir, 'pt')}")
+            update_metrics(cfg, rt, {"diverged_at_step": step})
+            sys.exit(2)
+        opt.step(p.lr_factor, muon_momentum(step, total))
+        opt.zero_grad()
+        dt = time.perf_counter() - t0
+        if step > start:  # the first step includes compilation
+            train_time += dt
+        last = step
+        if step % cfg.log_every == 0 or step == total - 1:
+            tok_per_s = p.batch_tokens / dt
+            mfu = f" mfu {100 * flops_per_token(model, windows, p.max_doc_len) * tok_per_s / (peak * rt.world_size):.1f}%" if peak else ""
+            eta = dt * (total - step - 1)
+            log(f"step {step + 1}/{total} loss {step_loss.item():.4f} lr {p.lr_factor:.3f} {tok_per_s:,.0f} tok/s{mfu} eta {eta / 60:.1f} min")
+            log.metrics(step, {"train/loss": step_loss.item(), "train/tok_per_s": tok_per_s})
+        if (step + 1) % cfg.val_every == 0 or step == total - 1:
+            val_bpb, val_loss = evaluate_bpb(model, cfg, rt, tokenizer, windows, p.max_doc_len)
+            log(f"step {step + 1}/{total} val bpb {val_bpb:.4f} val loss {val_loss:.4f}")
+            log.metrics(step, {"val/bpb": val_bpb, "val/loss": val_loss})
+        if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or step == total - 1:
+            save_checkpoint(cfg, rt, step + 1, model, opt, loader.state)
+    if last is None:
+        log(f"nothing to do: run already at step {start} of {total}")
+        return model
+    steps_timed = last - start
+    update_metrics(cfg, rt, {
+        "val_bpb": val_bpb, "train_tokens": sum(s[0] * s[1] for s in stages), "params": n_params, "params_matrix": n_matrix,
+        "tok_per_s": sum(plan_step(cfg, stages, s).batch_tokens for s in range(start + 1, last + 1)) / train_time if steps_timed else tok_per_s,
+        "device": str(rt.device), "attn_backend": rt.backend, "world_size": rt.world_size, "pt_train_time_s": train_time})
+    return model
+
+
+def phase_data(cfg, rt, log):
+    """Check every part of a prepared data directory and print what it holds."""
+    t0 = time.time()
+    tok = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
+    log(f"tokenizer: vocab {tok.vocab_size}, bos {tok.bos_id}, {len(tok.special_tokens)} special tokens")
+    for split in ("val", "train"):
+        paths = pretrain_shards(cfg.data_dir, tok, split)
+        n = sum(len(read_token_file(p, tok.vocab_size)) for p in paths)
+        log(f"pretrain/{split}: {len(paths)} shards, {n:,} tokens")
+    core = load_core(cfg.data_dir, tok)
+    log(f"core: {len(core.tasks)} tasks, {len(core.examples):,} examples, {len(core.tokens):,} tokens (max_len {core.max_len})")
+    for split in ("val", "train"):
+        sft = load_sft(cfg.data_dir, tok, split)
+        log(f"sft/{split}: {len(sft.convs) - 1:,} conversations, {len(sft.tokens):,} tokens, {int(sft.mask.sum()):,} supervised")
+    for name in ("chat_eval", "rl"):
+        chat = load_chat_eval(cfg.data_dir, tok, name)
+        log(f"{name}: " + ", ".join(f"{t['name']} {t['n_examples']}" for t in chat.tasks))
+    log(f"data directory {cfg.data_dir} is complete and consistent ({time.time() - t0:.1f}s)")
+
+# =============================================================================================================
+# 9. Evaluation: CORE (DCLM's 22 tasks, as nanochat scores them) over packed varlen batches
+#
+# nanochat forwards each example alone, its options padded into a (n_options, L) batch. Here sequences of many
+# examples (and tasks) go back to back into one varlen batch, each its own document, so no token is padding; the
+# decisions are nanochat's. evaluate_example_alone is the one-sequence-per-forward reference the tests compare with.
+
+
+def core_decision(task_type, gold, mean_losses, all_right):
+    """nanochat's rule. multiple_choice / schema: the option with the lowest mean continuation loss is the answer.
+    language_modeling (one sequence): correct iff every greedy prediction over the continuation is right."""
+    if task_type == "language_modeling":
+        return all_right[0]
+    # The mean over an empty continuation (piqa has some) is NaN. min() replaces its running value only by a smaller
+    # one, so a NaN option wins exactly when it comes first (then index() finds that very object) and never otherwise
+    return mean_losses.index(min(mean_losses)) == gold
+
+
+def _span_scores(losses, right, spans):
+    """Per sequence (mean loss, all predictions right) from flat fp32 losses / bools laid out span after span."""
+    scores, k = [], 0
+    for n in spans:
+        # .mean() of an empty slice is NaN, as in nanochat (see core_decision)
+        scores.append((losses[k:k + n].mean().item(), bool(right[k:k + n].all())))
+        k += n
+    return scores
+
+
+def packed_documents(sequences, device):
+    """Token arrays `sequences` packed back to back, each its own document (no padding): (ids, prev_ids, positions,
+    cu_seqlens, max_seqlen) for GPT.hidden, and each sequence's start offset (n + 1 offsets, ending in T)."""
+    lengths = [len(t) for t in sequences]
+    starts = np.cumsum([0] + lengths)
+    T = int(starts[-1])
+    ids = np.concatenate(sequences).astype(np.int64)
+    prev = np.concatenate([[-1], ids[:-1]])
+    prev[starts[:-1]] = -1  # every sequence is a document (left-truncated ones do not start with BOS)
+    # positions restart in each sequence: RoPE angles (position * frequency, fp32) then match the sequence alone
+    # exactly, where offsets of tens of thousands would carry a few 1e-3 rad of rounding
+    positions = np.concatenate([np.arange(n) for n in lengths])
+    cu = np.full(padded_length(len(sequences) + 1), T, dtype=np.int32)
+    cu[:len(sequences)] = starts[:-1]
+    dev = lambda a, dtype=torch.long: torch.from_numpy(np.asarray(a)).to(device, dtype)
+    return (dev(ids), dev(prev), dev(positions), dev(cu, torch.int32), max(lengths)), starts
+
+
+@torch.no_grad()
+def packed_hidden(model, sequences, rt, windows):
+    """One forward of `sequences` as packed_documents: final hidden states (T, dim), tokens (T,), start offsets."""
+    (ids, prev, positions, cu, max_len), starts = packed_documents(sequences, rt.device)
+    with autocast(rt):
+        h = model.hidden(ids, prev, positions, windows, cu, max_len, rt.backend)
+    return h, ids, starts
+
+
+@torch.no_grad()
+def core_scores_packed(model, seqs, rt, windows):
+    """(mean continuation loss, continuation all argmax-right) of each (tokens, cont_start, cont_end) in `seqs`, from
+    one forward of them packed back to back. Only the rows that predict a continuation token get logits."""
+    h, ids_t, starts = packed_hidden(model, [t for t, _, _ in seqs], rt, windows)
+    rows = np.concatenate([o + np.arange(s - 1, e - 1) for o, (_, s, e) in zip(starts, seqs)]).astype(np.int64)
+    rows_t = torch.from_numpy(rows).to(rt.device)
+    targets = ids_t[rows_t + 1]
+    losses, right = [], []
+    for chunk in torch.split(torch.arange(len(rows), device=rt.device), 8192):  # bounded logits memory
+        logits = model.logits(h[rows_t[chunk]])
+        losses.append(F.cross_entropy(logits, targets[chunk], reduction="none"))
+        right.append(logits.argmax(-1) == targets[chunk])
+    return _span_scores(torch.cat(losses).cpu(), torch.cat(right).cpu(), [e - s for _, s, e in seqs])
+
+
+@torch.no_grad()
+def evaluate_core(model, core, rt, windows, max_per_task=-1, batch_tokens=32768):
+    """CORE of `model` on CoreData `core`: the first max_per_task examples of each task (<= 0: all, as in nanochat;
+    the file's examples are pre-shuffled), rank r taking examples r, r + world_size, ... of each task. Sequences are
+    packed into forwards of up to batch_tokens tokens (a longer one goes alone). Returns dict(results={label:
+    accuracy}, centered={label: (accuracy - baseline) / (1 - baseline)}, core=mean centered, correct=int8 per row of
+    core.examples: 1 right, 0 wrong, -1 not evaluated)."""
+    was_training = model.training
+    model.eval()
+    evaluated, mine = examples_of_rank(core.tasks, len(core.examples), max_per_task, rt)
+    correct = torch.zeros(len(core.examples), dtype=torch.float32)
+    scores = {}  # example -> scores of its sequences so far (an example may straddle two forwards)
+    sequences = (((e, int(core.examples[e, 3])), core.sequence(s)) for e in mine
+                 for s in range(int(core.examples[e, 2]), int(core.examples[e, 2] + core.examples[e, 3])))
+    for batch in token_batches(sequences, lambda item: len(item[1][0]), batch_tokens):
+        for (e, n_seqs), score in zip([key for key, _ in batch], core_scores_packed(model, [seq for _, seq in batch], rt, windows)):
+            scores.setdefault(e, []).append(score)
+            if len(scores[e]) == n_seqs:
+                task, gold = (int(x) for x in core.examples[e, :2])
+                losses, right = zip(*scores.pop(e))
+                correct[e] = float(core_decision(core.tasks[task]["task_type"], gold, list(losses), right))
+    model.train(was_training)
+    out = task_scores(core.tasks, "label", correct, evaluated, rt)
+    return dict(out, core=out.pop("mean"))
+
+
+def examples_of_rank(tasks, n_examples, max_per_task, rt):
+    """Which examples are evaluated (bool per example: the first max_per_task of each task, all when <= 0) and the
+    ones this rank takes: r, r + world_size, ... of each task."""
+    evaluated, mine = np.zeros(n_examples, dtype=bool), []
+    for t in tasks:
+        first, n = t["first_example"], t["n_examples"] if max_per_task <= 0 else min(max_per_task, t["n_examples"])
+        evaluated[first:first + n] = True
+        mine += range(first + rt.rank, first + n, rt.world_size)
+    return evaluated, mine
+
+
+def token_batches(items, n_tokens, batch_tokens):
+    """Consecutive items grouped into batches of up to batch_tokens tokens (an item longer than that goes alone)."""
+    batch, used = [], 0
+    for item in items:
+        if batch and used + n_tokens(item) > batch_tokens:
+            yield batch
+            batch, used = [], 0
+        batch.append(item)
+        used += n_tokens(item)
+    if batch:
+        yield batch
+
+
+def task_scores(tasks, name_key, correct, evaluated, rt):
+    """Sum the ranks' float `correct` (1 right, 0 wrong or not mine) and score each task: dict(results={name:
+    accuracy}, centered={name: (accuracy - baseline) / (1 - baseline)}, mean=mean centered, correct=int8 per example:
+    1 right, 0 wrong, -1 not evaluated)."""
+    if rt.world_size > 1:
+        correct = correct.to(rt.device)
+        assert correct.is_contiguous()  # gloo reduces the wrong memory for non-contiguous tensors
+        dist.all_reduce(correct)
+    correct = np.where(evaluated, correct.cpu().numpy(), -1).astype(np.int8)
+    results, centered = {}, {}
+    for t in tasks:
+        rows = correct[t["first_example"]:t["first_example"] + t["n_examples"]]
+        results[t[name_key]] = float((rows == 1).sum() / max(1, (rows >= 0).sum()))
+        b = t["random_baseline"]
+        centered[t[name_key]] = (results[t[name_key]] - b) / (1 - b)
+    return dict(results=results, centered=centered, mean=sum(centered.values()) / len(centered), correct=correct)
+
+
+@torch.no_grad()
+def evaluate_example_alone(model, core, example_index, rt, windows):
+    """The reference path: each sequence of example `example_index` forwarded alone (one document, full logits,
+    then the continuation sliced out, as nanochat does); returns whether the model gets it right."""
+    task, gold, first, n_seqs = (int(x) for x in core.examples[example_index])
+    scores = []
+    for s in range(first, first + n_seqs):
+        tokens, start, end = core.sequence(s)
+        ids = torch.from_numpy(tokens).to(rt.device)
+        L = len(ids)
+        prev = torch.cat([ids.new_full((1,), -1), ids[:-1]])
+        cu = torch.full((padded_length(2),), L, dtype=torch.int32, device=rt.device)
+        cu[0] = 0
+        with autocast(rt):
+            h = model.hidden(ids, prev, torch.arange(L, device=rt.device), windows, cu, L, rt.backend)
+        logits = model.logits(h)
+        losses = F.cross_entropy(logits[:-1], ids[1:], reduction="none")  # row i predicts token i + 1
+        right = logits[:-1].argmax(-1) == ids[1:]
+        scores += _span_scores(losses[start - 1:end - 1].cpu(), right[start - 1:end - 1].cpu(), [end - start])
+    losses, right = zip(*scores)
+    return core_decision(core.tasks[task]["task_type"], gold, list(losses), right)
+
+
+def format_core_table(out, core):
+    """Per-task accuracy and centered accuracy (stand-in data marked), then the CORE line."""
+    lines = [f"{'task':<34} {'examples':>8} {'accuracy':>8} {'centered':>8}"]
+    for t in core.tasks:
+        n = int((out["correct"][t["first_example"]:t["first_example"] + t["n_examples"]] >= 0).sum())
+        note = "  (stand-in)" if t.get("stand_in") else ""
+        lines.append(f"{t['label']:<34} {n:>8} {out['results'][t['label']]:>8.4f} {out['centered'][t['label']]:>8.4f}{note}")
+    lines.append(f"{'CORE':<34} {'':>8} {'':>8} {out['core']:>8.4f}")
+    return "\n".join(lines)
+
+
+# =============================================================================================================
+# 10. Inference: a KV cache that reproduces the training forward, sampling, the calculator tool, the engine
+
+
+class KVCache:
+    """Keys and values of every layer for B rows, (B, capacity, H, D) each (FA's layout), plus what a new token needs
+    besides attention: its row's length (its RoPE position) and its row's last token (for smear and the bigram hash)."""
+
+    def __init__(self, model, batch, capacity, device, dtype, backend="sdpa"):
+        cfg = model.cfg
+        shape = (cfg.n_layers, batch, capacity, cfg.n_heads, cfg.head_dim)
+        self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.host_lengths = [0] * batch  # the same on the host: slicing the cache needs no device sync
+        self.last_ids = torch.full((batch,), -1, dtype=torch.long, device=device)  # -1: nothing yet (document start)
+        self.backend, self.capacity = backend, capacity
+        self._new = 0  # tokens per row in the forward under way
+
+    def attend(self, layer, q, k, v, window, scale):
+        """The attend() of Block.forward: write this layer's new keys/values, attend over the visible cache."""
+        S = q.size(1)
+        if max(self.host_lengths) + S > self.capacity:
+            raise ValueError(f"KV cache full: {max(self.host_lengths)} + {S} tokens > capacity {self.capacity}")
+        self._new = S
+        lo = 0 if window is None or window < 0 else max(0, min(self.host_lengths) - window)
+        return cached_attention(q, k, v, self.k[layer], self.v[layer], self.lengths, (lo, max(self.host_lengths) + S),
+                                window, scale, self.backend)
+
+    def advance(self, ids):
+        """After a forward of ids (B, S): every row is S tokens longer."""
+        self.lengths += ids.size(1)
+        self.host_lengths = [n + ids.size(1) for n in self.host_lengths]
+        self.last_ids = ids[:, -1].clone()
+
+    def put(self, row, other, other_row=0):
+        """Row `row` becomes a copy of row `other_row` of cache `other` (one prefill serves all samples of a prompt)."""
+        n = other.host_lengths[other_row]
+        self.k[:, row, :n], self.v[:, row, :n] = other.k[:, other_row, :n], other.v[:, other_row, :n]
+        self.lengths[row], self.last_ids[row], self.host_lengths[row] = n, other.last_ids[other_row], n
+
+    def keep(self, rows):
+        """Drop every row not in `rows` (finished samples stop costing compute)."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.k.device)
+        self.k, self.v = self.k[:, index], self.v[:, index]
+        self.lengths, self.last_ids = self.lengths[index], self.last_ids[index]
+        self.host_lengths = [self.host_lengths[r] for r in rows]
+
+
+def sample_next(logits, generator, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    """(B,) next tokens from logits (B, V): argmax at temperature 0, else a draw after the filters: top-k keeps the k
+    largest, min-p drops tokens below min_p x the top probability, top-p keeps the smallest set reaching top_p."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.size(-1):
+        logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], float("-inf"))
+    probs = logits.softmax(-1)
+    if min_p > 0:
+        probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0)
+    if top_p < 1:
+        sorted_p, order = probs.sort(-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens: the first token is always kept
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(before >= top_p * sorted_p.sum(-1, keepdim=True), 0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # multinomial renormalises
+
+
+# -- the calculator tool the chat model calls between <|python_start|> and <|python_end|> --
+# The expression is parsed, never executed: calculate() walks the syntax tree and computes only whitelisted nodes.
+# Every computation is bounded, so no timer is needed: the input is at most CALC_MAX_CHARS characters and at most
+# CALC_MAX_NODES tree nodes (so at most ~50 operations, and recursion depth of calc_value <= CALC_MAX_NODES); every
+# value, constants included, is checked to be within CALC_MAX_MAGNITUDE, so each operation works on <= 50-bit numbers,
+# except that a power may first produce up to (1e15)**64 (~3,200 bits, microseconds) before its check; strings exist
+# only as literals of the input (no operator accepts one), so str.count scans at most CALC_MAX_CHARS characters.
+
+CALC_MAX_CHARS = 200  # GSM8K's calls are a few dozen characters
+CALC_MAX_NODES = 100  # ~30 operations: the longest GSM8K sums fit, and each node costs microseconds
+CALC_MAX_EXPONENT = 64
+CALC_MAX_MAGNITUDE = 10**15  # below 2**53, so integral floats are still exact integers
+CALC_DECIMALS = 6
+CALC_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+               ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+DIGIT_GROUP_COMMA = re.compile(r"(?<=\d),(?=\d{3})")  # "1,200*3": GSM8K writes thousands separators
+
+
+def calc_is_count(node):
+    """Is this Call exactly '<str literal>.count(<str literal>)'?"""
+    func, args = node.func, node.args
+    return (type(func) is ast.Attribute and func.attr == "count"
+            and type(func.value) is ast.Constant and type(func.value.value) is str
+            and len(args) == 1 and not node.keywords and type(args[0]) is ast.Constant and type(args[0].value) is str)
+
+
+def calc_value(node):
+    """The int or float a whitelisted node computes to; any other node, or a value out of bounds, raises ValueError."""
+    kind = type(node)
+    if kind is ast.Constant and type(node.value) in (int, float):  # type(), not isinstance: bools are ints
+        value = node.value
+    elif kind is ast.UnaryOp and type(node.op) in (ast.UAdd, ast.USub):
+        value = calc_value(node.operand)
+        value = -value if type(node.op) is ast.USub else value
+    elif kind is ast.BinOp and type(node.op) in CALC_BINOPS:
+        left, right = calc_value(node.left), calc_value(node.right)
+        if type(node.op) is ast.Pow and abs(right) > CALC_MAX_EXPONENT:
+            raise ValueError("exponent too large")
+        value = CALC_BINOPS[type(node.op)](left, right)
+    elif kind is ast.Call and calc_is_count(node):
+        value = node.func.value.value.count(node.args[0].value)
+    else:
+        raise ValueError(f"{kind.__name__} is not allowed")
+    # A negative base to a fractional power is complex; nan fails the comparison; 1e400 parses as inf.
+    if type(value) not in (int, float) or not abs(value) <= CALC_MAX_MAGNITUDE:
+        raise ValueError("result out of bounds")
+    return value
+
+
+def calc_format(value):
+    """GSM8K's notation, which the SFT data teaches: 0.2*50 -> '10', 12/60 -> '0.2', 2/3 -> '0.666667'.
+    (nanochat's use_calculator returns str() of the raw value: '10.0', '0.30000000000000004'.)"""
+    if type(value) is int:
+        return str(value)
+    text = f"{value:.{CALC_DECIMALS}f}".rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
+
+
+def calculate(expr):
+    """The tool's output for the text between <|python_start|> and <|python_end|>: arithmetic (+ - * / // % **, unary
+    +-) on int/float literals, or "'word'.count('r')"; None when the expression is not allowed or fails."""
+    expr = DIGIT_GROUP_COMMA.sub("", expr).strip()
+    if len(expr) > CALC_MAX_CHARS:
+        return None
+    try:
+        with warnings.catch_warnings():  # e.g. an invalid escape in a string literal warns; it is still just a literal
+            warnings.simplefilter("ignore")
+            tree = ast.parse(expr, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # ValueError: null bytes (Python < 3.12)
+        return None
+    if sum(1 for _ in ast.walk(tree)) > CALC_MAX_NODES:  # ast.walk iterates, so a deep tree cannot overflow it
+        return None
+    try:
+        return calc_format(calc_value(tree.body))
+    except (ValueError, ArithmeticError):  # ArithmeticError: division by zero, float overflow in **
+        return None
+
+
+@dataclasses.dataclass
+class Sample:
+    tokens: list   # generated tokens, forced tool output included; the stop token too when one was reached
+    mask: list     # 1 where the model sampled the token, 0 where the calculator's output was forced
+    stopped: bool  # ended on <|assistant_end|> or <|bos|> (else it ran into max_new_tokens)
+
+
+class Engine:
+    """Batched generation with a KV cache and the calculator tool. Each prompt is prefilled once and its samples
+    share that prefill, then all rows decode together, each drawing its own tokens; a row stops at
+    <|assistant_end|> or <|bos|> and leaves the batch. After <|python_start|> expr <|python_end|> the row's next
+    tokens are forced: <|output_start|> calculate(expr) <|output_end|> (nothing when the expression is refused)."""
+
+    def __init__(self, model, tokenizer, windows, rt):
+        self.model, self.tokenizer, self.windows, self.rt = model, tokenizer, windows, rt
+        special = tokenizer.special
+        self.stops = {special("<|assistant_end|>"), tokenizer.bos_id}
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+
+    def _decode(self, ids, cache):
+        with autocast(self.rt):
+            return self.model.decode(torch.tensor(ids, device=self.rt.device), cache, self.windows, last_only=True)[:, -1].float()
+
+    @torch.no_grad()
+    def generate(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                 seed=0, on_token=None):
+        """num_samples Samples for each prompt (a list of token ids); on_token(row, token) sees tokens as they come."""
+        rt, n_rows = self.rt, len(prompts) * num_samples
+        cache = KVCache(self.model, n_rows, max(map(len, prompts)) + max_new_tokens, rt.device, rt.dtype, rt.backend)
+        logits = []
+        for i, prompt in enumerate(prompts):
+            alone = KVCache(self.model, 1, len(prompt), rt.device, rt.dtype, rt.backend)
+            last = self._decode([prompt], alone)
+            for row in range(i * num_samples, (i + 1) * num_samples):
+                cache.put(row, alone)
+                logits.append(last)
+        logits = torch.cat(logits)
+        generator = torch.Generator(device=rt.device).manual_seed(seed)
+        samples = [Sample([], [], False) for _ in range(n_rows)]
+        forced = [[] for _ in range(n_rows)]
+        calls = [None] * n_rows  # tokens of a row's open calculator call
+        active = list(range(n_rows))
+        while active:
+            sampled = sample_next(logits, generator, temperature, top_k, top_p, min_p).tolist()
+            going, feed = [], []
+            for row, token in zip(active, sampled):
+                sample = samples[row]
+                is_forced = bool(forced[row])
+                token = forced[row].pop(0) if is_forced else token
+                sample.tokens.append(token)
+                sample.mask.append(0 if is_forced else 1)
+                if on_token:
+                    on_token(row, token)
+                if token in self.stops:
+                    sample.stopped = True
+                    continue
+                self._tool(row, token, calls, forced)
+                if len(sample.tokens) < max_new_tokens:
+                    going.append(row)
+                    feed.append([token])
+            if not going:
+                break
+            if len(going) < len(active):
+                cache.keep([active.index(row) for row in going])
+            active = going
+            logits = self._decode(feed, cache)
+        return [samples[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+
+    def _tool(self, row, token, calls, forced):
+        if token == self.python_start:
+            calls[row] = []
+        elif calls[row] is not None and token == self.python_end:
+            result = calculate(self.tokenizer.decode(calls[row]))
+            calls[row] = None
+            if result is not None:
+                forced[row] += [self.output_start, *self.tokenizer.encode(result), self.output_end]
+        elif calls[row] is not None:
+            calls[row].append(token)
+
+
+def chat_turn(tokenizer, conversation, user_text):
+    """conversation (tokens so far, starting with <|bos|>) + a user turn + <|assistant_start|>: the prompt for a reply."""
+    special = tokenizer.special
+    return [*conversation, special("<|user_start|>"), *tokenizer.encode(user_text), special("<|user_end|>"),
+            special("<|assistant_start|>")]
+
+
+
+# =============================================================================================================
+# 11. Evaluation: chat (ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval; ChatCORE)
+
+
+def reply_text(tokenizer, sample):
+    """The text of a generated Sample, without the stop token that ended it."""
+    return tokenizer.decode(sample.tokens[:-1] if sample.stopped else sample.tokens)
+
+
+def gsm8k_answer(text):
+    """The number after '####' (commas dropped), where GSM8K puts its final answers; None when there is none."""
+    match = re.search(r"####\s*(-?[\d,]*\.?\d+)", text)
+    return match.group(1).replace(",", "") if match else None
+
+
+@torch.no_grad()
+def categorical_choices(model, prompts, letter_ids, rt, windows):
+    """The model's choice for each (prompt tokens, n_choices) in `prompts`, all in one packed forward: the argmax of
+    the next-token logits after the prompt, over the first n_choices answer letters."""
+    h, _, starts = packed_hidden(model, [p for p, _ in prompts], rt, windows)
+    letter_logits = model.logits(h[torch.from_numpy(starts[1:] - 1).to(rt.device)])[:, letter_ids].float()
+    n_choices = torch.tensor([n for _, n in prompts], device=rt.device)
+    allowed = torch.arange(len(letter_ids), device=rt.device) < n_choices[:, None]
+    return letter_logits.masked_fill(~allowed, float("-inf")).argmax(-1).tolist()
+
+
+# -- HumanEval: the model's code runs only in a child interpreter with time, memory and file-size limits, no network --
+
+# Runs in the child (`python -I -c`) before the program. A best-effort sandbox against accidents (loops, memory
+# bombs, stray writes and connections), not a jail against adversarial code: the program still runs as our user, may
+# read what we can read and write outside its directory (bounded by RLIMIT_FSIZE), and root ignores RLIMIT_NPROC.
+# The network is cut twice: socket creation raises, and, where the kernel lets an unprivileged process create user
+# namespaces (or we are root), a new network namespace leaves the child with no interface at all.
+SANDBOX_BOOTSTRAP = r"""
+import _socket, resource, runpy, socket, sys
+memory, cpu_seconds = int(sys.argv[1]), int(sys.argv[2])
+for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu_seconds), (resource.RLIMIT_FSIZE, 16 << 20),
+                     (resource.RLIMIT_NPROC, 0), (resource.RLIMIT_CORE, 0)):
+    try:
+        resource.setrlimit(limit, (value, value))
+    except (ValueError, OSError):  # already lower, or refused (macOS and RLIMIT_AS): keep what we have
+        pass
+if sys.platform == "linux":
+    import ctypes
+    ctypes.CDLL(None).unshare(0x10000000 | 0x40000000)  # CLONE_NEWUSER | CLONE_NEWNET; returns -1 where refused
+
+class NoNetwork(socket.socket):
+    def __init__(self, *args, **kwargs):
+        raise OSError("network access is disabled in the sandbox")
+
+socket.socket = socket.SocketType = _socket.socket = _socket.SocketType = NoNetwork
+try:  # not as __main__: like OpenAI's harness, the model's `if __name__ == "__main__":` demos (input(), unittest) don't run
+    runpy.run_path("program.py", run_name="program")
+except SystemExit as e:  # sys.exit(0) before check() ran must not count as a pass
+    sys.exit(f"the program exited ({e.code!r}) before its end")
+"""
+
+
+def extract_program(completion, prompt):
+    """The program of a HumanEval completion: the problem's prompt, then the first ``` block of the completion
+    (an unclosed one runs to the end: generation stopped), else its whole text. The prompt always goes first: its
+    imports and helpers (HumanEval/10, 32, 38, 50's tests call is_palindrome, poly, encode_cyclic, encode_shift) must be
+    there, a completion that restates the function replaces the prompt's docstring-only stub, and one that is only the
+    body continues it. nanochat prepends only the prompt's imports, which fails a correct answer that omits a helper."""
+    fenced = re.search(r"```[\w+-]*[ \t]*\n(.*?)(?:```|\Z)", completion, re.DOTALL)  # ```python, ```py, ```Python3, ```
+    return prompt + "\n" + (fenced.group(1) if fenced else completion)
+
+
+def run_sandboxed(program, timeout=5.0, memory_mb=512):
+    """Run Python source in a fresh `python -I` child (isolated mode, PATH-only environment, stdin from /dev/null) inside a
+    temporary directory that is deleted afterwards. -> (passed, reason): passed if it ran to its end and exited 0;
+    otherwise the reason is the last line of its stderr (e.g. "AssertionError", "MemoryError"), a signal or a timeout."""
+    with tempfile.TemporaryDirectory(prefix="decoderstack-sandbox-") as tmp:
+        with open(os.path.join(tmp, "program.py"), "w", encoding="utf-8") as f:
+            f.write(program)
+        with open(os.path.join(tmp, "stderr"), "w+b") as err:  # a file, not a pipe: RLIMIT_FSIZE bounds it
+            cmd = [sys.executable, "-I", "-c", SANDBOX_BOOTSTRAP, str(memory_mb << 20), str(math.ceil(timeout) + 1)]
+            child = subprocess.Popen(cmd, cwd=tmp, env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+            try:
+                child.wait(timeout)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            try:  # the child is its own process group: this also ends whatever it started
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            child.wait()
+            err.seek(max(0, os.fstat(err.fileno()).st_size - 4096))
+            lines = err.read().decode("utf-8", "replace").strip().splitlines()
+    if timed_out:
+        return False, f"timed out after {timeout:g}s"
+    if child.returncode == 0:
+        return True, "passed"
+    if child.returncode < 0:  # SIGKILL at the CPU limit, SIGSEGV, ...
+        return False, f"killed by {signal.Signals(-child.returncode).name}"
+    return False, (lines[-1] if lines else f"exit status {child.returncode}")[:200]
+
+
+def humaneval_passed(completion, problem, timeout=5.0):
+    """Whether the completion passes a HumanEval problem (an entry of the code task's manifest "problems")."""
+    program = f"{extract_program(completion, problem['prompt'])}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+    return run_sandboxed(program, timeout)[0]
+
+
+@torch.no_grad()
+def evaluate_chat(model, chat, tokenizer, rt, windows, max_per_task=-1, batch_tokens=32768, batch_size=16,
+                  max_new_tokens=512):
+    """Chat evaluation on ChatEvalData `chat`: categorical tasks by letter argmax (packed varlen forwards of up to
+    batch_tokens tokens); generative (GSM8K) and code (HumanEval) ones by greedy generation with the calculator,
+    batch_size prompts at a time, scored on the number after '####' or by running the problem's tests in the sandbox.
+    Examples split across ranks as in CORE. Returns dict(results={task: accuracy}, centered={task: centered
+    accuracy}, chatcore=mean centered, correct=int8 per example)."""
+    was_training = model.training
+    model.eval()
+    evaluated, mine = examples_of_rank(chat.tasks, len(chat.examples), max_per_task, rt)
+    correct = torch.zeros(len(chat.examples), dtype=torch.float32)
+    kind = {e: chat.tasks[int(chat.examples[e, 0])]["kind"] for e in mine}
+    categorical = [(e, chat.prompt(e)) for e in mine if kind[e] == "categorical"]
+    for batch in token_batches(categorical, lambda item: len(item[1][0]), batch_tokens):
+        choices = categorical_choices(model, [(tokens, n) for _, (tokens, _, n) in batch], chat.letter_ids, rt, windows)
+        for (e, (_, gold, _)), choice in zip(batch, choices):
+            correct[e] = float(choice == gold)
+    engine = Engine(model, tokenizer, windows, rt)
+    generated = [e for e in mine if kind[e] != "categorical"]
+    for i in range(0, len(generated), batch_size):
+        batch = generated[i:i + batch_size]
+        samples = engine.generate([chat.prompt(e)[0].tolist() for e in batch], 1, max_new_tokens, temperature=0)
+        for e, (sample,) in zip(batch, samples):
+            task = chat.tasks[int(chat.examples[e, 0])]
+            text, index = reply_text(tokenizer, sample), e - task["first_example"]
+            if task["kind"] == "code":
+                correct[e] = float(humaneval_passed(text, task["problems"][index]))
+            else:
+                correct[e] = float(gsm8k_answer(text) == task["answers"][index])
+    model.train(was_training)
+    out = task_scores(chat.tasks, "name", correct, evaluated, rt)
+    return dict(out, chatcore=out.pop("mean"))
+
+
+def format_chat_table(out, chat):
+    lines = [f"{'task':<16} {'examples':>8} {'accuracy':>8} {'centered':>8}"]
+    for t in chat.tasks:
+        n = int((out["correct"][t["first_example"]:t["first_example"] + t["n_examples"]] >= 0).sum())
+        lines.append(f"{t['name']:<16} {n:>8} {out['results'][t['name']]:>8.4f} {out['centered'][t['name']]:>8.4f}")
+    lines.append(f"{'ChatCORE':<16} {'':>8} {'':>8} {out['chatcore']:>8.4f}")
+    return "\n".join(lines)
+
+
+# =============================================================================================================
+# 12. Post-training: chat SFT and GSM8K RL
+#
+# SFT. Each conversation is its own document of a varlen batch, as in pretraining: positions from 0, no attention
+# across conversations, so a conversation gets exactly the losses it would get alone. Only tokens the SFT mask marks
+# (assistant text, tool calls, <|assistant_end|>) are targets. nanochat pads rows of a (B, T) batch instead.
+
+
+def sft_batch(split, convs, T, bos_id, device):
+    """Packed Batch of T tokens from conversations `convs` (indices into SFTSplit `split`) back to back; only the
+    first may be longer than T (it is cut). The rest is one padding document (BOS, then token 0s), so padding adds a
+    single cu_seqlens entry. Targets: the next token where its mask is 1, else -1 (so never across conversations:
+    each starts with BOS, whose mask is 0)."""
+    tokens, masks = zip(*(split.conversation(i) for i in convs))
+    pad = max(0, T - sum(len(t) for t in tokens))
+    buf = np.concatenate([*tokens, [bos_id], np.zeros(pad, np.int64)])[:T + 1]
+    supervised = np.concatenate([*masks, np.zeros(pad + 1, np.int64)])[1:T + 1] == 1
+    batch = make_batch(buf, bos_id, T, 1, device)  # max_doc_len T: documents start only at BOS
+    batch.targets.masked_fill_(~torch.from_numpy(supervised).to(device)[:, None], -1)
+    return batch
+
+
+class SFTLoader:
+    """Whole conversations in a shuffled order (a new permutation each epoch, from the seed), packed greedily: a
+    batch takes the next conversations while they fit in T tokens (the first always, cut if longer). Every rank packs
+    the same stream and keeps every world_size-th batch, so ranks see disjoint conversations and together exactly
+    the single-process batches. The position (epoch, cursor into its permutation) is saved in checkpoints."""
+
+    def __init__(self, split, tokenizer, rank, world_size, seed, state=None):
+        self.split, self.bos, self.rank, self.world_size, self.seed = split, tokenizer.bos_id, rank, world_size, seed
+        self.lengths = np.diff(split.convs)
+        self.state = dict(state or {"epoch": 0, "cursor": 0})
+        self._order = (None, None)
+
+    def order(self, epoch):
+        if self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths)))
+        return self._order[1]
+
+    def _take(self, T):
+        """Conversation indices of the next batch of the shared stream; advances the state."""
+        s, convs, used = self.state, [], 0
+        while True:
+            i = int(self.order(s["epoch"])[s["cursor"]])
+            if convs and used + self.lengths[i] > T:
+                return convs
+            convs.append(i)
+            used += int(self.lengths[i])
+            s["cursor"] += 1
+            if s["cursor"] == len(self.lengths):
+                s["epoch"], s["cursor"] = s["epoch"] + 1, 0
+
+    def next_batch(self, T, device):
+        mine = [self._take(T) for _ in range(self.world_size)][self.rank]
+        return sft_batch(self.split, mine, T, self.bos, device)
+
+
+def sft_loss(model, batch, windows, backend):
+    """Mean softcapped cross entropy over the supervised targets (targets -1 count nowhere, get no gradient).
+    The lm_head stays a plain matmul: FP8's static gradient scale is set for pretraining's mean over all tokens."""
+    h = model.hidden(batch.inputs, batch.prev_ids, batch.positions, windows, batch.cu_seqlens, batch.max_seqlen, backend)
+    logits = h @ model.lm_head[:model.vocab_size].T
+    targets = batch.targets[:, :1]
+    losses = softcap_cross_entropy(logits, targets, torch.ones(1, device=h.device), model.cfg.softcap)
+    return losses.sum() / (targets >= 0).sum().clamp(min=1)
+
+
+@torch.no_grad()
+def evaluate_sft_loss(model, split, rt, windows, max_tokens, batch_tokens=8192):
+    """Mean nats per supervised token of a fixed sample of val conversations holding up to max_tokens tokens (the
+    first ones of a seed-0 permutation: the files are grouped by source), packed without padding into forwards of up
+    to batch_tokens (a longer conversation goes alone, cut); rank r takes forwards r, r + world_size, ... Only
+    supervised rows get logits."""
+    was_training = model.training
+    model.eval()
+    order = np.random.default_rng(0).permutation(len(split.convs) - 1)
+    n = max(1, int(np.searchsorted(np.cumsum(np.diff(split.convs)[order]), max_tokens, side="right")))
+    convs = (split.conversation(int(i)) for i in order[:n])
+    sums = torch.zeros(2, device=rt.device, dtype=torch.float64)  # nats, supervised tokens
+    for k, batch in enumerate(token_batches(convs, lambda c: len(c[0]), batch_tokens)):
+        if k % rt.world_size != rt.rank:
+            continue
+        batch = [(t[:batch_tokens], m[:batch_tokens]) for t, m in batch]
+        h, ids, starts = packed_hidden(model, [t for t, _ in batch], rt, windows)
+        # row i predicts token i + 1 of its conversation: a target where that token's mask is 1
+        rows = torch.from_numpy(np.concatenate([o + np.flatnonzero(m[1:]) for o, (_, m) in zip(starts, batch)])).to(rt.device)
+        for chunk in torch.split(rows, 8192):  # bounded logits memory
+            sums[0] += F.cross_entropy(model.logits(h[chunk]), ids[chunk + 1], reduction="sum").double()
+        sums[1] += len(rows)
+    if rt.world_size > 1:
+        dist.all_reduce(sums)
+    model.train(was_training)
+    nats, count = sums.tolist()
+    return nats / max(count, 1)
+
+
+def sft_lr_factor(cfg, step, total):
+    """Linear warmup over sft_warmup_frac of the steps, flat, then linear decay over the last sft_cooldown_frac
+    (to 1/cooldown steps on the last step, so no step is wasted at lr 0)."""
+    warmup, cooldown = cfg.sft_warmup_frac * total, cfg.sft_cooldown_frac * total
+    up = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    down = min(1.0, (total - step) / cooldown) if cooldown else 1.0
+    return up * down
+
+
+def phase_sft(cfg, rt, log):
+    """Fine-tune the latest model (or --init-from) on the SFT conversations with a fresh optimizer."""
+    tokenizer = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
+    model, windows, _, path = trained_model(cfg, rt, tokenizer)  # the checkpoint's architecture and final windows
+    model.train()
+    mcfg = model.cfg  # scale its learning rates in a copy: model.cfg is what checkpoints record
+    opt = make_optimizer(model, dataclasses.replace(mcfg, muon_lr=mcfg.muon_lr * cfg.sft_lr_mul, adam_lr=mcfg.adam_lr * cfg.sft_lr_mul))
+    train, val = load_sft(cfg.data_dir, tokenizer, "train"), load_sft(cfg.data_dir, tokenizer, "val")
+    loader = SFTLoader(train, tokenizer, rt.rank, rt.world_size, cfg.seed)
+    total = cfg.sft_steps
+    T = min(cfg.micro_batch_tokens, cfg.sft_batch_tokens // rt.world_size)
+    accum = cfg.sft_batch_tokens // (rt.world_size * T)
+    if accum * rt.world_size * T != cfg.sft_batch_tokens:
+        raise ValueError(f"sft batch of {cfg.sft_batch_tokens} tokens is not a multiple of world size {rt.world_size} x {T} tokens")
+    start = 0
+    if cfg.resume and latest_checkpoint(cfg.run_dir, "sft"):
+        state = load_checkpoint(latest_checkpoint(cfg.run_dir, "sft"), model, opt)
+        start, loader.state = state["step"], state["loader"]
+        log(f"sft: resumed from {latest_checkpoint(cfg.run_dir, 'sft')} at step {start}")
+    log(f"sft: from {path}, {total} steps of {cfg.sft_batch_tokens:,} tokens, {len(train.convs) - 1:,} train conversations "
+        f"({len(train.tokens):,} tokens), lr x{cfg.sft_lr_mul}")
+    loss_fn = torch.compile(sft_loss) if cfg.compile else sft_loss
+    chat = load_chat_eval(cfg.data_dir, tokenizer) if cfg.sft_chat_max_per_task > 0 else None
+
+    def evaluate(step):
+        val_loss = evaluate_sft_loss(model, val, rt, windows, cfg.sft_val_tokens, T)
+        log(f"sft step {step}/{total} val loss {val_loss:.4f}")
+        log.metrics(step, {"sft/val_loss": val_loss})
+        if chat is not None and step > 0:  # the base model cannot chat yet: nothing to learn from its score
+            out = evaluate_chat(model, chat, tokenizer, rt, windows, cfg.sft_chat_max_per_task, cfg.core_batch_tokens,
+                                cfg.chat_batch_size, cfg.chat_max_new_tokens)
+            log(f"sft step {step}/{total} chatcore {out['chatcore']:.4f} " + " ".join(f"{k} {v:.4f}" for k, v in out["results"].items()))
+            log.metrics(step, {"sft/chatcore": out["chatcore"]})
+            update_metrics(cfg, rt, {"sft_chatcore": out["chatcore"], "sft_chat_per_task": out["results"]})
+        return val_loss
+
+    if start == 0:
+        update_metrics(cfg, rt, {"sft_val_loss_init": evaluate(0)})
+    train_time, last = 0.0, None
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        batches = [loader.next_batch(T, rt.device) for _ in range(accum)]
+        # the step's loss is the mean over every supervised target of every rank: weigh each micro-batch's mean by
+        # its share of them (times world size: the optimizer averages gradients over ranks)
+        counts = torch.stack([(b.targets[:, 0] >= 0).sum() for b in batches]).double()
+        n_total = counts.sum()
+        if rt.world_size > 1:
+            dist.all_reduce(n_total)
+        step_loss = torch.zeros((), device=rt.device)
+        for b, n in zip(batches, counts):
+            with autocast(rt):
+                loss = loss_fn(model, b, windows, rt.backend) * (n * rt.world_size / n_total.clamp(min=1)).float()
+            loss.backward()
+            step_loss += loss.detach()
+        if rt.world_size > 1:
+            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+        if not torch.isfinite(step_loss):
+            log(f"sft step {step}: loss is {step_loss.item()}; stopping. The last good checkpoint is {latest_checkpoint(cfg.run_dir)}")
+            update_metrics(cfg, rt, {"sft_diverged_at_step": step})
+            sys.exit(2)
+        lr = sft_lr_factor(cfg, step, total)
+        opt.step(lr, muon_momentum(step, total, warmup=cfg.sft_momentum_warmup, cooldown=0))
+        opt.zero_grad()
+        dt = time.perf_counter() - t0
+        if step > start:  # the first step includes compilation
+            train_time += dt
+        last = step
+        if step % cfg.log_every == 0 or step == total - 1:
+            log(f"sft step {step + 1}/{total} loss {step_loss.item():.4f} lr {lr:.3f} {cfg.sft_batch_tokens / dt:,.0f} tok/s "
+                f"eta {dt * (total - step - 1) / 60:.1f} min")
+            log.metrics(step, {"sft/loss": step_loss.item()})
+        if (step + 1) % cfg.sft_eval_every == 0 and step < total - 1:
+            evaluate(step + 1)
+        if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or step == total - 1:
+            save_checkpoint(cfg, rt, step + 1, model, opt, loader.state, phase="sft")
+    if last is None:
+        log(f"sft: nothing to do: run already at step {start} of {total}")
+        return model
+    update_metrics(cfg, rt, {"sft_val_loss": evaluate(total), "sft_steps": total, "sft_train_time_s": train_time})
+    return model
+
+
+# -- GSM8K RL: on-policy policy gradient with the engine and the calculator, nanochat-style --
+
+
+def gsm8k_reward(tokenizer, sample, answer):
+    """1 when the number after '####' in the sample is the reference answer, else 0."""
+    return float(gsm8k_answer(reply_text(tokenizer, sample)) == answer)
+
+
+def group_advantages(rewards):
+    """Reward minus the mean over the k samples of the same question (no std scaling, as nanochat)."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    return rewards - rewards.mean()
+
+
+def policy_gradient_loss(model, rollouts, windows, rt, n_tokens):
+    """-sum(advantage x log p(token)) / n_tokens over the sampled tokens of `rollouts`, a list of (prompt, Sample,
+    advantage) packed into one varlen forward. Prompt tokens and forced tool output (mask 0) get no gradient: their
+    rows never reach the logits. n_tokens: sampled tokens of the whole step (token-level normalisation)."""
+    (ids, prev, positions, cu, max_len), starts = packed_documents(
+        [np.array(prompt + sample.tokens) for prompt, sample, _ in rollouts], rt.device)
+    rows, weights = [], []
+    for start, (prompt, sample, advantage) in zip(starts, rollouts):
+        sampled = np.flatnonzero(np.array(sample.mask) == 1)  # token i of the sample sits at start + len(prompt) + i
+        rows.append(start + len(prompt) + sampled - 1)        # ... and is predicted by the row before it
+        weights.append(np.full(len(sampled), advantage, dtype=np.float32))
+    rows = torch.from_numpy(np.concatenate(rows)).to(rt.device)
+    with autocast(rt):
+        h = model.hidden(ids, prev, positions, windows, cu, max_len, rt.backend)
+        logp = -F.cross_entropy(model.logits(h[rows]).float(), ids[rows + 1], reduction="none")
+    return -(logp * torch.from_numpy(np.concatenate(weights)).to(rt.device)).sum() / max(1, n_tokens)
+
+
+@torch.no_grad()
+def gsm8k_pass_at_k(engine, tokenizer, chat, task, examples, k, cfg, rt, seed):
+    """pass@1..k on the given examples of a generative chat-eval task: the fraction of questions where one of the
+    first j samples (temperature cfg.rl_temperature) is right; examples split across ranks."""
+    hits = torch.zeros(k, device=rt.device)
+    for e in examples[rt.rank::rt.world_size]:
+        samples = engine.generate([chat.prompt(e)[0].tolist()], k, cfg.rl_max_new_tokens, cfg.rl_temperature,
+                                  cfg.rl_top_k, seed=seed + e)[0]
+        right = [gsm8k_reward(tokenizer, s, task["answers"][e - task["first_example"]]) for s in samples]
+        hits += torch.tensor(np.maximum.accumulate(right), dtype=torch.float32, device=rt.device)
+    if rt.world_size > 1:
+        dist.all_reduce(hits)
+    return {j + 1: float(hits[j]) / len(examples) for j in range(k)}
+
+
+def phase_rl(cfg, rt, log):
+    """GSM8K RL from the latest checkpoint (or --init-from): each step, rl_questions_per_step training questions (split
+    across ranks) get rl_samples samples each from the engine; reward 1 for the right '####' answer; loss
+    -advantage x log p over the sampled tokens; lr decays linearly to 0; pass@k on held-out test questions."""
+    tokenizer = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
+    model, windows, _, path = trained_model(cfg, rt, tokenizer)
+    train, test = load_chat_eval(cfg.data_dir, tokenizer, "rl"), load_chat_eval(cfg.data_dir, tokenizer)
+    train_task = next(t for t in train.tasks if t["name"] == "gsm8k")
+    test_task = next(t for t in test.tasks if t["name"] == "gsm8k")
+    test_examples = list(range(test_task["first_example"], test_task["first_example"] + min(cfg.rl_eval_questions, test_task["n_examples"])))
+    if cfg.rl_questions_per_step < rt.world_size:
+        raise ValueError(f"--rl-questions-per-step {cfg.rl_questions_per_step} < world size {rt.world_size}: every rank needs a question")
+    base = model.cfg
+    opt = make_optimizer(model, dataclasses.replace(base, muon_lr=base.muon_lr * cfg.rl_lr_mul, adam_lr=base.adam_lr * cfg.rl_lr_mul))
+    engine = Engine(model, tokenizer, windows, rt)
+    order = np.random.default_rng(cfg.seed).permutation(train_task["n_examples"]) + train_task["first_example"]
+    log(f"RL from {path}: {cfg.rl_steps} steps x {cfg.rl_questions_per_step} questions x {cfg.rl_samples} samples, "
+        f"{train_task['n_examples']} training questions, pass@{cfg.rl_eval_samples} on {len(test_examples)} test questions")
+    rewards, pass_at = [], {}
+    for step in range(cfg.rl_steps + 1):
+        if step % cfg.rl_eval_every == 0 or step == cfg.rl_steps:
+            model.eval()
+            pass_at = gsm8k_pass_at_k(engine, tokenizer, test, test_task, test_examples, cfg.rl_eval_samples, cfg, rt, cfg.seed)
+            log(f"rl step {step}/{cfg.rl_steps} " + " ".join(f"pass@{j} {v:.4f}" for j, v in pass_at.items()))
+            log.metrics(step, {f"rl/pass@{j}": v for j, v in pass_at.items()})
+        if step == cfg.rl_steps:
+            break
+        t0 = time.perf_counter()
+        model.eval()
+        questions = [int(order[(step * cfg.rl_questions_per_step + i) % len(order)]) for i in range(cfg.rl_questions_per_step)]
+        rollouts, step_rewards = [], []
+        for e in questions[rt.rank::rt.world_size]:
+            prompt = train.prompt(e)[0].tolist()
+            samples = engine.generate([prompt], cfg.rl_samples, cfg.rl_max_new_tokens, cfg.rl_temperature, cfg.rl_top_k,
+                                      seed=cfg.seed * 1_000_003 + step * 1009 + e)[0]
+            reward = [gsm8k_reward(tokenizer, s, train_task["answers"][e - train_task["first_example"]]) for s in samples]
+            step_rewards += reward
+            rollouts += [(prompt, s, float(a)) for s, a in zip(samples, group_advantages(reward))]
+        model.train()
+        n_tokens = sum(sum(s.mask) for _, s, _ in rollouts)
+        # rollouts with advantage 0 (all k samples equally right) add nothing to the gradient: skip their forward,
+        # but keep one (weighted 0) so every rank's optimizer sees the same gradients exist
+        learning = [r for r in rollouts if r[2] != 0] or [(rollouts[0][0], rollouts[0][1], 0.0)]
+        for batch in token_batches(learning, lambda r: len(r[0]) + len(r[1].tokens), cfg.rl_batch_tokens):
+            policy_gradient_loss(model, batch, windows, rt, n_tokens).backward()
+        opt.step(1 - step / cfg.rl_steps, 0.95)
+        opt.zero_grad()
+        stats = torch.tensor([sum(step_rewards), len(step_rewards), n_tokens], dtype=torch.float64, device=rt.device)
+        if rt.world_size > 1:
+            dist.all_reduce(stats)
+        rewards.append(float(stats[0] / stats[1]))
+        log(f"rl step {step + 1}/{cfg.rl_steps} reward {rewards[-1]:.4f} sampled tokens {int(stats[2])} "
+            f"lr {1 - step / cfg.rl_steps:.3f} {time.perf_counter() - t0:.1f}s")
+        log.metrics(step, {"rl/reward": rewards[-1]})
+    save_checkpoint(cfg, rt, cfg.rl_steps, model, opt, {}, phase="rl")
+    update_metrics(cfg, rt, {"rl_reward": rewards, "gsm8k_pass_at": pass_at})
+
+
+# =============================================================================================================
+# 13. Phases and main
+
+
+def trained_model(cfg, rt, tokenizer):
+    """The model of --init-from, else of the run's latest checkpoint, built with the config it was trained with."""
+    path = cfg.init_from or latest_checkpoint(cfg.run_dir)
+    if not path:
+        raise DataFormatError(f"{cfg.run_dir}: no checkpoint to evaluate (run --phases pt first, or pass --init-from)")
+    trained = read_json(os.path.join(path, "state.json"))["config"]
+    model_cfg = Config(**{k: freeze(v) for k, v in trained.items()})
+    model = GPT(model_cfg, tokenizer.vocab_size).to(rt.device)
+    load_checkpoint(path, model)
+    model.eval()
+    stages = scaled_stages(model_cfg)
+    last = plan_step(model_cfg, stages, sum(s[0] for s in stages) - 1)  # evaluate with the final windows
+    return model, model.windows(last.short_window, last.long_window), last.max_doc_len, path
+
+
+def phase_eval(cfg, rt, log):
+    """Bits per byte and CORE of a trained model."""
+    tokenizer = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
+    model, windows, max_doc_len, path = trained_model(cfg, rt, tokenizer)
+    log(f"evaluating {path}")
+    t0 = time.time()
+    bpb, loss = evaluate_bpb(model, cfg, rt, tokenizer, windows, max_doc_len)
+    log(f"val bpb {bpb:.4f} val loss {loss:.4f}")
+    core = load_core(cfg.data_dir, tokenizer)
+    with torch.no_grad():
+        out = evaluate_core(model, core, rt, windows, cfg.core_max_per_task, cfg.core_batch_tokens)
+    log(format_core_table(out, core))
+    log(f"eval took {time.time() - t0:.0f}s")
+    update_metrics(cfg, rt, {"val_bpb": bpb, "core": out["core"], "core_per_task": out["centered"],
+                             "core_max_per_task": cfg.core_max_per_task})
+
+
+def phase_chat(cfg, rt, log):
+    """Chat evaluation (ARC, MMLU, GSM8K; ChatCORE) of the latest checkpoint or --init-from."""
+    tokenizer = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
+    model, windows, _, path = trained_model(cfg, rt, tokenizer)
+    chat = load_chat_eval(cfg.data_dir, tokenizer)
+    log(f"chat evaluation of {path}")
+    t0 = time.time()
+    out = evaluate_chat(model, chat, tokenizer, rt, windows, cfg.chat_max_per_task, cfg.core_batch_tokens,
+                        cfg.chat_batch_size, cfg.chat_max_new_tokens)
+    log(format_chat_table(out, chat))
+    log(f"chat eval took {time.time() - t0:.0f}s")
+    values = {"chatcore": out["chatcore"], "chat_per_task": out["results"], "chat_max_per_task": cfg.chat_max_per_task}
+    # the pipeline evaluates after SFT and again after RL: keep each checkpoint's numbers, the latest on top
+    metrics_path = os.path.join(cfg.run_dir, "metrics.json")
+    history = (read_json(metrics_path) if os.path.isfile(metrics_path) else {}).get("chat_by_checkpoint", {})
+    update_metrics(cfg, rt, {**values, "chat_by_checkpoint": {**history, os.path.basename(path): values}})
+
+
+def phase_generate(cfg, rt, log):
+    """Samples from a checkpoint for --prompt, or an interactive chat on stdin when there is no --prompt. The prompt
+    is a user turn for a chat model (SFT/RL checkpoints, or --prompt-format chat), plain text for a base model."""
+    tokenizer = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
+    model, windows, _, path = trained_model(cfg, rt, tokenizer)
+    phase = read_json(os.path.join(path, "state.json")).get("phase", "pt")
+    chat = cfg.prompt_format == "chat" or (cfg.prompt_format == "auto" and phase != "pt")
+    engine = Engine(model, tokenizer, windows, rt)
+    options = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                   min_p=cfg.min_p, seed=cfg.seed)
+    text = lambda tokens: tokenizer.decode([t for t in tokens if t not in engine.stops])  # a stream has no Sample yet
+    if cfg.prompt:
+        prompt = chat_turn(tokenizer, [tokenizer.bos_id], cfg.prompt) if chat else [tokenizer.bos_id, *tokenizer.encode(cfg.prompt)]
+        log(f"sampling from {path} ({'chat' if chat else 'text'} prompt)")
+        for i, sample in enumerate(engine.generate([prompt], cfg.num_samples, **options)[0]):
+            log(f"--- sample {i + 1}/{cfg.num_samples} ({len(sample.tokens)} tokens)\n"
+                f"{'' if chat else cfg.prompt}{reply_text(tokenizer, sample)}")
+        return
+    if rt.world_size > 1:
+        raise ValueError("interactive chat runs in one process: pass --prompt, or run without torchrun")
+    print(f"chatting with {path}: type a message, an empty line to start over, Ctrl-D to quit", flush=True)
+    conversation = [tokenizer.bos_id]
+    for line in sys.stdin:
+        if not line.strip():
+            conversation = [tokenizer.bos_id]
+            continue
+        prompt = chat_turn(tokenizer, conversation, line.strip()) if chat else conversation + tokenizer.encode(line)
+        reply, shown = [], ""
+
+        def stream(_, token):  # print each new piece of the reply (a token may end mid-character)
+            nonlocal shown
+            reply.append(token)
+            now = text(reply)
+            print(now[len(shown):], end="", flush=True)
+            shown = now
+
+        sample = engine.generate([prompt], 1, on_token=stream, **options)[0][0]
+        print(flush=True)
+        conversation = prompt + sample.tokens + ([] if sample.stopped or not chat else [tokenizer.special("<|assistant_end|>")])
+        options["seed"] += 1
+
+
+PHASES = {"data": phase_data, "pt": phase_pt, "eval": phase_eval, "sft": phase_sft, "chat": phase_chat, "rl": phase_rl,
+          "generate": phase_generate}
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    phases = [p for p in cfg.phases.split(",") if p]
+    unknown = [p for p in phases if p not in PHASES]
+    if unknown:
+        sys.exit(f"error: unknown phase(s) {', '.join(unknown)}; available: {', '.join(PHASES)}")
+    if phases == ["data"]:  # checking data needs no device, run directory or log file
+        rt, log = None, lambda msg: print(msg, flush=True)
+        phases_to_run(phases, cfg, rt, log)
+        return
+    rt = init_runtime(cfg)
+    log = Logger(cfg, rt)
+    if rt.master:
+        with open(log.path, "a", encoding="utf-8") as f:  # the exact code and config of the run, modded-nanogpt style
+            f.write(open(__file__, encoding="utf-8").read() + "\n" + "=" * 100 + "\n")
+    log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+    if rt.master:
+        write_text_atomic(os.path.join(cfg.run_dir, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+    try:
+        phases_to_run(phases, cfg, rt, log)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def phases_to_run(phases, cfg, rt, log):
+    try:
+        for phase in phases:
+            PHASES[phase](cfg, rt, log)
+    except DataFormatError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
