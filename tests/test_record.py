@@ -209,6 +209,8 @@ def test_verify_cli(tmp_path, capsys):
 def test_new_freezes_a_run_and_adds_its_row(tmp_path, records, capsys):
     run = make_run(tmp_path / "run", 2.2961, eval_phase=True, metrics={"chatcore": 0.0123})
     readme_before = open(os.path.join(records, "README.md")).read()
+    table = readme_before.splitlines()[readme_before.splitlines().index(record.README_HEADER) + 2:]
+    rows = next(i for i, line in enumerate(table + [""]) if not line.startswith("|"))  # records already in the table
     assert record.main(["new", "--run", run, "--name", "baseline", "--records", records, "--date", "2026-01-02",
                         "--hardware", "2-core AMD EPYC"]) == 0
     assert "identical to" in capsys.readouterr().out
@@ -227,7 +229,7 @@ def test_new_freezes_a_run_and_adds_its_row(tmp_path, records, capsys):
     readme = open(os.path.join(records, "README.md")).read()
     lines = readme.splitlines()
     header = lines.index(record.README_HEADER)
-    assert lines[header + 2] == row and readme.replace(row + "\n", "") == readme_before
+    assert lines[header + 2 + rows] == row and readme.replace(row + "\n", "") == readme_before  # appended last
     assert not [n for n in os.listdir(records) if n.startswith(".")]  # no temporaries left
 
     # a second record goes below the first; the same name again is refused and changes nothing
@@ -235,7 +237,7 @@ def test_new_freezes_a_run_and_adds_its_row(tmp_path, records, capsys):
     assert record.main(["new", "--run", other, "--name", "second", "--records", records, "--date", "2026-01-03",
                         "--hardware", "x"]) == 0
     lines = open(os.path.join(records, "README.md")).read().splitlines()
-    assert lines[header + 2] == row and lines[header + 3].startswith("| 2026-01-03 | cpu | x | 5m55s | 2.2500 | — | — |")
+    assert lines[header + 2 + rows] == row and lines[header + 3 + rows].startswith("| 2026-01-03 | cpu | x | 5m55s | 2.2500 | — | — |")
     before = open(os.path.join(records, "README.md")).read()
     assert record.main(["new", "--run", other, "--name", "baseline", "--records", records, "--date", "2026-01-02"]) == 2
     assert "never overwritten" in capsys.readouterr().err
