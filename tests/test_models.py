@@ -490,3 +490,18 @@ def test_modded_packed_core_scores_equal_each_sequence_alone(modded, core_data):
     alone = [modded.sequence_scores(model, [s], windows, "cpu", "sdpa")[0] for s in seqs]
     np.testing.assert_allclose([a[0] for a in together], [a[0] for a in alone], rtol=1e-5, equal_nan=True)
     assert [a[1] for a in together] == [a[1] for a in alone]
+
+
+@pytest.mark.parametrize("window", [0, 3, 1000])
+def test_modded_fa3_call_matches_the_reference(modded, stack, monkeypatch, window):
+    """The peer's FA3 path (GPU only) through a stand-in with FA3's exact varlen signature: what FA requires of the
+    call, and the answer the main stack's per-document reference gives."""
+    import types
+    from test_attention import make_standins, packed as packed_qkv
+    calls = []
+    fa3 = make_standins(stack, calls, fa3_returns_lse=True)["fa3"]
+    monkeypatch.setattr(modded, "flash_attn3", lambda: types.SimpleNamespace(flash_attn_varlen_func=fa3))
+    q, k, v, cu = packed_qkv([5, 17, 1, 30, 11], 3, 2, 16, dtype=torch.bfloat16)
+    out = modded.attention(q, k, v, cu, 30, window, 0.25, "fa3")
+    assert calls == [(min(window, len(q)), 0)]
+    torch.testing.assert_close(out, stack.attention_reference(q, k, v, cu, window, 0.25), atol=0, rtol=0)
