@@ -1,7 +1,7 @@
 """gpt2-adamw: the classic GPT-2 recipe (nanoGPT / llm.c) as a peer of DecoderStack's main stack.
 
-Same prepared data directory (data/README.md), same bits-per-byte definition, same metrics.json keys, so the two
-can be compared run for run. Deliberately plain: learned positions, pre-LayerNorm, GELU MLP, tied embeddings,
+Same prepared data directory (data/README.md), same bits-per-byte definition, same CORE scoring, same metrics.json
+keys, so the two can be compared run for run. Deliberately plain: learned positions, pre-LayerNorm, GELU MLP, tied embeddings,
 AdamW with warmup + cosine decay, attention over fixed windows that cross document boundaries. Single process.
 Self-contained on purpose: it imports neither the main stack nor data/, so it can be diffed and frozen.
 
@@ -55,14 +55,18 @@ class Config:
     # evaluation and logging
     val_tokens: int = 10_485_760
     val_every: int = 250
+    core_max_per_task: int = -1        # CORE examples per task after training (-1: all, 0: skip CORE)
+    core_batch_tokens: int = 32768     # tokens (rows x longest sequence) per CORE forward
     log_every: int = 10
 
 
 PRESETS = {
     "gpu": {},
-    # the main stack's cpu preset: its layers, width, batch and steps (150 x 4096 tokens), val tokens; fp32
+    # the main stack's cpu preset: its layers, width, batch and steps (150 x 4096 tokens), val tokens and CORE
+    # examples; fp32
     "cpu": dict(n_layers=4, model_dim=192, n_heads=3, seq_len=512, batch_tokens=4096, micro_batch_tokens=4096,
-                train_tokens=614_400, val_tokens=131_072, val_every=75, log_every=10, compile=False),
+                train_tokens=614_400, val_tokens=131_072, val_every=75, log_every=10, compile=False,
+                core_max_per_task=50, core_batch_tokens=8192),
 }
 
 
@@ -115,7 +119,7 @@ def parse_tuple(text):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Data: the tokenizer's metadata and the pretrain shards (formats in data/README.md; only what training needs)
+# Data: the tokenizer's metadata, the pretrain shards and the CORE file (formats in data/README.md)
 
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
 
@@ -142,21 +146,30 @@ def read_json(path):
         raise DataError(f"{path}: malformed JSON ({e})") from None
 
 
+def load_npy(path, dtype, columns=None):
+    """A plain .npy array (never unpickled) of `dtype`: 1-D, or 2-D with `columns` columns."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: missing")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise DataError(f"{path}: not a plain .npy array ({e})") from None
+    if arr.dtype != np.dtype(dtype) or arr.ndim != (2 if columns else 1) or (columns and arr.shape[1] != columns):
+        raise DataError(f"{path}: expected {np.dtype(dtype)} array with {columns or 'no'} columns, got {arr.dtype} {arr.shape}")
+    return arr
+
+
 def load_tokenizer(tok_dir):
     """Vocabulary size, BOS id and byte counts; the BPE ranks themselves are not needed to train on token ids."""
-    meta_path, bytes_path = os.path.join(tok_dir, "tokenizer.json"), os.path.join(tok_dir, "token_bytes.npy")
+    meta_path = os.path.join(tok_dir, "tokenizer.json")
     meta = read_json(meta_path)
     if meta.get("version") != 1:
         raise DataError(f"{meta_path}: tokenizer version {meta.get('version')} is not 1")
     vocab_size, bos_id = meta["vocab_size"], meta["special_tokens"]["<|bos|>"]
-    if not os.path.isfile(bytes_path):
-        raise DataError(f"{bytes_path}: missing")
-    try:
-        token_bytes = np.load(bytes_path, allow_pickle=False)  # never unpickle data files
-    except ValueError as e:
-        raise DataError(f"{bytes_path}: not a plain .npy array ({e})") from None
-    if token_bytes.dtype != np.int32 or token_bytes.shape != (vocab_size,):
-        raise DataError(f"{bytes_path}: expected int32 array of shape ({vocab_size},), got {token_bytes.dtype} {token_bytes.shape}")
+    bytes_path = os.path.join(tok_dir, "token_bytes.npy")
+    token_bytes = load_npy(bytes_path, np.int32)
+    if token_bytes.shape != (vocab_size,):
+        raise DataError(f"{bytes_path}: expected shape ({vocab_size},), got {token_bytes.shape}")
     return TokenizerInfo(vocab_size, bos_id, meta["tiktoken_sha256"], token_bytes)
 
 
@@ -179,6 +192,16 @@ def read_shard(path, vocab_size):
     if size != HEADER_INTS * 4 + n_tokens * width:
         raise DataError(f"{path}: header says {n_tokens} tokens ({HEADER_INTS * 4 + n_tokens * width} bytes), file has {size} bytes (truncated?)")
     return np.memmap(path, dtype="<u2" if width == 2 else "<u4", mode="r", offset=HEADER_INTS * 4, shape=(n_tokens,))
+
+
+def read_manifest(directory, fmt, tok):
+    path = os.path.join(directory, "manifest.json")
+    manifest = read_json(path)
+    if manifest.get("format") != fmt or manifest.get("version") != 1:
+        raise DataError(f"{path}: expected format {fmt!r} version 1, got {manifest.get('format')!r} version {manifest.get('version')}")
+    if manifest.get("tokenizer_sha256") != tok.sha256:
+        raise DataError(f"{path}: written with a different tokenizer than {tok.sha256[:12]}... (re-prepare the data)")
+    return manifest
 
 
 class TokenStream:
@@ -205,16 +228,11 @@ class TokenStream:
 def load_split(data_dir, split, tok):
     """The 'train' or 'val' pretrain shards listed in pretrain/manifest.json, every header checked."""
     directory = os.path.join(data_dir, "pretrain")
-    path = os.path.join(directory, "manifest.json")
-    manifest = read_json(path)
-    if manifest.get("format") != "pretrain" or manifest.get("version") != 1:
-        raise DataError(f"{path}: expected format 'pretrain' version 1, got {manifest.get('format')!r} version {manifest.get('version')}")
-    if manifest.get("tokenizer_sha256") != tok.sha256:
-        raise DataError(f"{path}: written with a different tokenizer than {tok.sha256[:12]}... (re-prepare the data)")
+    manifest = read_manifest(directory, "pretrain", tok)
     shards = [read_shard(os.path.join(directory, s["file"]), tok.vocab_size) for s in manifest["shards"] if s["split"] == split]
     stream = TokenStream(shards)
     if stream.n_tokens == 0:
-        raise DataError(f"{path}: no {split} tokens")
+        raise DataError(f"{os.path.join(directory, 'manifest.json')}: no {split} tokens")
     return stream
 
 
@@ -231,6 +249,32 @@ class TrainLoader:
         buf = torch.from_numpy(self.stream.read(self.pos, B * T + 1))
         self.pos = (self.pos + B * T) % self.stream.n_tokens
         return buf[:-1].view(B, T).to(self.device), buf[1:].view(B, T).to(self.device)
+
+
+@dataclasses.dataclass
+class CoreData:
+    tasks: list            # manifest task dicts: label, task_type, random_baseline, first_example, n_examples, ...
+    tokens: np.ndarray     # token segments back to back
+    sequences: np.ndarray  # [n_seq, 6] offset_a, len_a, offset_b, len_b, cont_start, cont_end: sequence = a ++ b
+    examples: np.ndarray   # [n_ex, 4] task, gold, first sequence, number of sequences
+
+    def sequence(self, i):
+        """(tokens, cont_start, cont_end) of sequence i: the continuation is tokens[cont_start:cont_end]."""
+        off_a, len_a, off_b, len_b, start, end = (int(x) for x in self.sequences[i])
+        return np.concatenate([self.tokens[off_a:off_a + len_a], self.tokens[off_b:off_b + len_b]]).astype(np.int64), start, end
+
+
+def load_core(data_dir, tok):
+    directory = os.path.join(data_dir, "core")
+    manifest = read_manifest(directory, "core", tok)
+    tokens = read_shard(os.path.join(directory, "tokens.bin"), tok.vocab_size)
+    sequences = load_npy(os.path.join(directory, "sequences.npy"), np.int64, 6)
+    examples = load_npy(os.path.join(directory, "examples.npy"), np.int64, 4)
+    if len(sequences) and max((sequences[:, 0] + sequences[:, 1]).max(), (sequences[:, 2] + sequences[:, 3]).max()) > len(tokens):
+        raise DataError(f"{directory}/sequences.npy: a segment runs past the end of tokens.bin")
+    if len(examples) and ((examples[:, 0] >= len(manifest["tasks"])).any() or (examples[:, 2] + examples[:, 3]).max() > len(sequences)):
+        raise DataError(f"{directory}/examples.npy: a row points past the tasks or sequences")
+    return CoreData(manifest["tasks"], tokens, sequences, examples)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -297,12 +341,19 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx):
-        """idx: (B, T) token ids, T <= seq_len -> logits (B, T, vocab_size) over the real vocabulary."""
+    def hidden(self, idx):
+        """idx: (B, T) token ids, T <= seq_len -> final hidden states (B, T, model_dim)."""
         x = self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device))
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.ln_f(x))[..., :self.vocab_size]
+        return self.ln_f(x)
+
+    def logits(self, h):
+        """Logits over the real vocabulary (the padding rows sliced off)."""
+        return self.lm_head(h)[..., :self.vocab_size]
+
+    def forward(self, idx):
+        return self.logits(self.hidden(idx))
 
 
 def matrix_params(model):
@@ -360,6 +411,95 @@ def evaluate_bpb(model, val, token_bytes, seq_len, val_tokens, rows, device, aut
     return nats / (math.log(2) * nbytes), nats / count
 
 
+def crop_to_context(tokens, start, end, seq_len):
+    """GPT-2 has positions only up to seq_len, so a longer CORE sequence keeps its last seq_len tokens (as nanochat's
+    core_eval does for GPT-2); at least one token stays before the continuation, so a continuation longer than
+    seq_len - 1 tokens is scored on its last seq_len - 1 tokens."""
+    crop = max(0, len(tokens) - seq_len)
+    return tokens[crop:], max(1, start - crop), end - crop
+
+
+@torch.no_grad()
+def sequence_scores(model, seqs, bos_id, device, autocast=contextlib.nullcontext):
+    """(mean continuation loss, every continuation token argmax-right) of each (tokens, cont_start, cont_end), from
+    one forward of them (cropped to the context) as rows padded on the right with <|bos|>. The model is causal, so
+    the padding changes no scored position. An empty continuation has mean loss NaN."""
+    seqs = [crop_to_context(*seq, model.cfg.seq_len) for seq in seqs]
+    L = max(len(t) for t, _, _ in seqs)
+    ids = torch.full((len(seqs), L), bos_id, dtype=torch.long)
+    for row, (tokens, _, _) in zip(ids, seqs):
+        row[:len(tokens)] = torch.from_numpy(tokens)
+    ids = ids.to(device)
+    with autocast():
+        h = model.hidden(ids)
+        # logits only where a continuation token is predicted (position i predicts token i + 1)
+        logits = model.logits(torch.cat([h[row, start - 1:end - 1] for row, (_, start, end) in enumerate(seqs)])).float()
+    targets = torch.cat([ids[row, start:end] for row, (_, start, end) in enumerate(seqs)])
+    losses, right = F.cross_entropy(logits, targets, reduction="none").cpu(), (logits.argmax(-1) == targets).cpu()
+    scores, i = [], 0
+    for _, start, end in seqs:
+        scores.append((losses[i:i + end - start].mean().item(), bool(right[i:i + end - start].all())))
+        i += end - start
+    return scores
+
+
+def core_decision(task_type, gold, mean_losses, all_right):
+    """nanochat's rule. multiple_choice / schema: the option with the lowest mean continuation loss is the answer
+    (an empty continuation's NaN wins only when it comes first, as min() and index() make it in nanochat).
+    language_modeling (one sequence): correct iff every greedy prediction over the continuation is right."""
+    if task_type == "language_modeling":
+        return all_right[0]
+    return mean_losses.index(min(mean_losses)) == gold
+
+
+def row_batches(seqs, batch_tokens):
+    """Consecutive sequences grouped so that rows x longest <= batch_tokens (a longer sequence goes alone)."""
+    batch, longest = [], 0
+    for seq in seqs:
+        if batch and (len(batch) + 1) * max(longest, len(seq[0])) > batch_tokens:
+            yield batch
+            batch, longest = [], 0
+        batch.append(seq)
+        longest = max(longest, len(seq[0]))
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def evaluate_core(model, core, bos_id, device, max_per_task=-1, batch_tokens=32768, autocast=contextlib.nullcontext):
+    """CORE as the main stack scores it: the first max_per_task examples of each task (<= 0: all; the file's examples
+    are pre-shuffled), accuracy per task, centered = (accuracy - baseline) / (1 - baseline), CORE = mean centered."""
+    was_training = model.training
+    model.eval()
+    results, centered, counts = {}, {}, {}
+    for task in core.tasks:
+        first = task["first_example"]
+        n = task["n_examples"] if max_per_task <= 0 else min(max_per_task, task["n_examples"])
+        examples = core.examples[first:first + n]
+        # cropped before batching, so rows are grouped by the length actually forwarded
+        seqs = (crop_to_context(*core.sequence(s), model.cfg.seq_len) for _, _, a, k in examples for s in range(a, a + k))
+        scores = [sc for batch in row_batches(seqs, batch_tokens) for sc in sequence_scores(model, batch, bos_id, device, autocast)]
+        correct, i = 0, 0
+        for _, gold, _, k in examples:
+            losses, right = zip(*scores[i:i + k])
+            correct += core_decision(task["task_type"], int(gold), list(losses), right)
+            i += k
+        results[task["label"]] = correct / max(1, n)
+        centered[task["label"]] = (results[task["label"]] - task["random_baseline"]) / (1 - task["random_baseline"])
+        counts[task["label"]] = n
+    model.train(was_training)
+    return dict(results=results, centered=centered, counts=counts, core=sum(centered.values()) / len(centered))
+
+
+def format_core_table(out, core):
+    lines = [f"{'task':<34} {'examples':>8} {'accuracy':>8} {'centered':>8}"]
+    for t in core.tasks:
+        note = "  (stand-in)" if t.get("stand_in") else ""
+        lines.append(f"{t['label']:<34} {out['counts'][t['label']]:>8} {out['results'][t['label']]:>8.4f} {out['centered'][t['label']]:>8.4f}{note}")
+    lines.append(f"{'CORE':<34} {'':>8} {'':>8} {out['core']:>8.4f}")
+    return "\n".join(lines)
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # Run
 
@@ -386,6 +526,7 @@ def train(cfg):
     train_stream, val_stream = load_split(cfg.data_dir, "train", tok), load_split(cfg.data_dir, "val", tok)
     if val_stream.n_tokens <= cfg.seq_len:
         raise DataError(f"{cfg.data_dir}/pretrain: {val_stream.n_tokens} val tokens, fewer than one window of {cfg.seq_len + 1}")
+    core = load_core(cfg.data_dir, tok) if cfg.core_max_per_task != 0 else None
     device = pick_device(cfg.device)
     os.makedirs(cfg.run_dir, exist_ok=True)
     log_file = open(os.path.join(cfg.run_dir, "log.txt"), "w", encoding="utf-8")
@@ -457,9 +598,17 @@ def train(cfg):
     metrics = {"stack": "gpt2-adamw", "val_bpb": val_bpb, "val_loss": val_loss, "train_tokens": total * cfg.batch_tokens,
                "params": n_params, "params_matrix": n_matrix, "tok_per_s": timed_steps * cfg.batch_tokens / train_time,
                "device": str(device), "world_size": 1, "pt_train_time_s": train_time}
+    summary = f"val bpb {val_bpb:.4f}, val loss {val_loss:.4f}"
+    if core is not None:
+        t0 = time.time()
+        out = evaluate_core(model, core, tok.bos_id, device, cfg.core_max_per_task, cfg.core_batch_tokens, autocast)
+        log(format_core_table(out, core))
+        log(f"CORE took {time.time() - t0:.0f}s")
+        metrics.update(core=out["core"], core_per_task=out["centered"], core_max_per_task=cfg.core_max_per_task)
+        summary += f", CORE {out['core']:.4f}"
     write_atomic(os.path.join(cfg.run_dir, "metrics.json"), json.dumps(metrics, indent=1) + "\n")
-    log(f"gpt2-adamw done: val bpb {val_bpb:.4f}, val loss {val_loss:.4f}, {metrics['train_tokens']:,} tokens, "
-        f"{n_params:,} params, {metrics['tok_per_s']:,.0f} tok/s on {device}; wrote {cfg.run_dir}/metrics.json and model.safetensors")
+    log(f"gpt2-adamw done: {summary}, {metrics['train_tokens']:,} tokens, {n_params:,} params, "
+        f"{metrics['tok_per_s']:,.0f} tok/s on {device}; wrote {cfg.run_dir}/metrics.json and model.safetensors")
     log_file.close()
     return metrics
 
