@@ -4,9 +4,9 @@
 
 Trains one after another the main stack (--phases pt,eval), models/gpt2-adamw, models/nanochat and
 models/modded-nanogpt, each with --preset cpu (150 steps x 4,096 tokens = 614,400 tokens, val bpb over the same
-131,072 val targets), then CORE over the first --core-max-per-task examples of each task for the stacks that
-evaluate it. About 30 minutes on 2 cores. --train-tokens / --val-tokens shrink every run alike for a quick check.
-Prints the table and a last summary line. Timings vary +-30% on shared machines.
+131,072 val targets), then CORE over the first --core-max-per-task examples of each task. About 30 minutes on 2
+cores. --train-tokens / --val-tokens shrink every run alike for a quick check. Prints the table and a last summary
+line. Timings vary +-30% on shared machines: run it alone.
 """
 import argparse
 import json
@@ -23,12 +23,6 @@ STACKS = [  # name, script, extra arguments
     ("nanochat", os.path.join(ROOT, "models", "nanochat", "train_nanochat.py"), []),
     ("modded-nanogpt", os.path.join(ROOT, "models", "modded-nanogpt", "train_modded.py"), []),
 ]
-
-
-def takes_flag(script, flag):
-    """Whether a stack's command line has `flag` (not every peer evaluates CORE)."""
-    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
-    return flag in out.stdout
 
 
 def run(script, args, run_dir):
@@ -58,9 +52,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.abspath(args.out) if args.out else tmp
         for name, script, extra in STACKS:
-            has_core = takes_flag(script, "--core-max-per-task")
-            core = ["--core-max-per-task", str(args.core_max_per_task)] if has_core else []
-            if has_core and args.core_max_per_task == 0 and name == "decoderstack":
+            core = ["--core-max-per-task", str(args.core_max_per_task)]
+            if args.core_max_per_task == 0 and name == "decoderstack":
                 extra = ["--phases", "pt", "--wandb", "disabled"]  # its eval phase is CORE (bpb comes with pt)
             print(f"training {name} ...", file=sys.stderr, flush=True)
             metrics, seconds = run(script, common + extra + core, os.path.join(out, name))

@@ -68,7 +68,7 @@ def main():
             ours, ours_s = run([sys.executable, STACK, "--preset", "cpu", "--data-dir", args.data_dir, "--run-dir", ours_dir,
                                 "--wandb", "disabled"], ours_dir)
             base, base_s = run([sys.executable, BASELINE, "--preset", "cpu", "--data-dir", args.data_dir, "--run-dir", base_dir,
-                                "--train-tokens", str(ours["train_tokens"])], base_dir)
+                                "--train-tokens", str(ours["train_tokens"]), "--core-max-per-task", "0"], base_dir)
         print(f"\n{'stack':<22} {'params':>11} {'matrix params':>14} {'tokens':>9} {'val bpb':>8} {'tok/s':>7} {'wall s':>7}")
         for name, m, secs in (("decoderstack (cpu)", ours, ours_s), ("gpt2-adamw (cpu)", base, base_s)):
             print(f"{name:<22} {m['params']:>11,} {m['params_matrix']:>14,} {m['train_tokens']:>9,} {m['val_bpb']:>8.4f} {m['tok_per_s']:>7,.0f} {secs:>7.0f}")
