@@ -1,6 +1,8 @@
 """The notebooks run top to bottom on the CPU with tiny settings, so they cannot rot: nbclient executes each one with
 a cell of parameters injected after the cell tagged "parameters" (papermill's convention); any cell error fails."""
+import json
 import os
+import re
 import shutil
 
 import nbformat
@@ -51,26 +53,39 @@ def test_tutorial_runs(tmp_path):
 
 
 @pytest.fixture
-def hub_mirror(tiny_data, tmp_path):
-    """tiny_data published to a local mirror by data/hub.py: the notebook downloads it as it would from the hub."""
+def hub_mirror(tiny_data, tok_dir, tmp_path):
+    """tiny_data plus a small CORE file (test_core_eval's tasks) and SFT conversations (test_sft's), published to a
+    local mirror by data/hub.py: the notebook downloads it as it would from the hub."""
+    import json
+    import core_shards
     import hub
+    import sft_shards
+    from test_core_eval import MAX_LEN, TASKS, write_bundle
+    from test_sft import conversations
     src = tmp_path / "src"
     shutil.copytree(tiny_data, src)
+    core_shards.write_core(write_bundle(tmp_path / "bundle", TASKS), tok_dir, str(src / "core"), max_len=MAX_LEN)
+    (tmp_path / "conversations.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in conversations()))
+    sft_shards.write_sft([str(tmp_path / "conversations.jsonl")], tok_dir, str(src / "sft"), val_percent=20)
     hub.upload(str(src), local=str(tmp_path / "mirror"))
     return str(tmp_path / "mirror")
 
 
-@pytest.mark.slow  # ~25 s alone on 2 cores (three subprocesses of the stack), up to ~60 s on a busy machine
+@pytest.mark.slow  # ~15 s alone on 2 cores (five subprocesses of the stack), up to ~60 s on a busy machine
 def test_quickstart_runs_tiny_on_cpu(hub_mirror, tmp_path):
+    from test_sft import SFT_ARGS
     tiny = [a for i, a in enumerate(TINY_ARGS) if a != "--preset" and (i == 0 or TINY_ARGS[i - 1] != "--preset")]
     run_dir = tmp_path / "run"
-    nb = execute("quickstart_colab.ipynb", TINY=True, PRESET="cpu", EXTRA_ARGS=tiny, HUB_LOCAL_MIRROR=hub_mirror,
-                 DATA_DIR=str(tmp_path / "data"), RUN_DIR=str(run_dir), PROMPTS=["The module"], MAX_NEW_TOKENS=8,
-                 REPO_URL="file:///nonexistent")
+    nb = execute("quickstart_colab.ipynb", TINY=True, PRESET="cpu", EXTRA_ARGS=tiny + SFT_ARGS + ["--core-max-per-task", "4"],
+                 HUB_LOCAL_MIRROR=hub_mirror, DATA_DIR=str(tmp_path / "data"), RUN_DIR=str(run_dir),
+                 PROMPTS=["The module"], MAX_NEW_TOKENS=8, REPO_URL="file:///nonexistent")
     text = outputs(nb, "text")
-    assert "checksums verified" in text                       # hub.py download
+    assert "checksums verified" in text and "also prepared: core, sft" in text  # hub.py download
     assert "step 8/8 val bpb" in text and "final val bpb" in text
-    assert "image/png" in outputs(nb, "rich")                 # the loss curve
+    assert re.search(r"^CORE +-?\d", text, re.M)                               # the eval cell
+    assert "sft step 12/12 val loss" in text                                 # the chat fine-tuning cell
+    assert "image/png" in outputs(nb, "rich")                                 # the loss curve
     assert (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    assert "--- sample 1/1" in text                           # --phases generate
-    assert os.path.isfile(run_dir / "metrics.json")
+    assert "(chat prompt)" in text and "--- sample 1/1" in text               # generate from the SFT checkpoint
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"val_bpb", "core", "sft_val_loss"} <= set(metrics)
