@@ -63,6 +63,59 @@ def val_shard(data_dir):
     return np.fromfile(path, dtype="<u2", offset=1024)
 
 
+def test_uniform_predictor_has_the_same_bpb_in_both_stacks(gpt2, stack, tiny_data):
+    """A model that gives every token probability 1/V scores log2(V) bits per counted target; bits per byte divides
+    by the targets' bytes. Both stacks must count the same targets (val tokens 1..N) and bytes."""
+    N, V = 1024, 1024  # N: a multiple of the main stack's 512-token val batches and of the baseline's 128-token windows
+    val = val_shard(tiny_data)
+    assert len(val) - 1 >= N
+    tok_bytes = np.load(os.path.join(tiny_data, "tokenizer", "token_bytes.npy"), allow_pickle=False)
+    w = tok_bytes[val[1:N + 1]]
+    assert (w == 0).sum() > 1  # BOS targets are present, so excluding them matters
+    expected = math.log2(V) * (w > 0).sum() / w.sum()
+
+    tok = gpt2.load_tokenizer(os.path.join(tiny_data, "tokenizer"))
+    model = gpt2.GPT(gpt2.parse_config(GPT2_TINY + ["--data-dir", tiny_data]), tok.vocab_size)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # logits 0 for every token of the real vocabulary
+    # 3 windows per batch: the last batch is partial
+    bpb_gpt2, loss_gpt2 = gpt2.evaluate_bpb(model, gpt2.load_split(tiny_data, "val", tok), tok.token_bytes, 128, N, 3, torch.device("cpu"))
+
+    cfg = stack.parse_config(TINY_ARGS + ["--data-dir", tiny_data, "--val-tokens", str(N)])
+    assert cfg.micro_batch_tokens == 512
+    main_tok = stack.Tokenizer(os.path.join(tiny_data, "tokenizer"))
+    main_model = stack.GPT(cfg, main_tok.vocab_size)
+    with torch.no_grad():
+        main_model.lm_head.zero_()  # the softcap maps 0 to one constant: uniform over the real vocabulary
+    rt = stack.Runtime(torch.device("cpu"), torch.float32, 0, 1, "sdpa")
+    bpb_main, loss_main = stack.evaluate_bpb(main_model, cfg, rt, main_tok, main_model.windows(32, 64), 128)
+
+    assert bpb_gpt2 == pytest.approx(expected, abs=1e-5)
+    assert bpb_main == pytest.approx(expected, abs=1e-5)
+    assert bpb_gpt2 == pytest.approx(bpb_main, abs=1e-5)
+    assert loss_gpt2 == pytest.approx(math.log(V), abs=1e-5) and loss_main == pytest.approx(math.log(V), abs=1e-5)
+
+
+def test_gpt2_bpb_scores_exactly_val_targets_1_to_n(gpt2, tiny_data):
+    """A context-free but non-uniform predictor (constant logits z): bits per byte depends on which targets are
+    scored, so a shifted or partial window set shows, unlike with the uniform predictor above."""
+    N, V = 1024, 1024
+    val = val_shard(tiny_data)
+    tok = gpt2.load_tokenizer(os.path.join(tiny_data, "tokenizer"))
+    torch.manual_seed(0)
+    model = gpt2.GPT(gpt2.parse_config(GPT2_TINY + ["--data-dir", tiny_data]), V)
+    with torch.no_grad():
+        model.ln_f.weight.zero_()  # the final hidden state is ln_f's bias for every token
+        model.ln_f.bias.copy_(torch.randn(64) * 30)  # logits with a spread of a few nats
+        z = model.lm_head.weight[:V] @ model.ln_f.bias
+    bpb, loss = gpt2.evaluate_bpb(model, gpt2.load_split(tiny_data, "val", tok), tok.token_bytes, 128, N, 3, torch.device("cpu"))
+    targets = torch.from_numpy(val[1:N + 1].astype(np.int64))
+    nll = -torch.log_softmax(z.double(), 0)[targets]
+    w = torch.from_numpy(tok.token_bytes)[targets]
+    assert bpb == pytest.approx(float((nll * (w > 0)).sum() / (math.log(2) * w.sum())), rel=1e-6)
+    assert loss == pytest.approx(float((nll * (w > 0)).sum() / (w > 0).sum()), rel=1e-6)
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda b: b[:-2], "header says"),                         # truncated
     (lambda b: b"\0\0\0\0" + b[4:], "bad magic"),
@@ -124,7 +177,9 @@ def test_gpt2_run_writes_metrics_log_core_and_checkpoint(gpt2, core_data, tmp_pa
     assert metrics["params_matrix"] == L * 12 * d * d
     # tied: the embedding is counted once; per block 12 d^2 weights + 9 d biases + 4 d LayerNorm; final LayerNorm
     assert metrics["params"] == V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d
-    assert metrics["val_loss"] < math.log(V) + 1
+    assert 0 < metrics["val_loss"] < math.log(V) + 1
+    losses = [float(x) for x in re.findall(r"^step \d+/16 loss (\S+)", (run / "log.txt").read_text(), re.M)]
+    assert losses[-1] < losses[0] - 0.3
 
     # the checkpoint holds the trained model: reloaded, it scores the same val bpb
     from safetensors.torch import load_model
