@@ -71,7 +71,7 @@ def hub_mirror(tiny_data, tok_dir, tmp_path):
     return str(tmp_path / "mirror")
 
 
-@pytest.mark.slow  # ~15 s alone on 2 cores (five subprocesses of the stack), up to ~60 s on a busy machine
+@pytest.mark.slow  # ~15 s alone on 2 cores (five subprocesses of the stack)
 def test_quickstart_runs_tiny_on_cpu(hub_mirror, tmp_path):
     from test_sft import SFT_ARGS
     tiny = [a for i, a in enumerate(TINY_ARGS) if a != "--preset" and (i == 0 or TINY_ARGS[i - 1] != "--preset")]
