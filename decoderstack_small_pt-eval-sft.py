@@ -71,7 +71,7 @@ class Config:
     init_from: str = ""           # start from this checkpoint's weights
     compile: bool = True
     attn_backend: str = "auto"    # auto | fa3 | fa2 | flex | sdpa
-    dtype: str = "auto"           # auto: bf16 where the GPU supports it, else fp32 (bf16 is 50-150x slower on CPUs)
+    dtype: str = "auto"           # activations (see PRECISION in section 2): auto | bf16 | fp32 | fp16 (no training)
     wandb: str = "auto"           # auto: online when WANDB_API_KEY is set, else disabled | offline | disabled
     # model (modded-nanogpt track-1 scale)
     n_layers: int = 11
@@ -218,13 +218,28 @@ def parse_ints(text):
 # 2. Runtime
 
 
+# PRECISION, the one policy of this file (modded-nanogpt runs its whole model in bf16; so does this one):
+# - Parameters and optimizer state are fp32 master copies; the optimizer's arithmetic is fp32, except Polar Express,
+#   which iterates in bf16 wherever the Triton kernels run (its matmuls are the bulk of the optimizer's work).
+# - Activations are in rt.dtype: bf16 on GPUs with native bf16 (sm80+), fp32 elsewhere (CPUs: bf16 matmuls are 50-150x
+#   slower there; pre-Ampere GPUs such as the T4 and V100: fp16 would need loss scaling, which training does not do,
+#   so they train in fp32 and may evaluate and generate in fp16 with --dtype fp16).
+# - The switch is autocast(rt), entered the same way around every forward (training, evaluation, decoding):
+#   GPT.hidden casts its embedding lookups to autocast's dtype, so the residual stream, every matmul, every Triton
+#   kernel and every attention call downstream see that one dtype; norms compute in fp32 and return it (CUDA
+#   autocast runs rms_norm in fp32 since torch 2.12, CPU autocast does not: doing it ourselves makes both agree).
+#   The lm_head matmul writes bf16 logits (FP8 on sm89+ in training); the softcap, losses and log-probs are fp32.
+# - fp32 matmuls that remain (fp32 runs, eval of fp32 models) use TF32 tensor cores on GPUs that have them.
+
+
 @dataclasses.dataclass
 class Runtime:
     device: torch.device
-    dtype: torch.dtype    # autocast dtype of matmuls (fp32: none)
+    dtype: torch.dtype    # activation dtype (PRECISION above)
     rank: int
     world_size: int
     backend: str          # attention backend
+    precision: str = ""   # why rt.dtype (pick_dtype), for the log
 
     @property
     def master(self):
@@ -243,25 +258,58 @@ def pick_device():
     return torch.device("cpu")
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def native_bf16(device):
+    """bf16 in hardware: sm80+ GPUs. (torch.cuda.is_bf16_supported() alone says True on a T4, through emulation.)"""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def pick_dtype(device, requested="auto"):
+    """The activation dtype and the reason for it (PRECISION above)."""
+    device = torch.device(device)
+    if requested != "auto":
+        if requested not in DTYPES:
+            raise ValueError(f"unknown --dtype {requested!r}; choose auto, {', '.join(DTYPES)}")
+        return DTYPES[requested], f"--dtype {requested}"
+    if native_bf16(device):
+        return torch.bfloat16, "bf16: native on this GPU"
+    if device.type == "cuda":
+        return torch.float32, "fp32: this GPU has no native bf16 (fp16 training would need loss scaling)"
+    return torch.float32, f"fp32: bf16 matmuls are slow on {device.type}"
+
+
 def init_runtime(cfg):
     device = pick_device()
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if cfg.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    else:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
-    return Runtime(device, dtype, rank, world_size, select_attention_backend(device, cfg.attn_backend))
+    dtype, why = pick_dtype(device, cfg.dtype)
+    return Runtime(device, dtype, rank, world_size, select_attention_backend(device, cfg.attn_backend), why)
 
 
 def autocast(rt):
-    """Matmuls in rt.dtype on accelerators; parameters and optimizer state stay fp32."""
+    """The precision switch (PRECISION above): activations in rt.dtype; parameters and optimizer state stay fp32."""
     if rt.dtype == torch.float32:
         return torch.autocast(rt.device.type, enabled=False)
     return torch.autocast(rt.device.type, dtype=rt.dtype)
+
+
+def activation_dtype(device):
+    """The dtype activations flow in: autocast's where autocast(rt) is on for this device type, else fp32."""
+    kind = torch.device(device).type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32
+
+
+def require_training_dtype(rt, phase):
+    if rt.dtype == torch.float16:
+        raise ValueError(f"{phase}: fp16 training needs loss scaling, which this stack does not do; use --dtype bf16 "
+                         "(sm80+ GPUs) or fp32 (fp16 serves eval, chat and generate)")
 
 
 class Logger:
@@ -294,15 +342,19 @@ class Logger:
 # =============================================================================================================
 # 3. Kernels. Each op has a PyTorch reference (`*_reference`: the CPU/MPS path and the test oracle), a Triton
 # launcher (`*_triton`) and a dispatcher (the plain name) that picks Triton only for CUDA tensors on sm80+ (bf16
-# tl.dot). Kernels take bf16 or fp32 inputs and accumulate in fp32; fp32 inputs use TF32 tensor cores on the GPU.
-# The tests run the launchers on CPU under TRITON_INTERPRET=1, in fp32 (the interpreter's bf16 tl.dot is wrong,
-# triton#11584). One fixed tile config each; the `block*` keywords exist so tests can force several tiles.
+# tl.dot). Kernels take operands of one dtype, bf16 or fp32, and accumulate in fp32; fp32 inputs use TF32 tensor
+# cores on the GPU. The tests run the launchers on CPU under TRITON_INTERPRET=1, in fp32 and in bf16; the
+# interpreter's bf16 tl.dot is wrong (triton#11584), so there (UPCAST, a constexpr: no code on a GPU) dots run on
+# operands upcast to fp32. One fixed tile config each; the `block*` keywords exist so tests can force several tiles.
 
 SOFTCAP = (23.0, 5.0, 7.5)  # u = A * sigmoid((z + B) / C): logits bounded to (0, 23), as in modded-nanogpt
 
 
 def _use_triton(t):
     return triton is not None and t.is_cuda and torch.cuda.get_device_capability(t.device) >= (8, 0)
+
+
+UPCAST = os.environ.get("TRITON_INTERPRET") == "1"  # read where triton reads it: when the kernels are decorated
 
 
 if triton is not None:
@@ -312,7 +364,8 @@ if triton is not None:
     # and an exactly symmetric result. These two products are the bulk of a Polar Express (Muon) iteration.
     @triton.jit
     def _sym_matmul_kernel(a_ptr, c_ptr, M, K, stride_ab, stride_am, stride_ak, stride_cb, stride_cm, stride_cn,
-                           b, c, ADD_A: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+                           b, c, ADD_A: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+                           UPCAST: tl.constexpr):
         batch, pid_m, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         if pid_n > pid_m:  # upper triangle: written as the mirror of tile (pid_n, pid_m)
             return
@@ -328,6 +381,8 @@ if triton is not None:
                              mask=(rows[:, None] < M) & kmask, other=0.0)
             a_cols = tl.load(a_ptr + cols[:, None] * stride_am + (k0 + ks)[None, :] * stride_ak,
                              mask=(cols[:, None] < M) & kmask, other=0.0)
+            if UPCAST:
+                a_rows, a_cols = a_rows.to(tl.float32), a_cols.to(tl.float32)
             acc = tl.dot(a_rows, tl.trans(a_cols), acc)
         # Store the lower triangle and its mirror: a diagonal tile's dot need not be bitwise symmetric itself.
         mask = (rows[:, None] < M) & (cols[None, :] <= rows[:, None])
@@ -344,7 +399,8 @@ if triton is not None:
     @triton.jit
     def _relu2_matmul_kernel(a_ptr, b_ptr, c_ptr, post_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                              stride_cm, stride_cn, FORWARD: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             UPCAST: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
@@ -354,6 +410,8 @@ if triton is not None:
                         mask=(rows[:, None] < M) & ((k0 + ks)[None, :] < K), other=0.0)
             b = tl.load(b_ptr + (k0 + ks)[:, None] * stride_bk + cols[None, :] * stride_bn,
                         mask=((k0 + ks)[:, None] < K) & (cols[None, :] < N), other=0.0)
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc)
         mask = (rows[:, None] < M) & (cols[None, :] < N)
         offsets = rows[:, None] * stride_cm + cols[None, :] * stride_cn
@@ -421,7 +479,7 @@ def _sym_matmul_triton(A, b, c, add_a, block, block_k):
     out = torch.empty(A3.shape[0], m, m, dtype=A.dtype, device=A.device)
     grid = (A3.shape[0], triton.cdiv(m, block), triton.cdiv(m, block))
     _sym_matmul_kernel[grid](A3, out, m, k, *A3.stride(), *out.stride(), b, c,
-                             ADD_A=add_a, BLOCK=block, BLOCK_K=block_k, num_warps=4, num_stages=3)
+                             ADD_A=add_a, BLOCK=block, BLOCK_K=block_k, UPCAST=UPCAST, num_warps=4, num_stages=3)
     return out.reshape(*batch, m, m)
 
 
@@ -452,21 +510,24 @@ def relu2_mlp_reference(x, w_fc, w_proj):
 
 
 def _relu2_matmul(a, b, post, blocks):
-    """relu(a @ b)^2 if post is None, else (a @ b) * 2*sqrt(post). a (M, K), b (K, N) any strides; post contiguous."""
+    """relu(a @ b)^2 if post is None, else (a @ b) * 2*sqrt(post). a (M, K), b (K, N) any strides, of one dtype;
+    post contiguous."""
+    assert a.dtype == b.dtype and (post is None or post.dtype == a.dtype), (a.dtype, b.dtype, post is None or post.dtype)
     (M, K), N = a.shape, b.shape[1]
     block_m, block_n, block_k = blocks
     out = torch.empty(M, N, dtype=a.dtype, device=a.device)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     aux = out if post is None else post  # the forward never reads post_ptr: any tensor fills the slot
     _relu2_matmul_kernel[grid](a, b, out, aux, M, N, K, *a.stride(), *b.stride(), *out.stride(), FORWARD=post is None,
-                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8, num_stages=3)
+                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=UPCAST, num_warps=8,
+                               num_stages=3)
     return out
 
 
 class _Relu2MLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_fc, w_proj, blocks):
-        # tl.dot needs one dtype; autograd casts the weight grads back to the weights' dtype.
+        # Everything in the activations' dtype (tl.dot needs one; autograd casts the weight grads back to fp32).
         x2, w_fc, w_proj = x.reshape(-1, x.shape[-1]), w_fc.to(x.dtype), w_proj.to(x.dtype)
         post = _relu2_matmul(x2, w_fc.mT, None, blocks)
         ctx.save_for_backward(x2, w_fc, w_proj, post)
@@ -476,7 +537,7 @@ class _Relu2MLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x2, w_fc, w_proj, post = ctx.saved_tensors
-        g2 = grad.reshape(-1, grad.shape[-1])
+        g2 = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
         dpre = _relu2_matmul(g2, w_proj, post, ctx.blocks)
         dx = (dpre @ w_fc).reshape(*grad.shape[:-1], w_fc.shape[1])
         return dx, dpre.mT @ x2, g2.mT @ post, None
@@ -740,6 +801,8 @@ def attention(q, k, v, cu_seqlens, max_seqlen, window, scale, backend):
     upper bound on a document's length (FA sizes its grid with it); window: earlier tokens a query may also see
     (None or < 0: all of its document); scale: softmax scale; backend: a name from select_attention_backend.
     Returns (T, H, D), contiguous."""
+    if not q.dtype == k.dtype == v.dtype:  # FA refuses mixed dtypes, and flex's backward does: fail alike everywhere
+        raise TypeError(f"attention needs q, k, v of one dtype (PRECISION, section 2), got {q.dtype}, {k.dtype}, {v.dtype}")
     T = q.size(0)
     window = T if window is None or window < 0 else min(window, T)  # i - j <= T - 1 always holds: plain causal
     if backend in ("fa3", "fa2"):
@@ -807,7 +870,13 @@ def cached_attention(q, k, v, k_cache, v_cache, lengths, key_span, window, scale
 
 
 def norm(x):
-    return F.rms_norm(x, (x.size(-1),))
+    """RMS norm computed in fp32, returned in x's dtype (PRECISION, section 2)."""
+    return F.rms_norm(x.float(), (x.size(-1),)).to(x.dtype)
+
+
+def yarn_attn_factor(old_window, new_window):
+    """YaRN's growth of the attention scale when the window grows from old_window to new_window."""
+    return 0.2 * math.log(new_window / old_window) + 1
 
 
 class Rotary(nn.Module):
@@ -828,7 +897,8 @@ class Rotary(nn.Module):
         ramp = ((rotations - alpha) / (beta - alpha)).clamp(0, 1)
         s = old_window / new_window
         self.freqs.mul_(s + ramp * (1 - s))
-        return 0.2 * math.log(new_window / old_window) + 1
+        return yarn_attn_factor(old_window, new_window)
+
 
     def forward(self, x, positions):
         """x: (..., H, D); positions: (...) positions (only differences matter inside a document)."""
@@ -921,21 +991,23 @@ class GPT(nn.Module):
         same document or -1; positions: (T,) RoPE positions; windows: per layer; cu_seqlens/max_seqlen: see attention.
         With a KVCache instead: ids, prev_ids, positions are (B, S), new tokens appended to each row's cache.
         Everything but attention is per token, given its previous token: the two paths compute the same thing."""
+        act = activation_dtype(ids.device)  # every lookup in it: the residual stream then stays in it (PRECISION)
+        lookup = lambda index, table: F.embedding(index, table).to(act)
         embed = self.lm_head if self.is_tied else self.embed
-        e = F.embedding(ids, embed)
+        e = lookup(ids, embed)
         # smear: each token takes a gated share of the previous token's embedding (not across documents)
-        before = F.embedding(prev_ids.clamp(min=0), embed)
+        before = lookup(prev_ids.clamp(min=0), embed)
         before = torch.where((prev_ids >= 0)[..., None], before, torch.zeros_like(before))
         e = e + self.smear_lambda * torch.sigmoid(e[..., :12] @ self.smear_gate)[..., None] * before
         x = x0 = norm(e)
-        bigram = F.embedding(self.bigram_ids(ids, prev_ids), self.bigram_embed)
+        bigram = lookup(self.bigram_ids(ids, prev_ids), self.bigram_embed)
         skips, L = [], self.cfg.n_layers
         for i, block in enumerate(self.blocks):
             if i >= L - L // 2 and skips:
                 x = x + self.skip_weights[L - 1 - i] * skips.pop()
             a, b, c = self.block_lambdas[i]
             x = a * x + b * x0 + c * bigram
-            ve = F.embedding(ids, self.value_embeds[self.value_embed_layers.index(i)]) if i in self.value_embed_layers else None
+            ve = lookup(ids, self.value_embeds[self.value_embed_layers.index(i)]) if i in self.value_embed_layers else None
             attend = (functools.partial(cache.attend, i) if cache is not None else
                       functools.partial(attention, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=backend))
             x = block(x, ve, self.rotary, positions, self.scale, windows[i], attend)
@@ -944,7 +1016,8 @@ class GPT(nn.Module):
         return norm(x)
 
     def logits(self, h):
-        return softcap(h @ self.lm_head[:self.vocab_size].T, self.cfg.softcap)
+        """fp32 softcapped logits of final hidden states h: the matmul in h's dtype, in or out of autocast."""
+        return softcap(h @ self.lm_head[:self.vocab_size].T.to(h.dtype), self.cfg.softcap)
 
     def decode(self, ids, cache, windows, last_only=False):
         """Logits (B, S, vocab) of ids (B, S) appended to the rows of a KVCache (prefill: S = prompt length), or
@@ -997,10 +1070,10 @@ POLAR_EXPRESS_COEFFS = (
 
 def polar_express(G, steps=5, dtype=None):
     """Approximately orthogonalise G (..., rows, cols), batched over the leading dims: U S V^T -> U V^T, with the
-    singular values landing near 1 rather than exactly on it. Runs in `dtype`: default bf16 on CUDA, fp32 elsewhere
-    (bf16 matmuls are ~100x slower on a CPU). Returns a tensor of that dtype."""
+    singular values landing near 1 rather than exactly on it. Runs in `dtype`: default bf16 where the Triton kernels
+    run (sm80+), fp32 elsewhere (bf16 matmuls are ~100x slower on a CPU). Returns a tensor of that dtype."""
     assert 1 <= steps <= len(POLAR_EXPRESS_COEFFS), steps
-    dtype = dtype or (torch.bfloat16 if G.is_cuda else torch.float32)
+    dtype = dtype or (torch.bfloat16 if _use_triton(G) else torch.float32)
     # Iterate on the wide orientation so the Gram matrix A = X X^T is the small one (an odd polynomial commutes with
     # transposition); contiguous because the Gram kernels expect row-major input.
     tall = G.size(-2) > G.size(-1)
@@ -1483,11 +1556,22 @@ class Batch:
     targets: torch.Tensor     # (T, K) token k+1 ahead, -1 where that crosses a document end
     cu_seqlens: torch.Tensor  # int32, segment starts padded to a static length with T
     max_seqlen: int           # bound on segment lengths: the stage's max_doc_len, static so compiled code is reused
+    segment_lengths: np.ndarray = None  # on the host: what attention FLOPs are counted from
 
 
 def padded_length(n):
     """Static cu_seqlens length: a power of two >= 128, so torch.compile sees few distinct shapes."""
     return max(128, 1 << (n - 1).bit_length())
+
+
+def to_device(array, dtype, device):
+    """A host array as a new tensor on `device`. To a GPU it goes from pinned memory without blocking, so the copy
+    overlaps the kernels still queued from the previous step."""
+    t = torch.from_numpy(np.array(array, dtype=np.float64 if dtype.is_floating_point else np.int64)).to(dtype)  # a copy
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def make_batch(buf, bos_id, max_doc_len, n_targets, device):
@@ -1501,7 +1585,9 @@ def make_batch(buf, bos_id, max_doc_len, n_targets, device):
     for a, b in zip([0] + doc_start, doc_start + [T]):
         starts += range(a, b, max_doc_len)
     starts = sorted(set(starts))
-    cu = np.full(padded_length(len(starts) + 1), T, dtype=np.int32)
+    # at least one entry per 128 tokens: the segment count varies from batch to batch, the padded length then does
+    # not (one compiled graph per micro-batch size, unless a batch averages under 128 tokens a segment)
+    cu = np.full(padded_length(max(len(starts) + 1, T // 128)), T, dtype=np.int32)
     cu[:len(starts)] = starts
     positions = np.arange(T) - np.asarray(starts)[np.searchsorted(starts, np.arange(T), side="right") - 1]
     prev = np.concatenate([[-1], inputs[:-1]]).astype(np.int64)
@@ -1512,9 +1598,9 @@ def make_batch(buf, bos_id, max_doc_len, n_targets, device):
     targets = np.stack([buf[1 + k:T + 1 + k] for k in range(n_targets)], axis=1).astype(np.int64)
     for k in range(1, n_targets):
         targets[bos_seen[k:T + k] != bos_seen[:T], k] = -1
-    as_tensor = lambda a, dtype: torch.from_numpy(np.array(a, dtype=np.int64)).to(device=device, dtype=dtype)  # a copy: memmaps are read-only
-    return Batch(as_tensor(inputs, torch.long), as_tensor(prev, torch.long), as_tensor(positions, torch.long),
-                 as_tensor(targets, torch.long), as_tensor(cu, torch.int32), min(max_doc_len, T))
+    return Batch(to_device(inputs, torch.long, device), to_device(prev, torch.long, device),
+                 to_device(positions, torch.long, device), to_device(targets, torch.long, device),
+                 to_device(cu, torch.int32, device), min(max_doc_len, T), np.diff(starts + [T]))
 
 
 class PretrainLoader:
@@ -1522,10 +1608,16 @@ class PretrainLoader:
     tokens; rank r reads its own slice. The position (shard, offset, epoch) is saved in checkpoints."""
 
     def __init__(self, paths, tokenizer, rank, world_size, state=None):
-        self.paths, self.vocab, self.bos = paths, tokenizer.vocab_size, tokenizer.bos_id
+        self.paths, self.tokenizer, self.vocab, self.bos = paths, tokenizer, tokenizer.vocab_size, tokenizer.bos_id
         self.rank, self.world_size = rank, world_size
         self.state = dict(state or {"shard": 0, "offset": 0, "epoch": 0})
         self._cache, self._prefetch = {}, None
+
+    def fork(self):
+        """A loader that reads the same upcoming batches, leaving this one where it is."""
+        other = PretrainLoader(self.paths, self.tokenizer, self.rank, self.world_size, self.state)
+        other._cache = self._cache
+        return other
 
     def _tokens(self, shard):
         if shard not in self._cache:
@@ -1601,6 +1693,63 @@ def plan_step(cfg, stages, step):
     return StepPlan(index, batch, doc_len, short, long_, warmup * (lr_mul * (1 - frac) + cfg.final_lr * frac), mtp)
 
 
+def micro_batch(batch_tokens, micro_batch_tokens, world_size, what):
+    """(tokens per forward, forwards per step) that make up a global batch of batch_tokens over world_size ranks."""
+    T = min(micro_batch_tokens, batch_tokens // world_size)
+    accum = batch_tokens // (world_size * T)
+    if accum * world_size * T != batch_tokens:
+        raise ValueError(f"{what}: batch of {batch_tokens} tokens is not a multiple of world size {world_size} x {T} tokens")
+    return T, accum
+
+
+def pretrain_steps(cfg, stages, world_size, start=0):
+    """The schedule from step `start` on, one (step, plan, tokens per forward, forwards, grow, untie) per step. What
+    changes in the model before the step: grow = (old, new) long window or None; untie: the step embed and lm_head
+    part. The training loop and the compile warm-up both walk it."""
+    total = sum(s[0] for s in stages)
+    untie_step = round(cfg.untie_frac * total)
+    for step in range(start, total):
+        p = plan_step(cfg, stages, step)
+        before = plan_step(cfg, stages, step - 1) if step > 0 else p
+        grow = (before.long_window, p.long_window) if p.long_window != before.long_window else None
+        yield (step, p, *micro_batch(p.batch_tokens, cfg.micro_batch_tokens, world_size, f"stage {p.stage}"), grow,
+               step == untie_step)
+
+
+def warm_up_compiled(loss_fn, model, cfg, rt, stages, loader, start):
+    """Build every graph the compiled loss will need over the steps from `start` on before the timed loop, as
+    modded-nanogpt warms up: one forward and backward per distinct set of what the graphs specialise on (tokens per
+    forward, MTP horizons, document length bound, windows, attention scale, tied or not, accumulation), in schedule
+    order (torch's automatic dynamic shapes then make the same choices as the run), with the model's attention scale
+    and tying set as they will be at that step. It reads the upcoming batches without moving the loader; no
+    optimizer step, so weights and optimizer state are untouched. Returns (seconds, graphs compiled)."""
+    from torch._dynamo.utils import counters
+    scale, tied = model.attn_scale.clone(), model.is_tied
+    variants = {}
+    for step, p, T, accum, grow, untie in pretrain_steps(cfg, stages, rt.world_size, start):
+        if grow:
+            scale.mul_(yarn_attn_factor(*grow))  # as grow_window does, in fp32: the same float the run will have
+        tied = tied and not untie
+        windows = model.windows(p.short_window, p.long_window)
+        key = (T, len(p.mtp_weights), p.max_doc_len, tuple(windows), float(scale), tied, accum)
+        variants.setdefault(key, (p, T, accum, windows))
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 2 * len(variants) + 8))
+    peek = loader.fork()
+    graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
+    for (*_, scale_value, tied, _), (p, T, accum, windows) in variants.items():
+        model.scale, model.is_tied = scale_value, tied
+        batch = peek.next_batch(T, p.max_doc_len, len(p.mtp_weights), rt.device)
+        with autocast(rt):
+            loss = loss_fn(model, batch, windows, to_device(p.mtp_weights, torch.float32, rt.device), rt.backend, 1 / accum)
+        (loss / accum).backward()
+    model.zero_grad(set_to_none=True)
+    model.sync_flags()
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+    return time.perf_counter() - t0, counters["stats"]["unique_graphs"] - graphs
+
+
 def train_loss(model, batch, windows, mtp_weights, backend, grad_scale=1.0):
     """Mean over tokens of the MTP-weighted softcapped cross entropy; mtp_weights is a (K,) tensor (a tensor, not
     floats, so compiled code is not specialised to each step's values); grad_scale is 1 / gradient accumulation."""
@@ -1641,24 +1790,46 @@ def evaluate_bpb(model, cfg, rt, tokenizer, windows, max_doc_len):
     return nats / (math.log(2) * nbytes), nats / count
 
 
-def flops_per_token(model, windows, max_doc_len):
-    """Training FLOPs per token: 6 per matmul weight (embedding lookups excluded) plus causal attention over the
-    average visible context."""
+def attention_pairs(segment_lengths, window):
+    """(query, key) pairs one attention layer scores over segments of these lengths: a query sees itself and up to
+    `window` earlier tokens of its segment (None or < 0: all of them). Inside a long segment that is window + 1 keys
+    a query, not half of it."""
+    L = np.asarray(segment_lengths, dtype=np.int64)
+    w = L.max(initial=0) if window is None or window < 0 else window + 1  # keys of a query deep in a segment
+    first = np.minimum(L, w)  # the first w queries see 1, 2, ..., w keys; the rest w each
+    return int((first * (first + 1) // 2 + (L - first) * w).sum())
+
+
+def training_flops(model, windows, segment_lengths):
+    """FLOPs of one forward + backward over a micro-batch of these segments: 6 per token per matmul weight (embedding
+    lookups excluded), plus 12 per head dim per (query, key) pair (QK^T and PV, 2 FLOPs a multiply-add, x3 with the
+    backward)."""
     cfg = model.cfg
     matmul = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2 and "gate" not in n)
     matmul += model.vocab_size * cfg.model_dim
-    attn = sum(12 * cfg.n_heads * cfg.head_dim * min(w + 1, max_doc_len) / 2 for w in windows)
-    return 6 * matmul + attn
+    pairs = sum(attention_pairs(segment_lengths, w) for w in windows)
+    return 6 * matmul * int(np.sum(segment_lengths)) + 12 * cfg.n_heads * cfg.head_dim * pairs
 
 
-PEAK_FLOPS = {"H100": 989e12, "A100": 312e12, "L4": 121e12, "T4": 65e12}  # dense bf16/fp16 tensor-core peaks
+# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from the vendors' datasheets; the first name that occurs in
+# torch.cuda.get_device_name() wins, so the specific names come first ("GH200" holds "H200", "A100" holds "A10").
+# MFU is reported for bf16 runs only (fp32 runs would need the TF32/fp32 peak; pre-Ampere GPUs train in fp32).
+PEAK_BF16_FLOPS = (("GH200", 989e12), ("H200 NVL", 835e12), ("H200", 989e12), ("H100 NVL", 835e12),
+                   ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12))
 
 
-def peak_flops(device):
-    if device.type != "cuda":
-        return None  # CPU/MPS peaks depend on the part; no honest number
+def peak_flops(device, dtype=torch.bfloat16):
+    """This GPU's dense bf16 peak, or None where it is unknown (CPUs, GPUs not in the table, fp32 runs)."""
+    device = torch.device(device)
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return next((v for k, v in PEAK_BF16_FLOPS if k in name), None)
+
+
+def peak_memory_gib(device):
+    device = torch.device(device)
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 # -- checkpoints: safetensors weights + weights_only-loadable optimizer state + JSON; written atomically --
@@ -1725,26 +1896,58 @@ def update_metrics(cfg, rt, values):
     write_text_atomic(path, json.dumps(metrics, indent=1) + "\n")
 
 
-def average_or_stop(step_loss, step, cfg, rt, log, phase):
-    """Average the step's loss over ranks (in place); a NaN/inf loss stops the run with exit code 2, recorded in
-    metrics.json, before the optimizer step: the phase's last checkpoint is the last good one."""
+def settle_losses(pending, cfg, rt, log, phase):
+    """The losses of the steps in `pending` (a list of (step, loss tensor), emptied), averaged over ranks, as floats:
+    one host sync for all of them. The loops call it at log, eval and checkpoint steps only, so the GPU runs ahead in
+    between. A NaN/inf loss stops the run with exit code 2, recorded in metrics.json, before any checkpoint after it
+    is written: the phase's last checkpoint is the last good one."""
+    steps, losses = [s for s, _ in pending], torch.stack([loss for _, loss in pending])
+    pending.clear()
     if rt.world_size > 1:
-        dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-    if not torch.isfinite(step_loss):
-        prefix = "" if phase == "pt" else phase + " "
-        log(f"{prefix}step {step}: loss is {step_loss.item()}; stopping. The last good checkpoint is {latest_checkpoint(cfg.run_dir, phase)}")
-        update_metrics(cfg, rt, {prefix.replace(" ", "_") + "diverged_at_step": step})
-        sys.exit(2)
+        dist.all_reduce(losses, op=dist.ReduceOp.AVG)
+    values = losses.tolist()
+    for step, value in zip(steps, values):
+        if not math.isfinite(value):
+            prefix = "" if phase == "pt" else phase + " "
+            log(f"{prefix}step {step}: loss is {value}; stopping. The last good checkpoint is {latest_checkpoint(cfg.run_dir, phase)}")
+            update_metrics(cfg, rt, {prefix.replace(" ", "_") + "diverged_at_step": step})
+            sys.exit(2)
+    return values
+
+
+class LoopTimer:
+    """Training time without eval and checkpoint pauses, read at host syncs (where the GPU has caught up)."""
+
+    def __init__(self):
+        self.total, self.resumed = 0.0, time.perf_counter()
+        self.since, self.steps, self.tokens = self.resumed, 0, 0
+
+    def step(self, tokens):
+        self.steps += 1
+        self.tokens += tokens
+
+    def lap(self):
+        """(seconds, steps, tokens) since the last lap; call it right after a host sync."""
+        now = time.perf_counter()
+        self.total += now - self.resumed
+        lap = max(now - self.since, 1e-9), self.steps, self.tokens
+        self.resumed = self.since = now
+        self.steps = self.tokens = 0
+        return lap
+
+    def pause_until_now(self):
+        """Eval or a checkpoint ran since the last lap: leave it out."""
+        self.resumed = self.since = time.perf_counter()
 
 
 def phase_pt(cfg, rt, log):
+    require_training_dtype(rt, "pt")
     tokenizer = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
     torch.manual_seed(cfg.seed)
     model = GPT(cfg, tokenizer.vocab_size).to(rt.device)
     opt = make_optimizer(model, cfg)
     stages = scaled_stages(cfg)
     total = sum(s[0] for s in stages)
-    untie_step = round(cfg.untie_frac * total)
     loader = PretrainLoader(pretrain_shards(cfg.data_dir, tokenizer, "train"), tokenizer, rt.rank, rt.world_size)
     start = 0
     if cfg.resume and latest_checkpoint(cfg.run_dir, "pt"):
@@ -1757,60 +1960,65 @@ def phase_pt(cfg, rt, log):
     n_params = sum(p.numel() for p in model.parameters())
     n_matrix = sum(p.numel() for n, p in model.named_parameters() if param_label(n) in ("attn", "mlp_fc", "mlp_proj"))
     log(f"model: {n_params:,} parameters ({n_matrix:,} in NorMuon matrices), {total} steps, attention backend {rt.backend}, "
-        f"device {rt.device}, dtype {rt.dtype}, world size {rt.world_size}")
-    loss_fn = torch.compile(train_loss) if cfg.compile else train_loss
-    peak = peak_flops(rt.device)
-    train_time, val_bpb, tok_per_s, last = 0.0, None, 0.0, None
-    for step in range(start, total):
-        p = plan_step(cfg, stages, step)
-        if step > 0:
-            before = plan_step(cfg, stages, step - 1)
-            if p.long_window != before.long_window:
-                model.grow_window(before.long_window, p.long_window)
-        if step == untie_step and model.is_tied:
+        f"device {rt.device}, activations {rt.precision or rt.dtype}, world size {rt.world_size}")
+    loss_fn, compile_s, graphs = train_loss, 0.0, 0
+    if cfg.compile:
+        loss_fn = torch.compile(train_loss)
+        compile_s, graphs = warm_up_compiled(loss_fn, model, cfg, rt, stages, loader, start)
+        log(f"compiled {graphs} graphs for steps {start}-{total} in {compile_s:.1f}s, before the timed loop")
+    peak = peak_flops(rt.device, rt.dtype)
+    timer, pending, val_bpb, tok_per_s, flops, last = LoopTimer(), [], None, 0.0, 0, None
+    for step, p, T, accum, grow, untie in pretrain_steps(cfg, stages, rt.world_size, start):
+        if grow:
+            model.grow_window(*grow)
+        if untie and model.is_tied:
             model.untie()
             opt.copy_state("lm_head", "embed")
         windows = model.windows(p.short_window, p.long_window)
-        T = min(cfg.micro_batch_tokens, p.batch_tokens // rt.world_size)
-        accum = p.batch_tokens // (rt.world_size * T)
-        if accum * rt.world_size * T != p.batch_tokens:
-            raise ValueError(f"stage {p.stage}: batch of {p.batch_tokens} tokens is not a multiple of world size {rt.world_size} x {T} tokens")
-        t0 = time.perf_counter()
         step_loss = torch.zeros((), device=rt.device)
-        mtp_weights = torch.tensor(p.mtp_weights, device=rt.device)
+        mtp_weights = to_device(p.mtp_weights, torch.float32, rt.device)
         for _ in range(accum):
             batch = loader.next_batch(T, p.max_doc_len, len(p.mtp_weights), rt.device)
             with autocast(rt):
                 loss = loss_fn(model, batch, windows, mtp_weights, rt.backend, 1 / accum) / accum
             loss.backward()
             step_loss += loss.detach()
-        average_or_stop(step_loss, step, cfg, rt, log, "pt")
+            flops += training_flops(model, windows, batch.segment_lengths) if peak else 0
+        pending.append((step, step_loss))
         opt.step(p.lr_factor, muon_momentum(step, total))
         opt.zero_grad()
-        dt = time.perf_counter() - t0
-        if step > start:  # the first step includes compilation
-            train_time += dt
-        last = step
-        if step % cfg.log_every == 0 or step == total - 1:
-            tok_per_s = p.batch_tokens / dt
-            mfu = f" mfu {100 * flops_per_token(model, windows, p.max_doc_len) * tok_per_s / (peak * rt.world_size):.1f}%" if peak else ""
-            eta = dt * (total - step - 1)
-            log(f"step {step + 1}/{total} loss {step_loss.item():.4f} lr {p.lr_factor:.3f} {tok_per_s:,.0f} tok/s{mfu} eta {eta / 60:.1f} min")
-            log.metrics(step, {"train/loss": step_loss.item(), "train/tok_per_s": tok_per_s})
-        if (step + 1) % cfg.val_every == 0 or step == total - 1:
+        timer.step(p.batch_tokens)
+        last, final = step, step == total - 1
+        logging = step % cfg.log_every == 0 or final
+        validating = (step + 1) % cfg.val_every == 0 or final
+        saving = (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or final
+        if not (logging or validating or saving):
+            continue
+        losses = settle_losses(pending, cfg, rt, log, "pt")  # the host sync; stops on a NaN before anything is saved
+        seconds, steps, tokens = timer.lap()
+        tok_per_s, mfu, flops = tokens / seconds, f" mfu {100 * flops / (seconds * peak):.1f}%" if peak else "", 0
+        if logging:
+            log(f"step {step + 1}/{total} loss {losses[-1]:.4f} lr {p.lr_factor:.3f} {tok_per_s:,.0f} tok/s{mfu} "
+                f"eta {seconds / steps * (total - step - 1) / 60:.1f} min")
+            log.metrics(step, {"train/loss": losses[-1], "train/tok_per_s": tok_per_s})
+        if validating:
             val_bpb, val_loss = evaluate_bpb(model, cfg, rt, tokenizer, windows, p.max_doc_len)
-            log(f"step {step + 1}/{total} val bpb {val_bpb:.4f} val loss {val_loss:.4f}")
+            memory = peak_memory_gib(rt.device)
+            log(f"step {step + 1}/{total} val bpb {val_bpb:.4f} val loss {val_loss:.4f}"
+                + (f" peak memory {memory:.1f} GiB" if memory is not None else ""))
             log.metrics(step, {"val/bpb": val_bpb, "val/loss": val_loss})
-        if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or step == total - 1:
+        if saving:
             save_checkpoint(cfg, rt, step + 1, model, opt, loader.state)
+        timer.pause_until_now()
     if last is None:
         log(f"nothing to do: run already at step {start} of {total}")
         return model
-    steps_timed = last - start
+    timed_tokens = sum(plan_step(cfg, stages, s).batch_tokens for s in range(start, last + 1))
     update_metrics(cfg, rt, {
         "val_bpb": val_bpb, "train_tokens": sum(s[0] * s[1] for s in stages), "params": n_params, "params_matrix": n_matrix,
-        "tok_per_s": sum(plan_step(cfg, stages, s).batch_tokens for s in range(start + 1, last + 1)) / train_time if steps_timed else tok_per_s,
-        "device": str(rt.device), "attn_backend": rt.backend, "world_size": rt.world_size, "pt_train_time_s": train_time})
+        "tok_per_s": timed_tokens / timer.total, "device": str(rt.device), "attn_backend": rt.backend,
+        "world_size": rt.world_size, "pt_train_time_s": timer.total, "pt_compile_time_s": compile_s,
+        "pt_compile_graphs": graphs, "peak_memory_gib": peak_memory_gib(rt.device)})
     return model
 
 
@@ -2407,7 +2615,7 @@ def sft_batch(split, convs, T, bos_id, device):
     buf = np.concatenate([*tokens, [bos_id], np.zeros(pad, np.int64)])[:T + 1]
     supervised = np.concatenate([*masks, np.zeros(pad + 1, np.int64)])[1:T + 1] == 1
     batch = make_batch(buf, bos_id, T, 1, device)  # max_doc_len T: documents start only at BOS
-    batch.targets.masked_fill_(~torch.from_numpy(supervised).to(device)[:, None], -1)
+    batch.targets.masked_fill_(~to_device(supervised, torch.bool, device)[:, None], -1)
     return batch
 
 
@@ -2496,6 +2704,7 @@ def sft_lr_factor(cfg, step, total):
 
 def phase_sft(cfg, rt, log):
     """Fine-tune the latest model (or --init-from) on the SFT conversations with a fresh optimizer."""
+    require_training_dtype(rt, "sft")
     tokenizer = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
     model, windows, _, path = trained_model(cfg, rt, tokenizer)  # the checkpoint's architecture and final windows
     model.train()
@@ -2504,10 +2713,7 @@ def phase_sft(cfg, rt, log):
     train, val = load_sft(cfg.data_dir, tokenizer, "train"), load_sft(cfg.data_dir, tokenizer, "val")
     loader = SFTLoader(train, tokenizer, rt.rank, rt.world_size, cfg.seed)
     total = cfg.sft_steps
-    T = min(cfg.micro_batch_tokens, cfg.sft_batch_tokens // rt.world_size)
-    accum = cfg.sft_batch_tokens // (rt.world_size * T)
-    if accum * rt.world_size * T != cfg.sft_batch_tokens:
-        raise ValueError(f"sft batch of {cfg.sft_batch_tokens} tokens is not a multiple of world size {rt.world_size} x {T} tokens")
+    T, accum = micro_batch(cfg.sft_batch_tokens, cfg.micro_batch_tokens, rt.world_size, "sft")
     start = 0
     if cfg.resume and latest_checkpoint(cfg.run_dir, "sft"):
         state = load_checkpoint(latest_checkpoint(cfg.run_dir, "sft"), model, opt)
@@ -2532,9 +2738,8 @@ def phase_sft(cfg, rt, log):
 
     if start == 0:
         update_metrics(cfg, rt, {"sft_val_loss_init": evaluate(0)})
-    train_time, last = 0.0, None
+    timer, pending, last = LoopTimer(), [], None
     for step in range(start, total):
-        t0 = time.perf_counter()
         batches = [loader.next_batch(T, rt.device) for _ in range(accum)]
         # the step's loss is the mean over every supervised target of every rank: weigh each micro-batch's mean by
         # its share of them (times world size: the optimizer averages gradients over ranks)
@@ -2548,26 +2753,34 @@ def phase_sft(cfg, rt, log):
                 loss = loss_fn(model, b, windows, rt.backend) * (n * rt.world_size / n_total.clamp(min=1)).float()
             loss.backward()
             step_loss += loss.detach()
-        average_or_stop(step_loss, step, cfg, rt, log, "sft")
+        pending.append((step, step_loss))
         lr = sft_lr_factor(cfg, step, total)
         opt.step(lr, muon_momentum(step, total, warmup=cfg.sft_momentum_warmup, cooldown=0))
         opt.zero_grad()
-        dt = time.perf_counter() - t0
-        if step > start:  # the first step includes compilation
-            train_time += dt
-        last = step
-        if step % cfg.log_every == 0 or step == total - 1:
-            log(f"sft step {step + 1}/{total} loss {step_loss.item():.4f} lr {lr:.3f} {cfg.sft_batch_tokens / dt:,.0f} tok/s "
-                f"eta {dt * (total - step - 1) / 60:.1f} min")
-            log.metrics(step, {"sft/loss": step_loss.item()})
-        if (step + 1) % cfg.sft_eval_every == 0 and step < total - 1:
+        timer.step(cfg.sft_batch_tokens)
+        last, final = step, step == total - 1
+        logging = step % cfg.log_every == 0 or final
+        evaluating = (step + 1) % cfg.sft_eval_every == 0 and not final
+        saving = (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or final
+        if not (logging or evaluating or saving):
+            continue
+        losses = settle_losses(pending, cfg, rt, log, "sft")  # the host sync; stops on a NaN before anything is saved
+        seconds, steps, tokens = timer.lap()
+        if step == start and cfg.compile:
+            timer.total = 0.0  # the first step compiled the loss
+        if logging:
+            log(f"sft step {step + 1}/{total} loss {losses[-1]:.4f} lr {lr:.3f} {tokens / seconds:,.0f} tok/s "
+                f"eta {seconds / steps * (total - step - 1) / 60:.1f} min")
+            log.metrics(step, {"sft/loss": losses[-1]})
+        if evaluating:
             evaluate(step + 1)
-        if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or step == total - 1:
+        if saving:
             save_checkpoint(cfg, rt, step + 1, model, opt, loader.state, phase="sft")
+        timer.pause_until_now()
     if last is None:
         log(f"sft: nothing to do: run already at step {start} of {total}")
         return model
-    update_metrics(cfg, rt, {"sft_val_loss": evaluate(total), "sft_steps": total, "sft_train_time_s": train_time})
+    update_metrics(cfg, rt, {"sft_val_loss": evaluate(total), "sft_steps": total, "sft_train_time_s": timer.total})
     return model
 
 
@@ -2622,6 +2835,7 @@ def phase_rl(cfg, rt, log):
     """GSM8K RL from the latest checkpoint (or --init-from): each step, rl_questions_per_step training questions (split
     across ranks) get rl_samples samples each from the engine; reward 1 for the right '####' answer; loss
     -advantage x log p over the sampled tokens; lr decays linearly to 0; pass@k on held-out test questions."""
+    require_training_dtype(rt, "rl")
     tokenizer = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
     model, windows, _, path = trained_model(cfg, rt, tokenizer)
     train, test = load_chat_eval(cfg.data_dir, tokenizer, "rl"), load_chat_eval(cfg.data_dir, tokenizer)

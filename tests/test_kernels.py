@@ -240,13 +240,13 @@ AOT_SCRIPT = textwrap.dedent("""
                    **ints("stride_am", "stride_ak", "stride_cb", "stride_cm", "stride_cn"), b="fp32", c="fp32")
         for add_a in (False, True):
             shared[f"sym{cap}{add_a}"] = compile_kernel(stack._sym_matmul_kernel, sym,
-                                                        dict(ADD_A=add_a, BLOCK=block, BLOCK_K=block_k), cap, 4)
+                                                        dict(ADD_A=add_a, BLOCK=block, BLOCK_K=block_k, UPCAST=False), cap, 4)
         relu2 = dict(a_ptr="*bf16", b_ptr="*bf16", c_ptr="*bf16", post_ptr="*bf16",
                      **ints("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn"),
                      **ints("stride_cm", "stride_cn"))
         for forward in (True, False):
             shared[f"relu2{cap}{forward}"] = compile_kernel(stack._relu2_matmul_kernel, relu2,
-                dict(FORWARD=forward, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_mk), cap, 8)
+                dict(FORWARD=forward, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_mk, UPCAST=False), cap, 8)
         ce = dict(z_ptr="*bf16", t_ptr="*i64", w_ptr="*fp32", loss_ptr="*fp32", dz_ptr="*bf16",
                   **ints("V", "K", "stride_z", "stride_t", "stride_dz"), cap_a="fp32", cap_b="fp32", cap_c="fp32")
         for n_targets in (1, 4):
