@@ -1585,9 +1585,7 @@ def make_batch(buf, bos_id, max_doc_len, n_targets, device):
     for a, b in zip([0] + doc_start, doc_start + [T]):
         starts += range(a, b, max_doc_len)
     starts = sorted(set(starts))
-    # at least one entry per 128 tokens: the segment count varies from batch to batch, the padded length then does
-    # not (one compiled graph per micro-batch size, unless a batch averages under 128 tokens a segment)
-    cu = np.full(padded_length(max(len(starts) + 1, T // 128)), T, dtype=np.int32)
+    cu = np.full(padded_length(len(starts) + 1), T, dtype=np.int32)
     cu[:len(starts)] = starts
     positions = np.arange(T) - np.asarray(starts)[np.searchsorted(starts, np.arange(T), side="right") - 1]
     prev = np.concatenate([[-1], inputs[:-1]]).astype(np.int64)
@@ -1598,9 +1596,13 @@ def make_batch(buf, bos_id, max_doc_len, n_targets, device):
     targets = np.stack([buf[1 + k:T + 1 + k] for k in range(n_targets)], axis=1).astype(np.int64)
     for k in range(1, n_targets):
         targets[bos_seen[k:T + k] != bos_seen[:T], k] = -1
+    cu = to_device(cu, torch.int32, device)
+    # the segment count varies from batch to batch (128 entries, then 256 where documents are short...): compiled
+    # code takes any length, rather than recompiling inside the timed loop the first time a batch needs more
+    torch._dynamo.maybe_mark_dynamic(cu, 0)
     return Batch(to_device(inputs, torch.long, device), to_device(prev, torch.long, device),
-                 to_device(positions, torch.long, device), to_device(targets, torch.long, device),
-                 to_device(cu, torch.int32, device), min(max_doc_len, T), np.diff(starts + [T]))
+                 to_device(positions, torch.long, device), to_device(targets, torch.long, device), cu,
+                 min(max_doc_len, T), np.diff(starts + [T]))
 
 
 class PretrainLoader:
