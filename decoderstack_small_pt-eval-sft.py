@@ -899,7 +899,6 @@ class Rotary(nn.Module):
         self.freqs.mul_(s + ramp * (1 - s))
         return yarn_attn_factor(old_window, new_window)
 
-
     def forward(self, x, positions):
         """x: (..., H, D); positions: (...) positions (only differences matter inside a document)."""
         angles = positions.to(self.freqs.dtype)[..., None] * self.freqs
@@ -1554,7 +1553,7 @@ class Batch:
     prev_ids: torch.Tensor    # (T,) previous token of the same document, -1 at a document start
     positions: torch.Tensor   # (T,) position inside the segment: the angles a document gets when it is alone
     targets: torch.Tensor     # (T, K) token k+1 ahead, -1 where that crosses a document end
-    cu_seqlens: torch.Tensor  # int32, segment starts padded to a static length with T
+    cu_seqlens: torch.Tensor  # int32, segment starts padded with T to a power of two >= 128 (few distinct lengths)
     max_seqlen: int           # bound on segment lengths: the stage's max_doc_len, static so compiled code is reused
     segment_lengths: np.ndarray = None  # on the host: what attention FLOPs are counted from
 

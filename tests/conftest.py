@@ -26,6 +26,17 @@ def load_module(path, name):
     return module
 
 
+# The head of a script for a fresh process (sys.argv[1]: the stack's path) that imports the stack compiled for real
+# GPUs rather than interpreted, e.g. to compile its kernels ahead of time.
+UNINTERPRETED_STACK = """import importlib.util, json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+spec = importlib.util.spec_from_file_location("decoderstack", sys.argv[1])
+stack = importlib.util.module_from_spec(spec)
+sys.modules["decoderstack"] = stack
+spec.loader.exec_module(stack)
+"""
+
+
 @pytest.fixture(scope="session")
 def stack():
     return load_module(STACK_PATH, "decoderstack")

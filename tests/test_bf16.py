@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import STACK_PATH, TINY_ARGS, write_eval_sources
+from conftest import STACK_PATH, TINY_ARGS, UNINTERPRETED_STACK, write_eval_sources
 from test_attention import make_standins
 from test_engine import kvcache_standins
 from test_sft import conversations
@@ -189,13 +189,7 @@ def test_phases_finish_and_compute_what_fp32_computes(gpu_like_run):
 
 # The interpreter accepts things the GPU compiler rejects: compile, for sm80 and sm90, every kernel exactly as the run
 # above launched it (signatures, constexprs, warps, stages), in a fresh process without the interpreter.
-AOT_RECORDED = textwrap.dedent("""
-    import importlib.util, json, os, sys
-    os.environ.pop("TRITON_INTERPRET", None)
-    spec = importlib.util.spec_from_file_location("decoderstack", sys.argv[1])
-    stack = importlib.util.module_from_spec(spec)
-    sys.modules["decoderstack"] = stack
-    spec.loader.exec_module(stack)
+AOT_RECORDED = UNINTERPRETED_STACK + textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -230,3 +224,25 @@ def test_recorded_kernels_compile_for_sm80_and_sm90(gpu_like_run, tmp_path):
     assert len(compiled) == 2 * len(launches) and {c["kernel"] for c in compiled} == set(KERNELS)
     assert all(c["ptx"] > 0 for c in compiled)
     assert max(c["shared"] for c in compiled) <= 99 * 1024  # fits an sm86/sm89 block's shared memory
+
+
+# ---- which dtype a GPU gets ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("native, want", [(True, torch.bfloat16), (False, torch.float32)])
+def test_activation_dtype_by_gpu(stack, monkeypatch, native, want):
+    """An A100/H100 trains in bf16; a T4 or V100 (bf16 only through emulation: is_bf16_supported() alone says True
+    there) in fp32, and the log says why."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    dtype, why = stack.pick_dtype(torch.device("cuda", 0))
+    assert dtype == want and ("native" in why if native else "no native bf16" in why)
+    assert stack.pick_dtype("cpu")[0] == torch.float32 and stack.pick_dtype("cpu", "bf16")[0] == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown --dtype"):
+        stack.pick_dtype("cpu", "fp8")
+
+
+def test_fp16_serves_eval_but_refuses_training(stack):
+    rt = stack.Runtime(torch.device("cpu"), torch.float16, 0, 1, "sdpa")
+    for phase in ("pt", "sft", "rl"):
+        with pytest.raises(ValueError, match=f"{phase}: fp16 training needs loss scaling"):
+            stack.PHASES[phase](stack.parse_config(TINY_ARGS), rt, print)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import STACK_PATH
+from conftest import STACK_PATH, UNINTERPRETED_STACK
 
 POLAR_STEP = (-2.808917465908714, 0.5000178451051316)  # (b, c) of a Polar Express iteration
 
@@ -206,13 +206,7 @@ def test_fp8_linear_matches_dequantized_reference(stack):
 # --- The interpreter accepts things the GPU compiler rejects: compile every kernel for sm80/sm90 ahead of time
 # (Triton's bundled ptxas, no GPU needed), in a fresh process because the stack above was loaded interpreted.
 
-AOT_SCRIPT = textwrap.dedent("""
-    import importlib.util, json, os, sys
-    os.environ.pop("TRITON_INTERPRET", None)
-    spec = importlib.util.spec_from_file_location("decoderstack", sys.argv[1])
-    stack = importlib.util.module_from_spec(spec)
-    sys.modules["decoderstack"] = stack
-    spec.loader.exec_module(stack)
+AOT_SCRIPT = UNINTERPRETED_STACK + textwrap.dedent("""
     import inspect
     import triton
     from triton.backends.compiler import GPUTarget

@@ -268,3 +268,51 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(stack, tiny_data, tmp_path, mo
     assert open(tmp_path / "latest").read() == "ckpt_000002"
     assert json.load(open(tmp_path / "metrics.json")) == {"diverged_at_step": 3}
     assert "loss is nan; stopping" in open(tmp_path / "log.txt").read()
+
+
+def test_nan_check_waits_for_the_next_log_step(stack, tiny_data, tmp_path, monkeypatch):
+    """The loss is read back (a host sync) at log, val and checkpoint steps only: a NaN at step 3 is seen at step 4,
+    the next log step; the run has gone on meanwhile, but stops before writing anything, naming the first bad step."""
+    cfg = stack.parse_config(TINY_ARGS + ["--data-dir", tiny_data, "--run-dir", str(tmp_path), "--log-every", "4",
+                                          "--val-every", "100", "--checkpoint-every", "0"])
+    rt = stack.Runtime(torch.device("cpu"), torch.float32, 0, 1, "sdpa")
+    real, calls = stack.train_loss, []
+
+    def poisoned(*args):
+        calls.append(1)
+        loss = real(*args)
+        return loss * float("nan") if len(calls) > 6 else loss  # two micro-batches a step: step 3 diverges
+
+    monkeypatch.setattr(stack, "train_loss", poisoned)
+    with pytest.raises(SystemExit) as exit_info:
+        stack.phase_pt(cfg, rt, stack.Logger(cfg, rt))
+    assert exit_info.value.code == 2 and len(calls) == 10  # steps 3 and 4 ran before the check at step 4
+    assert json.load(open(tmp_path / "metrics.json")) == {"diverged_at_step": 3}
+    assert not os.path.exists(tmp_path / "latest")  # nothing saved after the NaN (and nothing before: ckpt at the end)
+
+
+def test_attention_pairs_count_every_visible_key(stack):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 300, 20)
+    for window in (None, -1, 0, 1, 64, 1000):
+        want = 0
+        for L in lengths:
+            i = np.arange(L)
+            j = np.arange(L)
+            visible = (j[None, :] <= i[:, None]) & ((i[:, None] - j[None, :] <= window) if window is not None and window >= 0 else True)
+            want += int(visible.sum())
+        assert stack.attention_pairs(lengths, window) == want
+    # deep inside a long document a query sees window + 1 keys, not half of that
+    assert stack.attention_pairs([100_000], 127) == pytest.approx(100_000 * 128, rel=1e-3)
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12),
+                                        ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                        ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA L4", 121e12), ("NVIDIA L40S", 362e12),
+                                        ("Tesla T4", None), ("NVIDIA A10G", None)])
+def test_peak_flops_by_device_name(stack, monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert stack.peak_flops(torch.device("cuda", 0)) == peak
+    assert stack.peak_flops(torch.device("cuda", 0), torch.float32) is None  # MFU for bf16 runs only
+    assert stack.peak_flops("cpu") is None
