@@ -68,6 +68,7 @@ class Config:
     phases: str = "pt"
     seed: int = 0
     resume: bool = False          # continue from the last checkpoint in run_dir
+    overwrite: bool = False       # a fresh pt/sft/rl run replaces the run_dir's earlier checkpoints of that phase on
     init_from: str = ""           # start from this checkpoint's weights
     compile: bool = True
     attn_backend: str = "auto"    # auto | fa3 | fa2 | flex | sdpa
@@ -1833,34 +1834,64 @@ def peak_memory_gib(device):
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-# -- checkpoints: safetensors weights + weights_only-loadable optimizer state + JSON; written atomically --
+# -- checkpoints: safetensors weights + weights_only-loadable optimizer state + JSON holding their sha256, written
+# atomically; one run per run directory (a lock), pruned by step number, verified on load, resume falls back --
 
-CHECKPOINT_PREFIX = {"pt": "ckpt_", "sft": "sft_ckpt_", "rl": "rl_ckpt_"}  # RUN_DIR/<prefix><step>/
+CHECKPOINT_PREFIX = {"pt": "ckpt_", "sft": "sft_ckpt_", "rl": "rl_ckpt_"}  # RUN_DIR/<prefix><step>/, in phase order
+CHECKPOINT_FILES = ("model.safetensors", "optim.pt")
 
 
-def save_checkpoint(cfg, rt, step, model, opt, extra_state, phase="pt"):
+class CheckpointError(DataFormatError):
+    """A checkpoint or run directory problem: missing, truncated, corrupt, unwritable, in use; the message names it."""
+
+
+def sha256_file(path, chunk=1 << 20):
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoints(run_dir, phase):
+    """{step: path} of the phase's checkpoints in run_dir, by step number (so 7-digit steps sort after 6-digit ones)."""
+    pattern = re.compile(re.escape(CHECKPOINT_PREFIX[phase]) + r"(\d+)")
+    found = {int(m.group(1)): os.path.join(run_dir, d) for d in (os.listdir(run_dir) if os.path.isdir(run_dir) else [])
+             if (m := pattern.fullmatch(d))}
+    return dict(sorted(found.items()))
+
+
+def save_checkpoint(cfg, rt, step, model, opt, extra_state, phase="pt", keep=2):
     """RUN_DIR/<prefix><step>/: model.safetensors, optim.pt, state.json (step, phase, extra_state e.g. the loader's
-    position, config). RUN_DIR/latest_<phase> names it (what --resume continues) and RUN_DIR/latest too (the model
-    the next phase starts from). The last two of each phase are kept."""
+    position, config, the files' sha256). RUN_DIR/latest_<phase> names it (what --resume continues) and RUN_DIR/latest
+    too (the model the next phase starts from). The newest `keep` of the phase are kept. A failed write (a full disk)
+    leaves the previous checkpoint and the pointers as they were, and raises CheckpointError."""
     opt_state = opt.state_dict()  # a collective when sharded: every rank calls it
     if not rt.master:
         return
     from safetensors.torch import save_file
-    prefix = CHECKPOINT_PREFIX[phase]
-    final = os.path.join(cfg.run_dir, f"{prefix}{step:06d}")
+    final = os.path.join(cfg.run_dir, f"{CHECKPOINT_PREFIX[phase]}{step:06d}")
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
-    torch.save(opt_state, os.path.join(tmp, "optim.pt"))
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump({"step": step, "phase": phase, "loader": extra_state, "config": dataclasses.asdict(model.cfg)}, f, indent=1)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    write_text_atomic(os.path.join(cfg.run_dir, f"latest_{phase}"), os.path.basename(final))
-    write_text_atomic(os.path.join(cfg.run_dir, "latest"), os.path.basename(final))
-    for old in sorted(d for d in os.listdir(cfg.run_dir) if re.fullmatch(re.escape(prefix) + r"\d+", d))[:-2]:
-        shutil.rmtree(os.path.join(cfg.run_dir, old))  # keep the last two
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+        torch.save(opt_state, os.path.join(tmp, "optim.pt"))
+        files = {name: sha256_file(os.path.join(tmp, name)) for name in CHECKPOINT_FILES}
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"step": step, "phase": phase, "loader": extra_state, "config": dataclasses.asdict(model.cfg),
+                       "files": files}, f, indent=1)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        write_text_atomic(os.path.join(cfg.run_dir, f"latest_{phase}"), os.path.basename(final))
+        write_text_atomic(os.path.join(cfg.run_dir, "latest"), os.path.basename(final))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{final}: could not write the checkpoint ({e.strerror or e}); the latest is still "
+                              f"{latest_checkpoint(cfg.run_dir, phase) or 'none'}") from None
+    for old in list(checkpoints(cfg.run_dir, phase).values())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir, phase=None):
@@ -1869,16 +1900,90 @@ def latest_checkpoint(run_dir, phase=None):
     return os.path.join(run_dir, open(path).read().strip()) if os.path.isfile(path) else None
 
 
+def verify_checkpoint(path, files):
+    """state.json of a checkpoint, after checking that `files` are there and have the sha256 it recorded."""
+    state = read_json(os.path.join(path, "state.json"))  # missing or malformed: a DataFormatError naming it
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{path}/state.json: not a checkpoint's state (step, config)")
+    for name in files:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file}: missing (not a checkpoint directory, or an incomplete one?)")
+        want = state.get("files", {}).get(name)  # checkpoints written before checksums have none
+        if want is not None and sha256_file(file) != want:
+            raise CheckpointError(f"{file}: sha256 differs from the one in state.json (truncated or corrupt)")
+    return state
+
+
 def load_checkpoint(path, model, opt=None):
+    """Verify, then load weights (and optimizer state); returns state.json. Every failure is a CheckpointError."""
     from safetensors.torch import load_file
-    weights = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(weights):
-        raise DataFormatError(f"{weights}: missing (not a checkpoint directory?)")
-    model.load_state_dict(load_file(weights, device=str(next(model.parameters()).device)))
+    state = verify_checkpoint(path, CHECKPOINT_FILES if opt is not None else CHECKPOINT_FILES[:1])
+    weights, optim = (os.path.join(path, name) for name in CHECKPOINT_FILES)
+    try:
+        model.load_state_dict(load_file(weights, device=str(next(model.parameters()).device)))
+    except Exception as e:  # safetensors' header errors, missing or unexpected keys, other shapes
+        raise CheckpointError(f"{weights}: does not load into this model ({str(e).splitlines()[0][:300]})") from None
     model.sync_flags()
     if opt is not None:
-        opt.load_state_dict(torch.load(os.path.join(path, "optim.pt"), weights_only=True, map_location="cpu"))
-    return read_json(os.path.join(path, "state.json"))
+        try:
+            opt.load_state_dict(torch.load(optim, weights_only=True, map_location="cpu"))
+        except Exception as e:  # unpickling refused, other parameters, other shapes
+            raise CheckpointError(f"{optim}: does not load into this optimizer ({str(e).splitlines()[0][:300]})") from None
+    return state
+
+
+def resume_checkpoint(cfg, phase, model, opt, log):
+    """--resume: load the phase's newest checkpoint that verifies (latest_<phase>, else the older ones kept, newest
+    first, each skip logged as a warning) into model and opt. Returns (path, state), or None if the phase has none."""
+    latest = latest_checkpoint(cfg.run_dir, phase)
+    candidates = ([latest] if latest else []) + [p for p in reversed(checkpoints(cfg.run_dir, phase).values()) if p != latest]
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path, model, opt)
+        except DataFormatError as e:
+            log(f"warning: cannot resume from {path}: {e}")
+    if candidates:
+        raise CheckpointError(f"{cfg.run_dir}: no {phase} checkpoint to resume from loads ({', '.join(map(os.path.basename, candidates))})")
+    return None
+
+
+def claim_run_dir(cfg, phases):
+    """Before anything is written: lock the run directory for this process (released at exit, kill -9 included; a
+    second run on it is refused, naming the holder), remove what a crash left half-written (*.tmp), and make sure a
+    fresh (not --resume) pt, sft or rl run does not mix its checkpoints with an earlier run's: refuse, or with
+    --overwrite delete that phase's checkpoints and the later phases' (trained from them). Returns the lock."""
+    import fcntl
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    lock = open(os.path.join(cfg.run_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        raise CheckpointError(f"{cfg.run_dir}: run directory in use by pid {lock.read().strip() or '?'} "
+                              "(one run per --run-dir)") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    for name in os.listdir(cfg.run_dir):
+        if name.endswith(".tmp"):
+            path = os.path.join(cfg.run_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    training = [p for p in CHECKPOINT_PREFIX if p in phases]
+    clash = [os.path.basename(path) for p in training for path in checkpoints(cfg.run_dir, p).values()]
+    if clash and not cfg.resume:
+        if not cfg.overwrite:
+            raise CheckpointError(f"{cfg.run_dir}: holds checkpoints of an earlier run ({', '.join(clash)}); pass "
+                                  "--resume to continue it, --overwrite to replace it, or another --run-dir")
+        for phase in list(CHECKPOINT_PREFIX)[list(CHECKPOINT_PREFIX).index(training[0]):]:
+            for path in checkpoints(cfg.run_dir, phase).values():
+                shutil.rmtree(path)
+            for pointer in (f"latest_{phase}", "latest"):
+                path = os.path.join(cfg.run_dir, pointer)
+                if os.path.isfile(path) and not os.path.isdir(os.path.join(cfg.run_dir, open(path).read().strip())):
+                    os.remove(path)
+    return lock
 
 
 def write_text_atomic(path, text):
@@ -1950,11 +2055,11 @@ def phase_pt(cfg, rt, log):
     stages = scaled_stages(cfg)
     total = sum(s[0] for s in stages)
     loader = PretrainLoader(pretrain_shards(cfg.data_dir, tokenizer, "train"), tokenizer, rt.rank, rt.world_size)
-    start = 0
-    if cfg.resume and latest_checkpoint(cfg.run_dir, "pt"):
-        state = load_checkpoint(latest_checkpoint(cfg.run_dir, "pt"), model, opt)
-        start, loader.state = state["step"], state["loader"]
-        log(f"resumed from {latest_checkpoint(cfg.run_dir, 'pt')} at step {start}")
+    start, resumed = 0, resume_checkpoint(cfg, "pt", model, opt, log) if cfg.resume else None
+    if resumed:
+        (path, state), start = resumed, resumed[1]["step"]
+        loader.state = state["loader"]
+        log(f"resumed from {path} at step {start}")
     elif cfg.init_from:
         load_checkpoint(cfg.init_from, model)
         log(f"initialized from {cfg.init_from}")
@@ -2715,11 +2820,11 @@ def phase_sft(cfg, rt, log):
     loader = SFTLoader(train, tokenizer, rt.rank, rt.world_size, cfg.seed)
     total = cfg.sft_steps
     T, accum = micro_batch(cfg.sft_batch_tokens, cfg.micro_batch_tokens, rt.world_size, "sft")
-    start = 0
-    if cfg.resume and latest_checkpoint(cfg.run_dir, "sft"):
-        state = load_checkpoint(latest_checkpoint(cfg.run_dir, "sft"), model, opt)
-        start, loader.state = state["step"], state["loader"]
-        log(f"sft: resumed from {latest_checkpoint(cfg.run_dir, 'sft')} at step {start}")
+    start, resumed = 0, resume_checkpoint(cfg, "sft", model, opt, log) if cfg.resume else None
+    if resumed:
+        (resumed_from, state), start = resumed, resumed[1]["step"]
+        loader.state = state["loader"]
+        log(f"sft: resumed from {resumed_from} at step {start}")
     log(f"sft: from {path}, {total} steps of {cfg.sft_batch_tokens:,} tokens, {len(train.convs) - 1:,} train conversations "
         f"({len(train.tokens):,} tokens), lr x{cfg.sft_lr_mul}")
     loss_fn = torch.compile(sft_loss) if cfg.compile else sft_loss
@@ -2902,7 +3007,10 @@ def trained_model(cfg, rt, tokenizer):
     path = cfg.init_from or latest_checkpoint(cfg.run_dir)
     if not path:
         raise DataFormatError(f"{cfg.run_dir}: no checkpoint to evaluate (run --phases pt first, or pass --init-from)")
-    trained = read_json(os.path.join(path, "state.json"))["config"]
+    trained = verify_checkpoint(path, ())["config"]
+    unknown = set(trained) - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        raise CheckpointError(f"{path}/state.json: config fields this stack does not know: {', '.join(sorted(unknown))}")
     model_cfg = Config(**{k: freeze(v) for k, v in trained.items()})
     model = GPT(model_cfg, tokenizer.vocab_size).to(rt.device)
     load_checkpoint(path, model)
@@ -3004,18 +3112,27 @@ def main(argv=None):
         phases_to_run(phases, cfg, rt, log)
         return
     rt = init_runtime(cfg)
-    log = Logger(cfg, rt)
-    if rt.master:
-        with open(log.path, "a", encoding="utf-8") as f:  # the exact code and config of the run, modded-nanogpt style
-            f.write(open(__file__, encoding="utf-8").read() + "\n" + "=" * 100 + "\n")
-    log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
-    if rt.master:
-        write_text_atomic(os.path.join(cfg.run_dir, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+    try:
+        # phases that write checkpoints own the run directory; generate (and eval, chat) may read one in use
+        lock = claim_run_dir(cfg, phases) if rt.master and set(phases) & set(CHECKPOINT_PREFIX) else None
+        log = Logger(cfg, rt)
+        if rt.master:
+            with open(log.path, "a", encoding="utf-8") as f:  # the exact code and config of the run, modded-nanogpt style
+                f.write(open(__file__, encoding="utf-8").read() + "\n" + "=" * 100 + "\n")
+        log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+        if rt.master:
+            write_text_atomic(os.path.join(cfg.run_dir, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+    except DataFormatError as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:  # e.g. a full disk
+        sys.exit(f"error: {cfg.run_dir}: cannot write ({e.strerror or e})")
     try:
         phases_to_run(phases, cfg, rt, log)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        if lock is not None:
+            lock.close()
 
 
 def phases_to_run(phases, cfg, rt, log):

@@ -1,0 +1,138 @@
+"""Checkpoints and run directories under faults: an earlier run's checkpoints, a second run on the same directory, a
+corrupt or truncated checkpoint, a crash's leftovers, a full disk. Each case fails with one clear error line (or
+recovers, saying so), and never loses the last good checkpoint."""
+import errno
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import TINY_ARGS
+from test_pretrain import final_weights, run_stack
+
+FOUR_STEPS = ["--stages", "[[4, 1024, 128, 32, 64, 1.0, [1], [1]]]"]
+
+
+def last_error(proc):
+    lines = proc.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def flip_a_byte(path):
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_fresh_run_refuses_an_earlier_runs_checkpoints_unless_overwrite(stack, pretrained_run, tmp_path):
+    data, pretrained = pretrained_run
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run)
+    log_before = (run / "log.txt").read_bytes()
+    refused = run_stack(str(data), run, *FOUR_STEPS)
+    assert refused.returncode == 1
+    assert last_error(refused) == (f"error: {run}: holds checkpoints of an earlier run (ckpt_000008); pass --resume to "
+                                   "continue it, --overwrite to replace it, or another --run-dir")
+    assert (run / "log.txt").read_bytes() == log_before and (run / "ckpt_000008").is_dir()  # nothing written
+    # what used to happen: ckpt_000004 was pruned as it was written (the old run's 8 sorted after it), latest dangled
+    replaced = run_stack(str(data), run, *FOUR_STEPS, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert list(stack.checkpoints(str(run), "pt")) == [4]
+    assert stack.latest_checkpoint(str(run)) == str(run / "ckpt_000004")
+    assert stack.verify_checkpoint(str(run / "ckpt_000004"), stack.CHECKPOINT_FILES)["step"] == 4
+
+
+def test_pruning_keeps_the_newest_by_step_number(stack, tok_dir, tmp_path):
+    cfg = stack.parse_config(TINY_ARGS + ["--run-dir", str(tmp_path)])
+    rt = stack.Runtime(torch.device("cpu"), torch.float32, 0, 1, "sdpa")
+    model = stack.GPT(cfg, stack.Tokenizer(tok_dir).vocab_size)
+    opt = stack.make_optimizer(model, cfg)
+    for step in (999_998, 999_999):
+        (tmp_path / f"ckpt_{step}").mkdir()
+    stack.save_checkpoint(cfg, rt, 1_000_000, model, opt, {})
+    # by name, ckpt_1000000 sorts before ckpt_999998: the old pruning kept the two 6-digit ones and deleted the new
+    assert set(os.listdir(tmp_path)) == {"ckpt_999999", "ckpt_1000000", "latest", "latest_pt"}
+
+
+def test_a_second_run_on_a_run_dir_in_use_is_refused(stack, tiny_data, tmp_path):
+    cfg = stack.parse_config(TINY_ARGS + ["--run-dir", str(tmp_path / "run")])
+    lock = stack.claim_run_dir(cfg, ["pt"])  # this process holds it, as a run in progress would
+    try:
+        second = run_stack(tiny_data, tmp_path / "run", *FOUR_STEPS)
+        assert second.returncode == 1
+        assert last_error(second) == f"error: {tmp_path / 'run'}: run directory in use by pid {os.getpid()} (one run per --run-dir)"
+        assert not (tmp_path / "run" / "log.txt").exists()
+    finally:
+        lock.close()
+    after = run_stack(tiny_data, tmp_path / "run", *FOUR_STEPS)  # released: the directory is free again
+    assert after.returncode == 0, after.stderr[-2000:]
+
+
+def test_a_corrupt_newest_checkpoint_is_named_and_resume_falls_back(stack, tiny_data, tmp_path):
+    full = run_stack(tiny_data, tmp_path / "full", "--checkpoint-every", "2")
+    assert full.returncode == 0, full.stderr[-2000:]
+    assert list(stack.checkpoints(str(tmp_path / "full"), "pt")) == [6, 8]
+    run = tmp_path / "run"
+    shutil.copytree(tmp_path / "full", run)
+    flip_a_byte(run / "ckpt_000008" / "model.safetensors")  # loaded silently before checksums
+    gen = run_stack(tiny_data, run, "--phases", "generate", "--prompt", "The", "--max-new-tokens", "4")
+    assert gen.returncode == 1
+    assert last_error(gen) == (f"error: {run}/ckpt_000008/model.safetensors: sha256 differs from the one in "
+                               "state.json (truncated or corrupt)")
+    resumed = run_stack(tiny_data, run, "--checkpoint-every", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"warning: cannot resume from {run}/ckpt_000008: " in resumed.stdout
+    assert f"resumed from {run}/ckpt_000006 at step 6" in resumed.stdout
+    want, got = final_weights(tmp_path / "full"), final_weights(run)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)  # steps 6-7 again, exactly
+
+
+def test_resume_with_no_checkpoint_that_loads_is_one_error(stack, pretrained_run, tmp_path):
+    data, pretrained = pretrained_run
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run)
+    optim = run / "ckpt_000008" / "optim.pt"
+    os.truncate(optim, os.path.getsize(optim) // 2)
+    out = run_stack(str(data), run, "--resume")
+    assert out.returncode == 1
+    assert f"warning: cannot resume from {run}/ckpt_000008: {optim}: sha256 differs" in out.stdout
+    assert last_error(out) == f"error: {run}: no pt checkpoint to resume from loads (ckpt_000008)"
+
+
+def test_a_crashs_leftovers_are_removed_at_start(pretrained_run, tmp_path):
+    data, pretrained = pretrained_run
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run)
+    (run / "ckpt_000010.tmp").mkdir()
+    (run / "ckpt_000010.tmp" / "model.safetensors").write_bytes(b"half")
+    for name in ("latest.tmp", "metrics.json.tmp"):
+        (run / name).write_text("half")
+    out = run_stack(str(data), run, "--resume")  # already at its last step: nothing to train
+    assert out.returncode == 0 and "nothing to do" in out.stdout
+    assert not [n for n in os.listdir(run) if n.endswith(".tmp")]
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(stack, tiny_data, tmp_path, monkeypatch):
+    cfg = stack.parse_config(TINY_ARGS + ["--data-dir", tiny_data, "--run-dir", str(tmp_path), "--checkpoint-every", "2"])
+    rt = stack.Runtime(torch.device("cpu"), torch.float32, 0, 1, "sdpa")
+    real_save, saves = torch.save, []
+
+    def disk_fills_up(obj, path, *args, **kwargs):  # the second checkpoint's optimizer state hits a full disk
+        saves.append(path)
+        if len(saves) == 2:
+            open(path, "wb").write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_fills_up)
+    with pytest.raises(stack.CheckpointError) as error:
+        stack.phase_pt(cfg, rt, stack.Logger(cfg, rt))
+    assert str(error.value) == (f"{tmp_path}/ckpt_000004: could not write the checkpoint (No space left on device); "
+                                f"the latest is still {tmp_path}/ckpt_000002")
+    assert stack.latest_checkpoint(str(tmp_path)) == stack.latest_checkpoint(str(tmp_path), "pt") == str(tmp_path / "ckpt_000002")
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")] and list(stack.checkpoints(str(tmp_path), "pt")) == [2]
+    model = stack.GPT(cfg, stack.Tokenizer(os.path.join(tiny_data, "tokenizer")).vocab_size)
+    assert stack.load_checkpoint(str(tmp_path / "ckpt_000002"), model, stack.make_optimizer(model, cfg))["step"] == 2
