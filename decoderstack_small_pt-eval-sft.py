@@ -28,6 +28,7 @@ import ast
 import base64
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import operator
@@ -1374,8 +1375,8 @@ class Tokenizer:
         if meta.get("version") != 1:
             raise DataFormatError(f"{tok_dir}/tokenizer.json: tokenizer version {meta.get('version')} is not 1")
         bpe_path = os.path.join(tok_dir, "tokenizer.tiktoken")
-        ranks = {}
-        for lineno, line in enumerate(read_bytes(bpe_path).splitlines(), 1):
+        ranks, raw = {}, read_bytes(bpe_path)
+        for lineno, line in enumerate(raw.splitlines(), 1):
             try:
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
@@ -1386,7 +1387,10 @@ class Tokenizer:
         self.vocab_size, self.bos_id = self.enc.n_vocab, self.special_tokens["<|bos|>"]
         if self.vocab_size != meta["vocab_size"]:
             raise DataFormatError(f"{tok_dir}/tokenizer.json: vocab_size {meta['vocab_size']}, but the files define {self.vocab_size} tokens")
-        self.sha256 = meta["tiktoken_sha256"]
+        self.sha256 = hashlib.sha256(raw).hexdigest()  # computed: the data's manifests name the tokenizer by it
+        if self.sha256 != meta.get("tiktoken_sha256"):
+            raise DataFormatError(f"{bpe_path}: sha256 {self.sha256[:12]}... differs from the one in tokenizer.json "
+                                  "(edited or corrupt)")
         self.token_bytes = load_npy(os.path.join(tok_dir, "token_bytes.npy"), np.int32, (self.vocab_size,))
 
     def encode(self, text):
@@ -1404,6 +1408,14 @@ def read_bytes(path):
         raise DataFormatError(f"{path}: missing")
     with open(path, "rb") as f:
         return f.read()
+
+
+def sha256_file(path, chunk=1 << 20):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_json(path):
@@ -1454,6 +1466,8 @@ def read_token_file(path, vocab_size, check_ids=True):
 def read_manifest(directory, fmt, tokenizer):
     path = os.path.join(directory, "manifest.json")
     manifest = read_json(path)
+    if not isinstance(manifest, dict):
+        raise DataFormatError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("format") != fmt or manifest.get("version") != FORMAT_VERSIONS[fmt]:
         raise DataFormatError(f"{path}: expected format {fmt!r} version {FORMAT_VERSIONS[fmt]}, got {manifest.get('format')!r} version {manifest.get('version')}")
     if manifest.get("tokenizer_sha256") != tokenizer.sha256:
@@ -1464,13 +1478,23 @@ def read_manifest(directory, fmt, tokenizer):
 def pretrain_shards(data_dir, tokenizer, split):
     """Paths of the `split` ('train' or 'val') pretraining shards, in order, after checking every header."""
     directory = os.path.join(data_dir, "pretrain")
-    manifest = read_manifest(directory, "pretrain", tokenizer)
-    paths = [os.path.join(directory, s["file"]) for s in manifest["shards"] if s["split"] == split]
-    if not paths:
-        raise DataFormatError(f"{directory}/manifest.json: no {split} shards")
-    for p in paths:
-        read_token_file(p, tokenizer.vocab_size, check_ids=False)
-    return paths
+    manifest, where = read_manifest(directory, "pretrain", tokenizer), f"{directory}/manifest.json"
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("file"), str) and
+                                               isinstance(s.get("n_tokens"), int) for s in shards):
+        raise DataFormatError(f"{where}: 'shards' must be a list of {{file, split, n_tokens, ...}} objects")
+    for s in shards:  # file names only: a manifest must not point outside its directory
+        if s["file"] != os.path.basename(s["file"]) or s["file"] in ("", ".", "..") or os.sep in s["file"]:
+            raise DataFormatError(f"{where}: shard file {s['file']!r} is not a file name in {directory}")
+    picked = [s for s in shards if s.get("split") == split]
+    if not picked:
+        raise DataFormatError(f"{where}: no {split} shards")
+    for s in picked:
+        path = os.path.join(directory, s["file"])
+        n = len(read_token_file(path, tokenizer.vocab_size, check_ids=False))
+        if n != s["n_tokens"]:
+            raise DataFormatError(f"{path}: {n} tokens, but {where} says {s['n_tokens']}")
+    return [os.path.join(directory, s["file"]) for s in picked]
 
 
 @dataclasses.dataclass
@@ -1623,7 +1647,7 @@ class PretrainLoader:
 
     def _tokens(self, shard):
         if shard not in self._cache:
-            self._cache = {shard: read_token_file(self.paths[shard], self.vocab, check_ids=False)}
+            self._cache = {shard: read_token_file(self.paths[shard], self.vocab)}  # ids < vocab: checked once here
             nxt = (shard + 1) % len(self.paths)  # page the next shard in while this one is used
             self._prefetch = threading.Thread(target=lambda: np.asarray(read_token_file(self.paths[nxt], self.vocab, check_ids=False)).sum(), daemon=True)
             self._prefetch.start()
@@ -1843,15 +1867,6 @@ CHECKPOINT_FILES = ("model.safetensors", "optim.pt")
 
 class CheckpointError(DataFormatError):
     """A checkpoint or run directory problem: missing, truncated, corrupt, unwritable, in use; the message names it."""
-
-
-def sha256_file(path, chunk=1 << 20):
-    import hashlib
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoints(run_dir, phase):
@@ -2402,6 +2417,7 @@ CALC_DECIMALS = 6
 CALC_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
                ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 DIGIT_GROUP_COMMA = re.compile(r"(?<=\d),(?=\d{3})")  # "1,200*3": GSM8K writes thousands separators
+STRING_LITERAL = re.compile(r"""('[^'\\]*(?:\\.[^'\\]*)*'|"[^"\\]*(?:\\.[^"\\]*)*")""")  # kept as written
 
 
 def calc_is_count(node):
@@ -2447,9 +2463,10 @@ def calc_format(value):
 def calculate(expr):
     """The tool's output for the text between <|python_start|> and <|python_end|>: arithmetic (+ - * / // % **, unary
     +-) on int/float literals, or "'word'.count('r')"; None when the expression is not allowed or fails."""
-    expr = DIGIT_GROUP_COMMA.sub("", expr).strip()
-    if len(expr) > CALC_MAX_CHARS:
+    if len(expr) > CALC_MAX_CHARS:  # before any other work: a 10 MB "expression" costs nothing
         return None
+    parts = STRING_LITERAL.split(expr)  # literals at the odd indices: "'1,234'.count(',')" keeps its commas
+    expr = "".join(part if i % 2 else DIGIT_GROUP_COMMA.sub("", part) for i, part in enumerate(parts)).strip()
     try:
         with warnings.catch_warnings():  # e.g. an invalid escape in a string literal warns; it is still just a literal
             warnings.simplefilter("ignore")

@@ -93,3 +93,21 @@ def test_fuzz_never_raises(stack, expr):
     assert out is None or isinstance(out, str)
     if out is not None:  # any answer is a plain number
         float(out)
+
+
+def test_digit_group_commas_are_dropped_outside_string_literals_only(stack):
+    assert stack.calculate("'1,234'.count(',')") == "1"  # before: the literal lost its comma, giving 0
+    assert stack.calculate('"a,b,c".count(",")') == "2"
+    assert stack.calculate("1,234*2") == "2468"
+
+
+def test_overlong_input_is_refused_before_any_other_work(stack, monkeypatch):
+    class Untouchable:
+        def sub(self, *args):
+            raise AssertionError("the comma regex ran on an input already too long")
+
+        split = sub
+
+    monkeypatch.setattr(stack, "DIGIT_GROUP_COMMA", Untouchable())
+    monkeypatch.setattr(stack, "STRING_LITERAL", Untouchable())
+    assert stack.calculate("1," * 5_000_000) is None  # 10 MB: 442 ms of regex before

@@ -157,3 +157,73 @@ def test_shared_pretrain_roundtrip(shared_data, tmp_path, stack):
     sources = list(pretrain_shards.iter_documents(train_files))
     assert decoded_documents(stack, tok, stack.pretrain_shards(str(tmp_path), tok, "train")) == [d for d in sources if d]
     assert decoded_documents(stack, tok, stack.pretrain_shards(str(tmp_path), tok, "val")) == list(pretrain_shards.iter_documents(val_files))
+
+
+# ---- the stack's reader trusts nothing in a prepared directory -------------------------------------------------------
+
+
+@pytest.fixture
+def prepared(tiny_data, tmp_path):
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    return root
+
+
+def edit_manifest(root, edit):
+    path = root / "pretrain" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+@pytest.mark.parametrize("name", ["../../../evil.bin", "/etc/hostname", "sub/val.bin", ".."])
+def test_manifest_paths_stay_in_the_data_directory(stack, prepared, name):
+    tok = stack.Tokenizer(str(prepared / "tokenizer"))
+    path = edit_manifest(prepared, lambda m: m["shards"][0].update(file=name))
+    with pytest.raises(stack.DataFormatError, match=f"{path}: shard file '{name}' is not a file name in"):
+        stack.pretrain_shards(str(prepared), tok, "val")
+
+
+def test_manifest_token_counts_and_shapes_are_checked(stack, prepared):
+    tok = stack.Tokenizer(str(prepared / "tokenizer"))
+    val = next(s for s in json.loads((prepared / "pretrain" / "manifest.json").read_text())["shards"] if s["split"] == "val")
+    edit_manifest(prepared, lambda m: next(s for s in m["shards"] if s["split"] == "val").update(n_tokens=val["n_tokens"] + 1))
+    with pytest.raises(stack.DataFormatError, match=f"{val['file']}: {val['n_tokens']} tokens, but .* says {val['n_tokens'] + 1}"):
+        stack.pretrain_shards(str(prepared), tok, "val")
+    path = edit_manifest(prepared, lambda m: m.pop("shards"))
+    with pytest.raises(stack.DataFormatError, match=f"{path}: 'shards' must be a list"):
+        stack.pretrain_shards(str(prepared), tok, "val")
+    path.write_text("[1, 2]")
+    with pytest.raises(stack.DataFormatError, match=f"{path}: expected a JSON object, got list"):
+        stack.pretrain_shards(str(prepared), tok, "val")
+
+
+def test_token_ids_past_the_vocabulary_are_caught_when_a_shard_is_first_read(stack, prepared):
+    """Before: accepted, then a crash inside F.embedding (a device-side assert on a GPU) naming no file."""
+    tok = stack.Tokenizer(str(prepared / "tokenizer"))
+    manifest = json.loads((prepared / "pretrain" / "manifest.json").read_text())
+    shard = next(s for s in manifest["shards"] if s["split"] == "train")
+    path = prepared / "pretrain" / shard["file"]
+    tokens = np.array(stack.read_token_file(str(path), tok.vocab_size))
+    tokens[len(tokens) // 2] = tok.vocab_size + 5  # same header and size; one id out of range
+    with open(path, "r+b") as f:
+        f.seek(256 * 4)
+        f.write(tokens.astype("<u2").tobytes())
+    paths = stack.pretrain_shards(str(prepared), tok, "train")  # the header checks alone pass
+    loader = stack.PretrainLoader(paths, tok, 0, 1)
+    with pytest.raises(stack.DataFormatError, match=f"{path}: token id {tok.vocab_size + 5} >= vocab_size {tok.vocab_size}"):
+        for _ in range(len(paths)):
+            loader.next_batch(512, 128, 1, "cpu")
+
+
+def test_tokenizer_checksum_is_computed_not_copied(stack, prepared):
+    """Two swapped merges change the ranks file; tokenizer.json still names the old one: refused, not loaded."""
+    bpe = prepared / "tokenizer" / "tokenizer.tiktoken"
+    lines = bpe.read_bytes().splitlines()
+    a, b = lines[300].split(), lines[301].split()
+    lines[300], lines[301] = b[0] + b" " + a[1], a[0] + b" " + b[1]
+    bpe.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(stack.DataFormatError, match=f"{bpe}: sha256 .* differs from the one in tokenizer.json"):
+        stack.Tokenizer(str(prepared / "tokenizer"))
