@@ -1370,23 +1370,39 @@ class Tokenizer:
     """The tokenizer written by data/tokenizer.py: tiktoken ranks in base64 text, JSON metadata, byte counts."""
 
     def __init__(self, tok_dir):
+        import regex
         import tiktoken
-        meta = read_json(os.path.join(tok_dir, "tokenizer.json"))
-        if meta.get("version") != 1:
-            raise DataFormatError(f"{tok_dir}/tokenizer.json: tokenizer version {meta.get('version')} is not 1")
-        bpe_path = os.path.join(tok_dir, "tokenizer.tiktoken")
+        meta_path, bpe_path = os.path.join(tok_dir, "tokenizer.json"), os.path.join(tok_dir, "tokenizer.tiktoken")
+        meta = read_json(meta_path)
+        if not isinstance(meta, dict) or meta.get("version") != 1:
+            raise DataFormatError(f"{meta_path}: tokenizer version {meta.get('version') if isinstance(meta, dict) else None} is not 1")
+        specials = meta.get("special_tokens")
+        if not (isinstance(meta.get("pattern"), str) and isinstance(meta.get("vocab_size"), int)
+                and isinstance(specials, dict) and all(isinstance(v, int) for v in specials.values())
+                and "<|bos|>" in specials):
+            raise DataFormatError(f"{meta_path}: needs 'pattern' (text), 'vocab_size' (int) and 'special_tokens' "
+                                  "({name: id}, <|bos|> among them)")
+        try:
+            regex.compile(meta["pattern"])
+        except regex.error as e:
+            raise DataFormatError(f"{meta_path}: 'pattern' is not a valid regular expression ({e})") from None
         ranks, raw = {}, read_bytes(bpe_path)
-        for lineno, line in enumerate(raw.splitlines(), 1):
+        lines = raw.splitlines()
+        for lineno, line in enumerate(lines, 1):
             try:
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except ValueError:
                 raise DataFormatError(f"{bpe_path}:{lineno}: expected '<base64 token> <rank>'") from None
-        self.special_tokens = meta["special_tokens"]
-        self.enc = tiktoken.Encoding("decoderstack", pat_str=meta["pattern"], mergeable_ranks=ranks, special_tokens=self.special_tokens)
-        self.vocab_size, self.bos_id = self.enc.n_vocab, self.special_tokens["<|bos|>"]
+        ids = sorted(ranks.values()) + sorted(specials.values())
+        if len(ranks) != len(lines) or ids != list(range(len(ids))):
+            raise DataFormatError(f"{bpe_path}: tokens and ranks must be unique and, with the special tokens of "
+                                  "tokenizer.json after them, number 0, 1, 2, ... without gaps")
+        self.special_tokens = specials
+        self.enc = tiktoken.Encoding("decoderstack", pat_str=meta["pattern"], mergeable_ranks=ranks, special_tokens=specials)
+        self.vocab_size, self.bos_id = self.enc.n_vocab, specials["<|bos|>"]
         if self.vocab_size != meta["vocab_size"]:
-            raise DataFormatError(f"{tok_dir}/tokenizer.json: vocab_size {meta['vocab_size']}, but the files define {self.vocab_size} tokens")
+            raise DataFormatError(f"{meta_path}: vocab_size {meta['vocab_size']}, but the files define {self.vocab_size} tokens")
         self.sha256 = hashlib.sha256(raw).hexdigest()  # computed: the data's manifests name the tokenizer by it
         if self.sha256 != meta.get("tiktoken_sha256"):
             raise DataFormatError(f"{bpe_path}: sha256 {self.sha256[:12]}... differs from the one in tokenizer.json "

@@ -22,6 +22,7 @@ from common import DataError, run_cli, sha256_file, write_json
 CHECKSUMS = "checksums.json"
 CHECKSUMS_VERSION = 1
 HUB_DIRS = {".git", ".cache"}  # the Hub refuses both; .cache/huggingface is also where HF keeps download metadata
+HUB_FILES = {".gitattributes"}  # the Hub adds it to every repo
 
 
 def _is_temp(name):
@@ -68,12 +69,17 @@ def read_checksums(root, label):
     return data["files"]
 
 
-def copy_verified(src, dst, files, label):
-    """Copy each listed file from src into dst and check the copy, so what is verified is what gets kept."""
+def copy_verified(src, dst, files, label, within):
+    """Copy each listed file from src into dst and check the copy, so what is verified is what gets kept. Every
+    source must resolve inside `within` (a mirror's own tree; for the HF cache, the repo's folder, whose snapshot
+    links point into its blobs/): a link out of it would copy some other file of this machine into the download."""
+    within = os.path.realpath(within)
     for rel, entry in files.items():
         source, target = os.path.join(src, rel), os.path.join(dst, rel)
         if not os.path.isfile(source):
             raise DataError(f"{label}/{rel}: missing (listed in {CHECKSUMS})")
+        if os.path.commonpath([os.path.realpath(source), within]) != within:
+            raise DataError(f"{label}/{rel}: links outside {label} (to {os.path.realpath(source)}); refused")
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.copyfile(source, target)  # follows the HF cache's symlinks into blobs/
         if (size := os.path.getsize(target)) != entry["bytes"]:
@@ -187,11 +193,16 @@ def download(out, repo=None, revision=None, local=None):
     else:
         label = src = _fetch_local(os.path.abspath(local))
     files = read_checksums(src, label)
+    # a table that leaves files out would pass them off as verified data, or leave them behind unnoticed
+    unlisted = sorted(set(list_files(src)) - set(files) - HUB_FILES)
+    if unlisted:
+        raise DataError(f"{label}/{unlisted[0]}: not listed in {CHECKSUMS} ({len(unlisted)} file(s) are not): "
+                        "re-upload with data/hub.py")
     staging = _staging(out)
     try:
         tree = os.path.join(staging, "tree")  # made with the usual permissions (mkdtemp's are 0700)
         os.mkdir(tree)
-        copy_verified(src, tree, files, label)
+        copy_verified(src, tree, files, label, src if local else os.path.dirname(os.path.dirname(src)))
         shutil.copyfile(os.path.join(src, CHECKSUMS), os.path.join(tree, CHECKSUMS))
         try:
             os.rename(tree, out)  # also replaces an empty directory

@@ -142,6 +142,9 @@ def train(texts, vocab_size):
     bpe = rustbpe.Tokenizer()
     bpe.train_from_iterator(texts, n_merged, pattern=SPLIT_PATTERN)
     ranks = {bytes(token): rank for token, rank in bpe.get_mergeable_ranks()}
+    if len(ranks) < n_merged:  # rustbpe stops when no pair is left to merge
+        raise DataError(f"trained only {len(ranks) + len(SPECIAL_TOKENS)} of the {vocab_size} tokens asked for: the "
+                        f"text has too few distinct pairs (use --vocab-size {len(ranks) + len(SPECIAL_TOKENS)}, or more text)")
     specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
     return Tokenizer(ranks, bpe.get_pattern(), specials)
 

@@ -271,3 +271,30 @@ def test_cli_help_and_subprocess_round_trip(prepared, tmp_path):
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert {k: v for k, v in tree(tmp_path / "o").items() if k != "checksums.json"} == files
+
+
+def test_a_link_out_of_the_mirror_is_refused(prepared, tmp_path, capsys):
+    """Before: a mirror whose checksums.json listed a symlink to /etc/hostname handed that file back as data."""
+    root, _ = prepared
+    mirror, out, secret = tmp_path / "mirror", tmp_path / "out", tmp_path / "secret.txt"
+    secret.write_bytes(b"a file of this machine\n")
+    assert run(capsys, "upload", root, "--local", mirror)[0] == 0
+    (mirror / "pretrain" / "stolen.bin").symlink_to(secret)
+    table = json.loads((mirror / "checksums.json").read_text())
+    table["files"]["pretrain/stolen.bin"] = {"sha256": hashlib.sha256(secret.read_bytes()).hexdigest(), "bytes": 23}
+    (mirror / "checksums.json").write_text(json.dumps(table))
+    assert_error(capsys, ["download", "--local", mirror, "--out", out],
+                 f"{mirror}/pretrain/stolen.bin: links outside {mirror} (to {secret}); refused")
+    assert not out.exists()
+
+
+def test_a_table_that_leaves_a_file_out_is_refused(prepared, tmp_path, capsys):
+    root, _ = prepared
+    mirror, out = tmp_path / "mirror", tmp_path / "out"
+    assert run(capsys, "upload", root, "--local", mirror)[0] == 0
+    table = json.loads((mirror / "checksums.json").read_text())
+    del table["files"]["pretrain/train_000001.bin"]
+    (mirror / "checksums.json").write_text(json.dumps(table))
+    assert_error(capsys, ["download", "--local", mirror, "--out", out],
+                 f"{mirror}/pretrain/train_000001.bin: not listed in checksums.json (1 file(s) are not)")
+    assert not out.exists()

@@ -1,6 +1,7 @@
 """Tokenizer: training, pickle-free persistence, stack-side loading, special tokens, chat template."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -147,3 +148,50 @@ def test_render_for_completion(tok):
     assert messages[-1]["content"] == "Hello"  # the caller's list is untouched
     with pytest.raises(ValueError, match="last message must be the assistant"):
         tok.render_for_completion(messages[:1])
+
+
+# ---- the stack's tokenizer reader: one clear error per malformed file --------------------------------------------------
+
+
+@pytest.fixture
+def tok_copy(tok_dir, tmp_path):
+    import shutil
+    out = tmp_path / "tokenizer"
+    shutil.copytree(tok_dir, out)
+    return out
+
+
+def edit_meta(tok, edit):
+    meta = json.loads((tok / "tokenizer.json").read_text())
+    edit(meta)
+    (tok / "tokenizer.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda m: m.pop("special_tokens"), "needs 'pattern' (text), 'vocab_size' (int) and 'special_tokens'"),
+    (lambda m: m.update(special_tokens=["<|bos|>"]), "needs 'pattern'"),
+    (lambda m: m.update(vocab_size="1024"), "needs 'pattern'"),
+    (lambda m: m["special_tokens"].pop("<|bos|>"), "<|bos|> among them"),
+    (lambda m: m.update(pattern="(unclosed"), "'pattern' is not a valid regular expression"),
+])
+def test_stack_tokenizer_rejects_malformed_metadata(stack, tok_copy, edit, problem):
+    edit_meta(tok_copy, edit)
+    with pytest.raises(stack.DataFormatError, match=re.escape(f"{tok_copy}/tokenizer.json: ") + ".*" + re.escape(problem)):
+        stack.Tokenizer(str(tok_copy))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda lines: lines[:5] + [lines[5].split()[0] + b" 3"] + lines[6:],  # a duplicate rank
+    lambda lines: lines + [lines[7]],  # a duplicate token
+])
+def test_stack_tokenizer_rejects_duplicate_ranks_and_tokens(stack, tok_copy, edit):
+    bpe = tok_copy / "tokenizer.tiktoken"
+    bpe.write_bytes(b"\n".join(edit(bpe.read_bytes().splitlines())) + b"\n")
+    with pytest.raises(stack.DataFormatError, match=re.escape(f"{bpe}: tokens and ranks must be unique")):
+        stack.Tokenizer(str(tok_copy))
+
+
+def test_training_refuses_to_fall_short_of_the_vocabulary_asked_for():
+    """Before: --vocab-size 70000 on a small corpus trained ~1,900 tokens and exited 0 without a word."""
+    with pytest.raises(tokenizer.DataError, match=r"trained only \d+ of the 70000 tokens asked for"):
+        tokenizer.train(iter(["a small corpus, a few distinct pairs"] * 50), 70000)
