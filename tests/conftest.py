@@ -49,6 +49,23 @@ def shared_data():
     return SHARED_DATA
 
 
+def copy_tree(src, dst):
+    """A writable copy of a session fixture's directory, for a test that damages it."""
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_json(path, edit):
+    """Rewrite the JSON file at path with edit(obj) applied in place; returns path."""
+    import json
+    obj = json.loads(open(path).read())
+    edit(obj)
+    with open(path, "w") as f:
+        f.write(json.dumps(obj))
+    return path
+
+
 def stdlib_text():
     """English-ish text that ships with every Python: the docstrings of a few standard modules."""
     import argparse, collections, inspect, json, logging, os, pathlib, shutil, subprocess, textwrap, unittest

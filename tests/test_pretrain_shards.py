@@ -12,7 +12,7 @@ import pytest
 import pretrain_shards
 import tokenizer
 from common import DataError, write_token_file
-from conftest import ROOT, stdlib_text
+from conftest import ROOT, copy_tree, edit_json, stdlib_text
 
 
 def decoded_documents(stack, tok, paths):
@@ -164,18 +164,11 @@ def test_shared_pretrain_roundtrip(shared_data, tmp_path, stack):
 
 @pytest.fixture
 def prepared(tiny_data, tmp_path):
-    import shutil
-    root = tmp_path / "data"
-    shutil.copytree(tiny_data, root)
-    return root
+    return copy_tree(tiny_data, tmp_path / "data")
 
 
 def edit_manifest(root, edit):
-    path = root / "pretrain" / "manifest.json"
-    manifest = json.loads(path.read_text())
-    edit(manifest)
-    path.write_text(json.dumps(manifest))
-    return path
+    return edit_json(root / "pretrain" / "manifest.json", edit)
 
 
 @pytest.mark.parametrize("name", ["../../../evil.bin", "/etc/hostname", "sub/val.bin", ".."])

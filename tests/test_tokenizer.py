@@ -10,7 +10,7 @@ import pytest
 
 import tokenizer
 from common import DataError
-from conftest import ROOT, stdlib_text
+from conftest import ROOT, copy_tree, edit_json, stdlib_text
 
 UNICODE = "naïve café — 東京 🚀 ünïcödé\n\ttabs  and   spaces\r\n"
 
@@ -155,16 +155,11 @@ def test_render_for_completion(tok):
 
 @pytest.fixture
 def tok_copy(tok_dir, tmp_path):
-    import shutil
-    out = tmp_path / "tokenizer"
-    shutil.copytree(tok_dir, out)
-    return out
+    return copy_tree(tok_dir, tmp_path / "tokenizer")
 
 
 def edit_meta(tok, edit):
-    meta = json.loads((tok / "tokenizer.json").read_text())
-    edit(meta)
-    (tok / "tokenizer.json").write_text(json.dumps(meta))
+    edit_json(tok / "tokenizer.json", edit)
 
 
 @pytest.mark.parametrize("edit, problem", [
