@@ -1500,7 +1500,7 @@ def pretrain_shards(data_dir, tokenizer, split):
                                                isinstance(s.get("n_tokens"), int) for s in shards):
         raise DataFormatError(f"{where}: 'shards' must be a list of {{file, split, n_tokens, ...}} objects")
     for s in shards:  # file names only: a manifest must not point outside its directory
-        if s["file"] != os.path.basename(s["file"]) or s["file"] in ("", ".", "..") or os.sep in s["file"]:
+        if s["file"] != os.path.basename(s["file"]) or s["file"] in ("", ".", ".."):
             raise DataFormatError(f"{where}: shard file {s['file']!r} is not a file name in {directory}")
     picked = [s for s in shards if s.get("split") == split]
     if not picked:
@@ -2000,7 +2000,10 @@ def claim_run_dir(cfg, phases):
     for name in os.listdir(cfg.run_dir):
         if name.endswith(".tmp"):
             path = os.path.join(cfg.run_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
     training = [p for p in CHECKPOINT_PREFIX if p in phases]
     clash = [os.path.basename(path) for p in training for path in checkpoints(cfg.run_dir, p).values()]
     if clash and not cfg.resume:
@@ -2088,8 +2091,8 @@ def phase_pt(cfg, rt, log):
     loader = PretrainLoader(pretrain_shards(cfg.data_dir, tokenizer, "train"), tokenizer, rt.rank, rt.world_size)
     start, resumed = 0, resume_checkpoint(cfg, "pt", model, opt, log) if cfg.resume else None
     if resumed:
-        (path, state), start = resumed, resumed[1]["step"]
-        loader.state = state["loader"]
+        path, state = resumed
+        start, loader.state = state["step"], state["loader"]
         log(f"resumed from {path} at step {start}")
     elif cfg.init_from:
         load_checkpoint(cfg.init_from, model)
@@ -2104,7 +2107,7 @@ def phase_pt(cfg, rt, log):
         compile_s, graphs = warm_up_compiled(loss_fn, model, cfg, rt, stages, loader, start)
         log(f"compiled {graphs} graphs for steps {start}-{total} in {compile_s:.1f}s, before the timed loop")
     peak = peak_flops(rt.device, rt.dtype)
-    timer, pending, val_bpb, tok_per_s, flops, last = LoopTimer(), [], None, 0.0, 0, None
+    timer, pending, val_bpb, flops, last = LoopTimer(), [], None, 0, None
     for step, p, T, accum, grow, untie in pretrain_steps(cfg, stages, rt.world_size, start):
         if grow:
             model.grow_window(*grow)
@@ -2855,8 +2858,8 @@ def phase_sft(cfg, rt, log):
     T, accum = micro_batch(cfg.sft_batch_tokens, cfg.micro_batch_tokens, rt.world_size, "sft")
     start, resumed = 0, resume_checkpoint(cfg, "sft", model, opt, log) if cfg.resume else None
     if resumed:
-        (resumed_from, state), start = resumed, resumed[1]["step"]
-        loader.state = state["loader"]
+        resumed_from, state = resumed
+        start, loader.state = state["step"], state["loader"]
         log(f"sft: resumed from {resumed_from} at step {start}")
     log(f"sft: from {path}, {total} steps of {cfg.sft_batch_tokens:,} tokens, {len(train.convs) - 1:,} train conversations "
         f"({len(train.tokens):,} tokens), lr x{cfg.sft_lr_mul}")

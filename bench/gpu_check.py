@@ -253,7 +253,7 @@ def check_fp8(ctx, res):
                 + " ".join(f"{e:.1e}" for e in errors), error=max(errors), ms=ms, speedup=ref_ms / ms)
 
 
-def packed_documents(torch, stack, dev, T, max_len, seed=2):
+def random_documents(torch, stack, dev, T, max_len, seed=2):
     """cu_seqlens of documents of random lengths up to max_len filling T tokens (a few short ones among them)."""
     rng = np.random.default_rng(seed)
     lengths = []
@@ -271,7 +271,7 @@ def check_attention(ctx, res):
     g = torch.Generator(device=dev).manual_seed(3)
     q, k, v = (torch.randn(T, H, D, device=dev, generator=g).to(dt) for _ in range(3))
     grad_out = torch.randn(T, H, D, device=dev, generator=g).to(dt)
-    cu, _ = packed_documents(torch, stack, dev, T, max_len)
+    cu, _ = random_documents(torch, stack, dev, T, max_len)
     backends = ["sdpa"] + [b for b in ("flex", "fa3", "fa2") if stack._unavailable(b, dev) is None]
     skipped = {b: stack._unavailable(b, dev) for b in ("flex", "fa3", "fa2") if b not in backends}
     for window in (128, 1664, None):

@@ -241,7 +241,7 @@ def test_activation_dtype_by_gpu(stack, monkeypatch, native, want):
         stack.pick_dtype("cpu", "fp8")
 
 
-def test_fp16_serves_eval_but_refuses_training(stack):
+def test_fp16_refuses_training(stack):
     rt = stack.Runtime(torch.device("cpu"), torch.float16, 0, 1, "sdpa")
     for phase in ("pt", "sft", "rl"):
         with pytest.raises(ValueError, match=f"{phase}: fp16 training needs loss scaling"):
