@@ -114,6 +114,8 @@ class Config:
     chat_max_per_task: int = -1      # chat-eval examples per task in --phases chat (-1: all)
     chat_batch_size: int = 16        # GSM8K problems generated together
     chat_max_new_tokens: int = 512
+    sandbox: str = "isolated"        # HumanEval's model-written code: isolated (refused where Linux namespaces are
+                                     # not to be had) | weak (no namespaces; says what it lacks; README: Security)
     # GSM8K RL (--phases rl): on-policy policy gradient, nanochat's recipe
     rl_steps: int = 60
     rl_questions_per_step: int = 16  # over all ranks
@@ -189,6 +191,8 @@ def parse_config(argv=None):
         parser.error(f"unknown --preset {preset!r}; choose from {', '.join(PRESETS)}")
     values = {**PRESETS[preset], "preset": preset}
     values.update({k: v for k, v in vars(args).items() if v is not None})
+    if values.get("sandbox", Config.sandbox) not in SANDBOX_MODES:
+        parser.error(f"unknown --sandbox {values['sandbox']!r}; choose from {', '.join(SANDBOX_MODES)}")
     return Config(**values)
 
 
@@ -1491,8 +1495,9 @@ def read_manifest(directory, fmt, tokenizer):
     return manifest
 
 
-def pretrain_shards(data_dir, tokenizer, split):
-    """Paths of the `split` ('train' or 'val') pretraining shards, in order, after checking every header."""
+def pretrain_shards(data_dir, tokenizer, split, check_sha256=False):
+    """Paths of the `split` ('train' or 'val') pretraining shards, in order, after checking every header (and, with
+    check_sha256, every byte against the manifest's sha256: ~1 s a GB, so `--phases data` does it, training does not)."""
     directory = os.path.join(data_dir, "pretrain")
     manifest, where = read_manifest(directory, "pretrain", tokenizer), f"{directory}/manifest.json"
     shards = manifest.get("shards")
@@ -1510,6 +1515,9 @@ def pretrain_shards(data_dir, tokenizer, split):
         n = len(read_token_file(path, tokenizer.vocab_size, check_ids=False))
         if n != s["n_tokens"]:
             raise DataFormatError(f"{path}: {n} tokens, but {where} says {s['n_tokens']}")
+        if check_sha256 and (digest := sha256_file(path)) != s.get("sha256"):
+            raise DataFormatError(f"{path}: sha256 {digest[:12]}... differs from the {str(s.get('sha256'))[:12]}... "
+                                  f"in {where} (a damaged or replaced shard)")
     return [os.path.join(directory, s["file"]) for s in picked]
 
 
@@ -2168,7 +2176,7 @@ def phase_data(cfg, rt, log):
     tok = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
     log(f"tokenizer: vocab {tok.vocab_size}, bos {tok.bos_id}, {len(tok.special_tokens)} special tokens")
     for split in ("val", "train"):
-        paths = pretrain_shards(cfg.data_dir, tok, split)
+        paths = pretrain_shards(cfg.data_dir, tok, split, check_sha256=True)
         n = sum(len(read_token_file(p, tok.vocab_size)) for p in paths)
         log(f"pretrain/{split}: {len(paths)} shards, {n:,} tokens")
     core = load_core(cfg.data_dir, tok)
@@ -2615,36 +2623,232 @@ def categorical_choices(model, prompts, letter_ids, rt, windows):
     return letter_logits.masked_fill(~allowed, float("-inf")).argmax(-1).tolist()
 
 
-# -- HumanEval: the model's code runs only in a child interpreter with time, memory and file-size limits, no network --
+# -- HumanEval: model-written code runs in a sandbox ------------------------------------------------------------------
+#
+# The sandbox's promise (--sandbox=isolated, the default; Linux on x86_64 or aarch64). The program runs in a fresh
+# `python -I -S` (no site-packages, no .pth files, no environment), three processes deep: a launcher that makes the
+# namespaces, the init that holds them, the program. The program
+# - runs as an unprivileged uid: one of its own (SANDBOX_UID_BASE + the launcher's pid) when we are root, else ours
+#   inside a user namespace in which it holds no capability; no setuid binary can raise it (no_new_privs);
+# - is alone in a PID namespace: it sees and signals nothing outside, and the timeout, by killing the launcher,
+#   kills the namespace's init and with it everything inside;
+# - is one process with one thread (RLIMIT_NPROC 1), so its RLIMIT_AS is the memory budget of the whole sandbox;
+# - sees the filesystem read-only (a mount namespace) but for its working directory, a tmpfs of disk_mb that is the
+#   whole sandbox's disk and vanishes with it; /proc is an empty directory;
+# - has no network of any family: an empty network namespace, and seccomp fails socket(), socketpair() and
+#   io_uring_setup() with EPERM, so not even a UNIX socket on the read-only filesystem can be reached;
+# - passes only when the harness, after the program (its check() last) returned, writes the run's nonce on a pipe the
+#   parent set up before it started: exiting with status 0 (sys.exit, os._exit, atexit, a signal) is not passing.
+# Its limits: the program can read what any user may read; it has its CPU until the timeout; and as the harness and
+# the program share an interpreter, code written to hunt for the nonce in its own process could forge a pass: the
+# sandbox contains such code, it does not make the score unforgeable.
+# --sandbox=weak, for machines that refuse namespaces (containers whose seccomp profile forbids unshare): the same uid
+# (as root), rlimits, syscall filter and nonce, but no namespaces, so the program can see other processes, read
+# world-readable files and write world-writable directories (/tmp; files of up to disk_mb). Not root, it keeps our
+# uid: it can then also write our files and signal our processes. Said once, as a SandboxWarning, when used.
+SANDBOX_MODES = ("isolated", "weak")
+SANDBOX_UID_BASE = 2_000_000_000  # + the launcher's pid: a uid that no account and no other live sandbox has
+SANDBOX_PYTHON = sys.executable    # the interpreter the program runs in (only its standard library is used)
 
-# Runs in the child (`python -I -c`) before the program. A best-effort sandbox against accidents (loops, memory
-# bombs, stray writes and connections), not a jail against adversarial code: the program still runs as our user, may
-# read what we can read and write outside its directory (bounded by RLIMIT_FSIZE), and root ignores RLIMIT_NPROC.
-# The network is cut twice: socket creation raises, and, where the kernel lets an unprivileged process create user
-# namespaces (or we are root), a new network namespace leaves the child with no interface at all.
-SANDBOX_BOOTSTRAP = r"""
-import _socket, resource, runpy, socket, sys
-memory, cpu_seconds = int(sys.argv[1]), int(sys.argv[2])
-for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu_seconds), (resource.RLIMIT_FSIZE, 16 << 20),
-                     (resource.RLIMIT_NPROC, 0), (resource.RLIMIT_CORE, 0)):
+SANDBOX_LAUNCHER = r'''
+import builtins, ctypes, json, os, resource, select, signal, struct, sys, traceback
+
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x4000000, 0x8000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x1, 0x2, 0x4, 0x8, 0x20, 0x1000, 0x4000, 0x40000
+# seccomp's audit arch and the syscall numbers used here, by machine
+MACHINES = {"x86_64": (0xC000003E, dict(socket=41, socketpair=53, io_uring_setup=425, unshare=272, mount_setattr=442)),
+            "aarch64": (0xC00000B7, dict(socket=198, socketpair=199, io_uring_setup=425, unshare=97, mount_setattr=442))}
+NO_NETWORK = ("socket", "socketpair", "io_uring_setup")  # io_uring can open sockets without socket()
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+class SetupError(Exception):
+    pass
+
+
+def check(ret, what):
+    if ret == -1:
+        raise SetupError(f"{what}: {os.strerror(ctypes.get_errno())}")
+
+
+def syscalls():
+    known = MACHINES.get(os.uname().machine) if sys.platform == "linux" else None
+    if known is None:
+        raise SetupError(f"no namespaces or syscall table for {sys.platform} on {os.uname().machine}")
+    return known
+
+
+def deny_syscalls(names):
+    """A seccomp filter: the named syscalls fail with EPERM, any other ABI (x32, 32-bit compat) kills the process."""
+    arch, numbers = syscalls()
+    load, equal, at_least, ret, n = 0x20, 0x15, 0x35, 0x06, len(names)
+    program = [(load, 0, 0, 4), (equal, 0, n + 4, arch), (load, 0, 0, 0), (at_least, n + 1, 0, 0x40000000)]
+    program += [(equal, n - i, 0, numbers[name]) for i, name in enumerate(names)]  # jumps count from the next op
+    program += [(ret, 0, 0, 0x7FFF0000), (ret, 0, 0, 0x00050000 | 1), (ret, 0, 0, 0x80000000)]  # allow, EPERM, kill
+    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in program))
+    class Filter(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+    check(libc.prctl(38, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    check(libc.prctl(22, 2, ctypes.byref(Filter(len(program), ctypes.addressof(code))), 0, 0), "seccomp")
+
+
+def make_namespaces(as_root, uid):
+    flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
+    if as_root:
+        return check(libc.unshare(flags), "unshare")
+    gid = os.getegid()
+    check(libc.unshare(flags | CLONE_NEWUSER), "unshare")
+    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+
+
+def mount(source, target, fstype, flags, options=None):
+    check(libc.mount(source and source.encode(), target.encode(), fstype and fstype.encode(), ctypes.c_ulong(flags),
+                     options and options.encode()), f"mount {target}")
+
+
+def hidden_ancestor(path):
+    """The first directory on the way to path that other users may not enter (e.g. /root, for a Python under it)."""
+    parts = os.path.realpath(path).split(os.sep)[1:]
+    for i in range(len(parts)):
+        directory = os.sep + os.sep.join(parts[:i + 1])
+        if not os.stat(directory).st_mode & 0o001:
+            return directory
+    return None
+
+
+def mount_views(work, disk, owner, as_root):
+    """Every mount read-only, nosuid and private to us; then a tmpfs of `disk` bytes on the working directory and an
+    empty one on /proc. Where our Python lies in a directory the program's uid may not enter, an empty tmpfs covers
+    that directory and the installation is bound back at its own path, so imports work and the rest stays hidden."""
+    class MountAttr(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_uint64) for name in ("attr_set", "attr_clr", "propagation", "userns_fd")]
+    attr = MountAttr(MS_RDONLY | MS_NOSUID, 0, MS_PRIVATE, 0)  # MOUNT_ATTR_RDONLY, _NOSUID have MS_'s values
+    check(libc.syscall(syscalls()[1]["mount_setattr"], -100, b"/", 0x8000, ctypes.byref(attr), ctypes.sizeof(attr)),
+          "mount_setattr(/, AT_RECURSIVE) (Linux >= 5.12)")
+    hidden = hidden_ancestor(sys.base_prefix) if as_root else None
+    if hidden:
+        python = os.open(os.path.realpath(sys.base_prefix), os.O_PATH)
+        mount("tmpfs", hidden, "tmpfs", MS_NOSUID | MS_NODEV, "size=65536,mode=0755")
+        os.makedirs(os.path.realpath(sys.base_prefix))
+        mount(f"/proc/self/fd/{python}", os.path.realpath(sys.base_prefix), None, MS_BIND | MS_REC)
+        mount(None, os.path.realpath(sys.base_prefix), None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID)
+        mount(None, hidden, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        os.close(python)
+    mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, f"size={disk},nr_inodes=16384,mode=0700,uid={owner},gid={owner}")
+    mount("tmpfs", "/proc", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4096,mode=0555")
+
+
+def fork_supervised():
+    """Fork. The parent waits and exits as the child did (a signal as 128 + its number: a namespace's init cannot
+    signal itself); the child gets the read end of a pipe only the parent writes to, for die_with_parent."""
+    alive, parent_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(parent_end)
+        return alive
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    os._exit(128 - code if code < 0 else code)
+
+
+def die_with_parent(alive):
+    """SIGKILL when the parent dies; the pipe reads EOF if it died before the prctl took hold. Set after any change of
+    uid, which clears it."""
+    if sys.platform == "linux":
+        check(libc.prctl(1, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+    if select.select([alive], [], [], 0)[0]:
+        os._exit(1)
+    os.close(alive)
+
+
+def cut_python_sockets():
+    """A first, friendlier layer under the syscall filter: Python's socket types refuse with a clear message."""
+    import _socket, socket
+    class NoNetwork(socket.socket):
+        def __init__(self, *args, **kwargs):
+            raise OSError("network access is disabled in the sandbox")
+    socket.socket = socket.SocketType = _socket.socket = _socket.SocketType = NoNetwork
+
+
+def drop_privileges(as_root, isolated, uid):
+    if as_root:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    elif isolated:  # a nested user namespace: no capability left over the namespaces made above
+        check(libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
+
+
+def limit(memory, cpu_seconds, disk):
+    for which, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu_seconds),
+                         (resource.RLIMIT_FSIZE, disk), (resource.RLIMIT_NPROC, 1), (resource.RLIMIT_NOFILE, 64)):
+        try:
+            resource.setrlimit(which, (value, value))
+        except (ValueError, OSError) as e:  # macOS refuses RLIMIT_AS
+            if sys.platform == "linux":
+                raise SetupError(f"setrlimit: {e}")
+
+
+def run(source, status, nonce):
+    """The harness: the program as module "program" (its `if __name__ == "__main__":` demos, input() or unittest,
+    don't run, as in OpenAI's harness), then the nonce; never atexit handlers."""
+    read, write, exit_, stderr = os.read, os.write, os._exit, sys.stderr
+    write(status, b"ready\n")
     try:
-        resource.setrlimit(limit, (value, value))
-    except (ValueError, OSError):  # already lower, or refused (macOS and RLIMIT_AS): keep what we have
-        pass
-if sys.platform == "linux":
-    import ctypes
-    ctypes.CDLL(None).unshare(0x10000000 | 0x40000000)  # CLONE_NEWUSER | CLONE_NEWNET; returns -1 where refused
+        exec(compile(source, "program.py", "exec"), {"__name__": "program", "__builtins__": builtins})
+        write(status, read(nonce, 64) + b"\n")
+        exit_(0)
+    except SystemExit as e:
+        print(f"the program exited ({e.code!r}) before its end", file=stderr)
+    except BaseException:
+        traceback.print_exc()
+    stderr.flush()
+    exit_(1)
 
-class NoNetwork(socket.socket):
-    def __init__(self, *args, **kwargs):
-        raise OSError("network access is disabled in the sandbox")
 
-socket.socket = socket.SocketType = _socket.socket = _socket.SocketType = NoNetwork
-try:  # not as __main__: like OpenAI's harness, the model's `if __name__ == "__main__":` demos (input(), unittest) don't run
-    runpy.run_path("program.py", run_name="program")
-except SystemExit as e:  # sys.exit(0) before check() ran must not count as a pass
-    sys.exit(f"the program exited ({e.code!r}) before its end")
-"""
+def main(a):
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    status, nonce, isolated, as_root = a["status_fd"], a["nonce_fd"], a["mode"] == "isolated", os.geteuid() == 0
+    uid = a["uid_base"] + os.getpid() if as_root else os.geteuid()
+    try:
+        source = open(a["program"], encoding="utf-8").read()
+        if isolated:
+            syscalls()
+            make_namespaces(as_root, uid)
+            die_with_parent(fork_supervised())  # the new PID namespace's init; the program is its only child
+            mount_views(a["work"], a["disk"], uid if as_root else 0, as_root)
+            os.chdir(a["work"])  # into the tmpfs
+        elif as_root:
+            hidden = hidden_ancestor(sys.base_prefix)
+            if hidden:
+                raise SetupError(f"our Python ({sys.base_prefix}) lies in {hidden}, which other users may not enter: "
+                                 "the weak sandbox's uid could not import the standard library")
+            os.chown(a["work"], uid, uid)
+        alive = fork_supervised()
+        with open("program.py", "w", encoding="utf-8") as f:  # for its tracebacks
+            f.write(source)
+        cut_python_sockets()
+        drop_privileges(as_root, isolated, uid)
+        die_with_parent(alive)
+        limit(a["memory"], a["cpu_seconds"], a["disk"])
+        if isolated or sys.platform == "linux" and os.uname().machine in MACHINES:
+            deny_syscalls(NO_NETWORK)
+        os.closerange(3, min(status, nonce))
+        os.closerange(min(status, nonce) + 1, max(status, nonce))
+        os.closerange(max(status, nonce) + 1, 1 << 16)
+        os.environ.clear()
+        os.environ.update(PATH="/usr/bin:/bin", HOME=a["work"], TMPDIR=a["work"])
+    except (SetupError, OSError) as e:
+        os.write(status, f"error: {e}\n".encode())
+        os._exit(125)
+    run(source, status, nonce)
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))
+'''
 
 
 def extract_program(completion, prompt):
@@ -2657,51 +2861,135 @@ def extract_program(completion, prompt):
     return prompt + "\n" + (fenced.group(1) if fenced else completion)
 
 
-def run_sandboxed(program, timeout=5.0, memory_mb=512):
-    """Run Python source in a fresh `python -I` child (isolated mode, PATH-only environment, stdin from /dev/null) inside a
-    temporary directory that is deleted afterwards. -> (passed, reason): passed if it ran to its end and exited 0;
-    otherwise the reason is the last line of its stderr (e.g. "AssertionError", "MemoryError"), a signal or a timeout."""
-    with tempfile.TemporaryDirectory(prefix="decoderstack-sandbox-") as tmp:
-        with open(os.path.join(tmp, "program.py"), "w", encoding="utf-8") as f:
+class SandboxUnavailable(RuntimeError):
+    """The sandbox cannot be set up on this machine."""
+
+
+class SandboxWarning(UserWarning):
+    """Model-written code runs in the weak sandbox."""
+
+
+@functools.cache
+def warn_weak_sandbox():
+    """Said once per process."""
+    who = ("its own uid" if os.geteuid() == 0 else
+           f"our uid {os.geteuid()}, so it can write our files and signal our processes")
+    warnings.warn(f"--sandbox=weak: model-written code runs without namespaces, as {who}; it can see other processes, "
+                  "read world-readable files and write world-writable directories (README: Security)",
+                  SandboxWarning, stacklevel=3)
+
+
+def remove_tree(top):
+    """Delete top and everything under it without following a link and without raising, however deep or locked down
+    the tree a program left: nested directories are emptied into top by renames, so depth costs neither recursion
+    nor path length (shutil.rmtree recurses: a RecursionError at ~1,000 levels)."""
+    lifted = 0
+    try:
+        if not os.path.isdir(top) or os.path.islink(top):
+            return os.unlink(top)
+        for _ in range(1 << 20):  # each round removes or lifts something, or we give up on what is left
+            os.chmod(top, 0o700)
+            progress = False
+            with os.scandir(top) as entries:
+                for entry in list(entries):
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            os.chmod(entry.path, 0o700)
+                            children = os.listdir(entry.path)
+                            for child in children:
+                                lifted += 1
+                                os.rename(os.path.join(entry.path, child), os.path.join(top, f".lifted-{lifted}"))
+                            if not children:
+                                os.rmdir(entry.path)
+                        else:
+                            os.unlink(entry.path)
+                        progress = True
+                    except OSError:
+                        pass
+            if not progress:
+                break
+        os.rmdir(top)
+    except OSError:
+        pass
+
+
+def run_sandboxed(program, timeout=5.0, memory_mb=512, disk_mb=64, sandbox="isolated"):
+    """Run Python source in the sandbox (its promise above). -> (passed, reason): passed if the harness reported the
+    run's nonce after the program ran to its end; otherwise the reason is the last line of its stderr (e.g.
+    "AssertionError", "MemoryError"), a signal or the timeout. SandboxUnavailable when the sandbox cannot be made."""
+    if sandbox not in SANDBOX_MODES:
+        raise ValueError(f"sandbox {sandbox!r}: choose from {', '.join(SANDBOX_MODES)}")
+    if sandbox == "weak":
+        warn_weak_sandbox()
+    nonce = os.urandom(16).hex().encode()
+    private = tempfile.mkdtemp(prefix="decoderstack-sandbox-")
+    os.chmod(private, 0o711)  # ours: the program may reach its cwd by path but neither list nor replace it
+    status, nonce_r, report = None, None, b""
+    try:
+        work, source = os.path.join(private, "work"), os.path.join(private, "program.py")
+        os.mkdir(work)
+        with open(source, "w", encoding="utf-8") as f:
             f.write(program)
-        with open(os.path.join(tmp, "stderr"), "w+b") as err:  # a file, not a pipe: RLIMIT_FSIZE bounds it
-            cmd = [sys.executable, "-I", "-c", SANDBOX_BOOTSTRAP, str(memory_mb << 20), str(math.ceil(timeout) + 1)]
-            child = subprocess.Popen(cmd, cwd=tmp, env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        status, status_w = os.pipe()
+        nonce_r, nonce_w = os.pipe()
+        os.write(nonce_w, nonce)
+        os.close(nonce_w)
+        args = dict(mode=sandbox, work=work, program=source, status_fd=status_w, nonce_fd=nonce_r, disk=disk_mb << 20,
+                    memory=memory_mb << 20, cpu_seconds=math.ceil(timeout) + 1, uid_base=SANDBOX_UID_BASE)
+        with open(os.path.join(private, "stderr"), "w+b") as err:  # a file, not a pipe: RLIMIT_FSIZE bounds it
+            try:
+                child = subprocess.Popen([SANDBOX_PYTHON, "-I", "-S", "-c", SANDBOX_LAUNCHER, json.dumps(args)], cwd=work,
+                                         env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=err, pass_fds=(status_w, nonce_r), start_new_session=True)
+            finally:
+                os.close(status_w)
             try:
                 child.wait(timeout)
                 timed_out = False
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired:  # the launcher's group, and with the launcher the namespace
                 timed_out = True
-            try:  # the child is its own process group: this also ends whatever it started
                 os.killpg(child.pid, signal.SIGKILL)
-            except ProcessLookupError:
+                child.wait()
+            os.set_blocking(status, False)
+            try:
+                report = os.read(status, 4096)
+            except BlockingIOError:
                 pass
-            child.wait()
             err.seek(max(0, os.fstat(err.fileno()).st_size - 4096))
             lines = err.read().decode("utf-8", "replace").strip().splitlines()
+    finally:
+        for fd in (status, nonce_r):
+            if fd is not None:
+                os.close(fd)
+        remove_tree(private)
+    if report.startswith(b"error: "):  # written before the program ran, so by the sandbox itself
+        reason = report[7:].decode("utf-8", "replace").strip()
+        hint = (" (--sandbox=weak runs HumanEval without namespaces; README: Security)" if sandbox == "isolated" else "")
+        raise SandboxUnavailable(f"cannot set up the {sandbox} sandbox for model-written code: {reason}{hint}")
+    code = child.returncode
     if timed_out:
         return False, f"timed out after {timeout:g}s"
-    if child.returncode == 0:
+    if code == 0 and report == b"ready\n" + nonce + b"\n":
         return True, "passed"
-    if child.returncode < 0:  # SIGKILL at the CPU limit, SIGSEGV, ...
-        return False, f"killed by {signal.Signals(-child.returncode).name}"
-    return False, (lines[-1] if lines else f"exit status {child.returncode}")[:200]
+    if code == 0:
+        return False, "the program exited (0) before its end"
+    if code > 128 and code - 128 in signal.valid_signals():  # SIGKILL at the CPU limit, SIGSEGV, ...
+        return False, f"killed by {signal.Signals(code - 128).name}"
+    return False, (lines[-1] if lines else f"exit status {code}")[:200]
 
 
-def humaneval_passed(completion, problem, timeout=5.0):
+def humaneval_passed(completion, problem, timeout=5.0, sandbox="isolated"):
     """Whether the completion passes a HumanEval problem (an entry of the code task's manifest "problems")."""
     program = f"{extract_program(completion, problem['prompt'])}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
-    return run_sandboxed(program, timeout)[0]
-
+    return run_sandboxed(program, timeout, sandbox=sandbox)[0]
 
 @torch.no_grad()
 def evaluate_chat(model, chat, tokenizer, rt, windows, max_per_task=-1, batch_tokens=32768, batch_size=16,
-                  max_new_tokens=512):
+                  max_new_tokens=512, sandbox="isolated"):
     """Chat evaluation on ChatEvalData `chat`: categorical tasks by letter argmax (packed varlen forwards of up to
     batch_tokens tokens); generative (GSM8K) and code (HumanEval) ones by greedy generation with the calculator,
-    batch_size prompts at a time, scored on the number after '####' or by running the problem's tests in the sandbox.
-    Examples split across ranks as in CORE. Returns dict(results={task: accuracy}, centered={task: centered
+    batch_size prompts at a time, scored on the number after '####' or by running the problem's tests in the `sandbox`
+    (made once first: SandboxUnavailable before any generation where it cannot be). Examples split across ranks as in CORE. Returns dict(results={task: accuracy}, centered={task: centered
     accuracy}, chatcore=mean centered, correct=int8 per example)."""
     was_training = model.training
     model.eval()
@@ -2715,6 +3003,8 @@ def evaluate_chat(model, chat, tokenizer, rt, windows, max_per_task=-1, batch_to
             correct[e] = float(choice == gold)
     engine = Engine(model, tokenizer, windows, rt)
     generated = [e for e in mine if kind[e] != "categorical"]
+    if any(kind[e] == "code" for e in generated):
+        run_sandboxed("pass", sandbox=sandbox)
     for i in range(0, len(generated), batch_size):
         batch = generated[i:i + batch_size]
         samples = engine.generate([chat.prompt(e)[0].tolist() for e in batch], 1, max_new_tokens, temperature=0)
@@ -2722,7 +3012,7 @@ def evaluate_chat(model, chat, tokenizer, rt, windows, max_per_task=-1, batch_to
             task = chat.tasks[int(chat.examples[e, 0])]
             text, index = reply_text(tokenizer, sample), e - task["first_example"]
             if task["kind"] == "code":
-                correct[e] = float(humaneval_passed(text, task["problems"][index]))
+                correct[e] = float(humaneval_passed(text, task["problems"][index], sandbox=sandbox))
             else:
                 correct[e] = float(gsm8k_answer(text) == task["answers"][index])
     model.train(was_training)
@@ -2872,7 +3162,7 @@ def phase_sft(cfg, rt, log):
         log.metrics(step, {"sft/val_loss": val_loss})
         if chat is not None and step > 0:  # the base model cannot chat yet: nothing to learn from its score
             out = evaluate_chat(model, chat, tokenizer, rt, windows, cfg.sft_chat_max_per_task, cfg.core_batch_tokens,
-                                cfg.chat_batch_size, cfg.chat_max_new_tokens)
+                                cfg.chat_batch_size, cfg.chat_max_new_tokens, cfg.sandbox)
             log(f"sft step {step}/{total} chatcore {out['chatcore']:.4f} " + " ".join(f"{k} {v:.4f}" for k, v in out["results"].items()))
             log.metrics(step, {"sft/chatcore": out["chatcore"]})
             update_metrics(cfg, rt, {"sft_chatcore": out["chatcore"], "sft_chat_per_task": out["results"]})
@@ -3081,7 +3371,7 @@ def phase_chat(cfg, rt, log):
     log(f"chat evaluation of {path}")
     t0 = time.time()
     out = evaluate_chat(model, chat, tokenizer, rt, windows, cfg.chat_max_per_task, cfg.core_batch_tokens,
-                        cfg.chat_batch_size, cfg.chat_max_new_tokens)
+                        cfg.chat_batch_size, cfg.chat_max_new_tokens, cfg.sandbox)
     log(format_chat_table(out, chat))
     log(f"chat eval took {time.time() - t0:.0f}s")
     values = {"chatcore": out["chatcore"], "chat_per_task": out["results"], "chat_max_per_task": cfg.chat_max_per_task}
@@ -3175,7 +3465,7 @@ def phases_to_run(phases, cfg, rt, log):
     try:
         for phase in phases:
             PHASES[phase](cfg, rt, log)
-    except DataFormatError as e:
+    except (DataFormatError, SandboxUnavailable) as e:
         sys.exit(f"error: {e}")
 
 

@@ -220,3 +220,22 @@ def test_tokenizer_checksum_is_computed_not_copied(stack, prepared):
     bpe.write_bytes(b"\n".join(lines) + b"\n")
     with pytest.raises(stack.DataFormatError, match=f"{bpe}: sha256 .* differs from the one in tokenizer.json"):
         stack.Tokenizer(str(prepared / "tokenizer"))
+
+
+def test_data_check_compares_every_shard_with_its_sha256(stack, prepared):
+    """A flipped byte inside the tokens (header, size and ids all still valid) passes every cheap check; the
+    manifest's per-shard sha256 was never compared. `--phases data` compares it; training's fast path does not."""
+    tok = stack.Tokenizer(str(prepared / "tokenizer"))
+    shard = next(s for s in json.loads((prepared / "pretrain" / "manifest.json").read_text())["shards"] if s["split"] == "val")
+    path = prepared / "pretrain" / shard["file"]
+    data = bytearray(path.read_bytes())
+    data[256 * 4 + 10], data[256 * 4 + 12] = data[256 * 4 + 12], data[256 * 4 + 10]  # two tokens swapped
+    assert data != path.read_bytes()
+    path.write_bytes(bytes(data))
+    assert stack.pretrain_shards(str(prepared), tok, "val") == [str(path)]
+    with pytest.raises(stack.DataFormatError, match=f"{path}: sha256 [0-9a-f]{{12}}\\.\\.\\. differs from the "
+                                                    f"{shard['sha256'][:12]}\\.\\.\\. in .*manifest.json"):
+        stack.pretrain_shards(str(prepared), tok, "val", check_sha256=True)
+    result = subprocess.run([sys.executable, stack.__file__, "--phases", "data", f"--data-dir={prepared}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(f"error: {path}: sha256 ")
