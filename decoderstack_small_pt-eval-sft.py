@@ -1364,6 +1364,7 @@ class NorMuonAdam:
 
 TOKEN_FILE_MAGIC, TOKEN_FILE_VERSION, HEADER_INTS = 20240520, 1, 256
 FORMAT_VERSIONS = {"pretrain": 1, "core": 1, "sft": 1, "chat_eval": 2}
+TOKENIZER_VERSION = 2  # 2: its sha256 covers the split pattern and the special tokens too
 
 
 class DataFormatError(Exception):
@@ -1378,8 +1379,9 @@ class Tokenizer:
         import tiktoken
         meta_path, bpe_path = os.path.join(tok_dir, "tokenizer.json"), os.path.join(tok_dir, "tokenizer.tiktoken")
         meta = read_json(meta_path)
-        if not isinstance(meta, dict) or meta.get("version") != 1:
-            raise DataFormatError(f"{meta_path}: tokenizer version {meta.get('version') if isinstance(meta, dict) else None} is not 1")
+        if not isinstance(meta, dict) or meta.get("version") != TOKENIZER_VERSION:
+            raise DataFormatError(f"{meta_path}: tokenizer version {meta.get('version') if isinstance(meta, dict) else None} "
+                                  f"is not {TOKENIZER_VERSION} (re-prepare the data with data/prepare.py)")
         specials = meta.get("special_tokens")
         if not (isinstance(meta.get("pattern"), str) and isinstance(meta.get("vocab_size"), int)
                 and isinstance(specials, dict) and all(isinstance(v, int) for v in specials.values())
@@ -1407,10 +1409,12 @@ class Tokenizer:
         self.vocab_size, self.bos_id = self.enc.n_vocab, specials["<|bos|>"]
         if self.vocab_size != meta["vocab_size"]:
             raise DataFormatError(f"{meta_path}: vocab_size {meta['vocab_size']}, but the files define {self.vocab_size} tokens")
-        self.sha256 = hashlib.sha256(raw).hexdigest()  # computed: the data's manifests name the tokenizer by it
-        if self.sha256 != meta.get("tiktoken_sha256"):
-            raise DataFormatError(f"{bpe_path}: sha256 {self.sha256[:12]}... differs from the one in tokenizer.json "
-                                  "(edited or corrupt)")
+        # computed over all that decides the encoding (data/README.md): the data's manifests name the tokenizer by it
+        identity = json.dumps({"pattern": meta["pattern"], "special_tokens": specials}, sort_keys=True)
+        self.sha256 = hashlib.sha256(raw + b"\0" + identity.encode("utf-8")).hexdigest()
+        if self.sha256 != meta.get("sha256"):
+            raise DataFormatError(f"{meta_path}: sha256 {self.sha256[:12]}... of tokenizer.tiktoken, the pattern and the "
+                                  f"special tokens differs from the {str(meta.get('sha256'))[:12]}... recorded (edited or corrupt)")
         self.token_bytes = load_npy(os.path.join(tok_dir, "token_bytes.npy"), np.int32, (self.vocab_size,))
 
     def encode(self, text):
@@ -1495,6 +1499,23 @@ def read_manifest(directory, fmt, tokenizer):
     return manifest
 
 
+def checked_tasks(manifest, path, n_examples, fields, **extra):
+    """A manifest's tasks as the evaluators read them, each with `fields` ({key: type}) and its examples inside the
+    n_examples rows; `extra` fields must be ints or lists of ints. One error naming the manifest, not a KeyError or
+    TypeError deep inside an evaluation."""
+    for key, kind in extra.items():
+        if not isinstance(manifest.get(key), kind) or kind is list and not all(type(x) is int for x in manifest[key]):
+            raise DataFormatError(f"{path}: needs {key!r} ({'a list of ints' if kind is list else kind.__name__})")
+    tasks, fields = manifest.get("tasks"), {**fields, "first_example": int, "n_examples": int, "random_baseline": (int, float)}
+    if not isinstance(tasks, list) or not tasks:
+        raise DataFormatError(f"{path}: 'tasks' must be a non-empty list")
+    for i, t in enumerate(tasks):
+        if not (isinstance(t, dict) and all(isinstance(t.get(k), kind) for k, kind in fields.items())
+                and 0 <= t["first_example"] and 0 <= t["n_examples"] and t["first_example"] + t["n_examples"] <= n_examples):
+            raise DataFormatError(f"{path}: task {i} needs {', '.join(fields)} with its examples inside the {n_examples} rows")
+    return tasks
+
+
 def pretrain_shards(data_dir, tokenizer, split, check_sha256=False):
     """Paths of the `split` ('train' or 'val') pretraining shards, in order, after checking every header (and, with
     check_sha256, every byte against the manifest's sha256: ~1 s a GB, so `--phases data` does it, training does not)."""
@@ -1541,7 +1562,8 @@ def load_core(data_dir, tokenizer):
     tokens = read_token_file(os.path.join(directory, "tokens.bin"), tokenizer.vocab_size)
     sequences = load_npy(os.path.join(directory, "sequences.npy"), np.int64, (None, 6))
     examples = load_npy(os.path.join(directory, "examples.npy"), np.int64, (None, 4))
-    n_tasks = len(manifest["tasks"])
+    n_tasks = len(checked_tasks(manifest, os.path.join(directory, "manifest.json"), len(examples),
+                                {"label": str, "task_type": str}, max_len=int))
     if len(sequences) and max((sequences[:, 0] + sequences[:, 1]).max(), (sequences[:, 2] + sequences[:, 3]).max()) > len(tokens):
         raise DataFormatError(f"{directory}/sequences.npy: a segment runs past the end of tokens.bin")
     if len(examples) and ((examples[:, 0] >= n_tasks).any() or (examples[:, 2] + examples[:, 3]).max() > len(sequences)):
@@ -1591,8 +1613,21 @@ def load_chat_eval(data_dir, tokenizer, name="chat_eval"):
     manifest = read_manifest(directory, "chat_eval", tokenizer)
     tokens = read_token_file(os.path.join(directory, "tokens.bin"), tokenizer.vocab_size)
     examples = load_npy(os.path.join(directory, "examples.npy"), np.int64, (None, 5))
+    path = os.path.join(directory, "manifest.json")
+    tasks = checked_tasks(manifest, path, len(examples), {"name": str, "kind": str}, letter_ids=list)
+    for i, t in enumerate(tasks):  # what scoring a generated answer reads: one entry per example
+        if t["kind"] not in ("categorical", "generative", "code"):
+            raise DataFormatError(f"{path}: task {i} has kind {t['kind']!r}; known: categorical, generative, code")
+        key, item = {"generative": ("answers", str), "code": ("problems", dict)}.get(t["kind"], (None, None))
+        if key and not (isinstance(t.get(key), list) and len(t[key]) == t["n_examples"]
+                        and all(isinstance(x, item) for x in t[key])):
+            raise DataFormatError(f"{path}: task {i} ({t['kind']}) needs {key!r}: one {item.__name__} per example")
+        if t["kind"] == "code" and not all(isinstance(p.get(k), str) for p in t["problems"] for k in ("prompt", "test", "entry_point")):
+            raise DataFormatError(f"{path}: task {i}: every problem needs 'prompt', 'test' and 'entry_point' (text)")
     if len(examples) and (examples[:, 1] + examples[:, 2]).max() > len(tokens):
         raise DataFormatError(f"{directory}/examples.npy: a prompt runs past the end of tokens.bin")
+    if len(examples) and (examples[:, 0] >= len(tasks)).any():
+        raise DataFormatError(f"{directory}/examples.npy: a row points past the tasks")
     return ChatEvalData(manifest["tasks"], tokens, examples, manifest["letter_ids"])
 
 
@@ -3446,14 +3481,18 @@ def main(argv=None):
             with open(log.path, "a", encoding="utf-8") as f:  # the exact code and config of the run, modded-nanogpt style
                 f.write(open(__file__, encoding="utf-8").read() + "\n" + "=" * 100 + "\n")
         log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
-        if rt.master:
-            write_text_atomic(os.path.join(cfg.run_dir, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
     except DataFormatError as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # e.g. a full disk
         sys.exit(f"error: {cfg.run_dir}: cannot write ({e.strerror or e})")
     try:
         phases_to_run(phases, cfg, rt, log)
+        if lock is not None:  # the config of the last invocation that trained and finished; every one is in log.txt
+            path = os.path.join(cfg.run_dir, "config.json")
+            try:
+                write_text_atomic(path, json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+            except OSError as e:
+                sys.exit(f"error: {path}: cannot write ({e.strerror or e})")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

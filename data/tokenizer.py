@@ -6,18 +6,27 @@ Saved files (data/README.md): tokenizer.tiktoken (base64 ranks), tokenizer.json,
 """
 import argparse
 import base64
+import hashlib
+import json
 import os
 import time
 
 import numpy as np
 
-from common import DataError, TEXT_EXTS, atomic_path, expand_inputs, iter_documents, read_text, run_cli, sha256_file, write_json, write_npy
+from common import DataError, TEXT_EXTS, atomic_path, expand_inputs, iter_documents, read_text, run_cli, write_json, write_npy
 
-TOKENIZER_VERSION = 1
+TOKENIZER_VERSION = 2  # 2: the sha256 covers the split pattern and the special tokens, not only the ranks
 SPECIAL_TOKENS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
                   "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
 # GPT-4's split regex with numbers split in runs of at most 2 digits (nanochat: better for 32K-class vocabularies).
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+
+
+def tokenizer_sha256(ranks_file, pattern, special_tokens):
+    """The tokenizer's identity (data/README.md): everything that decides how text encodes, so data prepared with
+    one tokenizer is never read with another."""
+    text = json.dumps({"pattern": pattern, "special_tokens": special_tokens}, sort_keys=True)
+    return hashlib.sha256(ranks_file + b"\0" + text.encode("utf-8")).hexdigest()
 
 
 class Tokenizer:
@@ -36,21 +45,22 @@ class Tokenizer:
             for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]):
                 f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
         write_npy(os.path.join(out_dir, "token_bytes.npy"), self.token_bytes())
-        self.sha256 = sha256_file(bpe_path)
+        with open(bpe_path, "rb") as f:
+            self.sha256 = tokenizer_sha256(f.read(), self.pattern, self.special_tokens)
         write_json(os.path.join(out_dir, "tokenizer.json"), {
             "version": TOKENIZER_VERSION, "pattern": self.pattern, "special_tokens": self.special_tokens,
-            "vocab_size": self.vocab_size, "tiktoken_sha256": self.sha256})
+            "vocab_size": self.vocab_size, "sha256": self.sha256})
 
     @classmethod
     def load(cls, tok_dir):
-        import json
         meta_path, bpe_path = os.path.join(tok_dir, "tokenizer.json"), os.path.join(tok_dir, "tokenizer.tiktoken")
         for p in (meta_path, bpe_path):
             if not os.path.isfile(p):
                 raise DataError(f"{p}: missing (train one with `python data/tokenizer.py train`)")
         meta = json.loads(read_text(meta_path))
         if meta.get("version") != TOKENIZER_VERSION:
-            raise DataError(f"{meta_path}: tokenizer version {meta.get('version')} is not {TOKENIZER_VERSION}")
+            raise DataError(f"{meta_path}: tokenizer version {meta.get('version')} is not {TOKENIZER_VERSION} "
+                            "(re-train it, and re-prepare the data: version 2 changed the sha256 manifests name it by)")
         ranks = {}
         for lineno, line in enumerate(read_text(bpe_path).splitlines(), 1):
             try:
@@ -59,7 +69,11 @@ class Tokenizer:
             except ValueError:
                 raise DataError(f"{bpe_path}:{lineno}: expected '<base64 token> <rank>'") from None
         tok = cls(ranks, meta["pattern"], meta["special_tokens"])
-        tok.sha256 = meta["tiktoken_sha256"]  # identifies the tokenizer in every data manifest
+        with open(bpe_path, "rb") as f:
+            tok.sha256 = tokenizer_sha256(f.read(), meta["pattern"], meta["special_tokens"])  # names it in every manifest
+        if tok.sha256 != meta.get("sha256"):
+            raise DataError(f"{meta_path}: sha256 {tok.sha256[:12]}... of tokenizer.tiktoken, the pattern and the special "
+                            f"tokens differs from the {str(meta.get('sha256'))[:12]}... recorded (edited or corrupt)")
         if tok.vocab_size != meta["vocab_size"]:
             raise DataError(f"{meta_path}: vocab_size {meta['vocab_size']} but the files define {tok.vocab_size} tokens")
         return tok

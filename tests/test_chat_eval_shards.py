@@ -14,7 +14,7 @@ import pytest
 
 import chat_eval_shards
 from common import DataError
-from conftest import ROOT
+from conftest import ROOT, edit_json
 
 MMLU_CSV = ('question,choice0,choice1,choice2,choice3,answer\n'
             '"Which, with a comma?",one,"two ""quoted""","three\nlines",four,2\n'
@@ -268,3 +268,21 @@ def test_real_humaneval(shared_data, eval_dir, tok_dir, tmp_path, stack):
         ids, gold, n_choices = data.prompt(task["first_example"] + j)
         assert ids[-1] == tok.special("<|assistant_start|>") and tok.decode(ids) == code_prompt(p["prompt"])
         assert (gold, n_choices) == (-1, 0) and f"def {p['entry_point']}(" in p["prompt"] and "def check(candidate)" in p["test"]
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda m: m.pop("tasks"), "'tasks' must be a non-empty list"),
+    (lambda m: m.pop("letter_ids"), r"needs 'letter_ids' \(a list of ints\)"),
+    (lambda m: m["tasks"][1].pop("kind"), "task 1 needs name, kind, first_example, n_examples, random_baseline"),
+    (lambda m: m["tasks"][0].update(n_examples=10**6), "task 0 needs .* with its examples inside the 11 rows"),
+    (lambda m: m["tasks"][2].update(kind="essay"), "task 2 has kind 'essay'; known: categorical, generative, code"),
+    (lambda m: m["tasks"][3]["answers"].pop(), r"task 3 \(generative\) needs 'answers': one str per example"),
+    (lambda m: m["tasks"][4]["problems"][0].pop("test"), "task 4: every problem needs 'prompt', 'test' and 'entry_point'"),
+])
+def test_a_manifest_missing_what_scoring_reads_is_one_error(eval_dir, tok_dir, tmp_path, stack, edit, fragment):
+    """Before: a KeyError or TypeError in the middle of an evaluation, naming no file."""
+    write_humaneval(eval_dir)
+    chat_eval_shards.write_chat_eval(str(eval_dir), tok_dir, str(tmp_path / "chat_eval"))
+    path = edit_json(tmp_path / "chat_eval" / "manifest.json", edit)
+    with pytest.raises(stack.DataFormatError, match=f"{path}: {fragment}"):
+        stack.load_chat_eval(str(tmp_path), stack.Tokenizer(tok_dir))

@@ -136,3 +136,19 @@ def test_a_failed_save_keeps_the_previous_checkpoint(stack, tiny_data, tmp_path,
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")] and list(stack.checkpoints(str(tmp_path), "pt")) == [2]
     model = stack.GPT(cfg, stack.Tokenizer(os.path.join(tiny_data, "tokenizer")).vocab_size)
     assert stack.load_checkpoint(str(tmp_path / "ckpt_000002"), model, stack.make_optimizer(model, cfg))["step"] == 2
+
+
+def test_only_an_invocation_that_trained_and_finished_writes_config_json(pretrained_run, tmp_path):
+    """Every invocation, a failing one too, used to rewrite config.json: the run directory then described a run
+    that never happened. Each invocation's config is in log.txt; config.json is the last one that trained and ended."""
+    data, pretrained = pretrained_run
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run)
+    before = (run / "config.json").read_bytes()
+    failed = run_stack(str(data), run, "--phases", "sft", "--seed", "7")  # this data directory has no sft/
+    assert failed.returncode == 1 and "sft/manifest.json: missing" in last_error(failed)
+    evaluated = run_stack(str(data), run, "--phases", "chat", "--chat-max-per-task", "1", "--seed", "8")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert (run / "config.json").read_bytes() == before
+    log = (run / "log.txt").read_text()
+    assert '"seed": 7' in log and '"seed": 8' in log

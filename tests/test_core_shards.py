@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 
 import core_shards
 from common import DataError
-from conftest import ROOT
+from conftest import ROOT, edit_json
 from tokenizer import Tokenizer
 
 MC_ROWS = [{"query": f"Question: Which fruit is number {i}?" + ("\nHint: it is sweet. " if i % 2 else ""),
@@ -328,3 +328,18 @@ def test_real_bundle(shared_data, tmp_path, tok_dir, tok, stack):
             rows = [json.loads(line) for line in open(os.path.join(folder, stand_ins.get(name, name)))]
         tasks.append((t["icl_task_type"], t["num_fewshot"][0], t.get("continuation_delimiter", " "), rows))
     assert_core_is(data, expected_core(tasks, tok, max_per_task=20), stack_tok)
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda m: m.pop("max_len"), "needs 'max_len' \\(int\\)"),
+    (lambda m: m.update(tasks={}), "'tasks' must be a non-empty list"),
+    (lambda m: m["tasks"][0].pop("task_type"), "task 0 needs label, task_type, first_example"),
+    (lambda m: m["tasks"][1].update(random_baseline="half"), "task 1 needs"),
+    (lambda m: m["tasks"][2].update(first_example=-1), "task 2 needs .* with its examples inside the"),
+])
+def test_a_manifest_missing_what_scoring_reads_is_one_error(tmp_path, tok_dir, stack, edit, fragment):
+    out = tmp_path / "prepared" / "core"
+    core_shards.write_core(make_bundle(tmp_path), tok_dir, str(out))
+    path = edit_json(out / "manifest.json", edit)
+    with pytest.raises(stack.DataFormatError, match=f"{path}: {fragment}"):
+        stack.load_core(str(out.parent), stack.Tokenizer(tok_dir))

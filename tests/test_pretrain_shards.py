@@ -218,8 +218,35 @@ def test_tokenizer_checksum_is_computed_not_copied(stack, prepared):
     a, b = lines[300].split(), lines[301].split()
     lines[300], lines[301] = b[0] + b" " + a[1], a[0] + b" " + b[1]
     bpe.write_bytes(b"\n".join(lines) + b"\n")
-    with pytest.raises(stack.DataFormatError, match=f"{bpe}: sha256 .* differs from the one in tokenizer.json"):
+    meta = prepared / "tokenizer" / "tokenizer.json"
+    with pytest.raises(stack.DataFormatError, match=f"{meta}: sha256 .* of tokenizer.tiktoken, the pattern and the special tokens differs"):
         stack.Tokenizer(str(prepared / "tokenizer"))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.update(pattern=m["pattern"].replace(r"\p{N}{1,2}", r"\p{N}{1,3}")),  # numbers in runs of three
+    lambda m: m["special_tokens"].update({"<|bos|>": m["special_tokens"]["<|user_start|>"],
+                                          "<|user_start|>": m["special_tokens"]["<|bos|>"]}),
+])
+def test_an_edited_pattern_or_special_token_is_refused_on_both_sides(stack, prepared, edit):
+    """Version 1 hashed the ranks file alone: a changed pattern in tokenizer.json loaded silently and encoded
+    differently from the data. The identity now covers the pattern and the special tokens, computed by both sides."""
+    meta = edit_json(prepared / "tokenizer" / "tokenizer.json", edit)
+    with pytest.raises(stack.DataFormatError, match=f"{meta}: sha256 .* differs from the .* recorded"):
+        stack.Tokenizer(str(prepared / "tokenizer"))
+    with pytest.raises(DataError, match=f"{meta}: sha256 .* differs from the .* recorded"):
+        tokenizer.Tokenizer.load(str(prepared / "tokenizer"))
+
+
+def test_both_sides_compute_one_identity_and_refuse_version_1(stack, prepared):
+    tok_dir = str(prepared / "tokenizer")
+    assert stack.Tokenizer(tok_dir).sha256 == tokenizer.Tokenizer.load(tok_dir).sha256 == \
+        json.loads((prepared / "tokenizer" / "tokenizer.json").read_text())["sha256"]
+    meta = edit_json(prepared / "tokenizer" / "tokenizer.json", lambda m: m.update(version=1))
+    with pytest.raises(stack.DataFormatError, match=f"{meta}: tokenizer version 1 is not 2 \\(re-prepare the data"):
+        stack.Tokenizer(tok_dir)
+    with pytest.raises(DataError, match=f"{meta}: tokenizer version 1 is not 2"):
+        tokenizer.Tokenizer.load(tok_dir)
 
 
 def test_data_check_compares_every_shard_with_its_sha256(stack, prepared):

@@ -56,7 +56,7 @@ def test_token_bytes_weights_count_utf8_bytes(tok, tok_dir):
 
 def test_saved_files_are_plain_text_and_json(tok_dir, tok):
     meta = json.load(open(os.path.join(tok_dir, "tokenizer.json")))
-    assert set(meta) == {"version", "pattern", "special_tokens", "vocab_size", "tiktoken_sha256"}
+    assert set(meta) == {"version", "pattern", "special_tokens", "vocab_size", "sha256"} and meta["version"] == 2
     lines = open(os.path.join(tok_dir, "tokenizer.tiktoken")).read().splitlines()
     assert len(lines) == tok.vocab_size - 9
     assert [int(line.split()[1]) for line in lines] == list(range(len(lines)))

@@ -178,14 +178,14 @@ def load_tokenizer(tok_dir):
     """Vocabulary size, BOS id and byte counts; the BPE ranks themselves are not needed to train on token ids."""
     meta_path = os.path.join(tok_dir, "tokenizer.json")
     meta = read_json(meta_path)
-    if meta.get("version") != 1:
-        raise DataError(f"{meta_path}: tokenizer version {meta.get('version')} is not 1")
+    if meta.get("version") != 2:
+        raise DataError(f"{meta_path}: tokenizer version {meta.get('version')} is not 2")
     vocab_size, bos_id = meta["vocab_size"], meta["special_tokens"]["<|bos|>"]
     bytes_path = os.path.join(tok_dir, "token_bytes.npy")
     token_bytes = load_npy(bytes_path, np.int32)
     if token_bytes.shape != (vocab_size,):
         raise DataError(f"{bytes_path}: expected shape ({vocab_size},), got {token_bytes.shape}")
-    return TokenizerInfo(vocab_size, bos_id, meta["tiktoken_sha256"], token_bytes)
+    return TokenizerInfo(vocab_size, bos_id, meta["sha256"], token_bytes)
 
 
 def read_shard(path, vocab_size):
