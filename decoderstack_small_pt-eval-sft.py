@@ -8,20 +8,21 @@ Run:
     CPU:            python decoderstack_small_pt-eval-sft.py --preset cpu --data-dir DIR
 Any hyperparameter can be overridden with --name=value (--flag / --no-flag for booleans, JSON for tuples).
 
-Contents
-    1. Hyperparameters: one dataclass, presets, overrides, the stage schedule
-    2. Runtime: device, precision, distributed, logging, wandb
+Contents, in the order data flows
+    1. Hyperparameters: the stages of the schedule, one Config, presets, --name=value overrides
+    2. Runtime: device, precision (PRECISION), distributed
     3. Kernels: Triton kernels beside their PyTorch references
-    4. Attention: one entry point over packed documents; FA3 / FA2 / flex / SDPA
-    5. Model
-    6. Optimizer: NorMuon (Polar Express) + Adam
+    4. Attention over packed documents: the Batch and its packer; FA3 / FA2 / flex / SDPA
+    5. Model: ModelConfig (stored with the weights), GPT
+    6. Optimizer: NorMuon (Polar Express) + Adam, each parameter's rule
     7. Data: readers of every format, the pretraining loader
-    8. Pretraining: schedule, bits per byte, checkpoints, the loop
-    9. Evaluation: CORE
+    8. Pretraining: the schedule, the loss, bits per byte, FLOPs
+    9. Evaluation: packed forwards every evaluation shares, CORE
     10. Inference: KV cache, sampling, the calculator tool, the engine
-    11. Evaluation: chat (ARC, MMLU, GSM8K, HumanEval; ChatCORE)
+    11. Evaluation: chat (ARC, MMLU, GSM8K, HumanEval in a sandbox; ChatCORE)
     12. Post-training: chat SFT and GSM8K RL
-    13. Phases and main
+    13. Run helpers: logging, checkpoints (load_model), the run directory, metrics, the loop's bookkeeping
+    14. Phases (data, pt, eval, sft, chat, rl, generate, convert) and main
 """
 import argparse
 import ast
@@ -60,6 +61,31 @@ except ImportError:  # e.g. Macs: every kernel falls back to its PyTorch referen
 # 1. Hyperparameters
 
 
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of the pretraining schedule (modded-nanogpt's TrainingStage). On the command line, --stages is JSON:
+    a list of objects with these names, or of lists in this order."""
+    steps: int
+    batch_tokens: int    # global tokens per step
+    max_doc_len: int     # a longer document is trained on in pieces of this length
+    short_window: int    # attention windows of the short and the long layers
+    long_window: int
+    lr_mul: float
+    mtp_start: tuple     # weights of the next-token, 2-ahead, ... losses at the stage's start and at its end; they
+    mtp_end: tuple       # move linearly within the stage
+
+    @classmethod
+    def of(cls, value):
+        """A Stage from itself, its dict or its positional list."""
+        if isinstance(value, Stage):
+            return value
+        fields = value if isinstance(value, dict) else dict(zip([f.name for f in dataclasses.fields(cls)], value))
+        return cls(**{**fields, "mtp_start": tuple(fields["mtp_start"]), "mtp_end": tuple(fields["mtp_end"])})
+
+
+SOFTCAP = (23.0, 5.0, 7.5)  # logits u = A * sigmoid((z + B) / C): bounded to (0, 23), as in modded-nanogpt
+
+
 @dataclasses.dataclass
 class Config:
     # run
@@ -73,7 +99,7 @@ class Config:
     init_from: str = ""           # start from this checkpoint's weights
     compile: bool = True
     attn_backend: str = "auto"    # auto | fa3 | fa2 | flex | sdpa
-    dtype: str = "auto"           # activations (see PRECISION in section 2): auto | bf16 | fp32 | fp16 (no training)
+    dtype: str = "auto"           # activations (PRECISION, in Runtime): auto | bf16 | fp32 | fp16 (no training)
     wandb: str = "auto"           # auto: online when WANDB_API_KEY is set, else disabled | offline | disabled
     # model (modded-nanogpt track-1 scale)
     n_layers: int = 11
@@ -86,15 +112,14 @@ class Config:
     value_embed_layers: str = "1,2,8,9,10"
     bigram_rows_per_vocab: float = 7.5
     attn_scale: float = 0.1
-    softcap: tuple = (23.0, 5.0, 7.5)  # logits = a * sigmoid((z + b) / c)
+    softcap: tuple = SOFTCAP
     fp8: bool = True                   # FP8 lm_head matmuls in training, where the GPU has them (sm89+)
-    # schedule: stages of (steps, global batch tokens, max document length, short window, long window, lr multiplier,
-    # MTP weights at the stage's start, at its end); weights move linearly within a stage
+    # schedule: the stages of pretraining, in order
     stages: tuple = (
-        (423, 131072, 896, 128, 384, 1.0, (1.0, 0.5, 0.25), (1.0, 0.5, 0.0)),
-        (424, 262144, 2048, 384, 896, 1.52, (1.0, 0.5), (1.0, 0.0)),
-        (423, 393216, 2048, 640, 1408, 1.73, (1.0,), (1.0,)),
-        (15, 393216, 2048, 768, 1664, 1.73, (1.0,), (1.0,)),
+        Stage(423, 131072, 896, 128, 384, 1.0, mtp_start=(1.0, 0.5, 0.25), mtp_end=(1.0, 0.5, 0.0)),
+        Stage(424, 262144, 2048, 384, 896, 1.52, mtp_start=(1.0, 0.5), mtp_end=(1.0, 0.0)),
+        Stage(423, 393216, 2048, 640, 1408, 1.73, mtp_start=(1.0,), mtp_end=(1.0,)),
+        Stage(15, 393216, 2048, 768, 1664, 1.73, mtp_start=(1.0,), mtp_end=(1.0,)),
     )
     micro_batch_tokens: int = 49152  # tokens per rank per forward; gradient accumulation makes up the batch
     train_tokens: int = 0            # 0: as the stages say; N: rescale every stage's steps to N tokens in total
@@ -123,7 +148,7 @@ class Config:
     rl_max_new_tokens: int = 256
     rl_temperature: float = 1.0
     rl_top_k: int = 50
-    rl_lr_mul: float = 0.05          # times the checkpoint's learning rates, decaying linearly to 0
+    rl_lr_mul: float = 0.05          # times --muon-lr / --adam-lr, decaying linearly to 0
     rl_batch_tokens: int = 16384     # tokens per training forward
     rl_eval_every: int = 20
     rl_eval_questions: int = 400     # held-out GSM8K test questions for pass@k
@@ -141,13 +166,16 @@ class Config:
     # SFT (--phases sft): fine-tune the latest checkpoint on the sft/ conversations
     sft_steps: int = 500              # optimizer steps
     sft_batch_tokens: int = 393216    # global tokens per step: whole conversations packed, the rest padding
-    sft_lr_mul: float = 0.8           # SFT lr = the checkpoint's muon_lr / adam_lr times this (nanochat: 0.8)
+    sft_lr_mul: float = 0.8           # SFT lr = --muon-lr / --adam-lr times this (nanochat: 0.8)
     sft_warmup_frac: float = 0.0      # linear lr warmup over this first fraction of the steps
     sft_cooldown_frac: float = 0.5    # then flat, then a linear decay to 0 over this last fraction (nanochat's shape)
     sft_momentum_warmup: int = 300    # NorMuon momentum 0.85 -> 0.95 over these steps (the optimizer starts fresh)
     sft_eval_every: int = 100         # steps between SFT evaluations (also at the start and the end)
     sft_val_tokens: int = 4_194_304   # val conversation tokens per evaluation (masked loss on their supervised tokens)
     sft_chat_max_per_task: int = 0    # chat-eval examples per task at each SFT evaluation but the first (0: none)
+
+    def __post_init__(self):  # --stages JSON and configs read back from JSON give dicts or lists
+        self.stages = tuple(Stage.of(s) for s in self.stages)
 
 
 PRESETS = {
@@ -161,9 +189,9 @@ PRESETS = {
     # a tiny model that pretrains in about 5 minutes on 2 CPU cores (fp32)
     "cpu": dict(run_dir="runs/cpu", n_layers=4, model_dim=192, n_heads=3, head_dim=64, long_window_layers="3",
                 value_embed_layers="1,2,3", bigram_rows_per_vocab=2.0, micro_batch_tokens=4096,
-                stages=((50, 4096, 256, 64, 128, 1.0, (1.0, 0.5, 0.25), (1.0, 0.5, 0.0)),
-                        (50, 4096, 512, 128, 256, 1.0, (1.0, 0.5), (1.0, 0.0)),
-                        (50, 4096, 512, 128, 512, 1.0, (1.0,), (1.0,))),
+                stages=(Stage(50, 4096, 256, 64, 128, 1.0, mtp_start=(1.0, 0.5, 0.25), mtp_end=(1.0, 0.5, 0.0)),
+                        Stage(50, 4096, 512, 128, 256, 1.0, mtp_start=(1.0, 0.5), mtp_end=(1.0, 0.0)),
+                        Stage(50, 4096, 512, 128, 512, 1.0, mtp_start=(1.0,), mtp_end=(1.0,))),
                 val_every=75, val_tokens=131072, checkpoint_every=50, log_every=10, compile=False,
                 core_max_per_task=50, core_batch_tokens=8192, chat_max_per_task=50, chat_max_new_tokens=256,
                 sft_steps=40, sft_batch_tokens=4096, sft_lr_mul=2.0, sft_momentum_warmup=20, sft_eval_every=20,
@@ -299,6 +327,15 @@ def init_runtime(cfg):
     return Runtime(device, dtype, rank, world_size, select_attention_backend(device, cfg.attn_backend), why)
 
 
+def sum_over_ranks(t, rt, op=None):
+    """t reduced in place over the ranks (a sum, or `op`), where there is more than one; returns t. t must be
+    contiguous: gloo reduces the wrong memory for non-contiguous tensors."""
+    if rt.world_size > 1:
+        assert t.is_contiguous()
+        dist.all_reduce(t, **({} if op is None else {"op": op}))
+    return t
+
+
 def autocast(rt):
     """The precision switch (PRECISION above): activations in rt.dtype; parameters and optimizer state stay fp32."""
     if rt.dtype == torch.float32:
@@ -318,33 +355,6 @@ def require_training_dtype(rt, phase):
                          "(sm80+ GPUs) or fp32 (fp16 serves eval, chat and generate)")
 
 
-class Logger:
-    """Rank 0 prints and appends to RUN_DIR/log.txt; metrics also go to wandb when it is enabled."""
-
-    def __init__(self, cfg, rt):
-        self.master, self.path, self.wandb = rt.master, os.path.join(cfg.run_dir, "log.txt"), None
-        if not self.master:
-            return
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        mode = cfg.wandb if cfg.wandb != "auto" else ("online" if os.environ.get("WANDB_API_KEY") else "disabled")
-        if os.environ.get("WANDB_MODE") == "disabled":
-            mode = "disabled"
-        if mode != "disabled":
-            import wandb
-            self.wandb = wandb.init(project="decoderstack", name=os.path.basename(os.path.abspath(cfg.run_dir)),
-                                    config=dataclasses.asdict(cfg), mode=mode, dir=cfg.run_dir)
-
-    def __call__(self, msg):
-        if self.master:
-            print(msg, flush=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(msg + "\n")
-
-    def metrics(self, step, values):
-        if self.wandb is not None:
-            self.wandb.log(values, step=step)
-
-
 # =============================================================================================================
 # 3. Kernels. Each op has a PyTorch reference (`*_reference`: the CPU/MPS path and the test oracle), a Triton
 # launcher (`*_triton`) and a dispatcher (the plain name) that picks Triton only for CUDA tensors on sm80+ (bf16
@@ -353,7 +363,6 @@ class Logger:
 # interpreter's bf16 tl.dot is wrong (triton#11584), so there (UPCAST, a constexpr: no code on a GPU) dots run on
 # operands upcast to fp32. One fixed tile config each; the `block*` keywords exist so tests can force several tiles.
 
-SOFTCAP = (23.0, 5.0, 7.5)  # u = A * sigmoid((z + B) / C): logits bounded to (0, 23), as in modded-nanogpt
 
 
 def _use_triton(t):
@@ -606,10 +615,11 @@ def softcap_cross_entropy(logits, targets, weights, cap=SOFTCAP):
 
 
 # --- FP8 lm_head (training only, sm89+): e4m3 inputs, e5m2 output grads, fixed per-tensor scales, each mapping the
-# tensor's expected max |value| to the format's max. modded-nanogpt: x_scale=100/448, w_scale=1.6/448 and
-# grad_scale=0.75/448/grad_accum for a loss summed over tokens (with a mean loss, also divide by the tokens per step).
+# tensor's expected max |value| to the format's max (modded-nanogpt's; its gradient scale, also divided by the
+# gradient accumulation, is for a loss summed over tokens: with a mean loss it is also divided by the tokens per step).
 # CUDA's _scaled_mm needs every dim a multiple of 16. torch's CPU build runs _scaled_mm too, which the tests use;
 # only speed and CUDA's layout rules are GPU-only.
+FP8_SCALES = (100 / 448, 1.6 / 448, 0.75 / 448)  # inputs, weights, output gradients
 
 
 def fp8_supported(device):
@@ -659,7 +669,7 @@ def fp8_linear(x, w, x_scale, w_scale, grad_scale):
 
 
 # =============================================================================================================
-# 4. Attention over packed documents: one entry point, four backends (FA3, FA2, flex_attention, SDPA).
+# 4. Attention over packed documents: the Batch, one entry point, four backends (FA3, FA2, flex_attention, SDPA).
 #
 # Documents are packed into one (T, H, D) sequence and described by cu_seqlens, int32 (n+1,): document d holds
 # tokens cu_seqlens[d]:cu_seqlens[d+1]. Its length is static: unused tail entries repeat T (empty documents), so
@@ -808,7 +818,7 @@ def attention(q, k, v, cu_seqlens, max_seqlen, window, scale, backend):
     (None or < 0: all of its document); scale: softmax scale; backend: a name from select_attention_backend.
     Returns (T, H, D), contiguous."""
     if not q.dtype == k.dtype == v.dtype:  # FA refuses mixed dtypes, and flex's backward does: fail alike everywhere
-        raise TypeError(f"attention needs q, k, v of one dtype (PRECISION, section 2), got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(f"attention needs q, k, v of one dtype (PRECISION), got {q.dtype}, {k.dtype}, {v.dtype}")
     T = q.size(0)
     window = T if window is None or window < 0 else min(window, T)  # i - j <= T - 1 always holds: plain causal
     if backend in ("fa3", "fa2"):
@@ -867,16 +877,129 @@ def cached_attention(q, k, v, k_cache, v_cache, lengths, key_span, window, scale
     return y.transpose(1, 2)
 
 
+# -- the Batch every forward reads, and its packer --------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Batch:
+    """What GPT.hidden reads: packed documents back to back, none padded (pack() makes it, for training, evaluation
+    and the references alike), or, for a KV cache, (B, S) new tokens with no cu_seqlens."""
+    inputs: torch.Tensor      # (T,) token ids
+    prev_ids: torch.Tensor    # (T,) previous token of the same document, -1 at a document start
+    positions: torch.Tensor   # (T,) position inside the segment: the angles a document gets when it is alone
+    targets: torch.Tensor     # (T, K) token k+1 ahead, -1 where that crosses a document end
+    cu_seqlens: torch.Tensor  # int32, segment starts padded with T to a power of two >= 128 (few distinct lengths)
+    max_seqlen: int           # bound on segment lengths (a stage's max_doc_len: static, so compiled code is reused)
+    segment_lengths: np.ndarray = None  # on the host: what attention FLOPs are counted from
+
+
+def padded_length(n):
+    """Static cu_seqlens length: a power of two >= 128, so torch.compile sees few distinct shapes."""
+    return max(128, 1 << (n - 1).bit_length())
+
+
+def to_device(array, dtype, device):
+    """A host array as a new tensor on `device`. To a GPU it goes from pinned memory without blocking, so the copy
+    overlaps the kernels still queued from the previous step."""
+    t = torch.from_numpy(np.array(array, dtype=np.float64 if dtype.is_floating_point else np.int64)).to(dtype)  # a copy
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def pack(inputs, segment_starts, document_starts, targets, max_seqlen, device):
+    """The Batch of token array `inputs` whose attention segments start at `segment_starts` (sorted, from 0) and whose
+    documents start at `document_starts` (where a token has no previous token); positions restart in every segment,
+    so the RoPE angles (position x frequency, fp32) are exactly those of the segment alone."""
+    T = len(inputs)
+    cu = np.full(padded_length(len(segment_starts) + 1), T, dtype=np.int32)
+    cu[:len(segment_starts)] = segment_starts
+    positions = np.arange(T) - np.asarray(segment_starts)[np.searchsorted(segment_starts, np.arange(T), side="right") - 1]
+    prev = np.concatenate([[-1], inputs[:-1]]).astype(np.int64)
+    prev[document_starts] = -1
+    cu = to_device(cu, torch.int32, device)
+    # the segment count varies from batch to batch (128 entries, then 256 where documents are short...): compiled
+    # code takes any length, rather than recompiling inside the timed loop the first time a batch needs more
+    torch._dynamo.maybe_mark_dynamic(cu, 0)
+    return Batch(to_device(inputs, torch.long, device), to_device(prev, torch.long, device),
+                 to_device(positions, torch.long, device), to_device(targets, torch.long, device), cu, max_seqlen,
+                 np.diff(list(segment_starts) + [T]))
+
+
+def pack_sequences(sequences, device):
+    """Token arrays packed back to back, each its own document (a left-truncated one need not start with BOS), with
+    one target each (the next token of the same sequence, -1 at its end); and each one's start offset (n + 1 offsets,
+    ending in T)."""
+    starts = np.cumsum([0] + [len(t) for t in sequences])
+    ids = np.concatenate(sequences).astype(np.int64)
+    targets = np.concatenate([ids[1:], [-1]])
+    targets[starts[1:] - 1] = -1
+    return pack(ids, starts[:-1], starts[:-1], targets[:, None], int(np.diff(starts).max()), device), starts
+
+
+def make_batch(buf, bos_id, max_doc_len, n_targets, device):
+    """Packed varlen batch from a token window `buf` of T + n_targets tokens. Segments start at every BOS and
+    every max_doc_len tokens inside a document, so long documents (books) are trained on whole, in pieces."""
+    T = len(buf) - n_targets
+    inputs = buf[:T]
+    doc_start = np.flatnonzero(inputs == bos_id).tolist()
+    starts = []
+    for a, b in zip([0] + doc_start, doc_start + [T]):
+        starts += range(a, b, max_doc_len)
+    # target k (k tokens beyond the next one) is valid while no BOS lies between it and the input: MTP never
+    # crosses into the next document (predicting the BOS that ends this one is fine)
+    bos_seen = np.cumsum(buf == bos_id)
+    targets = np.stack([buf[1 + k:T + 1 + k] for k in range(n_targets)], axis=1).astype(np.int64)
+    for k in range(1, n_targets):
+        targets[bos_seen[k:T + k] != bos_seen[:T], k] = -1
+    return pack(inputs, sorted(set(starts)), doc_start, targets, min(max_doc_len, T), device)
+
+
 # =============================================================================================================
 # 5. Model: modded-nanogpt's architecture, restricted to what a KV cache serves exactly.
 # Left out, and why: paired-head attention (two tokens' heads interleaved into one doubled sequence: a per-token
 # cache cannot hold it), partial key offset (token t's key takes some dims of token t-1's: a cache would have to keep
-# each row's previous unshifted key per layer; left out for now), XSA / MUDD dense connections / DC attention (large
-# extra machinery for small gains at our scales), FP8 MLP (GPU-only, later). models/modded-nanogpt has the first two.
+# each row's previous unshifted key per layer), XSA / MUDD dense connections / DC attention (large extra machinery for
+# small gains at our scales), FP8 MLP (GPU-only and unmeasured here). models/modded-nanogpt has the first two.
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """What a trained model is, stored with its weights (state.json "model") so that a checkpoint loads by itself
+    (load_model): the architecture, the vocabulary, and the windows and document length it is evaluated and served
+    with (those of its last pretraining stage)."""
+    vocab_size: int
+    n_layers: int
+    model_dim: int
+    n_heads: int
+    head_dim: int
+    mlp_mult: int
+    vocab_multiple: int
+    long_window_layers: str
+    value_embed_layers: str
+    bigram_rows_per_vocab: float
+    attn_scale: float
+    softcap: tuple
+    short_window: int
+    long_window: int
+    max_doc_len: int
+
+    @classmethod
+    def of(cls, cfg, vocab_size):
+        """The model a run's Config trains, over a vocabulary of vocab_size."""
+        last, served = cfg.stages[-1], {"vocab_size", "short_window", "long_window", "max_doc_len"}
+        return cls(vocab_size=vocab_size, short_window=last.short_window, long_window=last.long_window,
+                   max_doc_len=last.max_doc_len,
+                   **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if f.name not in served})
+
+
+GATE_DIMS = 12  # the gates (smear, attention, value embedding) read the first 12 dims of their input
+LOGITS_CHUNK = 8192  # rows of logits evaluation computes at once: bounded memory at any vocabulary size
 
 
 def norm(x):
-    """RMS norm computed in fp32, returned in x's dtype (PRECISION, section 2)."""
+    """RMS norm computed in fp32, returned in x's dtype (PRECISION)."""
     return F.rms_norm(x.float(), (x.size(-1),)).to(x.dtype)
 
 
@@ -923,8 +1046,8 @@ class Block(nn.Module):
         self.o = nn.Parameter(torch.zeros(dim, inner))  # zero-init output projections: each block starts as identity
         self.fc = nn.Parameter(torch.empty(cfg.mlp_mult * dim, dim).uniform_(-bound, bound))
         self.proj = nn.Parameter(torch.zeros(dim, cfg.mlp_mult * dim))
-        self.attn_gate = nn.Parameter(torch.zeros(cfg.n_heads, 12))  # sparse attention gate, starts at 0.5
-        self.ve_gate = nn.Parameter(torch.zeros(cfg.n_heads, 12)) if has_value_embed else None  # starts at 1
+        self.attn_gate = nn.Parameter(torch.zeros(cfg.n_heads, GATE_DIMS))  # sparse attention gate, starts at 0.5
+        self.ve_gate = nn.Parameter(torch.zeros(cfg.n_heads, GATE_DIMS)) if has_value_embed else None  # starts at 1
 
     def forward(self, x, ve, rotary, positions, attn_scale, window, attend):
         """x: (..., dim) tokens; attend(q, k, v, window, scale): packed attention() or a KV cache's."""
@@ -933,18 +1056,18 @@ class Block(nn.Module):
         q, k, v = (h @ self.q.T).view(heads), (h @ self.k.T).view(heads), (h @ self.v.T).view(heads)
         q, k = rotary(norm(q), positions), rotary(norm(k), positions)  # QK-norm, then rotate
         if ve is not None:
-            v = v + 2 * torch.sigmoid(h[..., :12] @ self.ve_gate.T)[..., None] * ve.view_as(v)
+            v = v + 2 * torch.sigmoid(h[..., :GATE_DIMS] @ self.ve_gate.T)[..., None] * ve.view_as(v)
         y = attend(q, k, v, window=window, scale=attn_scale)
-        y = y * torch.sigmoid(h[..., :12] @ self.attn_gate.T)[..., None]
+        y = y * torch.sigmoid(h[..., :GATE_DIMS] @ self.attn_gate.T)[..., None]
         x = x + y.flatten(-2) @ self.o.T
         return x + relu2_mlp(norm(x), self.fc, self.proj)
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg, vocab_size):
+    def __init__(self, cfg):
         super().__init__()
-        self.cfg = cfg
-        self.vocab_size = vocab_size
+        self.cfg = cfg  # a ModelConfig
+        vocab_size = self.vocab_size = cfg.vocab_size
         padded = -(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple  # matmul-friendly rows; extra ids never occur
         dim, L = cfg.model_dim, cfg.n_layers
         self.value_embed_layers = [i for i in parse_ints(cfg.value_embed_layers) if i < L]
@@ -955,7 +1078,7 @@ class GPT(nn.Module):
         self.value_embeds = nn.Parameter(torch.randn(len(self.value_embed_layers), padded, cfg.n_heads * cfg.head_dim) * 0.01)
         self.bigram_rows = max(2, int(cfg.bigram_rows_per_vocab * vocab_size))
         self.bigram_embed = nn.Parameter(torch.zeros(self.bigram_rows, dim))
-        self.smear_gate = nn.Parameter(torch.zeros(12))
+        self.smear_gate = nn.Parameter(torch.zeros(GATE_DIMS))
         # residual mixing per block: x = a*x + b*x0 + c*bigram; U-net skips from the first half into the second
         self.block_lambdas = nn.Parameter(torch.tensor([[1.0, 0.0, 0.05]] * L))
         self.skip_weights = nn.Parameter(torch.ones(L // 2))
@@ -982,7 +1105,9 @@ class GPT(nn.Module):
         self.attn_scale.mul_(self.rotary.yarn(old_window, new_window))
         self.sync_flags()
 
-    def windows(self, short_window, long_window):
+    def windows(self, short_window=None, long_window=None):
+        """Per-layer attention windows: a training stage's, else the ones the model is evaluated and served with."""
+        short_window, long_window = short_window or self.cfg.short_window, long_window or self.cfg.long_window
         return [long_window if i in self.long_window_layers else short_window for i in range(self.cfg.n_layers)]
 
     # -- forward --
@@ -991,11 +1116,11 @@ class GPT(nn.Module):
         h = ((36313 * ids) ^ (27191 * prev_ids.clamp(min=0))) % (self.bigram_rows - 1)
         return torch.where(prev_ids < 0, self.bigram_rows - 1, h)
 
-    def hidden(self, ids, prev_ids, positions, windows, cu_seqlens=None, max_seqlen=None, backend="sdpa", cache=None):
-        """Final hidden states (T, dim) of packed documents. ids: (T,) tokens; prev_ids: (T,) previous token in the
-        same document or -1; positions: (T,) RoPE positions; windows: per layer; cu_seqlens/max_seqlen: see attention.
-        With a KVCache instead: ids, prev_ids, positions are (B, S), new tokens appended to each row's cache.
-        Everything but attention is per token, given its previous token: the two paths compute the same thing."""
+    def hidden(self, batch, windows, backend="sdpa", cache=None):
+        """Final hidden states (T, dim) of a packed Batch; windows: per layer. With a KVCache instead, the batch's
+        inputs, prev_ids and positions are (B, S), new tokens appended to each row's cache. Everything but attention
+        is per token, given its previous token: the two paths compute the same thing."""
+        ids, prev_ids, positions = batch.inputs, batch.prev_ids, batch.positions
         act = activation_dtype(ids.device)  # every lookup in it: the residual stream then stays in it (PRECISION)
         lookup = lambda index, table: F.embedding(index, table).to(act)
         embed = self.lm_head if self.is_tied else self.embed
@@ -1003,7 +1128,7 @@ class GPT(nn.Module):
         # smear: each token takes a gated share of the previous token's embedding (not across documents)
         before = lookup(prev_ids.clamp(min=0), embed)
         before = torch.where((prev_ids >= 0)[..., None], before, torch.zeros_like(before))
-        e = e + self.smear_lambda * torch.sigmoid(e[..., :12] @ self.smear_gate)[..., None] * before
+        e = e + self.smear_lambda * torch.sigmoid(e[..., :GATE_DIMS] @ self.smear_gate)[..., None] * before
         x = x0 = norm(e)
         bigram = lookup(self.bigram_ids(ids, prev_ids), self.bigram_embed)
         skips, L = [], self.cfg.n_layers
@@ -1014,7 +1139,7 @@ class GPT(nn.Module):
             x = a * x + b * x0 + c * bigram
             ve = lookup(ids, self.value_embeds[self.value_embed_layers.index(i)]) if i in self.value_embed_layers else None
             attend = (functools.partial(cache.attend, i) if cache is not None else
-                      functools.partial(attention, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=backend))
+                      functools.partial(attention, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen, backend=backend))
             x = block(x, ve, self.rotary, positions, self.scale, windows[i], attend)
             if i < L // 2:
                 skips.append(x)
@@ -1029,34 +1154,9 @@ class GPT(nn.Module):
         (B, 1, vocab) of the last token only."""
         prev = torch.cat([cache.last_ids[:, None], ids[:, :-1]], dim=1)
         positions = cache.lengths.long()[:, None] + torch.arange(ids.size(1), device=ids.device)
-        h = self.hidden(ids, prev, positions, windows, cache=cache)
+        h = self.hidden(Batch(ids, prev, positions, None, None, None), windows, cache=cache)
         cache.advance(ids)
         return self.logits(h[:, -1:] if last_only else h)
-
-
-def param_label(name):
-    """Optimizer label of a parameter: selects its update rule, lr and weight decay in LABELS."""
-    leaf = name.rsplit(".", 1)[-1]
-    if name.startswith("blocks."):
-        return {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "fc": "mlp_fc", "proj": "mlp_proj"}.get(leaf, "gate")
-    return {"lm_head": "lm_head", "embed": "embed", "value_embeds": "value_embed", "bigram_embed": "bigram",
-            "smear_gate": "gate"}.get(leaf, "scalar")
-
-
-def optimizer_labels(cfg):
-    """Per-label update rule, lr and weight decay: modded-nanogpt's table. Our weight decay is linear in lr, so its
-    values are modded's quadratic ones taken at lr factor 1; mlp_proj gets x4 where modded's (3072, 768) storage gets
-    x2 from its shape and x2 more."""
-    muon = lambda lr_mul=1.0: dict(kind="normuon", lr=cfg.muon_lr, lr_mul=lr_mul, wd=cfg.muon_wd)
-    adam = lambda betas, lr_mul=1.0, wd_mul=0.0: dict(kind="adam", lr=cfg.adam_lr, lr_mul=lr_mul, wd=cfg.adam_wd, wd_mul=wd_mul, betas=betas)
-    return {"attn": muon(), "mlp_fc": muon(), "mlp_proj": muon(4.0),
-            "lm_head": adam((0.5, 0.95), wd_mul=1.0), "embed": adam((0.5, 0.95), wd_mul=1.0),
-            "value_embed": adam((0.75, 0.95), 75, 2.5), "bigram": adam((0.75, 0.95), 75, 2.5),
-            "gate": adam((0.9, 0.99)), "scalar": adam((0.9, 0.99), 5)}
-
-
-def make_optimizer(model, cfg):
-    return NorMuonAdam(list(model.named_parameters()), param_label, optimizer_labels(cfg))
 
 
 # =============================================================================================================
@@ -1359,6 +1459,34 @@ class NorMuonAdam:
         self._set_param_state(dst, self._param_states(self.where[src][0])[src])
 
 
+# -- which rule, lr and weight decay each parameter gets --------------------------------------------------------
+
+
+def param_label(name):
+    """Optimizer label of a parameter: selects its update rule, lr and weight decay in LABELS."""
+    leaf = name.rsplit(".", 1)[-1]
+    if name.startswith("blocks."):
+        return {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "fc": "mlp_fc", "proj": "mlp_proj"}.get(leaf, "gate")
+    return {"lm_head": "lm_head", "embed": "embed", "value_embeds": "value_embed", "bigram_embed": "bigram",
+            "smear_gate": "gate"}.get(leaf, "scalar")
+
+
+def optimizer_labels(cfg):
+    """Per-label update rule, lr and weight decay: modded-nanogpt's table. Our weight decay is linear in lr, so its
+    values are modded's quadratic ones taken at lr factor 1; mlp_proj gets x4 where modded's (3072, 768) storage gets
+    x2 from its shape and x2 more."""
+    muon = lambda lr_mul=1.0: dict(kind="normuon", lr=cfg.muon_lr, lr_mul=lr_mul, wd=cfg.muon_wd)
+    adam = lambda betas, lr_mul=1.0, wd_mul=0.0: dict(kind="adam", lr=cfg.adam_lr, lr_mul=lr_mul, wd=cfg.adam_wd, wd_mul=wd_mul, betas=betas)
+    return {"attn": muon(), "mlp_fc": muon(), "mlp_proj": muon(4.0),
+            "lm_head": adam((0.5, 0.95), wd_mul=1.0), "embed": adam((0.5, 0.95), wd_mul=1.0),
+            "value_embed": adam((0.75, 0.95), 75, 2.5), "bigram": adam((0.75, 0.95), 75, 2.5),
+            "gate": adam((0.9, 0.99)), "scalar": adam((0.9, 0.99), 5)}
+
+
+def make_optimizer(model, cfg):
+    return NorMuonAdam(list(model.named_parameters()), param_label, optimizer_labels(cfg))
+
+
 # =============================================================================================================
 # 7. Data: readers of every format (the writers are data/*.py; formats in data/README.md), the pretraining loader
 
@@ -1425,6 +1553,11 @@ class Tokenizer:
 
     def special(self, name):
         return self.special_tokens[name]
+
+
+def data_tokenizer(data_dir):
+    """The tokenizer of a prepared data directory."""
+    return Tokenizer(os.path.join(data_dir, "tokenizer"))
 
 
 def read_bytes(path):
@@ -1631,63 +1764,6 @@ def load_chat_eval(data_dir, tokenizer, name="chat_eval"):
     return ChatEvalData(manifest["tasks"], tokens, examples, manifest["letter_ids"])
 
 
-@dataclasses.dataclass
-class Batch:
-    inputs: torch.Tensor      # (T,) token ids
-    prev_ids: torch.Tensor    # (T,) previous token of the same document, -1 at a document start
-    positions: torch.Tensor   # (T,) position inside the segment: the angles a document gets when it is alone
-    targets: torch.Tensor     # (T, K) token k+1 ahead, -1 where that crosses a document end
-    cu_seqlens: torch.Tensor  # int32, segment starts padded with T to a power of two >= 128 (few distinct lengths)
-    max_seqlen: int           # bound on segment lengths: the stage's max_doc_len, static so compiled code is reused
-    segment_lengths: np.ndarray = None  # on the host: what attention FLOPs are counted from
-
-
-def padded_length(n):
-    """Static cu_seqlens length: a power of two >= 128, so torch.compile sees few distinct shapes."""
-    return max(128, 1 << (n - 1).bit_length())
-
-
-def to_device(array, dtype, device):
-    """A host array as a new tensor on `device`. To a GPU it goes from pinned memory without blocking, so the copy
-    overlaps the kernels still queued from the previous step."""
-    t = torch.from_numpy(np.array(array, dtype=np.float64 if dtype.is_floating_point else np.int64)).to(dtype)  # a copy
-    device = torch.device(device)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def make_batch(buf, bos_id, max_doc_len, n_targets, device):
-    """Packed varlen batch from a token window `buf` of T + n_targets tokens. Segments start at every BOS and
-    every max_doc_len tokens inside a document, so long documents (books) are trained on whole, in pieces."""
-    T = len(buf) - n_targets
-    inputs = buf[:T]
-    is_bos = inputs == bos_id
-    doc_start = np.flatnonzero(is_bos).tolist()
-    starts = []
-    for a, b in zip([0] + doc_start, doc_start + [T]):
-        starts += range(a, b, max_doc_len)
-    starts = sorted(set(starts))
-    cu = np.full(padded_length(len(starts) + 1), T, dtype=np.int32)
-    cu[:len(starts)] = starts
-    positions = np.arange(T) - np.asarray(starts)[np.searchsorted(starts, np.arange(T), side="right") - 1]
-    prev = np.concatenate([[-1], inputs[:-1]]).astype(np.int64)
-    prev[is_bos] = -1
-    # target k (k tokens beyond the next one) is valid while no BOS lies between it and the input: MTP never
-    # crosses into the next document (predicting the BOS that ends this one is fine)
-    bos_seen = np.cumsum(buf == bos_id)
-    targets = np.stack([buf[1 + k:T + 1 + k] for k in range(n_targets)], axis=1).astype(np.int64)
-    for k in range(1, n_targets):
-        targets[bos_seen[k:T + k] != bos_seen[:T], k] = -1
-    cu = to_device(cu, torch.int32, device)
-    # the segment count varies from batch to batch (128 entries, then 256 where documents are short...): compiled
-    # code takes any length, rather than recompiling inside the timed loop the first time a batch needs more
-    torch._dynamo.maybe_mark_dynamic(cu, 0)
-    return Batch(to_device(inputs, torch.long, device), to_device(prev, torch.long, device),
-                 to_device(positions, torch.long, device), to_device(targets, torch.long, device), cu,
-                 min(max_doc_len, T), np.diff(starts + [T]))
-
-
 class PretrainLoader:
     """A contiguous token stream over the shards, wrapping around at the end. Each step takes world_size * T
     tokens; rank r reads its own slice. The position (shard, offset, epoch) is saved in checkpoints."""
@@ -1738,7 +1814,7 @@ class PretrainLoader:
         return make_batch(buf, self.bos, max_doc_len, n_targets, device)
 
 # =============================================================================================================
-# 8. Pretraining
+# 8. Pretraining: the schedule, the loss, bits per byte, FLOPs (the loop is phase_pt)
 
 
 @dataclasses.dataclass
@@ -1754,28 +1830,31 @@ class StepPlan:
 
 def scaled_stages(cfg):
     """The stages, with step counts rescaled so that they add up to --train-tokens when it is set."""
-    stages = [list(s) for s in cfg.stages]
-    if cfg.train_tokens:
-        factor = cfg.train_tokens / sum(s[0] * s[1] for s in stages)
-        for s in stages:
-            s[0] = max(1, round(s[0] * factor))
-    return stages
+    if not cfg.train_tokens:
+        return list(cfg.stages)
+    factor = cfg.train_tokens / sum(s.steps * s.batch_tokens for s in cfg.stages)
+    return [dataclasses.replace(s, steps=max(1, round(s.steps * factor))) for s in cfg.stages]
+
+
+def total_steps(stages):
+    return sum(s.steps for s in stages)
 
 
 def plan_step(cfg, stages, step):
-    total, start = sum(s[0] for s in stages), 0
-    for index, (steps, batch, doc_len, short, long_, lr_mul, mtp_start, mtp_end) in enumerate(stages):
-        if step < start + steps or index == len(stages) - 1:
+    total, start = total_steps(stages), 0
+    for index, stage in enumerate(stages):
+        if step < start + stage.steps or index == len(stages) - 1:
             break
-        start += steps
-    t = (step - start) / max(1, steps - 1)
-    mtp = [a + t * (b - a) for a, b in zip(mtp_start, mtp_end)]
+        start += stage.steps
+    t = (step - start) / max(1, stage.steps - 1)
+    mtp = [a + t * (b - a) for a, b in zip(stage.mtp_start, stage.mtp_end)]
     while len(mtp) > 1 and mtp[-1] == 0:  # a horizon whose weight reached 0 costs nothing: drop it
         mtp.pop()
     cooldown_start = total * (1 - cfg.cooldown_frac)
     frac = min(1.0, max(0.0, (step - cooldown_start) / max(1, total - 1 - cooldown_start)))  # reaches final_lr on the last step
     warmup = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
-    return StepPlan(index, batch, doc_len, short, long_, warmup * (lr_mul * (1 - frac) + cfg.final_lr * frac), mtp)
+    return StepPlan(index, stage.batch_tokens, stage.max_doc_len, stage.short_window, stage.long_window,
+                    warmup * (stage.lr_mul * (1 - frac) + cfg.final_lr * frac), mtp)
 
 
 def micro_batch(batch_tokens, micro_batch_tokens, world_size, what):
@@ -1791,7 +1870,7 @@ def pretrain_steps(cfg, stages, world_size, start=0):
     """The schedule from step `start` on, one (step, plan, tokens per forward, forwards, grow, untie) per step. What
     changes in the model before the step: grow = (old, new) long window or None; untie: the step embed and lm_head
     part. The training loop and the compile warm-up both walk it."""
-    total = sum(s[0] for s in stages)
+    total = total_steps(stages)
     untie_step = round(cfg.untie_frac * total)
     for step in range(start, total):
         p = plan_step(cfg, stages, step)
@@ -1826,7 +1905,8 @@ def warm_up_compiled(loss_fn, model, cfg, rt, stages, loader, start):
         model.scale, model.is_tied = scale_value, tied
         batch = peek.next_batch(T, p.max_doc_len, len(p.mtp_weights), rt.device)
         with autocast(rt):
-            loss = loss_fn(model, batch, windows, to_device(p.mtp_weights, torch.float32, rt.device), rt.backend, 1 / accum)
+            loss = loss_fn(model, batch, windows, to_device(p.mtp_weights, torch.float32, rt.device), rt.backend, 1 / accum,
+                           cfg.fp8)
         (loss / accum).backward()
     model.zero_grad(set_to_none=True)
     model.sync_flags()
@@ -1835,14 +1915,16 @@ def warm_up_compiled(loss_fn, model, cfg, rt, stages, loader, start):
     return time.perf_counter() - t0, counters["stats"]["unique_graphs"] - graphs
 
 
-def train_loss(model, batch, windows, mtp_weights, backend, grad_scale=1.0):
+def train_loss(model, batch, windows, mtp_weights, backend, grad_scale=1.0, fp8=False):
     """Mean over tokens of the MTP-weighted softcapped cross entropy; mtp_weights is a (K,) tensor (a tensor, not
-    floats, so compiled code is not specialised to each step's values); grad_scale is 1 / gradient accumulation."""
-    h = model.hidden(batch.inputs, batch.prev_ids, batch.positions, windows, batch.cu_seqlens, batch.max_seqlen, backend)
-    if model.cfg.fp8 and fp8_supported(h.device):
+    floats, so compiled code is not specialised to each step's values); grad_scale is 1 / gradient accumulation;
+    fp8: the lm_head matmuls in FP8 where the GPU has them."""
+    h = model.hidden(batch, windows, backend)
+    if fp8 and fp8_supported(h.device):
         # modded-nanogpt's static scales; the gradient's follows our mean loss (it shrinks with the tokens per step).
         # The padded lm_head keeps every matmul dim a multiple of 16, as _scaled_mm requires.
-        logits = fp8_linear(h, model.lm_head, 100 / 448, 1.6 / 448, 0.75 / 448 * grad_scale / batch.inputs.numel())[:, :model.vocab_size]
+        x_scale, w_scale, g_scale = FP8_SCALES
+        logits = fp8_linear(h, model.lm_head, x_scale, w_scale, g_scale * grad_scale / batch.inputs.numel())[:, :model.vocab_size]
     else:
         logits = h @ model.lm_head[:model.vocab_size].T
     return softcap_cross_entropy(logits, batch.targets[:, :len(mtp_weights)], mtp_weights, model.cfg.softcap).sum() / batch.inputs.numel()
@@ -1852,7 +1934,6 @@ def train_loss(model, batch, windows, mtp_weights, backend, grad_scale=1.0):
 def evaluate_bpb(model, cfg, rt, tokenizer, windows, max_doc_len):
     """Bits per byte and mean loss of next-token prediction on the val shards. Targets that are special tokens
     (0 bytes) count in neither sum, so bpb is comparable across tokenizers."""
-    model.eval()
     paths = pretrain_shards(cfg.data_dir, tokenizer, "val")
     n_val = sum(len(read_token_file(p, tokenizer.vocab_size, check_ids=False)) for p in paths)
     T = cfg.micro_batch_tokens
@@ -1863,15 +1944,12 @@ def evaluate_bpb(model, cfg, rt, tokenizer, windows, max_doc_len):
     for _ in range(steps):
         b = loader.next_batch(T, max_doc_len, 1, rt.device)
         with autocast(rt):
-            h = model.hidden(b.inputs, b.prev_ids, b.positions, windows, b.cu_seqlens, b.max_seqlen, rt.backend)
-        for rows in torch.split(torch.arange(T, device=rt.device), 8192):  # bounded logits memory
+            h = model.hidden(b, windows, rt.backend)
+        for rows in torch.split(torch.arange(T, device=rt.device), LOGITS_CHUNK):
             loss = F.cross_entropy(model.logits(h[rows]).float(), b.targets[rows, 0], reduction="none")
             nbytes = token_bytes[b.targets[rows, 0]]
             sums += torch.stack([(loss * (nbytes > 0)).sum(), nbytes.sum(), (nbytes > 0).sum()]).double()
-    if rt.world_size > 1:
-        dist.all_reduce(sums)
-    model.train()
-    nats, nbytes, count = sums.tolist()
+    nats, nbytes, count = sum_over_ranks(sums, rt).tolist()
     return nats / (math.log(2) * nbytes), nats / count
 
 
@@ -1917,408 +1995,21 @@ def peak_memory_gib(device):
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-# -- checkpoints: safetensors weights + weights_only-loadable optimizer state + JSON holding their sha256, written
-# atomically; one run per run directory (a lock), pruned by step number, verified on load, resume falls back --
-
-CHECKPOINT_PREFIX = {"pt": "ckpt_", "sft": "sft_ckpt_", "rl": "rl_ckpt_"}  # RUN_DIR/<prefix><step>/, in phase order
-CHECKPOINT_FILES = ("model.safetensors", "optim.pt")
-
-
-class CheckpointError(DataFormatError):
-    """A checkpoint or run directory problem: missing, truncated, corrupt, unwritable, in use; the message names it."""
-
-
-def checkpoints(run_dir, phase):
-    """{step: path} of the phase's checkpoints in run_dir, by step number (so 7-digit steps sort after 6-digit ones)."""
-    pattern = re.compile(re.escape(CHECKPOINT_PREFIX[phase]) + r"(\d+)")
-    found = {int(m.group(1)): os.path.join(run_dir, d) for d in (os.listdir(run_dir) if os.path.isdir(run_dir) else [])
-             if (m := pattern.fullmatch(d))}
-    return dict(sorted(found.items()))
-
-
-def save_checkpoint(cfg, rt, step, model, opt, extra_state, phase="pt", keep=2):
-    """RUN_DIR/<prefix><step>/: model.safetensors, optim.pt, state.json (step, phase, extra_state e.g. the loader's
-    position, config, the files' sha256). RUN_DIR/latest_<phase> names it (what --resume continues) and RUN_DIR/latest
-    too (the model the next phase starts from). The newest `keep` of the phase are kept. A failed write (a full disk)
-    leaves the previous checkpoint and the pointers as they were, and raises CheckpointError."""
-    opt_state = opt.state_dict()  # a collective when sharded: every rank calls it
-    if not rt.master:
-        return
-    from safetensors.torch import save_file
-    final = os.path.join(cfg.run_dir, f"{CHECKPOINT_PREFIX[phase]}{step:06d}")
-    tmp = final + ".tmp"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
-        torch.save(opt_state, os.path.join(tmp, "optim.pt"))
-        files = {name: sha256_file(os.path.join(tmp, name)) for name in CHECKPOINT_FILES}
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"step": step, "phase": phase, "loader": extra_state, "config": dataclasses.asdict(model.cfg),
-                       "files": files}, f, indent=1)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        write_text_atomic(os.path.join(cfg.run_dir, f"latest_{phase}"), os.path.basename(final))
-        write_text_atomic(os.path.join(cfg.run_dir, "latest"), os.path.basename(final))
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"{final}: could not write the checkpoint ({e.strerror or e}); the latest is still "
-                              f"{latest_checkpoint(cfg.run_dir, phase) or 'none'}") from None
-    for old in list(checkpoints(cfg.run_dir, phase).values())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def latest_checkpoint(run_dir, phase=None):
-    """The newest checkpoint of `phase`, or of any phase (the model the next phase starts from); None if none."""
-    path = os.path.join(run_dir, f"latest_{phase}" if phase else "latest")
-    return os.path.join(run_dir, open(path).read().strip()) if os.path.isfile(path) else None
-
-
-def verify_checkpoint(path, files):
-    """state.json of a checkpoint, after checking that `files` are there and have the sha256 it recorded."""
-    state = read_json(os.path.join(path, "state.json"))  # missing or malformed: a DataFormatError naming it
-    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or not isinstance(state.get("step"), int):
-        raise CheckpointError(f"{path}/state.json: not a checkpoint's state (step, config)")
-    for name in files:
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            raise CheckpointError(f"{file}: missing (not a checkpoint directory, or an incomplete one?)")
-        want = state.get("files", {}).get(name)  # checkpoints written before checksums have none
-        if want is not None and sha256_file(file) != want:
-            raise CheckpointError(f"{file}: sha256 differs from the one in state.json (truncated or corrupt)")
-    return state
-
-
-def load_checkpoint(path, model, opt=None):
-    """Verify, then load weights (and optimizer state); returns state.json. Every failure is a CheckpointError."""
-    from safetensors.torch import load_file
-    state = verify_checkpoint(path, CHECKPOINT_FILES if opt is not None else CHECKPOINT_FILES[:1])
-    weights, optim = (os.path.join(path, name) for name in CHECKPOINT_FILES)
-    try:
-        model.load_state_dict(load_file(weights, device=str(next(model.parameters()).device)))
-    except Exception as e:  # safetensors' header errors, missing or unexpected keys, other shapes
-        raise CheckpointError(f"{weights}: does not load into this model ({str(e).splitlines()[0][:300]})") from None
-    model.sync_flags()
-    if opt is not None:
-        try:
-            opt.load_state_dict(torch.load(optim, weights_only=True, map_location="cpu"))
-        except Exception as e:  # unpickling refused, other parameters, other shapes
-            raise CheckpointError(f"{optim}: does not load into this optimizer ({str(e).splitlines()[0][:300]})") from None
-    return state
-
-
-def resume_checkpoint(cfg, phase, model, opt, log):
-    """--resume: load the phase's newest checkpoint that verifies (latest_<phase>, else the older ones kept, newest
-    first, each skip logged as a warning) into model and opt. Returns (path, state), or None if the phase has none."""
-    latest = latest_checkpoint(cfg.run_dir, phase)
-    candidates = ([latest] if latest else []) + [p for p in reversed(checkpoints(cfg.run_dir, phase).values()) if p != latest]
-    for path in candidates:
-        try:
-            return path, load_checkpoint(path, model, opt)
-        except DataFormatError as e:
-            log(f"warning: cannot resume from {path}: {e}")
-    if candidates:
-        raise CheckpointError(f"{cfg.run_dir}: no {phase} checkpoint to resume from loads ({', '.join(map(os.path.basename, candidates))})")
-    return None
-
-
-def claim_run_dir(cfg, phases):
-    """Before anything is written: lock the run directory for this process (released at exit, kill -9 included; a
-    second run on it is refused, naming the holder), remove what a crash left half-written (*.tmp), and make sure a
-    fresh (not --resume) pt, sft or rl run does not mix its checkpoints with an earlier run's: refuse, or with
-    --overwrite delete that phase's checkpoints and the later phases' (trained from them). Returns the lock."""
-    import fcntl
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    lock = open(os.path.join(cfg.run_dir, ".lock"), "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        raise CheckpointError(f"{cfg.run_dir}: run directory in use by pid {lock.read().strip() or '?'} "
-                              "(one run per --run-dir)") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    for name in os.listdir(cfg.run_dir):
-        if name.endswith(".tmp"):
-            path = os.path.join(cfg.run_dir, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
-    training = [p for p in CHECKPOINT_PREFIX if p in phases]
-    clash = [os.path.basename(path) for p in training for path in checkpoints(cfg.run_dir, p).values()]
-    if clash and not cfg.resume:
-        if not cfg.overwrite:
-            raise CheckpointError(f"{cfg.run_dir}: holds checkpoints of an earlier run ({', '.join(clash)}); pass "
-                                  "--resume to continue it, --overwrite to replace it, or another --run-dir")
-        for phase in list(CHECKPOINT_PREFIX)[list(CHECKPOINT_PREFIX).index(training[0]):]:
-            for path in checkpoints(cfg.run_dir, phase).values():
-                shutil.rmtree(path)
-            for pointer in (f"latest_{phase}", "latest"):
-                path = os.path.join(cfg.run_dir, pointer)
-                if os.path.isfile(path) and not os.path.isdir(os.path.join(cfg.run_dir, open(path).read().strip())):
-                    os.remove(path)
-    return lock
-
-
-def write_text_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def update_metrics(cfg, rt, values):
-    """Merge values into RUN_DIR/metrics.json (every phase adds its own keys)."""
-    if not rt.master:
-        return
-    path = os.path.join(cfg.run_dir, "metrics.json")
-    metrics = read_json(path) if os.path.isfile(path) else {}
-    metrics.update(values)
-    write_text_atomic(path, json.dumps(metrics, indent=1) + "\n")
-
-
-def settle_losses(pending, cfg, rt, log, phase):
-    """The losses of the steps in `pending` (a list of (step, loss tensor), emptied), averaged over ranks, as floats:
-    one host sync for all of them. The loops call it at log, eval and checkpoint steps only, so the GPU runs ahead in
-    between. A NaN/inf loss stops the run with exit code 2, recorded in metrics.json, before any checkpoint after it
-    is written: the phase's last checkpoint is the last good one."""
-    steps, losses = [s for s, _ in pending], torch.stack([loss for _, loss in pending])
-    pending.clear()
-    if rt.world_size > 1:
-        dist.all_reduce(losses, op=dist.ReduceOp.AVG)
-    values = losses.tolist()
-    for step, value in zip(steps, values):
-        if not math.isfinite(value):
-            prefix = "" if phase == "pt" else phase + " "
-            log(f"{prefix}step {step}: loss is {value}; stopping. The last good checkpoint is {latest_checkpoint(cfg.run_dir, phase)}")
-            update_metrics(cfg, rt, {prefix.replace(" ", "_") + "diverged_at_step": step})
-            sys.exit(2)
-    return values
-
-
-class LoopTimer:
-    """Training time without eval and checkpoint pauses, read at host syncs (where the GPU has caught up)."""
-
-    def __init__(self):
-        self.total, self.resumed = 0.0, time.perf_counter()
-        self.since, self.steps, self.tokens = self.resumed, 0, 0
-
-    def step(self, tokens):
-        self.steps += 1
-        self.tokens += tokens
-
-    def lap(self):
-        """(seconds, steps, tokens) since the last lap; call it right after a host sync."""
-        now = time.perf_counter()
-        self.total += now - self.resumed
-        lap = max(now - self.since, 1e-9), self.steps, self.tokens
-        self.resumed = self.since = now
-        self.steps = self.tokens = 0
-        return lap
-
-    def pause_until_now(self):
-        """Eval or a checkpoint ran since the last lap: leave it out."""
-        self.resumed = self.since = time.perf_counter()
-
-
-def phase_pt(cfg, rt, log):
-    require_training_dtype(rt, "pt")
-    tokenizer = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
-    torch.manual_seed(cfg.seed)
-    model = GPT(cfg, tokenizer.vocab_size).to(rt.device)
-    opt = make_optimizer(model, cfg)
-    stages = scaled_stages(cfg)
-    total = sum(s[0] for s in stages)
-    loader = PretrainLoader(pretrain_shards(cfg.data_dir, tokenizer, "train"), tokenizer, rt.rank, rt.world_size)
-    start, resumed = 0, resume_checkpoint(cfg, "pt", model, opt, log) if cfg.resume else None
-    if resumed:
-        path, state = resumed
-        start, loader.state = state["step"], state["loader"]
-        log(f"resumed from {path} at step {start}")
-    elif cfg.init_from:
-        load_checkpoint(cfg.init_from, model)
-        log(f"initialized from {cfg.init_from}")
-    n_params = sum(p.numel() for p in model.parameters())
-    n_matrix = sum(p.numel() for n, p in model.named_parameters() if param_label(n) in ("attn", "mlp_fc", "mlp_proj"))
-    log(f"model: {n_params:,} parameters ({n_matrix:,} in NorMuon matrices), {total} steps, attention backend {rt.backend}, "
-        f"device {rt.device}, activations {rt.precision or rt.dtype}, world size {rt.world_size}")
-    loss_fn, compile_s, graphs = train_loss, 0.0, 0
-    if cfg.compile:
-        loss_fn = torch.compile(train_loss)
-        compile_s, graphs = warm_up_compiled(loss_fn, model, cfg, rt, stages, loader, start)
-        log(f"compiled {graphs} graphs for steps {start}-{total} in {compile_s:.1f}s, before the timed loop")
-    peak = peak_flops(rt.device, rt.dtype)
-    timer, pending, val_bpb, flops, last = LoopTimer(), [], None, 0, None
-    for step, p, T, accum, grow, untie in pretrain_steps(cfg, stages, rt.world_size, start):
-        if grow:
-            model.grow_window(*grow)
-        if untie and model.is_tied:
-            model.untie()
-            opt.copy_state("lm_head", "embed")
-        windows = model.windows(p.short_window, p.long_window)
-        step_loss = torch.zeros((), device=rt.device)
-        mtp_weights = to_device(p.mtp_weights, torch.float32, rt.device)
-        for _ in range(accum):
-            batch = loader.next_batch(T, p.max_doc_len, len(p.mtp_weights), rt.device)
-            with autocast(rt):
-                loss = loss_fn(model, batch, windows, mtp_weights, rt.backend, 1 / accum) / accum
-            loss.backward()
-            step_loss += loss.detach()
-            flops += training_flops(model, windows, batch.segment_lengths) if peak else 0
-        pending.append((step, step_loss))
-        opt.step(p.lr_factor, muon_momentum(step, total))
-        opt.zero_grad()
-        timer.step(p.batch_tokens)
-        last, final = step, step == total - 1
-        logging = step % cfg.log_every == 0 or final
-        validating = (step + 1) % cfg.val_every == 0 or final
-        saving = (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or final
-        if not (logging or validating or saving):
-            continue
-        losses = settle_losses(pending, cfg, rt, log, "pt")  # the host sync; stops on a NaN before anything is saved
-        seconds, steps, tokens = timer.lap()
-        tok_per_s, mfu, flops = tokens / seconds, f" mfu {100 * flops / (seconds * peak):.1f}%" if peak else "", 0
-        if logging:
-            log(f"step {step + 1}/{total} loss {losses[-1]:.4f} lr {p.lr_factor:.3f} {tok_per_s:,.0f} tok/s{mfu} "
-                f"eta {seconds / steps * (total - step - 1) / 60:.1f} min")
-            log.metrics(step, {"train/loss": losses[-1], "train/tok_per_s": tok_per_s})
-        if validating:
-            val_bpb, val_loss = evaluate_bpb(model, cfg, rt, tokenizer, windows, p.max_doc_len)
-            memory = peak_memory_gib(rt.device)
-            log(f"step {step + 1}/{total} val bpb {val_bpb:.4f} val loss {val_loss:.4f}"
-                + (f" peak memory {memory:.1f} GiB" if memory is not None else ""))
-            log.metrics(step, {"val/bpb": val_bpb, "val/loss": val_loss})
-        if saving:
-            save_checkpoint(cfg, rt, step + 1, model, opt, loader.state)
-        timer.pause_until_now()
-    if last is None:
-        log(f"nothing to do: run already at step {start} of {total}")
-        return model
-    timed_tokens = sum(plan_step(cfg, stages, s).batch_tokens for s in range(start, last + 1))
-    update_metrics(cfg, rt, {
-        "val_bpb": val_bpb, "train_tokens": sum(s[0] * s[1] for s in stages), "params": n_params, "params_matrix": n_matrix,
-        "tok_per_s": timed_tokens / timer.total, "device": str(rt.device), "attn_backend": rt.backend,
-        "world_size": rt.world_size, "pt_train_time_s": timer.total, "pt_compile_time_s": compile_s,
-        "pt_compile_graphs": graphs, "peak_memory_gib": peak_memory_gib(rt.device)})
-    return model
-
-
-def phase_data(cfg, rt, log):
-    """Check every part of a prepared data directory and print what it holds."""
-    t0 = time.time()
-    tok = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
-    log(f"tokenizer: vocab {tok.vocab_size}, bos {tok.bos_id}, {len(tok.special_tokens)} special tokens")
-    for split in ("val", "train"):
-        paths = pretrain_shards(cfg.data_dir, tok, split, check_sha256=True)
-        n = sum(len(read_token_file(p, tok.vocab_size)) for p in paths)
-        log(f"pretrain/{split}: {len(paths)} shards, {n:,} tokens")
-    core = load_core(cfg.data_dir, tok)
-    log(f"core: {len(core.tasks)} tasks, {len(core.examples):,} examples, {len(core.tokens):,} tokens (max_len {core.max_len})")
-    for split in ("val", "train"):
-        sft = load_sft(cfg.data_dir, tok, split)
-        log(f"sft/{split}: {len(sft.convs) - 1:,} conversations, {len(sft.tokens):,} tokens, {int(sft.mask.sum()):,} supervised")
-    for name in ("chat_eval", "rl"):
-        chat = load_chat_eval(cfg.data_dir, tok, name)
-        log(f"{name}: " + ", ".join(f"{t['name']} {t['n_examples']}" for t in chat.tasks))
-    log(f"data directory {cfg.data_dir} is complete and consistent ({time.time() - t0:.1f}s)")
-
 # =============================================================================================================
-# 9. Evaluation: CORE (DCLM's 22 tasks, as nanochat scores them) over packed varlen batches
+# 9. Evaluation: the packed forwards every evaluation shares, then CORE (DCLM's 22 tasks, as nanochat scores them)
 #
 # nanochat forwards each example alone, its options padded into a (n_options, L) batch. Here sequences of many
 # examples (and tasks) go back to back into one varlen batch, each its own document, so no token is padding; the
 # decisions are nanochat's. evaluate_example_alone is the one-sequence-per-forward reference the tests compare with.
 
 
-def core_decision(task_type, gold, mean_losses, all_right):
-    """nanochat's rule. multiple_choice / schema: the option with the lowest mean continuation loss is the answer.
-    language_modeling (one sequence): correct iff every greedy prediction over the continuation is right."""
-    if task_type == "language_modeling":
-        return all_right[0]
-    # The mean over an empty continuation (piqa has some) is NaN. min() replaces its running value only by a smaller
-    # one, so a NaN option wins exactly when it comes first (then index() finds that very object) and never otherwise
-    return mean_losses.index(min(mean_losses)) == gold
-
-
-def _span_scores(losses, right, spans):
-    """Per sequence (mean loss, all predictions right) from flat fp32 losses / bools laid out span after span."""
-    scores, k = [], 0
-    for n in spans:
-        # .mean() of an empty slice is NaN, as in nanochat (see core_decision)
-        scores.append((losses[k:k + n].mean().item(), bool(right[k:k + n].all())))
-        k += n
-    return scores
-
-
-def packed_documents(sequences, device):
-    """Token arrays `sequences` packed back to back, each its own document (no padding): (ids, prev_ids, positions,
-    cu_seqlens, max_seqlen) for GPT.hidden, and each sequence's start offset (n + 1 offsets, ending in T)."""
-    lengths = [len(t) for t in sequences]
-    starts = np.cumsum([0] + lengths)
-    T = int(starts[-1])
-    ids = np.concatenate(sequences).astype(np.int64)
-    prev = np.concatenate([[-1], ids[:-1]])
-    prev[starts[:-1]] = -1  # every sequence is a document (left-truncated ones do not start with BOS)
-    # positions restart in each sequence: RoPE angles (position * frequency, fp32) then match the sequence alone
-    # exactly, where offsets of tens of thousands would carry a few 1e-3 rad of rounding
-    positions = np.concatenate([np.arange(n) for n in lengths])
-    cu = np.full(padded_length(len(sequences) + 1), T, dtype=np.int32)
-    cu[:len(sequences)] = starts[:-1]
-    dev = lambda a, dtype=torch.long: torch.from_numpy(np.asarray(a)).to(device, dtype)
-    return (dev(ids), dev(prev), dev(positions), dev(cu, torch.int32), max(lengths)), starts
-
-
 @torch.no_grad()
 def packed_hidden(model, sequences, rt, windows):
-    """One forward of `sequences` as packed_documents: final hidden states (T, dim), tokens (T,), start offsets."""
-    (ids, prev, positions, cu, max_len), starts = packed_documents(sequences, rt.device)
+    """One forward of `sequences` as pack_sequences: final hidden states (T, dim), tokens (T,), start offsets."""
+    batch, starts = pack_sequences(sequences, rt.device)
     with autocast(rt):
-        h = model.hidden(ids, prev, positions, windows, cu, max_len, rt.backend)
-    return h, ids, starts
-
-
-@torch.no_grad()
-def core_scores_packed(model, seqs, rt, windows):
-    """(mean continuation loss, continuation all argmax-right) of each (tokens, cont_start, cont_end) in `seqs`, from
-    one forward of them packed back to back. Only the rows that predict a continuation token get logits."""
-    h, ids_t, starts = packed_hidden(model, [t for t, _, _ in seqs], rt, windows)
-    rows = np.concatenate([o + np.arange(s - 1, e - 1) for o, (_, s, e) in zip(starts, seqs)]).astype(np.int64)
-    rows_t = torch.from_numpy(rows).to(rt.device)
-    targets = ids_t[rows_t + 1]
-    losses, right = [], []
-    for chunk in torch.split(torch.arange(len(rows), device=rt.device), 8192):  # bounded logits memory
-        logits = model.logits(h[rows_t[chunk]])
-        losses.append(F.cross_entropy(logits, targets[chunk], reduction="none"))
-        right.append(logits.argmax(-1) == targets[chunk])
-    return _span_scores(torch.cat(losses).cpu(), torch.cat(right).cpu(), [e - s for _, s, e in seqs])
-
-
-@torch.no_grad()
-def evaluate_core(model, core, rt, windows, max_per_task=-1, batch_tokens=32768):
-    """CORE of `model` on CoreData `core`: the first max_per_task examples of each task (<= 0: all, as in nanochat;
-    the file's examples are pre-shuffled), rank r taking examples r, r + world_size, ... of each task. Sequences are
-    packed into forwards of up to batch_tokens tokens (a longer one goes alone). Returns dict(results={label:
-    accuracy}, centered={label: (accuracy - baseline) / (1 - baseline)}, core=mean centered, correct=int8 per row of
-    core.examples: 1 right, 0 wrong, -1 not evaluated)."""
-    was_training = model.training
-    model.eval()
-    evaluated, mine = examples_of_rank(core.tasks, len(core.examples), max_per_task, rt)
-    correct = torch.zeros(len(core.examples), dtype=torch.float32)
-    scores = {}  # example -> scores of its sequences so far (an example may straddle two forwards)
-    sequences = (((e, int(core.examples[e, 3])), core.sequence(s)) for e in mine
-                 for s in range(int(core.examples[e, 2]), int(core.examples[e, 2] + core.examples[e, 3])))
-    for batch in token_batches(sequences, lambda item: len(item[1][0]), batch_tokens):
-        for (e, n_seqs), score in zip([key for key, _ in batch], core_scores_packed(model, [seq for _, seq in batch], rt, windows)):
-            scores.setdefault(e, []).append(score)
-            if len(scores[e]) == n_seqs:
-                task, gold = (int(x) for x in core.examples[e, :2])
-                losses, right = zip(*scores.pop(e))
-                correct[e] = float(core_decision(core.tasks[task]["task_type"], gold, list(losses), right))
-    model.train(was_training)
-    out = task_scores(core.tasks, "label", correct, evaluated, rt)
-    return dict(out, core=out.pop("mean"))
+        h = model.hidden(batch, windows, rt.backend)
+    return h, batch.inputs, starts
 
 
 def examples_of_rank(tasks, n_examples, max_per_task, rt):
@@ -2349,10 +2040,7 @@ def task_scores(tasks, name_key, correct, evaluated, rt):
     """Sum the ranks' float `correct` (1 right, 0 wrong or not mine) and score each task: dict(results={name:
     accuracy}, centered={name: (accuracy - baseline) / (1 - baseline)}, mean=mean centered, correct=int8 per example:
     1 right, 0 wrong, -1 not evaluated)."""
-    if rt.world_size > 1:
-        correct = correct.to(rt.device)
-        assert correct.is_contiguous()  # gloo reduces the wrong memory for non-contiguous tensors
-        dist.all_reduce(correct)
+    correct = sum_over_ranks(correct.to(rt.device), rt)  # NCCL reduces device tensors only
     correct = np.where(evaluated, correct.cpu().numpy(), -1).astype(np.int8)
     results, centered = {}, {}
     for t in tasks:
@@ -2363,6 +2051,65 @@ def task_scores(tasks, name_key, correct, evaluated, rt):
     return dict(results=results, centered=centered, mean=sum(centered.values()) / len(centered), correct=correct)
 
 
+def core_decision(task_type, gold, mean_losses, all_right):
+    """nanochat's rule. multiple_choice / schema: the option with the lowest mean continuation loss is the answer.
+    language_modeling (one sequence): correct iff every greedy prediction over the continuation is right."""
+    if task_type == "language_modeling":
+        return all_right[0]
+    # The mean over an empty continuation (piqa has some) is NaN. min() replaces its running value only by a smaller
+    # one, so a NaN option wins exactly when it comes first (then index() finds that very object) and never otherwise
+    return mean_losses.index(min(mean_losses)) == gold
+
+
+def _span_scores(losses, right, spans):
+    """Per sequence (mean loss, all predictions right) from flat fp32 losses / bools laid out span after span."""
+    scores, k = [], 0
+    for n in spans:
+        # .mean() of an empty slice is NaN, as in nanochat (see core_decision)
+        scores.append((losses[k:k + n].mean().item(), bool(right[k:k + n].all())))
+        k += n
+    return scores
+
+
+@torch.no_grad()
+def core_scores_packed(model, seqs, rt, windows):
+    """(mean continuation loss, continuation all argmax-right) of each (tokens, cont_start, cont_end) in `seqs`, from
+    one forward of them packed back to back. Only the rows that predict a continuation token get logits."""
+    h, ids_t, starts = packed_hidden(model, [t for t, _, _ in seqs], rt, windows)
+    rows = np.concatenate([o + np.arange(s - 1, e - 1) for o, (_, s, e) in zip(starts, seqs)]).astype(np.int64)
+    rows_t = torch.from_numpy(rows).to(rt.device)
+    targets = ids_t[rows_t + 1]
+    losses, right = [], []
+    for chunk in torch.split(torch.arange(len(rows), device=rt.device), LOGITS_CHUNK):
+        logits = model.logits(h[rows_t[chunk]])
+        losses.append(F.cross_entropy(logits, targets[chunk], reduction="none"))
+        right.append(logits.argmax(-1) == targets[chunk])
+    return _span_scores(torch.cat(losses).cpu(), torch.cat(right).cpu(), [e - s for _, s, e in seqs])
+
+
+@torch.no_grad()
+def evaluate_core(model, core, rt, windows, max_per_task=-1, batch_tokens=32768):
+    """CORE of `model` on CoreData `core`: the first max_per_task examples of each task (<= 0: all, as in nanochat;
+    the file's examples are pre-shuffled), rank r taking examples r, r + world_size, ... of each task. Sequences are
+    packed into forwards of up to batch_tokens tokens (a longer one goes alone). Returns dict(results={label:
+    accuracy}, centered={label: (accuracy - baseline) / (1 - baseline)}, core=mean centered, correct=int8 per row of
+    core.examples: 1 right, 0 wrong, -1 not evaluated)."""
+    evaluated, mine = examples_of_rank(core.tasks, len(core.examples), max_per_task, rt)
+    correct = torch.zeros(len(core.examples), dtype=torch.float32)
+    scores = {}  # example -> scores of its sequences so far (an example may straddle two forwards)
+    sequences = (((e, int(core.examples[e, 3])), core.sequence(s)) for e in mine
+                 for s in range(int(core.examples[e, 2]), int(core.examples[e, 2] + core.examples[e, 3])))
+    for batch in token_batches(sequences, lambda item: len(item[1][0]), batch_tokens):
+        for (e, n_seqs), score in zip([key for key, _ in batch], core_scores_packed(model, [seq for _, seq in batch], rt, windows)):
+            scores.setdefault(e, []).append(score)
+            if len(scores[e]) == n_seqs:
+                task, gold = (int(x) for x in core.examples[e, :2])
+                losses, right = zip(*scores.pop(e))
+                correct[e] = float(core_decision(core.tasks[task]["task_type"], gold, list(losses), right))
+    out = task_scores(core.tasks, "label", correct, evaluated, rt)
+    return dict(out, core=out.pop("mean"))
+
+
 @torch.no_grad()
 def evaluate_example_alone(model, core, example_index, rt, windows):
     """The reference path: each sequence of example `example_index` forwarded alone (one document, full logits,
@@ -2371,13 +2118,10 @@ def evaluate_example_alone(model, core, example_index, rt, windows):
     scores = []
     for s in range(first, first + n_seqs):
         tokens, start, end = core.sequence(s)
-        ids = torch.from_numpy(tokens).to(rt.device)
-        L = len(ids)
-        prev = torch.cat([ids.new_full((1,), -1), ids[:-1]])
-        cu = torch.full((padded_length(2),), L, dtype=torch.int32, device=rt.device)
-        cu[0] = 0
+        batch, _ = pack_sequences([tokens], rt.device)
+        ids = batch.inputs
         with autocast(rt):
-            h = model.hidden(ids, prev, torch.arange(L, device=rt.device), windows, cu, L, rt.backend)
+            h = model.hidden(batch, windows, rt.backend)
         logits = model.logits(h)
         losses = F.cross_entropy(logits[:-1], ids[1:], reduction="none")  # row i predicts token i + 1
         right = logits[:-1].argmax(-1) == ids[1:]
@@ -3026,8 +2770,6 @@ def evaluate_chat(model, chat, tokenizer, rt, windows, max_per_task=-1, batch_to
     batch_size prompts at a time, scored on the number after '####' or by running the problem's tests in the `sandbox`
     (made once first: SandboxUnavailable before any generation where it cannot be). Examples split across ranks as in CORE. Returns dict(results={task: accuracy}, centered={task: centered
     accuracy}, chatcore=mean centered, correct=int8 per example)."""
-    was_training = model.training
-    model.eval()
     evaluated, mine = examples_of_rank(chat.tasks, len(chat.examples), max_per_task, rt)
     correct = torch.zeros(len(chat.examples), dtype=torch.float32)
     kind = {e: chat.tasks[int(chat.examples[e, 0])]["kind"] for e in mine}
@@ -3050,7 +2792,6 @@ def evaluate_chat(model, chat, tokenizer, rt, windows, max_per_task=-1, batch_to
                 correct[e] = float(humaneval_passed(text, task["problems"][index], sandbox=sandbox))
             else:
                 correct[e] = float(gsm8k_answer(text) == task["answers"][index])
-    model.train(was_training)
     out = task_scores(chat.tasks, "name", correct, evaluated, rt)
     return dict(out, chatcore=out.pop("mean"))
 
@@ -3065,7 +2806,7 @@ def format_chat_table(out, chat):
 
 
 # =============================================================================================================
-# 12. Post-training: chat SFT and GSM8K RL
+# 12. Post-training: chat SFT and GSM8K RL (their loops are phase_sft and phase_rl)
 #
 # SFT. Each conversation is its own document of a varlen batch, as in pretraining: positions from 0, no attention
 # across conversations, so a conversation gets exactly the losses it would get alone. Only tokens the SFT mask marks
@@ -3124,7 +2865,7 @@ class SFTLoader:
 def sft_loss(model, batch, windows, backend):
     """Mean softcapped cross entropy over the supervised targets (targets -1 count nowhere, get no gradient).
     The lm_head stays a plain matmul: FP8's static gradient scale is set for pretraining's mean over all tokens."""
-    h = model.hidden(batch.inputs, batch.prev_ids, batch.positions, windows, batch.cu_seqlens, batch.max_seqlen, backend)
+    h = model.hidden(batch, windows, backend)
     logits = h @ model.lm_head[:model.vocab_size].T
     targets = batch.targets[:, :1]
     losses = softcap_cross_entropy(logits, targets, torch.ones(1, device=h.device), model.cfg.softcap)
@@ -3137,8 +2878,6 @@ def evaluate_sft_loss(model, split, rt, windows, max_tokens, batch_tokens=8192):
     first ones of a seed-0 permutation: the files are grouped by source), packed without padding into forwards of up
     to batch_tokens (a longer conversation goes alone, cut); rank r takes forwards r, r + world_size, ... Only
     supervised rows get logits."""
-    was_training = model.training
-    model.eval()
     order = np.random.default_rng(0).permutation(len(split.convs) - 1)
     n = max(1, int(np.searchsorted(np.cumsum(np.diff(split.convs)[order]), max_tokens, side="right")))
     convs = (split.conversation(int(i)) for i in order[:n])
@@ -3150,13 +2889,10 @@ def evaluate_sft_loss(model, split, rt, windows, max_tokens, batch_tokens=8192):
         h, ids, starts = packed_hidden(model, [t for t, _ in batch], rt, windows)
         # row i predicts token i + 1 of its conversation: a target where that token's mask is 1
         rows = torch.from_numpy(np.concatenate([o + np.flatnonzero(m[1:]) for o, (_, m) in zip(starts, batch)])).to(rt.device)
-        for chunk in torch.split(rows, 8192):  # bounded logits memory
+        for chunk in torch.split(rows, LOGITS_CHUNK):
             sums[0] += F.cross_entropy(model.logits(h[chunk]), ids[chunk + 1], reduction="sum").double()
         sums[1] += len(rows)
-    if rt.world_size > 1:
-        dist.all_reduce(sums)
-    model.train(was_training)
-    nats, count = sums.tolist()
+    nats, count = sum_over_ranks(sums, rt).tolist()
     return nats / max(count, 1)
 
 
@@ -3169,14 +2905,463 @@ def sft_lr_factor(cfg, step, total):
     return up * down
 
 
+# -- GSM8K RL: on-policy policy gradient with the engine and the calculator, nanochat-style --
+
+
+def gsm8k_reward(tokenizer, sample, answer):
+    """1 when the number after '####' in the sample is the reference answer, else 0."""
+    return float(gsm8k_answer(reply_text(tokenizer, sample)) == answer)
+
+
+def group_advantages(rewards):
+    """Reward minus the mean over the k samples of the same question (no std scaling, as nanochat)."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    return rewards - rewards.mean()
+
+
+def policy_gradient_loss(model, rollouts, windows, rt, n_tokens):
+    """-sum(advantage x log p(token)) / n_tokens over the sampled tokens of `rollouts`, a list of (prompt, Sample,
+    advantage) packed into one varlen forward. Prompt tokens and forced tool output (mask 0) get no gradient: their
+    rows never reach the logits. n_tokens: sampled tokens of the whole step (token-level normalisation)."""
+    batch, starts = pack_sequences([np.array(prompt + sample.tokens) for prompt, sample, _ in rollouts], rt.device)
+    ids = batch.inputs
+    rows, weights = [], []
+    for start, (prompt, sample, advantage) in zip(starts, rollouts):
+        sampled = np.flatnonzero(np.array(sample.mask) == 1)  # token i of the sample sits at start + len(prompt) + i
+        rows.append(start + len(prompt) + sampled - 1)        # ... and is predicted by the row before it
+        weights.append(np.full(len(sampled), advantage, dtype=np.float32))
+    rows = torch.from_numpy(np.concatenate(rows)).to(rt.device)
+    with autocast(rt):
+        h = model.hidden(batch, windows, rt.backend)
+        logp = -F.cross_entropy(model.logits(h[rows]).float(), ids[rows + 1], reduction="none")
+    return -(logp * torch.from_numpy(np.concatenate(weights)).to(rt.device)).sum() / max(1, n_tokens)
+
+
+@torch.no_grad()
+def gsm8k_pass_at_k(engine, tokenizer, chat, task, examples, k, cfg, rt, seed):
+    """pass@1..k on the given examples of a generative chat-eval task: the fraction of questions where one of the
+    first j samples (temperature cfg.rl_temperature) is right; examples split across ranks."""
+    hits = torch.zeros(k, device=rt.device)
+    for e in examples[rt.rank::rt.world_size]:
+        samples = engine.generate([chat.prompt(e)[0].tolist()], k, cfg.rl_max_new_tokens, cfg.rl_temperature,
+                                  cfg.rl_top_k, seed=seed + e)[0]
+        right = [gsm8k_reward(tokenizer, s, task["answers"][e - task["first_example"]]) for s in samples]
+        hits += torch.tensor(np.maximum.accumulate(right), dtype=torch.float32, device=rt.device)
+    sum_over_ranks(hits, rt)
+    return {j + 1: float(hits[j]) / len(examples) for j in range(k)}
+
+
+# =============================================================================================================
+# 13. Run helpers: logging, checkpoints, the run directory, metrics, the loop's bookkeeping
+
+
+class Logger:
+    """Rank 0 prints and appends to RUN_DIR/log.txt; metrics also go to wandb when it is enabled."""
+
+    def __init__(self, cfg, rt):
+        self.master, self.path, self.wandb = rt.master, os.path.join(cfg.run_dir, "log.txt"), None
+        if not self.master:
+            return
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        mode = cfg.wandb if cfg.wandb != "auto" else ("online" if os.environ.get("WANDB_API_KEY") else "disabled")
+        if os.environ.get("WANDB_MODE") == "disabled":
+            mode = "disabled"
+        if mode != "disabled":
+            import wandb
+            self.wandb = wandb.init(project="decoderstack", name=os.path.basename(os.path.abspath(cfg.run_dir)),
+                                    config=dataclasses.asdict(cfg), mode=mode, dir=cfg.run_dir)
+
+    def __call__(self, msg):
+        if self.master:
+            print(msg, flush=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(msg + "\n")
+
+    def metrics(self, step, values):
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+
+# -- checkpoints: safetensors weights + weights_only-loadable optimizer state + JSON holding their sha256, written
+# atomically; one run per run directory (a lock), pruned by step number, verified on load, resume falls back --
+
+CHECKPOINT_PREFIX = {"pt": "ckpt_", "sft": "sft_ckpt_", "rl": "rl_ckpt_"}  # RUN_DIR/<prefix><step>/, in phase order
+CHECKPOINT_FILES = ("model.safetensors", "optim.pt")
+
+
+class CheckpointError(DataFormatError):
+    """A checkpoint or run directory problem: missing, truncated, corrupt, unwritable, in use; the message names it."""
+
+
+def checkpoints(run_dir, phase):
+    """{step: path} of the phase's checkpoints in run_dir, by step number (so 7-digit steps sort after 6-digit ones)."""
+    pattern = re.compile(re.escape(CHECKPOINT_PREFIX[phase]) + r"(\d+)")
+    found = {int(m.group(1)): os.path.join(run_dir, d) for d in (os.listdir(run_dir) if os.path.isdir(run_dir) else [])
+             if (m := pattern.fullmatch(d))}
+    return dict(sorted(found.items()))
+
+
+def save_checkpoint(cfg, rt, step, model, opt, extra_state, phase="pt", keep=2):
+    """RUN_DIR/<prefix><step>/: model.safetensors, optim.pt, state.json (step, phase, extra_state e.g. the loader's
+    position, "model": the ModelConfig, "run": this phase's settings, the files' sha256). RUN_DIR/latest_<phase> names it (what --resume continues) and RUN_DIR/latest
+    too (the model the next phase starts from). The newest `keep` of the phase are kept. A failed write (a full disk)
+    leaves the previous checkpoint and the pointers as they were, and raises CheckpointError."""
+    opt_state = opt.state_dict()  # a collective when sharded: every rank calls it
+    if not rt.master:
+        return
+    from safetensors.torch import save_file
+    final = os.path.join(cfg.run_dir, f"{CHECKPOINT_PREFIX[phase]}{step:06d}")
+    tmp = final + ".tmp"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+        torch.save(opt_state, os.path.join(tmp, "optim.pt"))
+        files = {name: sha256_file(os.path.join(tmp, name)) for name in CHECKPOINT_FILES}
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"step": step, "phase": phase, "loader": extra_state, "model": dataclasses.asdict(model.cfg),
+                       "run": dataclasses.asdict(cfg), "files": files}, f, indent=1)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        write_text_atomic(os.path.join(cfg.run_dir, f"latest_{phase}"), os.path.basename(final))
+        write_text_atomic(os.path.join(cfg.run_dir, "latest"), os.path.basename(final))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{final}: could not write the checkpoint ({e.strerror or e}); the latest is still "
+                              f"{latest_checkpoint(cfg.run_dir, phase) or 'none'}") from None
+    for old in list(checkpoints(cfg.run_dir, phase).values())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir, phase=None):
+    """The newest checkpoint of `phase`, or of any phase (the model the next phase starts from); None if none."""
+    path = os.path.join(run_dir, f"latest_{phase}" if phase else "latest")
+    return os.path.join(run_dir, open(path).read().strip()) if os.path.isfile(path) else None
+
+
+def verify_checkpoint(path, files):
+    """state.json of a checkpoint, after checking that `files` are there and have the sha256 it recorded."""
+    where = os.path.join(path, "state.json")
+    if not os.path.isfile(where):
+        raise CheckpointError(f"{where}: missing (not a checkpoint directory?)")
+    state = read_json(where)  # malformed: a DataFormatError naming it
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int)
+            and isinstance(state.get("model", state.get("config")), dict)):
+        raise CheckpointError(f"{where}: not a checkpoint's state (step, model)")
+    for name in files:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file}: missing (not a checkpoint directory, or an incomplete one?)")
+        want = state.get("files", {}).get(name)  # checkpoints written before checksums have none
+        if want is not None and sha256_file(file) != want:
+            raise CheckpointError(f"{file}: sha256 differs from the one in state.json (truncated or corrupt)")
+    return state
+
+
+def load_checkpoint(path, model, opt=None):
+    """Verify, then load weights (and optimizer state); returns state.json. Every failure is a CheckpointError."""
+    state = verify_checkpoint(path, CHECKPOINT_FILES if opt is not None else CHECKPOINT_FILES[:1])
+    load_verified(path, model, opt)
+    return state
+
+
+def load_model(path, device="cpu", vocab_size=None):
+    """(model, state.json) of a checkpoint: the model built from the ModelConfig it carries, its weights loaded;
+    state.json read once (step, phase, "run": the settings of the phase that wrote it). A checkpoint from before
+    checkpoints carried their model (its state.json has the pretraining run's "config" instead) loads given its
+    tokenizer's vocab_size, and --phases convert rewrites it once."""
+    state = verify_checkpoint(path, CHECKPOINT_FILES[:1])
+    model = GPT(checkpoint_model(path, state, vocab_size)).to(device)
+    load_verified(path, model)
+    return model, state
+
+
+def checkpoint_model(path, state, vocab_size=None):
+    """The ModelConfig of a checkpoint's state.json (see load_model)."""
+    where = os.path.join(path, "state.json")
+    if "model" in state:
+        try:
+            return ModelConfig(**{**state["model"], "softcap": tuple(state["model"]["softcap"])})
+        except (TypeError, KeyError) as e:
+            raise CheckpointError(f"{where}: 'model' is not a model this stack builds ({e})") from None
+    if vocab_size is None:
+        raise CheckpointError(f"{path}: written before checkpoints carried their model; convert it once with "
+                              f"`python {os.path.basename(__file__)} --phases convert --init-from {path} --data-dir DATA_DIR`")
+    unknown = set(state["config"]) - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        raise CheckpointError(f"{where}: config fields this stack does not know: {', '.join(sorted(unknown))}")
+    return ModelConfig.of(Config(**{k: freeze(v) for k, v in state["config"].items()}), vocab_size)
+
+
+def load_verified(path, model, opt=None):
+    """Weights (and optimizer state) of a checkpoint verify_checkpoint has checked."""
+    from safetensors.torch import load_file
+    weights, optim = (os.path.join(path, name) for name in CHECKPOINT_FILES)
+    try:
+        model.load_state_dict(load_file(weights, device=str(next(model.parameters()).device)))
+    except Exception as e:  # safetensors' header errors, missing or unexpected keys, other shapes
+        raise CheckpointError(f"{weights}: does not load into this model ({str(e).splitlines()[0][:300]})") from None
+    model.sync_flags()
+    if opt is not None:
+        try:
+            opt.load_state_dict(torch.load(optim, weights_only=True, map_location="cpu"))
+        except Exception as e:  # unpickling refused, other parameters, other shapes
+            raise CheckpointError(f"{optim}: does not load into this optimizer ({str(e).splitlines()[0][:300]})") from None
+
+
+def resume_checkpoint(cfg, phase, model, opt, log):
+    """--resume: load the phase's newest checkpoint that verifies (latest_<phase>, else the older ones kept, newest
+    first, each skip logged as a warning) into model and opt. Returns (path, state), or None if the phase has none."""
+    latest = latest_checkpoint(cfg.run_dir, phase)
+    candidates = ([latest] if latest else []) + [p for p in reversed(checkpoints(cfg.run_dir, phase).values()) if p != latest]
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path, model, opt)
+        except DataFormatError as e:
+            log(f"warning: cannot resume from {path}: {e}")
+    if candidates:
+        raise CheckpointError(f"{cfg.run_dir}: no {phase} checkpoint to resume from loads ({', '.join(map(os.path.basename, candidates))})")
+    return None
+
+
+def claim_run_dir(cfg, phases):
+    """Before anything is written: lock the run directory for this process (released at exit, kill -9 included; a
+    second run on it is refused, naming the holder), remove what a crash left half-written (*.tmp), and make sure a
+    fresh (not --resume) pt, sft or rl run does not mix its checkpoints with an earlier run's: refuse, or with
+    --overwrite delete that phase's checkpoints and the later phases' (trained from them). Returns the lock."""
+    import fcntl
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    lock = open(os.path.join(cfg.run_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        raise CheckpointError(f"{cfg.run_dir}: run directory in use by pid {lock.read().strip() or '?'} "
+                              "(one run per --run-dir)") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    for name in os.listdir(cfg.run_dir):
+        if name.endswith(".tmp"):
+            path = os.path.join(cfg.run_dir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+    training = [p for p in CHECKPOINT_PREFIX if p in phases]
+    clash = [os.path.basename(path) for p in training for path in checkpoints(cfg.run_dir, p).values()]
+    if clash and not cfg.resume:
+        if not cfg.overwrite:
+            raise CheckpointError(f"{cfg.run_dir}: holds checkpoints of an earlier run ({', '.join(clash)}); pass "
+                                  "--resume to continue it, --overwrite to replace it, or another --run-dir")
+        for phase in list(CHECKPOINT_PREFIX)[list(CHECKPOINT_PREFIX).index(training[0]):]:
+            for path in checkpoints(cfg.run_dir, phase).values():
+                shutil.rmtree(path)
+            for pointer in (f"latest_{phase}", "latest"):
+                path = os.path.join(cfg.run_dir, pointer)
+                if os.path.isfile(path) and not os.path.isdir(os.path.join(cfg.run_dir, open(path).read().strip())):
+                    os.remove(path)
+    return lock
+
+
+def write_text_atomic(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def update_metrics(cfg, rt, values):
+    """Merge values into RUN_DIR/metrics.json (every phase adds its own keys)."""
+    if not rt.master:
+        return
+    path = os.path.join(cfg.run_dir, "metrics.json")
+    metrics = read_json(path) if os.path.isfile(path) else {}
+    metrics.update(values)
+    write_text_atomic(path, json.dumps(metrics, indent=1) + "\n")
+
+
+def settle_losses(pending, cfg, rt, log, phase):
+    """The losses of the steps in `pending` (a list of (step, loss tensor), emptied), averaged over ranks, as floats:
+    one host sync for all of them. The loops call it at log, eval and checkpoint steps only, so the GPU runs ahead in
+    between. A NaN/inf loss stops the run with exit code 2, recorded in metrics.json, before any checkpoint after it
+    is written: the phase's last checkpoint is the last good one."""
+    steps, losses = [s for s, _ in pending], torch.stack([loss for _, loss in pending])
+    pending.clear()
+    values = sum_over_ranks(losses, rt, dist.ReduceOp.AVG).tolist()
+    for step, value in zip(steps, values):
+        if not math.isfinite(value):
+            prefix = "" if phase == "pt" else phase + " "
+            log(f"{prefix}step {step}: loss is {value}; stopping. The last good checkpoint is {latest_checkpoint(cfg.run_dir, phase)}")
+            update_metrics(cfg, rt, {prefix.replace(" ", "_") + "diverged_at_step": step})
+            sys.exit(2)
+    return values
+
+
+class LoopTimer:
+    """Training time without eval and checkpoint pauses, read at host syncs (where the GPU has caught up)."""
+
+    def __init__(self):
+        self.total, self.resumed = 0.0, time.perf_counter()
+        self.since, self.steps, self.tokens = self.resumed, 0, 0
+
+    def step(self, tokens):
+        self.steps += 1
+        self.tokens += tokens
+
+    def lap(self):
+        """(seconds, steps, tokens) since the last lap; call it right after a host sync."""
+        now = time.perf_counter()
+        self.total += now - self.resumed
+        lap = max(now - self.since, 1e-9), self.steps, self.tokens
+        self.resumed = self.since = now
+        self.steps = self.tokens = 0
+        return lap
+
+    def pause_until_now(self):
+        """Eval or a checkpoint ran since the last lap: leave it out."""
+        self.resumed = self.since = time.perf_counter()
+
+
+def trained_model(cfg, rt, tokenizer):
+    """(model, state.json, path) of --init-from, else of the run's latest checkpoint (load_model)."""
+    path = cfg.init_from or latest_checkpoint(cfg.run_dir)
+    if not path:
+        raise CheckpointError(f"{cfg.run_dir}: no checkpoint to evaluate (run --phases pt first, or pass --init-from)")
+    model, state = load_model(path, rt.device, tokenizer.vocab_size)
+    return model, state, path
+
+
+# =============================================================================================================
+# 14. Phases and main
+
+
+def phase_data(cfg, rt, log):
+    """Check every part of a prepared data directory and print what it holds."""
+    t0 = time.time()
+    tok = data_tokenizer(cfg.data_dir)
+    log(f"tokenizer: vocab {tok.vocab_size}, bos {tok.bos_id}, {len(tok.special_tokens)} special tokens")
+    for split in ("val", "train"):
+        paths = pretrain_shards(cfg.data_dir, tok, split, check_sha256=True)
+        n = sum(len(read_token_file(p, tok.vocab_size)) for p in paths)
+        log(f"pretrain/{split}: {len(paths)} shards, {n:,} tokens")
+    core = load_core(cfg.data_dir, tok)
+    log(f"core: {len(core.tasks)} tasks, {len(core.examples):,} examples, {len(core.tokens):,} tokens (max_len {core.max_len})")
+    for split in ("val", "train"):
+        sft = load_sft(cfg.data_dir, tok, split)
+        log(f"sft/{split}: {len(sft.convs) - 1:,} conversations, {len(sft.tokens):,} tokens, {int(sft.mask.sum()):,} supervised")
+    for name in ("chat_eval", "rl"):
+        chat = load_chat_eval(cfg.data_dir, tok, name)
+        log(f"{name}: " + ", ".join(f"{t['name']} {t['n_examples']}" for t in chat.tasks))
+    log(f"data directory {cfg.data_dir} is complete and consistent ({time.time() - t0:.1f}s)")
+
+
+def phase_pt(cfg, rt, log):
+    require_training_dtype(rt, "pt")
+    tokenizer = data_tokenizer(cfg.data_dir)
+    torch.manual_seed(cfg.seed)
+    model = GPT(ModelConfig.of(cfg, tokenizer.vocab_size)).to(rt.device)
+    opt = make_optimizer(model, cfg)
+    stages = scaled_stages(cfg)
+    total = total_steps(stages)
+    loader = PretrainLoader(pretrain_shards(cfg.data_dir, tokenizer, "train"), tokenizer, rt.rank, rt.world_size)
+    start, resumed = 0, resume_checkpoint(cfg, "pt", model, opt, log) if cfg.resume else None
+    if resumed:
+        path, state = resumed
+        start, loader.state = state["step"], state["loader"]
+        log(f"resumed from {path} at step {start}")
+    elif cfg.init_from:
+        load_checkpoint(cfg.init_from, model)
+        log(f"initialized from {cfg.init_from}")
+    n_params = sum(p.numel() for p in model.parameters())
+    n_matrix = sum(p.numel() for n, p in model.named_parameters() if param_label(n) in ("attn", "mlp_fc", "mlp_proj"))
+    log(f"model: {n_params:,} parameters ({n_matrix:,} in NorMuon matrices), {total} steps, attention backend {rt.backend}, "
+        f"device {rt.device}, activations {rt.precision or rt.dtype}, world size {rt.world_size}")
+    loss_fn, compile_s, graphs = train_loss, 0.0, 0
+    if cfg.compile:
+        loss_fn = torch.compile(train_loss)
+        compile_s, graphs = warm_up_compiled(loss_fn, model, cfg, rt, stages, loader, start)
+        log(f"compiled {graphs} graphs for steps {start}-{total} in {compile_s:.1f}s, before the timed loop")
+    peak = peak_flops(rt.device, rt.dtype)
+    timer, pending, val_bpb, flops, last = LoopTimer(), [], None, 0, None
+    for step, p, T, accum, grow, untie in pretrain_steps(cfg, stages, rt.world_size, start):
+        if grow:
+            model.grow_window(*grow)
+        if untie and model.is_tied:
+            model.untie()
+            opt.copy_state("lm_head", "embed")
+        windows = model.windows(p.short_window, p.long_window)
+        step_loss = torch.zeros((), device=rt.device)
+        mtp_weights = to_device(p.mtp_weights, torch.float32, rt.device)
+        for _ in range(accum):
+            batch = loader.next_batch(T, p.max_doc_len, len(p.mtp_weights), rt.device)
+            with autocast(rt):
+                loss = loss_fn(model, batch, windows, mtp_weights, rt.backend, 1 / accum, cfg.fp8) / accum
+            loss.backward()
+            step_loss += loss.detach()
+            flops += training_flops(model, windows, batch.segment_lengths) if peak else 0
+        pending.append((step, step_loss))
+        opt.step(p.lr_factor, muon_momentum(step, total))
+        opt.zero_grad()
+        timer.step(p.batch_tokens)
+        last, final = step, step == total - 1
+        logging = step % cfg.log_every == 0 or final
+        validating = (step + 1) % cfg.val_every == 0 or final
+        saving = (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or final
+        if not (logging or validating or saving):
+            continue
+        losses = settle_losses(pending, cfg, rt, log, "pt")  # the host sync; stops on a NaN before anything is saved
+        seconds, steps, tokens = timer.lap()
+        tok_per_s, mfu, flops = tokens / seconds, f" mfu {100 * flops / (seconds * peak):.1f}%" if peak else "", 0
+        if logging:
+            log(f"step {step + 1}/{total} loss {losses[-1]:.4f} lr {p.lr_factor:.3f} {tok_per_s:,.0f} tok/s{mfu} "
+                f"eta {seconds / steps * (total - step - 1) / 60:.1f} min")
+            log.metrics(step, {"train/loss": losses[-1], "train/tok_per_s": tok_per_s})
+        if validating:
+            val_bpb, val_loss = evaluate_bpb(model, cfg, rt, tokenizer, windows, p.max_doc_len)
+            memory = peak_memory_gib(rt.device)
+            log(f"step {step + 1}/{total} val bpb {val_bpb:.4f} val loss {val_loss:.4f}"
+                + (f" peak memory {memory:.1f} GiB" if memory is not None else ""))
+            log.metrics(step, {"val/bpb": val_bpb, "val/loss": val_loss})
+        if saving:
+            save_checkpoint(cfg, rt, step + 1, model, opt, loader.state)
+        timer.pause_until_now()
+    if last is None:
+        log(f"nothing to do: run already at step {start} of {total}")
+        return model
+    timed_tokens = sum(plan_step(cfg, stages, s).batch_tokens for s in range(start, last + 1))
+    update_metrics(cfg, rt, {
+        "val_bpb": val_bpb, "train_tokens": sum(s.steps * s.batch_tokens for s in stages), "params": n_params, "params_matrix": n_matrix,
+        "tok_per_s": timed_tokens / timer.total, "device": str(rt.device), "attn_backend": rt.backend,
+        "world_size": rt.world_size, "pt_train_time_s": timer.total, "pt_compile_time_s": compile_s,
+        "pt_compile_graphs": graphs, "peak_memory_gib": peak_memory_gib(rt.device)})
+    return model
+
+
+def phase_eval(cfg, rt, log):
+    """Bits per byte and CORE of a trained model."""
+    tokenizer = data_tokenizer(cfg.data_dir)
+    model, _, path = trained_model(cfg, rt, tokenizer)
+    windows = model.windows()
+    log(f"evaluating {path}")
+    t0 = time.time()
+    bpb, loss = evaluate_bpb(model, cfg, rt, tokenizer, windows, model.cfg.max_doc_len)
+    log(f"val bpb {bpb:.4f} val loss {loss:.4f}")
+    core = load_core(cfg.data_dir, tokenizer)
+    out = evaluate_core(model, core, rt, windows, cfg.core_max_per_task, cfg.core_batch_tokens)
+    log(format_core_table(out, core))
+    log(f"eval took {time.time() - t0:.0f}s")
+    update_metrics(cfg, rt, {"val_bpb": bpb, "core": out["core"], "core_per_task": out["centered"],
+                             "core_max_per_task": cfg.core_max_per_task})
+
+
 def phase_sft(cfg, rt, log):
     """Fine-tune the latest model (or --init-from) on the SFT conversations with a fresh optimizer."""
     require_training_dtype(rt, "sft")
-    tokenizer = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
-    model, windows, _, path = trained_model(cfg, rt, tokenizer)  # the checkpoint's architecture and final windows
-    model.train()
-    mcfg = model.cfg  # scale its learning rates in a copy: model.cfg is what checkpoints record
-    opt = make_optimizer(model, dataclasses.replace(mcfg, muon_lr=mcfg.muon_lr * cfg.sft_lr_mul, adam_lr=mcfg.adam_lr * cfg.sft_lr_mul))
+    tokenizer = data_tokenizer(cfg.data_dir)
+    model, _, path = trained_model(cfg, rt, tokenizer)  # the checkpoint's architecture and final windows
+    windows = model.windows()
+    opt = make_optimizer(model, dataclasses.replace(cfg, muon_lr=cfg.muon_lr * cfg.sft_lr_mul, adam_lr=cfg.adam_lr * cfg.sft_lr_mul))
     train, val = load_sft(cfg.data_dir, tokenizer, "train"), load_sft(cfg.data_dir, tokenizer, "val")
     loader = SFTLoader(train, tokenizer, rt.rank, rt.world_size, cfg.seed)
     total = cfg.sft_steps
@@ -3211,9 +3396,7 @@ def phase_sft(cfg, rt, log):
         # the step's loss is the mean over every supervised target of every rank: weigh each micro-batch's mean by
         # its share of them (times world size: the optimizer averages gradients over ranks)
         counts = torch.stack([(b.targets[:, 0] >= 0).sum() for b in batches]).double()
-        n_total = counts.sum()
-        if rt.world_size > 1:
-            dist.all_reduce(n_total)
+        n_total = sum_over_ranks(counts.sum(), rt)
         step_loss = torch.zeros((), device=rt.device)
         for b, n in zip(batches, counts):
             with autocast(rt):
@@ -3251,51 +3434,23 @@ def phase_sft(cfg, rt, log):
     return model
 
 
-# -- GSM8K RL: on-policy policy gradient with the engine and the calculator, nanochat-style --
-
-
-def gsm8k_reward(tokenizer, sample, answer):
-    """1 when the number after '####' in the sample is the reference answer, else 0."""
-    return float(gsm8k_answer(reply_text(tokenizer, sample)) == answer)
-
-
-def group_advantages(rewards):
-    """Reward minus the mean over the k samples of the same question (no std scaling, as nanochat)."""
-    rewards = torch.as_tensor(rewards, dtype=torch.float32)
-    return rewards - rewards.mean()
-
-
-def policy_gradient_loss(model, rollouts, windows, rt, n_tokens):
-    """-sum(advantage x log p(token)) / n_tokens over the sampled tokens of `rollouts`, a list of (prompt, Sample,
-    advantage) packed into one varlen forward. Prompt tokens and forced tool output (mask 0) get no gradient: their
-    rows never reach the logits. n_tokens: sampled tokens of the whole step (token-level normalisation)."""
-    (ids, prev, positions, cu, max_len), starts = packed_documents(
-        [np.array(prompt + sample.tokens) for prompt, sample, _ in rollouts], rt.device)
-    rows, weights = [], []
-    for start, (prompt, sample, advantage) in zip(starts, rollouts):
-        sampled = np.flatnonzero(np.array(sample.mask) == 1)  # token i of the sample sits at start + len(prompt) + i
-        rows.append(start + len(prompt) + sampled - 1)        # ... and is predicted by the row before it
-        weights.append(np.full(len(sampled), advantage, dtype=np.float32))
-    rows = torch.from_numpy(np.concatenate(rows)).to(rt.device)
-    with autocast(rt):
-        h = model.hidden(ids, prev, positions, windows, cu, max_len, rt.backend)
-        logp = -F.cross_entropy(model.logits(h[rows]).float(), ids[rows + 1], reduction="none")
-    return -(logp * torch.from_numpy(np.concatenate(weights)).to(rt.device)).sum() / max(1, n_tokens)
-
-
-@torch.no_grad()
-def gsm8k_pass_at_k(engine, tokenizer, chat, task, examples, k, cfg, rt, seed):
-    """pass@1..k on the given examples of a generative chat-eval task: the fraction of questions where one of the
-    first j samples (temperature cfg.rl_temperature) is right; examples split across ranks."""
-    hits = torch.zeros(k, device=rt.device)
-    for e in examples[rt.rank::rt.world_size]:
-        samples = engine.generate([chat.prompt(e)[0].tolist()], k, cfg.rl_max_new_tokens, cfg.rl_temperature,
-                                  cfg.rl_top_k, seed=seed + e)[0]
-        right = [gsm8k_reward(tokenizer, s, task["answers"][e - task["first_example"]]) for s in samples]
-        hits += torch.tensor(np.maximum.accumulate(right), dtype=torch.float32, device=rt.device)
-    if rt.world_size > 1:
-        dist.all_reduce(hits)
-    return {j + 1: float(hits[j]) / len(examples) for j in range(k)}
+def phase_chat(cfg, rt, log):
+    """Chat evaluation (ARC, MMLU, GSM8K; ChatCORE) of the latest checkpoint or --init-from."""
+    tokenizer = data_tokenizer(cfg.data_dir)
+    model, _, path = trained_model(cfg, rt, tokenizer)
+    windows = model.windows()
+    chat = load_chat_eval(cfg.data_dir, tokenizer)
+    log(f"chat evaluation of {path}")
+    t0 = time.time()
+    out = evaluate_chat(model, chat, tokenizer, rt, windows, cfg.chat_max_per_task, cfg.core_batch_tokens,
+                        cfg.chat_batch_size, cfg.chat_max_new_tokens, cfg.sandbox)
+    log(format_chat_table(out, chat))
+    log(f"chat eval took {time.time() - t0:.0f}s")
+    values = {"chatcore": out["chatcore"], "chat_per_task": out["results"], "chat_max_per_task": cfg.chat_max_per_task}
+    # the pipeline evaluates after SFT and again after RL: keep each checkpoint's numbers, the latest on top
+    metrics_path = os.path.join(cfg.run_dir, "metrics.json")
+    history = (read_json(metrics_path) if os.path.isfile(metrics_path) else {}).get("chat_by_checkpoint", {})
+    update_metrics(cfg, rt, {**values, "chat_by_checkpoint": {**history, os.path.basename(path): values}})
 
 
 def phase_rl(cfg, rt, log):
@@ -3303,16 +3458,16 @@ def phase_rl(cfg, rt, log):
     across ranks) get rl_samples samples each from the engine; reward 1 for the right '####' answer; loss
     -advantage x log p over the sampled tokens; lr decays linearly to 0; pass@k on held-out test questions."""
     require_training_dtype(rt, "rl")
-    tokenizer = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
-    model, windows, _, path = trained_model(cfg, rt, tokenizer)
+    tokenizer = data_tokenizer(cfg.data_dir)
+    model, _, path = trained_model(cfg, rt, tokenizer)
+    windows = model.windows()
     train, test = load_chat_eval(cfg.data_dir, tokenizer, "rl"), load_chat_eval(cfg.data_dir, tokenizer)
     train_task = next(t for t in train.tasks if t["name"] == "gsm8k")
     test_task = next(t for t in test.tasks if t["name"] == "gsm8k")
     test_examples = list(range(test_task["first_example"], test_task["first_example"] + min(cfg.rl_eval_questions, test_task["n_examples"])))
     if cfg.rl_questions_per_step < rt.world_size:
         raise ValueError(f"--rl-questions-per-step {cfg.rl_questions_per_step} < world size {rt.world_size}: every rank needs a question")
-    base = model.cfg
-    opt = make_optimizer(model, dataclasses.replace(base, muon_lr=base.muon_lr * cfg.rl_lr_mul, adam_lr=base.adam_lr * cfg.rl_lr_mul))
+    opt = make_optimizer(model, dataclasses.replace(cfg, muon_lr=cfg.muon_lr * cfg.rl_lr_mul, adam_lr=cfg.adam_lr * cfg.rl_lr_mul))
     engine = Engine(model, tokenizer, windows, rt)
     order = np.random.default_rng(cfg.seed).permutation(train_task["n_examples"]) + train_task["first_example"]
     log(f"RL from {path}: {cfg.rl_steps} steps x {cfg.rl_questions_per_step} questions x {cfg.rl_samples} samples, "
@@ -3320,14 +3475,12 @@ def phase_rl(cfg, rt, log):
     rewards, pass_at = [], {}
     for step in range(cfg.rl_steps + 1):
         if step % cfg.rl_eval_every == 0 or step == cfg.rl_steps:
-            model.eval()
             pass_at = gsm8k_pass_at_k(engine, tokenizer, test, test_task, test_examples, cfg.rl_eval_samples, cfg, rt, cfg.seed)
             log(f"rl step {step}/{cfg.rl_steps} " + " ".join(f"pass@{j} {v:.4f}" for j, v in pass_at.items()))
             log.metrics(step, {f"rl/pass@{j}": v for j, v in pass_at.items()})
         if step == cfg.rl_steps:
             break
         t0 = time.perf_counter()
-        model.eval()
         questions = [int(order[(step * cfg.rl_questions_per_step + i) % len(order)]) for i in range(cfg.rl_questions_per_step)]
         rollouts, step_rewards = [], []
         for e in questions[rt.rank::rt.world_size]:
@@ -3337,11 +3490,9 @@ def phase_rl(cfg, rt, log):
             reward = [gsm8k_reward(tokenizer, s, train_task["answers"][e - train_task["first_example"]]) for s in samples]
             step_rewards += reward
             rollouts += [(prompt, s, float(a)) for s, a in zip(samples, group_advantages(reward))]
-        model.train()
         stats = torch.tensor([sum(step_rewards), len(step_rewards), sum(sum(s.mask) for _, s, _ in rollouts)],
                              dtype=torch.float64, device=rt.device)
-        if rt.world_size > 1:
-            dist.all_reduce(stats)
+        sum_over_ranks(stats, rt)
         # rollouts with advantage 0 (all k samples equally right) add nothing to the gradient: skip their forward,
         # but keep one (weighted 0) so every rank's optimizer sees the same gradients exist
         learning = [r for r in rollouts if r[2] != 0] or [(rollouts[0][0], rollouts[0][1], 0.0)]
@@ -3359,71 +3510,13 @@ def phase_rl(cfg, rt, log):
     update_metrics(cfg, rt, {"rl_reward": rewards, "gsm8k_pass_at": pass_at})
 
 
-# =============================================================================================================
-# 13. Phases and main
-
-
-def trained_model(cfg, rt, tokenizer):
-    """The model of --init-from, else of the run's latest checkpoint, built with the config it was trained with."""
-    path = cfg.init_from or latest_checkpoint(cfg.run_dir)
-    if not path:
-        raise DataFormatError(f"{cfg.run_dir}: no checkpoint to evaluate (run --phases pt first, or pass --init-from)")
-    trained = verify_checkpoint(path, ())["config"]
-    unknown = set(trained) - {f.name for f in dataclasses.fields(Config)}
-    if unknown:
-        raise CheckpointError(f"{path}/state.json: config fields this stack does not know: {', '.join(sorted(unknown))}")
-    model_cfg = Config(**{k: freeze(v) for k, v in trained.items()})
-    model = GPT(model_cfg, tokenizer.vocab_size).to(rt.device)
-    load_checkpoint(path, model)
-    model.eval()
-    stages = scaled_stages(model_cfg)
-    last = plan_step(model_cfg, stages, sum(s[0] for s in stages) - 1)  # evaluate with the final windows
-    return model, model.windows(last.short_window, last.long_window), last.max_doc_len, path
-
-
-def phase_eval(cfg, rt, log):
-    """Bits per byte and CORE of a trained model."""
-    tokenizer = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
-    model, windows, max_doc_len, path = trained_model(cfg, rt, tokenizer)
-    log(f"evaluating {path}")
-    t0 = time.time()
-    bpb, loss = evaluate_bpb(model, cfg, rt, tokenizer, windows, max_doc_len)
-    log(f"val bpb {bpb:.4f} val loss {loss:.4f}")
-    core = load_core(cfg.data_dir, tokenizer)
-    with torch.no_grad():
-        out = evaluate_core(model, core, rt, windows, cfg.core_max_per_task, cfg.core_batch_tokens)
-    log(format_core_table(out, core))
-    log(f"eval took {time.time() - t0:.0f}s")
-    update_metrics(cfg, rt, {"val_bpb": bpb, "core": out["core"], "core_per_task": out["centered"],
-                             "core_max_per_task": cfg.core_max_per_task})
-
-
-def phase_chat(cfg, rt, log):
-    """Chat evaluation (ARC, MMLU, GSM8K; ChatCORE) of the latest checkpoint or --init-from."""
-    tokenizer = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
-    model, windows, _, path = trained_model(cfg, rt, tokenizer)
-    chat = load_chat_eval(cfg.data_dir, tokenizer)
-    log(f"chat evaluation of {path}")
-    t0 = time.time()
-    out = evaluate_chat(model, chat, tokenizer, rt, windows, cfg.chat_max_per_task, cfg.core_batch_tokens,
-                        cfg.chat_batch_size, cfg.chat_max_new_tokens, cfg.sandbox)
-    log(format_chat_table(out, chat))
-    log(f"chat eval took {time.time() - t0:.0f}s")
-    values = {"chatcore": out["chatcore"], "chat_per_task": out["results"], "chat_max_per_task": cfg.chat_max_per_task}
-    # the pipeline evaluates after SFT and again after RL: keep each checkpoint's numbers, the latest on top
-    metrics_path = os.path.join(cfg.run_dir, "metrics.json")
-    history = (read_json(metrics_path) if os.path.isfile(metrics_path) else {}).get("chat_by_checkpoint", {})
-    update_metrics(cfg, rt, {**values, "chat_by_checkpoint": {**history, os.path.basename(path): values}})
-
-
 def phase_generate(cfg, rt, log):
     """Samples from a checkpoint for --prompt, or an interactive chat on stdin when there is no --prompt. The prompt
     is a user turn for a chat model (SFT/RL checkpoints, or --prompt-format chat), plain text for a base model."""
-    tokenizer = Tokenizer(os.path.join(cfg.data_dir, "tokenizer"))
-    model, windows, _, path = trained_model(cfg, rt, tokenizer)
-    phase = read_json(os.path.join(path, "state.json")).get("phase", "pt")
-    chat = cfg.prompt_format == "chat" or (cfg.prompt_format == "auto" and phase != "pt")
-    engine = Engine(model, tokenizer, windows, rt)
+    tokenizer = data_tokenizer(cfg.data_dir)
+    model, state, path = trained_model(cfg, rt, tokenizer)
+    chat = cfg.prompt_format == "chat" or (cfg.prompt_format == "auto" and state.get("phase", "pt") != "pt")
+    engine = Engine(model, tokenizer, model.windows(), rt)
     options = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                    min_p=cfg.min_p, seed=cfg.seed)
     text = lambda tokens: tokenizer.decode([t for t in tokens if t not in engine.stops])  # a stream has no Sample yet
@@ -3458,8 +3551,22 @@ def phase_generate(cfg, rt, log):
         options["seed"] += 1
 
 
+def phase_convert(cfg, rt, log):
+    """Rewrite the state.json of --init-from, a checkpoint from before checkpoints carried their model, as today's:
+    its ModelConfig (its pretraining config over the data's tokenizer) and that config as the run's settings."""
+    if not cfg.init_from:
+        raise CheckpointError("--phases convert needs --init-from CHECKPOINT_DIR")
+    model, state = load_model(cfg.init_from, "cpu", data_tokenizer(cfg.data_dir).vocab_size)
+    if "config" not in state:
+        log(f"{cfg.init_from} is already in today's format")
+        return
+    state = {**{k: v for k, v in state.items() if k != "config"}, "model": dataclasses.asdict(model.cfg), "run": state["config"]}
+    write_text_atomic(os.path.join(cfg.init_from, "state.json"), json.dumps(state, indent=1))
+    log(f"converted {cfg.init_from}: its state.json now carries its model")
+
+
 PHASES = {"data": phase_data, "pt": phase_pt, "eval": phase_eval, "sft": phase_sft, "chat": phase_chat, "rl": phase_rl,
-          "generate": phase_generate}
+          "generate": phase_generate, "convert": phase_convert}
 
 
 def main(argv=None):

@@ -52,7 +52,7 @@ def decode_speed(stack, model, windows, prompt_len, new_tokens):
             t = torch.tensor(seq)
             cu = torch.full((128,), len(seq), dtype=torch.int32)
             cu[0] = 0
-            h = model.hidden(t, torch.cat([torch.tensor([-1]), t[:-1]]), torch.arange(len(seq)), windows, cu, len(seq), "sdpa")
+            h = model.hidden(stack.Batch(t, torch.cat([torch.tensor([-1]), t[:-1]]), torch.arange(len(seq)), None, cu, len(seq)), windows, "sdpa")
             seq.append(int(model.logits(h[-1]).argmax()))
 
     return new_tokens / timed(cached)[1], recompute_tokens / timed(recomputed)[1]
@@ -78,7 +78,8 @@ def main():
                               (stack.latest_checkpoint("runs/cpu") or "")])
     rt = stack.Runtime(torch.device("cpu"), torch.float32, 0, 1, "sdpa")
     tok = stack.Tokenizer(os.path.join(args.data_dir, "tokenizer"))
-    model, windows, _, path = stack.trained_model(cfg, rt, tok)
+    model, _, path = stack.trained_model(cfg, rt, tok)
+    windows = model.windows()
     print(f"checkpoint {path}, {sum(p.numel() for p in model.parameters()):,} parameters, {torch.get_num_threads()} threads")
 
     n, t_packed, t_alone = core_speed(stack, model, stack.load_core(args.data_dir, tok), rt, windows, args.core_per_task)

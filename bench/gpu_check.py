@@ -21,6 +21,7 @@ results rewritten to OUT/gpu_check.json after each:
 The last lines are a table and a summary; the exit status is 1 if any check failed.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -233,7 +234,8 @@ def check_fp8(ctx, res):
     x = torch.randn(n, dim, device=dev, generator=g).to(dt)
     w = torch.randn(v, dim, device=dev, generator=g) * 0.02
     grad = (torch.randn(n, v, device=dev, generator=g) / n).to(dt)
-    scales = (100 / 448, 1.6 / 448, 0.75 / 448 / n)
+    x_scale, w_scale, g_scale = stack.FP8_SCALES
+    scales = (x_scale, w_scale, g_scale / n)
 
     def dq(t, s, fmt):
         return stack.fp8_dequantize(stack.fp8_quantize(t.float(), s, fmt), s)
@@ -302,14 +304,12 @@ def check_kv_cache(ctx, res):
     # SDPA anyway, and compiling flex here would spend the box)
     packed_rt = stack.Runtime(dev, rt.dtype, 0, 1, rt.backend if rt.backend in ("fa3", "fa2") else "sdpa")
     torch.manual_seed(0)
-    model = stack.GPT(cfg, 1000 if small else VOCAB).to(dev)
+    model = stack.GPT(stack.ModelConfig.of(cfg, 1000 if small else VOCAB)).to(dev)
     with torch.no_grad():  # off the zero init, so attention and the MLPs shape the logits
         for name, p in model.named_parameters():
             if name.endswith((".o", ".proj")) or name == "bigram_embed":
                 p.normal_(0, 0.02)
-    model.eval()
-    last = stack.plan_step(cfg, stack.scaled_stages(cfg), sum(s[0] for s in cfg.stages) - 1)
-    windows = model.windows(last.short_window, last.long_window)
+    windows = model.windows()  # the last stage's, as a trained model is served
     lengths, new = ((40, 90), 16) if small else ((300, 1900), 64)
     seqs = [torch.randint(0, model.vocab_size, (n + new,), device=dev) for n in lengths]
     worst_max, worst_mean, agree = 0.0, 0.0, []
@@ -380,8 +380,8 @@ def synthetic_data(out, vocab_size, n_train, n_val, seed=0):
 def short_schedule(stages, steps):
     """The stages with their step counts scaled to about `steps` in all (at least 2 each: MTP horizons drop on a
     stage's last step), everything else as the preset has it."""
-    total = sum(s[0] for s in stages)
-    return [[max(2, round(s[0] * steps / total)), *s[1:]] for s in stages]
+    total = sum(s.steps for s in stages)
+    return [{**dataclasses.asdict(s), "steps": max(2, round(s.steps * steps / total))} for s in stages]
 
 
 def check_train(ctx, res):
@@ -390,11 +390,11 @@ def check_train(ctx, res):
     preset = "cpu" if small else "gpu1"
     cfg = stack.parse_config(["--preset", preset])
     stages = short_schedule(cfg.stages, 6 if small else args.train_steps)
-    n_train = sum(s[0] * s[1] for s in stages) + (1 << 20)
+    n_train = sum(s["steps"] * s["batch_tokens"] for s in stages) + (1 << 20)
     data = args.data_dir or synthetic_data(os.path.join(args.out, "synthetic-data"), 1024 if small else VOCAB, n_train,
                                            1 << (17 if small else 21))
     cmd = [sys.executable, STACK, "--preset", preset, "--data-dir", data, "--run-dir", run_dir, "--phases", "pt",
-           "--stages", json.dumps(stages), "--val-every", str(sum(s[0] for s in stages) // 2), "--checkpoint-every", "0",
+           "--stages", json.dumps(stages), "--val-every", str(sum(s["steps"] for s in stages) // 2), "--checkpoint-every", "0",
            "--val-tokens", str(1 << (15 if small else 20)), "--log-every", "4", "--wandb", "disabled"]
     if small:
         cmd += ["--n-layers", "2", "--model-dim", "64", "--n-heads", "2", "--head-dim", "32", "--long-window-layers", "1",
@@ -416,7 +416,7 @@ def check_train(ctx, res):
     losses = [float(x) for x in re.findall(r"^step \d+/\d+ loss (\S+)", log, re.M)]
     mfu = [float(x) for x in re.findall(r" mfu (\S+)%", log)]
     falling = len(losses) >= 2 and losses[-1] < losses[0] - 1.0
-    res.add("train", f"{preset} model, {sum(s[0] for s in stages)} steps, {m['train_tokens']:,} tokens",
+    res.add("train", f"{preset} model, {sum(s['steps'] for s in stages)} steps, {m['train_tokens']:,} tokens",
             "ok" if falling and math.isfinite(m["val_bpb"]) else "FAIL",
             f"loss {losses[0]:.2f} -> {losses[-1]:.2f}, val bpb {m['val_bpb']:.3f}, {m['tok_per_s']:,.0f} tok/s"
             + (f", mfu {mfu[-1]:.1f}%" if mfu else "") + f", compile {m['pt_compile_time_s']:.0f}s for "

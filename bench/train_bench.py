@@ -25,10 +25,10 @@ def training_speed(stack, data_dir, compile_, steps=6, warmup=2):
     cfg = stack.parse_config(["--preset", "cpu", "--data-dir", data_dir])
     tok = stack.Tokenizer(os.path.join(data_dir, "tokenizer"))
     torch.manual_seed(0)
-    model = stack.GPT(cfg, tok.vocab_size)
+    model = stack.GPT(stack.ModelConfig.of(cfg, tok.vocab_size))
     opt = stack.make_optimizer(model, cfg)
     loader = stack.PretrainLoader(stack.pretrain_shards(data_dir, tok, "train"), tok, 0, 1)
-    p = stack.plan_step(cfg, stack.scaled_stages(cfg), sum(s[0] for s in cfg.stages) - 1)
+    p = stack.plan_step(cfg, stack.scaled_stages(cfg), stack.total_steps(cfg.stages) - 1)
     loss_fn = torch.compile(stack.train_loss) if compile_ else stack.train_loss
     weights = torch.tensor(p.mtp_weights)
     windows = model.windows(p.short_window, p.long_window)

@@ -1,6 +1,6 @@
 """Shared pieces of the data writers: errors, atomic writes, input discovery, the token-file format.
 
-The readers of these formats live in `decoderstack_small_pt-eval-sft.py` (section 8); tests write with this
+The readers of these formats live in `decoderstack_small_pt-eval-sft.py` (its Data section); tests write with this
 module and read with the stack so the two sides cannot drift. Formats are documented in data/README.md.
 """
 import contextlib

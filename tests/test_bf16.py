@@ -141,7 +141,8 @@ def gpu_like_run(stack, bf16_data, tmp_path_factory):
         cfg = run_phases(stack, bf16_data, root / "run", rt, ["pt", "sft", "rl"])
         # the packed eval forward (CORE, chat eval, bpb) and prefill + decode with the KV cache
         tok = stack.Tokenizer(str(bf16_data / "tokenizer"))
-        model, windows, _, _ = stack.trained_model(cfg, rt, tok)
+        model, _, _ = stack.trained_model(cfg, rt, tok)
+        windows = model.windows()
         seqs = [(np.array([tok.bos_id] + tok.encode(t)), 2, 5) for t in ("The cat sat down.", "A dog ran off, fast.")]
         calls["core"] = stack.core_scores_packed(model, seqs, rt, windows)
         calls["samples"] = stack.Engine(model, tok, windows, rt).generate([seqs[0][0].tolist()], 2, 5, temperature=1.0)

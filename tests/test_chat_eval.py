@@ -34,7 +34,7 @@ def test_categorical_packed_equals_each_prompt_alone(stack):
         cu = torch.full((128,), len(ids), dtype=torch.int32)
         cu[0] = 0
         with torch.no_grad():
-            h = model.hidden(ids, torch.cat([torch.tensor([-1]), ids[:-1]]), torch.arange(len(ids)), windows, cu, len(ids), "sdpa")
+            h = model.hidden(stack.Batch(ids, torch.cat([torch.tensor([-1]), ids[:-1]]), torch.arange(len(ids)), None, cu, len(ids)), windows, "sdpa")
             alone = model.logits(h[-1])[letters[:n_choices]].argmax().item()
         assert choice == alone < n_choices
     assert len(set(packed)) > 1

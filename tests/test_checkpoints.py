@@ -48,7 +48,7 @@ def test_fresh_run_refuses_an_earlier_runs_checkpoints_unless_overwrite(stack, p
 def test_pruning_keeps_the_newest_by_step_number(stack, tok_dir, tmp_path):
     cfg = stack.parse_config(TINY_ARGS + ["--run-dir", str(tmp_path)])
     rt = stack.Runtime(torch.device("cpu"), torch.float32, 0, 1, "sdpa")
-    model = stack.GPT(cfg, stack.Tokenizer(tok_dir).vocab_size)
+    model = stack.GPT(stack.ModelConfig.of(cfg, stack.Tokenizer(tok_dir).vocab_size))
     opt = stack.make_optimizer(model, cfg)
     for step in (999_998, 999_999):
         (tmp_path / f"ckpt_{step}").mkdir()
@@ -134,7 +134,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(stack, tiny_data, tmp_path,
                                 f"the latest is still {tmp_path}/ckpt_000002")
     assert stack.latest_checkpoint(str(tmp_path)) == stack.latest_checkpoint(str(tmp_path), "pt") == str(tmp_path / "ckpt_000002")
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")] and list(stack.checkpoints(str(tmp_path), "pt")) == [2]
-    model = stack.GPT(cfg, stack.Tokenizer(os.path.join(tiny_data, "tokenizer")).vocab_size)
+    model = stack.GPT(stack.ModelConfig.of(cfg, stack.Tokenizer(os.path.join(tiny_data, "tokenizer")).vocab_size))
     assert stack.load_checkpoint(str(tmp_path / "ckpt_000002"), model, stack.make_optimizer(model, cfg))["step"] == 2
 
 
@@ -152,3 +152,31 @@ def test_only_an_invocation_that_trained_and_finished_writes_config_json(pretrai
     assert (run / "config.json").read_bytes() == before
     log = (run / "log.txt").read_text()
     assert '"seed": 7' in log and '"seed": 8' in log
+
+
+def test_a_checkpoint_from_before_model_configs_loads_and_converts(stack, pretrained_run, tmp_path):
+    """Checkpoints used to store the pretraining run's whole Config (stages as positional lists) and no vocab_size:
+    they load given the tokenizer's vocab_size, alone they are refused with the command that converts them, and
+    --phases convert rewrites their state.json so that they load by themselves."""
+    import json
+    data, pretrained = pretrained_run
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run)
+    path = run / "ckpt_000008"
+    today = json.loads((path / "state.json").read_text())
+    old_config = dict(today["run"], stages=[[s[f] for f in ("steps", "batch_tokens", "max_doc_len", "short_window",
+                                                           "long_window", "lr_mul", "mtp_start", "mtp_end")]
+                                            for s in today["run"]["stages"]])
+    old = {k: v for k, v in today.items() if k not in ("model", "run")} | {"config": old_config}
+    (path / "state.json").write_text(json.dumps(old))
+    with pytest.raises(stack.CheckpointError, match=f"{path}: written before checkpoints carried their model; convert "
+                                                    f"it once with `python .* --phases convert --init-from {path} --data-dir DATA_DIR`"):
+        stack.load_model(str(path))
+    vocab_size = stack.Tokenizer(os.path.join(data, "tokenizer")).vocab_size
+    model, state = stack.load_model(str(path), vocab_size=vocab_size)
+    assert stack.dataclasses.asdict(model.cfg) == {**today["model"], "softcap": tuple(today["model"]["softcap"])}
+    out = run_stack(str(data), run, "--phases", "convert", "--init-from", str(path))
+    assert out.returncode == 0 and f"converted {path}" in out.stdout, out.stderr[-2000:]
+    converted, state = stack.load_model(str(path))
+    assert state["model"] == today["model"] and state["run"] == old_config and "config" not in state
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), converted.state_dict().values()))

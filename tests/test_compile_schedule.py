@@ -52,7 +52,7 @@ def test_warm_up_compiles_every_graph_of_the_schedule(stack, tiny_data, tmp_path
 
     monkeypatch.setattr(stack, "warm_up_compiled", warm_up)
     cfg = stack.parse_config(["--preset", preset, *SMALL, "--data-dir", tiny_data, "--run-dir", str(tmp_path)])
-    assert cfg.compile and sum(s[0] for s in cfg.stages) == 1285
+    assert cfg.compile and sum(s.steps for s in cfg.stages) == 1285
     # rank 0 of `world_size`: its micro-batches are the 8-GPU run's; collectives go to a one-process gloo group
     rt = stack.Runtime(torch.device("cpu"), torch.float32, 0, world_size, "sdpa")
     torch._dynamo.reset()
@@ -67,6 +67,6 @@ def test_warm_up_compiles_every_graph_of_the_schedule(stack, tiny_data, tmp_path
     metrics = json.load(open(tmp_path / "metrics.json"))
     assert at_warm_up_end == [len(graphs)]  # the timed loop compiled nothing
     assert metrics["pt_compile_graphs"] == len(graphs) and 4 <= len(graphs) <= 12
-    assert metrics["pt_compile_time_s"] > 0 and metrics["train_tokens"] == sum(s[0] * s[1] for s in cfg.stages)
+    assert metrics["pt_compile_time_s"] > 0 and metrics["train_tokens"] == sum(s.steps * s.batch_tokens for s in cfg.stages)
     log = open(tmp_path / "log.txt").read()
     assert f"compiled {len(graphs)} graphs for steps 0-1285" in log and "step 1285/1285 val bpb" in log

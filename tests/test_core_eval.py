@@ -66,7 +66,7 @@ def tiny_model(stack, vocab_size, seed=0):
     """TINY_ARGS's GPT with its zero-initialised output projections and bigram table randomised, so no block is
     the identity; the smear switched on, so a document start (prev_ids) shows in every layer; logits spread out."""
     torch.manual_seed(seed)
-    model = stack.GPT(stack.parse_config(TINY_ARGS), vocab_size)
+    model = stack.GPT(stack.ModelConfig.of(stack.parse_config(TINY_ARGS), vocab_size))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith((".o", ".proj")) or name == "bigram_embed":
@@ -100,7 +100,7 @@ def alone_scores(model, stack, seq, windows):
     tokens, start, end = seq
     ids = torch.from_numpy(tokens)
     cu = torch.tensor([0] + [len(ids)] * 127, dtype=torch.int32)
-    h = model.hidden(ids, torch.cat([torch.tensor([-1]), ids[:-1]]), torch.arange(len(ids)), windows, cu, len(ids), "sdpa")
+    h = model.hidden(stack.Batch(ids, torch.cat([torch.tensor([-1]), ids[:-1]]), torch.arange(len(ids)), None, cu, len(ids)), windows, "sdpa")
     logits = model.logits(h)[start - 1:end - 1]
     return F.cross_entropy(logits, ids[start:end], reduction="none").mean().item(), bool((logits.argmax(-1) == ids[start:end]).all())
 
@@ -174,8 +174,8 @@ class NextTokenOracle:
     def __init__(self, model, shift):
         self.model, self.shift = model, shift
 
-    def hidden(self, ids, *args, **kwargs):
-        return torch.roll(ids, -self.shift)[:, None].float()
+    def hidden(self, batch, *args, **kwargs):
+        return torch.roll(batch.inputs, -self.shift)[:, None].float()
 
     def logits(self, h):
         return F.one_hot(h[:, 0].long(), self.model.vocab_size).float() * 20

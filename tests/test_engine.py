@@ -23,7 +23,7 @@ def make_model(stack, perturb=True, **overrides):
                bigram_rows_per_vocab=2.0)
     cfg.update(overrides)
     torch.manual_seed(0)
-    model = stack.GPT(stack.Config(**cfg), VOCAB)
+    model = stack.GPT(stack.ModelConfig.of(stack.Config(**cfg), VOCAB))
     if perturb:
         with torch.no_grad():
             for p in model.parameters():
@@ -38,7 +38,7 @@ def forward_logits(stack, model, ids, windows):
     cu[0] = 0
     prev = torch.cat([torch.tensor([-1]), ids[:-1]])
     with torch.no_grad():
-        return model.logits(model.hidden(ids, prev, torch.arange(L), windows, cu, L, "sdpa"))
+        return model.logits(model.hidden(stack.Batch(ids, prev, torch.arange(L), None, cu, L), windows, "sdpa"))
 
 
 def cpu_rt(stack):
@@ -89,9 +89,9 @@ def test_features_are_active_so_the_comparison_can_fail(stack):
     cu[0] = 0
     prev = torch.cat([torch.tensor([-1]), ids[:-1]])
     with torch.no_grad():
-        base = model.hidden(ids, prev, torch.arange(L), windows, cu, L, "sdpa")
-        no_prev = model.hidden(ids, torch.full_like(prev, -1), torch.arange(L), windows, cu, L, "sdpa")
-        jump = model.hidden(ids, prev, torch.arange(L) + 5 * (torch.arange(L) >= 15), windows, cu, L, "sdpa")
+        base = model.hidden(stack.Batch(ids, prev, torch.arange(L), None, cu, L), windows, "sdpa")
+        no_prev = model.hidden(stack.Batch(ids, torch.full_like(prev, -1), torch.arange(L), None, cu, L), windows, "sdpa")
+        jump = model.hidden(stack.Batch(ids, prev, torch.arange(L) + 5 * (torch.arange(L) >= 15), None, cu, L), windows, "sdpa")
     assert (base - no_prev).abs().max() > 1e-2 and (base[15:] - jump[15:]).abs().max() > 1e-3
 
 

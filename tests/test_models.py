@@ -84,7 +84,7 @@ def test_uniform_predictor_has_the_same_bpb_in_both_stacks(gpt2, stack, tiny_dat
     cfg = stack.parse_config(TINY_ARGS + ["--data-dir", tiny_data, "--val-tokens", str(N)])
     assert cfg.micro_batch_tokens == 512
     main_tok = stack.Tokenizer(os.path.join(tiny_data, "tokenizer"))
-    main_model = stack.GPT(cfg, main_tok.vocab_size)
+    main_model = stack.GPT(stack.ModelConfig.of(cfg, main_tok.vocab_size))
     with torch.no_grad():
         main_model.lm_head.zero_()  # the softcap maps 0 to one constant: uniform over the real vocabulary
     rt = stack.Runtime(torch.device("cpu"), torch.float32, 0, 1, "sdpa")
@@ -469,7 +469,7 @@ def test_modded_without_its_additions_is_the_main_stack(modded, stack):
     args = ["--preset", "cpu", "--n-layers", "3", "--model-dim", "64", "--n-heads", "2", "--head-dim", "32",
             "--long-window-layers", "1", "--value-embed-layers", "0,2"]
     torch.manual_seed(0)
-    main = stack.GPT(stack.parse_config(args), 300)
+    main = stack.GPT(stack.ModelConfig.of(stack.parse_config(args), 300))
     for p in main.parameters():
         p.normal_(0, 0.1)
     ours = modded.GPT(modded.parse_config(args + ["--data-dir", "x", "--paired-head-layers", "", "--no-attn-layers", "",
@@ -483,7 +483,7 @@ def test_modded_without_its_additions_is_the_main_stack(modded, stack):
     windows = ours.windows(16, 48)
     b, mb = modded.make_batch(buf, 299, 64, 2, "cpu"), stack.make_batch(buf, 299, 64, 2, "cpu")
     assert torch.equal(b.targets, mb.targets) and torch.equal(b.cu_seqlens, mb.cu_seqlens)
-    h_main = main.hidden(mb.inputs, mb.prev_ids, mb.positions, windows, mb.cu_seqlens, mb.max_seqlen, "sdpa")
+    h_main = main.hidden(mb, windows, "sdpa")
     torch.testing.assert_close(ours.hidden(b, windows), h_main, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours.logits(h_main), main.logits(h_main))
     weights = torch.tensor([1.0, 0.5])

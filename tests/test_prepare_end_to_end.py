@@ -60,7 +60,7 @@ def test_every_stage_batch_splits_into_micro_batches(stack, preset, world_size):
     """phase_pt stops at a stage whose batch is not world_size x micro-batch x accumulation: catch it here, not on
     the GPU."""
     cfg = stack.parse_config(["--preset", preset])
-    for steps, batch, *_ in stack.scaled_stages(cfg):
+    for batch in (s.batch_tokens for s in stack.scaled_stages(cfg)):
         T = min(cfg.micro_batch_tokens, batch // world_size)
         assert batch % (world_size * T) == 0, (preset, batch, T)
     T = min(cfg.micro_batch_tokens, cfg.sft_batch_tokens // world_size)

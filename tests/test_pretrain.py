@@ -72,7 +72,7 @@ def test_schedule_stages_lr_and_mtp(stack):
     warm = stack.dataclasses.replace(cfg, lr_warmup_steps=4)
     assert [stack.plan_step(warm, stages, s).lr_factor for s in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
     rescaled = stack.scaled_stages(stack.dataclasses.replace(cfg, train_tokens=1500))
-    assert [s[0] for s in rescaled] == [5, 5]  # half the tokens: half the steps of each stage
+    assert [s.steps for s in rescaled] == [5, 5]  # half the tokens: half the steps of each stage
 
 
 def test_bits_per_byte_weights_tokens_by_bytes(stack, tiny_data):
@@ -80,7 +80,7 @@ def test_bits_per_byte_weights_tokens_by_bytes(stack, tiny_data):
     cfg = stack.parse_config(TINY_ARGS + ["--data-dir", tiny_data, "--val-tokens", "1024"])
     tok = stack.Tokenizer(os.path.join(tiny_data, "tokenizer"))
     torch.manual_seed(0)
-    model = stack.GPT(cfg, tok.vocab_size)
+    model = stack.GPT(stack.ModelConfig.of(cfg, tok.vocab_size))
     with torch.no_grad():
         model.lm_head.normal_(0, 0.5)  # non-uniform predictions so the byte weighting matters
     rt = stack.Runtime(torch.device("cpu"), torch.float32, 0, 1, "sdpa")
@@ -91,7 +91,7 @@ def test_bits_per_byte_weights_tokens_by_bytes(stack, tiny_data):
     for start in (0, 512):
         b = stack.make_batch(val[start:start + 513], tok.bos_id, 128, 1, "cpu")
         with torch.no_grad():
-            h = model.hidden(b.inputs, b.prev_ids, b.positions, windows, b.cu_seqlens, b.max_seqlen, "sdpa")
+            h = model.hidden(b, windows, "sdpa")
             losses = torch.nn.functional.cross_entropy(model.logits(h), b.targets[:, 0], reduction="none")
         w = torch.from_numpy(tok.token_bytes)[b.targets[:, 0]]
         nats += float((losses * (w > 0)).sum())
@@ -104,7 +104,7 @@ def test_bits_per_byte_weights_tokens_by_bytes(stack, tiny_data):
 
 def test_model_structure_changes(stack, tiny_data):
     cfg = stack.parse_config(TINY_ARGS)
-    model = stack.GPT(cfg, 1024)
+    model = stack.GPT(stack.ModelConfig.of(cfg, 1024))
     freqs = model.rotary.freqs.clone()
     model.grow_window(512, 1024)
     assert model.scale == pytest.approx(0.1 * (0.2 * math.log(2) + 1))
@@ -116,7 +116,7 @@ def test_model_structure_changes(stack, tiny_data):
     model.untie()
     assert not model.is_tied and torch.equal(model.embed, model.lm_head)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    fresh = stack.GPT(cfg, 1024)
+    fresh = stack.GPT(stack.ModelConfig.of(cfg, 1024))
     fresh.load_state_dict(state)
     fresh.sync_flags()
     assert not fresh.is_tied and fresh.scale == model.scale
@@ -208,7 +208,7 @@ def test_compiled_loss_and_grads_match_eager(stack, tiny_data):
     cfg = stack.parse_config(TINY_ARGS + ["--data-dir", tiny_data])
     tok = stack.Tokenizer(os.path.join(tiny_data, "tokenizer"))
     torch.manual_seed(0)
-    model = stack.GPT(cfg, tok.vocab_size)
+    model = stack.GPT(stack.ModelConfig.of(cfg, tok.vocab_size))
     with torch.no_grad():  # leave the zero init so every parameter gets a gradient
         for name, p in model.named_parameters():
             if name.endswith((".o", ".proj")) or name == "bigram_embed":
@@ -233,7 +233,7 @@ def test_fp8_lm_head_path_matches_plain_matmul(stack, tiny_data, monkeypatch):
     cfg = stack.parse_config(TINY_ARGS + ["--data-dir", tiny_data])
     tok = stack.Tokenizer(os.path.join(tiny_data, "tokenizer"))
     torch.manual_seed(0)
-    model = stack.GPT(cfg, tok.vocab_size)
+    model = stack.GPT(stack.ModelConfig.of(cfg, tok.vocab_size))
     with torch.no_grad():
         model.lm_head.normal_(0, 0.05)
     batch = stack.PretrainLoader(stack.pretrain_shards(tiny_data, tok, "train"), tok, 0, 1).next_batch(512, 128, 1, "cpu")
@@ -241,7 +241,7 @@ def test_fp8_lm_head_path_matches_plain_matmul(stack, tiny_data, monkeypatch):
     for fp8 in (False, True):
         monkeypatch.setattr(stack, "fp8_supported", lambda device: fp8)
         model.zero_grad()
-        loss = stack.train_loss(model, batch, model.windows(32, 64), torch.tensor([1.0]), "sdpa", 0.5)
+        loss = stack.train_loss(model, batch, model.windows(32, 64), torch.tensor([1.0]), "sdpa", 0.5, fp8=True)
         loss.backward()
         results.append((loss.item(), model.lm_head.grad.clone()))
     (plain, g_plain), (fp8, g_fp8) = results

@@ -60,8 +60,8 @@ def test_gradient_flows_only_through_sampled_tokens(stack, monkeypatch):
             seq = torch.tensor(prompt + sample.tokens)
             cu = torch.full((128,), len(seq), dtype=torch.int32)
             cu[0] = 0
-            logp = model.logits(hidden(seq, torch.cat([torch.tensor([-1]), seq[:-1]]), torch.arange(len(seq)),
-                                       [4, 9, 3, 40], cu, len(seq), "sdpa")).log_softmax(-1)
+            logp = model.logits(hidden(stack.Batch(seq, torch.cat([torch.tensor([-1]), seq[:-1]]), torch.arange(len(seq)),
+                                                   None, cu, len(seq)), [4, 9, 3, 40], "sdpa")).log_softmax(-1)
             for i, m in enumerate(sample.mask):
                 if m:
                     manual -= adv * float(logp[len(prompt) + i - 1, sample.tokens[i]])
@@ -73,7 +73,7 @@ def test_equal_rewards_give_no_update(stack):
     weight as it was."""
     model = make_model(stack)
     model.untie()
-    opt = stack.make_optimizer(model, model.cfg)
+    opt = stack.make_optimizer(model, stack.Config())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     rs = [(p, s, float(a)) for (p, s, _), a in zip(rollouts(stack), stack.group_advantages([1, 1, 1, 1]))]
     stack.policy_gradient_loss(model, rs, [None] * 4, cpu_rt(stack), n_tokens=11).backward()

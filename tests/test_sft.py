@@ -68,7 +68,7 @@ def sft_data(tiny_data, tmp_path_factory):
 def tiny_model(stack, vocab_size):
     cfg = stack.parse_config(TINY_ARGS)
     torch.manual_seed(0)
-    model = stack.GPT(cfg, vocab_size)
+    model = stack.GPT(stack.ModelConfig.of(cfg, vocab_size))
     with torch.no_grad():  # leave the zero init so attention and the MLPs shape the outputs
         for name, p in model.named_parameters():
             if name.endswith((".o", ".proj")) or name == "bigram_embed":
@@ -84,7 +84,7 @@ def cpu_runtime(stack):
 def per_token_losses(model, batch, windows):
     """(T,) fp32 cross entropy of every row against its next token, -1 targets at 0."""
     with torch.no_grad():
-        h = model.hidden(batch.inputs, batch.prev_ids, batch.positions, windows, batch.cu_seqlens, batch.max_seqlen, "sdpa")
+        h = model.hidden(batch, windows, "sdpa")
         t = batch.targets[:, 0]
         return torch.where(t >= 0, F.cross_entropy(model.logits(h), t.clamp(min=0), reduction="none"), 0.0)
 
@@ -173,7 +173,7 @@ def test_masked_targets_get_no_gradient_and_do_not_count(stack, sft_data, monkey
     assert torch.equal(stack.sft_loss(model, batch, windows, "sdpa"), loss.detach())  # whatever masked rows predict
     # against the data directly: each supervised token (mask 1) predicted from the row before it
     with torch.no_grad():
-        logits = model.logits(real_hidden(batch.inputs, batch.prev_ids, batch.positions, windows, batch.cu_seqlens, batch.max_seqlen, "sdpa"))
+        logits = model.logits(real_hidden(batch, windows, "sdpa"))
     nats, count = 0.0, 0
     for d in range(int((batch.cu_seqlens < 512).sum()) - 1):  # every conversation, not the padding document
         start, stop = int(batch.cu_seqlens[d]), int(batch.cu_seqlens[d + 1])
@@ -301,7 +301,8 @@ def test_sft_phase_lowers_val_loss_and_keeps_the_architecture(stack, sft_data, p
     assert open(run / "latest").read() == "sft_ckpt_000012" == open(run / "latest_sft").read()
     pt_state = json.load(open(run / "ckpt_000008" / "state.json"))
     sft_state = json.load(open(run / "sft_ckpt_000012" / "state.json"))
-    assert sft_state["phase"] == "sft" and sft_state["config"] == pt_state["config"]  # lr scaling left it alone
+    assert sft_state["phase"] == "sft" and sft_state["model"] == pt_state["model"]  # lr scaling left it alone
+    assert sft_state["run"]["phases"] == "sft" and pt_state["run"]["phases"] == "pt"  # each records its own run
     assert set(sft_state["loader"]) == {"epoch", "cursor"}
     changed = [k for k, v in weights(run / "sft_ckpt_000012").items() if not torch.equal(v, weights(run / "ckpt_000008")[k])]
     assert "lm_head" in changed and "blocks.0.q" in changed
