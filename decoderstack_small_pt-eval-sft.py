@@ -107,7 +107,7 @@ class Config:
     n_heads: int = 6
     head_dim: int = 128
     mlp_mult: int = 4
-    vocab_multiple: int = 128
+    vocab_multiple: int = 128        # embedding rows padded to a multiple: matmul-friendly shapes
     long_window_layers: str = "3,10"
     value_embed_layers: str = "1,2,8,9,10"
     bigram_rows_per_vocab: float = 7.5
@@ -127,12 +127,14 @@ class Config:
     cooldown_frac: float = 0.6       # lr is flat, then decays linearly to final_lr over this last fraction
     final_lr: float = 0.15
     untie_frac: float = 0.667        # embed and lm_head share weights until this fraction of the steps
+    # optimizer: NorMuon for the blocks' matrices, Adam for the rest (optimizer_labels: each parameter's multipliers)
     muon_lr: float = 0.023
     muon_wd: float = 0.028
     adam_lr: float = 0.008
     adam_wd: float = 0.006
-    val_every: int = 250
-    val_tokens: int = 10_485_760
+    # evaluation during pretraining, checkpoints
+    val_every: int = 250             # steps between val bpb evaluations (also after the last)
+    val_tokens: int = 10_485_760     # val tokens per evaluation (all of the shards' when they hold fewer)
     checkpoint_every: int = 0        # steps between checkpoints (0: only at the end)
     core_max_per_task: int = -1      # CORE examples per task in --phases eval (-1: all)
     core_batch_tokens: int = 32768   # tokens per packed CORE (and categorical chat-eval) forward
@@ -1300,8 +1302,8 @@ class NorMuonAdam:
     """NorMuon for matrix parameters, Adam for the rest, ZeRO-style across the ranks of the default process group
     (set up by the caller; without one the world is this process).
 
-    named_params: (name, parameter) pairs. label_of: name -> label, either a function or a list of (regex, label)
-    pairs, the first whose regex fully matches the name wins. labels: label -> dict of OptimLabel fields.
+    named_params: (name, parameter) pairs. label_of: name -> label (param_label). labels: label -> dict of
+    OptimLabel fields.
 
     Communication: NorMuon matrices are grouped by (label, shape) into banks whose gradients are reduce-scattered so
     each rank orthogonalises whole matrices of its own, then all-gathered. Adam parameters of a label are flattened
@@ -1316,9 +1318,6 @@ class NorMuonAdam:
     """
 
     def __init__(self, named_params, label_of, labels, beta2=0.9, eps=1e-10, shard_numel=16384):
-        if not callable(label_of):
-            table = [(re.compile(pattern), label) for pattern, label in label_of]
-            label_of = lambda name: next((lab for rx, lab in table if rx.fullmatch(name)), None)
         self.labels = {k: OptimLabel(**v) if isinstance(v, dict) else v for k, v in labels.items()}
         self.beta2, self.eps = beta2, eps
         distributed = dist.is_available() and dist.is_initialized()
@@ -1392,13 +1391,10 @@ class NorMuonAdam:
             for p, off, rows in zip(g.params, g.offsets, g.rows):
                 p.view(-1, *g.tail).copy_(full[off:off + rows])
 
-    def zero_grad(self, set_to_none=True):
+    def zero_grad(self):
         for g in self.groups:
             for p in g.params:
-                if set_to_none:
-                    p.grad = None
-                elif p.grad is not None:
-                    p.grad.zero_()
+                p.grad = None
 
     # -- checkpoints: full (unsharded) state keyed by parameter name, so N ranks can resume on M --
     def _group_state(self, g):
@@ -2051,6 +2047,19 @@ def task_scores(tasks, name_key, correct, evaluated, rt):
     return dict(results=results, centered=centered, mean=sum(centered.values()) / len(centered), correct=correct)
 
 
+def task_table(out, tasks, name_key, total):
+    """Per-task examples evaluated, accuracy and centered accuracy (stand-in data marked), then the `total` line
+    ("CORE", "ChatCORE": out[total.lower()])."""
+    width = max(len(total), *(len(t[name_key]) for t in tasks)) + 2
+    lines = [f"{'task':<{width}} {'examples':>8} {'accuracy':>8} {'centered':>8}"]
+    for t in tasks:
+        n, name = int((out["correct"][t["first_example"]:t["first_example"] + t["n_examples"]] >= 0).sum()), t[name_key]
+        note = "  (stand-in)" if t.get("stand_in") else ""
+        lines.append(f"{name:<{width}} {n:>8} {out['results'][name]:>8.4f} {out['centered'][name]:>8.4f}{note}")
+    lines.append(f"{total:<{width}} {'':>8} {'':>8} {out[total.lower()]:>8.4f}")
+    return "\n".join(lines)
+
+
 def core_decision(task_type, gold, mean_losses, all_right):
     """nanochat's rule. multiple_choice / schema: the option with the lowest mean continuation loss is the answer.
     language_modeling (one sequence): correct iff every greedy prediction over the continuation is right."""
@@ -2128,17 +2137,6 @@ def evaluate_example_alone(model, core, example_index, rt, windows):
         scores += _span_scores(losses[start - 1:end - 1].cpu(), right[start - 1:end - 1].cpu(), [end - start])
     losses, right = zip(*scores)
     return core_decision(core.tasks[task]["task_type"], gold, list(losses), right)
-
-
-def format_core_table(out, core):
-    """Per-task accuracy and centered accuracy (stand-in data marked), then the CORE line."""
-    lines = [f"{'task':<34} {'examples':>8} {'accuracy':>8} {'centered':>8}"]
-    for t in core.tasks:
-        n = int((out["correct"][t["first_example"]:t["first_example"] + t["n_examples"]] >= 0).sum())
-        note = "  (stand-in)" if t.get("stand_in") else ""
-        lines.append(f"{t['label']:<34} {n:>8} {out['results'][t['label']]:>8.4f} {out['centered'][t['label']]:>8.4f}{note}")
-    lines.append(f"{'CORE':<34} {'':>8} {'':>8} {out['core']:>8.4f}")
-    return "\n".join(lines)
 
 
 # =============================================================================================================
@@ -2796,15 +2794,6 @@ def evaluate_chat(model, chat, tokenizer, rt, windows, max_per_task=-1, batch_to
     return dict(out, chatcore=out.pop("mean"))
 
 
-def format_chat_table(out, chat):
-    lines = [f"{'task':<16} {'examples':>8} {'accuracy':>8} {'centered':>8}"]
-    for t in chat.tasks:
-        n = int((out["correct"][t["first_example"]:t["first_example"] + t["n_examples"]] >= 0).sum())
-        lines.append(f"{t['name']:<16} {n:>8} {out['results'][t['name']]:>8.4f} {out['centered'][t['name']]:>8.4f}")
-    lines.append(f"{'ChatCORE':<16} {'':>8} {'':>8} {out['chatcore']:>8.4f}")
-    return "\n".join(lines)
-
-
 # =============================================================================================================
 # 12. Post-training: chat SFT and GSM8K RL (their loops are phase_sft and phase_rl)
 #
@@ -3112,6 +3101,8 @@ def load_verified(path, model, opt=None):
 def resume_checkpoint(cfg, phase, model, opt, log):
     """--resume: load the phase's newest checkpoint that verifies (latest_<phase>, else the older ones kept, newest
     first, each skip logged as a warning) into model and opt. Returns (path, state), or None if the phase has none."""
+    if not cfg.resume:
+        return None
     latest = latest_checkpoint(cfg.run_dir, phase)
     candidates = ([latest] if latest else []) + [p for p in reversed(checkpoints(cfg.run_dir, phase).values()) if p != latest]
     for path in candidates:
@@ -3122,6 +3113,18 @@ def resume_checkpoint(cfg, phase, model, opt, log):
     if candidates:
         raise CheckpointError(f"{cfg.run_dir}: no {phase} checkpoint to resume from loads ({', '.join(map(os.path.basename, candidates))})")
     return None
+
+
+def resumed_step(cfg, phase, model, opt, loader, log):
+    """The step a pt or sft loop starts at: 0, or with --resume the step of the checkpoint resume_checkpoint loads
+    (the loader then continues where it stood)."""
+    resumed = resume_checkpoint(cfg, phase, model, opt, log)
+    if not resumed:
+        return 0
+    path, state = resumed
+    loader.state = state["loader"]
+    log(f"{'' if phase == 'pt' else phase + ': '}resumed from {path} at step {state['step']}")
+    return state["step"]
 
 
 def claim_run_dir(cfg, phases):
@@ -3239,19 +3242,19 @@ def trained_model(cfg, rt, tokenizer):
 def phase_data(cfg, rt, log):
     """Check every part of a prepared data directory and print what it holds."""
     t0 = time.time()
-    tok = data_tokenizer(cfg.data_dir)
-    log(f"tokenizer: vocab {tok.vocab_size}, bos {tok.bos_id}, {len(tok.special_tokens)} special tokens")
+    tokenizer = data_tokenizer(cfg.data_dir)
+    log(f"tokenizer: vocab {tokenizer.vocab_size}, bos {tokenizer.bos_id}, {len(tokenizer.special_tokens)} special tokens")
     for split in ("val", "train"):
-        paths = pretrain_shards(cfg.data_dir, tok, split, check_sha256=True)
-        n = sum(len(read_token_file(p, tok.vocab_size)) for p in paths)
+        paths = pretrain_shards(cfg.data_dir, tokenizer, split, check_sha256=True)
+        n = sum(len(read_token_file(p, tokenizer.vocab_size)) for p in paths)
         log(f"pretrain/{split}: {len(paths)} shards, {n:,} tokens")
-    core = load_core(cfg.data_dir, tok)
+    core = load_core(cfg.data_dir, tokenizer)
     log(f"core: {len(core.tasks)} tasks, {len(core.examples):,} examples, {len(core.tokens):,} tokens (max_len {core.max_len})")
     for split in ("val", "train"):
-        sft = load_sft(cfg.data_dir, tok, split)
+        sft = load_sft(cfg.data_dir, tokenizer, split)
         log(f"sft/{split}: {len(sft.convs) - 1:,} conversations, {len(sft.tokens):,} tokens, {int(sft.mask.sum()):,} supervised")
     for name in ("chat_eval", "rl"):
-        chat = load_chat_eval(cfg.data_dir, tok, name)
+        chat = load_chat_eval(cfg.data_dir, tokenizer, name)
         log(f"{name}: " + ", ".join(f"{t['name']} {t['n_examples']}" for t in chat.tasks))
     log(f"data directory {cfg.data_dir} is complete and consistent ({time.time() - t0:.1f}s)")
 
@@ -3265,12 +3268,8 @@ def phase_pt(cfg, rt, log):
     stages = scaled_stages(cfg)
     total = total_steps(stages)
     loader = PretrainLoader(pretrain_shards(cfg.data_dir, tokenizer, "train"), tokenizer, rt.rank, rt.world_size)
-    start, resumed = 0, resume_checkpoint(cfg, "pt", model, opt, log) if cfg.resume else None
-    if resumed:
-        path, state = resumed
-        start, loader.state = state["step"], state["loader"]
-        log(f"resumed from {path} at step {start}")
-    elif cfg.init_from:
+    start = resumed_step(cfg, "pt", model, opt, loader, log)
+    if not start and cfg.init_from:
         load_checkpoint(cfg.init_from, model)
         log(f"initialized from {cfg.init_from}")
     n_params = sum(p.numel() for p in model.parameters())
@@ -3328,14 +3327,13 @@ def phase_pt(cfg, rt, log):
         timer.pause_until_now()
     if last is None:
         log(f"nothing to do: run already at step {start} of {total}")
-        return model
+        return
     timed_tokens = sum(plan_step(cfg, stages, s).batch_tokens for s in range(start, last + 1))
     update_metrics(cfg, rt, {
         "val_bpb": val_bpb, "train_tokens": sum(s.steps * s.batch_tokens for s in stages), "params": n_params, "params_matrix": n_matrix,
         "tok_per_s": timed_tokens / timer.total, "device": str(rt.device), "attn_backend": rt.backend,
         "world_size": rt.world_size, "pt_train_time_s": timer.total, "pt_compile_time_s": compile_s,
         "pt_compile_graphs": graphs, "peak_memory_gib": peak_memory_gib(rt.device)})
-    return model
 
 
 def phase_eval(cfg, rt, log):
@@ -3349,7 +3347,7 @@ def phase_eval(cfg, rt, log):
     log(f"val bpb {bpb:.4f} val loss {loss:.4f}")
     core = load_core(cfg.data_dir, tokenizer)
     out = evaluate_core(model, core, rt, windows, cfg.core_max_per_task, cfg.core_batch_tokens)
-    log(format_core_table(out, core))
+    log(task_table(out, core.tasks, "label", "CORE"))
     log(f"eval took {time.time() - t0:.0f}s")
     update_metrics(cfg, rt, {"val_bpb": bpb, "core": out["core"], "core_per_task": out["centered"],
                              "core_max_per_task": cfg.core_max_per_task})
@@ -3366,11 +3364,7 @@ def phase_sft(cfg, rt, log):
     loader = SFTLoader(train, tokenizer, rt.rank, rt.world_size, cfg.seed)
     total = cfg.sft_steps
     T, accum = micro_batch(cfg.sft_batch_tokens, cfg.micro_batch_tokens, rt.world_size, "sft")
-    start, resumed = 0, resume_checkpoint(cfg, "sft", model, opt, log) if cfg.resume else None
-    if resumed:
-        resumed_from, state = resumed
-        start, loader.state = state["step"], state["loader"]
-        log(f"sft: resumed from {resumed_from} at step {start}")
+    start = resumed_step(cfg, "sft", model, opt, loader, log)
     log(f"sft: from {path}, {total} steps of {cfg.sft_batch_tokens:,} tokens, {len(train.convs) - 1:,} train conversations "
         f"({len(train.tokens):,} tokens), lr x{cfg.sft_lr_mul}")
     loss_fn = torch.compile(sft_loss) if cfg.compile else sft_loss
@@ -3429,9 +3423,8 @@ def phase_sft(cfg, rt, log):
         timer.pause_until_now()
     if last is None:
         log(f"sft: nothing to do: run already at step {start} of {total}")
-        return model
+        return
     update_metrics(cfg, rt, {"sft_val_loss": evaluate(total), "sft_steps": total, "sft_train_time_s": timer.total})
-    return model
 
 
 def phase_chat(cfg, rt, log):
@@ -3444,7 +3437,7 @@ def phase_chat(cfg, rt, log):
     t0 = time.time()
     out = evaluate_chat(model, chat, tokenizer, rt, windows, cfg.chat_max_per_task, cfg.core_batch_tokens,
                         cfg.chat_batch_size, cfg.chat_max_new_tokens, cfg.sandbox)
-    log(format_chat_table(out, chat))
+    log(task_table(out, chat.tasks, "name", "ChatCORE"))
     log(f"chat eval took {time.time() - t0:.0f}s")
     values = {"chatcore": out["chatcore"], "chat_per_task": out["results"], "chat_max_per_task": cfg.chat_max_per_task}
     # the pipeline evaluates after SFT and again after RL: keep each checkpoint's numbers, the latest on top

@@ -8,6 +8,7 @@ parameters to OUT_DIR/final.pt; then it resumes OUT_DIR/single_ckpt.pt (written 
 steps) and saves where that ends to OUT_DIR/final_from_single.pt (rank 0 writes). The stack is loaded by path the way conftest does
 (DECODERSTACK_STACK)."""
 import os
+import re
 import sys
 
 import torch
@@ -24,6 +25,11 @@ LABELS = {
     "scalar": dict(kind="adam", lr=0.01, lr_mul=5.0, betas=(0.9, 0.99)),
 }
 RULES = [(r"blocks\.\d+\.(fc|proj)", "fc"), (r"blocks\..*", "attn"), (r"embed", "embed"), (r"lm_head", "head"), (r".*", "scalar")]
+
+
+def rule(name):
+    """The label of the first pattern of RULES that matches the whole parameter name."""
+    return next(label for pattern, label in RULES if re.fullmatch(pattern, name))
 SHARD_NUMEL = 64  # embed and lm_head (320 elements) are sharded, the scalars replicated
 
 
@@ -63,7 +69,7 @@ def make_model(seed=0):
 
 
 def make_optimizer(stack, model):
-    return stack.NorMuonAdam(model.named_parameters(), RULES, LABELS, shard_numel=SHARD_NUMEL)
+    return stack.NorMuonAdam(model.named_parameters(), rule, LABELS, shard_numel=SHARD_NUMEL)
 
 
 def batch(step):

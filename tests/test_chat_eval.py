@@ -78,7 +78,7 @@ def test_evaluate_chat_scores_and_chatcore(stack, tok_dir, monkeypatch):
     assert out["correct"].tolist() == [1, 1, 0, 0, 1, 1, 0]
     two = stack.evaluate_chat(model, chat, tok, cpu_rt(stack), [None] * 4, max_per_task=2)
     assert two["correct"].tolist() == [1, 1, -1, -1, 1, 1, -1] and two["results"] == {"arc_easy": 1.0, "gsm8k": 1.0}
-    table = stack.format_chat_table(out, chat)
+    table = stack.task_table(out, chat.tasks, "name", "ChatCORE")
     assert table.splitlines()[-1].split() == ["ChatCORE", f"{out['chatcore']:.4f}"]
 
 

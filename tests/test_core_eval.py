@@ -241,7 +241,7 @@ def test_table_marks_stand_ins(stack, core, model):
     out = stack.evaluate_core(model, core, cpu_rt(stack), windows_of(model), max_per_task=4)
     core.tasks[1] = {**core.tasks[1], "stand_in": "schema.jsonl is absent: a stand-in"}
     try:
-        table = stack.format_core_table(out, core)
+        table = stack.task_table(out, core.tasks, "label", "CORE")
     finally:
         core.tasks[1] = {**core.tasks[1], "stand_in": None}
     lines = table.splitlines()
@@ -268,7 +268,7 @@ def test_real_core_tasks(stack, shared_data, tmp_path):
         b, c = t["random_baseline"], out["centered"][t["label"]]
         assert 0 <= b < 1 and -b / (1 - b) - 1e-9 <= c <= 1
     assert -1 <= out["core"] <= 1
-    table = stack.format_core_table(out, data)
+    table = stack.task_table(out, data.tasks, "label", "CORE")
     marked = {line.split()[0] for line in table.splitlines() if line.endswith("(stand-in)")}
     assert marked == {"hellaswag_zeroshot", "hellaswag", "squad", "coqa"}
     assert table.splitlines()[-1].startswith("CORE")
