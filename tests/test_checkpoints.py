@@ -180,3 +180,20 @@ def test_a_checkpoint_from_before_model_configs_loads_and_converts(stack, pretra
     converted, state = stack.load_model(str(path))
     assert state["model"] == today["model"] and state["run"] == old_config and "config" not in state
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), converted.state_dict().values()))
+
+
+def test_load_model_needs_only_the_checkpoint_and_reads_its_state_once(stack, pretrained_run, monkeypatch):
+    """The model used to be rebuilt from the command line's Config joined with the checkpoint's, a tokenizer for
+    vocab_size and a replay of the schedule for the windows, reading state.json up to three times."""
+    data, run = pretrained_run
+    path = str(run / "ckpt_000008")
+    reads = []
+    real_read_json = stack.read_json
+    monkeypatch.setattr(stack, "read_json", lambda p: reads.append(os.path.basename(p)) or real_read_json(p))
+    model, state = stack.load_model(path)
+    assert reads == ["state.json"] and state["step"] == 8 and state["run"]["phases"] == "pt"
+    cfg = stack.parse_config(TINY_ARGS)
+    last = cfg.stages[-1]
+    assert model.cfg == stack.ModelConfig.of(cfg, stack.Tokenizer(os.path.join(data, "tokenizer")).vocab_size)
+    assert (model.cfg.short_window, model.cfg.long_window, model.cfg.max_doc_len) == (last.short_window, last.long_window, last.max_doc_len)
+    assert model.windows() == model.windows(last.short_window, last.long_window)

@@ -316,3 +316,13 @@ def test_peak_flops_by_device_name(stack, monkeypatch, name, peak):
     assert stack.peak_flops(torch.device("cuda", 0)) == peak
     assert stack.peak_flops(torch.device("cuda", 0), torch.float32) is None  # MFU for bf16 runs only
     assert stack.peak_flops("cpu") is None
+
+
+def test_stages_are_named_records_settable_as_json_objects_or_lists(stack):
+    positional = stack.parse_config(["--stages", "[[10, 100, 64, 8, 16, 1.0, [1, 0.5], [1, 0]]]"])
+    named = stack.parse_config(["--stages", '[{"steps": 10, "batch_tokens": 100, "max_doc_len": 64, "short_window": 8, '
+                                            '"long_window": 16, "lr_mul": 1.0, "mtp_start": [1, 0.5], "mtp_end": [1, 0]}]'])
+    assert positional.stages == named.stages == (stack.Stage(10, 100, 64, 8, 16, 1.0, (1, 0.5), (1, 0)),)
+    # a config read back from its JSON (the log, state.json) gives the same stages
+    again = stack.Config(**json.loads(json.dumps(stack.dataclasses.asdict(named))))
+    assert again.stages == named.stages and again.stages[0].long_window == 16
