@@ -635,10 +635,6 @@ def fp8_quantize(t, scale, dtype):
     return (t / scale).clamp(-limit, limit).to(dtype)
 
 
-def fp8_dequantize(t8, scale):
-    return t8.float() * scale
-
-
 class _FP8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, x_scale, w_scale, grad_scale):

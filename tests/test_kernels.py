@@ -175,7 +175,7 @@ def test_fp8_not_supported_off_gpu(stack):
 def test_fp8_quantize_saturates_and_round_trips(stack):
     t = torch.tensor([1e6, -1e6, 0.3, -2.0])
     for dtype, top in ((torch.float8_e4m3fn, 448.0), (torch.float8_e5m2, 57344.0)):
-        back = stack.fp8_dequantize(stack.fp8_quantize(t, 0.5, dtype), 0.5)
+        back = stack.fp8_quantize(t, 0.5, dtype).float() * 0.5  # dequantised
         assert back[0] == top * 0.5 and back[1] == -top * 0.5
         torch.testing.assert_close(back[2:], t[2:], rtol=0.13, atol=0)
     assert stack.fp8_quantize(t, 0.5, torch.float8_e4m3fn).dtype == torch.float8_e4m3fn
@@ -191,7 +191,7 @@ def test_fp8_linear_matches_dequantized_reference(stack):
     out.backward(grad)
 
     def dq(t, s, dtype):
-        return stack.fp8_dequantize(stack.fp8_quantize(t.detach(), s, dtype), s)
+        return stack.fp8_quantize(t.detach(), s, dtype).float() * s
 
     xq, wq, gq = dq(x, x_s, torch.float8_e4m3fn), dq(w, w_s, torch.float8_e4m3fn), dq(grad, g_s, torch.float8_e5m2)
     close(out, xq @ wq.T)
