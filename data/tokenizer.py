@@ -1,6 +1,7 @@
 """Byte-level BPE tokenizer: trained with rustbpe, encoding with tiktoken, saved without pickle; chat template.
 
     python data/tokenizer.py train --input PATH... [--exclude GLOB] --vocab-size N --out DIR/tokenizer
+    python data/tokenizer.py import PATH/tokenizer.pkl --out DIR/tokenizer   (nanochat's pickled tiktoken encoding)
 
 Saved files (data/README.md): tokenizer.tiktoken (base64 ranks), tokenizer.json, token_bytes.npy.
 """
@@ -9,6 +10,7 @@ import base64
 import hashlib
 import json
 import os
+import pickle
 import time
 
 import numpy as np
@@ -163,6 +165,54 @@ def train(texts, vocab_size):
     return Tokenizer(ranks, bpe.get_pattern(), specials)
 
 
+class _EncodingState:
+    """Stands in for tiktoken.core.Encoding while a pickled encoding is read: it keeps the state it is given and
+    runs nothing (tiktoken's own __setstate__ would build the encoding)."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _EncodingUnpickler(pickle.Unpickler):
+    """Reads a pickled tiktoken Encoding without running the pickle: the only global it resolves is Encoding itself,
+    to _EncodingState; any other (os.system, builtins.eval, ...) is refused before anything is called."""
+
+    def __init__(self, f, path):
+        super().__init__(f)
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) == ("tiktoken.core", "Encoding"):
+            return _EncodingState
+        raise DataError(f"{self.path}: refers to {module}.{name}; only a pickled tiktoken Encoding is read, and nothing in it is run")
+
+
+def import_pickled(path):
+    """Our Tokenizer from a pickled tiktoken Encoding (nanochat's tokenizer.pkl), read by _EncodingUnpickler."""
+    try:
+        with open(path, "rb") as f:
+            obj = _EncodingUnpickler(f, path).load()
+    except DataError:
+        raise
+    except Exception as e:  # truncated, not a pickle, an opcode that needs what we refuse
+        raise DataError(f"{path}: not a readable pickled tiktoken Encoding ({type(e).__name__}: {e})") from None
+    state = getattr(obj, "state", None) if isinstance(obj, _EncodingState) else None
+    if isinstance(state, str):
+        raise DataError(f"{path}: holds tiktoken's registered encoding {state!r} by name only: load it with tiktoken")
+    ok = (isinstance(state, dict) and isinstance(state.get("pat_str"), str)
+          and isinstance(state.get("mergeable_ranks"), dict) and isinstance(state.get("special_tokens"), dict)
+          and all(type(k) is bytes and type(v) is int for k, v in state["mergeable_ranks"].items())
+          and all(type(k) is str and type(v) is int for k, v in state["special_tokens"].items()))
+    if not ok:
+        raise DataError(f"{path}: not a tiktoken Encoding's state (pat_str, mergeable_ranks {{bytes: int}}, special_tokens {{str: int}})")
+    ranks, specials = state["mergeable_ranks"], state["special_tokens"]
+    ids = sorted(ranks.values()) + sorted(specials.values())
+    if ids != list(range(len(ids))) or (specials and min(specials.values()) < len(ranks)) or "<|bos|>" not in specials:
+        raise DataError(f"{path}: needs ranks 0..n-1, then the special tokens, <|bos|> among them (got {len(ranks)} ranks, "
+                        f"specials {sorted(specials)[:12]})")
+    return Tokenizer(ranks, state["pat_str"], specials)
+
+
 def capped_texts(files, max_chars, doc_cap):
     """Training text: documents capped at doc_cap chars each, max_chars in total."""
     total = 0
@@ -223,8 +273,16 @@ def main():
     p.add_argument("--max-chars", type=int, default=2_000_000_000, help="total characters to train on")
     p.add_argument("--doc-cap", type=int, default=10_000, help="characters taken from each document (0: whole documents)")
     p.add_argument("--out", required=True)
+    p = sub.add_parser("import", help="convert a pickled tiktoken encoding (nanochat's tokenizer.pkl) without running it")
+    p.add_argument("path")
+    p.add_argument("--out", required=True)
     args = parser.parse_args()
 
+    if args.cmd == "import":
+        tok = import_pickled(args.path)
+        tok.save(args.out)
+        print(f"imported a {tok.vocab_size}-token tokenizer from {args.path} -> {args.out}")
+        return
     files = expand_inputs(args.input, TEXT_EXTS, args.exclude)
     t0 = time.time()
     tok = train(capped_texts(files, args.max_chars, args.doc_cap), args.vocab_size)

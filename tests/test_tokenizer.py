@@ -190,3 +190,66 @@ def test_training_refuses_to_fall_short_of_the_vocabulary_asked_for():
     """Before: --vocab-size 70000 on a small corpus trained ~1,900 tokens and exited 0 without a word."""
     with pytest.raises(tokenizer.DataError, match=r"trained only \d+ of the 70000 tokens asked for"):
         tokenizer.train(iter(["a small corpus, a few distinct pairs"] * 50), 70000)
+
+
+# ---- importing a pickled tiktoken encoding (nanochat's tokenizer.pkl) without running the pickle --------------------
+
+def test_a_pickled_tiktoken_encoding_imports_and_encodes_the_same(tok, tmp_path, stack):
+    """Pickled by tiktoken itself; imported by the CLI into our files, which the stack reads and encodes identically."""
+    import pickle
+    path = tmp_path / "tokenizer.pkl"
+    path.write_bytes(pickle.dumps(tok.enc))
+    out = tmp_path / "imported"
+    result = subprocess.run([sys.executable, "data/tokenizer.py", "import", str(path), "--out", str(out)], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    imported = stack.Tokenizer(str(out))
+    text = stdlib_text()[3][:4000] + " 12345 émigré <|bos|>"
+    assert imported.encode(text) == tok.enc.encode_ordinary(text) and imported.vocab_size == tok.vocab_size
+    assert imported.special_tokens == tok.special_tokens and imported.bos_id == tok.bos_id
+    assert np.array_equal(np.load(out / "token_bytes.npy"), tok.token_bytes())
+
+
+def hostile_pickles(marker):
+    """Pickles that run `touch marker` when unpickled naively: os.system at the top, builtins.eval, and a REDUCE nested
+    inside an otherwise well-formed tiktoken Encoding's state."""
+    import builtins
+    import pickle
+
+    class System:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    class Eval:
+        def __reduce__(self):
+            return builtins.eval, (f"__import__('os').system('touch {marker}')",)
+
+    cmd = f"touch {marker}".encode()
+    nested = (b"\x80\x02ctiktoken.core\nEncoding\n)\x81}X\x07\x00\x00\x00pat_str" + b"cos\nsystem\nX"
+              + len(cmd).to_bytes(4, "little") + cmd + b"\x85Rsb.")
+    return {"os.system": pickle.dumps(System()), "builtins.eval": pickle.dumps(Eval()), "nested reduce": nested}
+
+
+@pytest.mark.parametrize("kind", ["os.system", "builtins.eval", "nested reduce"])
+def test_a_hostile_pickle_is_refused_and_nothing_runs(tmp_path, kind):
+    marker = tmp_path / "ran"
+    path = tmp_path / "tokenizer.pkl"
+    path.write_bytes(hostile_pickles(marker)[kind])
+    with pytest.raises(DataError, match=f"{path}: refers to (os|posix|builtins)\\.(system|eval); only a pickled tiktoken Encoding is read"):
+        tokenizer.import_pickled(str(path))
+    assert not marker.exists()
+    result = subprocess.run([sys.executable, "data/tokenizer.py", "import", str(path), "--out", str(tmp_path / "out")],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.strip().startswith(f"error: {path}: refers to")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_what_is_not_an_encodings_state_is_one_error(tok, tmp_path):
+    import pickle
+    path = tmp_path / "tokenizer.pkl"
+    for data, fragment in [(b"not a pickle", "not a readable pickled tiktoken Encoding"),
+                           (pickle.dumps({"pat_str": "x"}), "not a tiktoken Encoding's state"),
+                           (pickle.dumps(tok.enc)[:-40], "not a readable pickled tiktoken Encoding")]:
+        path.write_bytes(data)
+        with pytest.raises(DataError, match=f"{path}: {fragment}"):
+            tokenizer.import_pickled(str(path))
