@@ -79,7 +79,12 @@ class Stage:
         """A Stage from itself, its dict or its positional list."""
         if isinstance(value, Stage):
             return value
-        fields = value if isinstance(value, dict) else dict(zip([f.name for f in dataclasses.fields(cls)], value))
+        names = [f.name for f in dataclasses.fields(cls)]
+        fields = value if isinstance(value, dict) else None
+        if isinstance(value, (list, tuple)) and len(value) == len(names):
+            fields = dict(zip(names, value))
+        if fields is None or sorted(fields) != sorted(names):
+            raise ValueError(f"a stage needs exactly {', '.join(names)}, got {value!r}")
         return cls(**{**fields, "mtp_start": tuple(fields["mtp_start"]), "mtp_end": tuple(fields["mtp_end"])})
 
 
@@ -223,7 +228,10 @@ def parse_config(argv=None):
     values.update({k: v for k, v in vars(args).items() if v is not None})
     if values.get("sandbox", Config.sandbox) not in SANDBOX_MODES:
         parser.error(f"unknown --sandbox {values['sandbox']!r}; choose from {', '.join(SANDBOX_MODES)}")
-    return Config(**values)
+    try:
+        return Config(**values)
+    except ValueError as e:  # e.g. a --stages entry that is not a stage
+        parser.error(str(e))
 
 
 def parse_bool(text):
@@ -1643,7 +1651,7 @@ def checked_tasks(manifest, path, n_examples, fields, **extra):
 
 def pretrain_shards(data_dir, tokenizer, split, check_sha256=False):
     """Paths of the `split` ('train' or 'val') pretraining shards, in order, after checking every header (and, with
-    check_sha256, every byte against the manifest's sha256: ~1 s a GB, so `--phases data` does it, training does not)."""
+    check_sha256, every byte against the manifest's sha256: ~2 s a GB here, so `--phases data` does it, training does not)."""
     directory = os.path.join(data_dir, "pretrain")
     manifest, where = read_manifest(directory, "pretrain", tokenizer), f"{directory}/manifest.json"
     shards = manifest.get("shards")

@@ -326,3 +326,10 @@ def test_stages_are_named_records_settable_as_json_objects_or_lists(stack):
     # a config read back from its JSON (the log, state.json) gives the same stages
     again = stack.Config(**json.loads(json.dumps(stack.dataclasses.asdict(named))))
     assert again.stages == named.stages and again.stages[0].long_window == 16
+
+
+@pytest.mark.parametrize("stages", ['[{"steps": 10}]', "[[10, 100, 64]]", "[5]"])
+def test_a_malformed_stage_is_one_usage_error(stack, stages, capsys):
+    with pytest.raises(SystemExit):
+        stack.parse_config(["--stages", stages])
+    assert "a stage needs exactly steps, batch_tokens, max_doc_len" in capsys.readouterr().err
