@@ -6,6 +6,9 @@ Run:
     one GPU:        python decoderstack_small_pt-eval-sft.py --preset gpu1 --data-dir DIR
     Colab:          python decoderstack_small_pt-eval-sft.py --preset colab --data-dir DIR
     CPU:            python decoderstack_small_pt-eval-sft.py --preset cpu --data-dir DIR
+    modded-nanogpt's FineWeb shards (GPT-2 ids; its val loss rule, to compare with its 3.28 target):
+        torchrun --nproc_per_node=8 decoderstack_small_pt-eval-sft.py --preset h100x8 --data-dir data/fineweb10B \\
+            --vocab-size 50257 --bos-id 50256 --val-final-tokens 10485760
 Any hyperparameter can be overridden with --name=value (--flag / --no-flag for booleans, JSON for tuples).
 
 Contents, in the order data flows
@@ -29,6 +32,7 @@ import ast
 import base64
 import dataclasses
 import functools
+import glob
 import hashlib
 import json
 import math
@@ -95,7 +99,9 @@ SOFTCAP = (23.0, 5.0, 7.5)  # logits u = A * sigmoid((z + B) / C): bounded to (0
 class Config:
     # run
     preset: str = "h100x8"
-    data_dir: str = "runs/data"     # written by data/prepare.py
+    data_dir: str = "runs/data"     # written by data/prepare.py, or a folder of llm.c shards (PretrainData)
+    vocab_size: int = 0             # 0: from the data; llm.c shards record none (modded's FineWeb: 50257, BOS 50256)
+    bos_id: int = -1                # -1: from the data
     run_dir: str = "runs/h100x8"
     phases: str = "pt"
     seed: int = 0
@@ -139,7 +145,10 @@ class Config:
     adam_wd: float = 0.006
     # evaluation during pretraining, checkpoints
     val_every: int = 250             # steps between val bpb evaluations (also after the last)
-    val_tokens: int = 10_485_760     # val tokens per evaluation (all of the shards' when they hold fewer)
+    val_tokens: int = 10_485_760     # val targets per evaluation during training, spread over the whole val stream;
+                                     # the last step's (and --phases eval's) scores every val token once
+    val_final_tokens: int = 0        # N: the last evaluation scores the first N val tokens instead (modded-nanogpt's
+                                     # rule: 10,485,760 of its FineWeb val shard, for its 3.28 val loss)
     checkpoint_every: int = 0        # steps between checkpoints (0: only at the end)
     core_max_per_task: int = -1      # CORE examples per task in --phases eval (-1: all)
     core_batch_tokens: int = 32768   # tokens per packed CORE (and categorical chat-eval) forward
@@ -1491,7 +1500,7 @@ def make_optimizer(model, cfg):
 # 7. Data: readers of every format (the writers are data/*.py; formats in data/README.md), the pretraining loader
 
 TOKEN_FILE_MAGIC, TOKEN_FILE_VERSION, HEADER_INTS = 20240520, 1, 256
-FORMAT_VERSIONS = {"pretrain": 1, "core": 1, "sft": 1, "chat_eval": 2}
+FORMAT_VERSIONS = {"pretrain": 2, "core": 1, "sft": 1, "chat_eval": 2}  # pretrain 2: shuffled, val_sources
 TOKENIZER_VERSION = 2  # 2: its sha256 covers the split pattern and the special tokens too
 
 
@@ -1603,14 +1612,18 @@ def read_token_file(path, vocab_size, check_ids=True):
     if size < HEADER_INTS * 4:
         raise DataFormatError(f"{path}: truncated header ({size} bytes, expected at least {HEADER_INTS * 4})")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    magic, version, n_tokens, width, file_vocab, _bos = (int(x) for x in header[:6])
+    magic, version, n_tokens, width, file_vocab, file_bos = (int(x) for x in header[:6])
     if magic != TOKEN_FILE_MAGIC:
         raise DataFormatError(f"{path}: bad magic {magic} (expected {TOKEN_FILE_MAGIC}): not a DecoderStack token file")
     if version != TOKEN_FILE_VERSION:
         raise DataFormatError(f"{path}: token file version {version}, this reader knows {TOKEN_FILE_VERSION}")
-    if width not in (2, 4) or width != (2 if file_vocab <= 65536 else 4):
+    if (width, file_vocab, file_bos) == (0, 0, 0):  # llm.c's header (modded-nanogpt, the seed): uint16, no vocab
+        width = 2
+        if vocab_size > 65536:
+            raise DataFormatError(f"{path}: an llm.c shard holds uint16 ids, which cannot reach vocab_size {vocab_size}")
+    elif width not in (2, 4) or width != (2 if file_vocab <= 65536 else 4):
         raise DataFormatError(f"{path}: {width} bytes per token does not fit vocab_size {file_vocab}")
-    if file_vocab != vocab_size:
+    elif file_vocab != vocab_size:
         raise DataFormatError(f"{path}: written for vocab_size {file_vocab}, but the tokenizer has {vocab_size}")
     if size != HEADER_INTS * 4 + n_tokens * width:
         raise DataFormatError(f"{path}: header says {n_tokens} tokens ({HEADER_INTS * 4 + n_tokens * width} bytes), file has {size} bytes (truncated?)")
@@ -1652,6 +1665,11 @@ def checked_tasks(manifest, path, n_examples, fields, **extra):
 def pretrain_shards(data_dir, tokenizer, split, check_sha256=False):
     """Paths of the `split` ('train' or 'val') pretraining shards, in order, after checking every header (and, with
     check_sha256, every byte against the manifest's sha256: ~2 s a GB here, so `--phases data` does it, training does not)."""
+    return pretrain_manifest_shards(data_dir, tokenizer, split, check_sha256)[1]
+
+
+def pretrain_manifest_shards(data_dir, tokenizer, split, check_sha256=False):
+    """(manifest, shard paths of `split`) of a prepared pretrain/ directory, every shard checked (pretrain_shards)."""
     directory = os.path.join(data_dir, "pretrain")
     manifest, where = read_manifest(directory, "pretrain", tokenizer), f"{directory}/manifest.json"
     shards = manifest.get("shards")
@@ -1672,7 +1690,145 @@ def pretrain_shards(data_dir, tokenizer, split, check_sha256=False):
         if check_sha256 and (digest := sha256_file(path)) != s.get("sha256"):
             raise DataFormatError(f"{path}: sha256 {digest[:12]}... differs from the {str(s.get('sha256'))[:12]}... "
                                   f"in {where} (a damaged or replaced shard)")
-    return [os.path.join(directory, s["file"]) for s in picked]
+    return manifest, [os.path.join(directory, s["file"]) for s in picked]
+
+
+# -- the pretraining data of --data-dir: ours (pretrain/manifest.json, tokenizer/ beside it), or a folder of llm.c
+# shards as modded-nanogpt's FineWeb (fineweb_{train,val}_NNNNNN.bin) and the seed's climbmix_32k_8_170
+# (climbmix/{train,val}_NNNNNN.bin, config.json, tokenizer/token_bytes.pt) are published. Their headers record no
+# vocab or BOS, so those must come from somewhere explicit, which the log names.
+
+LLMC_SHARD = re.compile(r"(?:^|_)(train|val)_\d+\.bin$")
+GPT2_VOCAB, GPT2_EOT = 50257, 50256  # modded-nanogpt's FineWeb shards: GPT-2 ids, <|endoftext|> before each document
+
+
+@dataclasses.dataclass
+class PretrainData:
+    train: list               # shard paths, in stream order
+    val: list
+    vocab_size: int
+    bos_id: int               # starts every document
+    token_bytes: np.ndarray   # int32 [vocab_size]: UTF-8 bytes of each token (bpb weights); None: unknown, loss only
+    val_sources: list         # [(name, n_docs)]: runs of the val stream's documents by source ([]: not recorded)
+    origin: str               # where vocab, BOS and token bytes came from (logged)
+    tokenizer: object = None  # ours, where the directory has one (CORE and the chat phases need it)
+    _val: tuple = dataclasses.field(default=None, repr=False)
+
+    def source_names(self):
+        """The val sources by name (a name in several runs of val_sources is one source)."""
+        return list(dict.fromkeys(name for name, _ in self.val_sources))
+
+    def val_stream(self):
+        """(the val shards' tokens back to back, each position's index into source_names() (0 without them))."""
+        if self._val is None:
+            tokens = np.concatenate([np.asarray(read_token_file(p, self.vocab_size)) for p in self.val])
+            doc = np.cumsum(tokens == self.bos_id) - 1  # the document each position lies in (-1 before the first BOS)
+            n_docs = [n for _, n in self.val_sources]
+            if self.val_sources and sum(n_docs) != doc[-1] + 1:
+                raise DataFormatError(f"{self.val[0]}: {doc[-1] + 1} documents, but the manifest's val_sources count {sum(n_docs)}")
+            run_source = [self.source_names().index(name) for name, _ in self.val_sources]
+            source = (np.repeat(run_source, n_docs)[np.maximum(doc, 0)] if self.val_sources else np.zeros(len(tokens))).astype(np.int64)
+            self._val = tokens, source
+        return self._val
+
+
+def pretrain_data(data_dir, vocab_size=0, bos_id=-1):
+    """The pretraining data of `data_dir` (see above); vocab_size / bos_id (0 / -1: not given) are --vocab-size /
+    --bos-id, which must agree with whatever else the directory says."""
+    shards = llmc_shards(data_dir)
+    if os.path.isdir(os.path.join(data_dir, "pretrain")) or not shards["train"] + shards["val"] and os.path.isdir(os.path.join(data_dir, "tokenizer")):
+        tokenizer = data_tokenizer(data_dir)
+        manifest, val = pretrain_manifest_shards(data_dir, tokenizer, "val")
+        train = pretrain_shards(data_dir, tokenizer, "train")
+        told = {"vocab_size": (vocab_size, tokenizer.vocab_size), "bos_id": (bos_id, tokenizer.bos_id)}
+        for name, (given, has) in told.items():
+            if given not in (0, -1) and given != has:
+                raise DataFormatError(f"{data_dir}/tokenizer: {name} {has}, but --{name.replace('_', '-')} {given}")
+        data = PretrainData(train, val, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.token_bytes,
+                            val_sources(manifest, f"{data_dir}/pretrain/manifest.json"), f"{data_dir}/tokenizer", tokenizer)
+        data.val_stream()  # its documents against val_sources now, not at the first evaluation
+        return data
+    return llmc_data(data_dir, shards, vocab_size, bos_id)
+
+
+def val_sources(manifest, where):
+    runs = manifest.get("val_sources")
+    if not (isinstance(runs, list) and all(isinstance(r, dict) and isinstance(r.get("name"), str)
+                                           and type(r.get("n_docs")) is int and r["n_docs"] >= 0 for r in runs)):
+        raise DataFormatError(f"{where}: 'val_sources' must be a list of {{name, n_docs}} objects")
+    return [(r["name"], r["n_docs"]) for r in runs]
+
+
+def llmc_shards(data_dir):
+    """{"train": paths, "val": paths} of the llm.c shards in data_dir or one folder down, in name order."""
+    found = {"train": [], "val": []}
+    for path in sorted(glob.glob(os.path.join(data_dir, "*.bin")) + glob.glob(os.path.join(data_dir, "*", "*.bin"))):
+        if m := LLMC_SHARD.search(os.path.basename(path)):
+            found[m.group(1)].append(path)
+    return found
+
+
+def llmc_data(data_dir, found, vocab_size=0, bos_id=-1):
+    """The llm.c shards `found` in data_dir (words 3-5 of their headers zero), with vocab and BOS from --vocab-size /
+    --bos-id, the folder's config.json or our tokenizer/ (all that are there must agree), token bytes from our
+    tokenizer, the seed's tokenizer/token_bytes.pt (loaded weights_only) or, for GPT-2 ids, tiktoken's gpt2 encoding."""
+    if not found["train"] or not found["val"]:
+        raise DataFormatError(f"{data_dir}: neither pretrain/manifest.json (data/prepare.py) nor llm.c shards "
+                              "(*train_NNNNNN.bin and *val_NNNNNN.bin, here or one folder down)")
+    told = {}  # name -> [(value, where)]
+    for name, value in (("vocab_size", vocab_size), ("bos_id", bos_id)):
+        if value not in (0, -1):
+            told.setdefault(name, []).append((value, f"--{name.replace('_', '-')}"))
+    config_path, tokenizer = os.path.join(data_dir, "config.json"), None
+    if os.path.isfile(config_path):
+        config = read_json(config_path)
+        for name in ("vocab_size", "bos_id"):
+            if isinstance(config, dict) and type(config.get(name)) is int:
+                told.setdefault(name, []).append((config[name], config_path))
+    if os.path.isfile(os.path.join(data_dir, "tokenizer", "tokenizer.json")):
+        tokenizer = data_tokenizer(data_dir)
+        told.setdefault("vocab_size", []).append((tokenizer.vocab_size, f"{data_dir}/tokenizer"))
+        told.setdefault("bos_id", []).append((tokenizer.bos_id, f"{data_dir}/tokenizer"))
+    value = {}
+    for name in ("vocab_size", "bos_id"):
+        if name not in told:
+            raise DataFormatError(f"{data_dir}: llm.c shards record no {name}: give --{name.replace('_', '-')}, or put a "
+                                  "config.json ({vocab_size, bos_id}) or a tokenizer/ (data/tokenizer.py) beside them")
+        if len({v for v, _ in told[name]}) > 1:
+            raise DataFormatError(f"{data_dir}: {name} disagrees: " + ", ".join(f"{v} from {w}" for v, w in told[name]))
+        value[name] = told[name][0][0]
+    V = value["vocab_size"]
+    if not 0 <= value["bos_id"] < V:
+        raise DataFormatError(f"{data_dir}: bos_id {value['bos_id']} is not below vocab_size {V}")
+    for path in found["train"] + found["val"]:
+        read_token_file(path, V, check_ids=False)  # headers and sizes now; ids when the loader maps a shard
+    token_bytes, bytes_from = llmc_token_bytes(data_dir, V, tokenizer)
+    origin = "; ".join(f"{name} {value[name]} from {told[name][0][1]}" for name in value) + f"; token bytes {bytes_from}"
+    return PretrainData(found["train"], found["val"], V, value["bos_id"], token_bytes, [], origin, tokenizer)
+
+
+def llmc_token_bytes(data_dir, vocab_size, tokenizer):
+    """(int32 bytes per token or None, where they came from) for a folder of llm.c shards."""
+    if tokenizer is not None:
+        return tokenizer.token_bytes, f"from {data_dir}/tokenizer"
+    path = os.path.join(data_dir, "tokenizer", "token_bytes.pt")
+    if os.path.isfile(path):
+        try:  # weights_only: a tensor, never code
+            t = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise DataFormatError(f"{path}: not a plain tensor file ({type(e).__name__}: {str(e)[:200]})") from None
+        if not (isinstance(t, torch.Tensor) and t.shape == (vocab_size,) and not t.is_floating_point() and (t >= 0).all()):
+            raise DataFormatError(f"{path}: expected a [{vocab_size}] tensor of byte counts")
+        return t.numpy().astype(np.int32), f"from {path}"
+    if vocab_size == GPT2_VOCAB:
+        try:  # tiktoken's gpt2 ranks: in its cache, or downloaded
+            import tiktoken
+            enc = tiktoken.get_encoding("gpt2")
+            counts = np.array([len(enc.decode_single_token_bytes(i)) for i in range(GPT2_EOT)] + [0], dtype=np.int32)
+            return counts, "from tiktoken's gpt2 encoding"
+        except Exception as e:
+            return None, f"unknown (tiktoken's gpt2 encoding is neither cached nor downloadable: {type(e).__name__}): val loss only, no bpb"
+    return None, "unknown (no tokenizer/ and no tokenizer/token_bytes.pt): val loss only, no bpb"
 
 
 @dataclasses.dataclass
@@ -1766,17 +1922,18 @@ def load_chat_eval(data_dir, tokenizer, name="chat_eval"):
 
 class PretrainLoader:
     """A contiguous token stream over the shards, wrapping around at the end. Each step takes world_size * T
-    tokens; rank r reads its own slice. The position (shard, offset, epoch) is saved in checkpoints."""
+    tokens; rank r reads its own slice. The position (shard, offset, epoch) is saved in checkpoints. `ids`: what
+    says the vocab_size and bos_id (the PretrainData, or a Tokenizer)."""
 
-    def __init__(self, paths, tokenizer, rank, world_size, state=None):
-        self.paths, self.tokenizer, self.vocab, self.bos = paths, tokenizer, tokenizer.vocab_size, tokenizer.bos_id
+    def __init__(self, paths, ids, rank, world_size, state=None):
+        self.paths, self.ids, self.vocab, self.bos = paths, ids, ids.vocab_size, ids.bos_id
         self.rank, self.world_size = rank, world_size
         self.state = dict(state or {"shard": 0, "offset": 0, "epoch": 0})
         self._cache, self._prefetch = {}, None
 
     def fork(self):
         """A loader that reads the same upcoming batches, leaving this one where it is."""
-        other = PretrainLoader(self.paths, self.tokenizer, self.rank, self.world_size, self.state)
+        other = PretrainLoader(self.paths, self.ids, self.rank, self.world_size, self.state)
         other._cache = self._cache
         return other
 
@@ -1930,27 +2087,60 @@ def train_loss(model, batch, windows, mtp_weights, backend, grad_scale=1.0, fp8=
     return softcap_cross_entropy(logits, batch.targets[:, :len(mtp_weights)], mtp_weights, model.cfg.softcap).sum() / batch.inputs.numel()
 
 
+def val_rows(n_targets, T, subset=0, first=0):
+    """The rows an evaluation scores; row r predicts targets r*T+1 .. r*T+T of the val stream. All of them: every
+    target once; first=N: those of the first N targets (modded-nanogpt's rule, for its numbers); subset=N: N targets'
+    worth spread evenly over the stream, so that every source is drawn from (evaluation during training)."""
+    n_rows = -(-n_targets // T)
+    if first:
+        return np.arange(min(n_rows, -(-first // T)))
+    if subset and subset < n_targets:
+        return np.unique(np.linspace(0, n_rows - 1, max(1, subset // T)).round().astype(np.int64))
+    return np.arange(n_rows)
+
+
 @torch.no_grad()
-def evaluate_bpb(model, cfg, rt, tokenizer, windows, max_doc_len):
-    """Bits per byte and mean loss of next-token prediction on the val shards. Targets that are special tokens
-    (0 bytes) count in neither sum, so bpb is comparable across tokenizers."""
-    paths = pretrain_shards(cfg.data_dir, tokenizer, "val")
-    n_val = sum(len(read_token_file(p, tokenizer.vocab_size, check_ids=False)) for p in paths)
-    T = cfg.micro_batch_tokens
-    steps = max(1, min(cfg.val_tokens, n_val - 1) // (T * rt.world_size))
-    loader = PretrainLoader(paths, tokenizer, rt.rank, rt.world_size)
-    token_bytes = torch.from_numpy(tokenizer.token_bytes).to(rt.device)
-    sums = torch.zeros(3, device=rt.device, dtype=torch.float64)  # nats over counted tokens, bytes, tokens
-    for _ in range(steps):
-        b = loader.next_batch(T, max_doc_len, 1, rt.device)
+def evaluate_bpb(model, data, rt, windows, max_doc_len, T, subset=0, first=0):
+    """Next-token loss on the val stream of `data` (a PretrainData) in rows of T tokens (val_rows: every target once by
+    default). Counted targets: those with > 0 bytes (special tokens count in neither sum, so bpb compares across
+    tokenizers), or every target where token bytes are unknown (modded-nanogpt's val loss). A dict: bpb (None
+    without token bytes), loss (nats per counted target), targets (how many), of (the stream's targets), by_source
+    ({name: bpb}, from the documents' sources), what (for the log)."""
+    tokens, source = data.val_stream()
+    n = len(tokens) - 1
+    rows = val_rows(n, T, subset, first)
+    weights = None if data.token_bytes is None else torch.from_numpy(data.token_bytes).to(rt.device)
+    names = data.source_names()
+    n_sources = max(1, len(names))
+    sums = torch.zeros(n_sources, 3, device=rt.device, dtype=torch.float64)  # nats, bytes, counted targets
+    for r in rows[rt.rank::rt.world_size]:
+        start = int(r) * T
+        real = min(T, n - start, first - start if first else T)  # targets of this row inside what is scored
+        buf = np.asarray(tokens[start:start + T + 1])
+        buf = np.concatenate([buf, np.full(T + 1 - len(buf), data.bos_id, buf.dtype)])  # the last row, padded
+        b = make_batch(buf, data.bos_id, max_doc_len, 1, rt.device)
+        src = np.zeros(T, np.int64)
+        src[:real] = source[start + 1:start + 1 + real]
+        src = to_device(src, torch.long, rt.device)
+        counted = torch.arange(T, device=rt.device) < real
         with autocast(rt):
             h = model.hidden(b, windows, rt.backend)
-        for rows in torch.split(torch.arange(T, device=rt.device), LOGITS_CHUNK):
-            loss = F.cross_entropy(model.logits(h[rows]).float(), b.targets[rows, 0], reduction="none")
-            nbytes = token_bytes[b.targets[rows, 0]]
-            sums += torch.stack([(loss * (nbytes > 0)).sum(), nbytes.sum(), (nbytes > 0).sum()]).double()
-    nats, nbytes, count = sum_over_ranks(sums, rt).tolist()
-    return nats / (math.log(2) * nbytes), nats / count
+        for rows_ in torch.split(torch.arange(T, device=rt.device), LOGITS_CHUNK):
+            target = b.targets[rows_, 0]
+            loss = F.cross_entropy(model.logits(h[rows_]).float(), target, reduction="none")
+            nbytes = weights[target] * counted[rows_] if weights is not None else torch.zeros_like(loss)
+            keep = counted[rows_] & (nbytes > 0) if weights is not None else counted[rows_]
+            sums.index_add_(0, src[rows_], torch.stack([loss * keep, nbytes, keep]).T.double())
+    sums = sum_over_ranks(sums, rt).cpu()
+    nats, nbytes, count = sums.sum(0).tolist()
+    per_nat = 1 / math.log(2)
+    out = {"bpb": nats * per_nat / nbytes if weights is not None else None, "loss": nats / count, "targets": int(count),
+           "of": n, "by_source": {name: float(sums[i, 0] * per_nat / sums[i, 1]) for i, name in enumerate(names)
+                                  if weights is not None and sums[i, 1] > 0}}
+    scored = int(np.minimum(T, n - rows * T).sum())  # the padding of a last row is not scored
+    out["what"] = ("every val token" if scored == n and not first else f"the first {first:,} val tokens" if first else
+                   f"subset: {scored:,} of {n:,} targets, spread over the stream")
+    return out
 
 
 def attention_pairs(segment_lengths, window):
@@ -3188,6 +3378,27 @@ def update_metrics(cfg, rt, values):
     write_text_atomic(path, json.dumps(metrics, indent=1) + "\n")
 
 
+def val_line(val):
+    """The log's line of an evaluate_bpb result (baselines/record.py reads it)."""
+    bpb = "n/a" if val["bpb"] is None else f"{val['bpb']:.4f}"
+    split = "".join(f"; {name} {b:.4f}" for name, b in val["by_source"].items())
+    return f"val bpb {bpb} val loss {val['loss']:.4f} ({val['what']}{split})"
+
+
+def val_metrics(val):
+    """metrics.json's keys of an evaluate_bpb result."""
+    return {"val_bpb": val["bpb"], "val_loss": val["loss"], "val_bpb_by_source": val["by_source"],
+            "val_loss_tokens": val["targets"], "val_scored": val["what"]}
+
+
+def mtp_note(weights):
+    """What the training loss is when it is not the next-token loss alone: the MTP-weighted sum (at init ~ sum(w) ln V)."""
+    if len(weights) == 1 and weights[0] == 1:
+        return ""
+    names = ["next"] + [f"{k + 2}-ahead" for k in range(len(weights) - 1)]
+    return " (loss = " + " + ".join(f"{w:.2f} x {n}" for w, n in zip(weights, names)) + ")"
+
+
 def settle_losses(pending, cfg, rt, log, phase):
     """The losses of the steps in `pending` (a list of (step, loss tensor), emptied), averaged over ranks, as floats:
     one host sync for all of them. The loops call it at log, eval and checkpoint steps only, so the GPU runs ahead in
@@ -3246,12 +3457,21 @@ def trained_model(cfg, rt, tokenizer):
 def phase_data(cfg, rt, log):
     """Check every part of a prepared data directory and print what it holds."""
     t0 = time.time()
-    tokenizer = data_tokenizer(cfg.data_dir)
-    log(f"tokenizer: vocab {tokenizer.vocab_size}, bos {tokenizer.bos_id}, {len(tokenizer.special_tokens)} special tokens")
-    for split in ("val", "train"):
-        paths = pretrain_shards(cfg.data_dir, tokenizer, split, check_sha256=True)
-        n = sum(len(read_token_file(p, tokenizer.vocab_size)) for p in paths)
+    data = pretrain_data(cfg.data_dir, cfg.vocab_size, cfg.bos_id)
+    ours = os.path.isfile(os.path.join(cfg.data_dir, "pretrain", "manifest.json"))
+    log(f"pretraining data: vocab {data.vocab_size}, bos {data.bos_id}; {data.origin}")
+    for split, paths in (("val", data.val), ("train", data.train)):
+        if ours:
+            pretrain_shards(cfg.data_dir, data.tokenizer, split, check_sha256=True)
+        n = sum(len(read_token_file(p, data.vocab_size)) for p in paths)
         log(f"pretrain/{split}: {len(paths)} shards, {n:,} tokens")
+    if data.val_sources:
+        log("val documents: " + ", ".join(f"{name} {n:,}" for name, n in data.val_sources))
+    if not ours:
+        log(f"{cfg.data_dir}: llm.c shards, read for pretraining and its val loss; CORE, SFT and chat need data/prepare.py")
+        return
+    tokenizer = data.tokenizer
+    log(f"tokenizer: vocab {tokenizer.vocab_size}, bos {tokenizer.bos_id}, {len(tokenizer.special_tokens)} special tokens")
     core = load_core(cfg.data_dir, tokenizer)
     log(f"core: {len(core.tasks)} tasks, {len(core.examples):,} examples, {len(core.tokens):,} tokens (max_len {core.max_len})")
     for split in ("val", "train"):
@@ -3265,13 +3485,14 @@ def phase_data(cfg, rt, log):
 
 def phase_pt(cfg, rt, log):
     require_training_dtype(rt, "pt")
-    tokenizer = data_tokenizer(cfg.data_dir)
+    data = pretrain_data(cfg.data_dir, cfg.vocab_size, cfg.bos_id)
+    log(f"data: {len(data.train)} train and {len(data.val)} val shards; {data.origin}")
     torch.manual_seed(cfg.seed)
-    model = GPT(ModelConfig.of(cfg, tokenizer.vocab_size)).to(rt.device)
+    model = GPT(ModelConfig.of(cfg, data.vocab_size)).to(rt.device)
     opt = make_optimizer(model, cfg)
     stages = scaled_stages(cfg)
     total = total_steps(stages)
-    loader = PretrainLoader(pretrain_shards(cfg.data_dir, tokenizer, "train"), tokenizer, rt.rank, rt.world_size)
+    loader = PretrainLoader(data.train, data, rt.rank, rt.world_size)
     start = resumed_step(cfg, "pt", model, opt, loader, log)
     if not start and cfg.init_from:
         load_checkpoint(cfg.init_from, model)
@@ -3286,7 +3507,7 @@ def phase_pt(cfg, rt, log):
         compile_s, graphs = warm_up_compiled(loss_fn, model, cfg, rt, stages, loader, start)
         log(f"compiled {graphs} graphs for steps {start}-{total} in {compile_s:.1f}s, before the timed loop")
     peak = peak_flops(rt.device, rt.dtype)
-    timer, pending, val_bpb, flops, last = LoopTimer(), [], None, 0, None
+    timer, pending, val, flops, last = LoopTimer(), [], None, 0, None
     for step, p, T, accum, grow, untie in pretrain_steps(cfg, stages, rt.world_size, start):
         if grow:
             model.grow_window(*grow)
@@ -3318,14 +3539,14 @@ def phase_pt(cfg, rt, log):
         tok_per_s, mfu, flops = tokens / seconds, f" mfu {100 * flops / (seconds * peak):.1f}%" if peak else "", 0
         if logging:
             log(f"step {step + 1}/{total} loss {losses[-1]:.4f} lr {p.lr_factor:.3f} {tok_per_s:,.0f} tok/s{mfu} "
-                f"eta {seconds / steps * (total - step - 1) / 60:.1f} min")
+                f"eta {seconds / steps * (total - step - 1) / 60:.1f} min{mtp_note(p.mtp_weights)}")
             log.metrics(step, {"train/loss": losses[-1], "train/tok_per_s": tok_per_s})
         if validating:
-            val_bpb, val_loss = evaluate_bpb(model, cfg, rt, tokenizer, windows, p.max_doc_len)
+            full = dict(first=cfg.val_final_tokens) if final else dict(subset=cfg.val_tokens)
+            val = evaluate_bpb(model, data, rt, windows, p.max_doc_len, cfg.micro_batch_tokens, **full)
             memory = peak_memory_gib(rt.device)
-            log(f"step {step + 1}/{total} val bpb {val_bpb:.4f} val loss {val_loss:.4f}"
-                + (f" peak memory {memory:.1f} GiB" if memory is not None else ""))
-            log.metrics(step, {"val/bpb": val_bpb, "val/loss": val_loss})
+            log(f"step {step + 1}/{total} {val_line(val)}" + (f" peak memory {memory:.1f} GiB" if memory is not None else ""))
+            log.metrics(step, {"val/bpb": val["bpb"], "val/loss": val["loss"]})
         if saving:
             save_checkpoint(cfg, rt, step + 1, model, opt, loader.state)
         timer.pause_until_now()
@@ -3334,27 +3555,31 @@ def phase_pt(cfg, rt, log):
         return
     timed_tokens = sum(plan_step(cfg, stages, s).batch_tokens for s in range(start, last + 1))
     update_metrics(cfg, rt, {
-        "val_bpb": val_bpb, "train_tokens": sum(s.steps * s.batch_tokens for s in stages), "params": n_params, "params_matrix": n_matrix,
+        **val_metrics(val), "train_tokens": sum(s.steps * s.batch_tokens for s in stages), "params": n_params, "params_matrix": n_matrix,
         "tok_per_s": timed_tokens / timer.total, "device": str(rt.device), "attn_backend": rt.backend,
         "world_size": rt.world_size, "pt_train_time_s": timer.total, "pt_compile_time_s": compile_s,
         "pt_compile_graphs": graphs, "peak_memory_gib": peak_memory_gib(rt.device)})
 
 
 def phase_eval(cfg, rt, log):
-    """Bits per byte and CORE of a trained model."""
-    tokenizer = data_tokenizer(cfg.data_dir)
-    model, _, path = trained_model(cfg, rt, tokenizer)
+    """Bits per byte over every val token, and CORE, of a trained model."""
+    data = pretrain_data(cfg.data_dir, cfg.vocab_size, cfg.bos_id)
+    model, _, path = trained_model(cfg, rt, data)
     windows = model.windows()
     log(f"evaluating {path}")
     t0 = time.time()
-    bpb, loss = evaluate_bpb(model, cfg, rt, tokenizer, windows, model.cfg.max_doc_len)
-    log(f"val bpb {bpb:.4f} val loss {loss:.4f}")
-    core = load_core(cfg.data_dir, tokenizer)
-    out = evaluate_core(model, core, rt, windows, cfg.core_max_per_task, cfg.core_batch_tokens)
-    log(task_table(out, core.tasks, "label", "CORE"))
+    val = evaluate_bpb(model, data, rt, windows, model.cfg.max_doc_len, cfg.micro_batch_tokens, first=cfg.val_final_tokens)
+    log(val_line(val))
+    metrics = val_metrics(val)
+    if data.tokenizer is None or not os.path.isdir(os.path.join(cfg.data_dir, "core")):
+        log(f"no CORE: {cfg.data_dir} has no core/ (data/core_shards.py writes it, with our tokenizer/ beside it)")
+    else:
+        core = load_core(cfg.data_dir, data.tokenizer)
+        out = evaluate_core(model, core, rt, windows, cfg.core_max_per_task, cfg.core_batch_tokens)
+        log(task_table(out, core.tasks, "label", "CORE"))
+        metrics.update({"core": out["core"], "core_per_task": out["centered"], "core_max_per_task": cfg.core_max_per_task})
     log(f"eval took {time.time() - t0:.0f}s")
-    update_metrics(cfg, rt, {"val_bpb": bpb, "core": out["core"], "core_per_task": out["centered"],
-                             "core_max_per_task": cfg.core_max_per_task})
+    update_metrics(cfg, rt, metrics)
 
 
 def phase_sft(cfg, rt, log):

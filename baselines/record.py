@@ -37,8 +37,9 @@ README_HEADER = "| date | track | hardware | time | val bpb | CORE | ChatCORE | 
 P_THRESHOLD = 0.01
 
 TRAIN_RE = re.compile(r"^step (\d+)/(\d+) loss (\S+) ")
-VAL_RE = re.compile(r"^step (\d+)/(\d+) val bpb (\S+) val loss (\S+)\s*$")
-EVAL_RE = re.compile(r"^val bpb (\S+) val loss (\S+)\s*$")  # --phases eval of the final checkpoint
+# a val line may end in a note: what was scored (every val token, a subset) and the per-source split; n/a: no bpb
+VAL_RE = re.compile(r"^step (\d+)/(\d+) val bpb (\S+) val loss (\S+)(?: \(.*\))?(?: peak memory .*)?\s*$")
+EVAL_RE = re.compile(r"^val bpb (\S+) val loss (\S+)(?: \(.*\))?\s*$")  # --phases eval of the final checkpoint
 CONFIG_RE = re.compile(r"^config: (\{.*\})\s*$")
 
 
@@ -112,6 +113,11 @@ def split_log(text):
     return invocations
 
 
+def number(text):
+    """A logged value; n/a (no bpb where token bytes are unknown) is nan."""
+    return math.nan if text == "n/a" else float(text)
+
+
 def parse_curves(invocations):
     train, val, total, evaluated = {}, {}, None, None
     for inv in invocations:
@@ -122,11 +128,11 @@ def parse_curves(invocations):
                 if m.re is TRAIN_RE:
                     train[step] = float(m.group(3))
                 else:
-                    val[step] = (float(m.group(3)), float(m.group(4)))
+                    val[step] = (number(m.group(3)), float(m.group(4)))
                 continue
             m = EVAL_RE.match(line)
             if m:
-                evaluated = (float(m.group(1)), float(m.group(2)))
+                evaluated = (number(m.group(1)), float(m.group(2)))
     final = evaluated or val.get(total, (None, None))  # only the last step's validation is the run's result
     return Curves(sorted(train.items()), [(s, b, l) for s, (b, l) in sorted(val.items())], total, *final)
 

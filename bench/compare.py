@@ -3,10 +3,11 @@
     python bench/compare.py --data-dir runs/data [--core-max-per-task 50] [--train-tokens N --val-tokens N] [--out DIR]
 
 Trains one after another the main stack (--phases pt,eval), models/gpt2-adamw, models/nanochat and
-models/modded-nanogpt, each with --preset cpu (150 steps x 4,096 tokens = 614,400 tokens, val bpb over the same
-131,072 val targets), then CORE over the first --core-max-per-task examples of each task. About 30 minutes on 2
-cores. --train-tokens / --val-tokens shrink every run alike for a quick check. Prints the table and a last summary
-line. Timings vary +-30% on shared machines: run it alone.
+models/modded-nanogpt, each with --preset cpu (150 steps x 4,096 tokens = 614,400 tokens; val bpb over every val
+token once, and per val source), then CORE over the first --core-max-per-task examples of each task. About 30 minutes
+on 2 cores. --train-tokens / --val-tokens shrink every run alike for a quick check (--val-tokens sizes the evaluations
+during training; the final one scores every val token). Prints the table and a last summary line. Timings vary
++-30% on shared machines: run it alone.
 """
 import argparse
 import json
@@ -59,14 +60,17 @@ def main():
             metrics, seconds = run(script, common + extra + core, os.path.join(out, name))
             rows.append((name, metrics, seconds))
 
-    print(f"{'stack':<16} {'params':>11} {'matrix params':>14} {'tokens':>9} {'val bpb':>8} {'CORE':>8} {'tok/s':>7} {'wall s':>7}")
+    sources = sorted({name for _, m, _ in rows if m for name in m.get("val_bpb_by_source", {})})
+    print(f"{'stack':<16} {'params':>11} {'matrix params':>14} {'tokens':>9} {'val bpb':>8} "
+          + "".join(f"{source[:20]:>21}" for source in sources) + f" {'CORE':>8} {'tok/s':>7} {'wall s':>7}")
     for name, m, seconds in rows:
         if m is None:
             print(f"{name:<16} {'failed':>11}")
             continue
         core = f"{m['core']:>8.4f}" if m.get("core") is not None else f"{'n/a':>8}"
+        split = "".join(f"{m['val_bpb_by_source'][s]:>21.4f}" if s in m.get("val_bpb_by_source", {}) else f"{'n/a':>21}" for s in sources)
         print(f"{name:<16} {m['params']:>11,} {m['params_matrix']:>14,} {m['train_tokens']:>9,} {m['val_bpb']:>8.4f} "
-              f"{core} {m['tok_per_s']:>7,.0f} {seconds:>7.0f}")
+              f"{split} {core} {m['tok_per_s']:>7,.0f} {seconds:>7.0f}")
     done = [(name, m) for name, m, _ in rows if m is not None]
     summary = "summary: val bpb " + ", ".join(f"{name} {m['val_bpb']:.4f}" for name, m in done)
     if done:

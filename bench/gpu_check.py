@@ -373,7 +373,8 @@ def synthetic_data(out, vocab_size, n_train, n_val, seed=0):
                        "sha256": sha256_file(os.path.join(directory, name))})
     write_json(os.path.join(directory, "manifest.json"), {
         "format": "pretrain", "version": FORMAT_VERSION, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
-        "tokenizer_sha256": tok.sha256, "shard_tokens": n_train, "shards": shards, "sources": {"synthetic": seed}})
+        "tokenizer_sha256": tok.sha256, "shard_tokens": n_train, "seed": seed, "max_doc_chars": 0, "shards": shards,
+        "val_sources": [{"name": "synthetic", "n_docs": shards[0]["n_docs"]}], "sources": {"synthetic": seed}})
     return out
 
 

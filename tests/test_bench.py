@@ -33,7 +33,11 @@ def test_compare_trains_every_stack_and_tabulates_their_metrics(tiny_data, tok_d
     bpbs = {}
     for name in STACKS:
         metrics = json.loads((out / name / "metrics.json").read_text())
-        params, _, tokens, bpb, core = rows[name][1:6]
+        sources = sorted(metrics["val_bpb_by_source"])
+        assert sources and lines[0].split()[7:7 + len(sources)] == [s[:20] for s in sources]  # the header names the val sources
+        params, _, tokens, bpb = rows[name][1:5]
+        split, core = rows[name][5:5 + len(sources)], rows[name][5 + len(sources)]
+        assert [float(x) for x in split] == pytest.approx([metrics["val_bpb_by_source"][s] for s in sources], abs=5e-5)
         assert int(params.replace(",", "")) == metrics["params"] and int(tokens.replace(",", "")) == metrics["train_tokens"] == 12288
         assert float(bpb) == pytest.approx(metrics["val_bpb"], abs=5e-5) and float(core) == pytest.approx(metrics["core"], abs=5e-5)
         assert metrics["core_max_per_task"] == 3

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import core_shards
-from conftest import ROOT, TINY_ARGS, load_module
+from conftest import ROOT, TINY_ARGS, edit_json, load_module
 from test_core_eval import MAX_LEN, TASKS, one_thread, write_bundle  # noqa: F401 (one_thread: an autouse fixture)
 
 GPT2_PATH = os.path.join(ROOT, "models", "gpt2-adamw", "train_gpt2.py")
@@ -78,8 +78,10 @@ def test_uniform_predictor_has_the_same_bpb_in_both_stacks(gpt2, stack, tiny_dat
     model = gpt2.GPT(gpt2.parse_config(GPT2_TINY + ["--data-dir", tiny_data]), tok.vocab_size)
     with torch.no_grad():
         model.lm_head.weight.zero_()  # logits 0 for every token of the real vocabulary
-    # 3 windows per batch: the last batch is partial
-    bpb_gpt2, loss_gpt2 = gpt2.evaluate_bpb(model, gpt2.load_split(tiny_data, "val", tok), tok.token_bytes, 128, N, 3, torch.device("cpu"))
+    # 3 windows per batch: the last batch is partial; rows 0 .. N/128 - 1 hold targets 1 .. N
+    stream = gpt2.load_split(tiny_data, "val", tok)
+    score = gpt2.evaluate_bpb(model, stream, tok.token_bytes, 128, 3, torch.device("cpu"), rows=range(N // 128))
+    bpb_gpt2, loss_gpt2 = score.bpb, score.loss
 
     cfg = stack.parse_config(TINY_ARGS + ["--data-dir", tiny_data, "--val-tokens", str(N)])
     assert cfg.micro_batch_tokens == 512
@@ -88,12 +90,21 @@ def test_uniform_predictor_has_the_same_bpb_in_both_stacks(gpt2, stack, tiny_dat
     with torch.no_grad():
         main_model.lm_head.zero_()  # the softcap maps 0 to one constant: uniform over the real vocabulary
     rt = stack.Runtime(torch.device("cpu"), torch.float32, 0, 1, "sdpa")
-    bpb_main, loss_main = stack.evaluate_bpb(main_model, cfg, rt, main_tok, main_model.windows(32, 64), 128)
+    data = stack.pretrain_data(tiny_data)
+    out_main = stack.evaluate_bpb(main_model, data, rt, main_model.windows(32, 64), 128, cfg.micro_batch_tokens, first=N)
+    bpb_main, loss_main = out_main["bpb"], out_main["loss"]
 
     assert bpb_gpt2 == pytest.approx(expected, abs=1e-5)
     assert bpb_main == pytest.approx(expected, abs=1e-5)
     assert bpb_gpt2 == pytest.approx(bpb_main, abs=1e-5)
     assert loss_gpt2 == pytest.approx(math.log(V), abs=1e-5) and loss_main == pytest.approx(math.log(V), abs=1e-5)
+    # the headline, over every val target (rows of 128 here, 512 there, both with a padded last row): the same again
+    w = tok_bytes[val[1:]]
+    full_gpt2 = gpt2.evaluate_bpb(model, stream, tok.token_bytes, 128, 3, torch.device("cpu"))
+    full_main = stack.evaluate_bpb(main_model, data, rt, main_model.windows(32, 64), 128, cfg.micro_batch_tokens)
+    assert full_gpt2.bpb == pytest.approx(math.log2(V) * (w > 0).sum() / w.sum(), abs=1e-5)
+    assert full_gpt2.bpb == pytest.approx(full_main["bpb"], abs=1e-5) and full_gpt2.targets == full_main["targets"] == (w > 0).sum()
+    assert full_gpt2.bpb_by_source() == pytest.approx(full_main["by_source"], abs=1e-5)
 
 
 def test_gpt2_bpb_scores_exactly_val_targets_1_to_n(gpt2, tiny_data):
@@ -108,12 +119,23 @@ def test_gpt2_bpb_scores_exactly_val_targets_1_to_n(gpt2, tiny_data):
         model.ln_f.weight.zero_()  # the final hidden state is ln_f's bias for every token
         model.ln_f.bias.copy_(torch.randn(64) * 30)  # logits with a spread of a few nats
         z = model.lm_head.weight[:V] @ model.ln_f.bias
-    bpb, loss = gpt2.evaluate_bpb(model, gpt2.load_split(tiny_data, "val", tok), tok.token_bytes, 128, N, 3, torch.device("cpu"))
+    stream = gpt2.load_split(tiny_data, "val", tok)
+    score = gpt2.evaluate_bpb(model, stream, tok.token_bytes, 128, 3, torch.device("cpu"), rows=range(N // 128))
+    bpb, loss = score.bpb, score.loss
     targets = torch.from_numpy(val[1:N + 1].astype(np.int64))
     nll = -torch.log_softmax(z.double(), 0)[targets]
     w = torch.from_numpy(tok.token_bytes)[targets]
     assert bpb == pytest.approx(float((nll * (w > 0)).sum() / (math.log(2) * w.sum())), rel=1e-6)
     assert loss == pytest.approx(float((nll * (w > 0)).sum() / (w > 0).sum()), rel=1e-6)
+    # every row: targets 1 .. n_val - 1, each once (the last row is partial: its padding must not count)
+    assert (len(val) - 1) % 128
+    full = gpt2.evaluate_bpb(model, stream, tok.token_bytes, 128, 3, torch.device("cpu"))
+    targets = torch.from_numpy(val[1:].astype(np.int64))
+    nll = -torch.log_softmax(z.double(), 0)[targets]
+    w = torch.from_numpy(tok.token_bytes)[targets]
+    assert full.bpb == pytest.approx(float((nll * (w > 0)).sum() / (math.log(2) * w.sum())), rel=1e-6)
+    assert full.loss == pytest.approx(float((nll * (w > 0)).sum() / (w > 0).sum()), rel=1e-6)
+    assert full.targets == (w > 0).sum() and full.scored == full.total == len(val) - 1
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -144,6 +166,155 @@ def test_gpt2_cli_reports_bad_data_in_one_line_and_writes_nothing(tiny_data, tmp
     assert not run.exists()
 
 
+# --- gpt2 / modded: every val token once, per source (pretrain manifest version 2) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_source_data(tiny_data, tmp_path_factory):
+    """The tiny data with its val documents credited to two sources by the manifest's val_sources: the first 12 to
+    first.jsonl, the rest to second.jsonl (same shards)."""
+    root = tmp_path_factory.mktemp("two_sources") / "data"
+    shutil.copytree(tiny_data, root)
+
+    def two_runs(m):
+        assert m["version"] == 2 and [r["name"] for r in m["val_sources"]] == ["val.jsonl"]
+        m["val_sources"] = [{"name": "first.jsonl", "n_docs": 12}, {"name": "second.jsonl", "n_docs": m["val_sources"][0]["n_docs"] - 12}]
+    edit_json(str(root / "pretrain" / "manifest.json"), two_runs)
+    return str(root)
+
+
+def direct_row_sums(row_nats, data_dir, T):
+    """(source names, [n_rows, n_sources, 3] nats, bytes and counted targets of each row of T targets of the val
+    stream) with no peer code but row_nats(the row's tokens, unpadded: the last row is shorter) -> nats per target;
+    the source of a target is that of the document holding it, counted from the <|bos|> tokens and val_sources."""
+    val = val_shard(data_dir).astype(np.int64)
+    tok_bytes = np.load(os.path.join(data_dir, "tokenizer", "token_bytes.npy"), allow_pickle=False)
+    manifest = json.loads(open(os.path.join(data_dir, "pretrain", "manifest.json")).read())
+    names = [r["name"] for r in manifest["val_sources"]]
+    source = np.repeat(np.arange(len(names)), [r["n_docs"] for r in manifest["val_sources"]])[np.cumsum(val == manifest["bos_id"]) - 1]
+    n_rows = -(-(len(val) - 1) // T)
+    sums = np.zeros((n_rows, len(names), 3))
+    for r in range(n_rows):
+        tokens = val[r * T:r * T + T + 1]
+        nats, pos = row_nats(tokens), np.arange(r * T + 1, r * T + len(tokens))
+        w = tok_bytes[val[pos]]
+        for s in range(len(names)):
+            m = (source[pos] == s) & (w > 0)
+            sums[r, s] = nats[m].sum(), w[m].sum(), m.sum()
+    return names, sums
+
+
+def check_val_score(score, names, sums):
+    """A peer's ValScore against direct sums [n_sources, 3]: total and per-source bpb, loss, counted targets, and the
+    per-source bpbs weighted by their bytes recombine to the total."""
+    nats, nbytes, count = sums.sum(0)
+    assert score.bpb == pytest.approx(nats / (math.log(2) * nbytes), rel=1e-5)
+    assert score.loss == pytest.approx(nats / count, rel=1e-5) and score.targets == count
+    by = score.bpb_by_source()
+    assert list(by) == [n for n, s in zip(names, sums) if s[1] > 0]
+    assert by == pytest.approx({n: s[0] / (math.log(2) * s[1]) for n, s in zip(names, sums) if s[1] > 0}, rel=1e-5)
+    assert sum(by[n] * s[1] for n, s in zip(names, sums) if s[1] > 0) / nbytes == pytest.approx(score.bpb, rel=1e-9)
+
+
+def peer_val_setup(peer, mod, data_dir):
+    """(T, row_nats, evaluate(rows)) of a tiny gpt2 or modded model on the val stream of data_dir."""
+    tok = mod.load_tokenizer(os.path.join(data_dir, "tokenizer"))
+    stream = mod.load_split(data_dir, "val", tok)
+    if peer == "gpt2":
+        torch.manual_seed(0)
+        model = mod.GPT(mod.parse_config(GPT2_TINY + ["--data-dir", data_dir]), tok.vocab_size).eval()
+        row_nats = lambda t: F.cross_entropy(model(torch.from_numpy(t[:-1])[None])[0], torch.from_numpy(t[1:]), reduction="none").double().numpy()
+        return 128, row_nats, lambda rows=None: mod.evaluate_bpb(model, stream, tok.token_bytes, 128, 3, "cpu", rows)
+    model = modded_model(mod, tok.vocab_size).eval()
+    windows = model.windows(32, 64)
+
+    def row_nats(t):
+        b = mod.make_batch(t, tok.bos_id, 128, 1, "cpu")  # the row as it is, unpadded
+        return F.cross_entropy(model.logits(model.hidden(b, windows, "sdpa")), b.targets[:, 0], reduction="none").double().numpy()
+    return 512, row_nats, lambda rows=None: mod.evaluate_bpb(model, stream, tok, 512, windows, 128, "cpu", "sdpa", rows)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("peer", ["gpt2", "modded"])
+def test_peer_final_eval_scores_every_val_target_once_per_source(peer, request, two_source_data):
+    """The final evaluation: every target 1 .. n_val - 1 predicted once in the peer's rows (seq_len windows for gpt2,
+    packed micro batches for modded; the last row partial and padded), equal to each row forwarded alone, unpadded;
+    per source the same sums over its documents' targets, and bytes-weighted they make the total."""
+    mod = request.getfixturevalue(peer)
+    T, row_nats, evaluate = peer_val_setup(peer, mod, two_source_data)
+    val = val_shard(two_source_data)
+    assert (len(val) - 1) % T  # a partial last row
+    names, sums = direct_row_sums(row_nats, two_source_data, T)
+    score = evaluate()
+    assert score.scored == score.total == len(val) - 1 and names == ["first.jsonl", "second.jsonl"]
+    tok_bytes = np.load(os.path.join(two_source_data, "tokenizer", "token_bytes.npy"), allow_pickle=False)
+    assert score.targets == (tok_bytes[val[1:]] > 0).sum()  # every target with bytes, once
+    check_val_score(score, names, sums.sum(0))
+    assert sums[:, :, 1].sum(0).min() > 0.2 * sums[:, :, 1].sum()  # both sources weigh in
+    assert score.describe().endswith(f"(every val token: {len(val) - 1:,} targets, {score.targets:,} with bytes; by source: "
+                                     f"first.jsonl {score.bpb_by_source()['first.jsonl']:.4f}, second.jsonl {score.bpb_by_source()['second.jsonl']:.4f})")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("peer", ["gpt2", "modded"])
+def test_peer_periodic_eval_is_rows_spread_over_the_whole_stream(peer, request, two_source_data):
+    """During training --val-tokens worth of rows, evenly spread from the first row to the last, so both halves of
+    the stream (and so both sources) are drawn from; they score exactly what those rows score directly."""
+    mod = request.getfixturevalue(peer)
+    T, row_nats, evaluate = peer_val_setup(peer, mod, two_source_data)
+    n = len(val_shard(two_source_data)) - 1
+    n_rows = -(-n // T)
+    rows = mod.spread_rows(n + 1, T, 2048)
+    assert len(rows) == 2048 // T and rows[0] == 0 and rows[-1] == n_rows - 1 and max(np.diff(rows)) - min(np.diff(rows)) <= 1
+    assert min(rows) < n_rows / 2 <= max(rows)
+    assert mod.spread_rows(n + 1, T, n) == list(range(n_rows))  # --val-tokens covering the stream: every row
+    names, sums = direct_row_sums(row_nats, two_source_data, T)
+    score = evaluate(rows)
+    check_val_score(score, names, sums[rows].sum(0))
+    assert set(score.bpb_by_source()) == {"first.jsonl", "second.jsonl"}
+    scored = sum(min(T, n - r * T) for r in rows)
+    assert score.scored == scored < score.total == n
+    assert score.describe().endswith(f"(subset: {scored:,} of {n:,} targets, spread over the stream)")
+
+
+@pytest.mark.parametrize("peer", ["gpt2", "modded"])
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("val_sources"), "val_sources must be a list of"),
+    (lambda m: m.update(val_sources={"val.jsonl": 40}), "val_sources must be a list of"),
+    (lambda m: m["val_sources"][0].update(n_docs=-1), "val_sources must be a list of"),
+    (lambda m: m["val_sources"][0].update(n_docs=True), "val_sources must be a list of"),
+    (lambda m: m["val_sources"][0].update(n_docs=39.0), "val_sources must be a list of"),
+    (lambda m: m["val_sources"][0].pop("name"), "val_sources must be a list of"),
+    (lambda m: m["val_sources"][0].update(n_docs=39), "val_sources count 39 documents, the val shards hold 40 "),
+    (lambda m: m["val_sources"].append({"name": "more.txt", "n_docs": 1}), "val_sources count 41 documents"),
+    (lambda m: m.update(version=1), "expected format 'pretrain' version 2, got 'pretrain' version 1"),
+])
+def test_peer_refuses_bad_val_sources_naming_the_manifest(peer, request, edit, message, tiny_data, tmp_path):
+    mod = request.getfixturevalue(peer)
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    manifest = data / "pretrain" / "manifest.json"
+    assert json.loads(manifest.read_text())["val_sources"] == [{"name": "val.jsonl", "n_docs": 40}]
+    edit_json(str(manifest), edit)
+    tok = mod.load_tokenizer(str(data / "tokenizer"))
+    with pytest.raises(mod.DataError, match=f"^{re.escape(str(manifest))}: {re.escape(message)}"):
+        mod.load_split(str(data), "val", tok)
+
+
+@pytest.mark.parametrize("path", [GPT2_PATH, MODDED_PATH], ids=["gpt2", "modded"])
+def test_peer_cli_refuses_bad_val_sources_in_one_line(path, tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    manifest = data / "pretrain" / "manifest.json"
+    edit_json(str(manifest), lambda m: m["val_sources"][0].update(n_docs=41))
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, path, "--preset", "cpu", "--data-dir", str(data), "--run-dir", str(run)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip() == (f"error: {manifest}: val_sources count 41 documents, the val "
+                                                            f"shards hold 40 (<|bos|> tokens)")
+    assert not run.exists()
+
+
 # --- peer stacks with CORE: whole runs -----------------------------------------------------------------------------
 
 
@@ -163,7 +334,7 @@ def run_stack(path, args, data, run):
     assert log.startswith("config: {") and f"{metrics['stack']} done: val bpb" in proc.stdout.splitlines()[-1]
     losses = [float(x) for x in re.findall(r"^step \d+/16 loss (\S+)", log, re.M)]
     assert len(losses) == 16 and all(map(math.isfinite, losses)) and np.mean(losses[-4:]) < losses[0] - 0.5
-    vals = re.findall(r"^step (\d+)/16 val bpb (\S+) val loss (\S+)$", log, re.M)
+    vals = re.findall(r"^step (\d+)/16 val bpb (\S+) val loss (\S+)", log, re.M)
     assert [v[0] for v in vals] == ["8", "16"] and float(vals[-1][1]) == pytest.approx(metrics["val_bpb"], abs=1e-4)
     assert re.search(r"^CORE +(\S+)$", log, re.M) and not any(p.name.endswith(".tmp") for p in run.iterdir())
     return metrics
@@ -171,8 +342,8 @@ def run_stack(path, args, data, run):
 
 def test_gpt2_run_writes_metrics_log_core_and_checkpoint(gpt2, core_data, tmp_path):
     run = tmp_path / "run"
-    metrics = run_stack(GPT2_PATH, GPT2_TINY + ["--batch-tokens", "512", "--train-tokens", "8192", "--lr", "3e-3"], core_data, run)
-    assert metrics["stack"] == "gpt2-adamw" and metrics["train_tokens"] == 8192
+    metrics = run_stack(GPT2_PATH, GPT2_TINY + ["--batch-tokens", "1024", "--train-tokens", "16384", "--lr", "3e-3"], core_data, run)
+    assert metrics["stack"] == "gpt2-adamw" and metrics["train_tokens"] == 16384
     d, L, V, T = 64, 2, 1024, 128
     assert metrics["params_matrix"] == L * 12 * d * d
     # tied: the embedding is counted once; per block 12 d^2 weights + 9 d biases + 4 d LayerNorm; final LayerNorm
@@ -187,8 +358,11 @@ def test_gpt2_run_writes_metrics_log_core_and_checkpoint(gpt2, core_data, tmp_pa
     model = gpt2.GPT(cfg, V)
     load_model(model, str(run / "model.safetensors"))
     tok = gpt2.load_tokenizer(os.path.join(core_data, "tokenizer"))
-    bpb, loss = gpt2.evaluate_bpb(model, gpt2.load_split(core_data, "val", tok), tok.token_bytes, T, 2048, 4, torch.device("cpu"))
+    score = gpt2.evaluate_bpb(model, gpt2.load_split(core_data, "val", tok), tok.token_bytes, T, 4, torch.device("cpu"))
+    bpb, loss = score.bpb, score.loss
     assert bpb == pytest.approx(metrics["val_bpb"], rel=1e-5) and loss == pytest.approx(metrics["val_loss"], rel=1e-5)
+    assert metrics["val_bpb_by_source"] == pytest.approx(score.bpb_by_source(), rel=1e-5)
+    check_full_val_in_run(metrics, run, core_data, T)
 
 
 def test_nanochat_run_writes_metrics_log_core_and_checkpoint(nanochat, core_data, tmp_path):
@@ -205,8 +379,18 @@ def test_nanochat_run_writes_metrics_log_core_and_checkpoint(nanochat, core_data
     model = nanochat.GPT(nanochat.parse_config(NANOCHAT_TINY + ["--data-dir", core_data]), V)
     load_model(model, str(run / "model.safetensors"))
     tok = nanochat.load_tokenizer(os.path.join(core_data, "tokenizer"))
-    bpb, _ = nanochat.evaluate_bpb(model, nanochat.load_split(core_data, "val", tok), tok.token_bytes, T, 2048, 4, torch.device("cpu"))
-    assert bpb == pytest.approx(metrics["val_bpb"], rel=1e-5)
+    out = nanochat.evaluate_bpb(model, nanochat.load_val(core_data, tok), tok.token_bytes, T, 4, torch.device("cpu"))
+    assert out["bpb"] == pytest.approx(metrics["val_bpb"], rel=1e-5)
+    # the final evaluation covers every val target, per source; the periodic one a subset spread over the stream
+    assert metrics["val_loss"] == pytest.approx(out["loss"], rel=1e-5) and metrics["val_loss_tokens"] == out["targets"]
+    assert metrics["val_bpb_by_source"] == pytest.approx(out["by_source"], rel=1e-5) and list(out["by_source"]) == ["val.jsonl"]
+    log = (run / "log.txt").read_text()
+    n = len(nanochat.load_val(core_data, tok).tokens) - 1
+    rows = np.unique(np.linspace(0, -(-n // T) - 1, 2048 // T).round())  # 16 rows, the first and the (partial) last
+    scored = int(sum(min(T, n - r * T) for r in rows))
+    assert len(rows) == 16 and 2048 - T < scored <= 2048
+    assert f"val: every 8 steps, subset: {scored:,} of {n:,} targets, spread over the stream;" in log
+    assert f"final val: every val target ({n:,}), {out['targets']:,} with bytes counted" in log
 
 
 def test_modded_run_writes_metrics_log_core_and_checkpoint(modded, core_data, tmp_path):
@@ -221,6 +405,25 @@ def test_modded_run_writes_metrics_log_core_and_checkpoint(modded, core_data, tm
     state = load_file(str(run / "model.safetensors"))
     assert "blocks.1.q" not in state and "blocks.0.q" in state and not bool(state["tied"])  # untied at 2/3 of the steps
     assert float(state["attn_scale"]) > 0.1  # YaRN grew it with the long window
+    check_full_val_in_run(metrics, run, core_data, 512)  # val rows of micro_batch_tokens
+
+
+def check_full_val_in_run(metrics, run, data, T):
+    """A gpt2 / modded run's val numbers: at step 8 (of 16) a subset of --val-tokens 2048 worth of rows of T spread
+    over the stream, at the end every val target; metrics and the final line say so, per source."""
+    val, tok_bytes = val_shard(data), np.load(os.path.join(data, "tokenizer", "token_bytes.npy"), allow_pickle=False)
+    n, counted = len(val) - 1, int((tok_bytes[val[1:]] > 0).sum())
+    rows = np.unique(np.linspace(0, -(-n // T) - 1, 2048 // T).round())
+    scored = int(sum(min(T, n - r * T) for r in rows.astype(int)))
+    assert rows[0] == 0 and rows[-1] == -(-n // T) - 1 and scored < n
+    assert metrics["val_loss_tokens"] == counted and set(metrics["val_bpb_by_source"]) == {"val.jsonl"}
+    assert metrics["val_bpb_by_source"]["val.jsonl"] == pytest.approx(metrics["val_bpb"], rel=1e-9)  # one source: the total
+    log = (run / "log.txt").read_text().splitlines()
+    assert re.fullmatch(rf"step 8/16 val bpb \S+ val loss \S+ \(subset: {scored:,} of {n:,} targets, spread over the stream\)",
+                        next(l for l in log if l.startswith("step 8/16 val")))
+    assert next(l for l in log if l.startswith("step 16/16 val")).endswith(
+        f"(every val token: {n:,} targets, {counted:,} with bytes; by source: val.jsonl {metrics['val_bpb']:.4f})")
+    assert f"val bpb {metrics['val_bpb']:.4f} over every val token (by source: val.jsonl {metrics['val_bpb']:.4f}), val loss" in log[-1]
 
 
 @pytest.mark.parametrize("path", [GPT2_PATH, NANOCHAT_PATH, MODDED_PATH], ids=["gpt2", "nanochat", "modded"])
@@ -367,6 +570,93 @@ def test_nanochat_core_rows_padding_is_invisible(nanochat, core_data):
     alone = [nanochat.sequence_scores(model, [s], tok.bos_id, "cpu")[0] for s in seqs]
     np.testing.assert_allclose([b[0] for b in batched], [a[0] for a in alone], rtol=1e-5, equal_nan=True)
     assert [b[1] for b in batched] == [a[1] for a in alone]
+
+
+@pytest.fixture(scope="module")
+def nanochat_val_data(tiny_data, tmp_path_factory):
+    """The tiny data with its val documents credited by val_sources to three runs, one source twice (a, b, a)."""
+    from test_nanochat_checkpoints import with_val_sources
+    root = tmp_path_factory.mktemp("nanochat_val") / "data"
+    shutil.copytree(tiny_data, root)
+    with_val_sources(str(root / "pretrain"), lambda n: [("a.txt", 10), ("b.txt", n - 25), ("a.txt", 15)])
+    return str(root)
+
+
+@torch.no_grad()
+def test_nanochat_bpb_scores_every_val_target_once_per_source(nanochat, nanochat_val_data):
+    """Direct computation, row by row through the model alone (the last row shorter, unpadded): every target
+    1 .. n_val - 1 once, in rows of seq_len; bpb, loss, counted targets and per-source bpb (a source's runs together)
+    equal the peer's batched, padded evaluation, and the per-source numbers recombine to the total. The periodic
+    subset is the same computation over rows spread evenly over the stream."""
+    data = nanochat_val_data
+    tok = nanochat.load_tokenizer(os.path.join(data, "tokenizer"))
+    val = nanochat.load_val(data, tok)
+    torch.manual_seed(0)
+    model = nanochat.GPT(nanochat.parse_config(NANOCHAT_TINY + ["--data-dir", data]), tok.vocab_size).eval()
+    for name, p in model.named_parameters():
+        if "c_proj" in name:
+            p.normal_(0, 0.05)
+    tokens = val_shard(data).astype(np.int64)
+    n, T = len(tokens) - 1, 128
+    assert np.array_equal(val.tokens, tokens) and n % T and n // T > 10
+    manifest = json.loads(open(os.path.join(data, "pretrain", "manifest.json")).read())
+    run_names = [r["name"] for r in manifest["val_sources"]]
+    doc_source = np.repeat([["a.txt", "b.txt"].index(x) for x in run_names], [r["n_docs"] for r in manifest["val_sources"]])
+    source = doc_source[np.cumsum(tokens == tok.bos_id) - 1]
+    rows = []  # per row, per source: nats, bytes, counted
+    for r in range(-(-n // T)):
+        t = torch.from_numpy(tokens[r * T:r * T + T + 1])
+        nll = F.cross_entropy(model(t[:-1][None])[0], t[1:], reduction="none").double().numpy()
+        pos = np.arange(r * T + 1, r * T + len(t))
+        w = tok.token_bytes[tokens[pos]]
+        rows.append([[nll[(source[pos] == s) & (w > 0)].sum(), w[source[pos] == s].sum(), ((source[pos] == s) & (w > 0)).sum()]
+                     for s in range(2)])
+    rows = np.array(rows)
+
+    def check(out, picked):
+        sums = rows[picked].sum(0)
+        nats, nbytes, count = sums.sum(0)
+        assert out["bpb"] == pytest.approx(nats / (math.log(2) * nbytes), rel=1e-5)
+        assert out["loss"] == pytest.approx(nats / count, rel=1e-5) and out["targets"] == count
+        expected = {name: s[0] / (math.log(2) * s[1]) for name, s in zip(["a.txt", "b.txt"], sums)}
+        assert out["by_source"] == pytest.approx(expected, rel=1e-5) and list(out["by_source"]) == ["a.txt", "b.txt"]
+        recombined = sum(out["by_source"][name] * s[1] for name, s in zip(["a.txt", "b.txt"], sums)) / nbytes
+        assert recombined == pytest.approx(out["bpb"], rel=1e-9)
+
+    out = nanochat.evaluate_bpb(model, val, tok.token_bytes, T, 3, "cpu")  # 3 rows a forward: the last batch partial
+    check(out, np.arange(len(rows)))
+    assert out["of"] == n and out["what"] == f"every val target ({n:,})"
+    sub = nanochat.evaluate_bpb(model, val, tok.token_bytes, T, 3, "cpu", subset=5 * T)
+    picked = np.unique(np.linspace(0, len(rows) - 1, 5).round().astype(int))
+    assert len(picked) == 5 and picked[0] == 0 and picked[-1] == len(rows) - 1
+    check(sub, picked)
+    scored = 4 * T + n - (len(rows) - 1) * T
+    assert sub["what"] == f"subset: {scored:,} of {n:,} targets, spread over the stream"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(version=1), "expected format 'pretrain' version 2, got 'pretrain' version 1"),
+    (lambda m: m.pop("val_sources"), "'val_sources' must be a non-empty list"),
+    (lambda m: m.update(val_sources={"val.jsonl": 40}), "'val_sources' must be a non-empty list"),
+    (lambda m: m["val_sources"][0].update(n_docs=str(m["val_sources"][0]["n_docs"])), "'val_sources' must be a non-empty list"),
+    (lambda m: m["val_sources"][0].update(n_docs=True), "'val_sources' must be a non-empty list"),
+    (lambda m: m["val_sources"][0].update(n_docs=-1), "'val_sources' must be a non-empty list"),
+    (lambda m: m["val_sources"][0].pop("name"), "'val_sources' must be a non-empty list"),
+    (lambda m: m["val_sources"].append({"name": "more.jsonl", "n_docs": 1}), "val_sources count {n+1} documents, but the val stream holds {n}"),
+])
+def test_nanochat_refuses_bad_val_sources_naming_the_manifest(nanochat, tiny_data, tmp_path, edit, message):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    path = data / "pretrain" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert manifest["version"] == 2 and [r["name"] for r in manifest["val_sources"]] == ["val.jsonl"]
+    n = manifest["val_sources"][0]["n_docs"]
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    tok = nanochat.load_tokenizer(str(data / "tokenizer"))
+    message = message.replace("{n+1}", str(n + 1)).replace("{n}", str(n))
+    with pytest.raises(nanochat.DataError, match=f"^{re.escape(str(path))}: {re.escape(message)}"):
+        nanochat.load_val(str(data), tok)
 
 
 # --- modded-nanogpt invariants -------------------------------------------------------------------------------------

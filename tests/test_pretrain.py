@@ -75,31 +75,113 @@ def test_schedule_stages_lr_and_mtp(stack):
     assert [s.steps for s in rescaled] == [5, 5]  # half the tokens: half the steps of each stage
 
 
-def test_bits_per_byte_weights_tokens_by_bytes(stack, tiny_data):
-    """evaluate_bpb against a direct computation over the same val tokens with the same model."""
-    cfg = stack.parse_config(TINY_ARGS + ["--data-dir", tiny_data, "--val-tokens", "1024"])
+def direct_val_sums(stack, model, tok, val, windows, T, rows, source=None, n_sources=1):
+    """Per source: nats, bytes, counted targets of rows of T targets of the val stream, by plain cross entropy."""
+    sums = np.zeros((n_sources, 3))
+    n = len(val) - 1
+    for r in rows:
+        buf = val[r * T:r * T + T + 1]
+        real = len(buf) - 1
+        buf = np.concatenate([buf, np.full(T + 1 - len(buf), tok.bos_id, buf.dtype)])
+        b = stack.make_batch(buf, tok.bos_id, 128, 1, "cpu")
+        with torch.no_grad():
+            h = model.hidden(b, windows, "sdpa")
+            losses = torch.nn.functional.cross_entropy(model.logits(h), b.targets[:, 0], reduction="none").numpy()
+        w = tok.token_bytes[b.targets[:, 0].numpy()].astype(np.float64)
+        w[real:] = 0  # padding
+        src = np.zeros(T, np.int64) if source is None else np.concatenate([source[r * T + 1:r * T + 1 + real], np.zeros(T - real, np.int64)])
+        for i in range(n_sources):
+            m = (src == i) & (w > 0)
+            sums[i] += [losses[m].sum(), w[m].sum(), m.sum()]
+        assert r * T < n
+    return sums
+
+
+def tiny_bpb_setup(stack, tiny_data, *extra):
+    cfg = stack.parse_config(TINY_ARGS + ["--data-dir", tiny_data, *extra])
     tok = stack.Tokenizer(os.path.join(tiny_data, "tokenizer"))
     torch.manual_seed(0)
     model = stack.GPT(stack.ModelConfig.of(cfg, tok.vocab_size))
     with torch.no_grad():
         model.lm_head.normal_(0, 0.5)  # non-uniform predictions so the byte weighting matters
     rt = stack.Runtime(torch.device("cpu"), torch.float32, 0, 1, "sdpa")
-    windows = model.windows(32, 64)
-    bpb, loss = stack.evaluate_bpb(model, cfg, rt, tok, windows, 128)
+    return cfg, tok, model, rt, model.windows(32, 64), stack.pretrain_data(tiny_data)
+
+
+def test_bits_per_byte_weights_tokens_by_bytes(stack, tiny_data):
+    """evaluate_bpb against a direct computation over every val target, once, with the same model."""
+    cfg, tok, model, rt, windows, data = tiny_bpb_setup(stack, tiny_data)
+    out = stack.evaluate_bpb(model, data, rt, windows, 128, 512)
+    bpb, loss = out["bpb"], out["loss"]
     val = np.asarray(stack.read_token_file(stack.pretrain_shards(tiny_data, tok, "val")[0], tok.vocab_size))
-    nats = nbytes = count = 0.0
-    for start in (0, 512):
-        b = stack.make_batch(val[start:start + 513], tok.bos_id, 128, 1, "cpu")
-        with torch.no_grad():
-            h = model.hidden(b, windows, "sdpa")
-            losses = torch.nn.functional.cross_entropy(model.logits(h), b.targets[:, 0], reduction="none")
-        w = torch.from_numpy(tok.token_bytes)[b.targets[:, 0]]
-        nats += float((losses * (w > 0)).sum())
-        nbytes += float(w.sum())
-        count += float((w > 0).sum())
+    n = len(val) - 1
+    assert n % 512 and n > 1024  # a partial last row, padded
+    (nats, nbytes, count), = direct_val_sums(stack, model, tok, val, windows, 512, range(-(-n // 512)))
     assert bpb == pytest.approx(nats / (math.log(2) * nbytes), rel=1e-6)
     assert loss == pytest.approx(nats / count, rel=1e-6)
     assert (val == tok.bos_id).sum() > 1  # the val text has several documents, so BOS targets were excluded
+    # every target with bytes counted once: all of the stream's but its BOS
+    assert out["targets"] == count == (tok.token_bytes[val[1:]] > 0).sum() and out["of"] == n
+    assert out["what"] == "every val token"
+
+
+def test_val_bpb_by_source_recombines(stack, tiny_data, tmp_path):
+    """Two val sources (the manifest's val_sources): each one's bpb is its own targets', and bytes-weighted they make
+    the total; a val_sources that does not count the shard's documents is refused naming the shard."""
+    import shutil
+    data_dir = tmp_path / "d"
+    shutil.copytree(tiny_data, data_dir)
+    manifest_path = data_dir / "pretrain" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    n_docs = sum(s["n_docs"] for s in manifest["shards"] if s["split"] == "val")
+    manifest["val_sources"] = [{"name": "first.txt", "n_docs": 5}, {"name": "rest.jsonl", "n_docs": n_docs - 5}]
+    manifest_path.write_text(json.dumps(manifest))
+    cfg, tok, model, rt, windows, data = tiny_bpb_setup(stack, str(data_dir))
+    out = stack.evaluate_bpb(model, data, rt, windows, 128, 512)
+    val, source = data.val_stream()
+    assert source[0] == 0 and source[-1] == 1 and (np.diff(source) >= 0).all()
+    n = len(val) - 1
+    sums = direct_val_sums(stack, model, tok, val, windows, 512, range(-(-n // 512)), source, 2)
+    assert set(out["by_source"]) == {"first.txt", "rest.jsonl"}
+    for i, name in enumerate(["first.txt", "rest.jsonl"]):
+        assert out["by_source"][name] == pytest.approx(sums[i, 0] / (math.log(2) * sums[i, 1]), rel=1e-6)
+    weighted = sum(out["by_source"][name] * sums[i, 1] for i, name in enumerate(["first.txt", "rest.jsonl"])) / sums[:, 1].sum()
+    assert out["bpb"] == pytest.approx(weighted, rel=1e-9)
+    # a name in two runs is one source: its documents' targets together
+    manifest["val_sources"] = [{"name": "first.txt", "n_docs": 2}, {"name": "rest.jsonl", "n_docs": n_docs - 5},
+                               {"name": "first.txt", "n_docs": 3}]
+    manifest_path.write_text(json.dumps(manifest))
+    again = stack.evaluate_bpb(model, stack.pretrain_data(str(data_dir)), rt, windows, 128, 512)
+    assert sorted(again["by_source"]) == ["first.txt", "rest.jsonl"] and again["bpb"] == pytest.approx(out["bpb"], rel=1e-9)
+    manifest["val_sources"] = [{"name": "first.txt", "n_docs": 5}, {"name": "rest.jsonl", "n_docs": n_docs - 4}]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(stack.DataFormatError, match=f"val_000000.bin: {n_docs} documents, but the manifest's val_sources count {n_docs + 1}"):
+        stack.pretrain_data(str(data_dir))
+    manifest["val_sources"] = [{"name": "x", "n_docs": "5"}]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(stack.DataFormatError, match="manifest.json: 'val_sources' must be a list of"):
+        stack.pretrain_data(str(data_dir))
+
+
+def test_val_subset_spreads_over_the_stream_and_first_n(stack, tiny_data):
+    """Evaluation during training: a fixed subset of rows from the start to the end of the stream, said as such;
+    first=N: the rows of the first N targets (modded-nanogpt's rule), exactly N targets."""
+    rows = stack.val_rows(10_000, 512, subset=2048)
+    assert rows.tolist() == [0, 6, 13, 19]  # 4 rows of 20, first to last
+    assert stack.val_rows(10_000, 512).tolist() == list(range(20)) and stack.val_rows(10_000, 512, first=1500).tolist() == [0, 1, 2]
+    cfg, tok, model, rt, windows, data = tiny_bpb_setup(stack, tiny_data)
+    val, _ = data.val_stream()
+    n = len(val) - 1
+    sub = stack.evaluate_bpb(model, data, rt, windows, 128, 512, subset=1024)
+    picked = stack.val_rows(n, 512, subset=1024)
+    assert picked[0] == 0 and picked[-1] == -(-n // 512) - 1
+    (nats, nbytes, count), = direct_val_sums(stack, model, tok, val, windows, 512, picked)
+    assert sub["bpb"] == pytest.approx(nats / (math.log(2) * nbytes), rel=1e-6)
+    scored = sum(min(512, n - r * 512) for r in picked)  # the last row's padding is not scored
+    assert scored < 1024 and sub["what"] == f"subset: {scored:,} of {n:,} targets, spread over the stream"
+    first = stack.evaluate_bpb(model, data, rt, windows, 128, 512, first=700)
+    assert first["what"] == "the first 700 val tokens"
+    assert first["targets"] == (tok.token_bytes[val[1:701]] > 0).sum()
 
 
 def test_model_structure_changes(stack, tiny_data):

@@ -166,6 +166,7 @@ def parse_ints(text):
 # 2. Data: the tokenizer's metadata, the pretrain shards and the CORE file (formats in data/README.md)
 
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
+MANIFEST_VERSIONS = {"pretrain": 2, "core": 1}  # pretrain 2: val_sources (which source file each val document is from)
 
 
 class DataError(Exception):
@@ -241,20 +242,26 @@ def read_shard(path, vocab_size):
 def read_manifest(directory, fmt, tok):
     path = os.path.join(directory, "manifest.json")
     manifest = read_json(path)
-    if manifest.get("format") != fmt or manifest.get("version") != 1:
-        raise DataError(f"{path}: expected format {fmt!r} version 1, got {manifest.get('format')!r} version {manifest.get('version')}")
+    if manifest.get("format") != fmt or manifest.get("version") != MANIFEST_VERSIONS[fmt]:
+        raise DataError(f"{path}: expected format {fmt!r} version {MANIFEST_VERSIONS[fmt]}, got {manifest.get('format')!r} version {manifest.get('version')}")
     if manifest.get("tokenizer_sha256") != tok.sha256:
         raise DataError(f"{path}: written with a different tokenizer than {tok.sha256[:12]}... (re-prepare the data)")
     return manifest
 
 
 class TokenStream:
-    """The shards of one split, in manifest order, as one stream of tokens that wraps around at its end."""
+    """The shards of one split, in manifest order, as one stream of tokens that wraps around at its end. The val
+    stream also knows the source file of each document (set by load_split from the manifest's val_sources)."""
 
     def __init__(self, shards):
         self.shards = shards
         self.starts = np.cumsum([0] + [len(s) for s in shards])
         self.n_tokens = int(self.starts[-1])
+        self.source_names, self.doc_starts, self.doc_source = [], None, None
+
+    def sources_at(self, positions):
+        """Index into source_names of the document holding each stream position (its last <|bos|> at or before)."""
+        return self.doc_source[np.searchsorted(self.doc_starts, positions, side="right") - 1]
 
     def read(self, pos, n):
         """n tokens (int64) from stream position pos onwards, wrapping around."""
@@ -277,7 +284,27 @@ def load_split(data_dir, split, tok):
     stream = TokenStream(shards)
     if stream.n_tokens == 0:
         raise DataError(f"{directory}/manifest.json: no {split} tokens")
+    if split == "val":
+        attach_val_sources(stream, manifest, tok.bos_id, os.path.join(directory, "manifest.json"))
     return stream
+
+
+def attach_val_sources(stream, manifest, bos_id, path):
+    """The manifest's val_sources (runs of consecutive val documents from one source file, in stream order) checked
+    against the <|bos|> tokens of the val stream, then kept on it as the source of every document."""
+    runs = manifest.get("val_sources")
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str) and type(r.get("n_docs")) is int
+                                             and r["n_docs"] >= 0 for r in runs):
+        raise DataError(f"{path}: val_sources must be a list of {{\"name\": str, \"n_docs\": int >= 0}}, got {json.dumps(runs)[:100]}")
+    starts = np.concatenate([np.flatnonzero(np.asarray(s) == bos_id) + int(o) for s, o in zip(stream.shards, stream.starts)])
+    if sum(r["n_docs"] for r in runs) != len(starts):
+        raise DataError(f"{path}: val_sources count {sum(r['n_docs'] for r in runs):,} documents, the val shards hold "
+                        f"{len(starts):,} (<|bos|> tokens)")
+    if stream.n_tokens < 2 or starts[0] != 0:
+        raise DataError(f"{path}: the val stream must start with <|bos|> and hold a target ({stream.n_tokens} tokens)")
+    stream.source_names = list(dict.fromkeys(r["name"] for r in runs))  # one name even if its documents come in several runs
+    stream.doc_starts = starts
+    stream.doc_source = np.repeat([stream.source_names.index(r["name"]) for r in runs], [r["n_docs"] for r in runs]).astype(np.int64)
 
 
 @dataclasses.dataclass
@@ -734,25 +761,90 @@ def muon_momentum(step, total_steps, warmup=300, cooldown=50, low=0.85, high=0.9
 # 6. Evaluation
 
 
+@dataclasses.dataclass
+class ValScore:
+    """Sums over the counted val targets (token_bytes > 0) of the rows scored, per source (rows of sums, in the order
+    of the stream's source_names); bpb = nats / (ln 2 x bytes), loss = nats / targets, the same in every stack."""
+    names: list
+    sums: np.ndarray   # float64 [n_sources, 3]: nats, bytes, counted targets
+    scored: int = 0    # target positions scored, counted or not (padding excluded)
+    total: int = 0     # target positions in the val stream: n_val - 1
+
+    def add(self, stream, positions, nats, nbytes, scored):
+        """One batch of `scored` targets: each target's stream position, nats and bytes (0: not counted; padding is
+        given 0 bytes)."""
+        counted = nbytes > 0
+        src = stream.sources_at(positions[counted])
+        for col, v in enumerate((nats[counted], nbytes[counted], np.ones(int(counted.sum())))):
+            self.sums[:, col] += np.bincount(src, weights=v, minlength=len(self.names))
+        self.scored += scored
+
+    @property
+    def bpb(self):
+        return float(self.sums[:, 0].sum() / (math.log(2) * self.sums[:, 1].sum()))
+
+    @property
+    def loss(self):
+        return float(self.sums[:, 0].sum() / self.sums[:, 2].sum())
+
+    @property
+    def targets(self):
+        return int(self.sums[:, 2].sum())
+
+    def bpb_by_source(self):
+        """{source: bpb} of the sources with scored bytes (a subset can miss a source, a source can have no bytes)."""
+        return {n: float(nats / (math.log(2) * b)) for n, (nats, b, _) in zip(self.names, self.sums) if b > 0}
+
+    def describe(self):
+        """The log's words for it: a subset says how much of the stream it scored, the full score its split."""
+        if self.scored < self.total:
+            return f"val bpb {self.bpb:.4f} val loss {self.loss:.4f} (subset: {self.scored:,} of {self.total:,} targets, spread over the stream)"
+        split = ", ".join(f"{n} {b:.4f}" for n, b in self.bpb_by_source().items())
+        return f"val bpb {self.bpb:.4f} val loss {self.loss:.4f} (every val token: {self.total:,} targets, {self.targets:,} with bytes; by source: {split})"
+
+
+def val_rows(n_val, T):
+    """Rows of the val stream: row r is the batch of tokens r * T .. (r + 1) * T, which predicts targets r * T + 1 ..
+    (r + 1) * T; together every target."""
+    return -(-(n_val - 1) // T)
+
+
+def spread_rows(n_val, T, n_tokens):
+    """n_tokens worth of val rows (every row when that covers the stream), evenly spaced from the first row to the
+    last, as the main stack picks them: a periodic evaluation on them draws from every part of the val stream, whose
+    documents come source after source."""
+    n_rows = val_rows(n_val, T)
+    if n_tokens >= n_val - 1:
+        return list(range(n_rows))
+    return np.unique(np.linspace(0, n_rows - 1, max(1, n_tokens // T)).round().astype(np.int64)).tolist()
+
+
 @torch.no_grad()
-def evaluate_bpb(model, val, tok, T, val_tokens, windows, max_doc_len, device, backend, autocast=contextlib.nullcontext):
-    """Bits per byte and mean loss of next-token prediction on the val stream, as the main stack defines them:
-    batches of T consecutive tokens (packed like training batches) cover targets 1 .. steps * T, steps * T <=
-    min(val_tokens, n_val - 1); targets that are special tokens (0 bytes) count in neither sum."""
+def evaluate_bpb(model, val, tok, T, windows, max_doc_len, device, backend, rows=None, autocast=contextlib.nullcontext):
+    """Bits per byte and loss (ValScore) of next-token prediction on rows of the val stream: row r is the batch of
+    tokens r * T .. (r + 1) * T packed like a training batch (segments at every <|bos|> and every max_doc_len), which
+    predicts targets r * T + 1 .. (r + 1) * T; the val_rows rows predict every target 1 .. n_val - 1 exactly once,
+    the last row padded (the padding scores nothing). rows: the row indices to score (None: every row). Targets that
+    are special tokens (0 bytes) count in no sum."""
+    rows = range(val_rows(val.n_tokens, T)) if rows is None else rows
     was_training = model.training
     model.eval()
-    token_bytes = torch.from_numpy(tok.token_bytes).to(device)
-    nats = nbytes = count = 0.0
-    for step in range(max(1, min(val_tokens, val.n_tokens - 1) // T)):
-        b = make_batch(val.read(step * T, T + 1), tok.bos_id, max_doc_len, 1, device)
+    score = ValScore(val.source_names, np.zeros((len(val.source_names), 3)), total=val.n_tokens - 1)
+    for r in rows:
+        part = val.read(r * T, min(T + 1, val.n_tokens - r * T))  # never wraps around
+        # token 0 pads the last row to T: everything here (attention, smear, bigram, key offset) looks only back,
+        # so the padding changes no real position, and the batch keeps the shape torch.compile and FA3 have seen
+        buf = np.concatenate([part, np.zeros(T + 1 - len(part), dtype=np.int64)])
+        b = make_batch(buf, tok.bos_id, max_doc_len, 1, device)
         with autocast():
             loss = F.cross_entropy(model.logits(model.hidden(b, windows, backend)).float(), b.targets[:, 0], reduction="none")
-        w = token_bytes[b.targets[:, 0]]
-        nats += float((loss * (w > 0)).double().sum())
-        nbytes += float(w.double().sum())
-        count += float((w > 0).sum())
+        positions = r * T + np.arange(1, T + 1)  # stream position of each target
+        real = positions < val.n_tokens
+        score.add(val, positions, loss.double().cpu().numpy(), tok.token_bytes[buf[1:]] * real, int(real.sum()))
     model.train(was_training)
-    return nats / (math.log(2) * nbytes), nats / count
+    if score.targets == 0:
+        raise ValueError(f"the val rows scored hold no target with bytes ({score.scored} targets)")
+    return score
 
 
 def packed_sequences(sequences, device):
@@ -930,7 +1022,9 @@ def train(cfg):
         f"{sorted(model.paired_head_layers)}, {total} steps, attention backend {backend}, device {device}, bf16 {use_bf16}, world size 1")
     log(f"data: {train_stream.n_tokens:,} train tokens, {val_stream.n_tokens:,} val tokens")
 
-    pos, train_time, val_bpb, val_loss, train_tokens = 0, 0.0, None, None, 0
+    # periodic evaluations score val_tokens worth of rows spread over the stream, the last one every val token
+    subset = spread_rows(val_stream.n_tokens, cfg.micro_batch_tokens, cfg.val_tokens)
+    pos, train_time, score, train_tokens = 0, 0.0, None, 0
     for step in range(total):
         p = plan_step(cfg, stages, step)
         if step > 0:
@@ -966,8 +1060,9 @@ def train(cfg):
             log(f"step {step + 1}/{total} loss {loss_value:.4f} lr {p.lr_factor:.3f} {p.batch_tokens / dt:,.0f} tok/s "
                 f"eta {dt * (total - step - 1) / 60:.1f} min")
         if (step + 1) % cfg.val_every == 0 or step == total - 1:
-            val_bpb, val_loss = evaluate_bpb(model, val_stream, tok, cfg.micro_batch_tokens, cfg.val_tokens, windows, p.max_doc_len, device, backend, autocast)
-            log(f"step {step + 1}/{total} val bpb {val_bpb:.4f} val loss {val_loss:.4f}")
+            score = evaluate_bpb(model, val_stream, tok, cfg.micro_batch_tokens, windows, p.max_doc_len, device, backend,
+                                 None if step == total - 1 else subset, autocast)
+            log(f"step {step + 1}/{total} {score.describe()}")
 
     from safetensors.torch import save_file
     tmp = os.path.join(cfg.run_dir, "model.safetensors.tmp")
@@ -975,10 +1070,12 @@ def train(cfg):
               metadata={"config": json.dumps(dataclasses.asdict(cfg)), "vocab_size": str(tok.vocab_size)})
     os.replace(tmp, os.path.join(cfg.run_dir, "model.safetensors"))
     timed_tokens = train_tokens - stages[0][1] if total > 1 else train_tokens
-    metrics = {"stack": "modded-nanogpt", "val_bpb": val_bpb, "val_loss": val_loss, "train_tokens": train_tokens,
+    metrics = {"stack": "modded-nanogpt", "val_bpb": score.bpb, "val_loss": score.loss, "val_bpb_by_source": score.bpb_by_source(),
+               "val_loss_tokens": score.targets, "train_tokens": train_tokens,
                "params": n_params, "params_matrix": n_matrix, "tok_per_s": timed_tokens / train_time,
                "device": str(device), "attn_backend": backend, "world_size": 1, "pt_train_time_s": train_time}
-    summary = f"val bpb {val_bpb:.4f}, val loss {val_loss:.4f}"
+    split = ", ".join(f"{n} {b:.4f}" for n, b in metrics["val_bpb_by_source"].items())
+    summary = f"val bpb {score.bpb:.4f} over every val token (by source: {split}), val loss {score.loss:.4f}"
     if core is not None:
         t0 = time.time()
         out = evaluate_core(model, core, windows, device, backend, cfg.core_max_per_task, cfg.core_batch_tokens, autocast)
