@@ -92,6 +92,19 @@ def test_source_lines_never_parse_as_metrics():
     assert curves.train == [(1, 5.0)] and curves.val == [] and curves.final_bpb is None
 
 
+def test_val_lines_with_their_notes_parse():
+    """The stack's val lines end in what was scored, the per-source split and the peak memory; without token bytes
+    bpb is n/a (nan) and the loss still counts."""
+    lines = ["step 5/10 val bpb 3.0123 val loss 7.2133 (subset: 128,058 of 443,450 targets, spread over the stream; a.txt 2.2329; b.txt 3.3340) peak memory 1.5 GiB",
+             "step 10/10 val bpb 2.8705 val loss 6.9350 (every val token; a.txt 2.0037; b.txt 3.1976)",
+             "val bpb n/a val loss 6.5000 (every val token)"]
+    curves = record.parse_curves(record.split_log(invocation_text("print(1)\n", {"phases": "pt,eval"}, lines)))
+    assert curves.val == [(5, 3.0123, 7.2133), (10, 2.8705, 6.935)]
+    assert math.isnan(curves.final_bpb) and curves.final_loss == 6.5  # --phases eval's line is the result
+    broken = record.parse_curves(record.split_log(invocation_text("print(1)\n", {"phases": "pt"}, ["step 10/10 val bpb 2.8 val loss 6.9 trailing"])))
+    assert broken.val == []  # only the stack's own notes may follow
+
+
 def test_resumed_run_keeps_the_last_value_of_each_step_and_unfinished_runs_have_no_result():
     src = "print('hi')\n"
     first = pt_lines(20, 10, lambda s: 3.0, lambda s: 8.0)[:3]  # killed after step 6
