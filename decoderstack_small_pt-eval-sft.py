@@ -1736,19 +1736,19 @@ def pretrain_data(data_dir, vocab_size=0, bos_id=-1):
     """The pretraining data of `data_dir` (see above); vocab_size / bos_id (0 / -1: not given) are --vocab-size /
     --bos-id, which must agree with whatever else the directory says."""
     shards = llmc_shards(data_dir)
-    if os.path.isdir(os.path.join(data_dir, "pretrain")) or not shards["train"] + shards["val"] and os.path.isdir(os.path.join(data_dir, "tokenizer")):
-        tokenizer = data_tokenizer(data_dir)
-        manifest, val = pretrain_manifest_shards(data_dir, tokenizer, "val")
-        train = pretrain_shards(data_dir, tokenizer, "train")
-        told = {"vocab_size": (vocab_size, tokenizer.vocab_size), "bos_id": (bos_id, tokenizer.bos_id)}
-        for name, (given, has) in told.items():
-            if given not in (0, -1) and given != has:
-                raise DataFormatError(f"{data_dir}/tokenizer: {name} {has}, but --{name.replace('_', '-')} {given}")
-        data = PretrainData(train, val, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.token_bytes,
-                            val_sources(manifest, f"{data_dir}/pretrain/manifest.json"), f"{data_dir}/tokenizer", tokenizer)
-        data.val_stream()  # its documents against val_sources now, not at the first evaluation
-        return data
-    return llmc_data(data_dir, shards, vocab_size, bos_id)
+    if shards["train"] + shards["val"] and not os.path.isdir(os.path.join(data_dir, "pretrain")):
+        return llmc_data(data_dir, shards, vocab_size, bos_id)
+    tokenizer = data_tokenizer(data_dir)
+    manifest, val = pretrain_manifest_shards(data_dir, tokenizer, "val")
+    train = pretrain_shards(data_dir, tokenizer, "train")
+    told = {"vocab_size": (vocab_size, tokenizer.vocab_size), "bos_id": (bos_id, tokenizer.bos_id)}
+    for name, (given, has) in told.items():
+        if given not in (0, -1) and given != has:
+            raise DataFormatError(f"{data_dir}/tokenizer: {name} {has}, but --{name.replace('_', '-')} {given}")
+    data = PretrainData(train, val, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.token_bytes,
+                        val_sources(manifest, f"{data_dir}/pretrain/manifest.json"), f"{data_dir}/tokenizer", tokenizer)
+    data.val_stream()  # its documents against val_sources now, not at the first evaluation
+    return data
 
 
 def val_sources(manifest, where):
@@ -1773,8 +1773,8 @@ def llmc_data(data_dir, found, vocab_size=0, bos_id=-1):
     --bos-id, the folder's config.json or our tokenizer/ (all that are there must agree), token bytes from our
     tokenizer, the seed's tokenizer/token_bytes.pt (loaded weights_only) or, for GPT-2 ids, tiktoken's gpt2 encoding."""
     if not found["train"] or not found["val"]:
-        raise DataFormatError(f"{data_dir}: neither pretrain/manifest.json (data/prepare.py) nor llm.c shards "
-                              "(*train_NNNNNN.bin and *val_NNNNNN.bin, here or one folder down)")
+        raise DataFormatError(f"{data_dir}: llm.c shards need both *train_NNNNNN.bin and *val_NNNNNN.bin (here or one "
+                              f"folder down); found {len(found['train'])} train and {len(found['val'])} val shards")
     told = {}  # name -> [(value, where)]
     for name, value in (("vocab_size", vocab_size), ("bos_id", bos_id)):
         if value not in (0, -1):

@@ -60,13 +60,15 @@ def test_modded_layout_needs_vocab_and_bos_from_somewhere(stack, tiny_data, tmp_
     assert [os.path.basename(p) for p in data.train][:2] == ["fineweb_train_000001.bin", "fineweb_train_000002.bin"]
     assert data.vocab_size == 1024 and data.bos_id == 1000 and data.token_bytes is None and data.val_sources == []
     assert data.origin.startswith("vocab_size 1024 from --vocab-size; bos_id 1000 from --bos-id; token bytes unknown")
+    with pytest.raises(stack.DataFormatError, match="tokenizer: vocab_size 1024, but --vocab-size 999"):
+        stack.pretrain_data(tiny_data, vocab_size=999)  # ours: the flags must agree with the tokenizer
     with pytest.raises(stack.DataFormatError, match="bos_id 1024 is not below vocab_size 1024"):
         stack.pretrain_data(str(tmp_path), vocab_size=1024, bos_id=1024)
     (tmp_path / "fineweb_train_000001.bin").unlink()
     (tmp_path / "fineweb_train_000002.bin").rename(tmp_path / "notashard.bin")
     for p in tmp_path.glob("fineweb_train_*.bin"):
         p.unlink()
-    with pytest.raises(stack.DataFormatError, match="neither pretrain/manifest.json .* nor llm.c shards"):
+    with pytest.raises(stack.DataFormatError, match="llm.c shards need both .*; found 0 train and 1 val shards"):
         stack.pretrain_data(str(tmp_path), vocab_size=1024, bos_id=1000)
 
 
