@@ -178,6 +178,8 @@ class Config:
     top_k: int = 50                  # 0: off
     top_p: float = 1.0               # 1: off
     min_p: float = 0.0               # 0: off
+    decode_compile: bool = False     # the engine's decode steps through torch.compile (CUDA graphs on GPUs; unmeasured
+                                     # there): on 2 CPU cores 1.3-1.7x faster at batch 1, after ~30 s compiling
     log_every: int = 10
     # SFT (--phases sft): fine-tune the latest checkpoint on the sft/ conversations
     sft_steps: int = 500              # optimizer steps
@@ -692,6 +694,10 @@ def fp8_linear(x, w, x_scale, w_scale, grad_scale):
 #     doc(j) == doc(i)  and  j <= i  and  i - j <= window
 # so a query sees itself plus up to `window` earlier tokens of its own document; window None or < 0 means plain
 # causal attention within the document. This is FlashAttention's window_size=(window, 0) with causal=True.
+# Evaluation can also pack sequences that share a prefix (CORE's choices after one context) as one segment: the prefix
+# once, then each sequence's remaining tokens (a branch). Positions continue from the prefix end in every branch, and
+#     seg(j) == seg(i)  and  pos(j) <= pos(i)  and  pos(i) - pos(j) <= window  and  branch(j) in {0, branch(i)}
+# (branch 0: the prefix), which is each sequence's own causal mask, its prefix computed once (Branches).
 
 ATTENTION_BACKENDS = ("fa3", "fa2", "flex", "sdpa")  # the order "auto" tries them in
 
@@ -766,14 +772,22 @@ def _document_ids(cu_seqlens, T):
     return torch.searchsorted(cu_seqlens, torch.arange(T, dtype=cu_seqlens.dtype, device=cu_seqlens.device), right=True)
 
 
-def _mask_mod(doc, window):
+def _visible(doc_q, doc_k, pos_q, pos_k, window, branch_q=None, branch_k=None):
+    """The mask of this section's top, on broadcastable tensors; the branch terms only where a batch has branches."""
+    mask = (doc_q == doc_k) & (pos_k <= pos_q) & (pos_q - pos_k <= window)
+    return mask if branch_q is None else mask & ((branch_k == 0) | (branch_k == branch_q))
+
+
+def _mask_mod(doc, window, branches=None):
     """The mask as a flex_attention mask_mod; SDPA calls it with broadcast index grids."""
-    def mask_mod(b, h, q_idx, kv_idx):
-        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
-    return mask_mod
+    if branches is None:
+        return lambda b, h, q_idx, kv_idx: _visible(doc[q_idx], doc[kv_idx], q_idx, kv_idx, window)
+    pos, branch = branches.positions, branches.branch
+    return lambda b, h, q_idx, kv_idx: _visible(doc[q_idx], doc[kv_idx], pos[q_idx], pos[kv_idx], window,
+                                                branch[q_idx], branch[kv_idx])
 
 
-def _sdpa_attention(q, k, v, cu_seqlens, window, scale, reach, block=256):
+def _sdpa_attention(q, k, v, cu_seqlens, window, scale, reach, block=256, branches=None):
     """SDPA with a boolean mask. When every query's keys lie within `reach` tokens (the window, or the longest
     document), queries go in blocks that each see only their band of block + reach keys: T*(block+reach) work instead
     of T*T, which is what makes CPU training with short windows affordable."""
@@ -781,7 +795,7 @@ def _sdpa_attention(q, k, v, cu_seqlens, window, scale, reach, block=256):
     doc = _document_ids(cu_seqlens, T)
     if block + reach >= T:  # one dense block
         pos = torch.arange(T, device=q.device)
-        mask = _mask_mod(doc, window)(None, None, pos[:, None], pos[None, :])
+        mask = _mask_mod(doc, window, branches)(None, None, pos[:, None], pos[None, :])
         q, k, v = (x.transpose(0, 1) for x in (q, k, v))  # (H, T, D)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(0, 1).contiguous()
     n, span = -(-T // block), block + reach
@@ -796,16 +810,23 @@ def _sdpa_attention(q, k, v, cu_seqlens, window, scale, reach, block=256):
     qb = F.pad(q, (0, 0, 0, 0, 0, pad)).view(n, block, *q.shape[1:]).transpose(1, 2)  # (n, H, block, D)
     qi = torch.arange(n * block, device=q.device).view(n, block)
     kj = qi[:, :1] - reach + torch.arange(span, device=q.device)  # absolute key position of each band slot
-    mask = (doc_q.view(n, block)[:, :, None] == doc_k.unfold(0, span, block)[:, None, :])
-    mask &= (kj[:, None, :] <= qi[:, :, None]) & (qi[:, :, None] - kj[:, None, :] <= window)
+    if branches is None:
+        pos_q, pos_k, branch_q, branch_k = qi, kj, None, None
+    else:  # the logical positions and branches of the padded layout (a padded query only sees padding)
+        pos_q, branch_q = (F.pad(x, (0, pad)).view(n, block) for x in (branches.positions, branches.branch))
+        pos_k, branch_k = (F.pad(x, (reach, pad)).unfold(0, span, block) for x in (branches.positions, branches.branch))
+        branch_q, branch_k = branch_q[:, :, None], branch_k[:, None, :]
+    mask = _visible(doc_q.view(n, block)[:, :, None], doc_k.unfold(0, span, block)[:, None, :],
+                    pos_q[:, :, None], pos_k[:, None, :], window, branch_q, branch_k)
     y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[:, None], scale=scale)  # (n, H, block, D)
     return y.transpose(1, 2).reshape(n * block, *q.shape[1:])[:T].contiguous()
 
 
-def _flex_attention(q, k, v, cu_seqlens, window, scale):
+def _flex_attention(q, k, v, cu_seqlens, window, scale, branches=None):
     """Eager form; attention() runs it compiled (eager flex_attention materialises the T x T scores)."""
     T = q.size(0)
-    block_mask = create_block_mask(_mask_mod(_document_ids(cu_seqlens, T), window), None, None, T, T, device=q.device)
+    block_mask = create_block_mask(_mask_mod(_document_ids(cu_seqlens, T), window, branches), None, None, T, T,
+                                   device=q.device)
     # (1, H, T, D) contiguous: inductor's CPU flex template rejects the transposed view
     q, k, v = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
     return flex_attention(q, k, v, block_mask=block_mask, scale=scale)[0].transpose(0, 1).contiguous()
@@ -816,33 +837,55 @@ def _compiled_flex():
     return torch.compile(_flex_attention)  # once per process; a changing window int becomes dynamic after one recompile
 
 
-def _flash_attention(fn, q, k, v, cu_seqlens, max_seqlen, window, scale):
+def _flash_attention(fn, q, k, v, cu_seqlens, max_seqlen, window, scale, cu_seqlens_k=None, max_seqlen_k=None):
+    """FA's varlen call. With cu_seqlens_k (a branch's keys are its prefix's, then its own) FA aligns the causal
+    mask and the window to each sequence's last query and key: query i of m sees keys j <= i + n - m of n, the
+    branch mask of this section's top."""
     if q.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"FlashAttention needs bf16 or fp16 inputs, got {q.dtype}")
     cu = cu_seqlens.to(torch.int32).contiguous()
-    out = fn(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q=cu, cu_seqlens_k=cu,
-             max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, softmax_scale=scale, causal=True,
-             window_size=(window, 0))
+    cu_k = cu if cu_seqlens_k is None else cu_seqlens_k.to(torch.int32).contiguous()
+    out = fn(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q=cu, cu_seqlens_k=cu_k,
+             max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen if max_seqlen_k is None else max_seqlen_k,
+             softmax_scale=scale, causal=True, window_size=(window, 0))
     return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the log-sum-exp
 
 
-def attention(q, k, v, cu_seqlens, max_seqlen, window, scale, backend):
+def _flash_branches(fn, q, k, v, branches, window, scale):
+    """FA over a batch with branches, in two calls: the branch-0 tokens as plain documents, then every branch's
+    queries against its prefix's keys followed by its own (gathered: the prefix's K/V are read once per branch)."""
+    b = branches
+    out = torch.empty_like(q)
+    out[b.trunk] = _flash_attention(fn, q[b.trunk], k[b.trunk], v[b.trunk], b.cu_trunk, b.max_trunk, window, scale)
+    if len(b.branch_q):
+        out[b.branch_q] = _flash_attention(fn, q[b.branch_q], k[b.branch_kv], v[b.branch_kv], b.cu_q, b.max_q, window,
+                                           scale, b.cu_kv, b.max_kv)
+    return out
+
+
+def attention(q, k, v, cu_seqlens, max_seqlen, window, scale, backend, branches=None):
     """Causal sliding-window attention within packed documents (mask defined at the top of this section).
     q, k, v: (T, H, D); cu_seqlens: int32 (n+1,) document starts ending in T, padded by repeating T; max_seqlen: an
     upper bound on a document's length (FA sizes its grid with it); window: earlier tokens a query may also see
-    (None or < 0: all of its document); scale: softmax scale; backend: a name from select_attention_backend.
+    (None or < 0: all of its document); scale: softmax scale; backend: a name from select_attention_backend;
+    branches: None, or the Branches of segments that share a prefix (evaluation only).
     Returns (T, H, D), contiguous."""
     if not q.dtype == k.dtype == v.dtype:  # FA refuses mixed dtypes, and flex's backward does: fail alike everywhere
         raise TypeError(f"attention needs q, k, v of one dtype (PRECISION), got {q.dtype}, {k.dtype}, {v.dtype}")
     T = q.size(0)
     window = T if window is None or window < 0 else min(window, T)  # i - j <= T - 1 always holds: plain causal
     if backend in ("fa3", "fa2"):
+        if branches is not None:
+            return _flash_branches(_flash_func(backend), q, k, v, branches, -1 if window == T else window, scale)
         return _flash_attention(_flash_func(backend), q, k, v, cu_seqlens, max_seqlen,
                                 -1 if window == T else window, scale)
     if backend == "flex":
-        return _compiled_flex()(q, k, v, cu_seqlens, window, scale)
+        return _compiled_flex()(q, k, v, cu_seqlens, window, scale, branches)
     if backend == "sdpa":
-        return _sdpa_attention(q, k, v, cu_seqlens, window, scale, min(window, max(1, max_seqlen) - 1))
+        # a branch's query sees prefix keys up to `window` positions back, which lie behind the segment's earlier
+        # branches in the buffer: up to window + spread tokens back
+        reach = min(window + (branches.spread if branches is not None else 0), max(1, max_seqlen) - 1)
+        return _sdpa_attention(q, k, v, cu_seqlens, window, scale, reach, branches=branches)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
 
 
@@ -869,8 +912,10 @@ def cached_attention(q, k, v, k_cache, v_cache, lengths, key_span, window, scale
     of its cache and attends over its cache, with the mask of attention() (key j visible from position i iff
     j <= i and i - j <= window). q, k, v: (B, S, H, D); k_cache, v_cache: (B, capacity, H, D), written in place;
     lengths: int32 (B,) tokens cached before this call; key_span: host ints (lo, hi), lo <= the first key any new
-    token may see and hi = max(lengths) + S, so SDPA reads only the window's slice of the cache. FA3/FA2 do all
-    of it in flash_attn_with_kvcache; flex has nothing to add for one new token per row, so it decodes with SDPA."""
+    token may see and hi = max(lengths) + S, so SDPA reads only the window's slice of the cache; or, for one new
+    token per row (S = 1), None: each row's window + 1 keys ending at its new token are gathered, or with no window
+    the whole cache is read, masked (shapes set by the tensors alone, for a compiled step). FA3/FA2 do all of it in flash_attn_with_kvcache; flex has nothing to add for one
+    new token per row, so it decodes with SDPA."""
     window = -1 if window is None or window < 0 else window
     if backend in ("fa3", "fa2"):
         out = _flash_func(backend, "flash_attn_with_kvcache")(
@@ -882,7 +927,12 @@ def cached_attention(q, k, v, k_cache, v_cache, lengths, key_span, window, scale
     pos = lengths.long()[:, None] + torch.arange(S, device=q.device)  # (B, S)
     rows = torch.arange(B, device=q.device)[:, None]
     k_cache[rows, pos], v_cache[rows, pos] = k.to(k_cache.dtype), v.to(v_cache.dtype)
-    lo, hi = key_span
+    if key_span is None and window >= 0:
+        j = pos - torch.arange(window, -1, -1, device=q.device)  # (B, window + 1): the visible positions, or < 0
+        keys, values = (c[rows, j.clamp(min=0)].to(q.dtype).transpose(1, 2) for c in (k_cache, v_cache))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=(j >= 0)[:, None, None], scale=scale)
+        return y.transpose(1, 2)
+    lo, hi = key_span or (0, k_cache.size(1))
     j = torch.arange(lo, hi, device=q.device)
     mask = j <= pos[..., None]
     if window >= 0:
@@ -906,6 +956,25 @@ class Batch:
     cu_seqlens: torch.Tensor  # int32, segment starts padded with T to a power of two >= 128 (few distinct lengths)
     max_seqlen: int           # bound on segment lengths (a stage's max_doc_len: static, so compiled code is reused)
     segment_lengths: np.ndarray = None  # on the host: what attention FLOPs are counted from
+    branches: "Branches" = None  # segments that share a prefix (pack_branches), else None
+
+
+@dataclasses.dataclass
+class Branches:
+    """Which tokens of a packed batch are branches of a shared prefix (the mask at this section's top), and the
+    same split as FA's two varlen calls need it: index tensors into the batch's T tokens."""
+    branch: torch.Tensor      # (T,) 0 in a prefix or a plain segment, b >= 1 in its segment's b-th branch
+    positions: torch.Tensor   # (T,) the Batch's positions: continuing from the prefix end in every branch
+    trunk: torch.Tensor       # tokens of branch 0, in order: every segment's prefix, as plain documents
+    cu_trunk: torch.Tensor
+    max_trunk: int
+    branch_q: torch.Tensor    # tokens of the branches, in order
+    cu_q: torch.Tensor
+    max_q: int
+    branch_kv: torch.Tensor   # per branch, its prefix's tokens then its own: the keys its queries see
+    cu_kv: torch.Tensor
+    max_kv: int
+    spread: int               # most branch tokens of one segment: a key a query sees lies <= window + spread back
 
 
 def padded_length(n):
@@ -951,6 +1020,76 @@ def pack_sequences(sequences, device):
     targets = np.concatenate([ids[1:], [-1]])
     targets[starts[1:] - 1] = -1
     return pack(ids, starts[:-1], starts[:-1], targets[:, None], int(np.diff(starts).max()), device), starts
+
+
+def shared_prefix_groups(sequences):
+    """Consecutive token arrays grouped greedily where one copy of their common prefix saves work: (first, count,
+    prefix length) each. Joining a sequence shrinks the group's prefix from P to P' and saves n P' - (n - 1) P
+    tokens over forwarding it alone; it joins when that is at least the branch it adds (len - P'), since every
+    branch token lengthens the band SDPA reads (a shared <|bos|> alone is not worth it). Every branch keeps >= 1
+    token. A group of one is a plain sequence (prefix = all of it)."""
+    groups = []
+    for i, seq in enumerate(sequences):
+        if groups:
+            first, n, P = groups[-1]
+            head = sequences[first]
+            m = min(P, len(head) - 1, len(seq) - 1)
+            differ = np.flatnonzero(head[:m] != seq[:m])
+            shared = int(differ[0]) if len(differ) else m
+            saved = n * shared - (n - 1) * P
+            if saved > 0 and saved >= len(seq) - shared:
+                groups[-1] = (first, n + 1, shared)
+                continue
+        groups.append((i, 1, len(seq)))
+    return groups
+
+
+def pack_branches(sequences, device):
+    """Token arrays packed as shared_prefix_groups: each group one segment, its prefix once, then each sequence's
+    remaining tokens (a branch), positions and previous tokens those of the sequence alone. Returns the Batch (no
+    targets: a prefix's last token precedes every branch) and, per sequence, the buffer index of each of its
+    positions (its prefix's, then its branch's)."""
+    groups = shared_prefix_groups(sequences)
+    inputs, prev, positions, branch, where, seg_starts, T = [], [], [], [], [None] * len(sequences), [], 0
+    trunk, cu_trunk, branch_q, cu_q, branch_kv, cu_kv = [], [0], [], [0], [], [0]
+    for first, n, P in groups:
+        seg_starts.append(T)
+        head = sequences[first]
+        prefix = np.arange(T, T + P)
+        inputs.append(head[:P])
+        prev.append(np.concatenate([[-1], head[:P - 1]]))
+        positions.append(np.arange(P))
+        branch.append(np.zeros(P, dtype=np.int64))
+        trunk.append(prefix)
+        cu_trunk.append(cu_trunk[-1] + P)
+        T += P
+        for b, i in enumerate(range(first, first + n) if n > 1 else []):
+            seq = sequences[i]
+            rest = np.arange(T, T + len(seq) - P)
+            inputs.append(seq[P:])
+            prev.append(seq[P - 1:-1])
+            positions.append(np.arange(P, len(seq)))
+            branch.append(np.full(len(seq) - P, b + 1, dtype=np.int64))
+            where[i] = np.concatenate([prefix, rest])
+            branch_q.append(rest)
+            cu_q.append(cu_q[-1] + len(rest))
+            branch_kv.append(where[i])
+            cu_kv.append(cu_kv[-1] + len(seq))
+            T += len(rest)
+        if n == 1:
+            where[first] = prefix
+    cu = np.full(padded_length(len(seg_starts) + 1), T, dtype=np.int32)
+    cu[:len(seg_starts)] = seg_starts
+    flat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    longest = lambda cu: int(np.diff(cu).max()) if len(cu) > 1 else 0
+    dev = lambda parts, dtype=torch.long: to_device(flat(parts), dtype, device)
+    positions_t, segment_lengths = dev(positions), np.diff(seg_starts + [T])
+    branches = Branches(dev(branch), positions_t, dev(trunk), dev([cu_trunk], torch.int32), longest(cu_trunk),
+                        dev(branch_q), dev([cu_q], torch.int32), longest(cu_q), dev(branch_kv),
+                        dev([cu_kv], torch.int32), longest(cu_kv), int((segment_lengths - np.diff(cu_trunk)).max()))
+    batch = Batch(dev(inputs), dev(prev), positions_t, None, to_device(cu, torch.int32, device),
+                  int(segment_lengths.max()), segment_lengths, branches)
+    return batch, where
 
 
 def make_batch(buf, bos_id, max_doc_len, n_targets, device):
@@ -1154,7 +1293,8 @@ class GPT(nn.Module):
             x = a * x + b * x0 + c * bigram
             ve = lookup(ids, self.value_embeds[self.value_embed_layers.index(i)]) if i in self.value_embed_layers else None
             attend = (functools.partial(cache.attend, i) if cache is not None else
-                      functools.partial(attention, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen, backend=backend))
+                      functools.partial(attention, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
+                                        backend=backend, branches=batch.branches))
             x = block(x, ve, self.rotary, positions, self.scale, windows[i], attend)
             if i < L // 2:
                 skips.append(x)
@@ -1164,14 +1304,22 @@ class GPT(nn.Module):
         """fp32 softcapped logits of final hidden states h: the matmul in h's dtype, in or out of autocast."""
         return softcap(h @ self.lm_head[:self.vocab_size].T.to(h.dtype), self.cfg.softcap)
 
-    def decode(self, ids, cache, windows, last_only=False):
+    def decode(self, ids, cache, windows, last_only=False, step=None):
         """Logits (B, S, vocab) of ids (B, S) appended to the rows of a KVCache (prefill: S = prompt length), or
-        (B, 1, vocab) of the last token only."""
-        prev = torch.cat([cache.last_ids[:, None], ids[:, :-1]], dim=1)
-        positions = cache.lengths.long()[:, None] + torch.arange(ids.size(1), device=ids.device)
-        h = self.hidden(Batch(ids, prev, positions, None, None, None), windows, cache=cache)
+        (B, 1, vocab) of the last token only. step: decode_logits or a compiled form of it."""
+        cache.reserve(ids.size(1))
+        logits = (step or decode_logits)(self, ids, cache, windows, last_only)
         cache.advance(ids)
-        return self.logits(h[:, -1:] if last_only else h)
+        return logits
+
+
+def decode_logits(model, ids, cache, windows, last_only):
+    """GPT.decode without the cache's host bookkeeping: tensors in, logits out, the cache written in place (what the
+    engine compiles)."""
+    prev = torch.cat([cache.last_ids[:, None], ids[:, :-1]], dim=1)
+    positions = cache.lengths.long()[:, None] + torch.arange(ids.size(1), device=ids.device)
+    h = model.hidden(Batch(ids, prev, positions, None, None, None), windows, cache=cache)
+    return model.logits(h[:, -1:] if last_only else h)
 
 
 # =============================================================================================================
@@ -2188,9 +2336,10 @@ def peak_memory_gib(device):
 # =============================================================================================================
 # 9. Evaluation: the packed forwards every evaluation shares, then CORE (DCLM's 22 tasks, as nanochat scores them)
 #
-# nanochat forwards each example alone, its options padded into a (n_options, L) batch. Here sequences of many
-# examples (and tasks) go back to back into one varlen batch, each its own document, so no token is padding; the
-# decisions are nanochat's. evaluate_example_alone is the one-sequence-per-forward reference the tests compare with.
+# nanochat forwards each example alone, its options padded into a (n_options, L) batch, with logits at every
+# position. Here sequences of many examples (and tasks) go back to back into one varlen batch, no token padding; the
+# choices of an example share their context, forwarded once (pack_branches), and only continuation rows get logits;
+# the decisions are nanochat's. evaluate_example_alone is the one-sequence-per-forward reference the tests compare with.
 
 
 @torch.no_grad()
@@ -2277,11 +2426,14 @@ def _span_scores(losses, right, spans):
 @torch.no_grad()
 def core_scores_packed(model, seqs, rt, windows):
     """(mean continuation loss, continuation all argmax-right) of each (tokens, cont_start, cont_end) in `seqs`, from
-    one forward of them packed back to back. Only the rows that predict a continuation token get logits."""
-    h, ids_t, starts = packed_hidden(model, [t for t, _, _ in seqs], rt, windows)
-    rows = np.concatenate([o + np.arange(s - 1, e - 1) for o, (_, s, e) in zip(starts, seqs)]).astype(np.int64)
+    one forward of them packed with their shared prefixes once (pack_branches: an example's choices share its
+    context). Only the rows that predict a continuation token get logits."""
+    batch, where = pack_branches([t for t, _, _ in seqs], rt.device)
+    with autocast(rt):
+        h = model.hidden(batch, windows, rt.backend)
+    rows = np.concatenate([w[s - 1:e - 1] for w, (_, s, e) in zip(where, seqs)]).astype(np.int64)
     rows_t = torch.from_numpy(rows).to(rt.device)
-    targets = ids_t[rows_t + 1]
+    targets = to_device(np.concatenate([t[s:e] for t, s, e in seqs]), torch.long, rt.device)
     losses, right = [], []
     for chunk in torch.split(torch.arange(len(rows), device=rt.device), LOGITS_CHUNK):
         logits = model.logits(h[rows_t[chunk]])
@@ -2300,10 +2452,17 @@ def evaluate_core(model, core, rt, windows, max_per_task=-1, batch_tokens=32768)
     evaluated, mine = examples_of_rank(core.tasks, len(core.examples), max_per_task, rt)
     correct = torch.zeros(len(core.examples), dtype=torch.float32)
     scores = {}  # example -> scores of its sequences so far (an example may straddle two forwards)
-    sequences = (((e, int(core.examples[e, 3])), core.sequence(s)) for e in mine
-                 for s in range(int(core.examples[e, 2]), int(core.examples[e, 2] + core.examples[e, 3])))
-    for batch in token_batches(sequences, lambda item: len(item[1][0]), batch_tokens):
-        for (e, n_seqs), score in zip([key for key, _ in batch], core_scores_packed(model, [seq for _, seq in batch], rt, windows)):
+
+    def sequences():  # ((example, its sequence count), sequence, tokens it adds to a forward: its prefix is shared)
+        for e in mine:
+            first, n = int(core.examples[e, 2]), int(core.examples[e, 3])
+            seqs = [core.sequence(s) for s in range(first, first + n)]
+            for head, count, P in shared_prefix_groups([t for t, _, _ in seqs]):
+                for j in range(head, head + count):
+                    yield (e, n), seqs[j], len(seqs[j][0]) - (P if j > head else 0)
+
+    for batch in token_batches(sequences(), lambda item: item[2], batch_tokens):
+        for (e, n_seqs), score in zip([key for key, _, _ in batch], core_scores_packed(model, [seq for _, seq, _ in batch], rt, windows)):
             scores.setdefault(e, []).append(score)
             if len(scores[e]) == n_seqs:
                 task, gold = (int(x) for x in core.examples[e, :2])
@@ -2338,45 +2497,57 @@ def evaluate_example_alone(model, core, example_index, rt, windows):
 
 
 class KVCache:
-    """Keys and values of every layer for B rows, (B, capacity, H, D) each (FA's layout), plus what a new token needs
-    besides attention: its row's length (its RoPE position) and its row's last token (for smear and the bigram hash)."""
+    """Keys and values of every layer for B rows: a (B, capacity, H, D) tensor per layer (FA's layout; one tensor
+    each, since a compiled step writing into a slice of one big tensor would copy all of it), plus what a new token needs
+    besides attention: its row's length (its RoPE position) and its row's last token (for smear and the bigram hash).
+    static=True: a one-token step reads the whole capacity, masked, so its shapes never change and it compiles to one
+    graph (the engine's compiled decode step); otherwise reads are sliced to the rows' visible span."""
 
-    def __init__(self, model, batch, capacity, device, dtype, backend="sdpa"):
+    def __init__(self, model, batch, capacity, device, dtype, backend="sdpa", static=False):
         cfg = model.cfg
-        shape = (cfg.n_layers, batch, capacity, cfg.n_heads, cfg.head_dim)
-        self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch, capacity, cfg.n_heads, cfg.head_dim)
+        self.k, self.v = ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)] for _ in "kv")
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
         self.host_lengths = [0] * batch  # the same on the host: slicing the cache needs no device sync
         self.last_ids = torch.full((batch,), -1, dtype=torch.long, device=device)  # -1: nothing yet (document start)
-        self.backend, self.capacity = backend, capacity
-        self._new = 0  # tokens per row in the forward under way
+        self.backend, self.capacity, self.static = backend, capacity, static
+
+    def reserve(self, n_tokens):
+        """Before a forward that appends n_tokens per row (host ints only: nothing here enters a compiled step)."""
+        if max(self.host_lengths) + n_tokens > self.capacity:
+            raise ValueError(f"KV cache full: {max(self.host_lengths)} + {n_tokens} tokens > capacity {self.capacity}")
 
     def attend(self, layer, q, k, v, window, scale):
         """The attend() of Block.forward: write this layer's new keys/values, attend over the visible cache."""
         S = q.size(1)
-        if max(self.host_lengths) + S > self.capacity:
-            raise ValueError(f"KV cache full: {max(self.host_lengths)} + {S} tokens > capacity {self.capacity}")
-        self._new = S
-        lo = 0 if window is None or window < 0 else max(0, min(self.host_lengths) - window)
-        return cached_attention(q, k, v, self.k[layer], self.v[layer], self.lengths, (lo, max(self.host_lengths) + S),
-                                window, scale, self.backend)
+        if self.static and S == 1:  # shapes that depend on no host int: a compiled step serves every call
+            span = None
+        else:
+            lo = 0 if window is None or window < 0 else max(0, min(self.host_lengths) - window)
+            span = (lo, max(self.host_lengths) + S)
+        return cached_attention(q, k, v, self.k[layer], self.v[layer], self.lengths, span, window, scale, self.backend)
 
     def advance(self, ids):
         """After a forward of ids (B, S): every row is S tokens longer."""
         self.lengths += ids.size(1)
         self.host_lengths = [n + ids.size(1) for n in self.host_lengths]
-        self.last_ids = ids[:, -1].clone()
+        self.last_ids = ids[:, -1].contiguous().clone()  # contiguous: a compiled step guards on strides
 
     def put(self, row, other, other_row=0):
         """Row `row` becomes a copy of row `other_row` of cache `other` (one prefill serves all samples of a prompt)."""
         n = other.host_lengths[other_row]
-        self.k[:, row, :n], self.v[:, row, :n] = other.k[:, other_row, :n], other.v[:, other_row, :n]
+        for mine, theirs in zip(self.k + self.v, other.k + other.v):
+            mine[row, :n] = theirs[other_row, :n]
         self.lengths[row], self.last_ids[row], self.host_lengths[row] = n, other.last_ids[other_row], n
+
+    def clear(self, row):
+        """Row `row` holds nothing (a free slot: it is masked down to its own junk until a prompt is put there)."""
+        self.lengths[row], self.last_ids[row], self.host_lengths[row] = 0, -1, 0
 
     def keep(self, rows):
         """Drop every row not in `rows` (finished samples stop costing compute)."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.k.device)
-        self.k, self.v = self.k[:, index], self.v[:, index]
+        index = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
+        self.k, self.v = [c[index] for c in self.k], [c[index] for c in self.v]
         self.lengths, self.last_ids = self.lengths[index], self.last_ids[index]
         self.host_lengths = [self.host_lengths[r] for r in rows]
 
@@ -2386,9 +2557,9 @@ def sample_next(logits, generator, temperature=1.0, top_k=0, top_p=1.0, min_p=0.
     largest, min-p drops tokens below min_p x the top probability, top-p keeps the smallest set reaching top_p."""
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.size(-1):
-        logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], float("-inf"))
+    logits, index = logits.float() / temperature, None
+    if 0 < top_k < logits.size(-1):  # draw among the k only: a draw over the whole vocabulary costs ~ms per row
+        logits, index = logits.topk(top_k)
     probs = logits.softmax(-1)
     if min_p > 0:
         probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0)
@@ -2396,7 +2567,8 @@ def sample_next(logits, generator, temperature=1.0, top_k=0, top_p=1.0, min_p=0.
         sorted_p, order = probs.sort(-1, descending=True)
         before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens: the first token is always kept
         probs = probs.scatter(-1, order, sorted_p.masked_fill(before >= top_p * sorted_p.sum(-1, keepdim=True), 0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # multinomial renormalises
+    draw = torch.multinomial(probs, 1, generator=generator)  # multinomial renormalises
+    return (draw if index is None else index.gather(-1, draw)).squeeze(-1)
 
 
 # -- the calculator tool the chat model calls between <|python_start|> and <|python_end|> --
@@ -2486,67 +2658,97 @@ class Sample:
     stopped: bool  # ended on <|assistant_end|> or <|bos|> (else it ran into max_new_tokens)
 
 
-class Engine:
-    """Batched generation with a KV cache and the calculator tool. Each prompt is prefilled once and its samples
-    share that prefill, then all rows decode together, each drawing its own tokens; a row stops at
-    <|assistant_end|> or <|bos|> and leaves the batch. After <|python_start|> expr <|python_end|> the row's next
-    tokens are forced: <|output_start|> calculate(expr) <|output_end|> (nothing when the expression is refused)."""
+CAPACITY_STEP = 256  # a compiled engine's cache capacities are multiples of this (CUDA graphs record each shape)
 
-    def __init__(self, model, tokenizer, windows, rt):
+
+class Engine:
+    """Batched generation with a KV cache and the calculator tool, continuously batched: up to max_rows samples
+    decode together, one token each per step, in the fixed rows of one cache. A sample stops at
+    <|assistant_end|> or <|bos|> (or after max_new_tokens) and its row takes the next waiting sample in the same step:
+    the prompt but its last token is prefilled (once for all of a prompt's samples) and copied in, and the last token
+    is the row's next input. When none waits and at most half the rows are live, the cache shrinks to the next power
+    of two of them, so a compiled step sees a few batch sizes. After <|python_start|> expr <|python_end|> a sample's
+    next tokens are forced: <|output_start|> calculate(expr) <|output_end|> (nothing when the expression is refused).
+    compile=True runs the step through torch.compile (CUDA graphs on a GPU): the same tokens, less overhead."""
+
+    def __init__(self, model, tokenizer, windows, rt, compile=False):
         self.model, self.tokenizer, self.windows, self.rt = model, tokenizer, windows, rt
         special = tokenizer.special
         self.stops = {special("<|assistant_end|>"), tokenizer.bos_id}
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        self.step = None  # decode_logits, eager
+        if compile:  # shapes static within a call; a second batch size or capacity makes that dimension dynamic
+            self.step = torch.compile(decode_logits, mode="reduce-overhead" if rt.device.type == "cuda" else None)
 
-    def _decode(self, ids, cache):
+    def _decode(self, ids, cache, step=None):
         with autocast(self.rt):
-            return self.model.decode(torch.tensor(ids, device=self.rt.device), cache, self.windows, last_only=True)[:, -1].float()
+            return self.model.decode(torch.tensor(ids, device=self.rt.device), cache, self.windows, last_only=True,
+                                     step=step)[:, -1].float()
 
     @torch.no_grad()
     def generate(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
-                 seed=0, on_token=None):
-        """num_samples Samples for each prompt (a list of token ids); on_token(row, token) sees tokens as they come."""
-        rt, n_rows = self.rt, len(prompts) * num_samples
-        cache = KVCache(self.model, n_rows, max(map(len, prompts)) + max_new_tokens, rt.device, rt.dtype, rt.backend)
-        logits = []
-        for i, prompt in enumerate(prompts):
-            alone = KVCache(self.model, 1, len(prompt), rt.device, rt.dtype, rt.backend)
-            last = self._decode([prompt], alone)
-            for row in range(i * num_samples, (i + 1) * num_samples):
-                cache.put(row, alone)
-                logits.append(last)
-        logits = torch.cat(logits)
+                 seed=0, on_token=None, max_rows=0):
+        """num_samples Samples for each prompt (a list of token ids): sample i * num_samples + j is prompt i's j-th,
+        and on_token(sample, token) sees its tokens as they come. max_rows: samples decoding at once (0: all)."""
+        rt, n_samples = self.rt, len(prompts) * num_samples
+        n_rows = min(n_samples, max_rows) if max_rows > 0 else n_samples
+        capacity = max(map(len, prompts)) + max_new_tokens
+        if self.step is not None:  # compiled: capacities in steps of CAPACITY_STEP, so calls reuse graphs
+            capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
+        # eager steps read each layer's visible slice; compiled ones need shapes no host int sets (static)
+        cache = KVCache(self.model, n_rows, capacity, rt.device, rt.dtype, rt.backend, static=self.step is not None)
         generator = torch.Generator(device=rt.device).manual_seed(seed)
-        samples = [Sample([], [], False) for _ in range(n_rows)]
-        forced = [[] for _ in range(n_rows)]
-        calls = [None] * n_rows  # tokens of a row's open calculator call
-        active = list(range(n_rows))
-        while active:
-            sampled = sample_next(logits, generator, temperature, top_k, top_p, min_p).tolist()
-            going, feed = [], []
-            for row, token in zip(active, sampled):
-                sample = samples[row]
-                is_forced = bool(forced[row])
-                token = forced[row].pop(0) if is_forced else token
+        samples = [Sample([], [], False) for _ in range(n_samples)]
+        forced = [[] for _ in range(n_samples)]
+        calls = [None] * n_samples  # tokens of a sample's open calculator call
+        slots = [None] * n_rows     # the sample each row decodes; None: a free row (its junk is masked, never read)
+        feed = [0] * n_rows         # each row's next input token
+        waiting, prefilled = 0, (None, None)  # the next sample to admit; (prompt, its prefilled one-row cache)
+
+        def admit(row):
+            nonlocal waiting, prefilled
+            if waiting == n_samples:
+                slots[row] = None
+                return cache.clear(row)
+            prompt = prompts[waiting // num_samples]
+            if prefilled[0] != waiting // num_samples:
+                alone = KVCache(self.model, 1, len(prompt), rt.device, rt.dtype, rt.backend)
+                if len(prompt) > 1:
+                    self._decode([prompt[:-1]], alone)
+                prefilled = (waiting // num_samples, alone)
+            cache.put(row, prefilled[1])
+            slots[row], feed[row] = waiting, prompt[-1]
+            waiting += 1
+
+        for row in range(n_rows):
+            admit(row)
+        while True:
+            logits = self._decode([[token] for token in feed], cache, self.step)
+            sampled = sample_next(logits, generator, temperature, top_k, top_p, min_p).tolist()  # the one host sync
+            for row, i in enumerate(slots):
+                if i is None:
+                    continue
+                sample, is_forced = samples[i], bool(forced[i])
+                token = feed[row] = forced[i].pop(0) if is_forced else sampled[row]
                 sample.tokens.append(token)
                 sample.mask.append(0 if is_forced else 1)
                 if on_token:
-                    on_token(row, token)
+                    on_token(i, token)
                 if token in self.stops:
                     sample.stopped = True
-                    continue
-                self._tool(row, token, calls, forced)
-                if len(sample.tokens) < max_new_tokens:
-                    going.append(row)
-                    feed.append([token])
-            if not going:
-                break
-            if len(going) < len(active):
-                cache.keep([active.index(row) for row in going])
-            active = going
-            logits = self._decode(feed, cache)
-        return [samples[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+                else:
+                    self._tool(i, token, calls, forced)
+                if sample.stopped or len(sample.tokens) == max_new_tokens:
+                    admit(row)
+            live = [row for row, i in enumerate(slots) if i is not None]
+            if not live:
+                return [samples[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+            if waiting == n_samples and len(live) <= len(slots) // 2:
+                free = [row for row, i in enumerate(slots) if i is None]
+                rows = live + free[:(1 << (len(live) - 1).bit_length()) - len(live)]
+                cache.keep(rows)
+                slots, feed = [slots[r] for r in rows], [feed[r] for r in rows]
 
     def _tool(self, row, token, calls, forced):
         if token == self.python_start:
@@ -2956,10 +3158,10 @@ def humaneval_passed(completion, problem, timeout=5.0, sandbox="isolated"):
 
 @torch.no_grad()
 def evaluate_chat(model, chat, tokenizer, rt, windows, max_per_task=-1, batch_tokens=32768, batch_size=16,
-                  max_new_tokens=512, sandbox="isolated"):
+                  max_new_tokens=512, sandbox="isolated", compile_decode=False):
     """Chat evaluation on ChatEvalData `chat`: categorical tasks by letter argmax (packed varlen forwards of up to
     batch_tokens tokens); generative (GSM8K) and code (HumanEval) ones by greedy generation with the calculator,
-    batch_size prompts at a time, scored on the number after '####' or by running the problem's tests in the `sandbox`
+    batch_size rows continuously batched, scored on the number after '####' or by running the problem's tests in the `sandbox`
     (made once first: SandboxUnavailable before any generation where it cannot be). Examples split across ranks as in CORE. Returns dict(results={task: accuracy}, centered={task: centered
     accuracy}, chatcore=mean centered, correct=int8 per example)."""
     evaluated, mine = examples_of_rank(chat.tasks, len(chat.examples), max_per_task, rt)
@@ -2970,14 +3172,14 @@ def evaluate_chat(model, chat, tokenizer, rt, windows, max_per_task=-1, batch_to
         choices = categorical_choices(model, [(tokens, n) for _, (tokens, _, n) in batch], chat.letter_ids, rt, windows)
         for (e, (_, gold, _)), choice in zip(batch, choices):
             correct[e] = float(choice == gold)
-    engine = Engine(model, tokenizer, windows, rt)
+    engine = Engine(model, tokenizer, windows, rt, compile=compile_decode)
     generated = [e for e in mine if kind[e] != "categorical"]
     if any(kind[e] == "code" for e in generated):
         run_sandboxed("pass", sandbox=sandbox)
-    for i in range(0, len(generated), batch_size):
-        batch = generated[i:i + batch_size]
-        samples = engine.generate([chat.prompt(e)[0].tolist() for e in batch], 1, max_new_tokens, temperature=0)
-        for e, (sample,) in zip(batch, samples):
+    if generated:  # continuously batched: batch_size rows, a finished one takes the next prompt at once
+        samples = engine.generate([chat.prompt(e)[0].tolist() for e in generated], 1, max_new_tokens, temperature=0,
+                                  max_rows=batch_size)
+        for e, (sample,) in zip(generated, samples):
             task = chat.tasks[int(chat.examples[e, 0])]
             text, index = reply_text(tokenizer, sample), e - task["first_example"]
             if task["kind"] == "code":
@@ -3605,7 +3807,7 @@ def phase_sft(cfg, rt, log):
         log.metrics(step, {"sft/val_loss": val_loss})
         if chat is not None and step > 0:  # the base model cannot chat yet: nothing to learn from its score
             out = evaluate_chat(model, chat, tokenizer, rt, windows, cfg.sft_chat_max_per_task, cfg.core_batch_tokens,
-                                cfg.chat_batch_size, cfg.chat_max_new_tokens, cfg.sandbox)
+                                cfg.chat_batch_size, cfg.chat_max_new_tokens, cfg.sandbox, cfg.decode_compile)
             log(f"sft step {step}/{total} chatcore {out['chatcore']:.4f} " + " ".join(f"{k} {v:.4f}" for k, v in out["results"].items()))
             log.metrics(step, {"sft/chatcore": out["chatcore"]})
             update_metrics(cfg, rt, {"sft_chatcore": out["chatcore"], "sft_chat_per_task": out["results"]})
@@ -3665,7 +3867,7 @@ def phase_chat(cfg, rt, log):
     log(f"chat evaluation of {path}")
     t0 = time.time()
     out = evaluate_chat(model, chat, tokenizer, rt, windows, cfg.chat_max_per_task, cfg.core_batch_tokens,
-                        cfg.chat_batch_size, cfg.chat_max_new_tokens, cfg.sandbox)
+                        cfg.chat_batch_size, cfg.chat_max_new_tokens, cfg.sandbox, cfg.decode_compile)
     log(task_table(out, chat.tasks, "name", "ChatCORE"))
     log(f"chat eval took {time.time() - t0:.0f}s")
     values = {"chatcore": out["chatcore"], "chat_per_task": out["results"], "chat_max_per_task": cfg.chat_max_per_task}
@@ -3690,7 +3892,7 @@ def phase_rl(cfg, rt, log):
     if cfg.rl_questions_per_step < rt.world_size:
         raise ValueError(f"--rl-questions-per-step {cfg.rl_questions_per_step} < world size {rt.world_size}: every rank needs a question")
     opt = make_optimizer(model, dataclasses.replace(cfg, muon_lr=cfg.muon_lr * cfg.rl_lr_mul, adam_lr=cfg.adam_lr * cfg.rl_lr_mul))
-    engine = Engine(model, tokenizer, windows, rt)
+    engine = Engine(model, tokenizer, windows, rt, compile=cfg.decode_compile)
     order = np.random.default_rng(cfg.seed).permutation(train_task["n_examples"]) + train_task["first_example"]
     log(f"RL from {path}: {cfg.rl_steps} steps x {cfg.rl_questions_per_step} questions x {cfg.rl_samples} samples, "
         f"{train_task['n_examples']} training questions, pass@{cfg.rl_eval_samples} on {len(test_examples)} test questions")
@@ -3705,10 +3907,11 @@ def phase_rl(cfg, rt, log):
         t0 = time.perf_counter()
         questions = [int(order[(step * cfg.rl_questions_per_step + i) % len(order)]) for i in range(cfg.rl_questions_per_step)]
         rollouts, step_rewards = [], []
-        for e in questions[rt.rank::rt.world_size]:
-            prompt = train.prompt(e)[0].tolist()
-            samples = engine.generate([prompt], cfg.rl_samples, cfg.rl_max_new_tokens, cfg.rl_temperature, cfg.rl_top_k,
-                                      seed=cfg.seed * 1_000_003 + step * 1009 + e)[0]
+        mine = questions[rt.rank::rt.world_size]
+        prompts = [train.prompt(e)[0].tolist() for e in mine]  # all of a rank's rollouts decode as one batch
+        drawn = engine.generate(prompts, cfg.rl_samples, cfg.rl_max_new_tokens, cfg.rl_temperature, cfg.rl_top_k,
+                                seed=cfg.seed * 1_000_003 + step * 1009 + rt.rank)
+        for e, prompt, samples in zip(mine, prompts, drawn):
             reward = [gsm8k_reward(tokenizer, s, train_task["answers"][e - train_task["first_example"]]) for s in samples]
             step_rewards += reward
             rollouts += [(prompt, s, float(a)) for s, a in zip(samples, group_advantages(reward))]
@@ -3738,7 +3941,7 @@ def phase_generate(cfg, rt, log):
     tokenizer = data_tokenizer(cfg.data_dir)
     model, state, path = trained_model(cfg, rt, tokenizer)
     chat = cfg.prompt_format == "chat" or (cfg.prompt_format == "auto" and state.get("phase", "pt") != "pt")
-    engine = Engine(model, tokenizer, model.windows(), rt)
+    engine = Engine(model, tokenizer, model.windows(), rt, compile=cfg.decode_compile)
     options = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                    min_p=cfg.min_p, seed=cfg.seed)
     text = lambda tokens: tokenizer.decode([t for t in tokens if t not in engine.stops])  # a stream has no Sample yet

@@ -32,12 +32,13 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STACK = os.path.join(ROOT, "decoderstack_small_pt-eval-sft.py")
-BOXES = dict(environment=30, kernels=90, fp8=60, attention=120, kv_cache=60, train=300)  # at most, seconds per check
+BOXES = dict(environment=30, kernels=90, fp8=60, attention=120, kv_cache=60, decode=90, train=300)  # at most, seconds per check
 VOCAB = 50257  # GPT-2's, as modded-nanogpt's record: lm_head rows padded to 50,304
 
 
@@ -339,6 +340,58 @@ def check_kv_cache(ctx, res):
     res.add("kv_cache", f"decode batch 1 after {len(prompt)} tokens", "ok", f"{1000 / ms:,.0f} tok/s (one token per forward)", ms=ms)
 
 
+def check_decode(ctx, res):
+    """What evaluation and serving add to the cache: CORE's forward of choices sharing a context (on FA: its two
+    varlen calls, the branches' with more keys than queries) against each sequence alone, and the engine's compiled
+    steps (CUDA graphs) against eager ones: greedy tokens, tok/s at batch 1 and 16."""
+    torch, stack, dev, small = ctx["torch"], ctx["stack"], ctx["device"], ctx["small"]
+    cfg = stack.parse_config(["--preset", "cpu" if small else "h100x8"])
+    rt = stack.Runtime(dev, torch.float32 if small else torch.bfloat16, 0, 1, stack.select_attention_backend(dev))
+    torch.manual_seed(0)
+    model = stack.GPT(stack.ModelConfig.of(cfg, 1000 if small else VOCAB)).to(dev).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".o", ".proj")) or name == "bigram_embed":
+                p.normal_(0, 0.02)
+    windows = model.windows()
+    context = np.random.default_rng(0).integers(0, model.vocab_size, 60 if small else 900)
+    seqs = [(np.concatenate([context, np.random.default_rng(n).integers(0, model.vocab_size, n)]), len(context),
+             len(context) + n) for n in (5, 17, 40, 9)]
+    shared = stack.core_scores_packed(model, seqs, rt, windows)
+    alone = [stack.core_scores_packed(model, [seq], rt, windows)[0] for seq in seqs]
+    error = max(abs(a[0] - b[0]) / abs(b[0]) for a, b in zip(shared, alone))
+    res.add("decode", f"CORE shared context ({len(context)} tokens, {len(seqs)} choices)",
+            verdict(error, 1e-5 if small else 2e-2), f"mean continuation loss rel. error {error:.1e}, backend {rt.backend}",
+            error=error)
+    tok = types.SimpleNamespace(special=lambda name: 0, bos_id=0)
+    engines = {}
+    for compile in (False, True):
+        engines[compile] = stack.Engine(model, tok, windows, rt, compile=compile)
+        engines[compile].stops, engines[compile].python_start = set(), -1  # every sample runs full length, no tool
+    prompt, new = context[:256].tolist(), 16 if small else 64
+    t0 = time.time()
+    for b in (1, 16):  # the graphs the timed calls need: each batch size (and CUDA graphs' recording)
+        engines[True].generate([prompt], b, 8, temperature=0)
+    compile_s = time.time() - t0
+    tokens = {c: [s.tokens for s in e.generate([prompt], 1, new, temperature=0)[0]] for c, e in engines.items()}
+    agree = np.mean([a == b for a, b in zip(tokens[False][0], tokens[True][0])])
+    rates = {}
+    for c, e in engines.items():
+        for b in (1, 16):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.time()
+            e.generate([prompt], b, new, temperature=1.0, top_k=50)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            rates[c, b] = b * new / (time.time() - t0)
+    res.add("decode", "compiled steps == eager (greedy)", "ok" if agree == 1 or (not small and agree >= 0.9) else "FAIL",
+            f"{agree:.0%} of {new} tokens agree (bf16 kernels may differ); compile {compile_s:.0f} s", error=1 - agree)
+    res.add("decode", "engine tok/s batch 1 / 16", "ok",
+            f"eager {rates[False, 1]:,.0f} / {rates[False, 16]:,.0f}, compiled {rates[True, 1]:,.0f} / "
+            f"{rates[True, 16]:,.0f}", tok_per_s=rates[True, 1], speedup=rates[True, 1] / rates[False, 1])
+
+
 def synthetic_data(out, vocab_size, n_train, n_val, seed=0):
     """A data directory in the stack's formats (written by data/'s writers): a byte-level tokenizer of vocab_size
     tokens (256 bytes, then two-byte strings; nothing is encoded with it) and shards of a learnable stream: each
@@ -428,7 +481,7 @@ def check_train(ctx, res):
 
 
 CHECKS = dict(environment=check_environment, kernels=check_kernels, fp8=check_fp8, attention=check_attention,
-              kv_cache=check_kv_cache, train=check_train)
+              kv_cache=check_kv_cache, decode=check_decode, train=check_train)
 
 
 def main(argv=None):

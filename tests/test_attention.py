@@ -137,20 +137,42 @@ FA3_PARAMS = [("q", E), ("k", E), ("v", E), ("cu_seqlens_q", E), ("cu_seqlens_k"
               ("pack_gqa", None), ("deterministic", False), ("sm_margin", 0), ("return_attn_probs", False)]
 
 
+def fa_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, window, scale):
+    """FA's varlen answer when a sequence has more keys than queries (n > m): causal=True and the window are aligned
+    to the bottom right, query i seeing keys i + n - m - window <= j <= i + n - m (FA2 >= 2.1, FA3)."""
+    outs = []
+    for (qa, qb), (ka, kb) in zip(zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist()),
+                                  zip(cu_seqlens_k[:-1].tolist(), cu_seqlens_k[1:].tolist())):
+        if qb == qa:
+            continue
+        m, n = qb - qa, kb - ka
+        i, j = torch.arange(m)[:, None] + n - m, torch.arange(n)[None, :]
+        allowed = (j <= i) & ((i - j <= window) if window is not None else True)
+        scores = torch.einsum("mhd,nhd->hmn", q[qa:qb].float(), k[ka:kb].float()) * scale
+        p = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        outs.append(torch.einsum("hmn,nhd->mhd", p, v[ka:kb].float()))
+    return torch.cat(outs)
+
+
 def check_call(stack, calls, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                window_size):
-    """What FA requires of its inputs, then the answer FA would give, computed by the reference."""
-    assert cu_seqlens_q.dtype == torch.int32 and cu_seqlens_q.is_contiguous() and cu_seqlens_q.dim() == 1
-    assert torch.equal(cu_seqlens_q, cu_seqlens_k) and max_seqlen_q == max_seqlen_k
+    """What FA requires of its inputs, then the answer FA would give, computed by the reference. calls gets the
+    window, or (window, "kv") for a call whose sequences have more keys than queries (branches of a prefix)."""
+    for cu in (cu_seqlens_q, cu_seqlens_k):
+        assert cu.dtype == torch.int32 and cu.is_contiguous() and cu.dim() == 1 and len(cu) == len(cu_seqlens_q)
     assert max_seqlen_q >= int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-    for x in (q, k, v):
+    assert max_seqlen_k >= int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+    for x, cu in ((q, cu_seqlens_q), (k, cu_seqlens_k), (v, cu_seqlens_k)):
         assert x.dtype in (torch.float16, torch.bfloat16) and x.dim() == 3 and x.is_contiguous()
-        assert x.shape == q.shape and x.size(0) == int(cu_seqlens_q[-1])
+        assert x.shape[1:] == q.shape[1:] and x.size(0) == int(cu[-1]) and x.dtype == q.dtype
     assert causal is True and softmax_scale is not None
     assert isinstance(window_size, tuple) and len(window_size) == 2 and window_size[1] == 0 and window_size[0] >= -1
-    calls.append(window_size)
     window = None if window_size[0] < 0 else window_size[0]
-    return stack.attention_reference(q.float(), k.float(), v.float(), cu_seqlens_q, window, softmax_scale).to(q.dtype)
+    if torch.equal(cu_seqlens_q, cu_seqlens_k):
+        calls.append(window_size)
+        return stack.attention_reference(q.float(), k.float(), v.float(), cu_seqlens_q, window, softmax_scale).to(q.dtype)
+    calls.append((window_size, "kv"))
+    return fa_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, window, softmax_scale).to(q.dtype)
 
 
 def make_standins(stack, calls, fa3_returns_lse):
@@ -201,6 +223,69 @@ def test_flash_backends_call_fa_correctly(stack, monkeypatch, backend, fa3_retur
     torch.testing.assert_close(out, stack.attention_reference(q, k, v, cu, 3, 0.25), atol=0, rtol=0)
     with pytest.raises(ValueError, match="bf16 or fp16"):
         stack.attention(q.float(), k.float(), v.float(), cu, 30, 3, 0.25, backend)
+
+
+# ---- branches: sequences that share a prefix, packed with it once (CORE's choices) ------------------------------
+def branch_layout(stack, seed=0):
+    """Token sequences in groups that share prefixes of 40-90 tokens (and two plain ones), packed by pack_branches;
+    q/k/v in the packed layout. Each sequence alone is its rows of the buffer (where[i]), in order."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for n_choices, prefix_len in [(4, 90), (1, 60), (2, 40), (3, 70), (1, 30), (2, 85)]:
+        prefix = torch.randint(0, 1000, (prefix_len,), generator=g)
+        for _ in range(n_choices):
+            seqs.append(torch.cat([prefix, torch.randint(1000, 2000, (int(torch.randint(1, 25, (), generator=g)),), generator=g)]).numpy())
+    batch, where = stack.pack_branches(seqs, "cpu")
+    T = batch.inputs.size(0)
+    assert T < sum(map(len, seqs)) - 300 and batch.branches.branch.max() == 4
+    return batch, where, seqs
+
+
+@eager_flex
+@pytest.mark.parametrize("window", [None, 0, 5, 50])
+@pytest.mark.parametrize("impl", ["sdpa", "sdpa-dense", "sdpa-banded", "flex", "fa2", "fa3"])
+def test_branches_attend_as_each_sequence_alone(stack, monkeypatch, impl, window):
+    batch, where, seqs = branch_layout(stack)
+    T, b = batch.inputs.size(0), batch.branches
+    dtype = torch.bfloat16 if impl.startswith("fa") else torch.float32
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(T, 2, 16, generator=g).to(dtype) for _ in range(3))
+    w = T if window is None else window
+    calls = []
+    if impl.startswith("fa"):
+        monkeypatch.setitem(stack._FLASH, impl, types.SimpleNamespace(flash_attn_varlen_func=make_standins(stack, calls, False)[impl]))
+        out = stack.attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, window, 0.25, impl, b)
+        assert calls == [(-1 if window is None else window, 0), ((-1 if window is None else window, 0), "kv")]
+    elif impl == "flex":
+        out = stack._flex_attention(q, k, v, batch.cu_seqlens, w, 0.25, b)
+    elif impl == "sdpa":  # attention()'s band: window + the most branch tokens of a segment, not the segment
+        out = stack.attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, window, 0.25, "sdpa", b)
+    else:  # the band must reach a branch's whole segment back, whatever the window
+        block = 1024 if impl == "sdpa-dense" else 32
+        assert (block + batch.max_seqlen - 1 >= T) == (impl == "sdpa-dense")
+        out = stack._sdpa_attention(q, k, v, batch.cu_seqlens, w, 0.25, batch.max_seqlen - 1, block=block, branches=b)
+    assert out.dtype == dtype and out.shape == q.shape
+    for i, seq in enumerate(seqs):
+        rows = torch.from_numpy(where[i])
+        alone = stack.attention_reference(q[rows], k[rows], v[rows], torch.tensor([0, len(seq)], dtype=torch.int32), window, 0.25)
+        torch.testing.assert_close(out[rows].float(), alone.float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=0)
+
+
+def test_branch_packing(stack):
+    """Positions and previous tokens are each sequence's own; a group shares only the prefix common to all of it,
+    and a sequence joins only when that saves at least the tokens its branch adds."""
+    batch, where, seqs = branch_layout(stack)
+    for i, seq in enumerate(seqs):
+        rows = torch.from_numpy(where[i])
+        assert batch.inputs[rows].tolist() == seq.tolist() and batch.positions[rows].tolist() == list(range(len(seq)))
+        assert batch.prev_ids[rows].tolist() == [-1] + seq[:-1].tolist()
+    a, b = [1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 9]
+    groups = lambda *s: stack.shared_prefix_groups([torch.tensor(x).numpy() for x in s])
+    assert groups(a, b) == [(0, 2, 7)]
+    assert groups(a, b, [1, 2, 9]) == [(0, 2, 7), (2, 1, 3)]  # sharing 2 of 3 tokens would lose 2 x 5 - 2
+    assert groups(a, a, a) == [(0, 3, 7)]  # identical sequences: each branch keeps its last token
+    assert groups([5, 1], a) == [(0, 1, 2), (1, 1, 8)]
+    assert groups([1, 2, 3, 4], [1, 5, 6, 7]) == [(0, 1, 4), (1, 1, 4)]  # one shared token saves less than it costs
 
 
 def test_flash_loading_failure_is_caught_once_and_reported(stack, monkeypatch):

@@ -98,11 +98,13 @@ def gpu_like_run(stack, bf16_data, tmp_path_factory):
     """Every phase on CPU as it runs on an H100; returns what each kernel and attention call received."""
     if stack.triton is None:
         pytest.skip("triton is not installed")
-    calls = dict(kernels=[], attention=[], kvcache=[], fp8=[], rms_norm=[], norm=[])
+    calls = dict(kernels=[], attention=[], kvcache=[], fp8=[], rms_norm=[], norm=[], branch_attention=[])
     varlen, kvcache = make_standins(stack, [], False)["fa3"], kvcache_standins([])["fa3"]
 
     def fa3_varlen(q, k, v, *args, **kwargs):
         calls["attention"].append((q.dtype, k.dtype, v.dtype))
+        if not torch.equal(kwargs["cu_seqlens_q"], kwargs["cu_seqlens_k"]):  # branches after a shared prefix (CORE)
+            calls["branch_attention"].append((q.dtype, k.dtype, v.dtype))
         return varlen(q, k, v, *args, **kwargs)
 
     def fa3_kvcache(q, k_cache, v_cache, k=None, v=None, **kwargs):
@@ -143,7 +145,8 @@ def gpu_like_run(stack, bf16_data, tmp_path_factory):
         tok = stack.Tokenizer(str(bf16_data / "tokenizer"))
         model, _, _ = stack.trained_model(cfg, rt, tok)
         windows = model.windows()
-        seqs = [(np.array([tok.bos_id] + tok.encode(t)), 2, 5) for t in ("The cat sat down.", "A dog ran off, fast.")]
+        seqs = [(np.array([tok.bos_id] + tok.encode(t)), 2, 5) for t in ("The cat sat down.", "The cat sat down on it.",
+                                                                        "A dog ran off, fast.")]
         calls["core"] = stack.core_scores_packed(model, seqs, rt, windows)
         calls["samples"] = stack.Engine(model, tok, windows, rt).generate([seqs[0][0].tolist()], 2, 5, temperature=1.0)
     fp32 = stack.Runtime(torch.device("cpu"), torch.float32, 0, 1, "sdpa")
@@ -169,6 +172,7 @@ def test_every_attention_call_gets_bf16(gpu_like_run):
     assert len(gpu_like_run["attention"]) > 0 and len(gpu_like_run["kvcache"]) > 0
     assert set(gpu_like_run["attention"]) == {(torch.bfloat16,) * 3}  # pt, sft, rl and eval forwards
     assert set(gpu_like_run["kvcache"]) == {(torch.bfloat16,) * 5}  # prefill and decode
+    assert set(gpu_like_run["branch_attention"]) == {(torch.bfloat16,) * 3}  # CORE's choices after their context
 
 
 def test_fp8_head_writes_bf16_and_norms_see_bf16(gpu_like_run):

@@ -65,8 +65,8 @@ def test_evaluate_chat_scores_and_chatcore(stack, tok_dir, monkeypatch):
                         [{2: 0, 3: 1, 4: 0, 5: 0}[int(p[-1])] for p, _ in prompts])  # right on the first two
     replies = {6: "so #### 12", 7: "#### 1,234", 8: "no idea"}
 
-    def generate(self, prompts, num_samples, max_new_tokens, temperature):
-        assert temperature == 0 and num_samples == 1
+    def generate(self, prompts, num_samples, max_new_tokens, temperature, max_rows):
+        assert temperature == 0 and num_samples == 1 and max_rows == 16  # evaluate_chat's batch_size
         return [[stack.Sample(tok.encode(replies[p[-1]]) + [tok.special("<|assistant_end|>")], [], True)] for p in prompts]
 
     monkeypatch.setattr(stack.Engine, "generate", generate)

@@ -113,15 +113,20 @@ def test_packed_scores_equal_each_sequence_alone(stack, core, model, tok_dir, mo
     bos = stack.Tokenizer(tok_dir).bos_id
     assert any(t[0] != bos for t, _, _ in seqs) and any(t[0] == bos for t, _, _ in seqs)
     assert min(len(t) for t, _, _ in seqs) > min(windows_of(model))
-    attention = stack.attention
+    attention, forwarded = stack.attention, []
 
-    def checked_attention(q, k, v, cu_seqlens, max_seqlen, window, scale, backend):
+    def checked_attention(q, k, v, cu_seqlens, max_seqlen, window, scale, backend, branches):
         assert cu_seqlens.dtype == torch.int32 and len(cu_seqlens) == 128
         assert max_seqlen >= int(cu_seqlens.diff().max())  # FA sizes its grid with it, SDPA its key bands
-        return attention(q, k, v, cu_seqlens, max_seqlen, window, scale, backend)
+        forwarded.append(q.size(0))
+        return attention(q, k, v, cu_seqlens, max_seqlen, window, scale, backend, branches)
 
     monkeypatch.setattr(stack, "attention", checked_attention)
     packed = stack.core_scores_packed(model, seqs, cpu_rt(stack), windows_of(model))
+    # a multiple_choice example whose choices share one stored context went through the model with it once
+    saved = sum((n - 1) * int(core.sequences[first, 1]) for _, _, first, n in core.examples.tolist()
+                if n > 1 and len({tuple(core.sequences[s, :2]) for s in range(first, first + n)}) == 1)
+    assert saved > 300 and forwarded[0] <= sum(len(t) for t, _, _ in seqs) - saved
     alone = [alone_scores(model, stack, seq, windows_of(model)) for seq in seqs]
     np.testing.assert_allclose([p[0] for p in packed], [a[0] for a in alone], rtol=2e-6, equal_nan=True)  # fp32 noise: ~2e-7
     assert [p[1] for p in packed] == [a[1] for a in alone]

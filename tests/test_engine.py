@@ -55,8 +55,9 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["sliced", "static"])  # static: the engine's compiled steps' reads
 @pytest.mark.parametrize("case", list(CASES))
-def test_prefill_then_decode_equals_training_forward(stack, case):
+def test_prefill_then_decode_equals_training_forward(stack, case, static):
     spec = dict(CASES[case])
     windows = spec.pop("windows")
     model = make_model(stack, **({"value_embed_layers": spec.pop("value_embed_layers")} if "value_embed_layers" in spec else {}))
@@ -70,7 +71,7 @@ def test_prefill_then_decode_equals_training_forward(stack, case):
     torch.manual_seed(1)
     ids = torch.randint(0, VOCAB, (70,))
     ref = forward_logits(stack, model, ids, windows)
-    cache = stack.KVCache(model, 1, 70, "cpu", torch.float32)
+    cache = stack.KVCache(model, 1, 70, "cpu", torch.float32, static=static)
     with torch.no_grad():
         got = [model.decode(ids[None, :1], cache, windows)[0], model.decode(ids[None, 1:18], cache, windows)[0]]
         got += [model.decode(ids[None, t:t + 1], cache, windows)[0] for t in range(18, 70)]
@@ -137,8 +138,8 @@ def test_cache_reads_only_the_window(stack):
     cache = stack.KVCache(model, 1, 60, "cpu", torch.float32)
     with torch.no_grad():
         model.decode(ids[None, :50], cache, windows)
-        cache.k[:, :, :50 - 9] = float("nan")
-        cache.v[:, :, :50 - 9] = float("nan")
+        for layer in cache.k + cache.v:
+            layer[:, :50 - 9] = float("nan")
         got = torch.cat([model.decode(ids[None, t:t + 1], cache, windows)[0] for t in range(50, 60)])
     torch.testing.assert_close(got, forward_logits(stack, model, ids, windows)[50:], atol=2e-5, rtol=1e-5)
 
@@ -288,6 +289,54 @@ def test_greedy_generation_equals_argmax_of_the_full_forward(stack, tok):
         assert logits[len(prompt) - 1:-1].argmax(-1).tolist() == sample.tokens
 
 
+@pytest.mark.parametrize("max_rows", [0, 3, 1])
+def test_continuous_batching_decodes_each_sample_as_alone(stack, tok, monkeypatch, max_rows):
+    """Five prompts, two samples each, greedy, with stops: with every sample in its own row from the start (0),
+    three rows (samples join as others stop) or one, every sample is the argmax continuation of its own prompt,
+    stopping where the model first emits a stop token. With three rows a sample starts while another is mid-sample."""
+    model = make_model(stack)
+    windows = [4, 9, 3, 40]
+    engine = stack.Engine(model, tok, windows, cpu_rt(stack))
+    torch.manual_seed(5)
+    prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (3, 17, 1, 9, 30)]
+    greedy = []
+    for prompt in prompts:  # each prompt's greedy continuation from the training forward, one token at a time
+        seq = list(prompt)
+        while len(seq) < len(prompt) + 10:
+            seq.append(int(forward_logits(stack, model, torch.tensor(seq), windows)[-1].argmax()))
+        greedy.append(seq[len(prompt):])
+    engine.stops = {greedy[0][3], greedy[1][1], greedy[3][6]} - set(greedy[4])  # some stop early, one runs to the end
+    sizes, steps = [], {}  # batch size of every step; sample -> (step of its first token, step of its last)
+    sample_next = stack.sample_next
+    monkeypatch.setattr(stack, "sample_next", lambda logits, *a: sizes.append(len(logits)) or sample_next(logits, *a))
+    record = lambda i, t: steps.__setitem__(i, (steps.get(i, (len(sizes),))[0], len(sizes)))
+    out = engine.generate(prompts, 2, max_new_tokens=10, temperature=0, max_rows=max_rows, on_token=record)
+    for prompt, want, pair in zip(prompts, greedy, out):
+        stop = next((k for k, t in enumerate(want) if t in engine.stops), None)
+        expected = want if stop is None else want[:stop + 1]
+        for sample in pair:
+            assert sample.tokens == expected and sample.stopped == (stop is not None)
+    lengths = [len(s.tokens) for pair in out for s in pair]
+    assert min(lengths) < 5 and max(lengths) == 10
+    assert sizes[0] == (max_rows or 10) and sizes == sorted(sizes, reverse=True)  # the cache only shrinks,
+    assert all(n & (n - 1) == 0 for n in sizes if n != sizes[0]) and (len(set(sizes)) > 1 or max_rows)  # to powers of 2
+    if max_rows == 3:
+        joined = [i for i in range(2, 10) if any(steps[j][0] < steps[i][0] <= steps[j][1] for j in range(10) if j != i)]
+        assert joined and sorted(steps, key=lambda i: steps[i][0]) == list(range(10))
+
+
+def test_compiled_step_decodes_the_same_tokens(stack, tok):
+    """torch.compile'd decode steps (static shapes, one graph per batch size) sample exactly the eager tokens."""
+    model = make_model(stack)
+    prompts = [[1, 2, 3], [4] * 20, [5, 6]]
+    runs = []
+    for compile in (False, True):
+        engine = stack.Engine(model, tok, [4, 9, 3, 40], cpu_rt(stack), compile=compile)
+        engine.stops = {7, 9}
+        runs.append([[s.tokens for s in pair] for pair in engine.generate(prompts, 3, 12, temperature=1.0, top_k=20, seed=3)])
+    assert runs[0] == runs[1] and len({len(t) for pair in runs[0] for t in pair}) > 1
+
+
 def test_each_sample_draws_its_own_tokens_and_seeds_repeat(stack, tok):
     model = make_model(stack)
     engine = stack.Engine(model, tok, [None] * 4, cpu_rt(stack))
@@ -301,7 +350,8 @@ def test_each_sample_draws_its_own_tokens_and_seeds_repeat(stack, tok):
 def test_engine_tool_use_and_per_row_stops(stack, tok, monkeypatch):
     """Three rows decode together: A calls the calculator (its result is forced, mask 0, and fed to the model) then
     ends with <|assistant_end|>; B makes a refused call (nothing forced) and ends with <|bos|>; C never stops and runs
-    into max_new_tokens. Each row's script is keyed by its prompt's first token and indexed by position."""
+    into max_new_tokens. Each row's script is keyed by its prompt's first token and indexed by position. A finished
+    row stays in the batch (masked) until at most half the rows are live, then the cache shrinks to a power of two."""
     sp = tok.special
     call = [sp("<|python_start|>"), *tok.encode("12+3"), sp("<|python_end|>")]
     forced = [sp("<|output_start|>"), *tok.encode("15"), sp("<|output_end|>")]
@@ -315,14 +365,14 @@ def test_engine_tool_use_and_per_row_stops(stack, tok, monkeypatch):
         cfg = stack.Config(n_layers=1, n_heads=1, head_dim=2)
         fed = []
 
-        def decode(self, ids, cache, windows, last_only=False):
+        def decode(self, ids, cache, windows, last_only=False, step=None):
             cache.advance(ids)
             self.fed.append(ids[:, -1].tolist())
             return torch.zeros(len(ids), 1, tok.vocab_size)
 
     model = Model()
     engine = stack.Engine(model, tok, [None], cpu_rt(stack))
-    step, active = [0], [0, 1, 2]  # decode steps so far; which prompt each cache row serves
+    step, active, sizes = [0], [0, 1, 2], []  # decode steps so far; which prompt each cache row serves
     keep = stack.KVCache.keep
 
     def tracked_keep(cache, rows):
@@ -330,9 +380,11 @@ def test_engine_tool_use_and_per_row_stops(stack, tok, monkeypatch):
         keep(cache, rows)
 
     def scripted_sample(logits, generator, *args):
-        assert len(logits) == len(active)  # finished rows left the batch
+        assert len(logits) == len(active)
+        sizes.append(len(active))
         step[0] += 1
-        return torch.tensor([scripts[prompts[r][0]][step[0] - 1] for r in active])
+        # a finished row's draw is ignored (it decodes junk until the batch shrinks)
+        return torch.tensor([(scripts[prompts[r][0]] + [0] * 100)[step[0] - 1] for r in active])
 
     monkeypatch.setattr(stack.KVCache, "keep", tracked_keep)
     monkeypatch.setattr(stack, "sample_next", scripted_sample)
@@ -342,5 +394,11 @@ def test_engine_tool_use_and_per_row_stops(stack, tok, monkeypatch):
     assert a.mask == [1] * len(call) + [0] * len(forced) + [1] * len(answer)
     assert b.tokens == refused and b.stopped and b.mask == [1] * len(refused)
     assert c.tokens == [42] * (len(a_full) + 3) and not c.stopped
-    fed_a = [step_fed[0] for step_fed in model.fed[3:3 + len(a_full) - 1]]
-    assert fed_a == a_full[:-1]  # forced tokens go through the model like sampled ones; the stop token does not
+    # the prompts but their last tokens are prefilled (one row each), then every step feeds every row: first the
+    # prompts' last tokens, then what each row sampled or was forced
+    assert model.fed[:4] == [[1], [2], [3], [5, 5, 5]]
+    fed_a = [step_fed[0] for step_fed in model.fed[4:4 + len(a_full) - 1]]
+    assert fed_a == a_full[:-1]  # forced tokens go through the model like sampled ones; the stop token does not:
+    assert model.fed[4 + len(a_full) - 1] == [42]  # after it only C is left
+    # B stopped first and stayed (masked) while two rows were live; one live row (C) is one row
+    assert sizes == [3] * len(a_full) + [1] * 3 and active == [2]

@@ -25,7 +25,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     results = json.load(open(tmp_path / "gpu_check.json"))
     rows = results["rows"]
-    assert {r["check"] for r in rows} == {"environment", "kernels", "fp8", "attention", "kv_cache", "train"}
+    assert {r["check"] for r in rows} == {"environment", "kernels", "fp8", "attention", "kv_cache", "decode", "train"}
     assert {r["status"] for r in rows} <= {"ok", "skip"}
     skipped = {r["item"] for r in rows if r["status"] == "skip"}
     assert skipped == {"flex", "fa3", "fa2"}  # no CPU backward, no CUDA: said, not faked
@@ -34,4 +34,4 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert results["env"]["attention_auto"] == "sdpa" and results["env"]["torch"]
     train = next(r for r in rows if r["check"] == "train")
     assert train["tok_per_s"] > 0 and "loss" in train["detail"]
-    assert out.stdout.strip().splitlines()[-1].startswith("gpu_check: 16 ok, 0 failed, 0 timed out, 3 skipped")
+    assert out.stdout.strip().splitlines()[-1].startswith("gpu_check: 19 ok, 0 failed, 0 timed out, 3 skipped")
