@@ -914,8 +914,8 @@ def cached_attention(q, k, v, k_cache, v_cache, lengths, key_span, window, scale
     lengths: int32 (B,) tokens cached before this call; key_span: host ints (lo, hi), lo <= the first key any new
     token may see and hi = max(lengths) + S, so SDPA reads only the window's slice of the cache; or, for one new
     token per row (S = 1), None: each row's window + 1 keys ending at its new token are gathered, or with no window
-    the whole cache is read, masked (shapes set by the tensors alone, for a compiled step). FA3/FA2 do all of it in flash_attn_with_kvcache; flex has nothing to add for one
-    new token per row, so it decodes with SDPA."""
+    the whole cache is read, masked (shapes set by the tensors alone, for a compiled step). FA3/FA2 do all of it in
+    flash_attn_with_kvcache; flex has nothing to add for one new token per row, so it decodes with SDPA."""
     window = -1 if window is None or window < 0 else window
     if backend in ("fa3", "fa2"):
         out = _flash_func(backend, "flash_attn_with_kvcache")(
@@ -930,7 +930,8 @@ def cached_attention(q, k, v, k_cache, v_cache, lengths, key_span, window, scale
     if key_span is None and window >= 0:
         j = pos - torch.arange(window, -1, -1, device=q.device)  # (B, window + 1): the visible positions, or < 0
         keys, values = (c[rows, j.clamp(min=0)].to(q.dtype).transpose(1, 2) for c in (k_cache, v_cache))
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=(j >= 0)[:, None, None], scale=scale)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=(j >= 0)[:, None, None],
+                                           scale=scale)
         return y.transpose(1, 2)
     lo, hi = key_span or (0, k_cache.size(1))
     j = torch.arange(lo, hi, device=q.device)
@@ -2462,7 +2463,8 @@ def evaluate_core(model, core, rt, windows, max_per_task=-1, batch_tokens=32768)
                     yield (e, n), seqs[j], len(seqs[j][0]) - (P if j > head else 0)
 
     for batch in token_batches(sequences(), lambda item: item[2], batch_tokens):
-        for (e, n_seqs), score in zip([key for key, _, _ in batch], core_scores_packed(model, [seq for _, seq, _ in batch], rt, windows)):
+        scored = core_scores_packed(model, [seq for _, seq, _ in batch], rt, windows)
+        for (e, n_seqs), score in zip([key for key, _, _ in batch], scored):
             scores.setdefault(e, []).append(score)
             if len(scores[e]) == n_seqs:
                 task, gold = (int(x) for x in core.examples[e, :2])
@@ -2498,10 +2500,11 @@ def evaluate_example_alone(model, core, example_index, rt, windows):
 
 class KVCache:
     """Keys and values of every layer for B rows: a (B, capacity, H, D) tensor per layer (FA's layout; one tensor
-    each, since a compiled step writing into a slice of one big tensor would copy all of it), plus what a new token needs
-    besides attention: its row's length (its RoPE position) and its row's last token (for smear and the bigram hash).
-    static=True: a one-token step reads the whole capacity, masked, so its shapes never change and it compiles to one
-    graph (the engine's compiled decode step); otherwise reads are sliced to the rows' visible span."""
+    each, since a compiled step writing into a slice of one big tensor would copy all of it), plus what a new token
+    needs besides attention: its row's length (its RoPE position) and its row's last token (for smear and the bigram
+    hash). static=True: a one-token step reads each row's window + 1 keys, gathered (or the whole cache, masked), so
+    no host int sets its shapes and one compiled graph serves every step (the engine's compiled decode); otherwise
+    reads are sliced to the rows' visible span."""
 
     def __init__(self, model, batch, capacity, device, dtype, backend="sdpa", static=False):
         cfg = model.cfg
@@ -3161,9 +3164,10 @@ def evaluate_chat(model, chat, tokenizer, rt, windows, max_per_task=-1, batch_to
                   max_new_tokens=512, sandbox="isolated", compile_decode=False):
     """Chat evaluation on ChatEvalData `chat`: categorical tasks by letter argmax (packed varlen forwards of up to
     batch_tokens tokens); generative (GSM8K) and code (HumanEval) ones by greedy generation with the calculator,
-    batch_size rows continuously batched, scored on the number after '####' or by running the problem's tests in the `sandbox`
-    (made once first: SandboxUnavailable before any generation where it cannot be). Examples split across ranks as in CORE. Returns dict(results={task: accuracy}, centered={task: centered
-    accuracy}, chatcore=mean centered, correct=int8 per example)."""
+    batch_size rows continuously batched, scored on the number after '####' or by running the problem's tests in the
+    `sandbox` (made once first: SandboxUnavailable before any generation where it cannot be). Examples split across
+    ranks as in CORE. Returns dict(results={task: accuracy}, centered={task: centered accuracy}, chatcore=mean
+    centered, correct=int8 per example)."""
     evaluated, mine = examples_of_rank(chat.tasks, len(chat.examples), max_per_task, rt)
     correct = torch.zeros(len(chat.examples), dtype=torch.float32)
     kind = {e: chat.tasks[int(chat.examples[e, 0])]["kind"] for e in mine}

@@ -29,7 +29,8 @@ CORE: the same first N examples of each task (both shuffle with Random(1337)), o
 nanochat's rendered, tokenized and forwarded one example at a time as its base_eval does; nanochat draws the few
 shots among those N (hence N above 10), ours among all of the task's examples. Decoding: each engine samples
 (temperature 1, top-k 50) --new-tokens tokens a row after the same text cut to --prompt-tokens tokens, timed from the
-prefill on, the fastest of --repeats runs. About 15 minutes on 2 cores with the defaults (the cpu preset's 150 + 40
+prefill on, the fastest of --repeats runs; ours with compiled steps (--no-decode-compile: eager; nanochat's engine
+runs eager, it has no compiled path). About 15 minutes on 2 cores with the defaults (the cpu preset's 150 + 40
 steps). Timings vary +-30% on shared machines: run it alone; the log warns when other processes took CPU time during
 a part, and the table's first line says how much in all.
 """
@@ -359,7 +360,7 @@ def run_ours(args, work, progress):
         result = stack.evaluate_core(model, core, rt, windows, args.core_per_task, cfg.core_batch_tokens)
         seconds = time.perf_counter() - t0
         numbers = {"core": result["core"], "core_examples_s": int((np.asarray(result["correct"]) >= 0).sum()) / seconds}
-        engine = stack.Engine(model, tok, windows, rt)
+        engine = stack.Engine(model, tok, windows, rt, compile=args.decode_compile)  # compiled: the warm-ups compile
         engine.stops = set()  # every row runs full length
         prompt = [tok.bos_id, *tok.encode(PROMPT_TEXT)][:args.prompt_tokens]
         for b in args.batch_sizes:
@@ -461,6 +462,8 @@ def parse_args(argv=None):
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch-sizes", default="1,16", help="decoding batch sizes, comma-separated")
+    parser.add_argument("--decode-compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="our engine with compiled decode steps (the stack's --decode-compile); nanochat's has none")
     parser.add_argument("--repeats", type=int, default=3, help="decoding runs per batch size; the fastest counts (shared machines)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on both sides")
     parser.add_argument("--out", help="keep the runs and logs here (default: a temporary directory, removed)")
