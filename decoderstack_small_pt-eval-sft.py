@@ -179,7 +179,7 @@ class Config:
     top_p: float = 1.0               # 1: off
     min_p: float = 0.0               # 0: off
     decode_compile: bool = False     # the engine's decode steps through torch.compile (CUDA graphs on GPUs; unmeasured
-                                     # there): on 2 CPU cores 1.3-1.7x faster at batch 1, after ~30 s compiling
+                                     # there): on 2 CPU cores 1.5-2x faster at batch 1, after 6-40 s compiling
     log_every: int = 10
     # SFT (--phases sft): fine-tune the latest checkpoint on the sft/ conversations
     sft_steps: int = 500              # optimizer steps
