@@ -24,12 +24,16 @@ Contents, in the order data flows
     10. Inference: KV cache, sampling, the calculator tool, the engine
     11. Evaluation: chat (ARC, MMLU, GSM8K, HumanEval in a sandbox; ChatCORE)
     12. Post-training: chat SFT and GSM8K RL
-    13. Run helpers: logging, checkpoints (load_model), the run directory, metrics, the loop's bookkeeping
-    14. Phases (data, pt, eval, sft, chat, rl, generate, convert) and main
+    13. Run helpers: logging, checkpoints (load_model), the run directory, metrics, the run report, the loop's
+        bookkeeping
+    14. Serving: the OpenAI-compatible server over the engine, its chat page
+    15. Phases (data, pt, eval, sft, chat, rl, generate, serve, convert) and main
 """
 import argparse
 import ast
+import asyncio
 import base64
+import collections
 import dataclasses
 import functools
 import glob
@@ -38,6 +42,7 @@ import json
 import math
 import operator
 import os
+import queue
 import re
 import shutil
 import signal
@@ -149,7 +154,8 @@ class Config:
                                      # the last step's (and --phases eval's) scores every val token once
     val_final_tokens: int = 0        # N: the last evaluation scores the first N val tokens instead (modded-nanogpt's
                                      # rule: 10,485,760 of its FineWeb val shard, for its 3.28 val loss)
-    checkpoint_every: int = 0        # steps between checkpoints (0: only at the end)
+    checkpoint_every: int = 0        # steps between checkpoints (0: only at the end); pt, sft and rl
+    keep_checkpoints: int = 2        # the newest N checkpoints of each phase are kept
     core_max_per_task: int = -1      # CORE examples per task in --phases eval (-1: all)
     core_batch_tokens: int = 32768   # tokens per packed CORE (and categorical chat-eval) forward
     chat_max_per_task: int = -1      # chat-eval examples per task in --phases chat (-1: all)
@@ -180,6 +186,13 @@ class Config:
     min_p: float = 0.0               # 0: off
     decode_compile: bool = False     # the engine's decode steps through torch.compile (CUDA graphs on GPUs; unmeasured
                                      # there): on 2 CPU cores 1.5-2x faster at batch 1, after 6-40 s compiling
+    # serving (--phases serve): an OpenAI-compatible API and a chat page; omitted sampling fields take the above
+    host: str = "127.0.0.1"          # 0.0.0.0 to serve other machines (there is no authentication: see README)
+    port: int = 8000
+    served_model_name: str = ""      # the API's model id ("": the run directory's and checkpoint's names)
+    serve_max_rows: int = 32         # choices decoding at once (continuous batching); also the largest n
+    serve_max_queue: int = 64        # choices waiting beyond those; more get 429
+    serve_timeout: float = 300.0     # seconds per request; longer ones are cancelled (504)
     log_every: int = 10
     # SFT (--phases sft): fine-tune the latest checkpoint on the sft/ conversations
     sft_steps: int = 500              # optimizer steps
@@ -2536,6 +2549,13 @@ class KVCache:
         self.host_lengths = [n + ids.size(1) for n in self.host_lengths]
         self.last_ids = ids[:, -1].contiguous().clone()  # contiguous: a compiled step guards on strides
 
+    def grow(self, n):
+        """n more rows, empty (a continuous batch adding rows for waiting streams)."""
+        self.k, self.v = ([torch.cat([c, c.new_zeros((n, *c.shape[1:]))]) for c in cache] for cache in (self.k, self.v))
+        self.lengths = torch.cat([self.lengths, self.lengths.new_zeros(n)])
+        self.last_ids = torch.cat([self.last_ids, self.last_ids.new_full((n,), -1)])
+        self.host_lengths += [0] * n
+
     def put(self, row, other, other_row=0):
         """Row `row` becomes a copy of row `other_row` of cache `other` (one prefill serves all samples of a prompt)."""
         n = other.host_lengths[other_row]
@@ -2658,21 +2678,45 @@ def calculate(expr):
 class Sample:
     tokens: list   # generated tokens, forced tool output included; the stop token too when one was reached
     mask: list     # 1 where the model sampled the token, 0 where the calculator's output was forced
-    stopped: bool  # ended on <|assistant_end|> or <|bos|> (else it ran into max_new_tokens)
+    stopped: bool  # ended on <|assistant_end|> or <|bos|> (else it ran into max_new_tokens, or was cancelled)
+
+
+@dataclasses.dataclass(eq=False)  # compared by identity: the rows of one Sampling draw together
+class Sampling:
+    """How a group of samples draws: sample_next's filters and one generator. A group's rows draw in one call over
+    their own logits, so its tokens never depend on other groups' rows (a server request's on other requests)."""
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    generator: torch.Generator = None
+
+
+@dataclasses.dataclass(eq=False)
+class Stream:
+    """One sample on its way: its prompt (one list object for all samples of a prompt: they share its prefill), its
+    Sampling, its budget and callbacks, and what it has produced. Any thread may set `cancelled`: the batch frees
+    its row at its next step."""
+    prompt: list
+    sampling: Sampling
+    max_new_tokens: int
+    on_token: object = None  # on_token(token), in the batch's thread, as each token comes
+    on_done: object = None   # on_done(), once, when it has stopped, run out of tokens or been cancelled
+    sample: Sample = dataclasses.field(default_factory=lambda: Sample([], [], False))
+    forced: list = dataclasses.field(default_factory=list)  # calculator output still to feed
+    call: list = None        # tokens of an open calculator call
+    cancelled: bool = False
 
 
 CAPACITY_STEP = 256  # a compiled engine's cache capacities are multiples of this (CUDA graphs record each shape)
 
 
 class Engine:
-    """Batched generation with a KV cache and the calculator tool, continuously batched: up to max_rows samples
-    decode together, one token each per step, in the fixed rows of one cache. A sample stops at
-    <|assistant_end|> or <|bos|> (or after max_new_tokens) and its row takes the next waiting sample in the same step:
-    the prompt but its last token is prefilled (once for all of a prompt's samples) and copied in, and the last token
-    is the row's next input. When none waits and at most half the rows are live, the cache shrinks to the next power
-    of two of them, so a compiled step sees a few batch sizes. After <|python_start|> expr <|python_end|> a sample's
-    next tokens are forced: <|output_start|> calculate(expr) <|output_end|> (nothing when the expression is refused).
-    compile=True runs the step through torch.compile (CUDA graphs on a GPU): the same tokens, less overhead."""
+    """Generation with a KV cache and the calculator tool: a sample stops at <|assistant_end|> or <|bos|> (or after
+    max_new_tokens); after <|python_start|> expr <|python_end|> its next tokens are forced: <|output_start|>
+    calculate(expr) <|output_end|> (nothing when the expression is refused). Samples decode continuously batched
+    (DecodeBatch). compile=True runs the step through torch.compile (CUDA graphs on a GPU): the same tokens, less
+    overhead."""
 
     def __init__(self, model, tokenizer, windows, rt, compile=False):
         self.model, self.tokenizer, self.windows, self.rt = model, tokenizer, windows, rt
@@ -2689,80 +2733,152 @@ class Engine:
             return self.model.decode(torch.tensor(ids, device=self.rt.device), cache, self.windows, last_only=True,
                                      step=step)[:, -1].float()
 
+    def batch(self, capacity, max_rows):
+        """A DecodeBatch of up to max_rows rows holding up to `capacity` tokens each."""
+        if self.step is not None:  # compiled: capacities in steps of CAPACITY_STEP, so calls reuse graphs
+            capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
+        return DecodeBatch(self, capacity, max_rows)
+
     @torch.no_grad()
     def generate(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
                  seed=0, on_token=None, max_rows=0):
         """num_samples Samples for each prompt (a list of token ids): sample i * num_samples + j is prompt i's j-th,
-        and on_token(sample, token) sees its tokens as they come. max_rows: samples decoding at once (0: all)."""
-        rt, n_samples = self.rt, len(prompts) * num_samples
-        n_rows = min(n_samples, max_rows) if max_rows > 0 else n_samples
-        capacity = max(map(len, prompts)) + max_new_tokens
-        if self.step is not None:  # compiled: capacities in steps of CAPACITY_STEP, so calls reuse graphs
-            capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
-        # eager steps read each layer's visible slice; compiled ones need shapes no host int sets (static)
-        cache = KVCache(self.model, n_rows, capacity, rt.device, rt.dtype, rt.backend, static=self.step is not None)
-        generator = torch.Generator(device=rt.device).manual_seed(seed)
-        samples = [Sample([], [], False) for _ in range(n_samples)]
-        forced = [[] for _ in range(n_samples)]
-        calls = [None] * n_samples  # tokens of a sample's open calculator call
-        slots = [None] * n_rows     # the sample each row decodes; None: a free row (its junk is masked, never read)
-        feed = [0] * n_rows         # each row's next input token
-        waiting, prefilled = 0, (None, None)  # the next sample to admit; (prompt, its prefilled one-row cache)
+        and on_token(i, token) sees its tokens as they come. max_rows: samples decoding at once (0: all). All of
+        them draw from one generator seeded with `seed`."""
+        sampling = Sampling(temperature, top_k, top_p, min_p, torch.Generator(device=self.rt.device).manual_seed(seed))
+        streams = [Stream(prompt, sampling, max_new_tokens, functools.partial(on_token, i) if on_token else None)
+                   for i, prompt in enumerate(p for p in prompts for _ in range(num_samples))]
+        batch = self.batch(max(map(len, prompts)) + max_new_tokens, max_rows or len(streams))
+        for stream in streams:
+            batch.add(stream)
+        while batch.step():
+            pass
+        return [[s.sample for s in streams[i * num_samples:(i + 1) * num_samples]] for i in range(len(prompts))]
 
-        def admit(row):
-            nonlocal waiting, prefilled
-            if waiting == n_samples:
-                slots[row] = None
-                return cache.clear(row)
-            prompt = prompts[waiting // num_samples]
-            if prefilled[0] != waiting // num_samples:
-                alone = KVCache(self.model, 1, len(prompt), rt.device, rt.dtype, rt.backend)
-                if len(prompt) > 1:
-                    self._decode([prompt[:-1]], alone)
-                prefilled = (waiting // num_samples, alone)
-            cache.put(row, prefilled[1])
-            slots[row], feed[row] = waiting, prompt[-1]
-            waiting += 1
-
-        for row in range(n_rows):
-            admit(row)
-        while True:
-            logits = self._decode([[token] for token in feed], cache, self.step)
-            sampled = sample_next(logits, generator, temperature, top_k, top_p, min_p).tolist()  # the one host sync
-            for row, i in enumerate(slots):
-                if i is None:
-                    continue
-                sample, is_forced = samples[i], bool(forced[i])
-                token = feed[row] = forced[i].pop(0) if is_forced else sampled[row]
-                sample.tokens.append(token)
-                sample.mask.append(0 if is_forced else 1)
-                if on_token:
-                    on_token(i, token)
-                if token in self.stops:
-                    sample.stopped = True
-                else:
-                    self._tool(i, token, calls, forced)
-                if sample.stopped or len(sample.tokens) == max_new_tokens:
-                    admit(row)
-            live = [row for row, i in enumerate(slots) if i is not None]
-            if not live:
-                return [samples[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
-            if waiting == n_samples and len(live) <= len(slots) // 2:
-                free = [row for row, i in enumerate(slots) if i is None]
-                rows = live + free[:(1 << (len(live) - 1).bit_length()) - len(live)]
-                cache.keep(rows)
-                slots, feed = [slots[r] for r in rows], [feed[r] for r in rows]
-
-    def _tool(self, row, token, calls, forced):
+    def _tool(self, stream, token):
         if token == self.python_start:
-            calls[row] = []
-        elif calls[row] is not None and token == self.python_end:
-            result = calculate(self.tokenizer.decode(calls[row]))
-            calls[row] = None
+            stream.call = []
+        elif stream.call is not None and token == self.python_end:
+            result = calculate(self.tokenizer.decode(stream.call))
+            stream.call = None
             if result is not None:
-                forced[row] += [self.output_start, *self.tokenizer.encode(result), self.output_end]
-        elif calls[row] is not None:
-            calls[row].append(token)
+                stream.forced += [self.output_start, *self.tokenizer.encode(result), self.output_end]
+        elif stream.call is not None:
+            stream.call.append(token)
+
+
+class DecodeBatch:
+    """Streams decoding together in the rows of one KV cache, one token each per step, continuously batched: a stream
+    waits for a free row (at most max_rows), then its prompt but the last token is prefilled in a one-row cache (once
+    for consecutive streams of one prompt) and copied in, and the last token is the row's next input; a stream that
+    ends frees its row for the next waiting one at the next step. Rows are added (up to max_rows) while streams wait,
+    and when none waits and at most half the rows are live the cache shrinks to the next power of two of them, so a
+    compiled step sees few batch sizes. Driven by one thread; `add` and `step` belong to it."""
+
+    def __init__(self, engine, capacity, max_rows):
+        self.engine, self.capacity, self.max_rows = engine, capacity, max_rows
+        self.waiting = collections.deque()
+        self.slots, self.feed, self.cache = [], [], None  # slots[row]: the row's Stream, None when free
+        self.prefilled = (None, None)  # (prompt, its prefilled one-row cache)
+
+    def add(self, stream):
+        if len(stream.prompt) + stream.max_new_tokens > self.capacity:
+            raise ValueError(f"{len(stream.prompt)} prompt + {stream.max_new_tokens} new tokens > capacity {self.capacity}")
+        self.waiting.append(stream)
+
+    @property
+    def live(self):
+        return sum(s is not None for s in self.slots)
+
+    def _end(self, row):
+        stream, self.slots[row] = self.slots[row], None
+        self.cache.clear(row)  # masked down to its own junk until a stream is put there
+        if stream.on_done:
+            stream.on_done()
+
+    def _admit(self, row):
+        rt, stream = self.engine.rt, self.waiting.popleft()
+        if self.prefilled[0] is not stream.prompt:
+            alone = KVCache(self.engine.model, 1, len(stream.prompt), rt.device, rt.dtype, rt.backend)
+            if len(stream.prompt) > 1:
+                self.engine._decode([stream.prompt[:-1]], alone)
+            self.prefilled = (stream.prompt, alone)
+        self.cache.put(row, self.prefilled[1])
+        self.slots[row], self.feed[row] = stream, stream.prompt[-1]
+
+    def _arrange(self):
+        """Between steps: free cancelled rows, drop cancelled waiting streams, fill free rows (adding rows when
+        streams wait), shrink when at most half the rows are live."""
+        for row, stream in enumerate(self.slots):
+            if stream is not None and stream.cancelled:
+                self._end(row)
+        for stream in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(stream)
+            if stream.on_done:
+                stream.on_done()
+        free = [row for row, s in enumerate(self.slots) if s is None]
+        extra = min(len(self.waiting) - len(free), self.max_rows - len(self.slots))
+        if extra > 0:
+            rt = self.engine.rt
+            if self.cache is None:
+                self.cache = KVCache(self.engine.model, extra, self.capacity, rt.device, rt.dtype, rt.backend,
+                                     static=self.engine.step is not None)  # compiled steps: no host int sets a shape
+            else:
+                self.cache.grow(extra)
+            free += range(len(self.slots), len(self.slots) + extra)
+            self.slots += [None] * extra
+            self.feed += [0] * extra
+        for row in free:
+            if not self.waiting:
+                break
+            self._admit(row)
+        live = [row for row, s in enumerate(self.slots) if s is not None]
+        if not live:  # idle: give the memory back
+            self.slots, self.feed, self.cache, self.prefilled = [], [], None, (None, None)
+        elif not self.waiting and len(live) <= len(self.slots) // 2:
+            free = [row for row, s in enumerate(self.slots) if s is None]
+            rows = live + free[:(1 << (len(live) - 1).bit_length()) - len(live)]
+            self.cache.keep(rows)
+            self.slots, self.feed = [self.slots[r] for r in rows], [self.feed[r] for r in rows]
+
+    @torch.no_grad()
+    def step(self):
+        """One token for every live stream (forced or sampled); False when no stream is live or waiting."""
+        self._arrange()
+        if not self.slots:
+            return False
+        engine = self.engine
+        logits = engine._decode([[token] for token in self.feed], self.cache, engine.step)
+        groups = {}  # greedy rows draw together; every other Sampling draws over its own rows
+        for row, s in enumerate(self.slots):
+            if s is not None:
+                groups.setdefault(None if s.sampling.temperature <= 0 else s.sampling, []).append(row)
+        draw = lambda g, x: sample_next(x, g and g.generator, g.temperature if g else 0, *(
+            (g.top_k, g.top_p, g.min_p) if g else ()))
+        if len(groups) == 1:  # one call over every row (free ones too: cheaper than gathering the live ones)
+            sampled = draw(next(iter(groups)), logits).tolist()  # the step's one host sync
+        else:
+            tokens = torch.zeros(len(self.slots), dtype=torch.long, device=logits.device)
+            for g, rows in groups.items():
+                index = torch.tensor(rows, device=logits.device)
+                tokens[index] = draw(g, logits[index])
+            sampled = tokens.tolist()
+        for row, s in enumerate(self.slots):
+            if s is None:
+                continue
+            forced = bool(s.forced)
+            token = self.feed[row] = s.forced.pop(0) if forced else sampled[row]
+            s.sample.tokens.append(token)
+            s.sample.mask.append(0 if forced else 1)
+            if s.on_token:
+                s.on_token(token)
+            if token in engine.stops:
+                s.sample.stopped = True
+            else:
+                engine._tool(s, token)
+            if s.sample.stopped or len(s.sample.tokens) == s.max_new_tokens:
+                self._end(row)
+        return True
 
 
 def chat_turn(tokenizer, conversation, user_text):
@@ -3345,10 +3461,13 @@ def gsm8k_pass_at_k(engine, tokenizer, chat, task, examples, k, cfg, rt, seed):
 
 
 class Logger:
-    """Rank 0 prints and appends to RUN_DIR/log.txt; metrics also go to wandb when it is enabled."""
+    """Rank 0 prints and appends to RUN_DIR/log.txt; metrics (the curves) are appended to RUN_DIR/curves.jsonl, one
+    {"step": ..., name: value} object per line, step counting the phase's steps done (as the log lines do) (a resumed phase appends again from its step: the last line for a
+    step wins), and also go to wandb when it is enabled."""
 
     def __init__(self, cfg, rt):
         self.master, self.path, self.wandb = rt.master, os.path.join(cfg.run_dir, "log.txt"), None
+        self.curves = os.path.join(cfg.run_dir, "curves.jsonl")
         if not self.master:
             return
         os.makedirs(cfg.run_dir, exist_ok=True)
@@ -3367,6 +3486,10 @@ class Logger:
                 f.write(msg + "\n")
 
     def metrics(self, step, values):
+        if not self.master:
+            return
+        with open(self.curves, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
         if self.wandb is not None:
             self.wandb.log(values, step=step)
 
@@ -3390,10 +3513,10 @@ def checkpoints(run_dir, phase):
     return dict(sorted(found.items()))
 
 
-def save_checkpoint(cfg, rt, step, model, opt, extra_state, phase="pt", keep=2):
+def save_checkpoint(cfg, rt, step, model, opt, extra_state, phase="pt"):
     """RUN_DIR/<prefix><step>/: model.safetensors, optim.pt, state.json (step, phase, extra_state e.g. the loader's
     position, "model": the ModelConfig, "run": this phase's settings, the files' sha256). RUN_DIR/latest_<phase> names it (what --resume continues) and RUN_DIR/latest
-    too (the model the next phase starts from). The newest `keep` of the phase are kept. A failed write (a full disk)
+    too (the model the next phase starts from). The newest --keep-checkpoints of the phase are kept. A failed write (a full disk)
     leaves the previous checkpoint and the pointers as they were, and raises CheckpointError."""
     opt_state = opt.state_dict()  # a collective when sharded: every rank calls it
     if not rt.master:
@@ -3418,7 +3541,7 @@ def save_checkpoint(cfg, rt, step, model, opt, extra_state, phase="pt", keep=2):
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"{final}: could not write the checkpoint ({e.strerror or e}); the latest is still "
                               f"{latest_checkpoint(cfg.run_dir, phase) or 'none'}") from None
-    for old in list(checkpoints(cfg.run_dir, phase).values())[:-keep]:
+    for old in list(checkpoints(cfg.run_dir, phase).values())[:-max(cfg.keep_checkpoints, 1)]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -3558,13 +3681,18 @@ def claim_run_dir(cfg, phases):
         if not cfg.overwrite:
             raise CheckpointError(f"{cfg.run_dir}: holds checkpoints of an earlier run ({', '.join(clash)}); pass "
                                   "--resume to continue it, --overwrite to replace it, or another --run-dir")
-        for phase in list(CHECKPOINT_PREFIX)[list(CHECKPOINT_PREFIX).index(training[0]):]:
+        order = list(CHECKPOINT_PREFIX)
+        for phase in order[order.index(training[0]):]:
             for path in checkpoints(cfg.run_dir, phase).values():
                 shutil.rmtree(path)
             for pointer in (f"latest_{phase}", "latest"):
                 path = os.path.join(cfg.run_dir, pointer)
                 if os.path.isfile(path) and not os.path.isdir(os.path.join(cfg.run_dir, open(path).read().strip())):
                     os.remove(path)
+        earlier = [latest_checkpoint(cfg.run_dir, p) for p in order[:order.index(training[0])]]
+        earlier = [path for path in earlier if path and os.path.isdir(path)]
+        if earlier and latest_checkpoint(cfg.run_dir) is None:  # the phase trains again from what it started from
+            write_text_atomic(os.path.join(cfg.run_dir, "latest"), os.path.basename(earlier[-1]))
     return lock
 
 
@@ -3656,8 +3784,597 @@ def trained_model(cfg, rt, tokenizer):
     return model, state, path
 
 
+# -- the run report: RUN_DIR/report.md and its plots (report_<phase>.png), rewritten after every phase that records
+# results, from metrics.json and curves.jsonl; and the header every invocation's log opens with --
+
+REPORT_PHASES = ("pt", "eval", "sft", "chat", "rl")  # the phases whose results metrics.json holds, in report order
+# report_<phase>.png: (title, panels), each panel the curves drawn together; a name ending in @ is a prefix (every k)
+REPORT_PLOTS = {"pt": ("pretraining", (("train/loss",), ("val/bpb",))),
+                "sft": ("SFT", (("sft/loss", "sft/val_loss"),)),
+                "rl": ("RL", (("rl/reward",), ("rl/pass@",)))}
+
+
+@functools.cache
+def git_state(directory):
+    """(commit, dirty) of the git work tree holding directory, dirty meaning tracked files differ from the commit;
+    None where git cannot tell (no git, no repository, no commit yet, a repository git refuses as another user's).
+    Cached: the state the run started from, whatever is edited or committed while it runs."""
+    def git(*args):
+        return subprocess.run(["git", "-C", directory, *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    try:
+        return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_header(rt):
+    """The lines every invocation's log opens with, after its source (modded-nanogpt's logs open with the code, then
+    the versions), and the report's environment: what is needed to run the same thing again and compare."""
+    import shlex
+    state = git_state(os.path.dirname(os.path.abspath(__file__)))
+    commit = "unknown (no git, or not in a repository)" if state is None else state[0] + (" (dirty)" if state[1] else "")
+    gpu = f" ({torch.cuda.get_device_name(rt.device)})" if rt.device.type == "cuda" else ""
+    return [f"commit: {commit}",
+            f"command: {shlex.join(sys.argv)}",
+            f"versions: python {sys.version.split()[0]}, torch {torch.__version__}, "
+            f"triton {triton.__version__ if triton else 'not installed'}, CUDA {torch.version.cuda or 'none'}",
+            f"device: {rt.device}{gpu}, world size {rt.world_size}, attention {rt.backend}"]
+
+
+def read_curves(path):
+    """{name: [(step, value), ...] by step} of a curves.jsonl (Logger.metrics). A step logged again, by a phase resumed
+    from an earlier checkpoint, keeps its last line's value; a line cut off by a kill (and what was appended to it)
+    is skipped."""
+    by_step = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                values = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            step = values.pop("step")
+            for name, value in values.items():
+                by_step.setdefault(name, {})[step] = value
+    return {name: sorted(points.items()) for name, points in by_step.items()}
+
+
+def md_table(header, rows):
+    """A GitHub markdown table, the first column left-aligned and the others right: floats to 4 decimals, ints with
+    thousands separators, None as n/a, anything else as str."""
+    def cell(v):
+        return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+    lines = [header, [":--"] + ["--:"] * (len(header) - 1), *rows]
+    return "\n".join("| " + " | ".join(map(cell, row)) + " |" for row in lines)
+
+
+def duration(seconds):
+    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.2f} h"
+
+
+def plot_curves(path, title, panels, curves):
+    """report_<phase>.png at path (REPORT_PLOTS): a panel per group of curves, each vs step; written whole. Draws with
+    Agg through matplotlib's Figure (no pyplot: no global backend), imported here: without matplotlib a run only
+    lacks plots. Returns whether there was anything to draw."""
+    points = {name: [(s, v) for s, v in series if v is not None] for name, series in curves.items()}
+    groups = [[n for p in panel for n in points if points[n] and (n == p or p.endswith("@") and n.startswith(p))]
+              for panel in panels]
+    groups = [g for g in groups if g]
+    if not groups:
+        return False
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+    fig = Figure(figsize=(5 * len(groups), 3.5), layout="constrained")
+    for ax, group in zip(fig.subplots(1, len(groups), squeeze=False)[0], groups):
+        for name in group:
+            ax.plot(*zip(*points[name]), marker="o", markersize=3, label=name)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.savefig(path + ".tmp", format="png", dpi=100)
+    os.replace(path + ".tmp", path)
+    return True
+
+
+def plot_link(run_dir, phase, curves):
+    """The markdown image of the phase's curves ("" when it has none)."""
+    title, panels = REPORT_PLOTS[phase]
+    name = f"report_{phase}.png"
+    try:
+        drawn = plot_curves(os.path.join(run_dir, name), title, panels, curves)
+    except ImportError:
+        return "_No plot: matplotlib is not installed._"
+    return f"![{title} curves]({name})" if drawn else ""
+
+
+def write_report(run_dir, header, phase):
+    """RUN_DIR/report.md, written whole (tmp + rename) from the run directory: metrics.json (every invocation's phases
+    add to it) and curves.jsonl, so it covers a run resumed or split over invocations; `header` (run_header) is that
+    of the invocation writing it, `phase` the one just finished. A section per kind of result, absent without one."""
+    file = lambda name: os.path.join(run_dir, name)
+    m = read_json(file("metrics.json")) if os.path.isfile(file("metrics.json")) else {}
+    curves = read_curves(file("curves.jsonl")) if os.path.isfile(file("curves.jsonl")) else {}
+    times = m.get("phase_time_s", {})
+    parts = [f"# Run report: {os.path.basename(os.path.abspath(run_dir))}",
+             f"Rewritten after every phase, last after **{phase}** ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}),"
+             " from `metrics.json` and `curves.jsonl`; the full log is `log.txt`.",
+             md_table(["phase", "wall time"], [[p, duration(times[p])] for p in REPORT_PHASES if p in times]),
+             "## Environment", "```text\n" + "\n".join(header) + "\n```"]
+    if "params" in m:
+        memory = m["peak_memory_gib"]
+        parts += ["## Pretraining", md_table(["", "value"], [
+            ["parameters", m["params"]], ["in NorMuon matrices", m["params_matrix"]],
+            ["training tokens", m["train_tokens"]], ["tokens/s", round(m["tok_per_s"])],
+            ["training time (no eval, no checkpoints)", duration(m["pt_train_time_s"])],
+            ["compile time", f"{duration(m['pt_compile_time_s'])}, {m['pt_compile_graphs']} graphs"],
+            ["peak memory", None if memory is None else f"{memory:.1f} GiB"]]), plot_link(run_dir, "pt", curves)]
+    if "val_bpb" in m:
+        parts += ["## Validation bits per byte",
+                  f"Scored {m['val_scored']}: val loss {m['val_loss']:.4f} over {m['val_loss_tokens']:,} tokens.",
+                  md_table(["source", "bpb"], [["**all**", m["val_bpb"]], *m["val_bpb_by_source"].items()])]
+    if "core" in m:
+        n = m["core_max_per_task"]
+        parts += ["## CORE", "Centered accuracy (0: chance, 1: all right) on "
+                  f"{'every example' if n <= 0 else f'the first {n} examples'} of each task.",
+                  md_table(["task", "centered"], [*m["core_per_task"].items(), ["**CORE**", m["core"]]])]
+    if "sft_val_loss" in m:
+        start = [["start", 0, m["sft_val_loss_init"]]] if "sft_val_loss_init" in m else []  # absent if resumed
+        parts += ["## SFT", f"Training time {duration(m['sft_train_time_s'])} (no eval, no checkpoints).",
+                  md_table(["", "step", "val loss"], start + [["end", m["sft_steps"], m["sft_val_loss"]]]),
+                  plot_link(run_dir, "sft", curves)]
+    if "chat_by_checkpoint" in m:
+        by = m["chat_by_checkpoint"]
+        tasks = list(dict.fromkeys(t for values in by.values() for t in values["chat_per_task"]))
+        parts += ["## Chat", "Accuracy per task, a column per checkpoint evaluated; ChatCORE: the mean centered accuracy.",
+                  md_table(["task", *by], [[t, *(v["chat_per_task"].get(t) for v in by.values())] for t in tasks]
+                           + [["**ChatCORE**", *(v["chatcore"] for v in by.values())]])]
+    if "gsm8k_pass_at" in m:
+        r = m["rl_reward"]
+        rewards = md_table(["steps", "first reward", "last reward", "mean", "max"],
+                           [[len(r), r[0], r[-1], sum(r) / len(r), max(r)]]) if r else ""  # none with --rl-steps 0
+        parts += ["## RL (GSM8K)", rewards,
+                  md_table(["k", "pass@k (test)"], list(m["gsm8k_pass_at"].items())), plot_link(run_dir, "rl", curves)]
+    write_text_atomic(file("report.md"), "\n\n".join(p for p in parts if p) + "\n")
+
+
+def report_phase(cfg, rt, log, phase, seconds):
+    """After a phase of REPORT_PHASES: its wall time into metrics.json (phase_time_s: a phase run again keeps its
+    latest), then report.md rewritten. Rank 0. The report only shows results already saved, so failing to write it
+    is a warning in the log, never the end of the run."""
+    if not rt.master:
+        return
+    try:
+        path = os.path.join(cfg.run_dir, "metrics.json")
+        times = (read_json(path) if os.path.isfile(path) else {}).get("phase_time_s", {})
+        update_metrics(cfg, rt, {"phase_time_s": {**times, phase: seconds}})
+        write_report(cfg.run_dir, run_header(rt), phase)
+    except Exception as e:  # anything: a full disk, a metrics.json of another version of the stack, a plotting bug
+        log(f"warning: {os.path.join(cfg.run_dir, 'report.md')} not rewritten: {type(e).__name__}: {e}")
+
+
 # =============================================================================================================
-# 14. Phases and main
+# 14. Serving: an OpenAI-compatible HTTP server over the engine, and its chat page
+# Requests become Streams of one DecodeBatch that one thread steps (continuous batching: a request joins between
+# decode steps and leaves when done); the HTTP side is asyncio (FastAPI + uvicorn, imported only to serve).
+
+SERVE_MAX_STOPS = 4  # stop sequences per request (OpenAI's limit)
+TOOL_TOKENS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
+
+
+class RequestError(Exception):
+    """A request the server refuses: an HTTP status and an OpenAI error body naming the parameter at fault."""
+
+    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+    def body(self):
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def encode_reply(tokenizer, text):
+    """An assistant turn's text as the model wrote it: its calculator calls, which replies show as the tool tokens'
+    names, become those tokens again (a user turn's text is always ordinary text)."""
+    pieces = re.split("(" + "|".join(map(re.escape, TOOL_TOKENS)) + ")", text)
+    return [t for i, piece in enumerate(pieces) for t in ([tokenizer.special(piece)] if i % 2 else tokenizer.encode(piece))]
+
+
+def chat_prompt(tokenizer, messages):
+    """The prompt of an OpenAI `messages` list in our chat format (data/tokenizer.py's render_conversation): <|bos|>,
+    then user and assistant turns alternating from a user turn (a leading system message is merged into it:
+    system + blank line + user), ending on a user turn, then <|assistant_start|>."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "'messages' must be a non-empty list of {role, content}", "messages")
+    turns = []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                             and isinstance(p.get("text"), str) for p in content):
+            content = "".join(p["text"] for p in content)  # OpenAI's content parts: text ones only
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(content, str):
+            raise RequestError(400, f"messages[{i}] must be {{role: system|user|assistant, content: text}}", "messages")
+        turns.append((i, m["role"], content))
+    if turns[0][1] == "system":
+        if len(turns) < 2 or turns[1][1] != "user":
+            raise RequestError(400, "a system message must be followed by a user message", "messages")
+        turns = [(1, "user", turns[0][2] + "\n\n" + turns[1][2])] + turns[2:]
+    for k, (i, role, _) in enumerate(turns):
+        if role != ("user", "assistant")[k % 2]:
+            raise RequestError(400, f"messages[{i}] is {role!r}: turns must alternate user, assistant, ... after an "
+                               "optional first system message", "messages")
+    if turns[-1][1] != "user":
+        raise RequestError(400, "the last message must be the user's (the reply is the assistant's)", "messages")
+    sp, ids = tokenizer.special, [tokenizer.bos_id]
+    for _, role, text in turns:
+        ids += ([sp("<|user_start|>"), *tokenizer.encode(text), sp("<|user_end|>")] if role == "user" else
+                [sp("<|assistant_start|>"), *encode_reply(tokenizer, text), sp("<|assistant_end|>")])
+    return ids + [sp("<|assistant_start|>")]
+
+
+class ReplyText:
+    """One choice's text as its tokens come: all of it decoded each time (a token may end mid-character: a trailing
+    replacement character waits for the next token), cut before the first stop sequence, holding back a tail that
+    could still begin one."""
+
+    def __init__(self, tokenizer, stop_tokens, stop):
+        self.tokenizer, self.stop_tokens, self.stop = tokenizer, stop_tokens, stop
+        self.tokens, self.text, self.sent, self.finish = [], "", 0, None
+
+    def push(self, token):
+        """The text now safe to send; sets finish = "stop" at a stop token or sequence."""
+        if token in self.stop_tokens:
+            self.finish = "stop"
+            return self.rest()
+        self.tokens.append(token)
+        self.text = self.tokenizer.decode(self.tokens)
+        cuts = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+        if cuts:
+            self.text, self.finish = self.text[:min(cuts)], "stop"
+            return self.rest()
+        hold = len(self.text) - len(self.text.rstrip("\ufffd"))
+        for s in self.stop:
+            hold = max(hold, next((n for n in range(min(len(s) - 1, len(self.text)), 0, -1) if self.text.endswith(s[:n])), 0))
+        piece = self.text[self.sent:len(self.text) - hold]
+        self.sent += len(piece)
+        return piece
+
+    def rest(self):
+        piece, self.sent = self.text[self.sent:], len(self.text)
+        return piece
+
+
+# the sampling fields of a request: (type, check, message when the check fails)
+REQUEST_FIELDS = {
+    "temperature": ((int, float), lambda v: 0 <= v <= 2, "between 0 and 2"),
+    "top_p": ((int, float), lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_k": (int, lambda v: v >= 0, "0 (off) or more"),
+    "min_p": ((int, float), lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "seed": (int, lambda v: True, ""),
+    "stream": (bool, lambda v: True, ""),
+    "model": (str, lambda v: True, ""),
+}
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "tools": (None, []),
+               "functions": (None, []), "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
+               "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}  # fields accepted only at their off value
+
+
+class Server:
+    """The OpenAI-compatible server of one Engine: POST /v1/chat/completions, POST /v1/completions (text in, text
+    out: for base models), GET /v1/models, GET /health, the chat page at /. Each of a request's n choices is a
+    Stream of the engine's DecodeBatch, stepped by one thread; the choices of a request draw from one generator
+    (its seed), so a request's tokens do not depend on the others in the batch. At most max_rows choices decode at
+    once and max_queue more wait; beyond that a request gets 429. A request that runs past `timeout` seconds, or
+    whose client disconnects, is cancelled (its rows freed at the next step). Omitted sampling fields take
+    `defaults` (the run's --temperature, --top-k, --top-p, --min-p, --max-new-tokens)."""
+
+    def __init__(self, engine, tokenizer, model_name, max_context, chat=True, max_rows=32, max_queue=64,
+                 timeout=300.0, defaults=None):
+        self.engine, self.tokenizer, self.model_name, self.chat = engine, tokenizer, model_name, chat
+        self.max_context, self.max_rows, self.max_queue, self.timeout = max_context, max_rows, max_queue, timeout
+        self.defaults = {**dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=256), **(defaults or {})}
+        self.batch = engine.batch(max_context, max_rows)
+        self.inbox = queue.Queue()  # Streams from the HTTP side, added to the batch by its thread
+        self.lock, self.in_flight = threading.Lock(), 0  # choices accepted and not yet done
+        self.created, self.thread, self.closed = int(time.time()), None, threading.Event()
+        self.failures = 0
+        self.app = self._app()
+
+    # -- the decode thread --
+    def start(self):
+        self.thread = threading.Thread(target=self._loop, name="decode", daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.closed.set()
+        if self.thread is not None:
+            self.thread.join()
+
+    def _loop(self):
+        while not self.closed.is_set():
+            idle = not self.batch.slots and not self.batch.waiting
+            try:
+                while True:  # everything that arrived; wait for something only when idle
+                    stream = self.inbox.get(timeout=0.05) if idle else self.inbox.get_nowait()
+                    self.batch.add(stream)
+                    idle = False
+            except queue.Empty:
+                pass
+            try:
+                self.batch.step()
+            except Exception as e:  # e.g. out of memory: fail the requests in the batch, keep serving
+                self.failures += 1
+                print(f"serve: a decode step failed ({type(e).__name__}: {e}); its requests get a 500", flush=True)
+                streams = [s for s in self.batch.slots if s is not None] + list(self.batch.waiting)
+                self.batch = self.engine.batch(self.max_context, self.max_rows)
+                for s in streams:
+                    s.sample.stopped, s.cancelled = None, True  # None: failed
+                    s.on_done()
+
+    def _done(self):
+        with self.lock:
+            self.in_flight -= 1
+
+    # -- requests --
+    def _params(self, body, n_prompt, prompt_field):
+        """The request's sampling settings and n, max_tokens, stop, checked; RequestError on the first bad one."""
+        if self.max_context - n_prompt < 1:
+            raise RequestError(400, f"the prompt is {n_prompt} tokens; this model's context is {self.max_context} "
+                               "tokens, prompt and reply together", prompt_field, "context_length_exceeded")
+        for name, (off_none, off) in UNSUPPORTED.items():
+            if body.get(name, off_none) not in (off_none, off):
+                raise RequestError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
+        p = {}
+        for name, (kind, ok, want) in REQUEST_FIELDS.items():
+            if body.get(name) is None:
+                continue
+            value = body[name]
+            if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind) or not ok(value):
+                raise RequestError(400, f"'{name}' must be {want or kind.__name__}, got {json.dumps(value)[:40]}", name)
+            p[name] = value
+        if "model" in p and p["model"] != self.model_name:
+            raise RequestError(404, f"model {p['model']!r} does not exist; this server serves {self.model_name!r}",
+                               "model", "model_not_found")
+        limit = self.max_context - n_prompt
+        for name in ("max_tokens", "max_completion_tokens", "n"):
+            value = body.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise RequestError(400, f"'{name}' must be a positive integer, got {json.dumps(value)[:40]}", name)
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        if max_tokens is not None and max_tokens > limit:
+            raise RequestError(400, f"'max_tokens' {max_tokens} + the prompt's {n_prompt} tokens exceed this model's "
+                               f"context of {self.max_context} tokens (at most {limit} here)", "max_tokens",
+                               "context_length_exceeded")
+        p["max_tokens"] = max_tokens or min(self.defaults["max_tokens"], limit)
+        p["n"] = body.get("n") or 1
+        if p["n"] > self.max_rows:
+            raise RequestError(400, f"'n' is {p['n']}; this server decodes at most {self.max_rows} choices at once", "n")
+        stop = body.get("stop")
+        stop = [stop] if isinstance(stop, str) else stop
+        if stop is not None and not (isinstance(stop, list) and len(stop) <= SERVE_MAX_STOPS
+                                     and all(isinstance(s, str) and s for s in stop)):
+            raise RequestError(400, f"'stop' must be a text or a list of at most {SERVE_MAX_STOPS} non-empty texts", "stop")
+        p["stop"] = stop or []
+        options = body.get("stream_options")
+        if options is not None and not (isinstance(options, dict) and isinstance(options.get("include_usage", False), bool)):
+            raise RequestError(400, "'stream_options' must be {include_usage: boolean}", "stream_options")
+        p["include_usage"] = bool((options or {}).get("include_usage"))
+        return {**{k: v for k, v in self.defaults.items() if k != "max_tokens"}, **p}
+
+    def _submit(self, prompt, p):
+        """The request's n Streams, queued for the decode thread; tokens arrive as (choice, token) in the returned
+        asyncio queue, (choice, None) when a choice is done."""
+        with self.lock:
+            if self.in_flight + p["n"] > self.max_rows + self.max_queue:
+                raise RequestError(429, f"server busy: {self.in_flight} choices decoding or queued (at most "
+                                   f"{self.max_rows} + {self.max_queue}); retry later", None, "server_busy",
+                                   "rate_limit_error")
+            self.in_flight += p["n"]
+        loop, out = asyncio.get_running_loop(), asyncio.Queue()
+        seed = p["seed"] if "seed" in p else int.from_bytes(os.urandom(8), "little") >> 1
+        generator = torch.Generator(device=self.engine.rt.device).manual_seed(seed % (1 << 63))
+        sampling = Sampling(p["temperature"], p["top_k"], p["top_p"], p["min_p"], generator)
+        streams = []
+        for j in range(p["n"]):
+            def on_token(token, j=j):
+                loop.call_soon_threadsafe(out.put_nowait, (j, token))
+
+            def on_done(j=j):
+                self._done()
+                loop.call_soon_threadsafe(out.put_nowait, (j, None))
+
+            streams.append(Stream(prompt, sampling, p["max_tokens"], on_token, on_done))
+        for s in streams:
+            self.inbox.put(s)
+        return streams, out
+
+    async def _choices(self, request, streams, out, p):
+        """Yields (choice, text piece, finish_reason or None) as the request's choices (_submit's) decode; cancels
+        them when the client goes away, the request times out or the generator is closed."""
+        texts = [ReplyText(self.tokenizer, self.engine.stops, p["stop"]) for _ in streams]
+        deadline, open_choices, check = time.monotonic() + self.timeout, len(streams), 0.0
+        try:
+            while open_choices:
+                if time.monotonic() > check:  # a few times a second: is the client still there, is there time left?
+                    if await request.is_disconnected():
+                        return
+                    if time.monotonic() > deadline:
+                        raise RequestError(504, f"the request ran past the server's timeout of {self.timeout:g} s",
+                                           None, "timeout", "timeout_error")
+                    check = time.monotonic() + 0.2
+                try:
+                    j, token = await asyncio.wait_for(out.get(), timeout=0.2)
+                except asyncio.TimeoutError:
+                    continue
+                text, stream = texts[j], streams[j]
+                if token is None:
+                    open_choices -= 1
+                    if stream.sample.stopped is None:
+                        raise RequestError(500, "decoding failed on the server (its log says why)", None,
+                                           "decode_failed", "server_error")
+                    if text.finish is None:  # ran into max_tokens
+                        text.finish = "stop" if stream.sample.stopped else "length"
+                        yield j, text.rest(), text.finish
+                    continue
+                if text.finish is not None:
+                    continue  # after a stop sequence: the row is being freed
+                piece = text.push(token)
+                if text.finish is not None:
+                    stream.cancelled = True
+                    yield j, piece, text.finish
+                elif piece:
+                    yield j, piece, None
+        finally:
+            for s in streams:
+                s.cancelled = True  # a no-op for finished ones
+
+    async def _respond(self, request, kind, prompt, p):
+        from fastapi.responses import JSONResponse, StreamingResponse
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + os.urandom(12).hex()
+        head = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
+                "created": int(time.time()), "model": self.model_name}
+        streams, out = self._submit(prompt, p)  # 429 here, before any response
+        choices = self._choices(request, streams, out, p)
+        generated = lambda: sum(len(s.sample.tokens) for s in streams)
+        usage = lambda: {"prompt_tokens": len(prompt), "completion_tokens": generated(),
+                         "total_tokens": len(prompt) + generated()}
+        if not p.get("stream"):
+            texts, finishes = [""] * p["n"], [None] * p["n"]
+            async for j, piece, finish in choices:
+                texts[j] += piece
+                finishes[j] = finish or finishes[j]
+            choices = [{"index": j, "message": {"role": "assistant", "content": t}, "finish_reason": f} if kind == "chat"
+                       else {"index": j, "text": t, "logprobs": None, "finish_reason": f}
+                       for j, (t, f) in enumerate(zip(texts, finishes))]
+            return JSONResponse({**head, "choices": choices, "usage": usage()})
+
+        chunk_head = {**head, "object": "chat.completion.chunk" if kind == "chat" else "text_completion"}
+        event = lambda obj: f"data: {json.dumps(obj)}\n\n"
+
+        def chunk(j, piece, finish, first=False):
+            if kind == "chat":
+                delta = {"role": "assistant", "content": ""} if first else ({"content": piece} if piece else {})
+                return event({**chunk_head, "choices": [{"index": j, "delta": delta, "finish_reason": finish}]})
+            return event({**chunk_head, "choices": [{"index": j, "text": piece, "logprobs": None, "finish_reason": finish}]})
+
+        try:  # the first token before the response starts: errors up to then are plain error responses
+            first = await choices.__anext__()
+        except StopAsyncIteration:
+            first = None
+
+        async def events():
+            try:
+                if kind == "chat":
+                    for j in range(p["n"]):
+                        yield chunk(j, "", None, first=True)
+                items = [first] if first else []
+                while True:
+                    for j, piece, finish in items:
+                        yield chunk(j, piece, finish)
+                    items = [await choices.__anext__()]
+            except StopAsyncIteration:
+                pass
+            except RequestError as e:
+                yield event(e.body())
+            finally:
+                await choices.aclose()
+            if p["include_usage"]:
+                yield event({**chunk_head, "choices": [], "usage": usage()})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def _app(self):
+        from fastapi import FastAPI, Request
+        from fastapi.responses import HTMLResponse, JSONResponse
+        from starlette.exceptions import HTTPException
+
+        app = FastAPI(title="DecoderStack", docs_url=None, redoc_url=None, openapi_url=None)
+
+        @app.exception_handler(RequestError)
+        async def refused(request, e):
+            return JSONResponse(e.body(), status_code=e.status)
+
+        @app.exception_handler(HTTPException)
+        async def http_error(request, e):  # unknown paths and methods, in OpenAI's error shape too
+            return JSONResponse(RequestError(e.status_code, f"{request.method} {request.url.path}: {e.detail}").body(),
+                                status_code=e.status_code)
+
+        async def body_of(request):
+            try:
+                body = json.loads(await request.body())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise RequestError(400, f"the request body is not valid JSON ({e})") from None
+            if not isinstance(body, dict):
+                raise RequestError(400, "the request body must be a JSON object")
+            return body
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(request: Request):
+            body = await body_of(request)
+            prompt = chat_prompt(self.tokenizer, body.get("messages"))
+            return await self._respond(request, "chat", prompt, self._params(body, len(prompt), "messages"))
+
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            body = await body_of(request)
+            text, vocab = body.get("prompt"), self.tokenizer.vocab_size
+            if isinstance(text, str):
+                prompt = [self.tokenizer.bos_id, *self.tokenizer.encode(text)]
+            elif (isinstance(text, list) and text and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                                          for t in text)):
+                prompt = list(text)  # token ids, as given
+            else:
+                raise RequestError(400, f"'prompt' must be a text or a non-empty list of token ids below {vocab}", "prompt")
+            return await self._respond(request, "text", prompt, self._params(body, len(prompt), "prompt"))
+
+        @app.get("/v1/models")
+        async def models():
+            return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                                                "owned_by": "decoderstack", "max_context": self.max_context,
+                                                "chat": self.chat}]}
+
+        @app.get("/health")
+        async def health():
+            return {"status": "ok", "model": self.model_name, "rows_live": self.batch.live, "rows": len(self.batch.slots),
+                    "waiting": len(self.batch.waiting) + self.inbox.qsize(), "in_flight": self.in_flight,
+                    "max_rows": self.max_rows, "max_queue": self.max_queue, "failed_steps": self.failures}
+
+        @app.get("/")
+        async def page():
+            return HTMLResponse(CHAT_PAGE)
+
+        return app
+
+
+def serve_in_thread(server, host="127.0.0.1", port=0):
+    """Start `server` (its decode thread and uvicorn) in the background: (base url, stop()). port 0: a free one."""
+    import uvicorn
+    http = uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=http.run, name="http", daemon=True)
+    server.start()
+    thread.start()
+    while not http.started:
+        if not thread.is_alive():
+            server.close()
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.01)
+    port = http.servers[0].sockets[0].getsockname()[1]
+
+    def stop():
+        http.should_exit = True
+        thread.join()
+        server.close()
+
+    return f"http://{host}:{port}", stop
+
+
+CHAT_PAGE = "<!doctype html><title>DecoderStack</title><p>chat page: coming</p>"
+
+
+# =============================================================================================================
+# 15. Phases and main
 
 
 def phase_data(cfg, rt, log):
@@ -3746,13 +4463,13 @@ def phase_pt(cfg, rt, log):
         if logging:
             log(f"step {step + 1}/{total} loss {losses[-1]:.4f} lr {p.lr_factor:.3f} {tok_per_s:,.0f} tok/s{mfu} "
                 f"eta {seconds / steps * (total - step - 1) / 60:.1f} min{mtp_note(p.mtp_weights)}")
-            log.metrics(step, {"train/loss": losses[-1], "train/tok_per_s": tok_per_s})
+            log.metrics(step + 1, {"train/loss": losses[-1], "train/tok_per_s": tok_per_s})
         if validating:
             full = dict(first=cfg.val_final_tokens) if final else dict(subset=cfg.val_tokens)
             val = evaluate_bpb(model, data, rt, windows, p.max_doc_len, cfg.micro_batch_tokens, **full)
             memory = peak_memory_gib(rt.device)
             log(f"step {step + 1}/{total} {val_line(val)}" + (f" peak memory {memory:.1f} GiB" if memory is not None else ""))
-            log.metrics(step, {"val/bpb": val["bpb"], "val/loss": val["loss"]})
+            log.metrics(step + 1, {"val/bpb": val["bpb"], "val/loss": val["loss"]})
         if saving:
             save_checkpoint(cfg, rt, step + 1, model, opt, loader.state)
         timer.pause_until_now()
@@ -3850,7 +4567,7 @@ def phase_sft(cfg, rt, log):
         if logging:
             log(f"sft step {step + 1}/{total} loss {losses[-1]:.4f} lr {lr:.3f} {tokens / seconds:,.0f} tok/s "
                 f"eta {seconds / steps * (total - step - 1) / 60:.1f} min")
-            log.metrics(step, {"sft/loss": losses[-1]})
+            log.metrics(step + 1, {"sft/loss": losses[-1]})
         if evaluating:
             evaluate(step + 1)
         if saving:
@@ -3900,8 +4617,15 @@ def phase_rl(cfg, rt, log):
     order = np.random.default_rng(cfg.seed).permutation(train_task["n_examples"]) + train_task["first_example"]
     log(f"RL from {path}: {cfg.rl_steps} steps x {cfg.rl_questions_per_step} questions x {cfg.rl_samples} samples, "
         f"{train_task['n_examples']} training questions, pass@{cfg.rl_eval_samples} on {len(test_examples)} test questions")
-    rewards, pass_at = [], {}
-    for step in range(cfg.rl_steps + 1):
+    rewards, pass_at, start = [], {}, 0
+    resumed = resume_checkpoint(cfg, "rl", model, opt, log)
+    if resumed:  # the questions' order and every step's seeds follow from --seed: the rest replays exactly
+        start, rewards, pass_at = resumed[1]["step"], resumed[1]["loader"]["rewards"], resumed[1]["loader"]["pass_at"]
+        log(f"rl: resumed from {resumed[0]} at step {start}")
+        if start == cfg.rl_steps:
+            log(f"rl: nothing to do: run already at step {start} of {cfg.rl_steps}")
+            return
+    for step in range(start, cfg.rl_steps + 1):
         if step % cfg.rl_eval_every == 0 or step == cfg.rl_steps:
             pass_at = gsm8k_pass_at_k(engine, tokenizer, test, test_task, test_examples, cfg.rl_eval_samples, cfg, rt, cfg.seed)
             log(f"rl step {step}/{cfg.rl_steps} " + " ".join(f"pass@{j} {v:.4f}" for j, v in pass_at.items()))
@@ -3934,8 +4658,10 @@ def phase_rl(cfg, rt, log):
         rewards.append(float(stats[0] / stats[1]))
         log(f"rl step {step + 1}/{cfg.rl_steps} reward {rewards[-1]:.4f} sampled tokens {int(stats[2])} "
             f"lr {1 - step / cfg.rl_steps:.3f} {time.perf_counter() - t0:.1f}s")
-        log.metrics(step, {"rl/reward": rewards[-1]})
-    save_checkpoint(cfg, rt, cfg.rl_steps, model, opt, {}, phase="rl")
+        log.metrics(step + 1, {"rl/reward": rewards[-1]})
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.rl_steps:
+            save_checkpoint(cfg, rt, step + 1, model, opt, {"rewards": rewards, "pass_at": pass_at}, phase="rl")
+    save_checkpoint(cfg, rt, cfg.rl_steps, model, opt, {"rewards": rewards, "pass_at": pass_at}, phase="rl")
     update_metrics(cfg, rt, {"rl_reward": rewards, "gsm8k_pass_at": pass_at})
 
 
@@ -3980,6 +4706,29 @@ def phase_generate(cfg, rt, log):
         options["seed"] += 1
 
 
+def phase_serve(cfg, rt, log):
+    """The OpenAI-compatible server (Server) of the latest checkpoint or --init-from, with its chat page at /, on
+    --host:--port until Ctrl-C."""
+    import uvicorn
+    if rt.world_size > 1:
+        raise ValueError("the server runs in one process: run it without torchrun")
+    tokenizer = data_tokenizer(cfg.data_dir)
+    model, state, path = trained_model(cfg, rt, tokenizer)
+    name = cfg.served_model_name or f"{os.path.basename(os.path.abspath(cfg.run_dir))}/{os.path.basename(path)}"
+    engine = Engine(model, tokenizer, model.windows(), rt, compile=cfg.decode_compile)
+    server = Server(engine, tokenizer, name, model.cfg.max_doc_len, state.get("phase", "pt") != "pt",
+                    cfg.serve_max_rows, cfg.serve_max_queue, cfg.serve_timeout,
+                    dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
+                         max_tokens=cfg.max_new_tokens))
+    log(f"serving {path} as {name!r} at http://{cfg.host}:{cfg.port} (chat page at /, API at /v1; context "
+        f"{model.cfg.max_doc_len} tokens, {cfg.serve_max_rows} rows, device {rt.device})")
+    server.start()
+    try:
+        uvicorn.run(server.app, host=cfg.host, port=cfg.port, log_level="info")
+    finally:
+        server.close()
+
+
 def phase_convert(cfg, rt, log):
     """Rewrite the state.json of --init-from, a checkpoint from before checkpoints carried their model, as today's:
     its ModelConfig (its pretraining config over the data's tokenizer) and that config as the run's settings."""
@@ -3995,7 +4744,7 @@ def phase_convert(cfg, rt, log):
 
 
 PHASES = {"data": phase_data, "pt": phase_pt, "eval": phase_eval, "sft": phase_sft, "chat": phase_chat, "rl": phase_rl,
-          "generate": phase_generate, "convert": phase_convert}
+          "generate": phase_generate, "serve": phase_serve, "convert": phase_convert}
 
 
 def main(argv=None):
@@ -4014,8 +4763,9 @@ def main(argv=None):
         lock = claim_run_dir(cfg, phases) if rt.master and set(phases) & set(CHECKPOINT_PREFIX) else None
         log = Logger(cfg, rt)
         if rt.master:
-            with open(log.path, "a", encoding="utf-8") as f:  # the exact code and config of the run, modded-nanogpt style
+            with open(log.path, "a", encoding="utf-8") as f:  # the exact code, versions and config, modded-nanogpt style
                 f.write(open(__file__, encoding="utf-8").read() + "\n" + "=" * 100 + "\n")
+            log("\n".join(run_header(rt)))
         log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     except DataFormatError as e:
         sys.exit(f"error: {e}")
@@ -4039,7 +4789,10 @@ def main(argv=None):
 def phases_to_run(phases, cfg, rt, log):
     try:
         for phase in phases:
+            t0 = time.perf_counter()
             PHASES[phase](cfg, rt, log)
+            if phase in REPORT_PHASES:
+                report_phase(cfg, rt, log, phase, time.perf_counter() - t0)
     except (DataFormatError, SandboxUnavailable) as e:
         sys.exit(f"error: {e}")
 

@@ -1,8 +1,12 @@
 """Prepare a complete data directory (tokenizer, pretrain shards, CORE, SFT, chat eval) with every step's defaults.
 
+    python data/prepare.py --vocab-size 8192 --out DIR                  # --source auto (the default): see below
     python data/prepare.py --source PATH --vocab-size 8192 --out DIR    # PATH in the shared/data layout
     python data/prepare.py --source hf --vocab-size 32768 --out DIR     # public sources from the Hugging Face hub
     python data/prepare.py --source PATH --tokenizer TOK_DIR --out DIR  # an existing tokenizer instead of training one
+
+--source auto takes $DECODERSTACK_DATA if set, else ../shared/data beside the repository, when that folder has
+pretrain/ inside; otherwise the public sources (hf). It prints one line saying which it chose and why.
 
 Each step is the step's own command (printed before it runs), so any of them can be rerun alone. The pretraining
 documents are cut at --max-doc-chars and, from a local source, shuffled with --seed; climbmix (hf) is shuffled
@@ -21,6 +25,7 @@ from common import DataError, run_cli
 from tokenizer import Tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(HERE)
 CLIMBMIX_REPO = "karpathy/climbmix-400b-shuffle"
 CLIMBMIX_VAL_SHARD = 6542  # the last shard is held out for validation (nanochat's convention)
 DEFAULT_VOCAB_SIZE, DEFAULT_SEED, DEFAULT_MAX_DOC_CHARS = 32768, 1337, 8192
@@ -30,8 +35,32 @@ TOKENIZER_FILES = ("tokenizer.tiktoken", "tokenizer.json", "token_bytes.npy")
 def download_climbmix(n_train, cache_dir):
     """Download the first n_train parquet shards and the validation shard; returns (train_files, val_files)."""
     from huggingface_hub import hf_hub_download
-    fetch = lambda i: hf_hub_download(CLIMBMIX_REPO, f"shard_{i:05d}.parquet", repo_type="dataset", local_dir=cache_dir)
+
+    def fetch(i):
+        try:
+            return hf_hub_download(CLIMBMIX_REPO, f"shard_{i:05d}.parquet", repo_type="dataset", local_dir=cache_dir)
+        except OSError as e:  # the hub's network and cache errors (offline: LocalEntryNotFoundError) are OSErrors
+            raise DataError(f"{CLIMBMIX_REPO}: download of shard_{i:05d}.parquet failed ({e})") from None
     return [fetch(i) for i in range(n_train)], [fetch(CLIMBMIX_VAL_SHARD)]
+
+
+def local_data_dir():
+    """Where --source auto looks for the shared data: $DECODERSTACK_DATA if set (as tests/conftest.py reads it),
+    else ../shared/data relative to the repository root."""
+    return os.environ.get("DECODERSTACK_DATA") or os.path.join(REPO_ROOT, "..", "shared", "data")
+
+
+def resolve_source(source):
+    """--source as given -> (the source to use, the line that says why, or None when it was given explicitly).
+    `auto` is the local shared data when its folder has pretrain/ inside, else the public sources (`hf`)."""
+    if source != "auto":
+        return source, None
+    local = local_data_dir()
+    where = f"$DECODERSTACK_DATA={local}" if os.environ.get("DECODERSTACK_DATA") else os.path.normpath(local)
+    if os.path.isdir(os.path.join(local, "pretrain")):
+        return local, f"--source auto: using the local shared data {where} (it has pretrain/)"
+    reason = "does not exist" if not os.path.isdir(local) else "has no pretrain/ inside"
+    return "hf", f"--source auto: using the public sources from the Hugging Face hub (hf): {where} {reason}"
 
 
 def copy_tokenizer(src, dst):
@@ -92,7 +121,9 @@ def steps(args):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", required=True, help="a folder in the shared/data layout, or 'hf'")
+    parser.add_argument("--source", default="auto",
+                        help="a folder in the shared/data layout, 'hf' (the Hugging Face hub), or 'auto' (default): "
+                             "$DECODERSTACK_DATA or ../shared/data when it has pretrain/ inside, else hf")
     parser.add_argument("--vocab-size", type=int, default=None, help=f"of the tokenizer trained (default {DEFAULT_VOCAB_SIZE})")
     parser.add_argument("--tokenizer", default=None, metavar="DIR",
                         help="use this tokenizer directory (our format, e.g. from `data/tokenizer.py import`) instead of "
@@ -103,7 +134,7 @@ def parse_args(argv=None):
                         help="pretraining documents are cut into pieces of at most this many characters (0: whole)")
     parser.add_argument("--seed", type=int, default=None,
                         help=f"shuffle the pretraining documents with this seed (default {DEFAULT_SEED}; with "
-                             "--source hf the documents keep climbmix's order unless --seed is given)")
+                             "hf, also when auto chooses it, the documents keep climbmix's order unless --seed is given)")
     parser.add_argument("--hf-shards", type=int, default=8, help="climbmix training shards to download with --source hf")
     args = parser.parse_args(argv)
     if args.tokenizer and args.vocab_size is not None:
@@ -116,6 +147,9 @@ def parse_args(argv=None):
 def main():
     args = parse_args()
     t_all = time.time()
+    args.source, why = resolve_source(args.source)
+    if why:
+        print(why, flush=True)
     todo = steps(args)  # checks the source (with hf: downloads it) before the tokenizer is copied
     if args.tokenizer:
         tok = os.path.join(args.out, "tokenizer")

@@ -1,6 +1,7 @@
 """Checkpoints and run directories under faults: an earlier run's checkpoints, a second run on the same directory, a
 corrupt or truncated checkpoint, a crash's leftovers, a full disk. Each case fails with one clear error line (or
 recovers, saying so), and never loses the last good checkpoint."""
+import dataclasses
 import errno
 import os
 import shutil
@@ -55,6 +56,34 @@ def test_pruning_keeps_the_newest_by_step_number(stack, tok_dir, tmp_path):
     stack.save_checkpoint(cfg, rt, 1_000_000, model, opt, {})
     # by name, ckpt_1000000 sorts before ckpt_999998: the old pruning kept the two 6-digit ones and deleted the new
     assert set(os.listdir(tmp_path)) == {"ckpt_999999", "ckpt_1000000", "latest", "latest_pt"}
+
+
+def test_keep_checkpoints_sets_how_many_of_a_phase_are_kept(stack, tok_dir, tmp_path):
+    cfg = stack.parse_config(TINY_ARGS + ["--run-dir", str(tmp_path), "--keep-checkpoints", "3"])
+    rt = stack.Runtime(torch.device("cpu"), torch.float32, 0, 1, "sdpa")
+    model = stack.GPT(stack.ModelConfig.of(cfg, stack.Tokenizer(tok_dir).vocab_size))
+    opt = stack.make_optimizer(model, cfg)
+    for step in range(1, 6):
+        stack.save_checkpoint(cfg, rt, step, model, opt, {}, phase="sft")
+    stack.save_checkpoint(cfg, rt, 1, model, opt, {}, phase="rl")
+    assert list(stack.checkpoints(str(tmp_path), "sft")) == [3, 4, 5] and list(stack.checkpoints(str(tmp_path), "rl")) == [1]
+    stack.save_checkpoint(dataclasses.replace(cfg, keep_checkpoints=1), rt, 6, model, opt, {}, phase="sft")
+    assert list(stack.checkpoints(str(tmp_path), "sft")) == [6]
+
+
+def test_overwriting_a_later_phase_trains_it_again_from_the_earlier_phases_checkpoint(stack, pretrained_run, tmp_path):
+    """--overwrite of sft deletes the sft (and rl) checkpoints; `latest` then names the pretraining checkpoint the
+    new sft starts from, instead of dangling."""
+    data, pretrained = pretrained_run
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run)
+    (run / "sft_ckpt_000003").mkdir()
+    (run / "latest_sft").write_text("sft_ckpt_000003")
+    (run / "latest").write_text("sft_ckpt_000003")
+    cfg = stack.parse_config(TINY_ARGS + ["--data-dir", str(data), "--run-dir", str(run), "--phases", "sft", "--overwrite"])
+    stack.claim_run_dir(cfg, ["sft"]).close()
+    assert not (run / "sft_ckpt_000003").exists() and not (run / "latest_sft").exists()
+    assert stack.latest_checkpoint(str(run)) == str(run / "ckpt_000008")
 
 
 def test_a_second_run_on_a_run_dir_in_use_is_refused(stack, tiny_data, tmp_path):

@@ -133,3 +133,39 @@ def test_chat_and_rl_on_two_gloo_ranks_match_one_process(pretrained_run, tmp_pat
         out[name] = json.load(open(tmp_path / name / "metrics.json"))
     for key in ("chat_per_task", "rl_reward", "gsm8k_pass_at"):
         assert out["two"][key] == pytest.approx(out["one"][key]), key
+
+
+def test_rl_resume_matches_uninterrupted(stack, pretrained_run, tmp_path, monkeypatch):
+    """Interrupted in step 3 (checkpoints every 2 steps), resumed: the same rewards, pass@k and bit-identical weights."""
+    data, pretrained = pretrained_run
+    rt = cpu_rt(stack)
+    runs = {}
+    for name in ("full", "killed"):
+        runs[name] = tmp_path / name
+        shutil.copytree(pretrained, runs[name])
+    args = TINY_ARGS + ["--data-dir", str(data), *RL_ARGS, "--rl-steps", "4", "--checkpoint-every", "2"]
+    cfg = lambda name, *extra: stack.parse_config(args + ["--run-dir", str(runs[name]), *extra])
+    stack.phase_rl(cfg("full"), rt, stack.Logger(cfg("full"), rt))
+    real, calls = stack.policy_gradient_loss, []
+
+    def interrupted(*a):
+        calls.append(1)
+        if len(calls) == 3:  # one batch a step: step 3 dies
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(stack, "policy_gradient_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        stack.phase_rl(cfg("killed"), rt, stack.Logger(cfg("killed"), rt))
+    monkeypatch.setattr(stack, "policy_gradient_loss", real)
+    assert open(runs["killed"] / "latest_rl").read() == "rl_ckpt_000002"
+    stack.phase_rl(cfg("killed", "--resume"), rt, stack.Logger(cfg("killed", "--resume"), rt))
+    assert f"rl: resumed from {runs['killed']}/rl_ckpt_000002 at step 2" in open(runs["killed"] / "log.txt").read()
+    ma, mb = (json.load(open(runs[n] / "metrics.json")) for n in ("full", "killed"))
+    assert ma["rl_reward"] == mb["rl_reward"] and len(ma["rl_reward"]) == 4 and ma["gsm8k_pass_at"] == mb["gsm8k_pass_at"]
+    from safetensors.torch import load_file
+    wa, wb = (load_file(str(runs[n] / "rl_ckpt_000004" / "model.safetensors")) for n in ("full", "killed"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    again = stack.parse_config(args + ["--run-dir", str(runs["killed"]), "--resume"])
+    stack.phase_rl(again, rt, stack.Logger(again, rt))
+    assert "rl: nothing to do: run already at step 4 of 4" in open(runs["killed"] / "log.txt").read()

@@ -1,0 +1,390 @@
+"""The OpenAI-compatible server (--phases serve): started on a free loopback port, exercised with a real HTTP client
+(httpx) and the openai client; replies against the engine's tokens for the same seed, streaming against
+non-streaming, concurrent clients against each served alone, every bad request, the 429 bound, disconnects,
+timeouts, a failing decode step, and the phase's CLI."""
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, STACK_PATH, TINY_ARGS
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+CONTEXT = 256
+
+
+@pytest.fixture(scope="module")
+def tok(stack, tok_dir):
+    return stack.Tokenizer(tok_dir)
+
+
+@pytest.fixture(scope="module")
+def model(stack, tok):
+    """A small random model over the tokenizer's vocabulary, every parameter nonzero."""
+    torch.manual_seed(0)
+    cfg = stack.Config(n_layers=2, model_dim=64, n_heads=2, head_dim=32, long_window_layers="1", value_embed_layers="0,1")
+    model = stack.GPT(stack.ModelConfig.of(cfg, tok.vocab_size))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def cpu_rt(stack):
+    return stack.Runtime(torch.device("cpu"), torch.float32, 0, 1, "sdpa")
+
+
+def make_engine(stack, model, tok):
+    engine = stack.Engine(model, tok, [16, 64], cpu_rt(stack))
+    engine.stops = set()  # a random model may emit a stop token anywhere: every reply runs to max_tokens
+    return engine
+
+
+@pytest.fixture
+def serve(stack, model, tok):
+    """serve(**Server options) -> (base url, engine); every server started is stopped after the test."""
+    stops = []
+
+    def start(**options):
+        engine = make_engine(stack, model, tok)
+        options = {"model_name": "tiny", "max_context": CONTEXT, "max_rows": 8, "max_queue": 8, "timeout": 60.0, **options}
+        server = stack.Server(engine, tok, **options)
+        url, stop = stack.serve_in_thread(server)
+        stops.append(stop)
+        return url, engine, server
+
+    yield start
+    for stop in stops:
+        stop()
+
+
+def slow(engine, seconds):
+    """Each decode step of the engine takes at least `seconds` (so a test can act while a request is decoding)."""
+    decode = engine._decode
+
+    def slowed(*args, **kwargs):
+        time.sleep(seconds)
+        return decode(*args, **kwargs)
+
+    engine._decode = slowed
+
+
+def chat(url, messages, **fields):
+    return httpx.post(f"{url}/v1/chat/completions", json={"messages": messages, **fields}, timeout=60)
+
+
+def events(response):
+    """The JSON objects of a server-sent event stream, checking it ends with data: [DONE]."""
+    lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    return [json.loads(line[len("data: "):]) for line in lines[:-1]]
+
+
+def stream_chat(url, messages, **fields):
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={"messages": messages, "stream": True, **fields},
+                      timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        return events(r)
+
+
+def streamed_text(chunks, index=0):
+    return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks
+                   if c["choices"] and c["choices"][0]["index"] == index)
+
+
+TURNS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the sum of two and two?"},
+         {"role": "assistant", "content": "Four."}, {"role": "user", "content": "And <|bos|> of three?"}]
+
+
+# ---- the prompt: our chat format, held together with data/tokenizer.py's --------------------------------------------
+
+def test_chat_prompt_equals_the_data_side_rendering(stack, tok, tok_dir):
+    import tokenizer as data_tokenizer
+    ours = data_tokenizer.Tokenizer.load(tok_dir)
+    for messages in (TURNS, TURNS[1:2], [{"role": "user", "content": [{"type": "text", "text": "parts "}, {"type": "text", "text": "joined"}]}]):
+        flat = [{**m, "content": "".join(p["text"] for p in m["content"])} if isinstance(m["content"], list) else m for m in messages]
+        assert stack.chat_prompt(tok, messages) == ours.render_for_completion(flat + [{"role": "assistant", "content": ""}])
+    # user text is always ordinary text; an assistant turn's tool-token names become the tool tokens it generated
+    assert tok.bos_id not in stack.chat_prompt(tok, TURNS)[1:]
+    reply = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a<|python_start|>1+1<|python_end|>"
+                                                                              "<|output_start|>2<|output_end|>b"}, {"role": "user", "content": "y"}]
+    ids = stack.chat_prompt(tok, reply)
+    assert [t for t in ids if t in {tok.special(n) for n in stack.TOOL_TOKENS}] == [tok.special(n) for n in stack.TOOL_TOKENS]
+
+
+def test_reply_text_holds_back_what_may_begin_a_stop_sequence(stack, tok):
+    ids = tok.encode("hello world, and more")
+    text = stack.ReplyText(tok, set(), ["d, a"])
+    pieces = [text.push(t) for t in ids]
+    assert "".join(pieces) == "hello worl" and text.finish == "stop"  # cut before the stop sequence, never sent
+    text = stack.ReplyText(tok, set(), [])
+    assert "".join(text.push(t) for t in tok.encode("añb€c")) + text.rest() == "añb€c"
+    partial, euro = stack.ReplyText(tok, set(), []), tok.encode("x€")
+    assert len(euro) > 2  # the 1024-token vocabulary splits the euro sign's 3 bytes: none is sent half
+    assert [partial.push(t) for t in euro] == ["x"] + [""] * (len(euro) - 2) + ["€"]
+
+
+# ---- replies ---------------------------------------------------------------------------------------------------------
+
+def test_models_health_and_page(serve):
+    url, _, _ = serve()
+    models = httpx.get(f"{url}/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "tiny" and models["data"][0]["max_context"] == CONTEXT
+    health = httpx.get(f"{url}/health").json()
+    assert health["status"] == "ok" and health["in_flight"] == 0 and health["max_rows"] == 8
+    page = httpx.get(f"{url}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html") and "<html" in page.text.lower()
+
+
+def test_replies_equal_the_engines_tokens_for_the_same_seed(stack, serve, tok, model):
+    url, _, _ = serve()
+    options = dict(temperature=0.9, top_k=40, top_p=0.95, seed=11)
+    want = make_engine(stack, model, tok).generate([stack.chat_prompt(tok, TURNS)], 1, 24, options["temperature"],
+                                                   options["top_k"], options["top_p"], seed=options["seed"])[0][0]
+    r = chat(url, TURNS, max_tokens=24, **options)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == "tiny" and body["id"].startswith("chatcmpl-")
+    (choice,) = body["choices"]
+    assert choice["message"] == {"role": "assistant", "content": tok.decode(want.tokens)}
+    assert choice["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": len(stack.chat_prompt(tok, TURNS)), "completion_tokens": 24,
+                             "total_tokens": len(stack.chat_prompt(tok, TURNS)) + 24}
+    chunks = stream_chat(url, TURNS, max_tokens=24, stream_options={"include_usage": True}, **options)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert streamed_text(chunks) == tok.decode(want.tokens) and len(chunks) > 5  # it streamed, piece by piece
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]][-1] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 24
+    again = chat(url, TURNS, max_tokens=24, **options).json()["choices"][0]["message"]["content"]
+    other = chat(url, TURNS, max_tokens=24, **{**options, "seed": 12}).json()["choices"][0]["message"]["content"]
+    assert again == tok.decode(want.tokens) and other != again
+
+
+def test_completions_n_choices_and_stop_sequences(stack, serve, tok, model):
+    url, _, _ = serve()
+    text = "The quick brown fox"
+    prompt = [tok.bos_id, *tok.encode(text)]
+    greedy = tok.decode(make_engine(stack, model, tok).generate([prompt], 1, 30, temperature=0)[0][0].tokens)
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": text, "max_tokens": 30, "temperature": 0}).json()
+    assert r["object"] == "text_completion" and r["choices"][0]["text"] == greedy
+    ids = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 30, "temperature": 0}).json()
+    assert ids["choices"][0]["text"] == greedy  # a prompt of token ids
+    stop = greedy[12:15]
+    cut = httpx.post(f"{url}/v1/completions", json={"prompt": text, "max_tokens": 30, "temperature": 0, "stop": [stop, "\x00"]}).json()
+    assert cut["choices"][0]["text"] == greedy[:greedy.index(stop)] and cut["choices"][0]["finish_reason"] == "stop"
+    chunks = stream_chat(url, [{"role": "user", "content": text}], max_tokens=30, temperature=0)
+    full = streamed_text(chunks)
+    stopped = stream_chat(url, [{"role": "user", "content": text}], max_tokens=30, temperature=0, stop=full[10:13])
+    assert streamed_text(stopped) == full[:full.index(full[10:13])] and stopped[-1]["choices"][0]["finish_reason"] == "stop"
+    three = chat(url, TURNS, max_tokens=10, n=3, temperature=1.0, seed=5).json()
+    assert [c["index"] for c in three["choices"]] == [0, 1, 2] and len({c["message"]["content"] for c in three["choices"]}) > 1
+    streamed = stream_chat(url, TURNS, max_tokens=10, n=3, temperature=1.0, seed=5)
+    assert [streamed_text(streamed, j) for j in range(3)] == [c["message"]["content"] for c in three["choices"]]
+    assert three["usage"]["completion_tokens"] == 30
+
+
+def test_the_openai_client(serve, tok):
+    openai = pytest.importorskip("openai")
+    url, _, _ = serve()
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    reply = client.chat.completions.create(model="tiny", messages=TURNS, max_tokens=16, temperature=0)
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 16
+    stream = client.chat.completions.create(model="tiny", messages=TURNS, max_tokens=16, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == reply.choices[0].message.content
+    text = client.completions.create(model="tiny", prompt="Once upon", max_tokens=8, temperature=0)
+    assert text.choices[0].finish_reason == "length" and isinstance(text.choices[0].text, str)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=TURNS, max_tokens=10 ** 6)
+    assert e.value.body["param"] == "max_tokens" and str(CONTEXT) in e.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=TURNS)
+
+
+def test_concurrent_streaming_clients_equal_each_served_alone(serve, tok):
+    """8 clients at once, greedy, prompts and lengths of their own: they share the batch (steps decode several rows)
+    and each gets what it gets alone."""
+    url, engine, _ = serve()
+    requests = [([{"role": "user", "content": f"Question {i}: " + "why " * i}], 8 + 3 * i) for i in range(8)]
+    alone = [chat(url, m, max_tokens=n, temperature=0).json()["choices"][0]["message"]["content"] for m, n in requests]
+    sizes, decode = [], engine._decode
+    engine._decode = lambda ids, *a, **k: sizes.append(len(ids)) or decode(ids, *a, **k)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda r: streamed_text(stream_chat(url, r[0], max_tokens=r[1], temperature=0)), requests))
+    assert together == alone
+    assert max(sizes) >= 4  # the requests decoded together, joining and leaving between steps
+    assert httpx.get(f"{url}/health").json()["in_flight"] == 0
+
+
+# ---- bad requests: OpenAI error bodies, 4xx, and the server keeps serving ------------------------------------------
+
+BAD = [  # (body or raw text, status, param or None, a word of the message)
+    ("{not json", 400, None, "JSON"),
+    ("[1, 2]", 400, None, "object"),
+    ({"messages": []}, 400, "messages", "non-empty"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, 400, "messages", "alternate"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, 400, "messages", "last"),
+    ({"messages": [{"role": "tool", "content": "a"}]}, 400, "messages", "role"),
+    ({"messages": [{"role": "user", "content": 7}]}, 400, "messages", "content"),
+    ({"messages": [{"role": "system", "content": "a"}]}, 400, "messages", "system"),
+    ({"messages": [{"role": "user", "content": "word " * 300}]}, 400, "messages", str(CONTEXT)),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 6}, 400, "max_tokens", str(CONTEXT)),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens", "positive"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature", "between"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400, "temperature", "between"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p", "(0, 1]"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_k": 2.5}, 400, "top_k", "0"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "stream", "bool"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 100}, 400, "n", "at most 8"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": True}, 400, "n", "positive"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs", "not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"}, 404, "model", "tiny"),
+]
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(serve):
+    url, _, _ = serve()
+    for body, status, param, word in BAD:
+        kwargs = {"content": body} if isinstance(body, str) else {"json": body}
+        for stream in (False, True):
+            if stream and (not isinstance(body, dict) or "stream" in body):
+                continue
+            r = httpx.post(f"{url}/v1/chat/completions", **kwargs, timeout=30) if not stream else \
+                httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=30)
+            assert r.status_code == status, (body, r.text)
+            error = r.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["param"] == param and word in error["message"], error
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": {"text": "x"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": [10 ** 6]})
+    assert r.status_code == 400 and "token ids" in r.json()["error"]["message"]
+    r = httpx.get(f"{url}/v1/nothing")
+    assert r.status_code == 404 and "/v1/nothing" in r.json()["error"]["message"]
+    assert httpx.get(f"{url}/v1/chat/completions").status_code == 405
+    assert chat(url, [{"role": "user", "content": "still there?"}], max_tokens=4).status_code == 200
+    assert httpx.get(f"{url}/health").json()["in_flight"] == 0
+
+
+def test_beyond_the_rows_and_the_queue_a_request_gets_429(serve):
+    url, engine, _ = serve(max_rows=1, max_queue=1)
+    slow(engine, 0.01)
+    hi = [{"role": "user", "content": "hi"}]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        busy = [pool.submit(chat, url, hi, max_tokens=150) for _ in range(2)]  # one decoding, one queued
+        deadline = time.time() + 10
+        while httpx.get(f"{url}/health").json()["in_flight"] < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        r = chat(url, hi, max_tokens=5)
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        assert "retry" in r.json()["error"]["message"]
+        assert [f.result().status_code for f in busy] == [200, 200]
+    wait_idle(url)
+    assert chat(url, hi, max_tokens=3).status_code == 200
+
+
+def wait_idle(url, seconds=10):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        health = httpx.get(f"{url}/health").json()
+        if health["in_flight"] == 0 and health["rows_live"] == 0:
+            return health
+        time.sleep(0.02)
+    raise AssertionError(f"still busy: {health}")
+
+
+def test_a_client_that_disconnects_frees_its_row(serve):
+    url, engine, _ = serve()
+    slow(engine, 0.02)
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", f"{url}/v1/chat/completions",
+                           json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 240, "stream": True}) as r:
+            lines = r.iter_lines()
+            next(lines), next(lines)
+            assert httpx.get(f"{url}/health").json()["rows_live"] == 1
+    t0 = time.time()
+    wait_idle(url)
+    assert time.time() - t0 < 0.02 * 240 / 2  # well before its 240 tokens would have been decoded
+    # a non-streaming client that gives up frees its row too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 240},
+                   timeout=0.3)
+    wait_idle(url, seconds=3)
+
+
+def test_a_request_past_the_timeout_is_cancelled(serve):
+    url, engine, _ = serve(timeout=0.3)
+    slow(engine, 0.02)
+    r = chat(url, [{"role": "user", "content": "hi"}], max_tokens=200)
+    assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
+    chunks = stream_chat(url, [{"role": "user", "content": "hi"}], max_tokens=200)
+    assert "timeout" in chunks[-1]["error"]["message"] and len(chunks) > 2  # it had streamed, then says why it ended
+    wait_idle(url)
+
+
+def test_a_failing_decode_step_fails_its_requests_and_not_the_server(serve):
+    url, engine, server = serve()
+    decode, calls = engine._decode, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return decode(*args, **kwargs)
+
+    engine._decode = failing
+    r = chat(url, [{"role": "user", "content": "hi"}], max_tokens=10)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert chat(url, [{"role": "user", "content": "again"}], max_tokens=10).status_code == 200
+    assert httpx.get(f"{url}/health").json()["failed_steps"] == 1
+
+
+# ---- the phase ---------------------------------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_phase_serves_a_checkpoint_until_interrupted(pretrained_run):
+    data, run = pretrained_run
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, STACK_PATH, *TINY_ARGS, "--data-dir", str(data), "--run-dir", str(run),
+                             "--phases", "serve", "--port", str(port), "--served-model-name", "tiny-pt"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "slow start"
+            time.sleep(0.2)
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny-pt", "prompt": "The", "max_tokens": 5}, timeout=60)
+        assert r.status_code == 200 and r.json()["model"] == "tiny-pt"
+        assert httpx.get(f"{url}/v1/models").json()["data"][0]["chat"] is False  # a pretraining checkpoint
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert f"as 'tiny-pt' at http://127.0.0.1:{port}" in out
+
+
+def test_serve_phase_refuses_a_run_without_a_checkpoint(tiny_data, tmp_path):
+    r = subprocess.run([sys.executable, STACK_PATH, *TINY_ARGS, "--data-dir", tiny_data, "--run-dir", str(tmp_path / "none"),
+                        "--phases", "serve", "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "no checkpoint" in r.stderr
