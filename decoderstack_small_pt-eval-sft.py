@@ -27,7 +27,8 @@ Contents, in the order data flows
     13. Run helpers: logging, checkpoints (load_model), the run directory, metrics, the run report, the loop's
         bookkeeping
     14. Serving: the OpenAI-compatible server over the engine, its chat page
-    15. Phases (data, pt, eval, sft, chat, rl, generate, serve, convert) and main
+    15. Export: a checkpoint as a Hugging Face folder (transformers), uploaded to the Hub
+    16. Phases (data, pt, eval, sft, chat, rl, generate, serve, export, convert) and main
 """
 import argparse
 import ast
@@ -204,6 +205,9 @@ class Config:
     sft_eval_every: int = 100         # steps between SFT evaluations (also at the start and the end)
     sft_val_tokens: int = 4_194_304   # val conversation tokens per evaluation (masked loss on their supervised tokens)
     sft_chat_max_per_task: int = 0    # chat-eval examples per task at each SFT evaluation but the first (0: none)
+    # export (--phases export): the latest checkpoint (or --init-from) as a Hugging Face folder
+    export_dir: str = ""              # "": RUN_DIR/hf
+    push_to_hub: str = ""             # ORG/NAME: also upload the folder to this model repo (created if missing)
 
     def __post_init__(self):  # --stages JSON and configs read back from JSON give dicts or lists
         self.stages = tuple(Stage.of(s) for s in self.stages)
@@ -1703,7 +1707,7 @@ class Tokenizer:
         if len(ranks) != len(lines) or ids != list(range(len(ids))):
             raise DataFormatError(f"{bpe_path}: tokens and ranks must be unique and, with the special tokens of "
                                   "tokenizer.json after them, number 0, 1, 2, ... without gaps")
-        self.special_tokens = specials
+        self.special_tokens, self.pattern = specials, meta["pattern"]  # the pattern: for export (hf_tokenizer_json)
         self.enc = tiktoken.Encoding("decoderstack", pat_str=meta["pattern"], mergeable_ranks=ranks, special_tokens=specials)
         self.vocab_size, self.bos_id = self.enc.n_vocab, specials["<|bos|>"]
         if self.vocab_size != meta["vocab_size"]:
@@ -2798,13 +2802,14 @@ class DecodeBatch:
 
     def _admit(self, row):
         rt, stream = self.engine.rt, self.waiting.popleft()
+        self.slots[row] = stream  # first: a prefill that fails (out of memory) leaves it in the batch, not lost
         if self.prefilled[0] is not stream.prompt:
             alone = KVCache(self.engine.model, 1, len(stream.prompt), rt.device, rt.dtype, rt.backend)
             if len(stream.prompt) > 1:
                 self.engine._decode([stream.prompt[:-1]], alone)
             self.prefilled = (stream.prompt, alone)
         self.cache.put(row, self.prefilled[1])
-        self.slots[row], self.feed[row] = stream, stream.prompt[-1]
+        self.feed[row] = stream.prompt[-1]
 
     def _arrange(self):
         """Between steps: free cancelled rows, drop cancelled waiting streams, fill free rows (adding rows when
@@ -3457,7 +3462,7 @@ def gsm8k_pass_at_k(engine, tokenizer, chat, task, examples, k, cfg, rt, seed):
 
 
 # =============================================================================================================
-# 13. Run helpers: logging, checkpoints, the run directory, metrics, the loop's bookkeeping
+# 13. Run helpers: logging, checkpoints, the run directory, metrics, the loop's bookkeeping, the run report
 
 
 class Logger:
@@ -4370,11 +4375,612 @@ def serve_in_thread(server, host="127.0.0.1", port=0):
     return f"http://{host}:{port}", stop
 
 
-CHAT_PAGE = "<!doctype html><title>DecoderStack</title><p>chat page: coming</p>"
+# The chat page at /: plain HTML + JS, nothing fetched from elsewhere (works offline). It streams replies from
+# /v1/chat/completions, keeps the turns until "New chat", and shows calculator calls as "calc: expr = result".
+CHAT_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>DecoderStack chat</title>
+<link rel="icon" href="data:,">
+<style>
+  * { box-sizing: border-box; }
+  body { margin: 0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; background: #f4f4f6; color: #1d1d22; }
+  main { max-width: 760px; margin: 0 auto; height: 100vh; height: 100dvh; display: flex; flex-direction: column; padding: 0 10px; }
+  header { display: flex; align-items: center; gap: 8px; padding: 10px 0; border-bottom: 1px solid #ddd; }
+  header h1 { font-size: 16px; margin: 0; }
+  #model { flex: 1; color: #666; font-size: 13px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+  details { font-size: 13px; padding: 6px 0; }
+  summary { cursor: pointer; color: #555; }
+  .settings { display: flex; flex-wrap: wrap; gap: 8px 14px; padding-top: 6px; }
+  .settings label { display: flex; align-items: center; gap: 4px; }
+  .settings input { width: 72px; padding: 3px 5px; border: 1px solid #ccc; border-radius: 5px; }
+  #messages { flex: 1; overflow-y: auto; padding: 10px 0; display: flex; flex-direction: column; gap: 8px; }
+  .msg { max-width: 88%; padding: 8px 12px; border-radius: 12px; white-space: pre-wrap; overflow-wrap: anywhere; }
+  .msg.user { align-self: flex-end; background: #2f6fed; color: #fff; }
+  .msg.assistant { align-self: flex-start; background: #fff; border: 1px solid #e2e2e6; }
+  .msg.assistant.streaming::after { content: ""; display: inline-block; width: 7px; height: 7px; border-radius: 50%; background: #aaa; margin-left: 5px; }
+  .msg.error { align-self: stretch; background: #fdecec; color: #a11; border: 1px solid #f3c2c2; font-size: 13px; }
+  .calc { display: inline-block; max-width: 100%; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; background: #eef1f7; border-radius: 4px; padding: 0 4px; }
+  form { display: flex; gap: 6px; padding: 8px 0 12px; border-top: 1px solid #ddd; }
+  textarea { flex: 1; resize: none; font: inherit; padding: 8px 10px; border: 1px solid #ccc; border-radius: 8px; min-height: 42px; max-height: 160px; }
+  button { font: inherit; padding: 6px 12px; border: 1px solid #ccc; border-radius: 8px; background: #fff; cursor: pointer; }
+  button:disabled { opacity: .45; cursor: default; }
+  #send { background: #2f6fed; border-color: #2f6fed; color: #fff; }
+</style>
+</head>
+<body>
+<main>
+  <header>
+    <h1>DecoderStack</h1>
+    <span id="model">connecting&hellip;</span>
+    <button id="new-chat" type="button">New chat</button>
+  </header>
+  <details id="settings">
+    <summary>Settings</summary>
+    <div class="settings">
+      <label>temperature <input id="temperature" type="number" min="0" step="0.1" value="0.8"></label>
+      <label>top_k <input id="top-k" type="number" min="0" step="1" value="50"></label>
+      <label>top_p <input id="top-p" type="number" min="0" max="1" step="0.05" value="1.0"></label>
+      <label>max_tokens <input id="max-tokens" type="number" min="1" step="1" value="256"></label>
+    </div>
+  </details>
+  <div id="messages" aria-live="polite"></div>
+  <form id="composer">
+    <textarea id="input" rows="1" placeholder="Message" title="Enter sends, Shift+Enter: new line" autofocus></textarea>
+    <button id="send" type="submit">Send</button>
+    <button id="stop" type="button" disabled>Stop</button>
+  </form>
+</main>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+const chat = { model: null, messages: [], controller: null };  // messages: the OpenAI conversation so far
+const MARK = /(<[|](?:python|output)_(?:start|end)[|]>)/;
+const CR = String.fromCharCode(13), LF = String.fromCharCode(10);  // no backslash in this page: Python embeds it as is
+
+// Model text -> DOM nodes (text only, never innerHTML); calculator calls become "calc: expr = result".
+function renderContent(el, text) {
+  el.replaceChildren();
+  let calc = null, mode = "text";
+  const show = () => { calc.span.textContent = "calc: " + calc.expr + (calc.out === null ? "" : " = " + calc.out); };
+  for (const part of text.split(MARK)) {
+    if (part === "<|python_start|>") {
+      calc = { span: document.createElement("span"), expr: "", out: null };
+      calc.span.className = "calc";
+      el.append(calc.span);
+      mode = "expr";
+      show();
+    } else if (part === "<|python_end|>" && mode === "expr") mode = "after";
+    else if (part === "<|output_start|>" && mode === "after") { mode = "out"; calc.out = ""; show(); }
+    else if (part === "<|output_end|>" && mode === "out") mode = "text";
+    else if (part) {
+      if (mode === "expr") { calc.expr += part; show(); }
+      else if (mode === "out") { calc.out += part; show(); }
+      else { mode = "text"; el.append(document.createTextNode(part)); }
+    }
+  }
+}
+
+function addMessage(cls, text) {
+  const el = document.createElement("div");
+  el.className = "msg " + cls;
+  renderContent(el, text);
+  $("messages").append(el);
+  scrollDown();
+  return el;
+}
+function fitInput() { const t = $("input"); t.style.height = "auto"; t.style.height = t.scrollHeight + 2 + "px"; }
+function scrollDown() { const m = $("messages"); m.scrollTop = m.scrollHeight; }
+function setBusy(busy) { $("send").disabled = busy; $("stop").disabled = !busy; }
+
+function settings() {
+  const num = (id, parse, fallback) => { const v = parse($(id).value); return Number.isFinite(v) ? v : fallback; };
+  return { max_tokens: num("max-tokens", parseInt, 256), temperature: num("temperature", parseFloat, 0.8),
+           top_k: num("top-k", parseInt, 50), top_p: num("top-p", parseFloat, 1.0) };
+}
+
+async function errorMessage(res) {
+  try { const body = await res.json(); if (body && body.error && body.error.message) return body.error.message; } catch (e) {}
+  return "HTTP " + res.status + " " + res.statusText;
+}
+
+// Read server-sent events: "data: {json}" events separated by blank lines, ending with "data: [DONE]".
+async function readEvents(res, onData) {
+  const reader = res.body.getReader(), decoder = new TextDecoder();
+  let buffer = "", done = false;
+  try {
+    while (!done) {
+      const chunk = await reader.read();
+      done = chunk.done;
+      buffer = (buffer + decoder.decode(chunk.value || new Uint8Array(), { stream: !done })).split(CR + LF).join(LF);
+      const events = buffer.split(LF + LF);
+      buffer = done ? "" : events.pop();
+      for (const event of events) {
+        const lines = event.split(LF).filter((l) => l.startsWith("data:"));
+        const data = lines.map((l) => l.slice(5).replace(/^ /, "")).join(LF);
+        if (data === "[DONE]") return;
+        if (data) onData(JSON.parse(data));
+      }
+    }
+  } finally {
+    reader.cancel().catch(() => {});
+  }
+}
+
+async function send() {
+  const text = $("input").value;
+  if (chat.controller || !text.trim()) return;
+  $("input").value = "";
+  fitInput();
+  const turn = { role: "user", content: text }, reply = { role: "assistant", content: "" };
+  chat.messages.push(turn);
+  const userEl = addMessage("user", text), botEl = addMessage("assistant streaming", "");
+  const controller = chat.controller = new AbortController();
+  setBusy(true);
+  let failure = null;
+  try {
+    const res = await fetch("/v1/chat/completions", {
+      method: "POST", headers: { "Content-Type": "application/json" }, signal: controller.signal,
+      body: JSON.stringify({ model: chat.model || "default", messages: chat.messages, stream: true, ...settings() }),
+    });
+    if (!res.ok) throw new Error(await errorMessage(res));
+    await readEvents(res, (chunk) => {
+      if (chunk.error) throw new Error(chunk.error.message || "error");
+      const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+      if (delta && delta.content) { reply.content += delta.content; renderContent(botEl, reply.content); scrollDown(); }
+    });
+  } catch (e) {
+    if (e.name !== "AbortError") failure = e.message || String(e);
+  }
+  if (chat.controller !== controller) return;  // "New chat" took over: it already cleared everything
+  chat.controller = null;
+  botEl.classList.remove("streaming");
+  if (reply.content) chat.messages.push(reply);
+  else {  // nothing came back: undo the turn and give the text back
+    chat.messages.splice(chat.messages.indexOf(turn), 1);
+    userEl.remove(); botEl.remove();
+    if (!$("input").value) { $("input").value = text; fitInput(); }
+  }
+  if (failure) addMessage("error", failure);
+  setBusy(false);
+  $("input").focus();
+}
+
+function stop() { if (chat.controller) chat.controller.abort(); }
+function newChat() {
+  const c = chat.controller;
+  chat.controller = null;
+  if (c) c.abort();
+  chat.messages = [];
+  $("messages").replaceChildren();
+  setBusy(false);
+  $("input").focus();
+}
+
+$("composer").addEventListener("submit", (e) => { e.preventDefault(); send(); });
+$("input").addEventListener("input", fitInput);
+$("input").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }
+});
+$("stop").addEventListener("click", stop);
+$("new-chat").addEventListener("click", newChat);
+
+fetch("/v1/models").then(async (res) => {
+  if (!res.ok) throw new Error(await errorMessage(res));
+  const body = await res.json();
+  chat.model = body.data[0].id;
+  $("model").textContent = chat.model;
+}).catch((e) => { $("model").textContent = "no model (" + e.message + ")"; });
+</script>
+</body>
+</html>
+"""
 
 
 # =============================================================================================================
-# 15. Phases and main
+# 15. Export: a checkpoint as a Hugging Face folder (transformers, trust_remote_code=True), and its upload
+#
+# The folder holds our weights as they are, the code that runs them (HF_MODELING: this file's GPT for transformers,
+# kept here as text so the stack stays one file; nothing here imports transformers) and our tokenizer in the HF
+# format. tests/test_export.py checks that transformers computes the stack's logits, tokens and greedy samples.
+
+HF_MODELING = r'''
+"""DecoderStack's GPT for transformers (AutoModelForCausalLM with trust_remote_code=True), written by the stack's
+--phases export beside the weights it exported. It computes what the stack's GPT.hidden and GPT.logits compute (the
+same parameter names, so the stack's state dict loads as it is) on one document per row: position 0 and no previous
+token at a row's first token, as the stack's Engine decodes a prompt. Rows are not padded: a batch is rows of equal
+length, and an attention_mask, if given, must be all ones.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+GATE_DIMS = 12  # the gates (smear, attention, value embedding) read the first 12 dims of their input
+
+
+class DecoderStackConfig(PretrainedConfig):
+    """The stack's ModelConfig (state.json "model"), field for field, plus the special ids generate needs."""
+    model_type = "decoderstack"
+    attribute_map = {"num_hidden_layers": "n_layers", "hidden_size": "model_dim", "num_attention_heads": "n_heads"}
+
+    vocab_size: int = 32768
+    n_layers: int = 11
+    model_dim: int = 768
+    n_heads: int = 6
+    head_dim: int = 128
+    mlp_mult: int = 4
+    vocab_multiple: int = 128
+    long_window_layers: str = "3,10"
+    value_embed_layers: str = "1,2,8,9,10"
+    bigram_rows_per_vocab: float = 7.5
+    attn_scale: float = 0.1
+    softcap: list | tuple = (23.0, 5.0, 7.5)
+    short_window: int = 768
+    long_window: int = 1664
+    max_doc_len: int = 2048
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    use_cache: bool = True
+    tie_word_embeddings: bool = False  # lm_head and embed are both stored; the `tied` buffer says which one embeds
+
+
+def parse_ints(text):
+    return [int(x) for x in str(text).split(",") if x.strip()]
+
+
+def norm(x):
+    """RMS norm computed in fp32, returned in x's dtype."""
+    return F.rms_norm(x.float(), (x.size(-1),)).to(x.dtype)
+
+
+def softcap(logits, cap):
+    """The logits the model predicts with (fp32): A * sigmoid((z + B) / C)."""
+    a, b, c = cap
+    return a * torch.sigmoid((logits.float() + b) / c)
+
+
+class Rotary(nn.Module):
+    """Half-truncated RoPE with the trained frequencies (a buffer: YaRN may have stretched them)."""
+
+    def __init__(self, head_dim):
+        super().__init__()
+        self.register_buffer("freqs", torch.zeros(head_dim // 2), persistent=True)
+
+    def forward(self, x, positions):
+        angles = positions.float()[..., None] * self.freqs.float()
+        cos, sin = angles.cos()[..., None, :].to(x.dtype), angles.sin()[..., None, :].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx, has_value_embed):
+        super().__init__()
+        inner, dim = config.n_heads * config.head_dim, config.model_dim
+        self.layer_idx, self.n_heads, self.head_dim = layer_idx, config.n_heads, config.head_dim
+        self.q, self.k, self.v = (nn.Parameter(torch.zeros(inner, dim)) for _ in range(3))
+        self.o = nn.Parameter(torch.zeros(dim, inner))
+        self.fc = nn.Parameter(torch.zeros(config.mlp_mult * dim, dim))
+        self.proj = nn.Parameter(torch.zeros(dim, config.mlp_mult * dim))
+        self.attn_gate = nn.Parameter(torch.zeros(config.n_heads, GATE_DIMS))
+        self.ve_gate = nn.Parameter(torch.zeros(config.n_heads, GATE_DIMS)) if has_value_embed else None
+
+    def forward(self, x, ve, rotary, positions, scale, window, cache):
+        """x: (B, S, dim) new tokens at `positions` (B, S); cache: a transformers Cache holding the earlier ones, or
+        None. A query at position i sees the keys at positions j with 0 <= i - j <= window (the stack's mask)."""
+        h = norm(x)
+        heads = (*x.shape[:-1], self.n_heads, self.head_dim)
+        q, k, v = (h @ self.q.T).view(heads), (h @ self.k.T).view(heads), (h @ self.v.T).view(heads)
+        q, k = rotary(norm(q), positions), rotary(norm(k), positions)  # QK-norm, then rotate
+        if ve is not None:
+            v = v + 2 * torch.sigmoid(h[..., :GATE_DIMS] @ self.ve_gate.T)[..., None] * ve.view_as(v)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D): the layout of transformers' caches
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        key_positions = torch.arange(k.size(2), device=x.device)
+        gap = positions[:, None, :, None] - key_positions  # (B, 1, S, T): query position minus key position
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=(gap >= 0) & (gap <= window), scale=scale)
+        y = y.transpose(1, 2) * torch.sigmoid(h[..., :GATE_DIMS] @ self.attn_gate.T)[..., None]
+        x = x + y.flatten(-2) @ self.o.T
+        return x + torch.relu(norm(x) @ self.fc.T).square() @ self.proj.T
+
+
+class DecoderStackForCausalLM(PreTrainedModel, GenerationMixin):
+    """The stack's GPT: smear gate, bigram hash embedding, value embeddings, U-net skips, block lambdas, QK-norm,
+    half-truncated RoPE, per-layer sliding windows, attention gates, relu^2 MLP, softcapped logits over vocab_size
+    (the embedding tables have padded rows that no id reaches). Activations are in the weights' dtype; norms, RoPE
+    angles and logits are fp32.
+
+    forward(input_ids (B, S), cache=None, last_ids=None, ...): with a cache holding a row's first n tokens, input_ids
+    are its tokens n, n+1, ...; last_ids (B,) are the tokens before them (token n-1), which the smear gate and the
+    bigram hash read. generate passes them itself (prepare_inputs_for_generation); they are needed whenever the
+    cache is not empty."""
+    config_class = DecoderStackConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    # loaded in bf16 or fp16 too, the trained frequencies and attention scale stay fp32, as in the stack (whose
+    # buffers stay fp32 under autocast): a bf16 frequency is off by up to 0.4%, radians at position 1000
+    _keep_in_fp32_modules_strict = ["rotary", "attn_scale"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        padded = -(-config.vocab_size // config.vocab_multiple) * config.vocab_multiple
+        dim, L, inner = config.model_dim, config.n_layers, config.n_heads * config.head_dim
+        self.value_embed_layers = [i for i in parse_ints(config.value_embed_layers) if i < L]
+        long_layers = set(i for i in parse_ints(config.long_window_layers) if i < L)
+        self.windows = [config.long_window if i in long_layers else config.short_window for i in range(L)]
+        self.blocks = nn.ModuleList(Block(config, i, i in self.value_embed_layers) for i in range(L))
+        self.lm_head = nn.Parameter(torch.zeros(padded, dim))
+        self.embed = nn.Parameter(torch.zeros(padded, dim))
+        self.value_embeds = nn.Parameter(torch.zeros(len(self.value_embed_layers), padded, inner))
+        self.bigram_rows = max(2, int(config.bigram_rows_per_vocab * config.vocab_size))
+        self.bigram_embed = nn.Parameter(torch.zeros(self.bigram_rows, dim))
+        self.smear_gate = nn.Parameter(torch.zeros(GATE_DIMS))
+        self.block_lambdas = nn.Parameter(torch.zeros(L, 3))
+        self.skip_weights = nn.Parameter(torch.zeros(L // 2))
+        self.smear_lambda = nn.Parameter(torch.zeros(()))
+        self.rotary = Rotary(config.head_dim)
+        self.register_buffer("attn_scale", torch.tensor(float(config.attn_scale)))  # grown by YaRN in training
+        self.register_buffer("tied", torch.tensor(True))  # lm_head embeds too until training untied them
+        self.post_init()
+
+    def bigram_ids(self, ids, prev_ids):
+        """Hash of (previous token, token); a document start (prev_ids < 0) gets the reserved last row."""
+        h = ((36313 * ids) ^ (27191 * prev_ids.clamp(min=0))) % (self.bigram_rows - 1)
+        return torch.where(prev_ids < 0, self.bigram_rows - 1, h)
+
+    def forward(self, input_ids, attention_mask=None, cache=None, use_cache=None, last_ids=None, logits_to_keep=0,
+                **kwargs):
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("DecoderStack models take unpadded rows: attention_mask must be all ones")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
+        B, S = input_ids.shape
+        if last_ids is None:
+            if past:
+                raise ValueError("with a non-empty cache, pass last_ids: each row's token before input_ids")
+            last_ids = input_ids.new_full((B,), -1)
+        prev_ids = torch.cat([last_ids.view(B, 1).to(input_ids), input_ids[:, :-1]], dim=1)
+        positions = past + torch.arange(S, device=input_ids.device).expand(B, S)
+
+        embed = self.lm_head if bool(self.tied) else self.embed
+        e = F.embedding(input_ids, embed)
+        # smear: each token takes a gated share of the previous token's embedding (none at the document start)
+        before = F.embedding(prev_ids.clamp(min=0), embed)
+        before = torch.where((prev_ids >= 0)[..., None], before, torch.zeros_like(before))
+        e = e + self.smear_lambda * torch.sigmoid(e[..., :GATE_DIMS] @ self.smear_gate)[..., None] * before
+        x = x0 = norm(e)
+        bigram = F.embedding(self.bigram_ids(input_ids, prev_ids), self.bigram_embed)
+        skips, L, scale = [], self.config.n_layers, float(self.attn_scale)
+        for i, block in enumerate(self.blocks):
+            if i >= L - L // 2 and skips:  # U-net: the first half's outputs feed the second half, mirrored
+                x = x + self.skip_weights[L - 1 - i] * skips.pop()
+            a, b, c = self.block_lambdas[i]
+            x = a * x + b * x0 + c * bigram
+            ve = (F.embedding(input_ids, self.value_embeds[self.value_embed_layers.index(i)])
+                  if i in self.value_embed_layers else None)
+            x = block(x, ve, self.rotary, positions, scale, self.windows[i], cache)
+            if i < L // 2:
+                skips.append(x)
+        h = norm(x)[:, -logits_to_keep:] if logits_to_keep else norm(x)
+        logits = softcap(h @ self.lm_head[:self.config.vocab_size].T, self.config.softcap)
+        return CausalLMOutputWithPast(logits=logits, cache=cache if use_cache else None)
+
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        """transformers' inputs (the new tokens, the cache) plus last_ids: the token before the new ones, which the
+        full sequence generate holds still has."""
+        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        before = input_ids.size(1) - inputs["input_ids"].size(1)
+        if before > 0:
+            inputs["last_ids"] = input_ids[:, before - 1]
+        return inputs
+'''
+
+# The chat format of data/tokenizer.py's render_conversation as a transformers chat template: a leading system message
+# merged into the first user message, user/assistant alternating, an assistant's content a string or a list of parts
+# (text, python, python_output), and {% generation %} around what SFT supervises (return_assistant_tokens_mask gives
+# render_conversation's mask). Every tag trims the whitespace around it: the template's own layout renders nothing.
+HF_CHAT_TEMPLATE = r"""
+{%- if messages and messages[0]['role'] == 'system' -%}
+  {%- if messages | length < 2 or messages[1]['role'] != 'user' -%}
+    {{- raise_exception('a system message must be followed by a user message') -}}
+  {%- endif -%}
+  {%- set merged = messages[0]['content'] + '\n\n' + messages[1]['content'] -%}
+  {%- set messages = [{'role': 'user', 'content': merged}] + messages[2:] -%}
+{%- endif -%}
+{{- '<|bos|>' -}}
+{%- for message in messages -%}
+  {%- if message['role'] != ['user', 'assistant'][loop.index0 % 2] -%}
+    {{- raise_exception('roles must alternate user/assistant, from user (after an optional system message)') -}}
+  {%- endif -%}
+  {%- if message['role'] == 'user' -%}
+    {%- if message['content'] is not string -%}
+      {{- raise_exception('user content must be a string') -}}
+    {%- endif -%}
+    {{- '<|user_start|>' + message['content'] + '<|user_end|>' -}}
+  {%- else -%}
+    {{- '<|assistant_start|>' -}}
+    {%- set parts = message['content'] -%}
+    {%- if parts is string -%}
+      {%- set parts = [{'type': 'text', 'text': parts}] -%}
+    {%- endif -%}
+    {%- for part in parts -%}
+      {%- if part['type'] == 'text' -%}
+        {%- generation -%}{{- part['text'] -}}{%- endgeneration -%}
+      {%- elif part['type'] == 'python' -%}
+        {%- generation -%}{{- '<|python_start|>' + part['text'] + '<|python_end|>' -}}{%- endgeneration -%}
+      {%- elif part['type'] == 'python_output' -%}
+        {{- '<|output_start|>' + part['text'] + '<|output_end|>' -}}
+      {%- else -%}
+        {{- raise_exception('unknown content part type ' + part['type']) -}}
+      {%- endif -%}
+    {%- endfor -%}
+    {%- generation -%}{{- '<|assistant_end|>' -}}{%- endgeneration -%}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {{- '<|assistant_start|>' -}}
+{%- endif -%}
+"""
+HF_STOPS = ("<|assistant_end|>", "<|bos|>")  # where the Engine stops a sample: generate's eos_token_id
+
+
+class ExportError(DataFormatError):
+    """The export could not be written or uploaded; the message says where and why."""
+
+
+def byte_level_chars():
+    """GPT-2's byte -> character table, the alphabet of byte-level BPE vocabularies: the printable Latin-1 bytes
+    ('!'..'~', U+00A1..U+00AC, U+00AE..U+00FF) stand for themselves, the other 68 (controls, space, soft hyphen,
+    ...) for U+0100 onwards, in byte order."""
+    kept = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    moved = [b for b in range(256) if b not in kept]
+    return {**{b: chr(b) for b in kept}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
+
+
+def hf_tokenizer_json(tokenizer):
+    """Our tokenizer in the HF tokenizers format (tokenizer.json): byte-level BPE over the tiktoken ranks, the special
+    tokens as added tokens with their ids, <|bos|> prepended (every document starts with it) unless
+    add_special_tokens=False. tiktoken merges, within a piece of the split pattern, the adjacent pair whose
+    concatenation has the lowest rank, and takes a piece that is a token whole; HF's BPE merges the listed pair of
+    lowest index. So every split of a token into two tokens is listed, in the order of the token's rank, and
+    ignore_merges takes whole tokens: the same ids."""
+    chars = byte_level_chars()
+    n_ranks = min(tokenizer.special_tokens.values())  # the ranks are 0..n-1, then the special tokens
+    pieces = [tokenizer.enc.decode_single_token_bytes(i) for i in range(n_ranks)]
+    ranks = {piece: i for i, piece in enumerate(pieces)}
+    text = lambda piece: "".join(chars[b] for b in piece)
+    merges = sorted((rank, ranks[piece[:k]], ranks[piece[k:]]) for rank, piece in enumerate(pieces)
+                    for k in range(1, len(piece)) if piece[:k] in ranks and piece[k:] in ranks)
+    bos = {"SpecialToken": {"id": "<|bos|>", "type_id": 0}}
+    doc = lambda name: {"Sequence": {"id": name, "type_id": 0}}
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True}
+                         for name, i in sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])],
+        "normalizer": None,
+        # the pattern isolates the pieces tiktoken splits text into; ByteLevel then only maps bytes to characters
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": tokenizer.pattern}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": {
+            "type": "TemplateProcessing", "single": [bos, doc("A")], "pair": [bos, doc("A"), bos, doc("B")],
+            "special_tokens": {"<|bos|>": {"id": "<|bos|>", "ids": [tokenizer.bos_id], "tokens": ["<|bos|>"]}}},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  "vocab": {text(piece): i for i, piece in enumerate(pieces)},
+                  "merges": [[text(pieces[left]), text(pieces[right])] for _, left, right in merges]},
+    }
+
+
+def hf_tokenizer_files(tokenizer):
+    """{file name: text} of the tokenizer folder AutoTokenizer loads: tokenizer.json (hf_tokenizer_json) and
+    tokenizer_config.json (eos <|assistant_end|>, the chat template)."""
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|assistant_end|>",
+              "clean_up_tokenization_spaces": False,  # decode gives back the text, spaces as they were
+              "chat_template": HF_CHAT_TEMPLATE.strip()}
+    return {"tokenizer.json": json.dumps(hf_tokenizer_json(tokenizer), ensure_ascii=False),
+            "tokenizer_config.json": json.dumps(config, indent=1) + "\n"}
+
+
+def hf_model_card(model_name, cfg):
+    """README.md: what the model is and how transformers loads it (the Hub shows it as the model's page)."""
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags: [decoderstack, custom_code]
+---
+# {model_name}
+
+A DecoderStack model ({cfg.n_layers} layers, model dim {cfg.model_dim}, {cfg.n_heads} heads of {cfg.head_dim},
+vocabulary {cfg.vocab_size}; sliding windows {cfg.short_window} / {cfg.long_window}), exported by `--phases export`. Its
+code is modeling_decoderstack.py, so it loads with `trust_remote_code=True`:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)  # it reads config.json, whose class is ours
+model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)
+ids = tokenizer.apply_chat_template([{{"role": "user", "content": "Hello"}}], add_generation_prompt=True,
+                                    return_tensors="pt")["input_ids"]
+print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0, ids.size(1):]))
+```
+
+Rows are not padded (batches of equal-length rows); the tokenizer prepends `<|bos|>` to plain text, as every training
+document starts with it. The chat template renders our chat format; pass `sanitize_control_tokens=True` to encode
+special-token text inside messages as text, as the stack does.
+"""
+
+
+def export_hf(model, tokenizer, out_dir, model_name="decoderstack"):
+    """Write a Hugging Face folder of `model` to out_dir: config.json (the ModelConfig, auto_map to
+    modeling_decoderstack.py), model.safetensors (the state dict as it is), the modeling file, the tokenizer files,
+    generation_config.json (eos: the Engine's stops) and a model card. Written into out_dir.tmp and moved into place
+    whole, so a failure leaves out_dir as it was (absent, or the previous export) and no .tmp. Returns
+    {file name: bytes}."""
+    from safetensors.torch import save_file
+    if model.vocab_size != tokenizer.vocab_size:
+        raise ExportError(f"{out_dir}: the model has {model.vocab_size} tokens, the tokenizer {tokenizer.vocab_size}")
+    cfg, special = model.cfg, tokenizer.special
+    stops = [special(name) for name in HF_STOPS]
+    config = {"architectures": ["DecoderStackForCausalLM"], "model_type": "decoderstack",
+              "auto_map": {"AutoConfig": "modeling_decoderstack.DecoderStackConfig",
+                           "AutoModelForCausalLM": "modeling_decoderstack.DecoderStackForCausalLM"},
+              **dataclasses.asdict(cfg), "bos_token_id": tokenizer.bos_id, "eos_token_id": stops, "dtype": "float32"}
+    # pad = a stop: generate takes prompt tokens equal to a pad id that is no eos for padding (pad <|bos|> would
+    # mask every document start)
+    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops, "pad_token_id": stops[0]}
+    texts = {"config.json": json.dumps(config, indent=1) + "\n",
+             "generation_config.json": json.dumps(generation, indent=1) + "\n",
+             "modeling_decoderstack.py": HF_MODELING.lstrip(), "README.md": hf_model_card(model_name, cfg),
+             **hf_tokenizer_files(tokenizer)}
+    out_dir = os.path.abspath(out_dir)
+    tmp, old = out_dir + ".tmp", out_dir + ".old.tmp"  # .tmp: what claim_run_dir also clears as a crash's leftovers
+    for stale in (tmp, old):  # what an export killed half-way left
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        for name, text in texts.items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        if os.path.isdir(out_dir):  # a directory cannot be renamed over a non-empty one: park the previous export
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+    except OSError as e:  # e.g. a full disk
+        if os.path.isdir(old) and not os.path.exists(out_dir):
+            os.rename(old, out_dir)
+        raise ExportError(f"{out_dir}: could not write the export ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return {name: os.path.getsize(os.path.join(out_dir, name)) for name in sorted(os.listdir(out_dir))}
+
+
+def push_to_hub(out_dir, repo):
+    """Upload an export_hf folder to the model repo `repo` (ORG/NAME, created if missing); returns its URL."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HFValidationError
+    api = HfApi()
+    try:
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(folder_path=out_dir, repo_id=repo, commit_message=f"Upload {os.path.basename(out_dir)}")
+    except (OSError, HFValidationError) as e:  # HTTP, connection and offline-mode errors are all OSErrors
+        raise ExportError(f"hf://{repo}: {e} (the export is complete in {out_dir})") from None
+    return f"https://huggingface.co/{repo}"
+
+
+# =============================================================================================================
+# 16. Phases and main
 
 
 def phase_data(cfg, rt, log):
@@ -4729,6 +5335,21 @@ def phase_serve(cfg, rt, log):
         server.close()
 
 
+def phase_export(cfg, rt, log):
+    """The latest checkpoint (or --init-from) as a Hugging Face folder (export_hf) in --export-dir (default RUN_DIR/hf),
+    uploaded to --push-to-hub ORG/NAME when given."""
+    if not rt.master:
+        return
+    tokenizer = data_tokenizer(cfg.data_dir)
+    model, _, path = trained_model(cfg, rt, tokenizer)
+    out_dir = cfg.export_dir or os.path.join(cfg.run_dir, "hf")
+    name = cfg.push_to_hub.split("/")[-1] if cfg.push_to_hub else os.path.basename(os.path.abspath(cfg.run_dir))
+    files = export_hf(model, tokenizer, out_dir, model_name=name)
+    log(f"exported {path} to {out_dir}: " + ", ".join(f"{n} ({size:,} bytes)" for n, size in files.items()))
+    if cfg.push_to_hub:
+        log(f"pushed {out_dir} to {push_to_hub(out_dir, cfg.push_to_hub)}")
+
+
 def phase_convert(cfg, rt, log):
     """Rewrite the state.json of --init-from, a checkpoint from before checkpoints carried their model, as today's:
     its ModelConfig (its pretraining config over the data's tokenizer) and that config as the run's settings."""
@@ -4744,7 +5365,8 @@ def phase_convert(cfg, rt, log):
 
 
 PHASES = {"data": phase_data, "pt": phase_pt, "eval": phase_eval, "sft": phase_sft, "chat": phase_chat, "rl": phase_rl,
-          "generate": phase_generate, "serve": phase_serve, "convert": phase_convert}
+          "generate": phase_generate, "serve": phase_serve, "export": phase_export,
+          "convert": phase_convert}
 
 
 def main(argv=None):

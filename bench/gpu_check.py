@@ -387,6 +387,18 @@ def check_decode(ctx, res):
             rates[c, b] = b * new / (time.time() - t0)
     res.add("decode", "compiled steps == eager (greedy)", "ok" if agree == 1 or (not small and agree >= 0.9) else "FAIL",
             f"{agree:.0%} of {new} tokens agree (bf16 kernels may differ); compile {compile_s:.0f} s", error=1 - agree)
+    # the server's batch: streams of four requests, each its own Sampling, joining one DecodeBatch at once
+    streams = [stack.Stream(prompt[:len(prompt) * (4 - i) // 4], stack.Sampling(temperature=0), new) for i in range(4)]
+    batch = engines[False].batch(len(prompt) + new, len(streams))
+    for stream in streams:
+        batch.add(stream)
+    while batch.step():
+        pass
+    alone = [engines[False].generate([s.prompt], 1, new, temperature=0)[0][0].tokens for s in streams]
+    together = np.mean([a == b for s, want in zip(streams, alone) for a, b in zip(s.sample.tokens, want)])
+    res.add("decode", "served requests together == each alone (greedy)",
+            "ok" if together == 1 or (not small and together >= 0.9) else "FAIL",
+            f"{together:.0%} of {len(streams)} x {new} tokens agree", error=1 - together)
     res.add("decode", "engine tok/s batch 1 / 16", "ok",
             f"eager {rates[False, 1]:,.0f} / {rates[False, 16]:,.0f}, compiled {rates[True, 1]:,.0f} / "
             f"{rates[True, 16]:,.0f}", tok_per_s=rates[True, 1], speedup=rates[True, 1] / rates[False, 1])

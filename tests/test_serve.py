@@ -333,13 +333,14 @@ def test_a_request_past_the_timeout_is_cancelled(serve):
     wait_idle(url)
 
 
-def test_a_failing_decode_step_fails_its_requests_and_not_the_server(serve):
+@pytest.mark.parametrize("failing_call", [1, 3], ids=["prefill", "step"])
+def test_a_failing_decode_step_fails_its_requests_and_not_the_server(serve, failing_call):
     url, engine, server = serve()
     decode, calls = engine._decode, []
 
     def failing(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == failing_call:
             raise RuntimeError("CUDA out of memory (simulated)")
         return decode(*args, **kwargs)
 
@@ -347,7 +348,8 @@ def test_a_failing_decode_step_fails_its_requests_and_not_the_server(serve):
     r = chat(url, [{"role": "user", "content": "hi"}], max_tokens=10)
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     assert chat(url, [{"role": "user", "content": "again"}], max_tokens=10).status_code == 200
-    assert httpx.get(f"{url}/health").json()["failed_steps"] == 1
+    health = httpx.get(f"{url}/health").json()
+    assert health["failed_steps"] == 1 and health["in_flight"] == 0
 
 
 # ---- the phase ---------------------------------------------------------------------------------------------------------
