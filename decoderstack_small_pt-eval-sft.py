@@ -4270,17 +4270,13 @@ class Server:
 
         async def events():
             try:
-                if kind == "chat":
-                    for j in range(p["n"]):
-                        yield chunk(j, "", None, first=True)
-                items = [first] if first else []
-                while True:
-                    for j, piece, finish in items:
-                        yield chunk(j, piece, finish)
-                    items = [await choices.__anext__()]
-            except StopAsyncIteration:
-                pass
-            except RequestError as e:
+                for j in range(p["n"] if kind == "chat" else 0):
+                    yield chunk(j, "", None, first=True)
+                if first:
+                    yield chunk(*first)
+                async for item in choices:
+                    yield chunk(*item)
+            except RequestError as e:  # a timeout or a failed step after streaming began: said in the stream
                 yield event(e.body())
             finally:
                 await choices.aclose()

@@ -4,7 +4,6 @@ non-streaming, concurrent clients against each served alone, every bad request, 
 timeouts, a failing decode step, and the phase's CLI."""
 import concurrent.futures
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -28,16 +27,20 @@ def tok(stack, tok_dir):
     return stack.Tokenizer(tok_dir)
 
 
-@pytest.fixture(scope="module")
-def model(stack, tok):
-    """A small random model over the tokenizer's vocabulary, every parameter nonzero."""
+def tiny_model(stack, vocab_size):
+    """A small random model over vocab_size tokens, every parameter nonzero."""
     torch.manual_seed(0)
     cfg = stack.Config(n_layers=2, model_dim=64, n_heads=2, head_dim=32, long_window_layers="1", value_embed_layers="0,1")
-    model = stack.GPT(stack.ModelConfig.of(cfg, tok.vocab_size))
+    model = stack.GPT(stack.ModelConfig.of(cfg, vocab_size))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model(stack, tok):
+    return tiny_model(stack, tok.vocab_size)
 
 
 def cpu_rt(stack):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from test_serve import tiny_model
 
 TOKEN_DELAY = 0.03  # seconds per decode step: a reply of 40 tokens streams over > 1 s, which the polls below see
 MAX_TOKENS = 40
@@ -57,13 +58,7 @@ def browser():
 def served(stack, tok_dir):
     """A tiny random model behind the stack's server, decoding slowed so streaming is observable: its base url."""
     tok = stack.Tokenizer(tok_dir)
-    torch.manual_seed(0)
-    cfg = stack.Config(n_layers=2, model_dim=64, n_heads=2, head_dim=32, long_window_layers="1", value_embed_layers="0,1")
-    model = stack.GPT(stack.ModelConfig.of(cfg, tok.vocab_size))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.eval()
+    model = tiny_model(stack, tok.vocab_size)
     decode, special = model.decode, list(tok.special_tokens.values())
 
     def slow_plain_decode(*args, **kwargs):  # never a special token: each turn's text re-encodes to ~ as many tokens
