@@ -4081,6 +4081,7 @@ class Server:
         self.defaults = {**dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=256), **(defaults or {})}
         self.batch = engine.batch(max_context, max_rows)
         self.inbox = queue.Queue()  # Streams from the HTTP side, added to the batch by its thread
+        self.outbox, self.http_loop = [], None  # (asyncio queue, item) from the decode thread, delivered per step
         self.lock, self.in_flight = threading.Lock(), 0  # choices accepted and not yet done
         self.created, self.thread, self.closed = int(time.time()), None, threading.Event()
         self.failures = 0
@@ -4116,6 +4117,13 @@ class Server:
                 for s in streams:
                     s.sample.stopped, s.cancelled = None, True  # None: failed
                     s.on_done()
+            self._deliver()
+
+    def _deliver(self):
+        """Hand the step's tokens to the HTTP side: one wake-up of its event loop per step, not one per token."""
+        if self.outbox:
+            items, self.outbox = self.outbox, []
+            self.http_loop.call_soon_threadsafe(lambda: [out.put_nowait(item) for out, item in items])
 
     def _done(self):
         with self.lock:
@@ -4176,18 +4184,18 @@ class Server:
                                    f"{self.max_rows} + {self.max_queue}); retry later", None, "server_busy",
                                    "rate_limit_error")
             self.in_flight += p["n"]
-        loop, out = asyncio.get_running_loop(), asyncio.Queue()
+        self.http_loop, out = asyncio.get_running_loop(), asyncio.Queue()
         seed = p["seed"] if "seed" in p else int.from_bytes(os.urandom(8), "little") >> 1
         generator = torch.Generator(device=self.engine.rt.device).manual_seed(seed % (1 << 63))
         sampling = Sampling(p["temperature"], p["top_k"], p["top_p"], p["min_p"], generator)
         streams = []
         for j in range(p["n"]):
             def on_token(token, j=j):
-                loop.call_soon_threadsafe(out.put_nowait, (j, token))
+                self.outbox.append((out, (j, token)))
 
             def on_done(j=j):
                 self._done()
-                loop.call_soon_threadsafe(out.put_nowait, (j, None))
+                self.outbox.append((out, (j, None)))
 
             streams.append(Stream(prompt, sampling, p["max_tokens"], on_token, on_done))
         for s in streams:
@@ -4906,7 +4914,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)  # it reads config.json, whose class is ours
 model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)
 ids = tokenizer.apply_chat_template([{{"role": "user", "content": "Hello"}}], add_generation_prompt=True,
-                                    return_tensors="pt")["input_ids"]
+                                    return_tensors="pt", return_dict=True)["input_ids"]
 print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0, ids.size(1):]))
 ```
 

@@ -44,3 +44,24 @@ def test_compare_trains_every_stack_and_tabulates_their_metrics(tiny_data, tok_d
         bpbs[name] = metrics["val_bpb"]
     best = min(bpbs, key=bpbs.get)
     assert re.search(rf"; best {re.escape(best)} at 12,288 tokens$", lines[-1])
+
+
+def test_serve_bench_quick_tabulates_both_servers_at_each_client_count(tok_dir):
+    """bench/serve_bench.py --quick: a tiny random model served on loopback, 1 and 2 clients, against the batched and
+    the one-row server; every row in the table (no timings checked), the summary line last."""
+    for module in ("httpx", "fastapi", "uvicorn"):
+        pytest.importorskip(module)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "serve_bench.py"), "--quick",
+                           "--data-dir", os.path.dirname(tok_dir)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("a tiny random model (--quick)") and "stop tokens off" in lines[0]
+    header = next(i for i, line in enumerate(lines) if line.startswith("| clients | server |"))
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[header + 2:header + 6]]
+    assert [(c[0], c[1]) for c in cells] == [("1", "batched"), ("1", "one row"), ("2", "batched"), ("2", "one row")]
+    for c in cells:
+        assert int(c[2]) == int(c[0]) and c[3] == "0 (0)"  # one request per client, none failed
+        assert float(c[6]) == 8.0  # stop tokens off: every reply ran to --quick's 8 tokens
+    assert [c[13] for c in cells] == ["1/1", "", "2/2", ""]  # greedy: the same replies batched and one at a time
+    assert re.match(r"serve_bench: 2 clients: [\d.]+ req/s batched vs [\d.]+ one at a time \([\d.]+x\), .*; 0 errors$",
+                    lines[-1])
