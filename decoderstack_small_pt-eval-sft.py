@@ -3503,6 +3503,7 @@ class Logger:
 # atomically; one run per run directory (a lock), pruned by step number, verified on load, resume falls back --
 
 CHECKPOINT_PREFIX = {"pt": "ckpt_", "sft": "sft_ckpt_", "rl": "rl_ckpt_"}  # RUN_DIR/<prefix><step>/, in phase order
+CURVE_PHASES = {"train": "pt", "val": "pt", "sft": "sft", "rl": "rl"}  # curves.jsonl's "<group>/<name>" -> phase
 CHECKPOINT_FILES = ("model.safetensors", "optim.pt")
 
 
@@ -3687,13 +3688,26 @@ def claim_run_dir(cfg, phases):
             raise CheckpointError(f"{cfg.run_dir}: holds checkpoints of an earlier run ({', '.join(clash)}); pass "
                                   "--resume to continue it, --overwrite to replace it, or another --run-dir")
         order = list(CHECKPOINT_PREFIX)
-        for phase in order[order.index(training[0]):]:
+        replaced = order[order.index(training[0]):]
+        for phase in replaced:
             for path in checkpoints(cfg.run_dir, phase).values():
                 shutil.rmtree(path)
             for pointer in (f"latest_{phase}", "latest"):
                 path = os.path.join(cfg.run_dir, pointer)
                 if os.path.isfile(path) and not os.path.isdir(os.path.join(cfg.run_dir, open(path).read().strip())):
                     os.remove(path)
+        curves = os.path.join(cfg.run_dir, "curves.jsonl")
+        if os.path.isfile(curves):  # the replaced phases' curves go with their checkpoints (the report draws them)
+            kept = []
+            for line in open(curves, encoding="utf-8"):
+                try:
+                    values = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                values = {k: v for k, v in values.items() if CURVE_PHASES.get(k.split("/")[0]) not in replaced}
+                if len(values) > 1:
+                    kept.append(json.dumps(values) + "\n")
+            write_text_atomic(curves, "".join(kept))
         earlier = [latest_checkpoint(cfg.run_dir, p) for p in order[:order.index(training[0])]]
         earlier = [path for path in earlier if path and os.path.isdir(path)]
         if earlier and latest_checkpoint(cfg.run_dir) is None:  # the phase trains again from what it started from

@@ -3,6 +3,7 @@ corrupt or truncated checkpoint, a crash's leftovers, a full disk. Each case fai
 recovers, saying so), and never loses the last good checkpoint."""
 import dataclasses
 import errno
+import json
 import os
 import shutil
 
@@ -80,10 +81,14 @@ def test_overwriting_a_later_phase_trains_it_again_from_the_earlier_phases_check
     (run / "sft_ckpt_000003").mkdir()
     (run / "latest_sft").write_text("sft_ckpt_000003")
     (run / "latest").write_text("sft_ckpt_000003")
+    with open(run / "curves.jsonl", "a") as f:  # the earlier sft's and rl's curves, beside pretraining's
+        f.write('{"step": 3, "sft/loss": 2.5}\n{"step": 1, "rl/reward": 0.5}\n{"step": 3, "sft/val_loss": 2.7}\n')
     cfg = stack.parse_config(TINY_ARGS + ["--data-dir", str(data), "--run-dir", str(run), "--phases", "sft", "--overwrite"])
     stack.claim_run_dir(cfg, ["sft"]).close()
     assert not (run / "sft_ckpt_000003").exists() and not (run / "latest_sft").exists()
     assert stack.latest_checkpoint(str(run)) == str(run / "ckpt_000008")
+    curves = [json.loads(line) for line in open(run / "curves.jsonl")]
+    assert curves and all(set(c) - {"step"} <= {"train/loss", "train/tok_per_s", "val/bpb", "val/loss"} for c in curves)
 
 
 def test_a_second_run_on_a_run_dir_in_use_is_refused(stack, tiny_data, tmp_path):
