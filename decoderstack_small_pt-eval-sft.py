@@ -2584,7 +2584,8 @@ def sample_next(logits, generator, temperature=1.0, top_k=0, top_p=1.0, min_p=0.
     largest, min-p drops tokens below min_p x the top probability, top-p keeps the smallest set reaching top_p."""
     if temperature <= 0:
         return logits.argmax(-1)
-    logits, index = logits.float() / temperature, None
+    logits = logits.float()
+    logits, index = (logits - logits.amax(-1, keepdim=True)) / temperature, None  # a tiny temperature: no inf - inf
     if 0 < top_k < logits.size(-1):  # draw among the k only: a draw over the whole vocabulary costs ~ms per row
         logits, index = logits.topk(top_k)
     probs = logits.softmax(-1)
@@ -2593,7 +2594,8 @@ def sample_next(logits, generator, temperature=1.0, top_k=0, top_p=1.0, min_p=0.
     if top_p < 1:
         sorted_p, order = probs.sort(-1, descending=True)
         before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens: the first token is always kept
-        probs = probs.scatter(-1, order, sorted_p.masked_fill(before >= top_p * sorted_p.sum(-1, keepdim=True), 0))
+        dropped = (before >= top_p * sorted_p.sum(-1, keepdim=True)) & (before > 0)  # a tiny top_p keeps the first
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(dropped, 0))
     draw = torch.multinomial(probs, 1, generator=generator)  # multinomial renormalises
     return (draw if index is None else index.gather(-1, draw)).squeeze(-1)
 
@@ -2837,6 +2839,9 @@ class DecodeBatch:
             if not self.waiting:
                 break
             self._admit(row)
+        for row, stream in enumerate(self.slots):  # a free row is fed junk each step: keep it empty, never full
+            if stream is None and self.cache.host_lengths[row]:
+                self.cache.clear(row)
         live = [row for row, s in enumerate(self.slots) if s is not None]
         if not live:  # idle: give the memory back
             self.slots, self.feed, self.cache, self.prefilled = [], [], None, (None, None)

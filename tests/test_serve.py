@@ -395,3 +395,18 @@ def test_serve_phase_refuses_a_run_without_a_checkpoint(tiny_data, tmp_path):
     r = subprocess.run([sys.executable, STACK_PATH, *TINY_ARGS, "--data-dir", tiny_data, "--run-dir", str(tmp_path / "none"),
                         "--phases", "serve", "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "no checkpoint" in r.stderr
+
+
+def test_extreme_sampling_values_and_long_serving_do_not_fail_the_batch(serve):
+    """A temperature or top_p just above 0 samples the top token instead of crashing the step; a free row beside
+    recycled ones never fills the cache (capacity CONTEXT: more steps than that pass here)."""
+    url, _, _ = serve(max_rows=3)
+    hi = [{"role": "user", "content": "hi"}]
+    for extreme in ({"temperature": 1e-39}, {"top_p": 1e-300}):
+        r = chat(url, hi, max_tokens=4, **extreme)
+        assert r.status_code == 200, r.text
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        long = pool.submit(chat, url, hi, max_tokens=CONTEXT - 20)
+        short = [pool.submit(chat, url, hi, max_tokens=40) for _ in range(2 * CONTEXT // 40)]
+        assert [f.result().status_code for f in short] == [200] * len(short) and long.result().status_code == 200
+    assert httpx.get(f"{url}/health").json()["failed_steps"] == 0
