@@ -1,57 +1,63 @@
 """DecoderStack: one file that pretrains a decoder on pre-tokenized shards, evaluates it (bits per byte, CORE),
-fine-tunes it for chat and generates with a KV cache. Data is prepared by the scripts in data/ (data/README.md).
+fine-tunes it for chat (SFT), evaluates the chat model, improves it on GSM8K (RL) and generates with a KV cache. Data
+is prepared by the scripts in data/ (data/README.md).
 
 Run:
     8xH100 record:  torchrun --nproc_per_node=8 decoderstack_small_pt-eval-sft.py --preset h100x8 --data-dir DIR
     one GPU:        python decoderstack_small_pt-eval-sft.py --preset gpu1 --data-dir DIR
     Colab:          python decoderstack_small_pt-eval-sft.py --preset colab --data-dir DIR
-    CPU:            python decoderstack_small_pt-eval-sft.py --preset cpu --data-dir DIR
+    CPU:            python decoderstack_small_pt-eval-sft.py --preset cpu --data-dir DIR --phases pt,eval,sft,chat,rl
     modded-nanogpt's FineWeb shards (GPT-2 ids; its val loss rule, to compare with its 3.28 target):
         torchrun --nproc_per_node=8 decoderstack_small_pt-eval-sft.py --preset h100x8 --data-dir data/fineweb10B \\
             --vocab-size 50257 --bos-id 50256 --val-final-tokens 10485760
-Any hyperparameter can be overridden with --name=value (--flag / --no-flag for booleans, JSON for tuples).
+Any setting can be overridden with --name=value (--flag / --no-flag for booleans, JSON for tuples); --help lists them
+all and the phases.
 
-Contents, in the order data flows
-    1. Hyperparameters: the stages of the schedule, one Config, presets, --name=value overrides
+Contents, in the order data flows; each phase's loop comes right after its parts
+    1. Settings: the stages of the schedule, Config and its SFT / RL / sampling groups, presets, the flags
     2. Runtime: device, precision (PRECISION), distributed
     3. Kernels: Triton kernels beside their PyTorch references
     4. Attention over packed documents: the Batch and its packer; FA3 / FA2 / flex / SDPA
     5. Model: ModelConfig (stored with the weights), GPT
     6. Optimizer: NorMuon (Polar Express) + Adam, each parameter's rule
-    7. Data: readers of every format, the pretraining loader
-    8. Pretraining: the schedule, the loss, bits per byte, FLOPs
-    9. Evaluation: packed forwards every evaluation shares, CORE
-    10. Inference: KV cache, sampling, the calculator tool, the engine
-    11. Evaluation: chat (ARC, MMLU, GSM8K, HumanEval in a sandbox; ChatCORE)
-    12. Post-training: chat SFT and GSM8K RL
-    13. Run helpers: logging, checkpoints (load_model), the run directory, metrics, the run report, the loop's
-        bookkeeping
-    14. Serving: the OpenAI-compatible server over the engine, its chat page
-    15. Export: a checkpoint as a Hugging Face folder (transformers), uploaded to the Hub
-    16. Phases (data, pt, eval, sft, chat, rl, generate, serve, export, convert) and main
+    7. Data: readers of every format, the pretraining loader; phase_data
+    8. The run: log.txt (the code that ran, by hash), progress, metrics.json, checkpoints, the run directory
+    9. Pretraining: the schedule, the loss, bits per byte, FLOPs; phase_pt
+    10. Evaluation: packed forwards, CORE; phase_eval
+    11. Inference: KV cache, sampling, the calculator tool, the engine; phase_generate
+    12. Chat evaluation: ARC, MMLU, GSM8K, HumanEval in a sandbox (its launcher), ChatCORE; phase_chat
+    13. Chat SFT: packed conversations, the masked loss; phase_sft
+    14. GSM8K RL: rewards, the policy-gradient loss, pass@k; phase_rl
+    15. The phase table and main
+Beside this file, importing it (it never imports them): serve.py (an OpenAI-compatible server and chat.html),
+export.py (a Hugging Face folder: hf/), report.py (RUN_DIR/report.md and plots from metrics.json and curves.jsonl).
 """
 import argparse
 import ast
-import asyncio
 import base64
+import builtins
 import collections
+import ctypes
 import dataclasses
 import functools
 import glob
 import hashlib
+import inspect
 import json
 import math
 import operator
 import os
-import queue
 import re
+import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import traceback
 import warnings
 
 import numpy as np
@@ -67,8 +73,9 @@ try:
 except ImportError:  # e.g. Macs: every kernel falls back to its PyTorch reference
     triton = None
 
+
 # =============================================================================================================
-# 1. Hyperparameters
+# 1. Settings: the stages of the schedule, Config and its per-phase groups, presets, the flags
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,38 +108,89 @@ class Stage:
 SOFTCAP = (23.0, 5.0, 7.5)  # logits u = A * sigmoid((z + B) / C): bounded to (0, 23), as in modded-nanogpt
 
 
+# Each phase's own settings are a small dataclass, a group of Config; on the command line a group's fields are flags
+# like any other, named with the group's prefix (--sft-steps is SFTConfig.steps). Every field's comment is its --help.
+
+@dataclasses.dataclass
+class SFTConfig:
+    """SFT (--phases sft): fine-tune the latest checkpoint on the sft/ conversations"""
+    prefix = "sft_"
+    steps: int = 500                # optimizer steps
+    batch_tokens: int = 393216      # global tokens per step: whole conversations packed, the rest padding
+    lr_mul: float = 0.8             # SFT lr = --muon-lr / --adam-lr times this (nanochat: 0.8)
+    warmup_frac: float = 0.0        # linear lr warmup over this first fraction of the steps
+    cooldown_frac: float = 0.5      # then flat, then a linear decay to 0 over this last fraction (nanochat's shape)
+    momentum_warmup: int = 300      # NorMuon momentum 0.85 -> 0.95 over these steps (the optimizer starts fresh)
+    eval_every: int = 100           # steps between SFT evaluations (also at the start and the end)
+    val_tokens: int = 4_194_304     # val conversation tokens per evaluation (masked loss on their supervised tokens)
+    chat_max_per_task: int = 0      # chat-eval examples per task at each SFT evaluation but the first (0: none)
+
+
+@dataclasses.dataclass
+class RLConfig:
+    """GSM8K RL (--phases rl): on-policy policy gradient, nanochat's recipe, from the latest checkpoint"""
+    prefix = "rl_"
+    steps: int = 60                 # optimizer steps
+    questions_per_step: int = 16    # training questions per step, over all ranks
+    samples: int = 16               # samples per question: the group whose mean reward is the baseline
+    max_new_tokens: int = 256       # tokens a sample may generate
+    temperature: float = 1.0        # sampling temperature of the rollouts and of pass@k
+    top_k: int = 50                 # top-k of the rollouts and of pass@k
+    lr_mul: float = 0.05            # RL lr = --muon-lr / --adam-lr times this, decaying linearly to 0
+    batch_tokens: int = 16384       # tokens per training forward
+    eval_every: int = 20            # steps between pass@k evaluations (also at the start and the end)
+    eval_questions: int = 400       # held-out GSM8K test questions for pass@k
+    eval_samples: int = 8           # k of pass@1..k
+
+
+@dataclasses.dataclass
+class SampleConfig:
+    """sampling (--phases generate; the defaults of serve.py's requests)"""
+    prefix = ""
+    prompt: str = ""                # --phases generate: sample for this text; without it, chat on stdin
+    prompt_format: str = "auto"     # auto: a user turn for SFT/RL checkpoints, plain text for base models | chat | text
+    num_samples: int = 1            # samples of --prompt
+    max_new_tokens: int = 256       # tokens a sample may generate
+    temperature: float = 0.8        # 0: greedy
+    top_k: int = 50                 # 0: off
+    top_p: float = 1.0              # 1: off
+    min_p: float = 0.0              # 0: off
+    decode_compile: bool = False    # the engine's decode steps through torch.compile (CUDA graphs on GPUs; unmeasured
+                                    # there): on 2 CPU cores 1.5-2x faster at batch 1, after 6-40 s compiling
+
+
 @dataclasses.dataclass
 class Config:
     # run
-    preset: str = "h100x8"
+    preset: str = "h100x8"          # defaults for a machine: h100x8 | gpu1 | colab | cpu (PRESETS)
     data_dir: str = "runs/data"     # written by data/prepare.py, or a folder of llm.c shards (PretrainData)
     vocab_size: int = 0             # 0: from the data; llm.c shards record none (modded's FineWeb: 50257, BOS 50256)
     bos_id: int = -1                # -1: from the data
-    run_dir: str = "runs/h100x8"
-    phases: str = "pt"
-    seed: int = 0
-    resume: bool = False          # continue from the last checkpoint in run_dir
-    overwrite: bool = False       # a fresh pt/sft/rl run replaces the run_dir's earlier checkpoints of that phase on
-    init_from: str = ""           # start from this checkpoint's weights
-    compile: bool = True
-    attn_backend: str = "auto"    # auto | fa3 | fa2 | flex | sdpa
-    dtype: str = "auto"           # activations (PRECISION, in Runtime): auto | bf16 | fp32 | fp16 (no training)
-    wandb: str = "auto"           # auto: online when WANDB_API_KEY is set, else disabled | offline | disabled
+    run_dir: str = "runs/h100x8"    # checkpoints, log.txt, metrics.json, curves.jsonl
+    phases: str = "pt"              # comma-separated, run in order (the list below)
+    seed: int = 0                   # weights, data order, sampling
+    resume: bool = False            # continue from the last checkpoint in run_dir
+    overwrite: bool = False         # a fresh pt/sft/rl run replaces the run_dir's earlier checkpoints of that phase on
+    init_from: str = ""             # start from (or evaluate, serve) this checkpoint instead of the run's latest
+    compile: bool = True            # torch.compile the training losses
+    attn_backend: str = "auto"      # auto | fa3 | fa2 | flex | sdpa
+    dtype: str = "auto"             # activations (PRECISION, in Runtime): auto | bf16 | fp32 | fp16 (no training)
+    wandb: str = "auto"             # auto: online when WANDB_API_KEY is set, else disabled | offline | disabled
     # model (modded-nanogpt track-1 scale)
-    n_layers: int = 11
-    model_dim: int = 768
-    n_heads: int = 6
-    head_dim: int = 128
-    mlp_mult: int = 4
-    vocab_multiple: int = 128        # embedding rows padded to a multiple: matmul-friendly shapes
-    long_window_layers: str = "3,10"
-    value_embed_layers: str = "1,2,8,9,10"
-    bigram_rows_per_vocab: float = 7.5
-    attn_scale: float = 0.1
-    softcap: tuple = SOFTCAP
-    fp8: bool = True                   # FP8 lm_head matmuls in training, where the GPU has them (sm89+)
-    # schedule: the stages of pretraining, in order
-    stages: tuple = (
+    n_layers: int = 11              # transformer blocks
+    model_dim: int = 768            # width of the residual stream
+    n_heads: int = 6                # attention heads
+    head_dim: int = 128             # dims per head
+    mlp_mult: int = 4               # MLP hidden width = mlp_mult x model_dim
+    vocab_multiple: int = 128       # embedding rows padded to a multiple: matmul-friendly shapes
+    long_window_layers: str = "3,10"         # layers with the stage's long window (the others: its short one)
+    value_embed_layers: str = "1,2,8,9,10"   # layers whose values add a value embedding of the token
+    bigram_rows_per_vocab: float = 7.5       # rows of the hashed (previous token, token) embedding per vocab entry
+    attn_scale: float = 0.1         # softmax scale of the QK-normed attention (grown by YaRN with the window)
+    softcap: tuple = SOFTCAP        # logits A * sigmoid((z + B) / C), as JSON [A, B, C]
+    fp8: bool = True                # FP8 lm_head matmuls in training, where the GPU has them (sm89+)
+    # schedule
+    stages: tuple = (  # the stages of pretraining, in order: a JSON list of Stage objects or of lists in its order
         Stage(423, 131072, 896, 128, 384, 1.0, mtp_start=(1.0, 0.5, 0.25), mtp_end=(1.0, 0.5, 0.0)),
         Stage(424, 262144, 2048, 384, 896, 1.52, mtp_start=(1.0, 0.5), mtp_end=(1.0, 0.0)),
         Stage(423, 393216, 2048, 640, 1408, 1.73, mtp_start=(1.0,), mtp_end=(1.0,)),
@@ -142,14 +200,15 @@ class Config:
     train_tokens: int = 0            # 0: as the stages say; N: rescale every stage's steps to N tokens in total
     lr_warmup_steps: int = 0         # linear lr warmup (modded-nanogpt needs none)
     cooldown_frac: float = 0.6       # lr is flat, then decays linearly to final_lr over this last fraction
-    final_lr: float = 0.15
+    final_lr: float = 0.15           # lr factor at the last step
     untie_frac: float = 0.667        # embed and lm_head share weights until this fraction of the steps
     # optimizer: NorMuon for the blocks' matrices, Adam for the rest (optimizer_labels: each parameter's multipliers)
-    muon_lr: float = 0.023
-    muon_wd: float = 0.028
-    adam_lr: float = 0.008
-    adam_wd: float = 0.006
-    # evaluation during pretraining, checkpoints
+    muon_lr: float = 0.023           # NorMuon's base lr
+    muon_wd: float = 0.028           # NorMuon's cautious weight decay (applied as lr x wd)
+    adam_lr: float = 0.008           # Adam's base lr
+    adam_wd: float = 0.006           # Adam's cautious weight decay (applied as lr x wd)
+    # logging, evaluation during pretraining, checkpoints
+    log_every: int = 10              # steps between training log lines (pt and sft)
     val_every: int = 250             # steps between val bpb evaluations (also after the last)
     val_tokens: int = 10_485_760     # val targets per evaluation during training, spread over the whole val stream;
                                      # the last step's (and --phases eval's) scores every val token once
@@ -157,63 +216,27 @@ class Config:
                                      # rule: 10,485,760 of its FineWeb val shard, for its 3.28 val loss)
     checkpoint_every: int = 0        # steps between checkpoints (0: only at the end); pt, sft and rl
     keep_checkpoints: int = 2        # the newest N checkpoints of each phase are kept
+    # evaluation of a trained model
     core_max_per_task: int = -1      # CORE examples per task in --phases eval (-1: all)
     core_batch_tokens: int = 32768   # tokens per packed CORE (and categorical chat-eval) forward
     chat_max_per_task: int = -1      # chat-eval examples per task in --phases chat (-1: all)
-    chat_batch_size: int = 16        # GSM8K problems generated together
-    chat_max_new_tokens: int = 512
+    chat_batch_size: int = 16        # GSM8K and HumanEval problems generated together
+    chat_max_new_tokens: int = 512   # tokens a chat-eval answer may generate
     sandbox: str = "isolated"        # HumanEval's model-written code: isolated (refused where Linux namespaces are
                                      # not to be had) | weak (no namespaces; says what it lacks; README: Security)
-    # GSM8K RL (--phases rl): on-policy policy gradient, nanochat's recipe
-    rl_steps: int = 60
-    rl_questions_per_step: int = 16  # over all ranks
-    rl_samples: int = 16             # per question: the group whose mean reward is the baseline
-    rl_max_new_tokens: int = 256
-    rl_temperature: float = 1.0
-    rl_top_k: int = 50
-    rl_lr_mul: float = 0.05          # times --muon-lr / --adam-lr, decaying linearly to 0
-    rl_batch_tokens: int = 16384     # tokens per training forward
-    rl_eval_every: int = 20
-    rl_eval_questions: int = 400     # held-out GSM8K test questions for pass@k
-    rl_eval_samples: int = 8         # k of pass@1..k
-    # generation (--phases generate): --prompt, or an interactive chat on stdin without one
-    prompt: str = ""
-    prompt_format: str = "auto"      # auto: a user turn for SFT/RL checkpoints, plain text for base models | chat | text
-    num_samples: int = 1
-    max_new_tokens: int = 256
-    temperature: float = 0.8
-    top_k: int = 50                  # 0: off
-    top_p: float = 1.0               # 1: off
-    min_p: float = 0.0               # 0: off
-    decode_compile: bool = False     # the engine's decode steps through torch.compile (CUDA graphs on GPUs; unmeasured
-                                     # there): on 2 CPU cores 1.5-2x faster at batch 1, after 6-40 s compiling
-    # serving (--phases serve): an OpenAI-compatible API and a chat page; omitted sampling fields take the above
-    host: str = "127.0.0.1"          # 0.0.0.0 to serve other machines (there is no authentication: see README)
-    port: int = 8000
-    served_model_name: str = ""      # the API's model id ("": the run directory's and checkpoint's names)
-    serve_max_rows: int = 32         # choices decoding at once (continuous batching); also the largest n
-    serve_max_queue: int = 64        # choices waiting beyond those; more get 429
-    serve_timeout: float = 300.0     # seconds per request; longer ones are cancelled (504)
-    log_every: int = 10
-    # SFT (--phases sft): fine-tune the latest checkpoint on the sft/ conversations
-    sft_steps: int = 500              # optimizer steps
-    sft_batch_tokens: int = 393216    # global tokens per step: whole conversations packed, the rest padding
-    sft_lr_mul: float = 0.8           # SFT lr = --muon-lr / --adam-lr times this (nanochat: 0.8)
-    sft_warmup_frac: float = 0.0      # linear lr warmup over this first fraction of the steps
-    sft_cooldown_frac: float = 0.5    # then flat, then a linear decay to 0 over this last fraction (nanochat's shape)
-    sft_momentum_warmup: int = 300    # NorMuon momentum 0.85 -> 0.95 over these steps (the optimizer starts fresh)
-    sft_eval_every: int = 100         # steps between SFT evaluations (also at the start and the end)
-    sft_val_tokens: int = 4_194_304   # val conversation tokens per evaluation (masked loss on their supervised tokens)
-    sft_chat_max_per_task: int = 0    # chat-eval examples per task at each SFT evaluation but the first (0: none)
-    # export (--phases export): the latest checkpoint (or --init-from) as a Hugging Face folder
-    export_dir: str = ""              # "": RUN_DIR/hf
-    push_to_hub: str = ""             # ORG/NAME: also upload the folder to this model repo (created if missing)
+    # the phases' own settings (their groups' flags)
+    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
+    rl: RLConfig = dataclasses.field(default_factory=RLConfig)
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
 
     def __post_init__(self):  # --stages JSON and configs read back from JSON give dicts or lists
         self.stages = tuple(Stage.of(s) for s in self.stages)
+        for f in dataclasses.fields(self):
+            if isinstance(getattr(self, f.name), dict):
+                setattr(self, f.name, f.default_factory(**getattr(self, f.name)))
 
 
-PRESETS = {
+PRESETS = {  # flag name -> value
     "h100x8": dict(run_dir="runs/h100x8"),
     # the same model and tokens on one GPU: the stages' batches come from gradient accumulation of 32K-token
     # forwards (every stage's batch is a multiple; 49152 is not a divisor of 131072)
@@ -235,31 +258,86 @@ PRESETS = {
 }
 
 
-def parse_config(argv=None):
-    """--preset picks the defaults, then every --name=value (or --name value) overrides one field."""
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    parser = argparse.ArgumentParser(description="DecoderStack (see the header of this file)")
-    for name, field in fields.items():
-        flag = f"--{name.replace('_', '-')}"
-        if isinstance(field.default, bool):
-            parser.add_argument(flag, dest=name, nargs="?", const=True, default=None, type=parse_bool)
-            parser.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_const", const=False)
-        elif isinstance(field.default, tuple):
-            parser.add_argument(flag, dest=name, default=None, type=parse_tuple)
-        else:
-            parser.add_argument(flag, dest=name, default=None, type=type(field.default))
+def flags(cls):
+    """{flag name: (group or None, the dataclass declaring the field, field)} of a settings dataclass: its fields, and
+    each group's under the group's prefix."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        group = f.default_factory if dataclasses.is_dataclass(f.default_factory) else None
+        out.update({group.prefix + g.name: (f.name, group, g) for g in dataclasses.fields(group)} if group else
+                   {f.name: (None, cls, f)})
+    return out
+
+
+@functools.cache
+def field_help(cls):
+    """{field: [its comment in the source, carried on by comment lines at its column; its heading: the comment line
+    above its run of fields, else the class's docstring]}: each flag's --help, under a heading."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):  # no source to read (e.g. the file is gone): flags without help
+        return {}
+    helps, name, column, heading = {}, None, -1, (cls.__doc__ or "").split("\n")[0]
+    for line in lines:
+        field, more = re.match(r"\s+(\w+): [^#]*?(#\s*(.*))?$", line), re.match(r"(\s+)#\s*(.*)$", line)
+        if field:
+            name, column = field.group(1), line.find("#") if field.group(2) else -1
+            helps[name] = [field.group(3) or "", heading]
+        elif more and len(more.group(1)) == column:
+            helps[name][0] += " " + more.group(2)
+        elif more and len(more.group(1)) == 4:
+            heading, name, column = more.group(2), None, -1
+        elif line.strip():
+            name, column = None, -1
+    return helps
+
+
+def parse_flags(argv=None, classes=(), **parser_args):
+    """An instance of each settings dataclass in `classes` (Config first) from the command line, their flags one flat
+    namespace: --preset picks the defaults, then every --name=value (or --name value) overrides one field."""
+    parser = argparse.ArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage="%(prog)s [--preset NAME] [--NAME=VALUE ...]", **parser_args)
+    where, headings = {}, {}  # flag name -> (index of its class, group, field name); heading -> argument group
+    for i, cls in enumerate(classes):
+        for name, (group, owner, f) in flags(cls).items():
+            where[name] = (i, group, f.name)
+            text, heading = field_help(owner).get(f.name, ["", ""])
+            if heading not in headings:
+                headings[heading] = parser.add_argument_group(heading or None)
+            flag, default, add = f"--{name.replace('_', '-')}", f.default, headings[heading].add_argument
+            shown = json.dumps(default, default=dataclasses.astuple) if isinstance(default, tuple) else repr(default)
+            text = f"{text} (default {shown})".replace("%", "%%")
+            if isinstance(default, bool):
+                add(flag, dest=name, nargs="?", const=True, default=None, type=parse_bool, help=text, metavar="BOOL")
+                add(f"--no-{name.replace('_', '-')}", dest=name, action="store_const", const=False, help=argparse.SUPPRESS)
+            else:
+                add(flag, dest=name, default=None, help=text, metavar=type(default).__name__.upper(),
+                    type=parse_tuple if isinstance(default, tuple) else type(default))
     args = parser.parse_args(argv)
     preset = args.preset or Config.preset
     if preset not in PRESETS:
         parser.error(f"unknown --preset {preset!r}; choose from {', '.join(PRESETS)}")
-    values = {**PRESETS[preset], "preset": preset}
-    values.update({k: v for k, v in vars(args).items() if v is not None})
+    values = {**PRESETS[preset], "preset": preset, **{k: v for k, v in vars(args).items() if v is not None}}
     if values.get("sandbox", Config.sandbox) not in SANDBOX_MODES:
         parser.error(f"unknown --sandbox {values['sandbox']!r}; choose from {', '.join(SANDBOX_MODES)}")
+    settings = [{} for _ in classes]  # per class: {field: value}, a group's as {group: {field: value}}
+    for name, value in values.items():
+        i, group, field = where[name]
+        (settings[i].setdefault(group, {}) if group else settings[i])[field] = value
     try:
-        return Config(**values)
+        return [cls(**values) for cls, values in zip(classes, settings)]  # Config.__post_init__ makes the groups
     except ValueError as e:  # e.g. a --stages entry that is not a stage
         parser.error(str(e))
+
+
+def parse_config(argv=None):
+    """The stack's Config from the command line (parse_flags); --help lists every flag and the phases."""
+    phases = "\n".join(f"  {name:9} {(fn.__doc__ or '').split(chr(10))[0]}" for name, fn in PHASES.items())
+    return parse_flags(argv, [Config], description=__doc__.split("\n\n")[0], epilog=(
+        f"phases (--phases, comma-separated, run in order):\n{phases}\n"
+        "eval, sft, chat, rl and generate start from --init-from, else RUN_DIR's latest checkpoint; every phase but\n"
+        "data appends to RUN_DIR/log.txt. Beside this file, with the same flags: serve.py (an OpenAI-compatible\n"
+        "server), export.py (a Hugging Face folder), report.py (RUN_DIR/report.md)."))[0]
 
 
 def parse_bool(text):
@@ -1646,24 +1724,26 @@ def param_label(name):
             "smear_gate": "gate"}.get(leaf, "scalar")
 
 
-def optimizer_labels(cfg):
-    """Per-label update rule, lr and weight decay: modded-nanogpt's table. Our weight decay is linear in lr, so its
-    values are modded's quadratic ones taken at lr factor 1; mlp_proj gets x4 where modded's (3072, 768) storage gets
-    x2 from its shape and x2 more."""
-    muon = lambda lr_mul=1.0: dict(kind="normuon", lr=cfg.muon_lr, lr_mul=lr_mul, wd=cfg.muon_wd)
-    adam = lambda betas, lr_mul=1.0, wd_mul=0.0: dict(kind="adam", lr=cfg.adam_lr, lr_mul=lr_mul, wd=cfg.adam_wd, wd_mul=wd_mul, betas=betas)
+def optimizer_labels(cfg, lr_mul=1.0):
+    """Per-label update rule, lr and weight decay: modded-nanogpt's table, its lrs times lr_mul (SFT's, RL's). Our
+    weight decay is linear in lr, so its values are modded's quadratic ones taken at lr factor 1; mlp_proj gets x4
+    where modded's (3072, 768) storage gets x2 from its shape and x2 more."""
+    muon_lr, adam_lr = cfg.muon_lr * lr_mul, cfg.adam_lr * lr_mul
+    muon = lambda mul=1.0: dict(kind="normuon", lr=muon_lr, lr_mul=mul, wd=cfg.muon_wd)
+    adam = lambda betas, mul=1.0, wd_mul=0.0: dict(kind="adam", lr=adam_lr, lr_mul=mul, wd=cfg.adam_wd, wd_mul=wd_mul, betas=betas)
     return {"attn": muon(), "mlp_fc": muon(), "mlp_proj": muon(4.0),
             "lm_head": adam((0.5, 0.95), wd_mul=1.0), "embed": adam((0.5, 0.95), wd_mul=1.0),
             "value_embed": adam((0.75, 0.95), 75, 2.5), "bigram": adam((0.75, 0.95), 75, 2.5),
             "gate": adam((0.9, 0.99)), "scalar": adam((0.9, 0.99), 5)}
 
 
-def make_optimizer(model, cfg):
-    return NorMuonAdam(list(model.named_parameters()), param_label, optimizer_labels(cfg))
+def make_optimizer(model, cfg, lr_mul=1.0):
+    return NorMuonAdam(list(model.named_parameters()), param_label, optimizer_labels(cfg, lr_mul))
 
 
 # =============================================================================================================
-# 7. Data: readers of every format (the writers are data/*.py; formats in data/README.md), the pretraining loader
+# 7. Data: readers of every format (the writers are data/*.py; formats in data/README.md), the pretraining loader,
+# then phase_data
 
 TOKEN_FILE_MAGIC, TOKEN_FILE_VERSION, HEADER_INTS = 20240520, 1, 256
 FORMAT_VERSIONS = {"pretrain": 2, "core": 1, "sft": 1, "chat_eval": 2}  # pretrain 2: shuffled, val_sources
@@ -2136,8 +2216,457 @@ class PretrainLoader:
         s["offset"] = offset
         return make_batch(buf, self.bos, max_doc_len, n_targets, device)
 
+
+def phase_data(cfg, rt, log):
+    """check every file of DATA_DIR (sha256 too) and say what it holds; writes nothing"""
+    t0 = time.time()
+    data = pretrain_data(cfg.data_dir, cfg.vocab_size, cfg.bos_id)
+    ours = os.path.isfile(os.path.join(cfg.data_dir, "pretrain", "manifest.json"))
+    log(f"pretraining data: vocab {data.vocab_size}, bos {data.bos_id}; {data.origin}")
+    for split, paths in (("val", data.val), ("train", data.train)):
+        if ours:
+            pretrain_shards(cfg.data_dir, data.tokenizer, split, check_sha256=True)
+        n = sum(len(read_token_file(p, data.vocab_size)) for p in paths)
+        log(f"pretrain/{split}: {len(paths)} shards, {n:,} tokens")
+    if data.val_sources:
+        log("val documents: " + ", ".join(f"{name} {n:,}" for name, n in data.val_sources))
+    if not ours:
+        log(f"{cfg.data_dir}: llm.c shards, read for pretraining and its val loss; CORE, SFT and chat need data/prepare.py")
+        return
+    tokenizer = data.tokenizer
+    log(f"tokenizer: vocab {tokenizer.vocab_size}, bos {tokenizer.bos_id}, {len(tokenizer.special_tokens)} special tokens")
+    core = load_core(cfg.data_dir, tokenizer)
+    log(f"core: {len(core.tasks)} tasks, {len(core.examples):,} examples, {len(core.tokens):,} tokens (max_len {core.max_len})")
+    for split in ("val", "train"):
+        sft = load_sft(cfg.data_dir, tokenizer, split)
+        log(f"sft/{split}: {len(sft.convs) - 1:,} conversations, {len(sft.tokens):,} tokens, {int(sft.mask.sum()):,} supervised")
+    for name in ("chat_eval", "rl"):
+        chat = load_chat_eval(cfg.data_dir, tokenizer, name)
+        log(f"{name}: " + ", ".join(f"{t['name']} {t['n_examples']}" for t in chat.tasks))
+    log(f"data directory {cfg.data_dir} is complete and consistent ({time.time() - t0:.1f}s)")
+
+
 # =============================================================================================================
-# 8. Pretraining: the schedule, the loss, bits per byte, FLOPs (the loop is phase_pt)
+# 8. The run: its log (each invocation's code, header and timed lines; progress), metrics, checkpoints, the run
+# directory, the training loops' bookkeeping. RUN_DIR holds log.txt, code/ (each distinct source the log names),
+# metrics.json (every phase's results), curves.jsonl (what the loops log each step) and the checkpoints;
+# report.py beside this file renders report.md from metrics.json and curves.jsonl.
+
+LOG_SEPARATOR = "=" * 100  # after an invocation's code lines, before its header (baselines/record.py splits on it)
+
+
+class Logger:
+    """Rank 0 prints and appends to RUN_DIR/log.txt, each line after the header stamped with the time since the
+    invocation started ([h:mm:ss]); metrics (the curves) are appended to RUN_DIR/curves.jsonl, one {"step": ..., name:
+    value} object per line, step counting the phase's steps done, as the log lines do (a resumed phase appends again
+    from its step: the last line for a step wins), and also go to wandb when it is enabled."""
+
+    def __init__(self, cfg, rt):
+        self.master, self.path, self.wandb = rt.master, os.path.join(cfg.run_dir, "log.txt"), None
+        self.curves, self.t0 = os.path.join(cfg.run_dir, "curves.jsonl"), time.time()
+        if not self.master:
+            return
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        mode = cfg.wandb if cfg.wandb != "auto" else ("online" if os.environ.get("WANDB_API_KEY") else "disabled")
+        if os.environ.get("WANDB_MODE") == "disabled":
+            mode = "disabled"
+        if mode != "disabled":
+            import wandb
+            self.wandb = wandb.init(project="decoderstack", name=os.path.basename(os.path.abspath(cfg.run_dir)),
+                                    config=dataclasses.asdict(cfg), mode=mode, dir=cfg.run_dir)
+
+    def __call__(self, msg, stamp=True):
+        if self.master:
+            seconds = int(time.time() - self.t0)
+            line = f"[{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}] {msg}" if stamp else msg
+            print(line, flush=True)
+            self.write(line)
+
+    def write(self, text):
+        """Append to log.txt only."""
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+    def start(self, cfg, rt):
+        """An invocation's opening lines: its code (code_lines), the separator, then its header and config unstamped;
+        returns the header (run_header)."""
+        header = run_header(rt)
+        if self.master:
+            self.write("\n".join(code_lines(cfg.run_dir) + [LOG_SEPARATOR]))
+            for line in header + [f"config: {json.dumps(dataclasses.asdict(cfg))}"]:
+                self(line, stamp=False)
+        return header
+
+    def metrics(self, step, values):
+        if not self.master:
+            return
+        with open(self.curves, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+
+class Progress:
+    """`what: done/total unit, elapsed, eta` in the log every `every` seconds of a long evaluation, counting one unit a
+    call (rank 0's share where the ranks split the work). log: a Logger, or None for silence."""
+
+    def __init__(self, log, what, total, unit, every=30.0):
+        self.log, self.what, self.total, self.unit, self.every = log, what, total, unit, every
+        self.done, self.t0 = 0, time.time()
+        self.last = self.t0
+
+    def __call__(self, *_):
+        self.done += 1
+        now = time.time()
+        if self.log is None or now - self.last < self.every or self.done >= self.total:
+            return
+        self.last, elapsed = now, now - self.t0
+        self.log(f"{self.what}: {self.done:,}/{self.total:,} {self.unit}, {duration(elapsed)} so far, "
+                 f"eta {duration(elapsed / self.done * (self.total - self.done))}")
+
+
+def duration(seconds):
+    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.2f} h"
+
+
+def project_sources():
+    """The files of this project the process runs: this file, then every module beside it that it imported."""
+    this = os.path.abspath(__file__)
+    paths = {f for m in list(sys.modules.values()) if isinstance(f := getattr(m, "__file__", None), str) and os.path.isabs(f)}
+    return [this] + sorted(p for p in paths if os.path.dirname(p) == os.path.dirname(this) and p.endswith(".py") and p != this)
+
+
+def code_lines(run_dir):
+    """`code: NAME sha256 HASH (code/HASH16/NAME)` for each project source, a copy of each distinct source kept once
+    under RUN_DIR/code/: the log names exactly the code that ran (modded-nanogpt logs it whole) and stays small."""
+    lines = []
+    for path in project_sources():
+        data = read_bytes(path)
+        digest, name = hashlib.sha256(data).hexdigest(), os.path.basename(path)
+        kept = os.path.join("code", digest[:16], name)
+        if not os.path.isfile(os.path.join(run_dir, kept)):
+            os.makedirs(os.path.join(run_dir, "code", digest[:16]), exist_ok=True)
+            with open(os.path.join(run_dir, kept + ".tmp"), "wb") as f:
+                f.write(data)
+            os.replace(os.path.join(run_dir, kept + ".tmp"), os.path.join(run_dir, kept))
+        lines.append(f"code: {name} sha256 {digest} ({kept})")
+    return lines
+
+
+@functools.cache
+def git_state(directory):
+    """(commit, dirty) of the git work tree holding directory, dirty meaning tracked files differ from the commit;
+    None where git cannot tell (no git, no repository, no commit yet, a repository git refuses as another user's).
+    Cached: the state the run started from, whatever is edited or committed while it runs."""
+    def git(*args):
+        return subprocess.run(["git", "-C", directory, *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    try:
+        return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_header(rt):
+    """The lines every invocation's log opens with after its code (modded-nanogpt's logs open with the code, then the
+    versions), kept in metrics.json as "environment": what is needed to run the same thing again and compare."""
+    import shlex
+    state = git_state(os.path.dirname(os.path.abspath(__file__)))
+    commit = "unknown (no git, or not in a repository)" if state is None else state[0] + (" (dirty)" if state[1] else "")
+    gpu = f" ({torch.cuda.get_device_name(rt.device)})" if rt.device.type == "cuda" else ""
+    return [f"commit: {commit}",
+            f"command: {shlex.join(sys.argv)}",
+            f"versions: python {sys.version.split()[0]}, torch {torch.__version__}, "
+            f"triton {triton.__version__ if triton else 'not installed'}, CUDA {torch.version.cuda or 'none'}",
+            f"device: {rt.device}{gpu}, world size {rt.world_size}, attention {rt.backend}"]
+
+
+def write_text_atomic(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def read_metrics(run_dir):
+    path = os.path.join(run_dir, "metrics.json")
+    return read_json(path) if os.path.isfile(path) else {}
+
+
+def update_metrics(cfg, rt, values):
+    """Merge values into RUN_DIR/metrics.json (every phase adds its own keys)."""
+    if rt.master:
+        write_text_atomic(os.path.join(cfg.run_dir, "metrics.json"),
+                          json.dumps({**read_metrics(cfg.run_dir), **values}, indent=1) + "\n")
+
+
+def record_phase_time(cfg, rt, phase, checkpoint, seconds, header):
+    """metrics.json's phase_time_s: [{phase, checkpoint (written, or evaluated), seconds}] in the order they ran (the
+    same phase on the same checkpoint again replaces its entry: chat after SFT and after RL are two), and as
+    "environment" the header of the invocation that ran it (run_header)."""
+    entry = {"phase": phase, "checkpoint": checkpoint and os.path.basename(checkpoint), "seconds": seconds}
+    times = [t for t in read_metrics(cfg.run_dir).get("phase_time_s", []) if isinstance(t, dict)]
+    same = [i for i, t in enumerate(times) if (t.get("phase"), t.get("checkpoint")) == (phase, entry["checkpoint"])]
+    if same:
+        times[same[0]] = entry
+    else:
+        times.append(entry)
+    update_metrics(cfg, rt, {"phase_time_s": times, "environment": header})
+
+
+# -- checkpoints: safetensors weights + weights_only-loadable optimizer state + JSON holding their sha256, written
+# atomically; one run per run directory (a lock), pruned by step number, verified on load, resume falls back --
+
+CHECKPOINT_PREFIX = {"pt": "ckpt_", "sft": "sft_ckpt_", "rl": "rl_ckpt_"}  # RUN_DIR/<prefix><step>/, in phase order
+CURVE_PHASES = {"train": "pt", "val": "pt", "sft": "sft", "rl": "rl"}  # curves.jsonl's "<group>/<name>" -> phase
+CHECKPOINT_FILES = ("model.safetensors", "optim.pt")
+
+
+class CheckpointError(DataFormatError):
+    """A checkpoint or run directory problem: missing, truncated, corrupt, unwritable, in use; the message names it."""
+
+
+def checkpoints(run_dir, phase):
+    """{step: path} of the phase's checkpoints in run_dir, by step number (so 7-digit steps sort after 6-digit ones)."""
+    pattern = re.compile(re.escape(CHECKPOINT_PREFIX[phase]) + r"(\d+)")
+    found = {int(m.group(1)): os.path.join(run_dir, d) for d in (os.listdir(run_dir) if os.path.isdir(run_dir) else [])
+             if (m := pattern.fullmatch(d))}
+    return dict(sorted(found.items()))
+
+
+def save_checkpoint(cfg, rt, step, model, opt, extra_state, phase="pt"):
+    """RUN_DIR/<prefix><step>/: model.safetensors, optim.pt, state.json (step, phase, extra_state e.g. the loader's
+    position, "model": the ModelConfig, "run": this phase's settings, the files' sha256). RUN_DIR/latest_<phase> names it (what --resume continues) and RUN_DIR/latest
+    too (the model the next phase starts from). The newest --keep-checkpoints of the phase are kept. A failed write (a full disk)
+    leaves the previous checkpoint and the pointers as they were, and raises CheckpointError."""
+    opt_state = opt.state_dict()  # a collective when sharded: every rank calls it
+    if not rt.master:
+        return
+    from safetensors.torch import save_file
+    final = os.path.join(cfg.run_dir, f"{CHECKPOINT_PREFIX[phase]}{step:06d}")
+    tmp = final + ".tmp"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+        torch.save(opt_state, os.path.join(tmp, "optim.pt"))
+        files = {name: sha256_file(os.path.join(tmp, name)) for name in CHECKPOINT_FILES}
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"step": step, "phase": phase, "loader": extra_state, "model": dataclasses.asdict(model.cfg),
+                       "run": dataclasses.asdict(cfg), "files": files}, f, indent=1)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        write_text_atomic(os.path.join(cfg.run_dir, f"latest_{phase}"), os.path.basename(final))
+        write_text_atomic(os.path.join(cfg.run_dir, "latest"), os.path.basename(final))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{final}: could not write the checkpoint ({e.strerror or e}); the latest is still "
+                              f"{latest_checkpoint(cfg.run_dir, phase) or 'none'}") from None
+    for old in list(checkpoints(cfg.run_dir, phase).values())[:-max(cfg.keep_checkpoints, 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir, phase=None):
+    """The newest checkpoint of `phase`, or of any phase (the model the next phase starts from); None if none."""
+    path = os.path.join(run_dir, f"latest_{phase}" if phase else "latest")
+    return os.path.join(run_dir, open(path).read().strip()) if os.path.isfile(path) else None
+
+
+def verify_checkpoint(path, files):
+    """state.json of a checkpoint, after checking that `files` are there and have the sha256 it recorded."""
+    where = os.path.join(path, "state.json")
+    if not os.path.isfile(where):
+        raise CheckpointError(f"{where}: missing (not a checkpoint directory?)")
+    state = read_json(where)  # malformed: a DataFormatError naming it
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("model"), dict)):
+        raise CheckpointError(f"{where}: not a checkpoint's state (step, model); checkpoints written before "
+                              "2026-12-01 carry no model and are not read")
+    for name in files:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file}: missing (not a checkpoint directory, or an incomplete one?)")
+        want = state.get("files", {}).get(name)  # checkpoints written before checksums have none
+        if want is not None and sha256_file(file) != want:
+            raise CheckpointError(f"{file}: sha256 differs from the one in state.json (truncated or corrupt)")
+    return state
+
+
+def load_checkpoint(path, model, opt=None):
+    """Verify, then load weights (and optimizer state); returns state.json. Every failure is a CheckpointError."""
+    state = verify_checkpoint(path, CHECKPOINT_FILES if opt is not None else CHECKPOINT_FILES[:1])
+    load_verified(path, model, opt)
+    return state
+
+
+def load_model(path, device="cpu"):
+    """(model, state.json) of a checkpoint: the model built from the ModelConfig it carries, its weights loaded;
+    state.json read once (step, phase, "run": the settings of the phase that wrote it)."""
+    state = verify_checkpoint(path, CHECKPOINT_FILES[:1])
+    try:
+        model_cfg = ModelConfig(**{**state["model"], "softcap": tuple(state["model"]["softcap"])})
+    except (TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}/state.json: 'model' is not a model this stack builds ({e})") from None
+    model = GPT(model_cfg).to(device)
+    load_verified(path, model)
+    return model, state
+
+
+def load_verified(path, model, opt=None):
+    """Weights (and optimizer state) of a checkpoint verify_checkpoint has checked."""
+    from safetensors.torch import load_file
+    weights, optim = (os.path.join(path, name) for name in CHECKPOINT_FILES)
+    try:
+        model.load_state_dict(load_file(weights, device=str(next(model.parameters()).device)))
+    except Exception as e:  # safetensors' header errors, missing or unexpected keys, other shapes
+        raise CheckpointError(f"{weights}: does not load into this model ({str(e).splitlines()[0][:300]})") from None
+    model.sync_flags()
+    if opt is not None:
+        try:
+            opt.load_state_dict(torch.load(optim, weights_only=True, map_location="cpu"))
+        except Exception as e:  # unpickling refused, other parameters, other shapes
+            raise CheckpointError(f"{optim}: does not load into this optimizer ({str(e).splitlines()[0][:300]})") from None
+
+
+def resume_checkpoint(cfg, phase, model, opt, log):
+    """--resume: load the phase's newest checkpoint that verifies (latest_<phase>, else the older ones kept, newest
+    first, each skip logged as a warning) into model and opt. Returns (path, state), or None if the phase has none."""
+    if not cfg.resume:
+        return None
+    latest = latest_checkpoint(cfg.run_dir, phase)
+    candidates = ([latest] if latest else []) + [p for p in reversed(checkpoints(cfg.run_dir, phase).values()) if p != latest]
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path, model, opt)
+        except DataFormatError as e:
+            log(f"warning: cannot resume from {path}: {e}")
+    if candidates:
+        raise CheckpointError(f"{cfg.run_dir}: no {phase} checkpoint to resume from loads ({', '.join(map(os.path.basename, candidates))})")
+    return None
+
+
+def resumed_step(cfg, phase, model, opt, loader, log):
+    """The step a pt or sft loop starts at: 0, or with --resume the step of the checkpoint resume_checkpoint loads
+    (the loader then continues where it stood)."""
+    resumed = resume_checkpoint(cfg, phase, model, opt, log)
+    if not resumed:
+        return 0
+    path, state = resumed
+    loader.state = state["loader"]
+    log(f"{'' if phase == 'pt' else phase + ': '}resumed from {path} at step {state['step']}")
+    return state["step"]
+
+
+def claim_run_dir(cfg, phases):
+    """Before anything is written: lock the run directory for this process (released at exit, kill -9 included; a
+    second run on it is refused, naming the holder), remove what a crash left half-written (*.tmp), and make sure a
+    fresh (not --resume) pt, sft or rl run does not mix its checkpoints with an earlier run's: refuse, or with
+    --overwrite delete that phase's checkpoints and the later phases' (trained from them). Returns the lock."""
+    import fcntl
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    lock = open(os.path.join(cfg.run_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        raise CheckpointError(f"{cfg.run_dir}: run directory in use by pid {lock.read().strip() or '?'} "
+                              "(one run per --run-dir)") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    for name in os.listdir(cfg.run_dir):
+        if name.endswith(".tmp"):
+            path = os.path.join(cfg.run_dir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+    training = [p for p in CHECKPOINT_PREFIX if p in phases]
+    clash = [os.path.basename(path) for p in training for path in checkpoints(cfg.run_dir, p).values()]
+    if clash and not cfg.resume:
+        if not cfg.overwrite:
+            raise CheckpointError(f"{cfg.run_dir}: holds checkpoints of an earlier run ({', '.join(clash)}); pass "
+                                  "--resume to continue it, --overwrite to replace it, or another --run-dir")
+        order = list(CHECKPOINT_PREFIX)
+        replaced = order[order.index(training[0]):]
+        for phase in replaced:
+            for path in checkpoints(cfg.run_dir, phase).values():
+                shutil.rmtree(path)
+            for pointer in (f"latest_{phase}", "latest"):
+                path = os.path.join(cfg.run_dir, pointer)
+                if os.path.isfile(path) and not os.path.isdir(os.path.join(cfg.run_dir, open(path).read().strip())):
+                    os.remove(path)
+        curves = os.path.join(cfg.run_dir, "curves.jsonl")
+        if os.path.isfile(curves):  # the replaced phases' curves go with their checkpoints (the report draws them)
+            kept = []
+            for line in open(curves, encoding="utf-8"):
+                try:
+                    values = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                values = {k: v for k, v in values.items() if CURVE_PHASES.get(k.split("/")[0]) not in replaced}
+                if len(values) > 1:
+                    kept.append(json.dumps(values) + "\n")
+            write_text_atomic(curves, "".join(kept))
+        earlier = [latest_checkpoint(cfg.run_dir, p) for p in order[:order.index(training[0])]]
+        earlier = [path for path in earlier if path and os.path.isdir(path)]
+        if earlier and latest_checkpoint(cfg.run_dir) is None:  # the phase trains again from what it started from
+            write_text_atomic(os.path.join(cfg.run_dir, "latest"), os.path.basename(earlier[-1]))
+    return lock
+
+
+def settle_losses(pending, cfg, rt, log, phase):
+    """The losses of the steps in `pending` (a list of (step, loss tensor), emptied), averaged over ranks, as floats:
+    one host sync for all of them. The loops call it at log, eval and checkpoint steps only, so the GPU runs ahead in
+    between. A NaN/inf loss stops the run with exit code 2, recorded in metrics.json, before any checkpoint after it
+    is written: the phase's last checkpoint is the last good one."""
+    steps, losses = [s for s, _ in pending], torch.stack([loss for _, loss in pending])
+    pending.clear()
+    values = sum_over_ranks(losses, rt, dist.ReduceOp.AVG).tolist()
+    for step, value in zip(steps, values):
+        if not math.isfinite(value):
+            prefix = "" if phase == "pt" else phase + " "
+            log(f"{prefix}step {step}: loss is {value}; stopping. The last good checkpoint is {latest_checkpoint(cfg.run_dir, phase)}")
+            update_metrics(cfg, rt, {prefix.replace(" ", "_") + "diverged_at_step": step})
+            sys.exit(2)
+    return values
+
+
+class LoopTimer:
+    """Training time without eval and checkpoint pauses, read at host syncs (where the GPU has caught up)."""
+
+    def __init__(self):
+        self.total, self.resumed = 0.0, time.perf_counter()
+        self.since, self.steps, self.tokens = self.resumed, 0, 0
+
+    def step(self, tokens):
+        self.steps += 1
+        self.tokens += tokens
+
+    def lap(self):
+        """(seconds, steps, tokens) since the last lap; call it right after a host sync."""
+        now = time.perf_counter()
+        self.total += now - self.resumed
+        lap = max(now - self.since, 1e-9), self.steps, self.tokens
+        self.resumed = self.since = now
+        self.steps = self.tokens = 0
+        return lap
+
+    def pause_until_now(self):
+        """Eval or a checkpoint ran since the last lap: leave it out."""
+        self.resumed = self.since = time.perf_counter()
+
+
+def trained_model(cfg, rt):
+    """(model, state.json, path) of --init-from, else of the run's latest checkpoint (load_model)."""
+    path = cfg.init_from or latest_checkpoint(cfg.run_dir)
+    if not path:
+        raise CheckpointError(f"{cfg.run_dir}: no checkpoint to evaluate (run --phases pt first, or pass --init-from)")
+    model, state = load_model(path, rt.device)
+    return model, state, path
+
+
+# =============================================================================================================
+# 9. Pretraining: the schedule, the loss, bits per byte, FLOPs, then the loop (phase_pt)
 
 
 @dataclasses.dataclass
@@ -2266,12 +2795,12 @@ def val_rows(n_targets, T, subset=0, first=0):
 
 
 @torch.no_grad()
-def evaluate_bpb(model, data, rt, windows, max_doc_len, T, subset=0, first=0):
+def evaluate_bpb(model, data, rt, windows, max_doc_len, T, subset=0, first=0, log=None):
     """Next-token loss on the val stream of `data` (a PretrainData) in rows of T tokens (val_rows: every target once by
     default). Counted targets: those with > 0 bytes (special tokens count in neither sum, so bpb compares across
     tokenizers), or every target where token bytes are unknown (modded-nanogpt's val loss). A dict: bpb (None
     without token bytes), loss (nats per counted target), targets (how many), of (the stream's targets), by_source
-    ({name: bpb}, from the documents' sources), what (for the log)."""
+    ({name: bpb}, from the documents' sources), what (for the log). log: where progress goes (Progress)."""
     tokens, source = data.val_stream()
     n = len(tokens) - 1
     rows = val_rows(n, T, subset, first)
@@ -2279,7 +2808,9 @@ def evaluate_bpb(model, data, rt, windows, max_doc_len, T, subset=0, first=0):
     names = data.source_names()
     n_sources = max(1, len(names))
     sums = torch.zeros(n_sources, 3, device=rt.device, dtype=torch.float64)  # nats, bytes, counted targets
-    for r in rows[rt.rank::rt.world_size]:
+    mine = rows[rt.rank::rt.world_size]
+    progress = Progress(log, "val bpb", len(mine), "rows")
+    for r in mine:
         start = int(r) * T
         real = min(T, n - start, first - start if first else T)  # targets of this row inside what is scored
         buf = np.asarray(tokens[start:start + T + 1])
@@ -2297,6 +2828,7 @@ def evaluate_bpb(model, data, rt, windows, max_doc_len, T, subset=0, first=0):
             nbytes = weights[target] * counted[rows_] if weights is not None else torch.zeros_like(loss)
             keep = counted[rows_] & (nbytes > 0) if weights is not None else counted[rows_]
             sums.index_add_(0, src[rows_], torch.stack([loss * keep, nbytes, keep]).T.double())
+        progress()
     sums = sum_over_ranks(sums, rt).cpu()
     nats, nbytes, count = sums.sum(0).tolist()
     per_nat = 1 / math.log(2)
@@ -2307,6 +2839,27 @@ def evaluate_bpb(model, data, rt, windows, max_doc_len, T, subset=0, first=0):
     out["what"] = ("every val token" if scored == n and not first else f"the first {first:,} val tokens" if first else
                    f"subset: {scored:,} of {n:,} targets, spread over the stream")
     return out
+
+
+def val_line(val):
+    """The log's line of an evaluate_bpb result (baselines/record.py reads it)."""
+    bpb = "n/a" if val["bpb"] is None else f"{val['bpb']:.4f}"
+    split = "".join(f"; {name} {b:.4f}" for name, b in val["by_source"].items())
+    return f"val bpb {bpb} val loss {val['loss']:.4f} ({val['what']}{split})"
+
+
+def val_metrics(val):
+    """metrics.json's keys of an evaluate_bpb result."""
+    return {"val_bpb": val["bpb"], "val_loss": val["loss"], "val_bpb_by_source": val["by_source"],
+            "val_loss_tokens": val["targets"], "val_scored": val["what"]}
+
+
+def mtp_note(weights):
+    """What the training loss is when it is not the next-token loss alone: the MTP-weighted sum (at init ~ sum(w) ln V)."""
+    if len(weights) == 1 and weights[0] == 1:
+        return ""
+    names = ["next"] + [f"{k + 2}-ahead" for k in range(len(weights) - 1)]
+    return " (loss = " + " + ".join(f"{w:.2f} x {n}" for w, n in zip(weights, names)) + ")"
 
 
 def attention_pairs(segment_lengths, window):
@@ -2351,13 +2904,94 @@ def peak_memory_gib(device):
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
+def phase_pt(cfg, rt, log):
+    """pretrain; reads DATA_DIR/pretrain; writes RUN_DIR/ckpt_<step>/, curves.jsonl, metrics.json"""
+    require_training_dtype(rt, "pt")
+    data = pretrain_data(cfg.data_dir, cfg.vocab_size, cfg.bos_id)
+    log(f"data: {len(data.train)} train and {len(data.val)} val shards; {data.origin}")
+    torch.manual_seed(cfg.seed)
+    model = GPT(ModelConfig.of(cfg, data.vocab_size)).to(rt.device)
+    opt = make_optimizer(model, cfg)
+    stages = scaled_stages(cfg)
+    total = total_steps(stages)
+    loader = PretrainLoader(data.train, data, rt.rank, rt.world_size)
+    start = resumed_step(cfg, "pt", model, opt, loader, log)
+    if not start and cfg.init_from:
+        load_checkpoint(cfg.init_from, model)
+        log(f"initialized from {cfg.init_from}")
+    n_params = sum(p.numel() for p in model.parameters())
+    n_matrix = sum(p.numel() for n, p in model.named_parameters() if param_label(n) in ("attn", "mlp_fc", "mlp_proj"))
+    log(f"model: {n_params:,} parameters ({n_matrix:,} in NorMuon matrices), {total} steps, attention backend {rt.backend}, "
+        f"device {rt.device}, activations {rt.precision or rt.dtype}, world size {rt.world_size}")
+    loss_fn, compile_s, graphs = train_loss, 0.0, 0
+    if cfg.compile:
+        loss_fn = torch.compile(train_loss)
+        compile_s, graphs = warm_up_compiled(loss_fn, model, cfg, rt, stages, loader, start)
+        log(f"compiled {graphs} graphs for steps {start}-{total} in {compile_s:.1f}s, before the timed loop")
+    peak = peak_flops(rt.device, rt.dtype)
+    timer, pending, val, flops, last = LoopTimer(), [], None, 0, None
+    for step, p, T, accum, grow, untie in pretrain_steps(cfg, stages, rt.world_size, start):
+        if grow:
+            model.grow_window(*grow)
+        if untie and model.is_tied:
+            model.untie()
+            opt.copy_state("lm_head", "embed")
+        windows = model.windows(p.short_window, p.long_window)
+        step_loss = torch.zeros((), device=rt.device)
+        mtp_weights = to_device(p.mtp_weights, torch.float32, rt.device)
+        for _ in range(accum):
+            batch = loader.next_batch(T, p.max_doc_len, len(p.mtp_weights), rt.device)
+            with autocast(rt):
+                loss = loss_fn(model, batch, windows, mtp_weights, rt.backend, 1 / accum, cfg.fp8) / accum
+            loss.backward()
+            step_loss += loss.detach()
+            flops += training_flops(model, windows, batch.segment_lengths) if peak else 0
+        pending.append((step, step_loss))
+        opt.step(p.lr_factor, muon_momentum(step, total))
+        opt.zero_grad()
+        timer.step(p.batch_tokens)
+        last, final = step, step == total - 1
+        logging = step % cfg.log_every == 0 or final
+        validating = (step + 1) % cfg.val_every == 0 or final
+        saving = (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or final
+        if not (logging or validating or saving):
+            continue
+        losses = settle_losses(pending, cfg, rt, log, "pt")  # the host sync; stops on a NaN before anything is saved
+        seconds, steps, tokens = timer.lap()
+        tok_per_s, mfu, flops = tokens / seconds, f" mfu {100 * flops / (seconds * peak):.1f}%" if peak else "", 0
+        if logging:
+            log(f"step {step + 1}/{total} loss {losses[-1]:.4f} lr {p.lr_factor:.3f} {tok_per_s:,.0f} tok/s{mfu} "
+                f"eta {seconds / steps * (total - step - 1) / 60:.1f} min{mtp_note(p.mtp_weights)}")
+            log.metrics(step + 1, {"train/loss": losses[-1], "train/tok_per_s": tok_per_s})
+        if validating:
+            full = dict(first=cfg.val_final_tokens) if final else dict(subset=cfg.val_tokens)
+            val = evaluate_bpb(model, data, rt, windows, p.max_doc_len, cfg.micro_batch_tokens, **full, log=log)
+            memory = peak_memory_gib(rt.device)
+            log(f"step {step + 1}/{total} {val_line(val)}" + (f" peak memory {memory:.1f} GiB" if memory is not None else ""))
+            log.metrics(step + 1, {"val/bpb": val["bpb"], "val/loss": val["loss"]})
+        if saving:
+            save_checkpoint(cfg, rt, step + 1, model, opt, loader.state)
+        timer.pause_until_now()
+    if last is None:
+        log(f"nothing to do: run already at step {start} of {total}")
+        return
+    timed_tokens = sum(plan_step(cfg, stages, s).batch_tokens for s in range(start, last + 1))
+    update_metrics(cfg, rt, {
+        **val_metrics(val), "train_tokens": sum(s.steps * s.batch_tokens for s in stages), "params": n_params, "params_matrix": n_matrix,
+        "tok_per_s": timed_tokens / timer.total, "device": str(rt.device), "attn_backend": rt.backend,
+        "world_size": rt.world_size, "pt_train_time_s": timer.total, "pt_compile_time_s": compile_s,
+        "pt_compile_graphs": graphs, "peak_memory_gib": peak_memory_gib(rt.device)})
+
+
 # =============================================================================================================
-# 9. Evaluation: the packed forwards every evaluation shares, then CORE (DCLM's 22 tasks, as nanochat scores them)
+# 10. Evaluation: the packed forwards every evaluation shares, CORE (DCLM's 22 tasks, as nanochat scores them),
+# then phase_eval
 #
 # nanochat forwards each example alone, its options padded into a (n_options, L) batch, with logits at every
 # position. Here sequences of many examples (and tasks) go back to back into one varlen batch, no token padding; the
 # choices of an example share their context, forwarded once (pack_branches), and only continuation rows get logits;
-# the decisions are nanochat's. evaluate_example_alone is the one-sequence-per-forward reference the tests compare with.
+# the decisions are nanochat's (bench/eval_bench.py's evaluate_example_alone forwards one sequence at a time, the
+# reference the tests compare with).
 
 
 @torch.no_grad()
@@ -2461,15 +3095,16 @@ def core_scores_packed(model, seqs, rt, windows):
 
 
 @torch.no_grad()
-def evaluate_core(model, core, rt, windows, max_per_task=-1, batch_tokens=32768):
+def evaluate_core(model, core, rt, windows, max_per_task=-1, batch_tokens=32768, log=None):
     """CORE of `model` on CoreData `core`: the first max_per_task examples of each task (<= 0: all, as in nanochat;
     the file's examples are pre-shuffled), rank r taking examples r, r + world_size, ... of each task. Sequences are
     packed into forwards of up to batch_tokens tokens (a longer one goes alone). Returns dict(results={label:
     accuracy}, centered={label: (accuracy - baseline) / (1 - baseline)}, core=mean centered, correct=int8 per row of
-    core.examples: 1 right, 0 wrong, -1 not evaluated)."""
+    core.examples: 1 right, 0 wrong, -1 not evaluated). log: where progress goes (Progress)."""
     evaluated, mine = examples_of_rank(core.tasks, len(core.examples), max_per_task, rt)
     correct = torch.zeros(len(core.examples), dtype=torch.float32)
     scores = {}  # example -> scores of its sequences so far (an example may straddle two forwards)
+    progress = Progress(log, "CORE", len(mine), "examples")
 
     def sequences():  # ((example, its sequence count), sequence, tokens it adds to a forward: its prefix is shared)
         for e in mine:
@@ -2487,32 +3122,36 @@ def evaluate_core(model, core, rt, windows, max_per_task=-1, batch_tokens=32768)
                 task, gold = (int(x) for x in core.examples[e, :2])
                 losses, right = zip(*scores.pop(e))
                 correct[e] = float(core_decision(core.tasks[task]["task_type"], gold, list(losses), right))
+                progress()
     out = task_scores(core.tasks, "label", correct, evaluated, rt)
     return dict(out, core=out.pop("mean"))
 
 
-@torch.no_grad()
-def evaluate_example_alone(model, core, example_index, rt, windows):
-    """The reference path: each sequence of example `example_index` forwarded alone (one document, full logits,
-    then the continuation sliced out, as nanochat does); returns whether the model gets it right."""
-    task, gold, first, n_seqs = (int(x) for x in core.examples[example_index])
-    scores = []
-    for s in range(first, first + n_seqs):
-        tokens, start, end = core.sequence(s)
-        batch, _ = pack_sequences([tokens], rt.device)
-        ids = batch.inputs
-        with autocast(rt):
-            h = model.hidden(batch, windows, rt.backend)
-        logits = model.logits(h)
-        losses = F.cross_entropy(logits[:-1], ids[1:], reduction="none")  # row i predicts token i + 1
-        right = logits[:-1].argmax(-1) == ids[1:]
-        scores += _span_scores(losses[start - 1:end - 1].cpu(), right[start - 1:end - 1].cpu(), [end - start])
-    losses, right = zip(*scores)
-    return core_decision(core.tasks[task]["task_type"], gold, list(losses), right)
+def phase_eval(cfg, rt, log):
+    """bits per byte over every val token, then CORE; reads pretrain/ val, core/; writes metrics.json"""
+    data = pretrain_data(cfg.data_dir, cfg.vocab_size, cfg.bos_id)
+    model, _, path = trained_model(cfg, rt)
+    windows = model.windows()
+    log(f"evaluating {path}")
+    t0 = time.time()
+    val = evaluate_bpb(model, data, rt, windows, model.cfg.max_doc_len, cfg.micro_batch_tokens, first=cfg.val_final_tokens,
+                       log=log)
+    log(val_line(val))
+    metrics = val_metrics(val)
+    if data.tokenizer is None or not os.path.isdir(os.path.join(cfg.data_dir, "core")):
+        log(f"no CORE: {cfg.data_dir} has no core/ (data/core_shards.py writes it, with our tokenizer/ beside it)")
+    else:
+        core = load_core(cfg.data_dir, data.tokenizer)
+        out = evaluate_core(model, core, rt, windows, cfg.core_max_per_task, cfg.core_batch_tokens, log)
+        log(task_table(out, core.tasks, "label", "CORE"))
+        metrics.update({"core": out["core"], "core_per_task": out["centered"], "core_max_per_task": cfg.core_max_per_task})
+    log(f"eval took {time.time() - t0:.0f}s")
+    update_metrics(cfg, rt, metrics)
 
 
 # =============================================================================================================
-# 10. Inference: a KV cache that reproduces the training forward, sampling, the calculator tool, the engine
+# 11. Inference: a KV cache that reproduces the training forward, sampling, the calculator tool, the engine,
+# then phase_generate
 
 
 class KVCache:
@@ -2747,12 +3386,13 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
-                 seed=0, on_token=None, max_rows=0):
+                 seed=0, on_token=None, max_rows=0, on_done=None):
         """num_samples Samples for each prompt (a list of token ids): sample i * num_samples + j is prompt i's j-th,
-        and on_token(i, token) sees its tokens as they come. max_rows: samples decoding at once (0: all). All of
-        them draw from one generator seeded with `seed`."""
+        on_token(i, token) sees its tokens as they come and on_done(i) its end. max_rows: samples decoding at once
+        (0: all). All of them draw from one generator seeded with `seed`."""
         sampling = Sampling(temperature, top_k, top_p, min_p, torch.Generator(device=self.rt.device).manual_seed(seed))
-        streams = [Stream(prompt, sampling, max_new_tokens, functools.partial(on_token, i) if on_token else None)
+        call = lambda fn, i: functools.partial(fn, i) if fn else None
+        streams = [Stream(prompt, sampling, max_new_tokens, call(on_token, i), call(on_done, i))
                    for i, prompt in enumerate(p for p in prompts for _ in range(num_samples))]
         batch = self.batch(max(map(len, prompts)) + max_new_tokens, max_rows or len(streams))
         for stream in streams:
@@ -2898,14 +3538,57 @@ def chat_turn(tokenizer, conversation, user_text):
             special("<|assistant_start|>")]
 
 
-
-# =============================================================================================================
-# 11. Evaluation: chat (ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval; ChatCORE)
-
-
 def reply_text(tokenizer, sample):
     """The text of a generated Sample, without the stop token that ended it."""
     return tokenizer.decode(sample.tokens[:-1] if sample.stopped else sample.tokens)
+
+
+def phase_generate(cfg, rt, log):
+    """samples for --prompt, or a chat on stdin; writes nothing
+    The prompt is a user turn for a chat model (SFT/RL checkpoints, or --prompt-format chat), plain text for a base
+    model."""
+    tokenizer = data_tokenizer(cfg.data_dir)
+    model, state, path = trained_model(cfg, rt)
+    sample = cfg.sample
+    chat = sample.prompt_format == "chat" or (sample.prompt_format == "auto" and state.get("phase", "pt") != "pt")
+    engine = Engine(model, tokenizer, model.windows(), rt, compile=sample.decode_compile)
+    options = dict(max_new_tokens=sample.max_new_tokens, temperature=sample.temperature, top_k=sample.top_k,
+                   top_p=sample.top_p, min_p=sample.min_p, seed=cfg.seed)
+    text = lambda tokens: tokenizer.decode([t for t in tokens if t not in engine.stops])  # a stream has no Sample yet
+    if sample.prompt:
+        text_ids = [tokenizer.bos_id, *tokenizer.encode(sample.prompt)]
+        prompt = chat_turn(tokenizer, [tokenizer.bos_id], sample.prompt) if chat else text_ids
+        log(f"sampling from {path} ({'chat' if chat else 'text'} prompt)")
+        for i, drawn in enumerate(engine.generate([prompt], sample.num_samples, **options)[0]):
+            log(f"--- sample {i + 1}/{sample.num_samples} ({len(drawn.tokens)} tokens)\n"
+                f"{'' if chat else sample.prompt}{reply_text(tokenizer, drawn)}")
+        return
+    if rt.world_size > 1:
+        raise ValueError("interactive chat runs in one process: pass --prompt, or run without torchrun")
+    print(f"chatting with {path}: type a message, an empty line to start over, Ctrl-D to quit", flush=True)
+    conversation = [tokenizer.bos_id]
+    for line in sys.stdin:
+        if not line.strip():
+            conversation = [tokenizer.bos_id]
+            continue
+        prompt = chat_turn(tokenizer, conversation, line.strip()) if chat else conversation + tokenizer.encode(line)
+        reply, shown = [], ""
+
+        def stream(_, token):  # print each new piece of the reply (a token may end mid-character)
+            nonlocal shown
+            reply.append(token)
+            now = text(reply)
+            print(now[len(shown):], end="", flush=True)
+            shown = now
+
+        drawn = engine.generate([prompt], 1, on_token=stream, **options)[0][0]
+        print(flush=True)
+        conversation = prompt + drawn.tokens + ([] if drawn.stopped or not chat else [tokenizer.special("<|assistant_end|>")])
+        options["seed"] += 1
+
+
+# =============================================================================================================
+# 12. Chat evaluation (ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval in a sandbox; ChatCORE), then phase_chat
 
 
 def gsm8k_answer(text):
@@ -2952,66 +3635,78 @@ SANDBOX_MODES = ("isolated", "weak")
 SANDBOX_UID_BASE = 2_000_000_000  # + the launcher's pid: a uid that no account and no other live sandbox has
 SANDBOX_PYTHON = sys.executable    # the interpreter the program runs in (only its standard library is used)
 
-SANDBOX_LAUNCHER = r'''
-import builtins, ctypes, json, os, resource, select, signal, struct, sys, traceback
-
+# The launcher: what the isolated interpreter runs (sandbox_launcher() gives its source), so standard library only,
+# and nothing of this file but the constants and sandbox_* code below. Each function runs in the launcher's processes,
+# never in ours.
+SANDBOX_IMPORTS = "builtins, ctypes, functools, json, os, resource, select, signal, struct, sys, traceback"
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x4000000, 0x8000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x1, 0x2, 0x4, 0x8, 0x20, 0x1000, 0x4000, 0x40000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 0x1, 0x2, 0x4, 0x8, 0x20
+MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
 # seccomp's audit arch and the syscall numbers used here, by machine
-MACHINES = {"x86_64": (0xC000003E, dict(socket=41, socketpair=53, io_uring_setup=425, unshare=272, mount_setattr=442)),
-            "aarch64": (0xC00000B7, dict(socket=198, socketpair=199, io_uring_setup=425, unshare=97, mount_setattr=442))}
-NO_NETWORK = ("socket", "socketpair", "io_uring_setup")  # io_uring can open sockets without socket()
-libc = ctypes.CDLL(None, use_errno=True)
+SANDBOX_SYSCALLS = {
+    "x86_64": (0xC000003E, dict(socket=41, socketpair=53, io_uring_setup=425, unshare=272, mount_setattr=442)),
+    "aarch64": (0xC00000B7, dict(socket=198, socketpair=199, io_uring_setup=425, unshare=97, mount_setattr=442))}
+SANDBOX_NO_NETWORK = ("socket", "socketpair", "io_uring_setup")  # io_uring can open sockets without socket()
+SANDBOX_CONSTANTS = ("CLONE_NEWNS", "CLONE_NEWUTS", "CLONE_NEWIPC", "CLONE_NEWUSER", "CLONE_NEWPID", "CLONE_NEWNET",
+                     "MS_RDONLY", "MS_NOSUID", "MS_NODEV", "MS_NOEXEC", "MS_REMOUNT", "MS_BIND", "MS_REC", "MS_PRIVATE",
+                     "SANDBOX_SYSCALLS", "SANDBOX_NO_NETWORK")
 
 
-class SetupError(Exception):
+class SandboxSetupError(Exception):
     pass
 
 
-def check(ret, what):
+@functools.cache
+def sandbox_libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def sandbox_check(ret, what):
     if ret == -1:
-        raise SetupError(f"{what}: {os.strerror(ctypes.get_errno())}")
+        raise SandboxSetupError(f"{what}: {os.strerror(ctypes.get_errno())}")
 
 
-def syscalls():
-    known = MACHINES.get(os.uname().machine) if sys.platform == "linux" else None
+def sandbox_syscalls():
+    known = SANDBOX_SYSCALLS.get(os.uname().machine) if sys.platform == "linux" else None
     if known is None:
-        raise SetupError(f"no namespaces or syscall table for {sys.platform} on {os.uname().machine}")
+        raise SandboxSetupError(f"no namespaces or syscall table for {sys.platform} on {os.uname().machine}")
     return known
 
 
-def deny_syscalls(names):
+def sandbox_deny_syscalls(names):
     """A seccomp filter: the named syscalls fail with EPERM, any other ABI (x32, 32-bit compat) kills the process."""
-    arch, numbers = syscalls()
+    arch, numbers = sandbox_syscalls()
     load, equal, at_least, ret, n = 0x20, 0x15, 0x35, 0x06, len(names)
     program = [(load, 0, 0, 4), (equal, 0, n + 4, arch), (load, 0, 0, 0), (at_least, n + 1, 0, 0x40000000)]
     program += [(equal, n - i, 0, numbers[name]) for i, name in enumerate(names)]  # jumps count from the next op
     program += [(ret, 0, 0, 0x7FFF0000), (ret, 0, 0, 0x00050000 | 1), (ret, 0, 0, 0x80000000)]  # allow, EPERM, kill
     code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in program))
+
     class Filter(ctypes.Structure):
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-    check(libc.prctl(38, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
-    check(libc.prctl(22, 2, ctypes.byref(Filter(len(program), ctypes.addressof(code))), 0, 0), "seccomp")
+    libc = sandbox_libc()
+    sandbox_check(libc.prctl(38, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    sandbox_check(libc.prctl(22, 2, ctypes.byref(Filter(len(program), ctypes.addressof(code))), 0, 0), "seccomp")
 
 
-def make_namespaces(as_root, uid):
+def sandbox_namespaces(as_root, uid):
     flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
     if as_root:
-        return check(libc.unshare(flags), "unshare")
+        return sandbox_check(sandbox_libc().unshare(flags), "unshare")
     gid = os.getegid()
-    check(libc.unshare(flags | CLONE_NEWUSER), "unshare")
+    sandbox_check(sandbox_libc().unshare(flags | CLONE_NEWUSER), "unshare")
     for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
         with open(f"/proc/self/{name}", "w") as f:
             f.write(text)
 
 
-def mount(source, target, fstype, flags, options=None):
-    check(libc.mount(source and source.encode(), target.encode(), fstype and fstype.encode(), ctypes.c_ulong(flags),
-                     options and options.encode()), f"mount {target}")
+def sandbox_mount(source, target, fstype, flags, options=None):
+    sandbox_check(sandbox_libc().mount(source and source.encode(), target.encode(), fstype and fstype.encode(),
+                                       ctypes.c_ulong(flags), options and options.encode()), f"mount {target}")
 
 
-def hidden_ancestor(path):
+def sandbox_hidden_ancestor(path):
     """The first directory on the way to path that other users may not enter (e.g. /root, for a Python under it)."""
     parts = os.path.realpath(path).split(os.sep)[1:]
     for i in range(len(parts)):
@@ -3021,31 +3716,33 @@ def hidden_ancestor(path):
     return None
 
 
-def mount_views(work, disk, owner, as_root):
+def sandbox_mount_views(work, disk, owner, as_root):
     """Every mount read-only, nosuid and private to us; then a tmpfs of `disk` bytes on the working directory and an
     empty one on /proc. Where our Python lies in a directory the program's uid may not enter, an empty tmpfs covers
     that directory and the installation is bound back at its own path, so imports work and the rest stays hidden."""
     class MountAttr(ctypes.Structure):
         _fields_ = [(name, ctypes.c_uint64) for name in ("attr_set", "attr_clr", "propagation", "userns_fd")]
     attr = MountAttr(MS_RDONLY | MS_NOSUID, 0, MS_PRIVATE, 0)  # MOUNT_ATTR_RDONLY, _NOSUID have MS_'s values
-    check(libc.syscall(syscalls()[1]["mount_setattr"], -100, b"/", 0x8000, ctypes.byref(attr), ctypes.sizeof(attr)),
-          "mount_setattr(/, AT_RECURSIVE) (Linux >= 5.12)")
-    hidden = hidden_ancestor(sys.base_prefix) if as_root else None
+    mount_setattr = sandbox_syscalls()[1]["mount_setattr"]
+    sandbox_check(sandbox_libc().syscall(mount_setattr, -100, b"/", 0x8000, ctypes.byref(attr), ctypes.sizeof(attr)),
+                  "mount_setattr(/, AT_RECURSIVE) (Linux >= 5.12)")
+    hidden = sandbox_hidden_ancestor(sys.base_prefix) if as_root else None
     if hidden:
         python = os.open(os.path.realpath(sys.base_prefix), os.O_PATH)
-        mount("tmpfs", hidden, "tmpfs", MS_NOSUID | MS_NODEV, "size=65536,mode=0755")
+        sandbox_mount("tmpfs", hidden, "tmpfs", MS_NOSUID | MS_NODEV, "size=65536,mode=0755")
         os.makedirs(os.path.realpath(sys.base_prefix))
-        mount(f"/proc/self/fd/{python}", os.path.realpath(sys.base_prefix), None, MS_BIND | MS_REC)
-        mount(None, os.path.realpath(sys.base_prefix), None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID)
-        mount(None, hidden, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        sandbox_mount(f"/proc/self/fd/{python}", os.path.realpath(sys.base_prefix), None, MS_BIND | MS_REC)
+        sandbox_mount(None, os.path.realpath(sys.base_prefix), None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID)
+        sandbox_mount(None, hidden, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
         os.close(python)
-    mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, f"size={disk},nr_inodes=16384,mode=0700,uid={owner},gid={owner}")
-    mount("tmpfs", "/proc", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4096,mode=0555")
+    sandbox_mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV,
+                  f"size={disk},nr_inodes=16384,mode=0700,uid={owner},gid={owner}")
+    sandbox_mount("tmpfs", "/proc", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4096,mode=0555")
 
 
-def fork_supervised():
+def sandbox_fork_supervised():
     """Fork. The parent waits and exits as the child did (a signal as 128 + its number: a namespace's init cannot
-    signal itself); the child gets the read end of a pipe only the parent writes to, for die_with_parent."""
+    signal itself); the child gets the read end of a pipe only the parent writes to, for sandbox_die_with_parent."""
     alive, parent_end = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -3055,45 +3752,48 @@ def fork_supervised():
     os._exit(128 - code if code < 0 else code)
 
 
-def die_with_parent(alive):
+def sandbox_die_with_parent(alive):
     """SIGKILL when the parent dies; the pipe reads EOF if it died before the prctl took hold. Set after any change of
     uid, which clears it."""
     if sys.platform == "linux":
-        check(libc.prctl(1, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+        sandbox_check(sandbox_libc().prctl(1, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
     if select.select([alive], [], [], 0)[0]:
         os._exit(1)
     os.close(alive)
 
 
-def cut_python_sockets():
+def sandbox_cut_python_sockets():
     """A first, friendlier layer under the syscall filter: Python's socket types refuse with a clear message."""
-    import _socket, socket
+    import _socket
+    import socket
+
     class NoNetwork(socket.socket):
         def __init__(self, *args, **kwargs):
             raise OSError("network access is disabled in the sandbox")
     socket.socket = socket.SocketType = _socket.socket = _socket.SocketType = NoNetwork
 
 
-def drop_privileges(as_root, isolated, uid):
+def sandbox_drop_privileges(as_root, isolated, uid):
     if as_root:
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
     elif isolated:  # a nested user namespace: no capability left over the namespaces made above
-        check(libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
+        sandbox_check(sandbox_libc().unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
 
 
-def limit(memory, cpu_seconds, disk):
+def sandbox_limit(memory, cpu_seconds, disk):
+    import resource
     for which, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu_seconds),
                          (resource.RLIMIT_FSIZE, disk), (resource.RLIMIT_NPROC, 1), (resource.RLIMIT_NOFILE, 64)):
         try:
             resource.setrlimit(which, (value, value))
         except (ValueError, OSError) as e:  # macOS refuses RLIMIT_AS
             if sys.platform == "linux":
-                raise SetupError(f"setrlimit: {e}")
+                raise SandboxSetupError(f"setrlimit: {e}")
 
 
-def run(source, status, nonce):
+def sandbox_run(source, status, nonce):
     """The harness: the program as module "program" (its `if __name__ == "__main__":` demos, input() or unittest,
     don't run, as in OpenAI's harness), then the nonce; never atexit handlers."""
     read, write, exit_, stderr = os.read, os.write, os._exit, sys.stderr
@@ -3110,47 +3810,59 @@ def run(source, status, nonce):
     exit_(1)
 
 
-def main(a):
+def sandbox_main(a):
+    import resource
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     status, nonce, isolated, as_root = a["status_fd"], a["nonce_fd"], a["mode"] == "isolated", os.geteuid() == 0
     uid = a["uid_base"] + os.getpid() if as_root else os.geteuid()
     try:
         source = open(a["program"], encoding="utf-8").read()
         if isolated:
-            syscalls()
-            make_namespaces(as_root, uid)
-            die_with_parent(fork_supervised())  # the new PID namespace's init; the program is its only child
-            mount_views(a["work"], a["disk"], uid if as_root else 0, as_root)
+            sandbox_syscalls()
+            sandbox_namespaces(as_root, uid)
+            sandbox_die_with_parent(sandbox_fork_supervised())  # the new PID namespace's init; the program its child
+            sandbox_mount_views(a["work"], a["disk"], uid if as_root else 0, as_root)
             os.chdir(a["work"])  # into the tmpfs
         elif as_root:
-            hidden = hidden_ancestor(sys.base_prefix)
+            hidden = sandbox_hidden_ancestor(sys.base_prefix)
             if hidden:
-                raise SetupError(f"our Python ({sys.base_prefix}) lies in {hidden}, which other users may not enter: "
-                                 "the weak sandbox's uid could not import the standard library")
+                raise SandboxSetupError(f"our Python ({sys.base_prefix}) lies in {hidden}, which other users may not "
+                                        "enter: the weak sandbox's uid could not import the standard library")
             os.chown(a["work"], uid, uid)
-        alive = fork_supervised()
+        alive = sandbox_fork_supervised()
         with open("program.py", "w", encoding="utf-8") as f:  # for its tracebacks
             f.write(source)
-        cut_python_sockets()
-        drop_privileges(as_root, isolated, uid)
-        die_with_parent(alive)
-        limit(a["memory"], a["cpu_seconds"], a["disk"])
-        if isolated or sys.platform == "linux" and os.uname().machine in MACHINES:
-            deny_syscalls(NO_NETWORK)
+        sandbox_cut_python_sockets()
+        sandbox_drop_privileges(as_root, isolated, uid)
+        sandbox_die_with_parent(alive)
+        sandbox_limit(a["memory"], a["cpu_seconds"], a["disk"])
+        if isolated or sys.platform == "linux" and os.uname().machine in SANDBOX_SYSCALLS:
+            sandbox_deny_syscalls(SANDBOX_NO_NETWORK)
         os.closerange(3, min(status, nonce))
         os.closerange(min(status, nonce) + 1, max(status, nonce))
         os.closerange(max(status, nonce) + 1, 1 << 16)
         os.environ.clear()
         os.environ.update(PATH="/usr/bin:/bin", HOME=a["work"], TMPDIR=a["work"])
-    except (SetupError, OSError) as e:
+    except (SandboxSetupError, OSError) as e:
         os.write(status, f"error: {e}\n".encode())
         os._exit(125)
-    run(source, status, nonce)
+    sandbox_run(source, status, nonce)
 
 
-if __name__ == "__main__":
-    main(json.loads(sys.argv[1]))
-'''
+SANDBOX_CODE = (SandboxSetupError, sandbox_libc, sandbox_check, sandbox_syscalls, sandbox_deny_syscalls,
+                sandbox_namespaces, sandbox_mount, sandbox_hidden_ancestor, sandbox_mount_views, sandbox_fork_supervised,
+                sandbox_die_with_parent, sandbox_cut_python_sockets, sandbox_drop_privileges, sandbox_limit, sandbox_run,
+                sandbox_main)
+
+
+@functools.cache
+def sandbox_launcher():
+    """The source `python -I -S -c` runs: the imports, the constants and the code above, then sandbox_main of its
+    JSON argument (`python -c` names it __main__; exec'd under another name it only defines them)."""
+    constants = "".join(f"{name} = {globals()[name]!r}\n" for name in SANDBOX_CONSTANTS)
+    code = "\n\n".join(inspect.getsource(part) for part in SANDBOX_CODE)
+    return (f"import {SANDBOX_IMPORTS}\n\n{constants}\n\n{code}\n\n"
+            "if __name__ == '__main__':\n    sandbox_main(json.loads(sys.argv[1]))\n")
 
 
 def extract_program(completion, prompt):
@@ -3240,7 +3952,7 @@ def run_sandboxed(program, timeout=5.0, memory_mb=512, disk_mb=64, sandbox="isol
                     memory=memory_mb << 20, cpu_seconds=math.ceil(timeout) + 1, uid_base=SANDBOX_UID_BASE)
         with open(os.path.join(private, "stderr"), "w+b") as err:  # a file, not a pipe: RLIMIT_FSIZE bounds it
             try:
-                child = subprocess.Popen([SANDBOX_PYTHON, "-I", "-S", "-c", SANDBOX_LAUNCHER, json.dumps(args)], cwd=work,
+                child = subprocess.Popen([SANDBOX_PYTHON, "-I", "-S", "-c", sandbox_launcher(), json.dumps(args)], cwd=work,
                                          env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=err, pass_fds=(status_w, nonce_r), start_new_session=True)
             finally:
@@ -3287,28 +3999,30 @@ def humaneval_passed(completion, problem, timeout=5.0, sandbox="isolated"):
 
 @torch.no_grad()
 def evaluate_chat(model, chat, tokenizer, rt, windows, max_per_task=-1, batch_tokens=32768, batch_size=16,
-                  max_new_tokens=512, sandbox="isolated", compile_decode=False):
+                  max_new_tokens=512, sandbox="isolated", compile_decode=False, log=None):
     """Chat evaluation on ChatEvalData `chat`: categorical tasks by letter argmax (packed varlen forwards of up to
     batch_tokens tokens); generative (GSM8K) and code (HumanEval) ones by greedy generation with the calculator,
     batch_size rows continuously batched, scored on the number after '####' or by running the problem's tests in the
     `sandbox` (made once first: SandboxUnavailable before any generation where it cannot be). Examples split across
     ranks as in CORE. Returns dict(results={task: accuracy}, centered={task: centered accuracy}, chatcore=mean
-    centered, correct=int8 per example)."""
+    centered, correct=int8 per example). log: where progress goes (Progress)."""
     evaluated, mine = examples_of_rank(chat.tasks, len(chat.examples), max_per_task, rt)
     correct = torch.zeros(len(chat.examples), dtype=torch.float32)
     kind = {e: chat.tasks[int(chat.examples[e, 0])]["kind"] for e in mine}
+    progress = Progress(log, "chat eval", len(mine), "examples")
     categorical = [(e, chat.prompt(e)) for e in mine if kind[e] == "categorical"]
     for batch in token_batches(categorical, lambda item: len(item[1][0]), batch_tokens):
         choices = categorical_choices(model, [(tokens, n) for _, (tokens, _, n) in batch], chat.letter_ids, rt, windows)
         for (e, (_, gold, _)), choice in zip(batch, choices):
             correct[e] = float(choice == gold)
+            progress()
     engine = Engine(model, tokenizer, windows, rt, compile=compile_decode)
     generated = [e for e in mine if kind[e] != "categorical"]
     if any(kind[e] == "code" for e in generated):
         run_sandboxed("pass", sandbox=sandbox)
     if generated:  # continuously batched: batch_size rows, a finished one takes the next prompt at once
         samples = engine.generate([chat.prompt(e)[0].tolist() for e in generated], 1, max_new_tokens, temperature=0,
-                                  max_rows=batch_size)
+                                  max_rows=batch_size, on_done=progress)
         for e, (sample,) in zip(generated, samples):
             task = chat.tasks[int(chat.examples[e, 0])]
             text, index = reply_text(tokenizer, sample), e - task["first_example"]
@@ -3320,8 +4034,26 @@ def evaluate_chat(model, chat, tokenizer, rt, windows, max_per_task=-1, batch_to
     return dict(out, chatcore=out.pop("mean"))
 
 
+def phase_chat(cfg, rt, log):
+    """chat eval (ARC, MMLU, GSM8K, HumanEval; ChatCORE); reads chat_eval/; writes metrics.json"""
+    tokenizer = data_tokenizer(cfg.data_dir)
+    model, _, path = trained_model(cfg, rt)
+    windows = model.windows()
+    chat = load_chat_eval(cfg.data_dir, tokenizer)
+    log(f"chat evaluation of {path}")
+    t0 = time.time()
+    out = evaluate_chat(model, chat, tokenizer, rt, windows, cfg.chat_max_per_task, cfg.core_batch_tokens,
+                        cfg.chat_batch_size, cfg.chat_max_new_tokens, cfg.sandbox, cfg.sample.decode_compile, log)
+    log(task_table(out, chat.tasks, "name", "ChatCORE"))
+    log(f"chat eval took {time.time() - t0:.0f}s")
+    values = {"chatcore": out["chatcore"], "chat_per_task": out["results"], "chat_max_per_task": cfg.chat_max_per_task}
+    # the pipeline evaluates after SFT and again after RL: keep each checkpoint's numbers, the latest on top
+    history = read_metrics(cfg.run_dir).get("chat_by_checkpoint", {})
+    update_metrics(cfg, rt, {**values, "chat_by_checkpoint": {**history, os.path.basename(path): values}})
+
+
 # =============================================================================================================
-# 12. Post-training: chat SFT and GSM8K RL (their loops are phase_sft and phase_rl)
+# 13. Chat SFT: batches of whole conversations, the masked loss, then the loop (phase_sft)
 #
 # SFT. Each conversation is its own document of a varlen batch, as in pretraining: positions from 0, no attention
 # across conversations, so a conversation gets exactly the losses it would get alone. Only tokens the SFT mask marks
@@ -3411,16 +4143,92 @@ def evaluate_sft_loss(model, split, rt, windows, max_tokens, batch_tokens=8192):
     return nats / max(count, 1)
 
 
-def sft_lr_factor(cfg, step, total):
-    """Linear warmup over sft_warmup_frac of the steps, flat, then linear decay over the last sft_cooldown_frac
+def sft_lr_factor(sft, step, total):
+    """Linear warmup over sft.warmup_frac of the steps, flat, then linear decay over the last sft.cooldown_frac
     (to 1/cooldown steps on the last step, so no step is wasted at lr 0)."""
-    warmup, cooldown = cfg.sft_warmup_frac * total, cfg.sft_cooldown_frac * total
+    warmup, cooldown = sft.warmup_frac * total, sft.cooldown_frac * total
     up = min(1.0, (step + 1) / warmup) if warmup else 1.0
     down = min(1.0, (total - step) / cooldown) if cooldown else 1.0
     return up * down
 
 
-# -- GSM8K RL: on-policy policy gradient with the engine and the calculator, nanochat-style --
+def phase_sft(cfg, rt, log):
+    """chat SFT with a fresh optimizer; reads sft/; writes RUN_DIR/sft_ckpt_<step>/, curves.jsonl, metrics.json"""
+    require_training_dtype(rt, "sft")
+    tokenizer = data_tokenizer(cfg.data_dir)
+    model, _, path = trained_model(cfg, rt)  # the checkpoint's architecture and final windows
+    windows = model.windows()
+    sft = cfg.sft
+    opt = make_optimizer(model, cfg, sft.lr_mul)
+    train, val = load_sft(cfg.data_dir, tokenizer, "train"), load_sft(cfg.data_dir, tokenizer, "val")
+    loader = SFTLoader(train, tokenizer, rt.rank, rt.world_size, cfg.seed)
+    total = sft.steps
+    T, accum = micro_batch(sft.batch_tokens, cfg.micro_batch_tokens, rt.world_size, "sft")
+    start = resumed_step(cfg, "sft", model, opt, loader, log)
+    log(f"sft: from {path}, {total} steps of {sft.batch_tokens:,} tokens, {len(train.convs) - 1:,} train conversations "
+        f"({len(train.tokens):,} tokens), lr x{sft.lr_mul}")
+    loss_fn = torch.compile(sft_loss) if cfg.compile else sft_loss
+    chat = load_chat_eval(cfg.data_dir, tokenizer) if sft.chat_max_per_task > 0 else None
+
+    def evaluate(step):
+        val_loss = evaluate_sft_loss(model, val, rt, windows, sft.val_tokens, T)
+        log(f"sft step {step}/{total} val loss {val_loss:.4f}")
+        log.metrics(step, {"sft/val_loss": val_loss})
+        if chat is not None and step > 0:  # the base model cannot chat yet: nothing to learn from its score
+            out = evaluate_chat(model, chat, tokenizer, rt, windows, sft.chat_max_per_task, cfg.core_batch_tokens,
+                                cfg.chat_batch_size, cfg.chat_max_new_tokens, cfg.sandbox, cfg.sample.decode_compile, log)
+            log(f"sft step {step}/{total} chatcore {out['chatcore']:.4f} " + " ".join(f"{k} {v:.4f}" for k, v in out["results"].items()))
+            log.metrics(step, {"sft/chatcore": out["chatcore"]})
+            update_metrics(cfg, rt, {"sft_chatcore": out["chatcore"], "sft_chat_per_task": out["results"]})
+        return val_loss
+
+    if start == 0:
+        update_metrics(cfg, rt, {"sft_val_loss_init": evaluate(0)})
+    timer, pending, last = LoopTimer(), [], None
+    for step in range(start, total):
+        batches = [loader.next_batch(T, rt.device) for _ in range(accum)]
+        # the step's loss is the mean over every supervised target of every rank: weigh each micro-batch's mean by
+        # its share of them (times world size: the optimizer averages gradients over ranks)
+        counts = torch.stack([(b.targets[:, 0] >= 0).sum() for b in batches]).double()
+        n_total = sum_over_ranks(counts.sum(), rt)
+        step_loss = torch.zeros((), device=rt.device)
+        for b, n in zip(batches, counts):
+            with autocast(rt):
+                loss = loss_fn(model, b, windows, rt.backend) * (n * rt.world_size / n_total.clamp(min=1)).float()
+            loss.backward()
+            step_loss += loss.detach()
+        pending.append((step, step_loss))
+        lr = sft_lr_factor(sft, step, total)
+        opt.step(lr, muon_momentum(step, total, warmup=sft.momentum_warmup, cooldown=0))
+        opt.zero_grad()
+        timer.step(sft.batch_tokens)
+        last, final = step, step == total - 1
+        logging = step % cfg.log_every == 0 or final
+        evaluating = (step + 1) % sft.eval_every == 0 and not final
+        saving = (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or final
+        if not (logging or evaluating or saving):
+            continue
+        losses = settle_losses(pending, cfg, rt, log, "sft")  # the host sync; stops on a NaN before anything is saved
+        seconds, steps, tokens = timer.lap()
+        if step == start and cfg.compile:
+            timer.total = 0.0  # the first step compiled the loss
+        if logging:
+            log(f"sft step {step + 1}/{total} loss {losses[-1]:.4f} lr {lr:.3f} {tokens / seconds:,.0f} tok/s "
+                f"eta {seconds / steps * (total - step - 1) / 60:.1f} min")
+            log.metrics(step + 1, {"sft/loss": losses[-1]})
+        if evaluating:
+            evaluate(step + 1)
+        if saving:
+            save_checkpoint(cfg, rt, step + 1, model, opt, loader.state, phase="sft")
+        timer.pause_until_now()
+    if last is None:
+        log(f"sft: nothing to do: run already at step {start} of {total}")
+        return
+    update_metrics(cfg, rt, {"sft_val_loss": evaluate(total), "sft_steps": total, "sft_train_time_s": timer.total})
+
+
+# =============================================================================================================
+# 14. GSM8K RL: on-policy policy gradient with the engine and the calculator, nanochat-style; the loop (phase_rl)
 
 
 def gsm8k_reward(tokenizer, sample, answer):
@@ -3453,1820 +4261,66 @@ def policy_gradient_loss(model, rollouts, windows, rt, n_tokens):
 
 
 @torch.no_grad()
-def gsm8k_pass_at_k(engine, tokenizer, chat, task, examples, k, cfg, rt, seed):
+def gsm8k_pass_at_k(engine, tokenizer, chat, task, examples, k, rl, rt, seed, log=None):
     """pass@1..k on the given examples of a generative chat-eval task: the fraction of questions where one of the
-    first j samples (temperature cfg.rl_temperature) is right; examples split across ranks."""
+    first j samples (temperature rl.temperature) is right; examples split across ranks. log: where progress goes."""
     hits = torch.zeros(k, device=rt.device)
-    for e in examples[rt.rank::rt.world_size]:
-        samples = engine.generate([chat.prompt(e)[0].tolist()], k, cfg.rl_max_new_tokens, cfg.rl_temperature,
-                                  cfg.rl_top_k, seed=seed + e)[0]
+    mine = examples[rt.rank::rt.world_size]
+    progress = Progress(log, f"pass@{k}", len(mine), "questions")
+    for e in mine:
+        samples = engine.generate([chat.prompt(e)[0].tolist()], k, rl.max_new_tokens, rl.temperature, rl.top_k,
+                                  seed=seed + e)[0]
         right = [gsm8k_reward(tokenizer, s, task["answers"][e - task["first_example"]]) for s in samples]
         hits += torch.tensor(np.maximum.accumulate(right), dtype=torch.float32, device=rt.device)
+        progress()
     sum_over_ranks(hits, rt)
     return {j + 1: float(hits[j]) / len(examples) for j in range(k)}
 
 
-# =============================================================================================================
-# 13. Run helpers: logging, checkpoints, the run directory, metrics, the loop's bookkeeping, the run report
-
-
-class Logger:
-    """Rank 0 prints and appends to RUN_DIR/log.txt; metrics (the curves) are appended to RUN_DIR/curves.jsonl, one
-    {"step": ..., name: value} object per line, step counting the phase's steps done (as the log lines do) (a resumed phase appends again from its step: the last line for a
-    step wins), and also go to wandb when it is enabled."""
-
-    def __init__(self, cfg, rt):
-        self.master, self.path, self.wandb = rt.master, os.path.join(cfg.run_dir, "log.txt"), None
-        self.curves = os.path.join(cfg.run_dir, "curves.jsonl")
-        if not self.master:
-            return
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        mode = cfg.wandb if cfg.wandb != "auto" else ("online" if os.environ.get("WANDB_API_KEY") else "disabled")
-        if os.environ.get("WANDB_MODE") == "disabled":
-            mode = "disabled"
-        if mode != "disabled":
-            import wandb
-            self.wandb = wandb.init(project="decoderstack", name=os.path.basename(os.path.abspath(cfg.run_dir)),
-                                    config=dataclasses.asdict(cfg), mode=mode, dir=cfg.run_dir)
-
-    def __call__(self, msg):
-        if self.master:
-            print(msg, flush=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(msg + "\n")
-
-    def metrics(self, step, values):
-        if not self.master:
-            return
-        with open(self.curves, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(values, step=step)
-
-
-# -- checkpoints: safetensors weights + weights_only-loadable optimizer state + JSON holding their sha256, written
-# atomically; one run per run directory (a lock), pruned by step number, verified on load, resume falls back --
-
-CHECKPOINT_PREFIX = {"pt": "ckpt_", "sft": "sft_ckpt_", "rl": "rl_ckpt_"}  # RUN_DIR/<prefix><step>/, in phase order
-CURVE_PHASES = {"train": "pt", "val": "pt", "sft": "sft", "rl": "rl"}  # curves.jsonl's "<group>/<name>" -> phase
-CHECKPOINT_FILES = ("model.safetensors", "optim.pt")
-
-
-class CheckpointError(DataFormatError):
-    """A checkpoint or run directory problem: missing, truncated, corrupt, unwritable, in use; the message names it."""
-
-
-def checkpoints(run_dir, phase):
-    """{step: path} of the phase's checkpoints in run_dir, by step number (so 7-digit steps sort after 6-digit ones)."""
-    pattern = re.compile(re.escape(CHECKPOINT_PREFIX[phase]) + r"(\d+)")
-    found = {int(m.group(1)): os.path.join(run_dir, d) for d in (os.listdir(run_dir) if os.path.isdir(run_dir) else [])
-             if (m := pattern.fullmatch(d))}
-    return dict(sorted(found.items()))
-
-
-def save_checkpoint(cfg, rt, step, model, opt, extra_state, phase="pt"):
-    """RUN_DIR/<prefix><step>/: model.safetensors, optim.pt, state.json (step, phase, extra_state e.g. the loader's
-    position, "model": the ModelConfig, "run": this phase's settings, the files' sha256). RUN_DIR/latest_<phase> names it (what --resume continues) and RUN_DIR/latest
-    too (the model the next phase starts from). The newest --keep-checkpoints of the phase are kept. A failed write (a full disk)
-    leaves the previous checkpoint and the pointers as they were, and raises CheckpointError."""
-    opt_state = opt.state_dict()  # a collective when sharded: every rank calls it
-    if not rt.master:
-        return
-    from safetensors.torch import save_file
-    final = os.path.join(cfg.run_dir, f"{CHECKPOINT_PREFIX[phase]}{step:06d}")
-    tmp = final + ".tmp"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
-        torch.save(opt_state, os.path.join(tmp, "optim.pt"))
-        files = {name: sha256_file(os.path.join(tmp, name)) for name in CHECKPOINT_FILES}
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"step": step, "phase": phase, "loader": extra_state, "model": dataclasses.asdict(model.cfg),
-                       "run": dataclasses.asdict(cfg), "files": files}, f, indent=1)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        write_text_atomic(os.path.join(cfg.run_dir, f"latest_{phase}"), os.path.basename(final))
-        write_text_atomic(os.path.join(cfg.run_dir, "latest"), os.path.basename(final))
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"{final}: could not write the checkpoint ({e.strerror or e}); the latest is still "
-                              f"{latest_checkpoint(cfg.run_dir, phase) or 'none'}") from None
-    for old in list(checkpoints(cfg.run_dir, phase).values())[:-max(cfg.keep_checkpoints, 1)]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def latest_checkpoint(run_dir, phase=None):
-    """The newest checkpoint of `phase`, or of any phase (the model the next phase starts from); None if none."""
-    path = os.path.join(run_dir, f"latest_{phase}" if phase else "latest")
-    return os.path.join(run_dir, open(path).read().strip()) if os.path.isfile(path) else None
-
-
-def verify_checkpoint(path, files):
-    """state.json of a checkpoint, after checking that `files` are there and have the sha256 it recorded."""
-    where = os.path.join(path, "state.json")
-    if not os.path.isfile(where):
-        raise CheckpointError(f"{where}: missing (not a checkpoint directory?)")
-    state = read_json(where)  # malformed: a DataFormatError naming it
-    if not (isinstance(state, dict) and isinstance(state.get("step"), int)
-            and isinstance(state.get("model", state.get("config")), dict)):
-        raise CheckpointError(f"{where}: not a checkpoint's state (step, model)")
-    for name in files:
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            raise CheckpointError(f"{file}: missing (not a checkpoint directory, or an incomplete one?)")
-        want = state.get("files", {}).get(name)  # checkpoints written before checksums have none
-        if want is not None and sha256_file(file) != want:
-            raise CheckpointError(f"{file}: sha256 differs from the one in state.json (truncated or corrupt)")
-    return state
-
-
-def load_checkpoint(path, model, opt=None):
-    """Verify, then load weights (and optimizer state); returns state.json. Every failure is a CheckpointError."""
-    state = verify_checkpoint(path, CHECKPOINT_FILES if opt is not None else CHECKPOINT_FILES[:1])
-    load_verified(path, model, opt)
-    return state
-
-
-def load_model(path, device="cpu", vocab_size=None):
-    """(model, state.json) of a checkpoint: the model built from the ModelConfig it carries, its weights loaded;
-    state.json read once (step, phase, "run": the settings of the phase that wrote it). A checkpoint from before
-    checkpoints carried their model (its state.json has the pretraining run's "config" instead) loads given its
-    tokenizer's vocab_size, and --phases convert rewrites it once."""
-    state = verify_checkpoint(path, CHECKPOINT_FILES[:1])
-    model = GPT(checkpoint_model(path, state, vocab_size)).to(device)
-    load_verified(path, model)
-    return model, state
-
-
-def checkpoint_model(path, state, vocab_size=None):
-    """The ModelConfig of a checkpoint's state.json (see load_model)."""
-    where = os.path.join(path, "state.json")
-    if "model" in state:
-        try:
-            return ModelConfig(**{**state["model"], "softcap": tuple(state["model"]["softcap"])})
-        except (TypeError, KeyError) as e:
-            raise CheckpointError(f"{where}: 'model' is not a model this stack builds ({e})") from None
-    if vocab_size is None:
-        raise CheckpointError(f"{path}: written before checkpoints carried their model; convert it once with "
-                              f"`python {os.path.basename(__file__)} --phases convert --init-from {path} --data-dir DATA_DIR`")
-    unknown = set(state["config"]) - {f.name for f in dataclasses.fields(Config)}
-    if unknown:
-        raise CheckpointError(f"{where}: config fields this stack does not know: {', '.join(sorted(unknown))}")
-    return ModelConfig.of(Config(**{k: freeze(v) for k, v in state["config"].items()}), vocab_size)
-
-
-def load_verified(path, model, opt=None):
-    """Weights (and optimizer state) of a checkpoint verify_checkpoint has checked."""
-    from safetensors.torch import load_file
-    weights, optim = (os.path.join(path, name) for name in CHECKPOINT_FILES)
-    try:
-        model.load_state_dict(load_file(weights, device=str(next(model.parameters()).device)))
-    except Exception as e:  # safetensors' header errors, missing or unexpected keys, other shapes
-        raise CheckpointError(f"{weights}: does not load into this model ({str(e).splitlines()[0][:300]})") from None
-    model.sync_flags()
-    if opt is not None:
-        try:
-            opt.load_state_dict(torch.load(optim, weights_only=True, map_location="cpu"))
-        except Exception as e:  # unpickling refused, other parameters, other shapes
-            raise CheckpointError(f"{optim}: does not load into this optimizer ({str(e).splitlines()[0][:300]})") from None
-
-
-def resume_checkpoint(cfg, phase, model, opt, log):
-    """--resume: load the phase's newest checkpoint that verifies (latest_<phase>, else the older ones kept, newest
-    first, each skip logged as a warning) into model and opt. Returns (path, state), or None if the phase has none."""
-    if not cfg.resume:
-        return None
-    latest = latest_checkpoint(cfg.run_dir, phase)
-    candidates = ([latest] if latest else []) + [p for p in reversed(checkpoints(cfg.run_dir, phase).values()) if p != latest]
-    for path in candidates:
-        try:
-            return path, load_checkpoint(path, model, opt)
-        except DataFormatError as e:
-            log(f"warning: cannot resume from {path}: {e}")
-    if candidates:
-        raise CheckpointError(f"{cfg.run_dir}: no {phase} checkpoint to resume from loads ({', '.join(map(os.path.basename, candidates))})")
-    return None
-
-
-def resumed_step(cfg, phase, model, opt, loader, log):
-    """The step a pt or sft loop starts at: 0, or with --resume the step of the checkpoint resume_checkpoint loads
-    (the loader then continues where it stood)."""
-    resumed = resume_checkpoint(cfg, phase, model, opt, log)
-    if not resumed:
-        return 0
-    path, state = resumed
-    loader.state = state["loader"]
-    log(f"{'' if phase == 'pt' else phase + ': '}resumed from {path} at step {state['step']}")
-    return state["step"]
-
-
-def claim_run_dir(cfg, phases):
-    """Before anything is written: lock the run directory for this process (released at exit, kill -9 included; a
-    second run on it is refused, naming the holder), remove what a crash left half-written (*.tmp), and make sure a
-    fresh (not --resume) pt, sft or rl run does not mix its checkpoints with an earlier run's: refuse, or with
-    --overwrite delete that phase's checkpoints and the later phases' (trained from them). Returns the lock."""
-    import fcntl
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    lock = open(os.path.join(cfg.run_dir, ".lock"), "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        raise CheckpointError(f"{cfg.run_dir}: run directory in use by pid {lock.read().strip() or '?'} "
-                              "(one run per --run-dir)") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    for name in os.listdir(cfg.run_dir):
-        if name.endswith(".tmp"):
-            path = os.path.join(cfg.run_dir, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
-    training = [p for p in CHECKPOINT_PREFIX if p in phases]
-    clash = [os.path.basename(path) for p in training for path in checkpoints(cfg.run_dir, p).values()]
-    if clash and not cfg.resume:
-        if not cfg.overwrite:
-            raise CheckpointError(f"{cfg.run_dir}: holds checkpoints of an earlier run ({', '.join(clash)}); pass "
-                                  "--resume to continue it, --overwrite to replace it, or another --run-dir")
-        order = list(CHECKPOINT_PREFIX)
-        replaced = order[order.index(training[0]):]
-        for phase in replaced:
-            for path in checkpoints(cfg.run_dir, phase).values():
-                shutil.rmtree(path)
-            for pointer in (f"latest_{phase}", "latest"):
-                path = os.path.join(cfg.run_dir, pointer)
-                if os.path.isfile(path) and not os.path.isdir(os.path.join(cfg.run_dir, open(path).read().strip())):
-                    os.remove(path)
-        curves = os.path.join(cfg.run_dir, "curves.jsonl")
-        if os.path.isfile(curves):  # the replaced phases' curves go with their checkpoints (the report draws them)
-            kept = []
-            for line in open(curves, encoding="utf-8"):
-                try:
-                    values = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                values = {k: v for k, v in values.items() if CURVE_PHASES.get(k.split("/")[0]) not in replaced}
-                if len(values) > 1:
-                    kept.append(json.dumps(values) + "\n")
-            write_text_atomic(curves, "".join(kept))
-        earlier = [latest_checkpoint(cfg.run_dir, p) for p in order[:order.index(training[0])]]
-        earlier = [path for path in earlier if path and os.path.isdir(path)]
-        if earlier and latest_checkpoint(cfg.run_dir) is None:  # the phase trains again from what it started from
-            write_text_atomic(os.path.join(cfg.run_dir, "latest"), os.path.basename(earlier[-1]))
-    return lock
-
-
-def write_text_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def update_metrics(cfg, rt, values):
-    """Merge values into RUN_DIR/metrics.json (every phase adds its own keys)."""
-    if not rt.master:
-        return
-    path = os.path.join(cfg.run_dir, "metrics.json")
-    metrics = read_json(path) if os.path.isfile(path) else {}
-    metrics.update(values)
-    write_text_atomic(path, json.dumps(metrics, indent=1) + "\n")
-
-
-def val_line(val):
-    """The log's line of an evaluate_bpb result (baselines/record.py reads it)."""
-    bpb = "n/a" if val["bpb"] is None else f"{val['bpb']:.4f}"
-    split = "".join(f"; {name} {b:.4f}" for name, b in val["by_source"].items())
-    return f"val bpb {bpb} val loss {val['loss']:.4f} ({val['what']}{split})"
-
-
-def val_metrics(val):
-    """metrics.json's keys of an evaluate_bpb result."""
-    return {"val_bpb": val["bpb"], "val_loss": val["loss"], "val_bpb_by_source": val["by_source"],
-            "val_loss_tokens": val["targets"], "val_scored": val["what"]}
-
-
-def mtp_note(weights):
-    """What the training loss is when it is not the next-token loss alone: the MTP-weighted sum (at init ~ sum(w) ln V)."""
-    if len(weights) == 1 and weights[0] == 1:
-        return ""
-    names = ["next"] + [f"{k + 2}-ahead" for k in range(len(weights) - 1)]
-    return " (loss = " + " + ".join(f"{w:.2f} x {n}" for w, n in zip(weights, names)) + ")"
-
-
-def settle_losses(pending, cfg, rt, log, phase):
-    """The losses of the steps in `pending` (a list of (step, loss tensor), emptied), averaged over ranks, as floats:
-    one host sync for all of them. The loops call it at log, eval and checkpoint steps only, so the GPU runs ahead in
-    between. A NaN/inf loss stops the run with exit code 2, recorded in metrics.json, before any checkpoint after it
-    is written: the phase's last checkpoint is the last good one."""
-    steps, losses = [s for s, _ in pending], torch.stack([loss for _, loss in pending])
-    pending.clear()
-    values = sum_over_ranks(losses, rt, dist.ReduceOp.AVG).tolist()
-    for step, value in zip(steps, values):
-        if not math.isfinite(value):
-            prefix = "" if phase == "pt" else phase + " "
-            log(f"{prefix}step {step}: loss is {value}; stopping. The last good checkpoint is {latest_checkpoint(cfg.run_dir, phase)}")
-            update_metrics(cfg, rt, {prefix.replace(" ", "_") + "diverged_at_step": step})
-            sys.exit(2)
-    return values
-
-
-class LoopTimer:
-    """Training time without eval and checkpoint pauses, read at host syncs (where the GPU has caught up)."""
-
-    def __init__(self):
-        self.total, self.resumed = 0.0, time.perf_counter()
-        self.since, self.steps, self.tokens = self.resumed, 0, 0
-
-    def step(self, tokens):
-        self.steps += 1
-        self.tokens += tokens
-
-    def lap(self):
-        """(seconds, steps, tokens) since the last lap; call it right after a host sync."""
-        now = time.perf_counter()
-        self.total += now - self.resumed
-        lap = max(now - self.since, 1e-9), self.steps, self.tokens
-        self.resumed = self.since = now
-        self.steps = self.tokens = 0
-        return lap
-
-    def pause_until_now(self):
-        """Eval or a checkpoint ran since the last lap: leave it out."""
-        self.resumed = self.since = time.perf_counter()
-
-
-def trained_model(cfg, rt, tokenizer):
-    """(model, state.json, path) of --init-from, else of the run's latest checkpoint (load_model)."""
-    path = cfg.init_from or latest_checkpoint(cfg.run_dir)
-    if not path:
-        raise CheckpointError(f"{cfg.run_dir}: no checkpoint to evaluate (run --phases pt first, or pass --init-from)")
-    model, state = load_model(path, rt.device, tokenizer.vocab_size)
-    return model, state, path
-
-
-# -- the run report: RUN_DIR/report.md and its plots (report_<phase>.png), rewritten after every phase that records
-# results, from metrics.json and curves.jsonl; and the header every invocation's log opens with --
-
-REPORT_PHASES = ("pt", "eval", "sft", "chat", "rl")  # the phases whose results metrics.json holds, in report order
-# report_<phase>.png: (title, panels), each panel the curves drawn together; a name ending in @ is a prefix (every k)
-REPORT_PLOTS = {"pt": ("pretraining", (("train/loss",), ("val/bpb",))),
-                "sft": ("SFT", (("sft/loss", "sft/val_loss"),)),
-                "rl": ("RL", (("rl/reward",), ("rl/pass@",)))}
-
-
-@functools.cache
-def git_state(directory):
-    """(commit, dirty) of the git work tree holding directory, dirty meaning tracked files differ from the commit;
-    None where git cannot tell (no git, no repository, no commit yet, a repository git refuses as another user's).
-    Cached: the state the run started from, whatever is edited or committed while it runs."""
-    def git(*args):
-        return subprocess.run(["git", "-C", directory, *args], capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
-    try:
-        return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def run_header(rt):
-    """The lines every invocation's log opens with, after its source (modded-nanogpt's logs open with the code, then
-    the versions), and the report's environment: what is needed to run the same thing again and compare."""
-    import shlex
-    state = git_state(os.path.dirname(os.path.abspath(__file__)))
-    commit = "unknown (no git, or not in a repository)" if state is None else state[0] + (" (dirty)" if state[1] else "")
-    gpu = f" ({torch.cuda.get_device_name(rt.device)})" if rt.device.type == "cuda" else ""
-    return [f"commit: {commit}",
-            f"command: {shlex.join(sys.argv)}",
-            f"versions: python {sys.version.split()[0]}, torch {torch.__version__}, "
-            f"triton {triton.__version__ if triton else 'not installed'}, CUDA {torch.version.cuda or 'none'}",
-            f"device: {rt.device}{gpu}, world size {rt.world_size}, attention {rt.backend}"]
-
-
-def read_curves(path):
-    """{name: [(step, value), ...] by step} of a curves.jsonl (Logger.metrics). A step logged again, by a phase resumed
-    from an earlier checkpoint, keeps its last line's value; a line cut off by a kill (and what was appended to it)
-    is skipped."""
-    by_step = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                values = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            step = values.pop("step")
-            for name, value in values.items():
-                by_step.setdefault(name, {})[step] = value
-    return {name: sorted(points.items()) for name, points in by_step.items()}
-
-
-def md_table(header, rows):
-    """A GitHub markdown table, the first column left-aligned and the others right: floats to 4 decimals, ints with
-    thousands separators, None as n/a, anything else as str."""
-    def cell(v):
-        return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
-    lines = [header, [":--"] + ["--:"] * (len(header) - 1), *rows]
-    return "\n".join("| " + " | ".join(map(cell, row)) + " |" for row in lines)
-
-
-def duration(seconds):
-    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.2f} h"
-
-
-def plot_curves(path, title, panels, curves):
-    """report_<phase>.png at path (REPORT_PLOTS): a panel per group of curves, each vs step; written whole. Draws with
-    Agg through matplotlib's Figure (no pyplot: no global backend), imported here: without matplotlib a run only
-    lacks plots. Returns whether there was anything to draw."""
-    points = {name: [(s, v) for s, v in series if v is not None] for name, series in curves.items()}
-    groups = [[n for p in panel for n in points if points[n] and (n == p or p.endswith("@") and n.startswith(p))]
-              for panel in panels]
-    groups = [g for g in groups if g]
-    if not groups:
-        return False
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-    fig = Figure(figsize=(5 * len(groups), 3.5), layout="constrained")
-    for ax, group in zip(fig.subplots(1, len(groups), squeeze=False)[0], groups):
-        for name in group:
-            ax.plot(*zip(*points[name]), marker="o", markersize=3, label=name)
-        ax.set_xlabel("step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.savefig(path + ".tmp", format="png", dpi=100)
-    os.replace(path + ".tmp", path)
-    return True
-
-
-def plot_link(run_dir, phase, curves):
-    """The markdown image of the phase's curves ("" when it has none)."""
-    title, panels = REPORT_PLOTS[phase]
-    name = f"report_{phase}.png"
-    try:
-        drawn = plot_curves(os.path.join(run_dir, name), title, panels, curves)
-    except ImportError:
-        return "_No plot: matplotlib is not installed._"
-    return f"![{title} curves]({name})" if drawn else ""
-
-
-def write_report(run_dir, header, phase):
-    """RUN_DIR/report.md, written whole (tmp + rename) from the run directory: metrics.json (every invocation's phases
-    add to it) and curves.jsonl, so it covers a run resumed or split over invocations; `header` (run_header) is that
-    of the invocation writing it, `phase` the one just finished. A section per kind of result, absent without one."""
-    file = lambda name: os.path.join(run_dir, name)
-    m = read_json(file("metrics.json")) if os.path.isfile(file("metrics.json")) else {}
-    curves = read_curves(file("curves.jsonl")) if os.path.isfile(file("curves.jsonl")) else {}
-    times = m.get("phase_time_s", {})
-    parts = [f"# Run report: {os.path.basename(os.path.abspath(run_dir))}",
-             f"Rewritten after every phase, last after **{phase}** ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}),"
-             " from `metrics.json` and `curves.jsonl`; the full log is `log.txt`.",
-             md_table(["phase", "wall time"], [[p, duration(times[p])] for p in REPORT_PHASES if p in times]),
-             "## Environment", "```text\n" + "\n".join(header) + "\n```"]
-    if "params" in m:
-        memory = m["peak_memory_gib"]
-        parts += ["## Pretraining", md_table(["", "value"], [
-            ["parameters", m["params"]], ["in NorMuon matrices", m["params_matrix"]],
-            ["training tokens", m["train_tokens"]], ["tokens/s", round(m["tok_per_s"])],
-            ["training time (no eval, no checkpoints)", duration(m["pt_train_time_s"])],
-            ["compile time", f"{duration(m['pt_compile_time_s'])}, {m['pt_compile_graphs']} graphs"],
-            ["peak memory", None if memory is None else f"{memory:.1f} GiB"]]), plot_link(run_dir, "pt", curves)]
-    if "val_bpb" in m:
-        parts += ["## Validation bits per byte",
-                  f"Scored {m['val_scored']}: val loss {m['val_loss']:.4f} over {m['val_loss_tokens']:,} tokens.",
-                  md_table(["source", "bpb"], [["**all**", m["val_bpb"]], *m["val_bpb_by_source"].items()])]
-    if "core" in m:
-        n = m["core_max_per_task"]
-        parts += ["## CORE", "Centered accuracy (0: chance, 1: all right) on "
-                  f"{'every example' if n <= 0 else f'the first {n} examples'} of each task.",
-                  md_table(["task", "centered"], [*m["core_per_task"].items(), ["**CORE**", m["core"]]])]
-    if "sft_val_loss" in m:
-        start = [["start", 0, m["sft_val_loss_init"]]] if "sft_val_loss_init" in m else []  # absent if resumed
-        parts += ["## SFT", f"Training time {duration(m['sft_train_time_s'])} (no eval, no checkpoints).",
-                  md_table(["", "step", "val loss"], start + [["end", m["sft_steps"], m["sft_val_loss"]]]),
-                  plot_link(run_dir, "sft", curves)]
-    if "chat_by_checkpoint" in m:
-        by = m["chat_by_checkpoint"]
-        tasks = list(dict.fromkeys(t for values in by.values() for t in values["chat_per_task"]))
-        parts += ["## Chat", "Accuracy per task, a column per checkpoint evaluated; ChatCORE: the mean centered accuracy.",
-                  md_table(["task", *by], [[t, *(v["chat_per_task"].get(t) for v in by.values())] for t in tasks]
-                           + [["**ChatCORE**", *(v["chatcore"] for v in by.values())]])]
-    if "gsm8k_pass_at" in m:
-        r = m["rl_reward"]
-        rewards = md_table(["steps", "first reward", "last reward", "mean", "max"],
-                           [[len(r), r[0], r[-1], sum(r) / len(r), max(r)]]) if r else ""  # none with --rl-steps 0
-        parts += ["## RL (GSM8K)", rewards,
-                  md_table(["k", "pass@k (test)"], list(m["gsm8k_pass_at"].items())), plot_link(run_dir, "rl", curves)]
-    write_text_atomic(file("report.md"), "\n\n".join(p for p in parts if p) + "\n")
-
-
-def report_phase(cfg, rt, log, phase, seconds):
-    """After a phase of REPORT_PHASES: its wall time into metrics.json (phase_time_s: a phase run again keeps its
-    latest), then report.md rewritten. Rank 0. The report only shows results already saved, so failing to write it
-    is a warning in the log, never the end of the run."""
-    if not rt.master:
-        return
-    try:
-        path = os.path.join(cfg.run_dir, "metrics.json")
-        times = (read_json(path) if os.path.isfile(path) else {}).get("phase_time_s", {})
-        update_metrics(cfg, rt, {"phase_time_s": {**times, phase: seconds}})
-        write_report(cfg.run_dir, run_header(rt), phase)
-    except Exception as e:  # anything: a full disk, a metrics.json of another version of the stack, a plotting bug
-        log(f"warning: {os.path.join(cfg.run_dir, 'report.md')} not rewritten: {type(e).__name__}: {e}")
-
-
-# =============================================================================================================
-# 14. Serving: an OpenAI-compatible HTTP server over the engine, and its chat page
-# Requests become Streams of one DecodeBatch that one thread steps (continuous batching: a request joins between
-# decode steps and leaves when done); the HTTP side is asyncio (FastAPI + uvicorn, imported only to serve).
-
-SERVE_MAX_STOPS = 4  # stop sequences per request (OpenAI's limit)
-TOOL_TOKENS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
-
-
-class RequestError(Exception):
-    """A request the server refuses: an HTTP status and an OpenAI error body naming the parameter at fault."""
-
-    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
-        super().__init__(message)
-        self.status, self.param, self.code, self.kind = status, param, code, kind
-
-    def body(self):
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
-
-
-def encode_reply(tokenizer, text):
-    """An assistant turn's text as the model wrote it: its calculator calls, which replies show as the tool tokens'
-    names, become those tokens again (a user turn's text is always ordinary text)."""
-    pieces = re.split("(" + "|".join(map(re.escape, TOOL_TOKENS)) + ")", text)
-    return [t for i, piece in enumerate(pieces) for t in ([tokenizer.special(piece)] if i % 2 else tokenizer.encode(piece))]
-
-
-def chat_prompt(tokenizer, messages):
-    """The prompt of an OpenAI `messages` list in our chat format (data/tokenizer.py's render_conversation): <|bos|>,
-    then user and assistant turns alternating from a user turn (a leading system message is merged into it:
-    system + blank line + user), ending on a user turn, then <|assistant_start|>."""
-    if not isinstance(messages, list) or not messages:
-        raise RequestError(400, "'messages' must be a non-empty list of {role, content}", "messages")
-    turns = []
-    for i, m in enumerate(messages):
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                             and isinstance(p.get("text"), str) for p in content):
-            content = "".join(p["text"] for p in content)  # OpenAI's content parts: text ones only
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(content, str):
-            raise RequestError(400, f"messages[{i}] must be {{role: system|user|assistant, content: text}}", "messages")
-        turns.append((i, m["role"], content))
-    if turns[0][1] == "system":
-        if len(turns) < 2 or turns[1][1] != "user":
-            raise RequestError(400, "a system message must be followed by a user message", "messages")
-        turns = [(1, "user", turns[0][2] + "\n\n" + turns[1][2])] + turns[2:]
-    for k, (i, role, _) in enumerate(turns):
-        if role != ("user", "assistant")[k % 2]:
-            raise RequestError(400, f"messages[{i}] is {role!r}: turns must alternate user, assistant, ... after an "
-                               "optional first system message", "messages")
-    if turns[-1][1] != "user":
-        raise RequestError(400, "the last message must be the user's (the reply is the assistant's)", "messages")
-    sp, ids = tokenizer.special, [tokenizer.bos_id]
-    for _, role, text in turns:
-        ids += ([sp("<|user_start|>"), *tokenizer.encode(text), sp("<|user_end|>")] if role == "user" else
-                [sp("<|assistant_start|>"), *encode_reply(tokenizer, text), sp("<|assistant_end|>")])
-    return ids + [sp("<|assistant_start|>")]
-
-
-class ReplyText:
-    """One choice's text as its tokens come: all of it decoded each time (a token may end mid-character: a trailing
-    replacement character waits for the next token), cut before the first stop sequence, holding back a tail that
-    could still begin one."""
-
-    def __init__(self, tokenizer, stop_tokens, stop):
-        self.tokenizer, self.stop_tokens, self.stop = tokenizer, stop_tokens, stop
-        self.tokens, self.text, self.sent, self.finish = [], "", 0, None
-
-    def push(self, token):
-        """The text now safe to send; sets finish = "stop" at a stop token or sequence."""
-        if token in self.stop_tokens:
-            self.finish = "stop"
-            return self.rest()
-        self.tokens.append(token)
-        self.text = self.tokenizer.decode(self.tokens)
-        cuts = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
-        if cuts:
-            self.text, self.finish = self.text[:min(cuts)], "stop"
-            return self.rest()
-        hold = len(self.text) - len(self.text.rstrip("\ufffd"))
-        for s in self.stop:
-            hold = max(hold, next((n for n in range(min(len(s) - 1, len(self.text)), 0, -1) if self.text.endswith(s[:n])), 0))
-        piece = self.text[self.sent:len(self.text) - hold]
-        self.sent += len(piece)
-        return piece
-
-    def rest(self):
-        piece, self.sent = self.text[self.sent:], len(self.text)
-        return piece
-
-
-# the sampling fields of a request: (type, check, message when the check fails)
-REQUEST_FIELDS = {
-    "temperature": ((int, float), lambda v: 0 <= v <= 2, "between 0 and 2"),
-    "top_p": ((int, float), lambda v: 0 < v <= 1, "in (0, 1]"),
-    "top_k": (int, lambda v: v >= 0, "0 (off) or more"),
-    "min_p": ((int, float), lambda v: 0 <= v <= 1, "between 0 and 1"),
-    "seed": (int, lambda v: True, ""),
-    "stream": (bool, lambda v: True, ""),
-    "model": (str, lambda v: True, ""),
-}
-UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "tools": (None, []),
-               "functions": (None, []), "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
-               "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}  # fields accepted only at their off value
-
-
-class Server:
-    """The OpenAI-compatible server of one Engine: POST /v1/chat/completions, POST /v1/completions (text in, text
-    out: for base models), GET /v1/models, GET /health, the chat page at /. Each of a request's n choices is a
-    Stream of the engine's DecodeBatch, stepped by one thread; the choices of a request draw from one generator
-    (its seed), so a request's tokens do not depend on the others in the batch. At most max_rows choices decode at
-    once and max_queue more wait; beyond that a request gets 429. A request that runs past `timeout` seconds, or
-    whose client disconnects, is cancelled (its rows freed at the next step). Omitted sampling fields take
-    `defaults` (the run's --temperature, --top-k, --top-p, --min-p, --max-new-tokens)."""
-
-    def __init__(self, engine, tokenizer, model_name, max_context, chat=True, max_rows=32, max_queue=64,
-                 timeout=300.0, defaults=None):
-        self.engine, self.tokenizer, self.model_name, self.chat = engine, tokenizer, model_name, chat
-        self.max_context, self.max_rows, self.max_queue, self.timeout = max_context, max_rows, max_queue, timeout
-        self.defaults = {**dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=256), **(defaults or {})}
-        self.batch = engine.batch(max_context, max_rows)
-        self.inbox = queue.Queue()  # Streams from the HTTP side, added to the batch by its thread
-        self.outbox, self.http_loop = [], None  # (asyncio queue, item) from the decode thread, delivered per step
-        self.lock, self.in_flight = threading.Lock(), 0  # choices accepted and not yet done
-        self.created, self.thread, self.closed = int(time.time()), None, threading.Event()
-        self.failures = 0
-        self.app = self._app()
-
-    # -- the decode thread --
-    def start(self):
-        self.thread = threading.Thread(target=self._loop, name="decode", daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.closed.set()
-        if self.thread is not None:
-            self.thread.join()
-
-    def _loop(self):
-        while not self.closed.is_set():
-            idle = not self.batch.slots and not self.batch.waiting
-            try:
-                while True:  # everything that arrived; wait for something only when idle
-                    stream = self.inbox.get(timeout=0.05) if idle else self.inbox.get_nowait()
-                    self.batch.add(stream)
-                    idle = False
-            except queue.Empty:
-                pass
-            try:
-                self.batch.step()
-            except Exception as e:  # e.g. out of memory: fail the requests in the batch, keep serving
-                self.failures += 1
-                print(f"serve: a decode step failed ({type(e).__name__}: {e}); its requests get a 500", flush=True)
-                streams = [s for s in self.batch.slots if s is not None] + list(self.batch.waiting)
-                self.batch = self.engine.batch(self.max_context, self.max_rows)
-                for s in streams:
-                    s.sample.stopped, s.cancelled = None, True  # None: failed
-                    s.on_done()
-            self._deliver()
-
-    def _deliver(self):
-        """Hand the step's tokens to the HTTP side: one wake-up of its event loop per step, not one per token."""
-        if self.outbox:
-            items, self.outbox = self.outbox, []
-            self.http_loop.call_soon_threadsafe(lambda: [out.put_nowait(item) for out, item in items])
-
-    def _done(self):
-        with self.lock:
-            self.in_flight -= 1
-
-    # -- requests --
-    def _params(self, body, n_prompt, prompt_field):
-        """The request's sampling settings and n, max_tokens, stop, checked; RequestError on the first bad one."""
-        if self.max_context - n_prompt < 1:
-            raise RequestError(400, f"the prompt is {n_prompt} tokens; this model's context is {self.max_context} "
-                               "tokens, prompt and reply together", prompt_field, "context_length_exceeded")
-        for name, (off_none, off) in UNSUPPORTED.items():
-            if body.get(name, off_none) not in (off_none, off):
-                raise RequestError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
-        p = {}
-        for name, (kind, ok, want) in REQUEST_FIELDS.items():
-            if body.get(name) is None:
-                continue
-            value = body[name]
-            if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind) or not ok(value):
-                raise RequestError(400, f"'{name}' must be {want or kind.__name__}, got {json.dumps(value)[:40]}", name)
-            p[name] = value
-        if "model" in p and p["model"] != self.model_name:
-            raise RequestError(404, f"model {p['model']!r} does not exist; this server serves {self.model_name!r}",
-                               "model", "model_not_found")
-        limit = self.max_context - n_prompt
-        for name in ("max_tokens", "max_completion_tokens", "n"):
-            value = body.get(name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise RequestError(400, f"'{name}' must be a positive integer, got {json.dumps(value)[:40]}", name)
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-        if max_tokens is not None and max_tokens > limit:
-            raise RequestError(400, f"'max_tokens' {max_tokens} + the prompt's {n_prompt} tokens exceed this model's "
-                               f"context of {self.max_context} tokens (at most {limit} here)", "max_tokens",
-                               "context_length_exceeded")
-        p["max_tokens"] = max_tokens or min(self.defaults["max_tokens"], limit)
-        p["n"] = body.get("n") or 1
-        if p["n"] > self.max_rows:
-            raise RequestError(400, f"'n' is {p['n']}; this server decodes at most {self.max_rows} choices at once", "n")
-        stop = body.get("stop")
-        stop = [stop] if isinstance(stop, str) else stop
-        if stop is not None and not (isinstance(stop, list) and len(stop) <= SERVE_MAX_STOPS
-                                     and all(isinstance(s, str) and s for s in stop)):
-            raise RequestError(400, f"'stop' must be a text or a list of at most {SERVE_MAX_STOPS} non-empty texts", "stop")
-        p["stop"] = stop or []
-        options = body.get("stream_options")
-        if options is not None and not (isinstance(options, dict) and isinstance(options.get("include_usage", False), bool)):
-            raise RequestError(400, "'stream_options' must be {include_usage: boolean}", "stream_options")
-        p["include_usage"] = bool((options or {}).get("include_usage"))
-        return {**{k: v for k, v in self.defaults.items() if k != "max_tokens"}, **p}
-
-    def _submit(self, prompt, p):
-        """The request's n Streams, queued for the decode thread; tokens arrive as (choice, token) in the returned
-        asyncio queue, (choice, None) when a choice is done."""
-        with self.lock:
-            if self.in_flight + p["n"] > self.max_rows + self.max_queue:
-                raise RequestError(429, f"server busy: {self.in_flight} choices decoding or queued (at most "
-                                   f"{self.max_rows} + {self.max_queue}); retry later", None, "server_busy",
-                                   "rate_limit_error")
-            self.in_flight += p["n"]
-        self.http_loop, out = asyncio.get_running_loop(), asyncio.Queue()
-        seed = p["seed"] if "seed" in p else int.from_bytes(os.urandom(8), "little") >> 1
-        generator = torch.Generator(device=self.engine.rt.device).manual_seed(seed % (1 << 63))
-        sampling = Sampling(p["temperature"], p["top_k"], p["top_p"], p["min_p"], generator)
-        streams = []
-        for j in range(p["n"]):
-            def on_token(token, j=j):
-                self.outbox.append((out, (j, token)))
-
-            def on_done(j=j):
-                self._done()
-                self.outbox.append((out, (j, None)))
-
-            streams.append(Stream(prompt, sampling, p["max_tokens"], on_token, on_done))
-        for s in streams:
-            self.inbox.put(s)
-        return streams, out
-
-    async def _choices(self, request, streams, out, p):
-        """Yields (choice, text piece, finish_reason or None) as the request's choices (_submit's) decode; cancels
-        them when the client goes away, the request times out or the generator is closed."""
-        texts = [ReplyText(self.tokenizer, self.engine.stops, p["stop"]) for _ in streams]
-        deadline, open_choices, check = time.monotonic() + self.timeout, len(streams), 0.0
-        try:
-            while open_choices:
-                if time.monotonic() > check:  # a few times a second: is the client still there, is there time left?
-                    if await request.is_disconnected():
-                        return
-                    if time.monotonic() > deadline:
-                        raise RequestError(504, f"the request ran past the server's timeout of {self.timeout:g} s",
-                                           None, "timeout", "timeout_error")
-                    check = time.monotonic() + 0.2
-                try:
-                    j, token = await asyncio.wait_for(out.get(), timeout=0.2)
-                except asyncio.TimeoutError:
-                    continue
-                text, stream = texts[j], streams[j]
-                if token is None:
-                    open_choices -= 1
-                    if stream.sample.stopped is None:
-                        raise RequestError(500, "decoding failed on the server (its log says why)", None,
-                                           "decode_failed", "server_error")
-                    if text.finish is None:  # ran into max_tokens
-                        text.finish = "stop" if stream.sample.stopped else "length"
-                        yield j, text.rest(), text.finish
-                    continue
-                if text.finish is not None:
-                    continue  # after a stop sequence: the row is being freed
-                piece = text.push(token)
-                if text.finish is not None:
-                    stream.cancelled = True
-                    yield j, piece, text.finish
-                elif piece:
-                    yield j, piece, None
-        finally:
-            for s in streams:
-                s.cancelled = True  # a no-op for finished ones
-
-    async def _respond(self, request, kind, prompt, p):
-        from fastapi.responses import JSONResponse, StreamingResponse
-        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + os.urandom(12).hex()
-        head = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
-                "created": int(time.time()), "model": self.model_name}
-        streams, out = self._submit(prompt, p)  # 429 here, before any response
-        choices = self._choices(request, streams, out, p)
-        generated = lambda: sum(len(s.sample.tokens) for s in streams)
-        usage = lambda: {"prompt_tokens": len(prompt), "completion_tokens": generated(),
-                         "total_tokens": len(prompt) + generated()}
-        if not p.get("stream"):
-            texts, finishes = [""] * p["n"], [None] * p["n"]
-            async for j, piece, finish in choices:
-                texts[j] += piece
-                finishes[j] = finish or finishes[j]
-            choices = [{"index": j, "message": {"role": "assistant", "content": t}, "finish_reason": f} if kind == "chat"
-                       else {"index": j, "text": t, "logprobs": None, "finish_reason": f}
-                       for j, (t, f) in enumerate(zip(texts, finishes))]
-            return JSONResponse({**head, "choices": choices, "usage": usage()})
-
-        chunk_head = {**head, "object": "chat.completion.chunk" if kind == "chat" else "text_completion"}
-        event = lambda obj: f"data: {json.dumps(obj)}\n\n"
-
-        def chunk(j, piece, finish, first=False):
-            if kind == "chat":
-                delta = {"role": "assistant", "content": ""} if first else ({"content": piece} if piece else {})
-                return event({**chunk_head, "choices": [{"index": j, "delta": delta, "finish_reason": finish}]})
-            return event({**chunk_head, "choices": [{"index": j, "text": piece, "logprobs": None, "finish_reason": finish}]})
-
-        try:  # the first token before the response starts: errors up to then are plain error responses
-            first = await choices.__anext__()
-        except StopAsyncIteration:
-            first = None
-
-        async def events():
-            try:
-                for j in range(p["n"] if kind == "chat" else 0):
-                    yield chunk(j, "", None, first=True)
-                if first:
-                    yield chunk(*first)
-                async for item in choices:
-                    yield chunk(*item)
-            except RequestError as e:  # a timeout or a failed step after streaming began: said in the stream
-                yield event(e.body())
-            finally:
-                await choices.aclose()
-            if p["include_usage"]:
-                yield event({**chunk_head, "choices": [], "usage": usage()})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    def _app(self):
-        from fastapi import FastAPI, Request
-        from fastapi.responses import HTMLResponse, JSONResponse
-        from starlette.exceptions import HTTPException
-
-        app = FastAPI(title="DecoderStack", docs_url=None, redoc_url=None, openapi_url=None)
-
-        @app.exception_handler(RequestError)
-        async def refused(request, e):
-            return JSONResponse(e.body(), status_code=e.status)
-
-        @app.exception_handler(HTTPException)
-        async def http_error(request, e):  # unknown paths and methods, in OpenAI's error shape too
-            return JSONResponse(RequestError(e.status_code, f"{request.method} {request.url.path}: {e.detail}").body(),
-                                status_code=e.status_code)
-
-        async def body_of(request):
-            try:
-                body = json.loads(await request.body())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise RequestError(400, f"the request body is not valid JSON ({e})") from None
-            if not isinstance(body, dict):
-                raise RequestError(400, "the request body must be a JSON object")
-            return body
-
-        @app.post("/v1/chat/completions")
-        async def chat_completions(request: Request):
-            body = await body_of(request)
-            prompt = chat_prompt(self.tokenizer, body.get("messages"))
-            return await self._respond(request, "chat", prompt, self._params(body, len(prompt), "messages"))
-
-        @app.post("/v1/completions")
-        async def completions(request: Request):
-            body = await body_of(request)
-            text, vocab = body.get("prompt"), self.tokenizer.vocab_size
-            if isinstance(text, str):
-                prompt = [self.tokenizer.bos_id, *self.tokenizer.encode(text)]
-            elif (isinstance(text, list) and text and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
-                                                          for t in text)):
-                prompt = list(text)  # token ids, as given
-            else:
-                raise RequestError(400, f"'prompt' must be a text or a non-empty list of token ids below {vocab}", "prompt")
-            return await self._respond(request, "text", prompt, self._params(body, len(prompt), "prompt"))
-
-        @app.get("/v1/models")
-        async def models():
-            return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                                                "owned_by": "decoderstack", "max_context": self.max_context,
-                                                "chat": self.chat}]}
-
-        @app.get("/health")
-        async def health():
-            return {"status": "ok", "model": self.model_name, "rows_live": self.batch.live, "rows": len(self.batch.slots),
-                    "waiting": len(self.batch.waiting) + self.inbox.qsize(), "in_flight": self.in_flight,
-                    "max_rows": self.max_rows, "max_queue": self.max_queue, "failed_steps": self.failures}
-
-        @app.get("/")
-        async def page():
-            return HTMLResponse(CHAT_PAGE)
-
-        return app
-
-
-def serve_in_thread(server, host="127.0.0.1", port=0):
-    """Start `server` (its decode thread and uvicorn) in the background: (base url, stop()). port 0: a free one."""
-    import uvicorn
-    http = uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_level="warning"))
-    thread = threading.Thread(target=http.run, name="http", daemon=True)
-    server.start()
-    thread.start()
-    while not http.started:
-        if not thread.is_alive():
-            server.close()
-            raise RuntimeError(f"the server did not start on {host}:{port}")
-        time.sleep(0.01)
-    port = http.servers[0].sockets[0].getsockname()[1]
-
-    def stop():
-        http.should_exit = True
-        thread.join()
-        server.close()
-
-    return f"http://{host}:{port}", stop
-
-
-# The chat page at /: plain HTML + JS, nothing fetched from elsewhere (works offline). It streams replies from
-# /v1/chat/completions, keeps the turns until "New chat", and shows calculator calls as "calc: expr = result".
-CHAT_PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>DecoderStack chat</title>
-<link rel="icon" href="data:,">
-<style>
-  * { box-sizing: border-box; }
-  body { margin: 0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; background: #f4f4f6; color: #1d1d22; }
-  main { max-width: 760px; margin: 0 auto; height: 100vh; height: 100dvh; display: flex; flex-direction: column; padding: 0 10px; }
-  header { display: flex; align-items: center; gap: 8px; padding: 10px 0; border-bottom: 1px solid #ddd; }
-  header h1 { font-size: 16px; margin: 0; }
-  #model { flex: 1; color: #666; font-size: 13px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-  details { font-size: 13px; padding: 6px 0; }
-  summary { cursor: pointer; color: #555; }
-  .settings { display: flex; flex-wrap: wrap; gap: 8px 14px; padding-top: 6px; }
-  .settings label { display: flex; align-items: center; gap: 4px; }
-  .settings input { width: 72px; padding: 3px 5px; border: 1px solid #ccc; border-radius: 5px; }
-  #messages { flex: 1; overflow-y: auto; padding: 10px 0; display: flex; flex-direction: column; gap: 8px; }
-  .msg { max-width: 88%; padding: 8px 12px; border-radius: 12px; white-space: pre-wrap; overflow-wrap: anywhere; }
-  .msg.user { align-self: flex-end; background: #2f6fed; color: #fff; }
-  .msg.assistant { align-self: flex-start; background: #fff; border: 1px solid #e2e2e6; }
-  .msg.assistant.streaming::after { content: ""; display: inline-block; width: 7px; height: 7px; border-radius: 50%; background: #aaa; margin-left: 5px; }
-  .msg.error { align-self: stretch; background: #fdecec; color: #a11; border: 1px solid #f3c2c2; font-size: 13px; }
-  .calc { display: inline-block; max-width: 100%; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; background: #eef1f7; border-radius: 4px; padding: 0 4px; }
-  form { display: flex; gap: 6px; padding: 8px 0 12px; border-top: 1px solid #ddd; }
-  textarea { flex: 1; resize: none; font: inherit; padding: 8px 10px; border: 1px solid #ccc; border-radius: 8px; min-height: 42px; max-height: 160px; }
-  button { font: inherit; padding: 6px 12px; border: 1px solid #ccc; border-radius: 8px; background: #fff; cursor: pointer; }
-  button:disabled { opacity: .45; cursor: default; }
-  #send { background: #2f6fed; border-color: #2f6fed; color: #fff; }
-</style>
-</head>
-<body>
-<main>
-  <header>
-    <h1>DecoderStack</h1>
-    <span id="model">connecting&hellip;</span>
-    <button id="new-chat" type="button">New chat</button>
-  </header>
-  <details id="settings">
-    <summary>Settings</summary>
-    <div class="settings">
-      <label>temperature <input id="temperature" type="number" min="0" step="0.1" value="0.8"></label>
-      <label>top_k <input id="top-k" type="number" min="0" step="1" value="50"></label>
-      <label>top_p <input id="top-p" type="number" min="0" max="1" step="0.05" value="1.0"></label>
-      <label>max_tokens <input id="max-tokens" type="number" min="1" step="1" value="256"></label>
-    </div>
-  </details>
-  <div id="messages" aria-live="polite"></div>
-  <form id="composer">
-    <textarea id="input" rows="1" placeholder="Message" title="Enter sends, Shift+Enter: new line" autofocus></textarea>
-    <button id="send" type="submit">Send</button>
-    <button id="stop" type="button" disabled>Stop</button>
-  </form>
-</main>
-<script>
-"use strict";
-const $ = (id) => document.getElementById(id);
-const chat = { model: null, messages: [], controller: null };  // messages: the OpenAI conversation so far
-const MARK = /(<[|](?:python|output)_(?:start|end)[|]>)/;
-const CR = String.fromCharCode(13), LF = String.fromCharCode(10);  // no backslash in this page: Python embeds it as is
-
-// Model text -> DOM nodes (text only, never innerHTML); calculator calls become "calc: expr = result".
-function renderContent(el, text) {
-  el.replaceChildren();
-  let calc = null, mode = "text";
-  const show = () => { calc.span.textContent = "calc: " + calc.expr + (calc.out === null ? "" : " = " + calc.out); };
-  for (const part of text.split(MARK)) {
-    if (part === "<|python_start|>") {
-      calc = { span: document.createElement("span"), expr: "", out: null };
-      calc.span.className = "calc";
-      el.append(calc.span);
-      mode = "expr";
-      show();
-    } else if (part === "<|python_end|>" && mode === "expr") mode = "after";
-    else if (part === "<|output_start|>" && mode === "after") { mode = "out"; calc.out = ""; show(); }
-    else if (part === "<|output_end|>" && mode === "out") mode = "text";
-    else if (part) {
-      if (mode === "expr") { calc.expr += part; show(); }
-      else if (mode === "out") { calc.out += part; show(); }
-      else { mode = "text"; el.append(document.createTextNode(part)); }
-    }
-  }
-}
-
-function addMessage(cls, text) {
-  const el = document.createElement("div");
-  el.className = "msg " + cls;
-  renderContent(el, text);
-  $("messages").append(el);
-  scrollDown();
-  return el;
-}
-function fitInput() { const t = $("input"); t.style.height = "auto"; t.style.height = t.scrollHeight + 2 + "px"; }
-function scrollDown() { const m = $("messages"); m.scrollTop = m.scrollHeight; }
-function setBusy(busy) { $("send").disabled = busy; $("stop").disabled = !busy; }
-
-function settings() {
-  const num = (id, parse, fallback) => { const v = parse($(id).value); return Number.isFinite(v) ? v : fallback; };
-  return { max_tokens: num("max-tokens", parseInt, 256), temperature: num("temperature", parseFloat, 0.8),
-           top_k: num("top-k", parseInt, 50), top_p: num("top-p", parseFloat, 1.0) };
-}
-
-async function errorMessage(res) {
-  try { const body = await res.json(); if (body && body.error && body.error.message) return body.error.message; } catch (e) {}
-  return "HTTP " + res.status + " " + res.statusText;
-}
-
-// Read server-sent events: "data: {json}" events separated by blank lines, ending with "data: [DONE]".
-async function readEvents(res, onData) {
-  const reader = res.body.getReader(), decoder = new TextDecoder();
-  let buffer = "", done = false;
-  try {
-    while (!done) {
-      const chunk = await reader.read();
-      done = chunk.done;
-      buffer = (buffer + decoder.decode(chunk.value || new Uint8Array(), { stream: !done })).split(CR + LF).join(LF);
-      const events = buffer.split(LF + LF);
-      buffer = done ? "" : events.pop();
-      for (const event of events) {
-        const lines = event.split(LF).filter((l) => l.startsWith("data:"));
-        const data = lines.map((l) => l.slice(5).replace(/^ /, "")).join(LF);
-        if (data === "[DONE]") return;
-        if (data) onData(JSON.parse(data));
-      }
-    }
-  } finally {
-    reader.cancel().catch(() => {});
-  }
-}
-
-async function send() {
-  const text = $("input").value;
-  if (chat.controller || !text.trim()) return;
-  $("input").value = "";
-  fitInput();
-  const turn = { role: "user", content: text }, reply = { role: "assistant", content: "" };
-  chat.messages.push(turn);
-  const userEl = addMessage("user", text), botEl = addMessage("assistant streaming", "");
-  const controller = chat.controller = new AbortController();
-  setBusy(true);
-  let failure = null;
-  try {
-    const res = await fetch("/v1/chat/completions", {
-      method: "POST", headers: { "Content-Type": "application/json" }, signal: controller.signal,
-      body: JSON.stringify({ model: chat.model || "default", messages: chat.messages, stream: true, ...settings() }),
-    });
-    if (!res.ok) throw new Error(await errorMessage(res));
-    await readEvents(res, (chunk) => {
-      if (chunk.error) throw new Error(chunk.error.message || "error");
-      const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
-      if (delta && delta.content) { reply.content += delta.content; renderContent(botEl, reply.content); scrollDown(); }
-    });
-  } catch (e) {
-    if (e.name !== "AbortError") failure = e.message || String(e);
-  }
-  if (chat.controller !== controller) return;  // "New chat" took over: it already cleared everything
-  chat.controller = null;
-  botEl.classList.remove("streaming");
-  if (reply.content) chat.messages.push(reply);
-  else {  // nothing came back: undo the turn and give the text back
-    chat.messages.splice(chat.messages.indexOf(turn), 1);
-    userEl.remove(); botEl.remove();
-    if (!$("input").value) { $("input").value = text; fitInput(); }
-  }
-  if (failure) addMessage("error", failure);
-  setBusy(false);
-  $("input").focus();
-}
-
-function stop() { if (chat.controller) chat.controller.abort(); }
-function newChat() {
-  const c = chat.controller;
-  chat.controller = null;
-  if (c) c.abort();
-  chat.messages = [];
-  $("messages").replaceChildren();
-  setBusy(false);
-  $("input").focus();
-}
-
-$("composer").addEventListener("submit", (e) => { e.preventDefault(); send(); });
-$("input").addEventListener("input", fitInput);
-$("input").addEventListener("keydown", (e) => {
-  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }
-});
-$("stop").addEventListener("click", stop);
-$("new-chat").addEventListener("click", newChat);
-
-fetch("/v1/models").then(async (res) => {
-  if (!res.ok) throw new Error(await errorMessage(res));
-  const body = await res.json();
-  chat.model = body.data[0].id;
-  $("model").textContent = chat.model;
-}).catch((e) => { $("model").textContent = "no model (" + e.message + ")"; });
-</script>
-</body>
-</html>
-"""
-
-
-# =============================================================================================================
-# 15. Export: a checkpoint as a Hugging Face folder (transformers, trust_remote_code=True), and its upload
-#
-# The folder holds our weights as they are, the code that runs them (HF_MODELING: this file's GPT for transformers,
-# kept here as text so the stack stays one file; nothing here imports transformers) and our tokenizer in the HF
-# format. tests/test_export.py checks that transformers computes the stack's logits, tokens and greedy samples.
-
-HF_MODELING = r'''
-"""DecoderStack's GPT for transformers (AutoModelForCausalLM with trust_remote_code=True), written by the stack's
---phases export beside the weights it exported. It computes what the stack's GPT.hidden and GPT.logits compute (the
-same parameter names, so the stack's state dict loads as it is) on one document per row: position 0 and no previous
-token at a row's first token, as the stack's Engine decodes a prompt. Rows are not padded: a batch is rows of equal
-length, and an attention_mask, if given, must be all ones.
-"""
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import DynamicCache
-from transformers.modeling_outputs import CausalLMOutputWithPast
-
-GATE_DIMS = 12  # the gates (smear, attention, value embedding) read the first 12 dims of their input
-
-
-class DecoderStackConfig(PretrainedConfig):
-    """The stack's ModelConfig (state.json "model"), field for field, plus the special ids generate needs."""
-    model_type = "decoderstack"
-    attribute_map = {"num_hidden_layers": "n_layers", "hidden_size": "model_dim", "num_attention_heads": "n_heads"}
-
-    vocab_size: int = 32768
-    n_layers: int = 11
-    model_dim: int = 768
-    n_heads: int = 6
-    head_dim: int = 128
-    mlp_mult: int = 4
-    vocab_multiple: int = 128
-    long_window_layers: str = "3,10"
-    value_embed_layers: str = "1,2,8,9,10"
-    bigram_rows_per_vocab: float = 7.5
-    attn_scale: float = 0.1
-    softcap: list | tuple = (23.0, 5.0, 7.5)
-    short_window: int = 768
-    long_window: int = 1664
-    max_doc_len: int = 2048
-    bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
-    use_cache: bool = True
-    tie_word_embeddings: bool = False  # lm_head and embed are both stored; the `tied` buffer says which one embeds
-
-
-def parse_ints(text):
-    return [int(x) for x in str(text).split(",") if x.strip()]
-
-
-def norm(x):
-    """RMS norm computed in fp32, returned in x's dtype."""
-    return F.rms_norm(x.float(), (x.size(-1),)).to(x.dtype)
-
-
-def softcap(logits, cap):
-    """The logits the model predicts with (fp32): A * sigmoid((z + B) / C)."""
-    a, b, c = cap
-    return a * torch.sigmoid((logits.float() + b) / c)
-
-
-class Rotary(nn.Module):
-    """Half-truncated RoPE with the trained frequencies (a buffer: YaRN may have stretched them)."""
-
-    def __init__(self, head_dim):
-        super().__init__()
-        self.register_buffer("freqs", torch.zeros(head_dim // 2), persistent=True)
-
-    def forward(self, x, positions):
-        angles = positions.float()[..., None] * self.freqs.float()
-        cos, sin = angles.cos()[..., None, :].to(x.dtype), angles.sin()[..., None, :].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
-
-
-class Block(nn.Module):
-    def __init__(self, config, layer_idx, has_value_embed):
-        super().__init__()
-        inner, dim = config.n_heads * config.head_dim, config.model_dim
-        self.layer_idx, self.n_heads, self.head_dim = layer_idx, config.n_heads, config.head_dim
-        self.q, self.k, self.v = (nn.Parameter(torch.zeros(inner, dim)) for _ in range(3))
-        self.o = nn.Parameter(torch.zeros(dim, inner))
-        self.fc = nn.Parameter(torch.zeros(config.mlp_mult * dim, dim))
-        self.proj = nn.Parameter(torch.zeros(dim, config.mlp_mult * dim))
-        self.attn_gate = nn.Parameter(torch.zeros(config.n_heads, GATE_DIMS))
-        self.ve_gate = nn.Parameter(torch.zeros(config.n_heads, GATE_DIMS)) if has_value_embed else None
-
-    def forward(self, x, ve, rotary, positions, scale, window, cache):
-        """x: (B, S, dim) new tokens at `positions` (B, S); cache: a transformers Cache holding the earlier ones, or
-        None. A query at position i sees the keys at positions j with 0 <= i - j <= window (the stack's mask)."""
-        h = norm(x)
-        heads = (*x.shape[:-1], self.n_heads, self.head_dim)
-        q, k, v = (h @ self.q.T).view(heads), (h @ self.k.T).view(heads), (h @ self.v.T).view(heads)
-        q, k = rotary(norm(q), positions), rotary(norm(k), positions)  # QK-norm, then rotate
-        if ve is not None:
-            v = v + 2 * torch.sigmoid(h[..., :GATE_DIMS] @ self.ve_gate.T)[..., None] * ve.view_as(v)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D): the layout of transformers' caches
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
-        key_positions = torch.arange(k.size(2), device=x.device)
-        gap = positions[:, None, :, None] - key_positions  # (B, 1, S, T): query position minus key position
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=(gap >= 0) & (gap <= window), scale=scale)
-        y = y.transpose(1, 2) * torch.sigmoid(h[..., :GATE_DIMS] @ self.attn_gate.T)[..., None]
-        x = x + y.flatten(-2) @ self.o.T
-        return x + torch.relu(norm(x) @ self.fc.T).square() @ self.proj.T
-
-
-class DecoderStackForCausalLM(PreTrainedModel, GenerationMixin):
-    """The stack's GPT: smear gate, bigram hash embedding, value embeddings, U-net skips, block lambdas, QK-norm,
-    half-truncated RoPE, per-layer sliding windows, attention gates, relu^2 MLP, softcapped logits over vocab_size
-    (the embedding tables have padded rows that no id reaches). Activations are in the weights' dtype; norms, RoPE
-    angles and logits are fp32.
-
-    forward(input_ids (B, S), cache=None, last_ids=None, ...): with a cache holding a row's first n tokens, input_ids
-    are its tokens n, n+1, ...; last_ids (B,) are the tokens before them (token n-1), which the smear gate and the
-    bigram hash read. generate passes them itself (prepare_inputs_for_generation); they are needed whenever the
-    cache is not empty."""
-    config_class = DecoderStackConfig
-    base_model_prefix = ""
-    main_input_name = "input_ids"
-    # loaded in bf16 or fp16 too, the trained frequencies and attention scale stay fp32, as in the stack (whose
-    # buffers stay fp32 under autocast): a bf16 frequency is off by up to 0.4%, radians at position 1000
-    _keep_in_fp32_modules_strict = ["rotary", "attn_scale"]
-
-    def __init__(self, config):
-        super().__init__(config)
-        padded = -(-config.vocab_size // config.vocab_multiple) * config.vocab_multiple
-        dim, L, inner = config.model_dim, config.n_layers, config.n_heads * config.head_dim
-        self.value_embed_layers = [i for i in parse_ints(config.value_embed_layers) if i < L]
-        long_layers = set(i for i in parse_ints(config.long_window_layers) if i < L)
-        self.windows = [config.long_window if i in long_layers else config.short_window for i in range(L)]
-        self.blocks = nn.ModuleList(Block(config, i, i in self.value_embed_layers) for i in range(L))
-        self.lm_head = nn.Parameter(torch.zeros(padded, dim))
-        self.embed = nn.Parameter(torch.zeros(padded, dim))
-        self.value_embeds = nn.Parameter(torch.zeros(len(self.value_embed_layers), padded, inner))
-        self.bigram_rows = max(2, int(config.bigram_rows_per_vocab * config.vocab_size))
-        self.bigram_embed = nn.Parameter(torch.zeros(self.bigram_rows, dim))
-        self.smear_gate = nn.Parameter(torch.zeros(GATE_DIMS))
-        self.block_lambdas = nn.Parameter(torch.zeros(L, 3))
-        self.skip_weights = nn.Parameter(torch.zeros(L // 2))
-        self.smear_lambda = nn.Parameter(torch.zeros(()))
-        self.rotary = Rotary(config.head_dim)
-        self.register_buffer("attn_scale", torch.tensor(float(config.attn_scale)))  # grown by YaRN in training
-        self.register_buffer("tied", torch.tensor(True))  # lm_head embeds too until training untied them
-        self.post_init()
-
-    def bigram_ids(self, ids, prev_ids):
-        """Hash of (previous token, token); a document start (prev_ids < 0) gets the reserved last row."""
-        h = ((36313 * ids) ^ (27191 * prev_ids.clamp(min=0))) % (self.bigram_rows - 1)
-        return torch.where(prev_ids < 0, self.bigram_rows - 1, h)
-
-    def forward(self, input_ids, attention_mask=None, cache=None, use_cache=None, last_ids=None, logits_to_keep=0,
-                **kwargs):
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("DecoderStack models take unpadded rows: attention_mask must be all ones")
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        past = cache.get_seq_length() if cache is not None else 0
-        B, S = input_ids.shape
-        if last_ids is None:
-            if past:
-                raise ValueError("with a non-empty cache, pass last_ids: each row's token before input_ids")
-            last_ids = input_ids.new_full((B,), -1)
-        prev_ids = torch.cat([last_ids.view(B, 1).to(input_ids), input_ids[:, :-1]], dim=1)
-        positions = past + torch.arange(S, device=input_ids.device).expand(B, S)
-
-        embed = self.lm_head if bool(self.tied) else self.embed
-        e = F.embedding(input_ids, embed)
-        # smear: each token takes a gated share of the previous token's embedding (none at the document start)
-        before = F.embedding(prev_ids.clamp(min=0), embed)
-        before = torch.where((prev_ids >= 0)[..., None], before, torch.zeros_like(before))
-        e = e + self.smear_lambda * torch.sigmoid(e[..., :GATE_DIMS] @ self.smear_gate)[..., None] * before
-        x = x0 = norm(e)
-        bigram = F.embedding(self.bigram_ids(input_ids, prev_ids), self.bigram_embed)
-        skips, L, scale = [], self.config.n_layers, float(self.attn_scale)
-        for i, block in enumerate(self.blocks):
-            if i >= L - L // 2 and skips:  # U-net: the first half's outputs feed the second half, mirrored
-                x = x + self.skip_weights[L - 1 - i] * skips.pop()
-            a, b, c = self.block_lambdas[i]
-            x = a * x + b * x0 + c * bigram
-            ve = (F.embedding(input_ids, self.value_embeds[self.value_embed_layers.index(i)])
-                  if i in self.value_embed_layers else None)
-            x = block(x, ve, self.rotary, positions, scale, self.windows[i], cache)
-            if i < L // 2:
-                skips.append(x)
-        h = norm(x)[:, -logits_to_keep:] if logits_to_keep else norm(x)
-        logits = softcap(h @ self.lm_head[:self.config.vocab_size].T, self.config.softcap)
-        return CausalLMOutputWithPast(logits=logits, cache=cache if use_cache else None)
-
-    def prepare_inputs_for_generation(self, input_ids, **kwargs):
-        """transformers' inputs (the new tokens, the cache) plus last_ids: the token before the new ones, which the
-        full sequence generate holds still has."""
-        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
-        before = input_ids.size(1) - inputs["input_ids"].size(1)
-        if before > 0:
-            inputs["last_ids"] = input_ids[:, before - 1]
-        return inputs
-'''
-
-# The chat format of data/tokenizer.py's render_conversation as a transformers chat template: a leading system message
-# merged into the first user message, user/assistant alternating, an assistant's content a string or a list of parts
-# (text, python, python_output), and {% generation %} around what SFT supervises (return_assistant_tokens_mask gives
-# render_conversation's mask). Every tag trims the whitespace around it: the template's own layout renders nothing.
-HF_CHAT_TEMPLATE = r"""
-{%- if messages and messages[0]['role'] == 'system' -%}
-  {%- if messages | length < 2 or messages[1]['role'] != 'user' -%}
-    {{- raise_exception('a system message must be followed by a user message') -}}
-  {%- endif -%}
-  {%- set merged = messages[0]['content'] + '\n\n' + messages[1]['content'] -%}
-  {%- set messages = [{'role': 'user', 'content': merged}] + messages[2:] -%}
-{%- endif -%}
-{{- '<|bos|>' -}}
-{%- for message in messages -%}
-  {%- if message['role'] != ['user', 'assistant'][loop.index0 % 2] -%}
-    {{- raise_exception('roles must alternate user/assistant, from user (after an optional system message)') -}}
-  {%- endif -%}
-  {%- if message['role'] == 'user' -%}
-    {%- if message['content'] is not string -%}
-      {{- raise_exception('user content must be a string') -}}
-    {%- endif -%}
-    {{- '<|user_start|>' + message['content'] + '<|user_end|>' -}}
-  {%- else -%}
-    {{- '<|assistant_start|>' -}}
-    {%- set parts = message['content'] -%}
-    {%- if parts is string -%}
-      {%- set parts = [{'type': 'text', 'text': parts}] -%}
-    {%- endif -%}
-    {%- for part in parts -%}
-      {%- if part['type'] == 'text' -%}
-        {%- generation -%}{{- part['text'] -}}{%- endgeneration -%}
-      {%- elif part['type'] == 'python' -%}
-        {%- generation -%}{{- '<|python_start|>' + part['text'] + '<|python_end|>' -}}{%- endgeneration -%}
-      {%- elif part['type'] == 'python_output' -%}
-        {{- '<|output_start|>' + part['text'] + '<|output_end|>' -}}
-      {%- else -%}
-        {{- raise_exception('unknown content part type ' + part['type']) -}}
-      {%- endif -%}
-    {%- endfor -%}
-    {%- generation -%}{{- '<|assistant_end|>' -}}{%- endgeneration -%}
-  {%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-  {{- '<|assistant_start|>' -}}
-{%- endif -%}
-"""
-HF_STOPS = ("<|assistant_end|>", "<|bos|>")  # where the Engine stops a sample: generate's eos_token_id
-
-
-class ExportError(DataFormatError):
-    """The export could not be written or uploaded; the message says where and why."""
-
-
-def byte_level_chars():
-    """GPT-2's byte -> character table, the alphabet of byte-level BPE vocabularies: the printable Latin-1 bytes
-    ('!'..'~', U+00A1..U+00AC, U+00AE..U+00FF) stand for themselves, the other 68 (controls, space, soft hyphen,
-    ...) for U+0100 onwards, in byte order."""
-    kept = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    moved = [b for b in range(256) if b not in kept]
-    return {**{b: chr(b) for b in kept}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
-
-
-def hf_tokenizer_json(tokenizer):
-    """Our tokenizer in the HF tokenizers format (tokenizer.json): byte-level BPE over the tiktoken ranks, the special
-    tokens as added tokens with their ids, <|bos|> prepended (every document starts with it) unless
-    add_special_tokens=False. tiktoken merges, within a piece of the split pattern, the adjacent pair whose
-    concatenation has the lowest rank, and takes a piece that is a token whole; HF's BPE merges the listed pair of
-    lowest index. So every split of a token into two tokens is listed, in the order of the token's rank, and
-    ignore_merges takes whole tokens: the same ids."""
-    chars = byte_level_chars()
-    n_ranks = min(tokenizer.special_tokens.values())  # the ranks are 0..n-1, then the special tokens
-    pieces = [tokenizer.enc.decode_single_token_bytes(i) for i in range(n_ranks)]
-    ranks = {piece: i for i, piece in enumerate(pieces)}
-    text = lambda piece: "".join(chars[b] for b in piece)
-    merges = sorted((rank, ranks[piece[:k]], ranks[piece[k:]]) for rank, piece in enumerate(pieces)
-                    for k in range(1, len(piece)) if piece[:k] in ranks and piece[k:] in ranks)
-    bos = {"SpecialToken": {"id": "<|bos|>", "type_id": 0}}
-    doc = lambda name: {"Sequence": {"id": name, "type_id": 0}}
-    return {
-        "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True}
-                         for name, i in sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])],
-        "normalizer": None,
-        # the pattern isolates the pieces tiktoken splits text into; ByteLevel then only maps bytes to characters
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": tokenizer.pattern}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
-        "post_processor": {
-            "type": "TemplateProcessing", "single": [bos, doc("A")], "pair": [bos, doc("A"), bos, doc("B")],
-            "special_tokens": {"<|bos|>": {"id": "<|bos|>", "ids": [tokenizer.bos_id], "tokens": ["<|bos|>"]}}},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                  "vocab": {text(piece): i for i, piece in enumerate(pieces)},
-                  "merges": [[text(pieces[left]), text(pieces[right])] for _, left, right in merges]},
-    }
-
-
-def hf_tokenizer_files(tokenizer):
-    """{file name: text} of the tokenizer folder AutoTokenizer loads: tokenizer.json (hf_tokenizer_json) and
-    tokenizer_config.json (eos <|assistant_end|>, the chat template)."""
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|assistant_end|>",
-              "clean_up_tokenization_spaces": False,  # decode gives back the text, spaces as they were
-              "chat_template": HF_CHAT_TEMPLATE.strip()}
-    return {"tokenizer.json": json.dumps(hf_tokenizer_json(tokenizer), ensure_ascii=False),
-            "tokenizer_config.json": json.dumps(config, indent=1) + "\n"}
-
-
-def hf_model_card(model_name, cfg):
-    """README.md: what the model is and how transformers loads it (the Hub shows it as the model's page)."""
-    return f"""---
-library_name: transformers
-pipeline_tag: text-generation
-tags: [decoderstack, custom_code]
----
-# {model_name}
-
-A DecoderStack model ({cfg.n_layers} layers, model dim {cfg.model_dim}, {cfg.n_heads} heads of {cfg.head_dim},
-vocabulary {cfg.vocab_size}; sliding windows {cfg.short_window} / {cfg.long_window}), exported by `--phases export`. Its
-code is modeling_decoderstack.py, so it loads with `trust_remote_code=True`:
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-tokenizer = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)  # it reads config.json, whose class is ours
-model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)
-ids = tokenizer.apply_chat_template([{{"role": "user", "content": "Hello"}}], add_generation_prompt=True,
-                                    return_tensors="pt", return_dict=True)["input_ids"]
-print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0, ids.size(1):]))
-```
-
-Rows are not padded (batches of equal-length rows); the tokenizer prepends `<|bos|>` to plain text, as every training
-document starts with it. The chat template renders our chat format; pass `sanitize_control_tokens=True` to encode
-special-token text inside messages as text, as the stack does.
-"""
-
-
-def export_hf(model, tokenizer, out_dir, model_name="decoderstack"):
-    """Write a Hugging Face folder of `model` to out_dir: config.json (the ModelConfig, auto_map to
-    modeling_decoderstack.py), model.safetensors (the state dict as it is), the modeling file, the tokenizer files,
-    generation_config.json (eos: the Engine's stops) and a model card. Written into out_dir.tmp and moved into place
-    whole, so a failure leaves out_dir as it was (absent, or the previous export) and no .tmp. Returns
-    {file name: bytes}."""
-    from safetensors.torch import save_file
-    if model.vocab_size != tokenizer.vocab_size:
-        raise ExportError(f"{out_dir}: the model has {model.vocab_size} tokens, the tokenizer {tokenizer.vocab_size}")
-    cfg, special = model.cfg, tokenizer.special
-    stops = [special(name) for name in HF_STOPS]
-    config = {"architectures": ["DecoderStackForCausalLM"], "model_type": "decoderstack",
-              "auto_map": {"AutoConfig": "modeling_decoderstack.DecoderStackConfig",
-                           "AutoModelForCausalLM": "modeling_decoderstack.DecoderStackForCausalLM"},
-              **dataclasses.asdict(cfg), "bos_token_id": tokenizer.bos_id, "eos_token_id": stops, "dtype": "float32"}
-    # pad = a stop: generate takes prompt tokens equal to a pad id that is no eos for padding (pad <|bos|> would
-    # mask every document start)
-    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops, "pad_token_id": stops[0]}
-    texts = {"config.json": json.dumps(config, indent=1) + "\n",
-             "generation_config.json": json.dumps(generation, indent=1) + "\n",
-             "modeling_decoderstack.py": HF_MODELING.lstrip(), "README.md": hf_model_card(model_name, cfg),
-             **hf_tokenizer_files(tokenizer)}
-    out_dir = os.path.abspath(out_dir)
-    tmp, old = out_dir + ".tmp", out_dir + ".old.tmp"  # .tmp: what claim_run_dir also clears as a crash's leftovers
-    for stale in (tmp, old):  # what an export killed half-way left
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
-        os.makedirs(tmp)
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        for name, text in texts.items():
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                f.write(text)
-        if os.path.isdir(out_dir):  # a directory cannot be renamed over a non-empty one: park the previous export
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-    except OSError as e:  # e.g. a full disk
-        if os.path.isdir(old) and not os.path.exists(out_dir):
-            os.rename(old, out_dir)
-        raise ExportError(f"{out_dir}: could not write the export ({e.strerror or e})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-    return {name: os.path.getsize(os.path.join(out_dir, name)) for name in sorted(os.listdir(out_dir))}
-
-
-def push_to_hub(out_dir, repo):
-    """Upload an export_hf folder to the model repo `repo` (ORG/NAME, created if missing); returns its URL."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HFValidationError
-    api = HfApi()
-    try:
-        api.create_repo(repo, exist_ok=True)
-        api.upload_folder(folder_path=out_dir, repo_id=repo, commit_message=f"Upload {os.path.basename(out_dir)}")
-    except (OSError, HFValidationError) as e:  # HTTP, connection and offline-mode errors are all OSErrors
-        raise ExportError(f"hf://{repo}: {e} (the export is complete in {out_dir})") from None
-    return f"https://huggingface.co/{repo}"
-
-
-# =============================================================================================================
-# 16. Phases and main
-
-
-def phase_data(cfg, rt, log):
-    """Check every part of a prepared data directory and print what it holds."""
-    t0 = time.time()
-    data = pretrain_data(cfg.data_dir, cfg.vocab_size, cfg.bos_id)
-    ours = os.path.isfile(os.path.join(cfg.data_dir, "pretrain", "manifest.json"))
-    log(f"pretraining data: vocab {data.vocab_size}, bos {data.bos_id}; {data.origin}")
-    for split, paths in (("val", data.val), ("train", data.train)):
-        if ours:
-            pretrain_shards(cfg.data_dir, data.tokenizer, split, check_sha256=True)
-        n = sum(len(read_token_file(p, data.vocab_size)) for p in paths)
-        log(f"pretrain/{split}: {len(paths)} shards, {n:,} tokens")
-    if data.val_sources:
-        log("val documents: " + ", ".join(f"{name} {n:,}" for name, n in data.val_sources))
-    if not ours:
-        log(f"{cfg.data_dir}: llm.c shards, read for pretraining and its val loss; CORE, SFT and chat need data/prepare.py")
-        return
-    tokenizer = data.tokenizer
-    log(f"tokenizer: vocab {tokenizer.vocab_size}, bos {tokenizer.bos_id}, {len(tokenizer.special_tokens)} special tokens")
-    core = load_core(cfg.data_dir, tokenizer)
-    log(f"core: {len(core.tasks)} tasks, {len(core.examples):,} examples, {len(core.tokens):,} tokens (max_len {core.max_len})")
-    for split in ("val", "train"):
-        sft = load_sft(cfg.data_dir, tokenizer, split)
-        log(f"sft/{split}: {len(sft.convs) - 1:,} conversations, {len(sft.tokens):,} tokens, {int(sft.mask.sum()):,} supervised")
-    for name in ("chat_eval", "rl"):
-        chat = load_chat_eval(cfg.data_dir, tokenizer, name)
-        log(f"{name}: " + ", ".join(f"{t['name']} {t['n_examples']}" for t in chat.tasks))
-    log(f"data directory {cfg.data_dir} is complete and consistent ({time.time() - t0:.1f}s)")
-
-
-def phase_pt(cfg, rt, log):
-    require_training_dtype(rt, "pt")
-    data = pretrain_data(cfg.data_dir, cfg.vocab_size, cfg.bos_id)
-    log(f"data: {len(data.train)} train and {len(data.val)} val shards; {data.origin}")
-    torch.manual_seed(cfg.seed)
-    model = GPT(ModelConfig.of(cfg, data.vocab_size)).to(rt.device)
-    opt = make_optimizer(model, cfg)
-    stages = scaled_stages(cfg)
-    total = total_steps(stages)
-    loader = PretrainLoader(data.train, data, rt.rank, rt.world_size)
-    start = resumed_step(cfg, "pt", model, opt, loader, log)
-    if not start and cfg.init_from:
-        load_checkpoint(cfg.init_from, model)
-        log(f"initialized from {cfg.init_from}")
-    n_params = sum(p.numel() for p in model.parameters())
-    n_matrix = sum(p.numel() for n, p in model.named_parameters() if param_label(n) in ("attn", "mlp_fc", "mlp_proj"))
-    log(f"model: {n_params:,} parameters ({n_matrix:,} in NorMuon matrices), {total} steps, attention backend {rt.backend}, "
-        f"device {rt.device}, activations {rt.precision or rt.dtype}, world size {rt.world_size}")
-    loss_fn, compile_s, graphs = train_loss, 0.0, 0
-    if cfg.compile:
-        loss_fn = torch.compile(train_loss)
-        compile_s, graphs = warm_up_compiled(loss_fn, model, cfg, rt, stages, loader, start)
-        log(f"compiled {graphs} graphs for steps {start}-{total} in {compile_s:.1f}s, before the timed loop")
-    peak = peak_flops(rt.device, rt.dtype)
-    timer, pending, val, flops, last = LoopTimer(), [], None, 0, None
-    for step, p, T, accum, grow, untie in pretrain_steps(cfg, stages, rt.world_size, start):
-        if grow:
-            model.grow_window(*grow)
-        if untie and model.is_tied:
-            model.untie()
-            opt.copy_state("lm_head", "embed")
-        windows = model.windows(p.short_window, p.long_window)
-        step_loss = torch.zeros((), device=rt.device)
-        mtp_weights = to_device(p.mtp_weights, torch.float32, rt.device)
-        for _ in range(accum):
-            batch = loader.next_batch(T, p.max_doc_len, len(p.mtp_weights), rt.device)
-            with autocast(rt):
-                loss = loss_fn(model, batch, windows, mtp_weights, rt.backend, 1 / accum, cfg.fp8) / accum
-            loss.backward()
-            step_loss += loss.detach()
-            flops += training_flops(model, windows, batch.segment_lengths) if peak else 0
-        pending.append((step, step_loss))
-        opt.step(p.lr_factor, muon_momentum(step, total))
-        opt.zero_grad()
-        timer.step(p.batch_tokens)
-        last, final = step, step == total - 1
-        logging = step % cfg.log_every == 0 or final
-        validating = (step + 1) % cfg.val_every == 0 or final
-        saving = (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or final
-        if not (logging or validating or saving):
-            continue
-        losses = settle_losses(pending, cfg, rt, log, "pt")  # the host sync; stops on a NaN before anything is saved
-        seconds, steps, tokens = timer.lap()
-        tok_per_s, mfu, flops = tokens / seconds, f" mfu {100 * flops / (seconds * peak):.1f}%" if peak else "", 0
-        if logging:
-            log(f"step {step + 1}/{total} loss {losses[-1]:.4f} lr {p.lr_factor:.3f} {tok_per_s:,.0f} tok/s{mfu} "
-                f"eta {seconds / steps * (total - step - 1) / 60:.1f} min{mtp_note(p.mtp_weights)}")
-            log.metrics(step + 1, {"train/loss": losses[-1], "train/tok_per_s": tok_per_s})
-        if validating:
-            full = dict(first=cfg.val_final_tokens) if final else dict(subset=cfg.val_tokens)
-            val = evaluate_bpb(model, data, rt, windows, p.max_doc_len, cfg.micro_batch_tokens, **full)
-            memory = peak_memory_gib(rt.device)
-            log(f"step {step + 1}/{total} {val_line(val)}" + (f" peak memory {memory:.1f} GiB" if memory is not None else ""))
-            log.metrics(step + 1, {"val/bpb": val["bpb"], "val/loss": val["loss"]})
-        if saving:
-            save_checkpoint(cfg, rt, step + 1, model, opt, loader.state)
-        timer.pause_until_now()
-    if last is None:
-        log(f"nothing to do: run already at step {start} of {total}")
-        return
-    timed_tokens = sum(plan_step(cfg, stages, s).batch_tokens for s in range(start, last + 1))
-    update_metrics(cfg, rt, {
-        **val_metrics(val), "train_tokens": sum(s.steps * s.batch_tokens for s in stages), "params": n_params, "params_matrix": n_matrix,
-        "tok_per_s": timed_tokens / timer.total, "device": str(rt.device), "attn_backend": rt.backend,
-        "world_size": rt.world_size, "pt_train_time_s": timer.total, "pt_compile_time_s": compile_s,
-        "pt_compile_graphs": graphs, "peak_memory_gib": peak_memory_gib(rt.device)})
-
-
-def phase_eval(cfg, rt, log):
-    """Bits per byte over every val token, and CORE, of a trained model."""
-    data = pretrain_data(cfg.data_dir, cfg.vocab_size, cfg.bos_id)
-    model, _, path = trained_model(cfg, rt, data)
-    windows = model.windows()
-    log(f"evaluating {path}")
-    t0 = time.time()
-    val = evaluate_bpb(model, data, rt, windows, model.cfg.max_doc_len, cfg.micro_batch_tokens, first=cfg.val_final_tokens)
-    log(val_line(val))
-    metrics = val_metrics(val)
-    if data.tokenizer is None or not os.path.isdir(os.path.join(cfg.data_dir, "core")):
-        log(f"no CORE: {cfg.data_dir} has no core/ (data/core_shards.py writes it, with our tokenizer/ beside it)")
-    else:
-        core = load_core(cfg.data_dir, data.tokenizer)
-        out = evaluate_core(model, core, rt, windows, cfg.core_max_per_task, cfg.core_batch_tokens)
-        log(task_table(out, core.tasks, "label", "CORE"))
-        metrics.update({"core": out["core"], "core_per_task": out["centered"], "core_max_per_task": cfg.core_max_per_task})
-    log(f"eval took {time.time() - t0:.0f}s")
-    update_metrics(cfg, rt, metrics)
-
-
-def phase_sft(cfg, rt, log):
-    """Fine-tune the latest model (or --init-from) on the SFT conversations with a fresh optimizer."""
-    require_training_dtype(rt, "sft")
-    tokenizer = data_tokenizer(cfg.data_dir)
-    model, _, path = trained_model(cfg, rt, tokenizer)  # the checkpoint's architecture and final windows
-    windows = model.windows()
-    opt = make_optimizer(model, dataclasses.replace(cfg, muon_lr=cfg.muon_lr * cfg.sft_lr_mul, adam_lr=cfg.adam_lr * cfg.sft_lr_mul))
-    train, val = load_sft(cfg.data_dir, tokenizer, "train"), load_sft(cfg.data_dir, tokenizer, "val")
-    loader = SFTLoader(train, tokenizer, rt.rank, rt.world_size, cfg.seed)
-    total = cfg.sft_steps
-    T, accum = micro_batch(cfg.sft_batch_tokens, cfg.micro_batch_tokens, rt.world_size, "sft")
-    start = resumed_step(cfg, "sft", model, opt, loader, log)
-    log(f"sft: from {path}, {total} steps of {cfg.sft_batch_tokens:,} tokens, {len(train.convs) - 1:,} train conversations "
-        f"({len(train.tokens):,} tokens), lr x{cfg.sft_lr_mul}")
-    loss_fn = torch.compile(sft_loss) if cfg.compile else sft_loss
-    chat = load_chat_eval(cfg.data_dir, tokenizer) if cfg.sft_chat_max_per_task > 0 else None
-
-    def evaluate(step):
-        val_loss = evaluate_sft_loss(model, val, rt, windows, cfg.sft_val_tokens, T)
-        log(f"sft step {step}/{total} val loss {val_loss:.4f}")
-        log.metrics(step, {"sft/val_loss": val_loss})
-        if chat is not None and step > 0:  # the base model cannot chat yet: nothing to learn from its score
-            out = evaluate_chat(model, chat, tokenizer, rt, windows, cfg.sft_chat_max_per_task, cfg.core_batch_tokens,
-                                cfg.chat_batch_size, cfg.chat_max_new_tokens, cfg.sandbox, cfg.decode_compile)
-            log(f"sft step {step}/{total} chatcore {out['chatcore']:.4f} " + " ".join(f"{k} {v:.4f}" for k, v in out["results"].items()))
-            log.metrics(step, {"sft/chatcore": out["chatcore"]})
-            update_metrics(cfg, rt, {"sft_chatcore": out["chatcore"], "sft_chat_per_task": out["results"]})
-        return val_loss
-
-    if start == 0:
-        update_metrics(cfg, rt, {"sft_val_loss_init": evaluate(0)})
-    timer, pending, last = LoopTimer(), [], None
-    for step in range(start, total):
-        batches = [loader.next_batch(T, rt.device) for _ in range(accum)]
-        # the step's loss is the mean over every supervised target of every rank: weigh each micro-batch's mean by
-        # its share of them (times world size: the optimizer averages gradients over ranks)
-        counts = torch.stack([(b.targets[:, 0] >= 0).sum() for b in batches]).double()
-        n_total = sum_over_ranks(counts.sum(), rt)
-        step_loss = torch.zeros((), device=rt.device)
-        for b, n in zip(batches, counts):
-            with autocast(rt):
-                loss = loss_fn(model, b, windows, rt.backend) * (n * rt.world_size / n_total.clamp(min=1)).float()
-            loss.backward()
-            step_loss += loss.detach()
-        pending.append((step, step_loss))
-        lr = sft_lr_factor(cfg, step, total)
-        opt.step(lr, muon_momentum(step, total, warmup=cfg.sft_momentum_warmup, cooldown=0))
-        opt.zero_grad()
-        timer.step(cfg.sft_batch_tokens)
-        last, final = step, step == total - 1
-        logging = step % cfg.log_every == 0 or final
-        evaluating = (step + 1) % cfg.sft_eval_every == 0 and not final
-        saving = (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or final
-        if not (logging or evaluating or saving):
-            continue
-        losses = settle_losses(pending, cfg, rt, log, "sft")  # the host sync; stops on a NaN before anything is saved
-        seconds, steps, tokens = timer.lap()
-        if step == start and cfg.compile:
-            timer.total = 0.0  # the first step compiled the loss
-        if logging:
-            log(f"sft step {step + 1}/{total} loss {losses[-1]:.4f} lr {lr:.3f} {tokens / seconds:,.0f} tok/s "
-                f"eta {seconds / steps * (total - step - 1) / 60:.1f} min")
-            log.metrics(step + 1, {"sft/loss": losses[-1]})
-        if evaluating:
-            evaluate(step + 1)
-        if saving:
-            save_checkpoint(cfg, rt, step + 1, model, opt, loader.state, phase="sft")
-        timer.pause_until_now()
-    if last is None:
-        log(f"sft: nothing to do: run already at step {start} of {total}")
-        return
-    update_metrics(cfg, rt, {"sft_val_loss": evaluate(total), "sft_steps": total, "sft_train_time_s": timer.total})
-
-
-def phase_chat(cfg, rt, log):
-    """Chat evaluation (ARC, MMLU, GSM8K; ChatCORE) of the latest checkpoint or --init-from."""
-    tokenizer = data_tokenizer(cfg.data_dir)
-    model, _, path = trained_model(cfg, rt, tokenizer)
-    windows = model.windows()
-    chat = load_chat_eval(cfg.data_dir, tokenizer)
-    log(f"chat evaluation of {path}")
-    t0 = time.time()
-    out = evaluate_chat(model, chat, tokenizer, rt, windows, cfg.chat_max_per_task, cfg.core_batch_tokens,
-                        cfg.chat_batch_size, cfg.chat_max_new_tokens, cfg.sandbox, cfg.decode_compile)
-    log(task_table(out, chat.tasks, "name", "ChatCORE"))
-    log(f"chat eval took {time.time() - t0:.0f}s")
-    values = {"chatcore": out["chatcore"], "chat_per_task": out["results"], "chat_max_per_task": cfg.chat_max_per_task}
-    # the pipeline evaluates after SFT and again after RL: keep each checkpoint's numbers, the latest on top
-    metrics_path = os.path.join(cfg.run_dir, "metrics.json")
-    history = (read_json(metrics_path) if os.path.isfile(metrics_path) else {}).get("chat_by_checkpoint", {})
-    update_metrics(cfg, rt, {**values, "chat_by_checkpoint": {**history, os.path.basename(path): values}})
-
-
 def phase_rl(cfg, rt, log):
-    """GSM8K RL from the latest checkpoint (or --init-from): each step, rl_questions_per_step training questions (split
-    across ranks) get rl_samples samples each from the engine; reward 1 for the right '####' answer; loss
-    -advantage x log p over the sampled tokens; lr decays linearly to 0; pass@k on held-out test questions."""
+    """GSM8K RL; reads rl/, chat_eval/; writes RUN_DIR/rl_ckpt_<step>/, curves.jsonl, metrics.json
+    Each step, rl.questions_per_step training questions (split across ranks) get rl.samples samples each from the
+    engine; reward 1 for the right '####' answer; loss -advantage x log p over the sampled tokens; lr decays linearly
+    to 0; pass@k on held-out test questions."""
     require_training_dtype(rt, "rl")
-    tokenizer = data_tokenizer(cfg.data_dir)
-    model, _, path = trained_model(cfg, rt, tokenizer)
+    rl, tokenizer = cfg.rl, data_tokenizer(cfg.data_dir)
+    model, _, path = trained_model(cfg, rt)
     windows = model.windows()
     train, test = load_chat_eval(cfg.data_dir, tokenizer, "rl"), load_chat_eval(cfg.data_dir, tokenizer)
     train_task = next(t for t in train.tasks if t["name"] == "gsm8k")
     test_task = next(t for t in test.tasks if t["name"] == "gsm8k")
-    test_examples = list(range(test_task["first_example"], test_task["first_example"] + min(cfg.rl_eval_questions, test_task["n_examples"])))
-    if cfg.rl_questions_per_step < rt.world_size:
-        raise ValueError(f"--rl-questions-per-step {cfg.rl_questions_per_step} < world size {rt.world_size}: every rank needs a question")
-    opt = make_optimizer(model, dataclasses.replace(cfg, muon_lr=cfg.muon_lr * cfg.rl_lr_mul, adam_lr=cfg.adam_lr * cfg.rl_lr_mul))
-    engine = Engine(model, tokenizer, windows, rt, compile=cfg.decode_compile)
+    first = test_task["first_example"]
+    test_examples = list(range(first, first + min(rl.eval_questions, test_task["n_examples"])))
+    if rl.questions_per_step < rt.world_size:
+        raise ValueError(f"--rl-questions-per-step {rl.questions_per_step} < world size {rt.world_size}: every rank "
+                         "needs a question")
+    opt = make_optimizer(model, cfg, rl.lr_mul)
+    engine = Engine(model, tokenizer, windows, rt, compile=cfg.sample.decode_compile)
     order = np.random.default_rng(cfg.seed).permutation(train_task["n_examples"]) + train_task["first_example"]
-    log(f"RL from {path}: {cfg.rl_steps} steps x {cfg.rl_questions_per_step} questions x {cfg.rl_samples} samples, "
-        f"{train_task['n_examples']} training questions, pass@{cfg.rl_eval_samples} on {len(test_examples)} test questions")
+    log(f"RL from {path}: {rl.steps} steps x {rl.questions_per_step} questions x {rl.samples} samples, "
+        f"{train_task['n_examples']} training questions, pass@{rl.eval_samples} on {len(test_examples)} test questions")
     rewards, pass_at, start = [], {}, 0
     resumed = resume_checkpoint(cfg, "rl", model, opt, log)
     if resumed:  # the questions' order and every step's seeds follow from --seed: the rest replays exactly
         start, rewards, pass_at = resumed[1]["step"], resumed[1]["loader"]["rewards"], resumed[1]["loader"]["pass_at"]
         log(f"rl: resumed from {resumed[0]} at step {start}")
-        if start == cfg.rl_steps:
-            log(f"rl: nothing to do: run already at step {start} of {cfg.rl_steps}")
+        if start == rl.steps:
+            log(f"rl: nothing to do: run already at step {start} of {rl.steps}")
             return
-    for step in range(start, cfg.rl_steps + 1):
-        if step % cfg.rl_eval_every == 0 or step == cfg.rl_steps:
-            pass_at = gsm8k_pass_at_k(engine, tokenizer, test, test_task, test_examples, cfg.rl_eval_samples, cfg, rt, cfg.seed)
-            log(f"rl step {step}/{cfg.rl_steps} " + " ".join(f"pass@{j} {v:.4f}" for j, v in pass_at.items()))
+    for step in range(start, rl.steps + 1):
+        if step % rl.eval_every == 0 or step == rl.steps:
+            pass_at = gsm8k_pass_at_k(engine, tokenizer, test, test_task, test_examples, rl.eval_samples, rl, rt, cfg.seed,
+                                      log)
+            log(f"rl step {step}/{rl.steps} " + " ".join(f"pass@{j} {v:.4f}" for j, v in pass_at.items()))
             log.metrics(step, {f"rl/pass@{j}": v for j, v in pass_at.items()})
-        if step == cfg.rl_steps:
+        if step == rl.steps:
             break
         t0 = time.perf_counter()
-        questions = [int(order[(step * cfg.rl_questions_per_step + i) % len(order)]) for i in range(cfg.rl_questions_per_step)]
+        questions = [int(order[(step * rl.questions_per_step + i) % len(order)]) for i in range(rl.questions_per_step)]
         rollouts, step_rewards = [], []
         mine = questions[rt.rank::rt.world_size]
         prompts = [train.prompt(e)[0].tolist() for e in mine]  # all of a rank's rollouts decode as one batch
-        drawn = engine.generate(prompts, cfg.rl_samples, cfg.rl_max_new_tokens, cfg.rl_temperature, cfg.rl_top_k,
+        drawn = engine.generate(prompts, rl.samples, rl.max_new_tokens, rl.temperature, rl.top_k,
                                 seed=cfg.seed * 1_000_003 + step * 1009 + rt.rank)
         for e, prompt, samples in zip(mine, prompts, drawn):
             reward = [gsm8k_reward(tokenizer, s, train_task["answers"][e - train_task["first_example"]]) for s in samples]
@@ -5278,152 +4332,82 @@ def phase_rl(cfg, rt, log):
         # rollouts with advantage 0 (all k samples equally right) add nothing to the gradient: skip their forward,
         # but keep one (weighted 0) so every rank's optimizer sees the same gradients exist
         learning = [r for r in rollouts if r[2] != 0] or [(rollouts[0][0], rollouts[0][1], 0.0)]
-        for batch in token_batches(learning, lambda r: len(r[0]) + len(r[1].tokens), cfg.rl_batch_tokens):
+        for batch in token_batches(learning, lambda r: len(r[0]) + len(r[1].tokens), rl.batch_tokens):
             # normalised by all ranks' sampled tokens / world size: the optimizer's average over ranks then gives
             # the same update as one process with every question
             policy_gradient_loss(model, batch, windows, rt, float(stats[2]) / rt.world_size).backward()
-        opt.step(1 - step / cfg.rl_steps, 0.95)
+        opt.step(1 - step / rl.steps, 0.95)
         opt.zero_grad()
         rewards.append(float(stats[0] / stats[1]))
-        log(f"rl step {step + 1}/{cfg.rl_steps} reward {rewards[-1]:.4f} sampled tokens {int(stats[2])} "
-            f"lr {1 - step / cfg.rl_steps:.3f} {time.perf_counter() - t0:.1f}s")
+        log(f"rl step {step + 1}/{rl.steps} reward {rewards[-1]:.4f} sampled tokens {int(stats[2])} "
+            f"lr {1 - step / rl.steps:.3f} {time.perf_counter() - t0:.1f}s")
         log.metrics(step + 1, {"rl/reward": rewards[-1]})
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.rl_steps:
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < rl.steps:
             save_checkpoint(cfg, rt, step + 1, model, opt, {"rewards": rewards, "pass_at": pass_at}, phase="rl")
-    save_checkpoint(cfg, rt, cfg.rl_steps, model, opt, {"rewards": rewards, "pass_at": pass_at}, phase="rl")
+    save_checkpoint(cfg, rt, rl.steps, model, opt, {"rewards": rewards, "pass_at": pass_at}, phase="rl")
     update_metrics(cfg, rt, {"rl_reward": rewards, "gsm8k_pass_at": pass_at})
 
 
-def phase_generate(cfg, rt, log):
-    """Samples from a checkpoint for --prompt, or an interactive chat on stdin when there is no --prompt. The prompt
-    is a user turn for a chat model (SFT/RL checkpoints, or --prompt-format chat), plain text for a base model."""
-    tokenizer = data_tokenizer(cfg.data_dir)
-    model, state, path = trained_model(cfg, rt, tokenizer)
-    chat = cfg.prompt_format == "chat" or (cfg.prompt_format == "auto" and state.get("phase", "pt") != "pt")
-    engine = Engine(model, tokenizer, model.windows(), rt, compile=cfg.decode_compile)
-    options = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                   min_p=cfg.min_p, seed=cfg.seed)
-    text = lambda tokens: tokenizer.decode([t for t in tokens if t not in engine.stops])  # a stream has no Sample yet
-    if cfg.prompt:
-        prompt = chat_turn(tokenizer, [tokenizer.bos_id], cfg.prompt) if chat else [tokenizer.bos_id, *tokenizer.encode(cfg.prompt)]
-        log(f"sampling from {path} ({'chat' if chat else 'text'} prompt)")
-        for i, sample in enumerate(engine.generate([prompt], cfg.num_samples, **options)[0]):
-            log(f"--- sample {i + 1}/{cfg.num_samples} ({len(sample.tokens)} tokens)\n"
-                f"{'' if chat else cfg.prompt}{reply_text(tokenizer, sample)}")
-        return
-    if rt.world_size > 1:
-        raise ValueError("interactive chat runs in one process: pass --prompt, or run without torchrun")
-    print(f"chatting with {path}: type a message, an empty line to start over, Ctrl-D to quit", flush=True)
-    conversation = [tokenizer.bos_id]
-    for line in sys.stdin:
-        if not line.strip():
-            conversation = [tokenizer.bos_id]
-            continue
-        prompt = chat_turn(tokenizer, conversation, line.strip()) if chat else conversation + tokenizer.encode(line)
-        reply, shown = [], ""
-
-        def stream(_, token):  # print each new piece of the reply (a token may end mid-character)
-            nonlocal shown
-            reply.append(token)
-            now = text(reply)
-            print(now[len(shown):], end="", flush=True)
-            shown = now
-
-        sample = engine.generate([prompt], 1, on_token=stream, **options)[0][0]
-        print(flush=True)
-        conversation = prompt + sample.tokens + ([] if sample.stopped or not chat else [tokenizer.special("<|assistant_end|>")])
-        options["seed"] += 1
-
-
-def phase_serve(cfg, rt, log):
-    """The OpenAI-compatible server (Server) of the latest checkpoint or --init-from, with its chat page at /, on
-    --host:--port until Ctrl-C."""
-    import uvicorn
-    if rt.world_size > 1:
-        raise ValueError("the server runs in one process: run it without torchrun")
-    tokenizer = data_tokenizer(cfg.data_dir)
-    model, state, path = trained_model(cfg, rt, tokenizer)
-    name = cfg.served_model_name or f"{os.path.basename(os.path.abspath(cfg.run_dir))}/{os.path.basename(path)}"
-    engine = Engine(model, tokenizer, model.windows(), rt, compile=cfg.decode_compile)
-    server = Server(engine, tokenizer, name, model.cfg.max_doc_len, state.get("phase", "pt") != "pt",
-                    cfg.serve_max_rows, cfg.serve_max_queue, cfg.serve_timeout,
-                    dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
-                         max_tokens=cfg.max_new_tokens))
-    log(f"serving {path} as {name!r} at http://{cfg.host}:{cfg.port} (chat page at /, API at /v1; context "
-        f"{model.cfg.max_doc_len} tokens, {cfg.serve_max_rows} rows, device {rt.device})")
-    server.start()
-    try:
-        uvicorn.run(server.app, host=cfg.host, port=cfg.port, log_level="info")
-    finally:
-        server.close()
-
-
-def phase_export(cfg, rt, log):
-    """The latest checkpoint (or --init-from) as a Hugging Face folder (export_hf) in --export-dir (default RUN_DIR/hf),
-    uploaded to --push-to-hub ORG/NAME when given."""
-    if not rt.master:
-        return
-    tokenizer = data_tokenizer(cfg.data_dir)
-    model, _, path = trained_model(cfg, rt, tokenizer)
-    out_dir = cfg.export_dir or os.path.join(cfg.run_dir, "hf")
-    name = cfg.push_to_hub.split("/")[-1] if cfg.push_to_hub else os.path.basename(os.path.abspath(cfg.run_dir))
-    files = export_hf(model, tokenizer, out_dir, model_name=name)
-    log(f"exported {path} to {out_dir}: " + ", ".join(f"{n} ({size:,} bytes)" for n, size in files.items()))
-    if cfg.push_to_hub:
-        log(f"pushed {out_dir} to {push_to_hub(out_dir, cfg.push_to_hub)}")
-
-
-def phase_convert(cfg, rt, log):
-    """Rewrite the state.json of --init-from, a checkpoint from before checkpoints carried their model, as today's:
-    its ModelConfig (its pretraining config over the data's tokenizer) and that config as the run's settings."""
-    if not cfg.init_from:
-        raise CheckpointError("--phases convert needs --init-from CHECKPOINT_DIR")
-    model, state = load_model(cfg.init_from, "cpu", data_tokenizer(cfg.data_dir).vocab_size)
-    if "config" not in state:
-        log(f"{cfg.init_from} is already in today's format")
-        return
-    state = {**{k: v for k, v in state.items() if k != "config"}, "model": dataclasses.asdict(model.cfg), "run": state["config"]}
-    write_text_atomic(os.path.join(cfg.init_from, "state.json"), json.dumps(state, indent=1))
-    log(f"converted {cfg.init_from}: its state.json now carries its model")
-
+# =============================================================================================================
+# 15. The phase table and main
 
 PHASES = {"data": phase_data, "pt": phase_pt, "eval": phase_eval, "sft": phase_sft, "chat": phase_chat, "rl": phase_rl,
-          "generate": phase_generate, "serve": phase_serve, "export": phase_export,
-          "convert": phase_convert}
+          "generate": phase_generate}
+TIMED_PHASES = ("pt", "eval", "sft", "chat", "rl")  # their wall times go into metrics.json (phase_time_s)
+MOVED = {"serve": "serve.py", "export": "export.py"}  # phases that the files beside this one run now
+
+
+def moved_phase(argv):
+    """What replaced an old command's --phases serve / export / convert (the message), or None."""
+    import shlex
+    for i, arg in enumerate(argv):
+        if arg == "--phases" and i + 1 < len(argv):
+            names, rest = argv[i + 1].split(","), argv[:i] + argv[i + 2:]
+        elif arg.startswith("--phases="):
+            names, rest = arg.split("=", 1)[1].split(","), argv[:i] + argv[i + 1:]
+        else:
+            continue
+        if "convert" in names:
+            return "--phases convert is gone: checkpoints written before 2026-12-01 are not read (README: Checkpoints)"
+        for name in (n for n in names if n in MOVED):
+            return (f"--phases {name} moved beside the stack (it imports it); run the other phases first, then: "
+                    f"python {MOVED[name]} {shlex.join(rest)}")
+    return None
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if message := moved_phase(argv):
+        sys.exit(f"error: {message}")
     cfg = parse_config(argv)
     phases = [p for p in cfg.phases.split(",") if p]
     unknown = [p for p in phases if p not in PHASES]
     if unknown:
         sys.exit(f"error: unknown phase(s) {', '.join(unknown)}; available: {', '.join(PHASES)}")
     if phases == ["data"]:  # checking data needs no device, run directory or log file
-        rt, log = None, lambda msg: print(msg, flush=True)
-        phases_to_run(phases, cfg, rt, log)
+        phases_to_run(phases, cfg, None, lambda msg: print(msg, flush=True))
         return
     rt = init_runtime(cfg)
     try:
         # phases that write checkpoints own the run directory; generate (and eval, chat) may read one in use
         lock = claim_run_dir(cfg, phases) if rt.master and set(phases) & set(CHECKPOINT_PREFIX) else None
         log = Logger(cfg, rt)
-        if rt.master:
-            with open(log.path, "a", encoding="utf-8") as f:  # the exact code, versions and config, modded-nanogpt style
-                f.write(open(__file__, encoding="utf-8").read() + "\n" + "=" * 100 + "\n")
-            log("\n".join(run_header(rt)))
-        log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+        header = log.start(cfg, rt)
     except DataFormatError as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # e.g. a full disk
         sys.exit(f"error: {cfg.run_dir}: cannot write ({e.strerror or e})")
     try:
-        phases_to_run(phases, cfg, rt, log)
+        times = phases_to_run(phases, cfg, rt, log, header)
         if lock is not None:  # the config of the last invocation that trained and finished; every one is in log.txt
             path = os.path.join(cfg.run_dir, "config.json")
             try:
                 write_text_atomic(path, json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
             except OSError as e:
                 sys.exit(f"error: {path}: cannot write ({e.strerror or e})")
+        done = ", ".join(f"{phase} {duration(seconds)}" for phase, seconds in times)
+        log(f"done: {done}. Results: {os.path.join(cfg.run_dir, 'metrics.json')}; the report: python report.py "
+            f"--run-dir {cfg.run_dir} writes {os.path.join(cfg.run_dir, 'report.md')}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -5431,15 +4415,28 @@ def main(argv=None):
             lock.close()
 
 
-def phases_to_run(phases, cfg, rt, log):
+def phases_to_run(phases, cfg, rt, log, header=None):
+    """Run the phases in order; returns [(phase, seconds)]. After each of TIMED_PHASES its wall time and the checkpoint
+    it wrote or evaluated go into metrics.json with the invocation's header (run_header): a failure to write them is a
+    warning, never the end of the run. A prepared file that is bad, or a sandbox that cannot be had, ends it with one
+    error line."""
+    times = []
     try:
         for phase in phases:
-            t0 = time.perf_counter()
+            t0, evaluated = time.perf_counter(), cfg.init_from or latest_checkpoint(cfg.run_dir)
             PHASES[phase](cfg, rt, log)
-            if phase in REPORT_PHASES:
-                report_phase(cfg, rt, log, phase, time.perf_counter() - t0)
+            times.append((phase, time.perf_counter() - t0))
+            if phase not in TIMED_PHASES or not rt.master:
+                continue
+            try:
+                checkpoint = latest_checkpoint(cfg.run_dir, phase) if phase in CHECKPOINT_PREFIX else evaluated
+                record_phase_time(cfg, rt, phase, checkpoint, times[-1][1], header or run_header(rt))
+            except Exception as e:  # anything: a full disk, a metrics.json of another version of the stack
+                log(f"warning: {os.path.join(cfg.run_dir, 'metrics.json')}: {phase}'s time not recorded: "
+                    f"{type(e).__name__}: {e}")
     except (DataFormatError, SandboxUnavailable) as e:
         sys.exit(f"error: {e}")
+    return times
 
 
 if __name__ == "__main__":

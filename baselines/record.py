@@ -6,14 +6,14 @@
     python baselines/record.py diff A [B]
     python baselines/record.py plot RUN_OR_LOG [RUN_OR_LOG ...] --out curves.png
 
-`new` copies into baselines/<date>_<track>_<name>/ the code that ran (taken from the top of the run's log.txt, where
-the stack writes its own source), the full log, the resolved config, metrics.json, a loss-curve plot and record.json,
-then adds a row to the table of baselines/README.md. The folder appears whole or not at all, and an existing record
-is never overwritten. `verify` reads the final validation metric of each log (runs with different seeds) and tests
-one-sided whether their mean is below the target (modded-nanogpt's rule: a record needs p < 0.01); it exits 1 when
-p >= 0.01. `diff` prints a unified diff of the code of two records, runs, logs or scripts (B defaults to the working
-copy of A's script) and exits 1 when they differ, like `git diff --no-index`. `plot` draws the train loss and val
-bpb of several runs on one figure.
+`new` copies into baselines/<date>_<track>_<name>/ the code that ran (every file the run's log.txt names by its
+sha256, kept in RUN_DIR/code/; logs written before 2026-12-06 hold the stack's source itself), the full log, the
+resolved config, metrics.json, a loss-curve plot and record.json, then adds a row to the table of baselines/README.md.
+The folder appears whole or not at all, and an existing record is never overwritten. `verify` reads the final
+validation metric of each log (runs with different seeds) and tests one-sided whether their mean is below the target
+(modded-nanogpt's rule: a record needs p < 0.01); it exits 1 when p >= 0.01. `diff` prints a unified diff of the
+code of two records, runs, logs or scripts, file by file (B defaults to the working copies of A's files) and exits 1
+when they differ, like `git diff --no-index`. `plot` draws the train loss and val bpb of several runs on one figure.
 """
 import argparse
 import dataclasses
@@ -32,7 +32,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 STACK = "decoderstack_small_pt-eval-sft.py"
-SEPARATOR = "=" * 100  # the stack writes its source, then this line, at the start of every invocation's log
+SEPARATOR = "=" * 100  # the stack writes its code lines (older logs: its source), then this line, at each invocation's start
 README_HEADER = "| date | track | hardware | time | val bpb | CORE | ChatCORE | steps | tokens | folder |"
 P_THRESHOLD = 0.01
 
@@ -41,6 +41,8 @@ TRAIN_RE = re.compile(r"^step (\d+)/(\d+) loss (\S+) ")
 VAL_RE = re.compile(r"^step (\d+)/(\d+) val bpb (\S+) val loss (\S+)(?: \(.*\))?(?: peak memory .*)?\s*$")
 EVAL_RE = re.compile(r"^val bpb (\S+) val loss (\S+)(?: \(.*\))?\s*$")  # --phases eval of the final checkpoint
 CONFIG_RE = re.compile(r"^config: (\{.*\})\s*$")
+CODE_RE = re.compile(r"^code: (\S+) sha256 ([0-9a-f]{64}) \((\S+)\)$")  # a file that ran, kept at that path of RUN_DIR
+STAMP_RE = re.compile(r"^\[\d+:\d\d:\d\d\] ")  # the time since the invocation started, before each line after its header
 
 
 class RecordError(Exception):
@@ -53,9 +55,16 @@ class RecordError(Exception):
 
 @dataclasses.dataclass
 class Invocation:
-    """One run of the script appended to a log: the source it wrote (None if it wrote none) and its log lines."""
-    source: str | None
+    """One run of the script appended to a log: the code it ran ({file name: source}; None where the log holds none,
+    or its files were not read) and its log lines, time stamps taken off."""
+    code: dict | None
     lines: list
+    digests: dict = None  # {file name: sha256} the code lines name (logs from before 2026-12-06 have none)
+
+    @property
+    def source(self):
+        """The stack's own source (the only file logs from before 2026-12-06 hold)."""
+        return None if self.code is None else self.code.get(STACK, next(iter(self.code.values()), None))
 
     @property
     def config(self):
@@ -85,32 +94,61 @@ def read_text(path):
         raise RecordError(f"{path}: not UTF-8 text ({e})") from None
 
 
-def split_log(text):
-    """The invocations of a log.txt. Each invocation of the stack appends its full source, a line of 100 '=', then
-    its log lines; the next invocation's source starts at a line equal to the first line of the first source (the
-    script's docstring). A log that does not start with a source (e.g. a peer stack's) is one invocation without one."""
-    lines = text.splitlines(keepends=True)
-    seps = [i for i, line in enumerate(lines) if line.rstrip("\r\n") == SEPARATOR]
+def split_log(text, directory=None):
+    """The invocations of a log.txt. Each invocation of the stack appends its code lines (`code: NAME sha256 HASH
+    (PATH)`, one per file), a line of 100 '=', its header and config, then its time-stamped log lines; an invocation
+    from before 2026-12-06 appended its full source instead of the code lines, starting at a line equal to the first
+    line of the log (the script's docstring). With `directory` (the log's), the files the code lines name are read
+    from it (PATH, or NAME beside the log in a record folder) and checked against their sha256. A log that does not
+    start with code (e.g. a peer stack's) is one invocation without any."""
+    lines = [line.rstrip("\r\n") for line in text.splitlines(keepends=True)]
+    seps = [i for i, line in enumerate(lines) if line == SEPARATOR]
     if not seps or any(CONFIG_RE.match(line) for line in lines[:seps[0]]):
-        return [Invocation(None, [line.rstrip("\r\n") for line in lines])]
-    marker = lines[0]
-    invocations, start = [], 0  # start: first line of the current invocation's source
-    for k, sep in enumerate(seps):
-        if sep < start:
-            continue
-        source = "".join(lines[start:sep])
-        source = source[:-1] if source.endswith("\n") else source  # the stack writes source + "\n" + separator
-        end = len(lines)
-        for nxt in seps[k + 1:]:  # the next separator preceded by a source that starts with the marker
-            starts = [i for i in range(sep + 1, nxt) if lines[i] == marker]
-            if starts:
-                end = starts[0]
-                break
-        invocations.append(Invocation(source, [line.rstrip("\r\n") for line in lines[sep + 1:end]]))
-        start = end
-        if end == len(lines):
-            break
+        return [Invocation(None, [STAMP_RE.sub("", line, count=1) for line in lines])]
+    heads, last = [], -1  # (first line of an invocation's code, its separator)
+    for sep in seps:
+        start = sep
+        while start > last + 1 and CODE_RE.match(lines[start - 1]):
+            start -= 1
+        if start == sep:  # an old invocation's source, from the line equal to the log's first line
+            start = next((i for i in range(sep - 1, last, -1) if lines[i] == lines[0]), None)
+            if start is None:
+                continue  # a separator inside a source
+        heads.append((start, sep))
+        last = sep
+    raw = text.splitlines(keepends=True)
+    invocations = []
+    for k, (start, sep) in enumerate(heads):
+        end = heads[k + 1][0] if k + 1 < len(heads) else len(lines)
+        body = [STAMP_RE.sub("", line, count=1) for line in lines[sep + 1:end]]
+        named = [CODE_RE.match(line) for line in lines[start:sep]]
+        if all(named):
+            digests = {m.group(1): m.group(2) for m in named}
+            code = read_code(directory, [m.groups() for m in named]) if directory is not None else None
+            invocations.append(Invocation(code, body, digests))
+        else:
+            source = "".join(raw[start:sep])
+            invocations.append(Invocation({STACK: source[:-1] if source.endswith("\n") else source}, body))  # + "\n"
     return invocations
+
+
+def read_code(directory, files):
+    """{name: source} of the (name, sha256, path) a log's code lines name: RUN_DIR/path, or the file of that name
+    beside the log (a record folder), whichever has the sha256."""
+    code = {}
+    for name, digest, path in files:
+        for candidate in (os.path.join(directory, path), os.path.join(directory, name)):
+            if os.path.isfile(candidate) and hashlib.sha256(read_bytes(candidate)).hexdigest() == digest:
+                code[name] = read_bytes(candidate).decode("utf-8")
+                break
+        else:
+            raise RecordError(f"{os.path.join(directory, path)}: missing, or not the code the log names (sha256 {digest[:16]}...)")
+    return code
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def number(text):
@@ -146,9 +184,10 @@ def log_path(path):
     return path
 
 
-def read_log(path):
+def read_log(path, with_code=False):
+    """(the log's path, its invocations), with the code they ran when with_code."""
     path = log_path(path)
-    return path, split_log(read_text(path))
+    return path, split_log(read_text(path), os.path.dirname(path) if with_code else None)
 
 
 def final_metric(path, metric):
@@ -290,20 +329,21 @@ def ran_pt(inv):
     return inv.config is not None and "pt" in str(inv.config.get("phases", "")).split(",")
 
 
-def run_source(invocations, log, allow_mixed=False):
-    """The one source all invocations of a run wrote (a record is one program). With allow_mixed, runs whose later
-    phases ran other code are accepted: the source of the (last) pretraining invocation is the record's code."""
-    sources = [inv.source for inv in invocations if inv.source is not None]
-    if not sources:
+def run_code(invocations, log, allow_mixed=False):
+    """The one code ({file name: source}) all invocations of a run ran (a record is one program), None where the log
+    holds none. With allow_mixed, runs whose later phases ran other code are accepted: the code of the (last)
+    pretraining invocation is the record's."""
+    codes = [inv.code for inv in invocations if inv.code is not None]
+    if not codes:
         return None
-    if any(s != sources[0] for s in sources[1:]):
+    if any(c != codes[0] for c in codes[1:]):
         if not allow_mixed:
-            raise RecordError(f"{log}: the run's {len(sources)} invocations ran different code; a record is one program "
+            raise RecordError(f"{log}: the run's {len(codes)} invocations ran different code; a record is one program "
                               "(rerun the phases with one version of the script, or pass --allow-mixed-code to keep the "
                               "pretraining invocation's code)")
-        pt = [inv.source for inv in invocations if inv.source is not None and ran_pt(inv)]
-        return (pt or sources)[-1]
-    return sources[0]
+        pt = [inv.code for inv in invocations if inv.code is not None and ran_pt(inv)]
+        return (pt or codes)[-1]
+    return codes[0]
 
 
 def detect_hardware(metrics):
@@ -383,7 +423,7 @@ def new_record(run, name, track="cpu", hardware=None, records=HERE, script=None,
     readme = os.path.join(records, "README.md")
     readme_text = read_text(readme)
     add_readme_row(readme_text, "")  # fail now, not after the folder is written, when the table is missing
-    log, invocations = read_log(run)
+    log, invocations = read_log(run, with_code=True)
     run_dir = os.path.dirname(log)
     curves = parse_curves(invocations)
     if curves.final_bpb is None:
@@ -397,22 +437,26 @@ def new_record(run, name, track="cpu", hardware=None, records=HERE, script=None,
         raise RecordError(f"{metrics_path}: no val_bpb (not a finished pretraining run?)")
 
     script = script or os.path.join(ROOT, STACK)
-    source = run_source(invocations, log, allow_mixed_code)
-    if source is None:  # a log without the code (peer stacks log only their config): take the named script
-        source = read_text(script)
+    code = run_code(invocations, log, allow_mixed_code)
+    if code is None:  # a log without the code (peer stacks log only their config): take the named script
+        code = {STACK: read_text(script)}
         out(f"note: {log} does not hold the code; the record keeps {script} as it is now")
-        matches = True
-    else:
-        working = read_text(script) if os.path.isfile(script) else None
-        matches = working == source
+    # the stack under the working script's name, the files beside it under their own: each checked against the file
+    # of that name beside the working script
+    code = {(os.path.basename(script) if name == STACK else name): text for name, text in code.items()}
+    matches = True
+    for name, text in code.items():
+        working_path = os.path.join(os.path.dirname(os.path.abspath(script)), name)
+        working = read_text(working_path) if os.path.isfile(working_path) else None
+        matches = matches and working == text
         if working is None:
-            out(f"note: {script} not found; the record keeps the code from the log")
-        elif matches:
-            out(f"the code in the log is identical to {script}")
+            out(f"note: {working_path} not found; the record keeps the code from the log")
+        elif working == text:
+            out(f"the code in the log is identical to {working_path}")
         else:
-            changed = sum(1 for line in difflib.unified_diff(source.splitlines(), working.splitlines(), n=0)
+            changed = sum(1 for line in difflib.unified_diff(text.splitlines(), working.splitlines(), n=0)
                           if line[:1] in "+-" and not line.startswith(("+++", "---")))
-            out(f"note: {script} has changed since the run ({changed} lines differ); the record keeps the code "
+            out(f"note: {working_path} has changed since the run ({changed} lines differ); the record keeps the code "
                 "that ran (see `record.py diff`)")
     pt_configs = [inv.config for inv in invocations if ran_pt(inv)]
     config = pt_configs[-1] if pt_configs else None
@@ -435,21 +479,23 @@ def new_record(run, name, track="cpu", hardware=None, records=HERE, script=None,
         "name": name, "track": track, "date": date, "folder": folder,
         "hardware": hardware or detect_hardware(metrics),
         "script": os.path.basename(script), "script_path": in_repo(script),  # relative to the checkout when inside it
-        "script_sha256": hashlib.sha256(source.encode("utf-8")).hexdigest(),
+        "script_sha256": sha256(code[os.path.basename(script)]),
+        "files": {name: sha256(text) for name, text in code.items()},  # every file of the code that ran
         "matches_working_script": matches, "run_dir": in_repo(run_dir),
         "val_bpb": metrics.get("val_bpb"), "final_val_loss": curves.final_loss, "core": metrics.get("core"),
         "chatcore": metrics.get("chatcore"), "steps": curves.total_steps, "train_tokens": metrics.get("train_tokens"),
         "train_time_s": metrics.get("pt_train_time_s"), "params": metrics.get("params"),
-        "invocations": [{"phases": (inv.config or {}).get("phases"), "code_sha256": inv.source and
-                         hashlib.sha256(inv.source.encode("utf-8")).hexdigest()} for inv in invocations],
+        "invocations": [{"phases": (inv.config or {}).get("phases"), "code_sha256": inv.source and sha256(inv.source),
+                         "files": inv.digests} for inv in invocations],
         "seed": config.get("seed"), "preset": config.get("preset"), "verification": verification,
     }
 
     os.makedirs(records, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{folder}.", suffix=".tmp", dir=records)
     try:
-        with open(os.path.join(tmp, meta["script"]), "w", encoding="utf-8", newline="") as f:
-            f.write(source)
+        for name, text in code.items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8", newline="") as f:
+                f.write(text)
         shutil.copyfile(log, os.path.join(tmp, "log.txt"))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             f.write(json.dumps(config, indent=1) + "\n")
@@ -484,18 +530,19 @@ def new_record(run, name, track="cpu", hardware=None, records=HERE, script=None,
 
 
 def code_of(path):
-    """(label, source, script path in the repo) of a record folder, a run directory, a log or a script."""
+    """(label, {file name: source}, the stack's path in the repo or None) of a record folder, a run directory, a log
+    or a script; the label is the folder or log the files lie in, or the script."""
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "record.json")):
         meta = json.loads(read_text(os.path.join(path, "record.json")))
-        script = os.path.join(path, meta["script"])
-        return os.path.normpath(script), read_text(script), meta.get("script_path")
+        names = meta.get("files") or [meta["script"]]  # records before 2026-12-06 keep the stack alone
+        return os.path.normpath(path), {n: read_text(os.path.join(path, n)) for n in names}, meta.get("script_path")
     if os.path.isdir(path) or not path.endswith(".py"):
-        log, invocations = read_log(path)
-        source = run_source(invocations, log, allow_mixed=True)  # mixed: the pretraining code
-        if source is None:
+        log, invocations = read_log(path, with_code=True)
+        code = run_code(invocations, log, allow_mixed=True)  # mixed: the pretraining code
+        if code is None:
             raise RecordError(f"{log}: the log does not hold the code")
-        return os.path.normpath(log), source, None
-    return os.path.normpath(path), read_text(path), None
+        return os.path.normpath(os.path.dirname(log)), code, None
+    return os.path.normpath(os.path.dirname(path) or "."), {os.path.basename(path): read_text(path)}, None
 
 
 def diff_label(side, path):
@@ -505,17 +552,34 @@ def diff_label(side, path):
 
 
 def diff_code(a, b=None):
-    """Unified diff (as text) of the code of a and b; b defaults to the working copy of a's script."""
-    label_a, text_a, script_path = code_of(a)
+    """Unified diff (as text) of the code of a and b, file by file (the stack first, under either's name); b
+    defaults to the working copies of a's files (the stack at its path in the repo)."""
+    where_a, code_a, script_path = code_of(a)
     if b is None:
-        b = script_path if script_path and os.path.isabs(script_path) else os.path.join(ROOT, script_path or STACK)
-    label_b, text_b, _ = code_of(b)
-    lines = difflib.unified_diff(text_a.splitlines(keepends=True), text_b.splitlines(keepends=True),
-                                 fromfile=diff_label("a", label_a), tofile=diff_label("b", label_b))
+        stack = script_path if script_path and os.path.isabs(script_path) else os.path.join(ROOT, script_path or STACK)
+        stack_name = next(iter(code_a))
+        b = {name: stack if name == stack_name else os.path.join(os.path.dirname(stack), name) for name in code_a}
+        code_b = {name: read_text(p) if os.path.isfile(p) else "" for name, p in b.items()}
+        where_b = {name: p for name, p in b.items()}
+    else:
+        root_b, code_b, _ = code_of(b)
+        where_b = {name: os.path.join(root_b, name) for name in code_b}
+    # the stacks of a and b pair up whatever their names (a record keeps it under the name of the script it ran as)
+    first_a, first_b = next(iter(code_a)), next(iter(code_b))
+    pairs = [(first_a, first_b)] + [(n, n) for n in sorted(set(code_a) | set(code_b)) if n not in (first_a, first_b)]
     out = []
-    for line in lines:
-        out.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
+    for name_a, name_b in pairs:
+        text_a, text_b = code_a.get(name_a, ""), code_b.get(name_b, "")
+        label_b = where_b.get(name_b, os.path.join(os.path.dirname(where_b[first_b]), name_b))
+        for line in difflib.unified_diff(text_a.splitlines(keepends=True), text_b.splitlines(keepends=True),
+                                         fromfile=diff_label("a", os.path.join(where_a, name_a)),
+                                         tofile=diff_label("b", label_b)):
+            out.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
     return "".join(out)
+
+
+def sha256(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------

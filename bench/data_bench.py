@@ -12,7 +12,9 @@ import time
 
 import numpy as np
 
-from load import ROOT, load_stack
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from load_stack import load_stack  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "data"))
 import pretrain_shards  # noqa: E402

@@ -19,7 +19,9 @@ import time
 import numpy as np
 import torch
 
-from load import ROOT, load_stack
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from load_stack import load_stack  # noqa: E402
 
 TARGETS = dict(decode_vs_recompute=10.0, decode_vs_baseline=3.0, batch16_vs_batch1=10.0)
 
@@ -48,11 +50,32 @@ def latest_record_stack():
     return found[-1] if found else ""
 
 
+@torch.no_grad()
+def evaluate_example_alone(stack, model, core, example_index, rt, windows):
+    """The reference path of the stack's CORE: each sequence of example `example_index` forwarded alone (one document,
+    full logits, then the continuation sliced out, as nanochat does); whether the model gets it right. The tests hold
+    evaluate_core's packed decisions to it."""
+    task, gold, first, n_seqs = (int(x) for x in core.examples[example_index])
+    scores = []
+    for s in range(first, first + n_seqs):
+        tokens, start, end = core.sequence(s)
+        batch, _ = stack.pack_sequences([tokens], rt.device)
+        ids = batch.inputs
+        with stack.autocast(rt):
+            h = model.hidden(batch, windows, rt.backend)
+        logits = model.logits(h)
+        losses = torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="none")  # row i predicts token i + 1
+        right = logits[:-1].argmax(-1) == ids[1:]
+        scores += stack._span_scores(losses[start - 1:end - 1].cpu(), right[start - 1:end - 1].cpu(), [end - start])
+    losses, right = zip(*scores)
+    return stack.core_decision(core.tasks[task]["task_type"], gold, list(losses), right)
+
+
 def core_speed(stack, model, core, rt, windows, per_task, baseline, baseline_model):
     """Seconds for the same examples: packed (shared prefixes), one forward per sequence, the baseline's packed."""
     packed, t_packed = timed(lambda: stack.evaluate_core(model, core, rt, windows, per_task, 8192))
     chosen = np.flatnonzero(packed["correct"] >= 0)
-    alone, t_alone = timed(lambda: [stack.evaluate_example_alone(model, core, int(e), rt, windows) for e in chosen])
+    alone, t_alone = timed(lambda: [evaluate_example_alone(stack, model, core, int(e), rt, windows) for e in chosen])
     if [bool(a) for a in alone] != [bool(packed["correct"][e]) for e in chosen]:
         sys.exit("error: packed and one-by-one CORE decisions differ")
     t_base = float("nan")
@@ -96,7 +119,7 @@ def main():
                               (stack.latest_checkpoint("runs/cpu") or "")])
     rt = stack.Runtime(torch.device("cpu"), torch.float32, 0, 1, "sdpa")
     tok = stack.Tokenizer(os.path.join(args.data_dir, "tokenizer"))
-    model, _, path = stack.trained_model(cfg, rt, tok)
+    model, _, path = stack.trained_model(cfg, rt)
     windows = model.windows()
     baseline_model = baseline.load_model(path)[0].eval() if baseline else None  # the same weights, its own code
     print(f"checkpoint {path}, {sum(p.numel() for p in model.parameters()):,} parameters, {torch.get_num_threads()} "

@@ -479,7 +479,7 @@ def check_train(ctx, res):
         return
     m = json.load(open(os.path.join(run_dir, "metrics.json")))
     log = open(os.path.join(run_dir, "log.txt")).read()
-    losses = [float(x) for x in re.findall(r"^step \d+/\d+ loss (\S+)", log, re.M)]
+    losses = [float(x) for x in re.findall(r"^(?:\[[\d:]+\] )?step \d+/\d+ loss (\S+)", log, re.M)]  # [h:mm:ss]
     mfu = [float(x) for x in re.findall(r" mfu (\S+)%", log)]
     falling = len(losses) >= 2 and losses[-1] < losses[0] - 1.0
     res.add("train", f"{preset} model, {sum(s['steps'] for s in stages)} steps, {m['train_tokens']:,} tokens",
@@ -504,8 +504,8 @@ def main(argv=None):
     res = Results(os.path.join(args.out, "gpu_check.json"), args.device)
     try:
         import torch
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from load import load_stack
+        sys.path.insert(0, ROOT)
+        from load_stack import load_stack
         stack = load_stack()
     except Exception as e:  # e.g. a torch or triton without something the stack uses
         res.add("environment", "import the stack", "FAIL", f"{type(e).__name__}: {e}")

@@ -1,4 +1,4 @@
-"""Serving under load: the stack's OpenAI-compatible server (Server, in this process, on a free loopback port) and C
+"""Serving under load: serve.py's OpenAI-compatible server (Server, in this process, on a free loopback port) and C
 client threads that each send R streaming chat completions of distinct prompts one after another, for C in --clients;
 side by side at every C the same prompts against a second server that decodes one row at a time (max_rows=1: requests
 queue, no continuous batching), so the table shows the batching gain as a ratio measured in this run.
@@ -26,7 +26,8 @@ import time
 import numpy as np
 import torch
 
-from load import load_stack
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from load_stack import load_stack  # noqa: E402
 
 TOPICS = ["the sea", "a small town", "a red bicycle", "the moon", "a lost key", "an old library", "a storm",
           "a garden", "a train", "a cat", "the mountains", "a market", "a river", "a clock", "a lighthouse", "snow"]
@@ -164,12 +165,13 @@ def main():
     missing = [m for m in ("fastapi", "uvicorn", "httpx") if importlib.util.find_spec(m) is None]
     if missing:  # the server's and the clients' dependencies
         sys.exit(f"error: serving needs fastapi, uvicorn and httpx; missing: {', '.join(missing)}")
+    import serve  # serve.py beside the stack
     t_begin, load_begin = time.time(), os.getloadavg()
     tok = stack.data_tokenizer(args.data_dir)
     rt = stack.Runtime(torch.device("cpu"), torch.float32, 0, 1, "sdpa")
     path = args.checkpoint or ("" if args.quick else stack.latest_checkpoint("runs/cpu") or "")
     if path:
-        model, state = stack.load_model(path, "cpu", tok.vocab_size)
+        model, state = stack.load_model(path)
         name = f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}/{os.path.basename(path)}"
         what = f"checkpoint {path} (phase {state.get('phase', 'pt')})"
     else:
@@ -181,7 +183,7 @@ def main():
     windows, context = model.windows(), model.cfg.max_doc_len
     prompts = {c: [[prompt(sum(clients[:i]) * args.requests_per_client + c_i * args.requests_per_client + r)
                     for r in range(args.requests_per_client)] for c_i in range(c)] for i, c in enumerate(clients)}
-    longest = max(len(stack.chat_prompt(tok, [{"role": "user", "content": t}])) for ps in prompts.values()
+    longest = max(len(serve.chat_prompt(tok, [{"role": "user", "content": t}])) for ps in prompts.values()
                   for p in ps for t in p)
     if longest + args.max_tokens > context:
         sys.exit(f"error: {longest} prompt + {args.max_tokens} reply tokens exceed the model's context of {context}")
@@ -191,8 +193,8 @@ def main():
         engine = stack.Engine(model, tok, windows, rt, compile=args.decode_compile)
         if not args.natural_stops:
             engine.stops = set()
-        server = stack.Server(engine, tok, name, context, max_rows=rows, max_queue=max(clients), timeout=600.0)
-        url, stop = stack.serve_in_thread(server)
+        server = serve.Server(engine, tok, name, context, max_rows=rows, max_queue=max(clients), timeout=600.0)
+        url, stop = serve.start(server)
         servers[kind] = (url, server)
         stops.append(stop)
     print(f"{what}, {sum(p.numel() for p in model.parameters()):,} parameters, context {context}; "

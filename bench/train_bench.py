@@ -15,7 +15,9 @@ import time
 
 import torch
 
-from load import ROOT, STACK, load_stack
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from load_stack import STACK, load_stack  # noqa: E402
 
 BASELINE = os.path.join(ROOT, "models", "gpt2-adamw", "train_gpt2.py")
 

@@ -49,7 +49,7 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 STACK = os.path.join(ROOT, "decoderstack_small_pt-eval-sft.py")
-sys.path[:0] = [HERE, os.path.join(ROOT, "data")]  # load.py and the data writers, when imported by path (the tests)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "data")]  # load_stack.py and the data writers, when imported by path (the tests)
 
 STEP_TOKENS = 4096  # tokens per optimizer step on both sides: the cpu preset's, pretraining and SFT
 NANOCHAT_MODEL = ["--depth", "4", "--aspect-ratio", "48", "--head-dim", "64", "--max-seq-len", "512", "--device-batch-size", "8"]
@@ -347,13 +347,13 @@ def run_ours(args, work, progress):
     def core_and_decoding():
         import numpy as np
         import torch
-        from load import load_stack
+        from load_stack import load_stack
         torch.set_num_threads(args.threads)
         stack = load_stack()
         cfg = stack.parse_config(["--preset", "cpu", "--data-dir", args.data_dir, "--init-from", stack.latest_checkpoint(run_dir)])
         rt = stack.Runtime(torch.device("cpu"), torch.float32, 0, 1, "sdpa")
         tok = stack.Tokenizer(os.path.join(args.data_dir, "tokenizer"))
-        model, _, _ = stack.trained_model(cfg, rt, tok)
+        model, _, _ = stack.trained_model(cfg, rt)
         windows = model.windows()
         core = stack.load_core(args.data_dir, tok)
         t0 = time.perf_counter()

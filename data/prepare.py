@@ -30,6 +30,8 @@ CLIMBMIX_REPO = "karpathy/climbmix-400b-shuffle"
 CLIMBMIX_VAL_SHARD = 6542  # the last shard is held out for validation (nanochat's convention)
 DEFAULT_VOCAB_SIZE, DEFAULT_SEED, DEFAULT_MAX_DOC_CHARS = 32768, 1337, 8192
 TOKENIZER_FILES = ("tokenizer.tiktoken", "tokenizer.json", "token_bytes.npy")
+OFFLINE_HINT = ("without network, prepare from local files: --source PATH (a folder in the shared/data layout) or "
+                "$DECODERSTACK_DATA=PATH with --source auto")
 
 
 def download_climbmix(n_train, cache_dir):
@@ -40,7 +42,7 @@ def download_climbmix(n_train, cache_dir):
         try:
             return hf_hub_download(CLIMBMIX_REPO, f"shard_{i:05d}.parquet", repo_type="dataset", local_dir=cache_dir)
         except OSError as e:  # the hub's network and cache errors (offline: LocalEntryNotFoundError) are OSErrors
-            raise DataError(f"{CLIMBMIX_REPO}: download of shard_{i:05d}.parquet failed ({e})") from None
+            raise DataError(f"{CLIMBMIX_REPO}: download of shard_{i:05d}.parquet failed ({e}); {OFFLINE_HINT}") from None
     return [fetch(i) for i in range(n_train)], [fetch(CLIMBMIX_VAL_SHARD)]
 
 
@@ -159,7 +161,8 @@ def main():
         print(f"\n$ python data/{' '.join(step)}", flush=True)
         t0 = time.time()
         if subprocess.run([sys.executable, os.path.join(HERE, step[0]), *step[1:]]).returncode != 0:
-            raise DataError(f"step data/{step[0]} failed (its error is above); {args.out} holds the steps before it")
+            hint = f"; if it could not download, {OFFLINE_HINT}" if args.source == "hf" else ""
+            raise DataError(f"step data/{step[0]} failed (its error is above); {args.out} holds the steps before it{hint}")
         print(f"({step[0]} took {time.time() - t0:.1f}s)", flush=True)
     print(f"\nprepared {args.out} in {time.time() - t_all:.1f}s")
 

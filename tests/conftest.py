@@ -11,9 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "data"))
-# DECODERSTACK_STACK runs the suite against another copy of the stack (e.g. a frozen record in baselines/).
-STACK_PATH = os.environ.get("DECODERSTACK_STACK", os.path.join(ROOT, "decoderstack_small_pt-eval-sft.py"))
+sys.path[:0] = [os.path.join(ROOT, "data"), ROOT, os.path.join(ROOT, "bench")]  # data/'s writers, the files beside the stack
+from load_stack import STACK as STACK_PATH, load_stack  # noqa: E402  DECODERSTACK_STACK: another copy, e.g. a record's
 SHARED_DATA = os.environ.get("DECODERSTACK_DATA", os.path.join(ROOT, "..", "shared", "data"))
 
 
@@ -39,7 +38,7 @@ spec.loader.exec_module(stack)
 
 @pytest.fixture(scope="session")
 def stack():
-    return load_module(STACK_PATH, "decoderstack")
+    return load_stack()  # the one module serve.py, export.py and report.py use too
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +46,12 @@ def shared_data():
     if not os.path.isdir(os.path.join(SHARED_DATA, "pretrain")):
         pytest.skip(f"shared data not found at {SHARED_DATA} (set DECODERSTACK_DATA)")
     return SHARED_DATA
+
+
+def unstamped(text):
+    """A log's text without the time stamps ([h:mm:ss]) that start its lines after each invocation's header."""
+    import re
+    return re.sub(r"^\[\d+:\d\d:\d\d\] ", "", text, flags=re.M)
 
 
 def copy_tree(src, dst):

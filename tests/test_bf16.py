@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import STACK_PATH, TINY_ARGS, UNINTERPRETED_STACK, write_eval_sources
+from conftest import STACK_PATH, TINY_ARGS, UNINTERPRETED_STACK, unstamped, write_eval_sources
 from test_attention import make_standins
 from test_engine import kvcache_standins
 from test_sft import conversations
@@ -90,7 +90,7 @@ def run_phases(stack, data, run_dir, rt, phases):
 
 
 def first_loss(run_dir):
-    return float(re.search(r"^step 1/3 loss (\S+)", open(run_dir / "log.txt").read(), re.M).group(1))
+    return float(re.search(r"^step 1/3 loss (\S+)", unstamped(open(run_dir / "log.txt").read()), re.M).group(1))
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def gpu_like_run(stack, bf16_data, tmp_path_factory):
         cfg = run_phases(stack, bf16_data, root / "run", rt, ["pt", "sft", "rl"])
         # the packed eval forward (CORE, chat eval, bpb) and prefill + decode with the KV cache
         tok = stack.Tokenizer(str(bf16_data / "tokenizer"))
-        model, _, _ = stack.trained_model(cfg, rt, tok)
+        model, _, _ = stack.trained_model(cfg, rt)
         windows = model.windows()
         seqs = [(np.array([tok.bos_id] + tok.encode(t)), 2, 5) for t in ("The cat sat down.", "The cat sat down on it.",
                                                                         "A dog ran off, fast.")]

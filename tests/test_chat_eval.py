@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, STACK_PATH, TINY_ARGS
+from conftest import ROOT, STACK_PATH, TINY_ARGS, unstamped
 from test_engine import VOCAB, cpu_rt, make_model
 
 
@@ -65,7 +65,7 @@ def test_evaluate_chat_scores_and_chatcore(stack, tok_dir, monkeypatch):
                         [{2: 0, 3: 1, 4: 0, 5: 0}[int(p[-1])] for p, _ in prompts])  # right on the first two
     replies = {6: "so #### 12", 7: "#### 1,234", 8: "no idea"}
 
-    def generate(self, prompts, num_samples, max_new_tokens, temperature, max_rows):
+    def generate(self, prompts, num_samples, max_new_tokens, temperature, max_rows, on_done=None):
         assert temperature == 0 and num_samples == 1 and max_rows == 16  # evaluate_chat's batch_size
         return [[stack.Sample(tok.encode(replies[p[-1]]) + [tok.special("<|assistant_end|>")], [], True)] for p in prompts]
 
@@ -99,18 +99,24 @@ def test_chat_phase_writes_chatcore(pretrained_run):
     assert "ChatCORE" in r.stdout and "chat evaluation of " + str(run / "ckpt_000008") in r.stdout
 
 
+def samples_of(stdout):
+    """The samples --phases generate printed: the text after each `--- sample` line's stamp, up to the next sample or
+    the invocation's summary line."""
+    return [s.rstrip("\n") for s in unstamped(stdout).split("\ndone: ")[0].split("--- sample ")[1:]]
+
+
 def test_generate_phase_prints_samples(pretrained_run):
     data, run = pretrained_run
     args = ["--phases", "generate", "--init-from", str(run / "ckpt_000008"), "--prompt", "The module", "--num-samples", "3",
             "--max-new-tokens", "6", "--temperature", "0.9", "--top-k", "20"]
     r = run_stack(data, run, *args)
     assert r.returncode == 0, r.stderr[-2000:]
-    samples = r.stdout.split("--- sample ")[1:]
+    samples = samples_of(r.stdout)
     assert [s.split(" ")[0] for s in samples] == ["1/3", "2/3", "3/3"]
     assert all(s.splitlines()[1].startswith("The module") for s in samples)
-    assert run_stack(data, run, *args).stdout.split("--- sample ")[1:] == samples  # seeded
+    assert samples_of(run_stack(data, run, *args).stdout) == samples  # seeded
     greedy = run_stack(data, run, *args[:-4], "--temperature", "0")
-    texts = [s.split("\n", 1)[1] for s in greedy.stdout.split("--- sample ")[1:]]
+    texts = [s.split("\n", 1)[1] for s in samples_of(greedy.stdout)]
     assert len(texts) == 3 and len(set(texts)) == 1
 
 

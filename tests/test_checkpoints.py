@@ -5,6 +5,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -188,32 +189,26 @@ def test_only_an_invocation_that_trained_and_finished_writes_config_json(pretrai
     assert '"seed": 7' in log and '"seed": 8' in log
 
 
-def test_a_checkpoint_from_before_model_configs_loads_and_converts(stack, pretrained_run, tmp_path):
-    """Checkpoints used to store the pretraining run's whole Config (stages as positional lists) and no vocab_size:
-    they load given the tokenizer's vocab_size, alone they are refused with the command that converts them, and
-    --phases convert rewrites their state.json so that they load by themselves."""
+def test_a_checkpoint_from_before_model_configs_is_refused(stack, pretrained_run, tmp_path):
+    """Checkpoints used to store the pretraining run's whole Config (stages as positional lists) and no model; they are
+    no longer read (README: Checkpoints): one error naming the file, from load_model and from a phase; the retired
+    --phases convert says so."""
     import json
     data, pretrained = pretrained_run
     run = tmp_path / "run"
     shutil.copytree(pretrained, run)
     path = run / "ckpt_000008"
     today = json.loads((path / "state.json").read_text())
-    old_config = dict(today["run"], stages=[[s[f] for f in ("steps", "batch_tokens", "max_doc_len", "short_window",
-                                                           "long_window", "lr_mul", "mtp_start", "mtp_end")]
-                                            for s in today["run"]["stages"]])
-    old = {k: v for k, v in today.items() if k not in ("model", "run")} | {"config": old_config}
+    old = {k: v for k, v in today.items() if k not in ("model", "run")} | {"config": today["run"]}
     (path / "state.json").write_text(json.dumps(old))
-    with pytest.raises(stack.CheckpointError, match=f"{path}: written before checkpoints carried their model; convert "
-                                                    f"it once with `python .* --phases convert --init-from {path} --data-dir DATA_DIR`"):
+    message = f"{path}/state.json: not a checkpoint's state (step, model); checkpoints written before 2026-12-01 carry no model and are not read"
+    with pytest.raises(stack.CheckpointError, match=re.escape(message)):
         stack.load_model(str(path))
-    vocab_size = stack.Tokenizer(os.path.join(data, "tokenizer")).vocab_size
-    model, state = stack.load_model(str(path), vocab_size=vocab_size)
-    assert stack.dataclasses.asdict(model.cfg) == {**today["model"], "softcap": tuple(today["model"]["softcap"])}
+    out = run_stack(str(data), run, "--phases", "eval", "--init-from", str(path))
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [f"error: {message}"]
     out = run_stack(str(data), run, "--phases", "convert", "--init-from", str(path))
-    assert out.returncode == 0 and f"converted {path}" in out.stdout, out.stderr[-2000:]
-    converted, state = stack.load_model(str(path))
-    assert state["model"] == today["model"] and state["run"] == old_config and "config" not in state
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), converted.state_dict().values()))
+    assert out.returncode == 1 and out.stderr.strip() == ("error: --phases convert is gone: checkpoints written before "
+                                                          "2026-12-01 are not read (README: Checkpoints)")
 
 
 def test_load_model_needs_only_the_checkpoint_and_reads_its_state_once(stack, pretrained_run, monkeypatch):

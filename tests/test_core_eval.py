@@ -16,6 +16,7 @@ import yaml
 import core_shards
 import tokenizer
 from conftest import ROOT, STACK_PATH, TINY_ARGS
+from eval_bench import evaluate_example_alone  # bench/: the one-sequence-per-forward reference
 
 MC_ROWS = [{"query": f"Question: Which fruit is number {i} in the list of all the fruits we saw?",
             "choices": ["Apple", "Banana", "Cherry"], "gold": i % 3} for i in range(8)]
@@ -142,7 +143,7 @@ def test_packed_decisions_equal_example_alone(stack, core, model, batch_tokens, 
     monkeypatch.setattr(stack, "core_scores_packed", lambda m, seqs, *a: forwards.append(len(seqs)) or packed_scores(m, seqs, *a))
     rt = cpu_rt(stack)
     out = stack.evaluate_core(model, core, rt, windows_of(model), batch_tokens=batch_tokens)
-    alone = [int(stack.evaluate_example_alone(model, core, e, rt, windows_of(model))) for e in range(len(core.examples))]
+    alone = [int(evaluate_example_alone(stack, model, core, e, rt, windows_of(model))) for e in range(len(core.examples))]
     assert out["correct"].tolist() == alone
     assert 0 < sum(alone[e] for e in examples_of(core, "mc")) < len(examples_of(core, "mc"))  # decisions are not all alike
     assert sum(forwards) == len(core.sequences)
@@ -195,7 +196,7 @@ def test_rigged_model_is_perfect_on_language_modeling(stack, core, model, monkey
     for batch_tokens in (10**6, 300):
         out = stack.evaluate_core(model, core, rt, windows_of(model), batch_tokens=batch_tokens)
         assert out["results"]["lm"] == accuracy and out["centered"]["lm"] == accuracy  # random baseline 0
-    assert all(stack.evaluate_example_alone(model, core, e, rt, windows_of(model)) == bool(accuracy) for e in examples_of(core, "lm"))
+    assert all(evaluate_example_alone(stack, model, core, e, rt, windows_of(model)) == bool(accuracy) for e in examples_of(core, "lm"))
 
 
 def test_accuracy_centered_and_core_arithmetic(stack, core, model):

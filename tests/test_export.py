@@ -1,9 +1,12 @@
-"""--phases export: transformers (trust_remote_code) runs the exported folder as the stack runs the checkpoint: the
-same logits on held-out text, the same token ids and chat rendering, the same greedy samples; the phase's CLI and
-its failures; the upload, through a stand-in for the Hub's API and the HF cache transformers downloads into."""
+"""export.py: transformers (trust_remote_code) runs the exported folder as the stack runs the checkpoint: each part of
+hf/modeling_decoderstack.py computes what the stack function it mirrors computes, the whole model the same logits on
+held-out text, the same token ids and chat rendering, the same greedy samples; export.py's command line and its
+failures; the upload, through a stand-in for the Hub's API and the HF cache transformers downloads into."""
 import dataclasses
+import functools
 import glob
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,9 +17,12 @@ import pytest
 import torch
 
 import tokenizer as data_tokenizer
-from conftest import ROOT, STACK_PATH, copy_tree, stdlib_text
+from conftest import ROOT, copy_tree, stdlib_text
 
 transformers = pytest.importorskip("transformers")
+import export as exporting  # noqa: E402  export.py beside the stack
+
+EXPORT = os.path.join(ROOT, "export.py")
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -66,7 +72,7 @@ def load_hf(path, **kwargs):
 def features_export(stack, tok, tmp_path_factory):
     model = features_model(stack, tok.vocab_size)
     out = tmp_path_factory.mktemp("features") / "hf"
-    stack.export_hf(model, tok, str(out), model_name="features")
+    exporting.export_hf(model, tok, str(out), model_name="features")
     return model, *load_hf(out)
 
 
@@ -75,7 +81,7 @@ def trained_export(stack, tok, pretrained_run, tmp_path_factory):
     """The tiny pretrained checkpoint (untied, YaRN-grown in its second stage) and its export."""
     model, _ = stack.load_model(str(pretrained_run[1] / "ckpt_000008"))
     out = tmp_path_factory.mktemp("trained") / "hf"
-    stack.export_hf(model, tok, str(out))
+    exporting.export_hf(model, tok, str(out))
     return model.eval(), *load_hf(out)
 
 
@@ -105,6 +111,61 @@ def test_logits_equal_the_stacks_on_held_out_text(stack, tok, request, which, so
             got = hf(torch.tensor([ids])).logits[0]
         torch.testing.assert_close(got, stack_logits(stack, model, ids), atol=1e-4, rtol=0)
         assert got.dtype == torch.float32 and got.size(-1) == tok.vocab_size  # not the padded rows
+
+
+@functools.cache
+def hf_modeling():
+    """hf/modeling_decoderstack.py as a module (what trust_remote_code runs)."""
+    spec = importlib.util.spec_from_file_location("modeling_decoderstack", os.path.join(ROOT, "hf", "modeling_decoderstack.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rms(x):
+    return x.square().mean().sqrt()
+
+
+# Each part of the modeling file and the stack function it mirrors (a change to one must go to the other): the part
+# run on the same inputs and weights gives the same numbers. The whole model is held to the stack by the logits tests.
+MIRRORS = ["norm", "softcap", "parse_ints", "GATE_DIMS", "ModelConfig", "Rotary", "Block", "GPT.bigram_ids"]
+
+
+@pytest.mark.parametrize("stack_part", MIRRORS)
+def test_each_part_of_the_modeling_file_mirrors_the_stack(stack, features_export, stack_part):
+    hf_mod, (model, hf, _) = hf_modeling(), features_export
+    torch.manual_seed(1)
+    x, positions = torch.randn(1, 30, 64), torch.arange(30)[None]
+    if stack_part in ("norm", "softcap"):
+        args = (x * 7,) if stack_part == "norm" else (x * 7, stack.SOFTCAP)
+        assert torch.equal(getattr(hf_mod, stack_part)(*args), getattr(stack, stack_part)(*args))
+    elif stack_part == "parse_ints":
+        for text in ("1,2, 8", "", "3,", 7):
+            assert hf_mod.parse_ints(text) == stack.parse_ints(text)
+    elif stack_part == "GATE_DIMS":
+        assert hf_mod.GATE_DIMS == stack.GATE_DIMS
+    elif stack_part == "ModelConfig":  # every field of the stack's model config is one of config.json's
+        fields = {f.name for f in dataclasses.fields(stack.ModelConfig)}
+        assert fields <= set(hf_mod.DecoderStackConfig.__annotations__) and fields <= set(hf.config.to_dict())
+    elif stack_part == "Rotary":
+        heads = torch.randn(1, 30, 2, 32)
+        assert torch.equal(hf.rotary(heads, positions), model.rotary(heads, positions))
+    elif stack_part == "Block":  # a layer with a value embedding and a window shorter than the text
+        i = model.value_embed_layers[0]
+        ve = torch.randn(1, 30, 64)
+        cu = torch.full((128,), 30, dtype=torch.int32)
+        cu[0] = 0
+        attend = lambda q, k, v, window, scale: stack.attention(q[0], k[0], v[0], cu, 30, window, scale, "sdpa")[None]
+        window = model.windows()[i]
+        with torch.no_grad():
+            want = model.blocks[i](x, ve, model.rotary, positions, model.scale, window, attend)
+            got = hf.blocks[i](x, ve, hf.rotary, positions, float(hf.attn_scale), window, None)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert rms(want - x) > 0.01  # the block did something
+    else:
+        ids = torch.randint(0, model.vocab_size, (1, 30))
+        prev = torch.cat([torch.tensor([[-1]]), ids[:, :-1]], dim=1)
+        assert torch.equal(hf.bigram_ids(ids, prev), model.bigram_ids(ids, prev))
 
 
 def test_cached_steps_equal_the_full_forward(tok, features_export):
@@ -184,7 +245,7 @@ def test_tokenizer_ids_equal_the_stacks(stack, tok, features_export, request, so
     takes its possessive quantifiers); "unicode" shows its classes match tiktoken's on every assigned character."""
     hf_tok = features_export[2]
     texts = [unicode_text()] if source == "unicode" else held_out(request, source)
-    split = json.loads(stack.hf_tokenizer_files(tok)["tokenizer.json"])["pre_tokenizer"]["pretokenizers"][0]
+    split = json.loads(exporting.hf_tokenizer_files(tok)["tokenizer.json"])["pre_tokenizer"]["pretokenizers"][0]
     assert split["pattern"] == {"Regex": data_tokenizer.SPLIT_PATTERN}
     for text in texts:
         ids = tok.encode(text)
@@ -248,12 +309,12 @@ def test_chat_template_special_text_and_errors(tok_dir, features_export):
             hf_tok.apply_chat_template(bad)
 
 
-# ---- the phase, atomic writes, the upload -----------------------------------------------------------------------
+# ---- export.py, atomic writes, the upload -------------------------------------------------------------------------
 
-def test_export_phase_writes_the_folder_and_fails_cleanly(stack, tok, pretrained_run, tmp_path):
+def test_export_py_writes_the_folder_and_fails_cleanly(stack, tok, pretrained_run, tmp_path):
     data, run = pretrained_run
     run = copy_tree(run, tmp_path / "run")
-    command = [sys.executable, STACK_PATH, "--data-dir", str(data), "--run-dir", str(run), "--phases", "export"]
+    command = [sys.executable, EXPORT, "--data-dir", str(data), "--run-dir", str(run)]
     r = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     out = run / "hf"
@@ -284,9 +345,9 @@ def test_export_replaces_a_previous_one_atomically(stack, tok, tmp_path, monkeyp
     and nothing beside it."""
     model = features_model(stack, tok.vocab_size)
     out = tmp_path / "hf"
-    stack.export_hf(model, tok, str(out))
+    exporting.export_hf(model, tok, str(out))
     (out / "stale.txt").write_text("from an older export")
-    stack.export_hf(model, tok, str(out))
+    exporting.export_hf(model, tok, str(out))
     assert not (out / "stale.txt").exists()
     before = {name: (out / name).read_bytes() for name in os.listdir(out)}
     import safetensors.torch
@@ -296,25 +357,24 @@ def test_export_replaces_a_previous_one_atomically(stack, tok, tmp_path, monkeyp
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
-    with pytest.raises(stack.ExportError, match=f"{out}: could not write the export \\(No space left on device\\)"):
-        stack.export_hf(model, tok, str(out))
+    with pytest.raises(exporting.ExportError, match=f"{out}: could not write the export \\(No space left on device\\)"):
+        exporting.export_hf(model, tok, str(out))
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
     assert os.listdir(tmp_path) == ["hf"]
-    with pytest.raises(stack.ExportError, match="300 tokens, the tokenizer 1024"):
-        stack.export_hf(features_model(stack, 300), tok, str(tmp_path / "other"))
+    with pytest.raises(exporting.ExportError, match="300 tokens, the tokenizer 1024"):
+        exporting.export_hf(features_model(stack, 300), tok, str(tmp_path / "other"))
 
 
 def test_exporting_imports_no_transformers(tok_dir, tmp_path):
-    """Training and export need only torch and safetensors: the modeling file is text."""
-    script = f"""import importlib.util, sys
-spec = importlib.util.spec_from_file_location("decoderstack", {STACK_PATH!r})
-stack = importlib.util.module_from_spec(spec)
-sys.modules["decoderstack"] = stack
-spec.loader.exec_module(stack)
+    """Training and export need only torch and safetensors: the modeling file is a file export.py copies."""
+    script = f"""import sys
+sys.path.insert(0, {ROOT!r})
+import export
+stack = export.ds
 tok = stack.Tokenizer({tok_dir!r})
 cfg = stack.Config(n_layers=2, model_dim=64, n_heads=2, head_dim=32)
 model = stack.GPT(stack.ModelConfig.of(cfg, tok.vocab_size))
-stack.export_hf(model, tok, {str(tmp_path / "hf")!r})
+export.export_hf(model, tok, {str(tmp_path / "hf")!r})
 print(sorted(m for m in ("transformers", "tokenizers", "huggingface_hub") if m in sys.modules))
 """
     r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
@@ -338,8 +398,8 @@ def hub_cache(cache, repo_id, folder, commit=COMMIT):
     (repo / "refs" / "main").write_text(commit)
 
 
-def test_push_to_hub_then_load_what_transformers_downloads(stack, tok, pretrained_run, tmp_path, monkeypatch):
-    """--push-to-hub through the phase: the Hub's API is a stand-in that records the calls and puts the uploaded
+def test_push_to_hub_then_load_what_transformers_downloads(stack, tok, pretrained_run, tmp_path, monkeypatch, capsys):
+    """--push-to-hub through export.py: the Hub's API is a stand-in that records the calls and puts the uploaded
     folder where a download would leave it (the HF cache); transformers then loads ORG/NAME from there, offline, and
     computes the checkpoint's logits. A failed upload is one error naming the repo, the export kept."""
     import huggingface_hub
@@ -357,10 +417,8 @@ def test_push_to_hub_then_load_what_transformers_downloads(stack, tok, pretraine
             hub_cache(cache, kwargs["repo_id"], kwargs["folder_path"])
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    cfg = stack.Config(data_dir=str(data), run_dir=str(run), push_to_hub="org/tiny")
-    log = []
-    stack.phase_export(cfg, cpu_rt(stack), log.append)
-    assert log[-1] == f"pushed {run / 'hf'} to https://huggingface.co/org/tiny"
+    exporting.main(["--data-dir", str(data), "--run-dir", str(run), "--push-to-hub", "org/tiny"])
+    assert capsys.readouterr().out.splitlines()[-1] == f"pushed {run / 'hf'} to https://huggingface.co/org/tiny"
     (_, args, create), (_, _, upload) = calls
     assert args == ("org/tiny",) and create == {"exist_ok": True}
     assert upload["folder_path"] == str(run / "hf") and upload["repo_id"] == "org/tiny"
@@ -379,5 +437,5 @@ def test_push_to_hub_then_load_what_transformers_downloads(stack, tok, pretraine
             raise OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline mode is enabled.")
 
     monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
-    with pytest.raises(stack.ExportError, match=f"hf://org/tiny: Cannot reach .* offline .* complete in {run / 'hf'}"):
-        stack.push_to_hub(str(run / "hf"), "org/tiny")
+    with pytest.raises(exporting.ExportError, match=f"hf://org/tiny: Cannot reach .* offline .* complete in {run / 'hf'}"):
+        exporting.push_to_hub(str(run / "hf"), "org/tiny")

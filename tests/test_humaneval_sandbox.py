@@ -370,8 +370,8 @@ WITHOUT_UNSHARE = UNINTERPRETED_STACK + """
 import warnings
 weak_python = sys.argv[2]
 launcher = {"__name__": "launcher"}
-exec(stack.SANDBOX_LAUNCHER, launcher)
-launcher["deny_syscalls"](["unshare"])  # what a container's seccomp profile does
+exec(stack.sandbox_launcher(), launcher)
+launcher["sandbox_deny_syscalls"](["unshare"])  # what a container's seccomp profile does
 out = {}
 try:
     stack.run_sandboxed("pass")

@@ -63,5 +63,5 @@ def test_every_stage_batch_splits_into_micro_batches(stack, preset, world_size):
     for batch in (s.batch_tokens for s in stack.scaled_stages(cfg)):
         T = min(cfg.micro_batch_tokens, batch // world_size)
         assert batch % (world_size * T) == 0, (preset, batch, T)
-    T = min(cfg.micro_batch_tokens, cfg.sft_batch_tokens // world_size)
-    assert cfg.sft_batch_tokens % (world_size * T) == 0, (preset, "sft")
+    T = min(cfg.micro_batch_tokens, cfg.sft.batch_tokens // world_size)
+    assert cfg.sft.batch_tokens % (world_size * T) == 0, (preset, "sft")

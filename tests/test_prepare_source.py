@@ -109,3 +109,5 @@ def test_cli_hub_choice_offline_is_one_error(tmp_path):
     assert r.stdout.splitlines()[0].startswith("--source auto: using the public sources from the Hugging Face hub (hf)")
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {prepare.CLIMBMIX_REPO}: download of shard_00000.parquet failed"), r.stderr[-2000:]
+    assert last.endswith("; without network, prepare from local files: --source PATH (a folder in the shared/data "
+                         "layout) or $DECODERSTACK_DATA=PATH with --source auto")  # how to point at local data

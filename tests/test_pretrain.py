@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, STACK_PATH, TINY_ARGS
+from conftest import ROOT, STACK_PATH, TINY_ARGS, unstamped
 
 BOS = 1000
 
@@ -212,7 +212,7 @@ def run_stack(data, run_dir, *extra, launcher=(), env=None, **kw):
 
 
 def losses(run_dir):
-    text = open(os.path.join(run_dir, "log.txt")).read()
+    text = unstamped(open(os.path.join(run_dir, "log.txt")).read())
     return {int(m[1]): float(m[2]) for m in re.finditer(r"^step (\d+)/\d+ loss (\S+)", text, re.M)}
 
 

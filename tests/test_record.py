@@ -1,6 +1,8 @@
-"""baselines/record.py: log parsing (the stack's real log format, several invocations, resumes), the t distribution
+"""baselines/record.py: log parsing (the stack's real log format: code lines naming files kept by hash, time-stamped
+lines; logs before 2026-12-06 with the source inside; several invocations, resumes), the t distribution
 against closed forms and tables, verify's verdict and exit code, new (folder contents, README row, no overwrite,
 verification of seeds), diff and plot."""
+import hashlib
 import json
 import math
 import os
@@ -21,8 +23,23 @@ def stack_source():
 
 
 def invocation_text(source, config, lines):
-    """What one invocation of the stack appends to log.txt (main(): source, separator, then log lines)."""
+    """What one invocation of the stack appended to log.txt before 2026-12-06: source, separator, then log lines."""
     return source + "\n" + SEP + "\n" + f"config: {json.dumps(config)}\n" + "".join(line + "\n" for line in lines)
+
+
+def coded_invocation(run_dir, files, config, lines):
+    """What one invocation of the stack appends to log.txt now: a code line per file it ran ({name: source}, each kept
+    under RUN_DIR/code/ by its sha256), the separator, a header line, the config, then its lines time-stamped."""
+    code = []
+    for name, text in files.items():
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        kept = os.path.join("code", digest[:16], name)
+        os.makedirs(os.path.join(run_dir, "code", digest[:16]), exist_ok=True)
+        with open(os.path.join(run_dir, kept), "w", encoding="utf-8") as f:
+            f.write(text)
+        code.append(f"code: {name} sha256 {digest} ({kept})\n")
+    stamped = "".join(f"[0:00:{i % 60:02d}] {line}\n" for i, line in enumerate(lines))
+    return "".join(code) + SEP + "\ncommit: x\n" + f"config: {json.dumps(config)}\n" + stamped
 
 
 def pt_lines(total, val_every, bpb_at, loss_at, log_every=5, start=0):
@@ -84,6 +101,53 @@ def test_split_log_recovers_each_invocations_exact_source_and_lines(tmp_path):
     assert (curves.final_bpb, curves.final_loss) == (2.2961, pytest.approx(2.2961 * 2.4, abs=1e-4))
 
 
+def test_split_log_reads_the_files_the_code_lines_name(tmp_path):
+    """Today's log: each invocation names its files by sha256 (the stack and a sibling it loaded), kept under
+    RUN_DIR/code/; the lines lose their time stamps; the files are read and checked when asked for. An old
+    invocation (the source inside) after a new one still splits."""
+    run = tmp_path / "run"
+    run.mkdir()
+    files = {os.path.basename(STACK_PATH): '"""stack"""\nx = 1\n', "kernels.py": "y = 2\n"}
+    text = coded_invocation(run, files, {"phases": "pt"}, pt_lines(10, 5, lambda s: 2.7, lambda s: 6.0))
+    text += coded_invocation(run, files, {"phases": "eval"}, ["val bpb 2.6000 val loss 6.1000 (every val token)"])
+    (run / "log.txt").write_text(text)
+    _, invocations = record.read_log(str(run), with_code=True)
+    assert [inv.config["phases"] for inv in invocations] == ["pt", "eval"] and invocations[0].code == files
+    assert invocations[0].source == files[os.path.basename(STACK_PATH)] and invocations[1].lines[-1].startswith("val bpb")
+    assert set(invocations[0].digests) == set(files) and record.split_log(text)[0].code is None  # not read
+    curves = record.parse_curves(invocations)
+    assert curves.train[0] == (1, 6.0) and curves.final_bpb == 2.6 and curves.final_loss == 6.1
+    old_and_new = invocation_text('"""stack"""\nx = 1\n', {"phases": "pt"}, ["step 1/9 loss 5.0000 lr 1.000 2 tok/s"]) + text
+    assert [inv.config["phases"] for inv in record.split_log(old_and_new, str(run))] == ["pt", "pt", "eval"]
+    (run / "code" / hashlib.sha256(b"y = 2\n").hexdigest()[:16] / "kernels.py").write_text("y = 3\n")
+    with pytest.raises(record.RecordError, match="kernels.py: missing, or not the code the log names"):
+        record.read_log(str(run), with_code=True)
+
+
+def test_new_and_diff_keep_every_file_that_ran(tmp_path, records, capsys):
+    """A record of a run whose stack loaded a sibling keeps both files (record.json lists them); diff shows each."""
+    stack_name = os.path.basename(STACK_PATH)
+    runs = []
+    for name, y in (("a", 2), ("b", 3)):
+        run = make_run(tmp_path / name, 2.3)
+        files = {stack_name: stack_source(), "kernels.py": f"y = {y}\n"}
+        (tmp_path / name / "log.txt").write_text(coded_invocation(tmp_path / name, files, {"phases": "pt", "seed": 0},
+                                                                  pt_lines(20, 10, lambda s: 2.3, lambda s: 6.0)))
+        assert record.main(["new", "--run", run, "--name", name, "--records", records, "--date", "2026-01-01",
+                            "--hardware", "h"]) == 0
+        runs.append(run)
+    rec_a, rec_b = (os.path.join(records, f"2026-01-01_cpu_{n}") for n in "ab")
+    assert open(os.path.join(rec_a, "kernels.py")).read() == "y = 2\n"
+    assert open(os.path.join(rec_a, stack_name)).read() == stack_source()
+    meta = json.load(open(os.path.join(rec_a, "record.json")))
+    assert list(meta["files"]) == [stack_name, "kernels.py"] and meta["invocations"][0]["files"] == meta["files"]
+    capsys.readouterr()
+    assert record.main(["diff", rec_a, rec_b]) == 1
+    assert capsys.readouterr().out.splitlines() == [f"--- {rec_a}/kernels.py", f"+++ {rec_b}/kernels.py", "@@ -1 +1 @@",
+                                                    "-y = 2", "+y = 3"]
+    assert record.main(["diff", rec_b, runs[0]]) == 1 and "+y = 2" in capsys.readouterr().out  # a run: from its log
+
+
 def test_source_lines_never_parse_as_metrics():
     """The stack's own code holds the log format strings; only the lines after the separator count."""
     source = stack_source() + 'step 3/9 loss 1.0000 lr 1.000 x\nstep 9/9 val bpb 0.1000 val loss 0.2000\n'
@@ -131,8 +195,8 @@ def test_invocations_that_ran_different_code_are_refused(tmp_path, records):
     invocations = record.split_log(text)
     assert len(invocations) == 2 and invocations[1].source.endswith("x = 2\n")
     with pytest.raises(record.RecordError, match="different code"):
-        record.run_source(invocations, "log.txt")
-    assert record.run_source(invocations, "log.txt", allow_mixed=True) == src  # the pretraining invocation's
+        record.run_code(invocations, "log.txt")
+    assert record.run_code(invocations, "log.txt", allow_mixed=True) == {record.STACK: src}  # the pretraining invocation's
     run = tmp_path / "run"
     make_run(run, 2.7)
     (run / "log.txt").write_text(text)

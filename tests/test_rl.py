@@ -93,7 +93,7 @@ def test_pass_at_k(stack, tok_dir, monkeypatch):
         def generate(self, prompts, k, *args, **kwargs):
             return [[stack.Sample(tok.encode(replies[p[-1]][i]), [], False) for i in range(k)] for p in prompts]
 
-    cfg = stack.Config(rl_max_new_tokens=4)
+    cfg = stack.RLConfig(max_new_tokens=4)
     got = stack.gsm8k_pass_at_k(Engine(), tok, chat, chat.tasks[0], [0, 1, 2], 3, cfg, cpu_rt(stack), 0)
     assert got == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 3: pytest.approx(2 / 3)}
 

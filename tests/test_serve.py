@@ -1,9 +1,10 @@
-"""The OpenAI-compatible server (--phases serve): started on a free loopback port, exercised with a real HTTP client
+"""The OpenAI-compatible server (serve.py): started on a free loopback port, exercised with a real HTTP client
 (httpx) and the openai client; replies against the engine's tokens for the same seed, streaming against
 non-streaming, concurrent clients against each served alone, every bad request, the 429 bound, disconnects,
-timeouts, a failing decode step, and the phase's CLI."""
+timeouts, a failing decode step, and serve.py's command line."""
 import concurrent.futures
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -15,9 +16,12 @@ import torch
 
 from conftest import ROOT, STACK_PATH, TINY_ARGS
 
+SERVE = os.path.join(ROOT, "serve.py")
+
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+import serve as serving  # noqa: E402  serve.py beside the stack; it needs the packages checked above
 
 CONTEXT = 256
 
@@ -61,8 +65,8 @@ def serve(stack, model, tok):
     def start(**options):
         engine = make_engine(stack, model, tok)
         options = {"model_name": "tiny", "max_context": CONTEXT, "max_rows": 8, "max_queue": 8, "timeout": 60.0, **options}
-        server = stack.Server(engine, tok, **options)
-        url, stop = stack.serve_in_thread(server)
+        server = serving.Server(engine, tok, **options)
+        url, stop = serving.start(server)
         stops.append(stop)
         return url, engine, server
 
@@ -116,23 +120,23 @@ def test_chat_prompt_equals_the_data_side_rendering(stack, tok, tok_dir):
     ours = data_tokenizer.Tokenizer.load(tok_dir)
     for messages in (TURNS, TURNS[1:2], [{"role": "user", "content": [{"type": "text", "text": "parts "}, {"type": "text", "text": "joined"}]}]):
         flat = [{**m, "content": "".join(p["text"] for p in m["content"])} if isinstance(m["content"], list) else m for m in messages]
-        assert stack.chat_prompt(tok, messages) == ours.render_for_completion(flat + [{"role": "assistant", "content": ""}])
+        assert serving.chat_prompt(tok, messages) == ours.render_for_completion(flat + [{"role": "assistant", "content": ""}])
     # user text is always ordinary text; an assistant turn's tool-token names become the tool tokens it generated
-    assert tok.bos_id not in stack.chat_prompt(tok, TURNS)[1:]
+    assert tok.bos_id not in serving.chat_prompt(tok, TURNS)[1:]
     reply = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a<|python_start|>1+1<|python_end|>"
                                                                               "<|output_start|>2<|output_end|>b"}, {"role": "user", "content": "y"}]
-    ids = stack.chat_prompt(tok, reply)
-    assert [t for t in ids if t in {tok.special(n) for n in stack.TOOL_TOKENS}] == [tok.special(n) for n in stack.TOOL_TOKENS]
+    ids = serving.chat_prompt(tok, reply)
+    assert [t for t in ids if t in {tok.special(n) for n in serving.TOOL_TOKENS}] == [tok.special(n) for n in serving.TOOL_TOKENS]
 
 
 def test_reply_text_holds_back_what_may_begin_a_stop_sequence(stack, tok):
     ids = tok.encode("hello world, and more")
-    text = stack.ReplyText(tok, set(), ["d, a"])
+    text = serving.ReplyText(tok, set(), ["d, a"])
     pieces = [text.push(t) for t in ids]
     assert "".join(pieces) == "hello worl" and text.finish == "stop"  # cut before the stop sequence, never sent
-    text = stack.ReplyText(tok, set(), [])
+    text = serving.ReplyText(tok, set(), [])
     assert "".join(text.push(t) for t in tok.encode("añb€c")) + text.rest() == "añb€c"
-    partial, euro = stack.ReplyText(tok, set(), []), tok.encode("x€")
+    partial, euro = serving.ReplyText(tok, set(), []), tok.encode("x€")
     assert len(euro) > 2  # the 1024-token vocabulary splits the euro sign's 3 bytes: none is sent half
     assert [partial.push(t) for t in euro] == ["x"] + [""] * (len(euro) - 2) + ["€"]
 
@@ -152,7 +156,7 @@ def test_models_health_and_page(serve):
 def test_replies_equal_the_engines_tokens_for_the_same_seed(stack, serve, tok, model):
     url, _, _ = serve()
     options = dict(temperature=0.9, top_k=40, top_p=0.95, seed=11)
-    want = make_engine(stack, model, tok).generate([stack.chat_prompt(tok, TURNS)], 1, 24, options["temperature"],
+    want = make_engine(stack, model, tok).generate([serving.chat_prompt(tok, TURNS)], 1, 24, options["temperature"],
                                                    options["top_k"], options["top_p"], seed=options["seed"])[0][0]
     r = chat(url, TURNS, max_tokens=24, **options)
     assert r.status_code == 200
@@ -161,8 +165,8 @@ def test_replies_equal_the_engines_tokens_for_the_same_seed(stack, serve, tok, m
     (choice,) = body["choices"]
     assert choice["message"] == {"role": "assistant", "content": tok.decode(want.tokens)}
     assert choice["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": len(stack.chat_prompt(tok, TURNS)), "completion_tokens": 24,
-                             "total_tokens": len(stack.chat_prompt(tok, TURNS)) + 24}
+    assert body["usage"] == {"prompt_tokens": len(serving.chat_prompt(tok, TURNS)), "completion_tokens": 24,
+                             "total_tokens": len(serving.chat_prompt(tok, TURNS)) + 24}
     chunks = stream_chat(url, TURNS, max_tokens=24, stream_options={"include_usage": True}, **options)
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
@@ -357,7 +361,7 @@ def test_a_failing_decode_step_fails_its_requests_and_not_the_server(serve, fail
     assert health["failed_steps"] == 1 and health["in_flight"] == 0
 
 
-# ---- the phase ---------------------------------------------------------------------------------------------------------
+# ---- serve.py -----------------------------------------------------------------------------------------------------------
 
 def free_port():
     with socket.socket() as s:
@@ -365,11 +369,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_serve_phase_serves_a_checkpoint_until_interrupted(pretrained_run):
+def test_serve_py_serves_a_checkpoint_until_interrupted(pretrained_run):
     data, run = pretrained_run
     port = free_port()
-    proc = subprocess.Popen([sys.executable, STACK_PATH, *TINY_ARGS, "--data-dir", str(data), "--run-dir", str(run),
-                             "--phases", "serve", "--port", str(port), "--served-model-name", "tiny-pt"],
+    proc = subprocess.Popen([sys.executable, SERVE, *TINY_ARGS, "--data-dir", str(data), "--run-dir", str(run),
+                             "--port", str(port), "--served-model-name", "tiny-pt"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
@@ -391,9 +395,19 @@ def test_serve_phase_serves_a_checkpoint_until_interrupted(pretrained_run):
     assert f"as 'tiny-pt' at http://127.0.0.1:{port}" in out
 
 
-def test_serve_phase_refuses_a_run_without_a_checkpoint(tiny_data, tmp_path):
-    r = subprocess.run([sys.executable, STACK_PATH, *TINY_ARGS, "--data-dir", tiny_data, "--run-dir", str(tmp_path / "none"),
-                        "--phases", "serve", "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True)
+def test_the_stacks_old_serve_phase_prints_the_new_command(tiny_data, tmp_path):
+    """--phases serve left the stack (serve.py imports it); the old command says what to run instead, changing nothing."""
+    r = subprocess.run([sys.executable, STACK_PATH, "--preset", "cpu", "--run-dir", str(tmp_path / "run"), "--phases",
+                        "serve", "--port", "9001"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip() == ("error: --phases serve moved beside the stack (it imports it); run "
+                                                      "the other phases first, then: python serve.py --preset cpu "
+                                                      f"--run-dir {tmp_path / 'run'} --port 9001")
+    assert not (tmp_path / "run").exists()
+
+
+def test_serve_py_refuses_a_run_without_a_checkpoint(tiny_data, tmp_path):
+    r = subprocess.run([sys.executable, SERVE, *TINY_ARGS, "--data-dir", tiny_data, "--run-dir", str(tmp_path / "none"),
+                        "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "no checkpoint" in r.stderr
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from test_serve import tiny_model
+from test_serve import serving, tiny_model
 
 TOKEN_DELAY = 0.03  # seconds per decode step: a reply of 40 tokens streams over > 1 s, which the polls below see
 MAX_TOKENS = 40
@@ -70,8 +70,8 @@ def served(stack, tok_dir):
     model.decode = slow_plain_decode
     engine = stack.Engine(model, tok, model.windows(), stack.Runtime(torch.device("cpu"), torch.float32, 0, 1, "sdpa"))
     engine.stops = set()  # a random model may sample a stop token: always generate max_tokens
-    server = stack.Server(engine, tok, model_name="tiny", max_context=1024, chat=True, max_rows=8, max_queue=16, timeout=60.0)
-    url, stop = stack.serve_in_thread(server, "127.0.0.1", 0)
+    server = serving.Server(engine, tok, model_name="tiny", max_context=1024, chat=True, max_rows=8, max_queue=16, timeout=60.0)
+    url, stop = serving.start(server, "127.0.0.1", 0)
     yield url
     stop()
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, STACK_PATH, TINY_ARGS
+from conftest import ROOT, STACK_PATH, TINY_ARGS, unstamped
 
 SFT_ARGS = ["--sft-steps", "12", "--sft-batch-tokens", "1024", "--sft-eval-every", "6", "--sft-val-tokens", "8192",
             "--sft-momentum-warmup", "5", "--sft-chat-max-per-task", "0"]
@@ -255,8 +255,8 @@ def test_loader_ranks_split_the_single_process_stream_and_resume(stack):
 
 def test_lr_schedule_flat_then_linear_decay(stack):
     cfg = stack.parse_config(["--sft-cooldown-frac", "0.5"])
-    assert [stack.sft_lr_factor(cfg, s, 10) for s in range(10)] == pytest.approx([1] * 6 + [0.8, 0.6, 0.4, 0.2])
-    warm = stack.dataclasses.replace(cfg, sft_warmup_frac=0.2)
+    assert [stack.sft_lr_factor(cfg.sft, s, 10) for s in range(10)] == pytest.approx([1] * 6 + [0.8, 0.6, 0.4, 0.2])
+    warm = stack.dataclasses.replace(cfg.sft, warmup_frac=0.2)
     assert [stack.sft_lr_factor(warm, s, 10) for s in range(3)] == pytest.approx([0.5, 1, 1])
 
 
@@ -268,7 +268,7 @@ def run_stack(data, run_dir, *extra, launcher=()):
 
 
 def sft_log(run_dir):
-    text = open(os.path.join(run_dir, "log.txt")).read()
+    text = unstamped(open(os.path.join(run_dir, "log.txt")).read())
     train = {int(m[1]): float(m[2]) for m in re.finditer(r"^sft step (\d+)/\d+ loss (\S+)", text, re.M)}
     val = {int(m[1]): float(m[2]) for m in re.finditer(r"^sft step (\d+)/\d+ val loss (\S+)", text, re.M)}
     return train, val
@@ -358,7 +358,7 @@ def test_sft_chat_eval_at_later_evaluations(stack, sft_data, pretrained, tmp_pat
     rt = cpu_runtime(stack)
     stack.phase_sft(cfg, rt, stack.Logger(cfg, rt))
     assert calls == [("chat data", 3)] * 2  # after steps 2 and 4
-    assert re.findall(r"^sft step (\d+)/4 chatcore 0.2500", open(run / "log.txt").read(), re.M) == ["2", "4"]
+    assert re.findall(r"^sft step (\d+)/4 chatcore 0.2500", unstamped(open(run / "log.txt").read()), re.M) == ["2", "4"]
     metrics = json.load(open(run / "metrics.json"))
     assert metrics["sft_chatcore"] == 0.25 and metrics["sft_chat_per_task"] == {"task": 0.5}
 

@@ -1,0 +1,485 @@
+"""An OpenAI-compatible HTTP server for a DecoderStack checkpoint, and a chat page (chat.html) at /.
+
+    python serve.py --preset cpu                       # the run's latest checkpoint at http://127.0.0.1:8000
+    python serve.py --preset cpu --init-from runs/cpu/sft_ckpt_000040 --port 9000 --temperature 0
+
+It takes the stack's flags (--preset, --data-dir, --run-dir, --init-from, --dtype, the sampling defaults
+--temperature, --top-k, --top-p, --min-p, --max-new-tokens, --decode-compile) and its own below (--help lists them).
+Each choice of each request is a Stream of the stack's continuous DecodeBatch, stepped by one thread: a request joins
+between decode steps and leaves when done; the HTTP side is asyncio (FastAPI + uvicorn). README: "Serve it".
+"""
+import asyncio
+import dataclasses
+import json
+import os
+import queue
+import re
+import signal
+import sys
+import threading
+import time
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from load_stack import load_stack
+
+ds = load_stack()
+CHAT_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")  # plain HTML + JS, served as it is
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"          # 0.0.0.0 to serve other machines (there is no authentication: see README)
+    port: int = 8000                 # the port to listen on
+    served_model_name: str = ""      # the API's model id ("": the run directory's and checkpoint's names)
+    serve_max_rows: int = 32         # choices decoding at once (continuous batching); also the largest n
+    serve_max_queue: int = 64        # choices waiting beyond those; more get 429
+    serve_timeout: float = 300.0     # seconds per request; longer ones are cancelled (504)
+
+
+SERVE_MAX_STOPS = 4  # stop sequences per request (OpenAI's limit)
+TOOL_TOKENS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
+
+
+class RequestError(Exception):
+    """A request the server refuses: an HTTP status and an OpenAI error body naming the parameter at fault."""
+
+    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+    def body(self):
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def encode_reply(tokenizer, text):
+    """An assistant turn's text as the model wrote it: its calculator calls, which replies show as the tool tokens'
+    names, become those tokens again (a user turn's text is always ordinary text)."""
+    pieces = re.split("(" + "|".join(map(re.escape, TOOL_TOKENS)) + ")", text)
+    return [t for i, piece in enumerate(pieces) for t in ([tokenizer.special(piece)] if i % 2 else tokenizer.encode(piece))]
+
+
+def chat_prompt(tokenizer, messages):
+    """The prompt of an OpenAI `messages` list in our chat format (data/tokenizer.py's render_conversation): <|bos|>,
+    then user and assistant turns alternating from a user turn (a leading system message is merged into it:
+    system + blank line + user), ending on a user turn, then <|assistant_start|>."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "'messages' must be a non-empty list of {role, content}", "messages")
+    turns = []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                             and isinstance(p.get("text"), str) for p in content):
+            content = "".join(p["text"] for p in content)  # OpenAI's content parts: text ones only
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(content, str):
+            raise RequestError(400, f"messages[{i}] must be {{role: system|user|assistant, content: text}}", "messages")
+        turns.append((i, m["role"], content))
+    if turns[0][1] == "system":
+        if len(turns) < 2 or turns[1][1] != "user":
+            raise RequestError(400, "a system message must be followed by a user message", "messages")
+        turns = [(1, "user", turns[0][2] + "\n\n" + turns[1][2])] + turns[2:]
+    for k, (i, role, _) in enumerate(turns):
+        if role != ("user", "assistant")[k % 2]:
+            raise RequestError(400, f"messages[{i}] is {role!r}: turns must alternate user, assistant, ... after an "
+                               "optional first system message", "messages")
+    if turns[-1][1] != "user":
+        raise RequestError(400, "the last message must be the user's (the reply is the assistant's)", "messages")
+    sp, ids = tokenizer.special, [tokenizer.bos_id]
+    for _, role, text in turns:
+        ids += ([sp("<|user_start|>"), *tokenizer.encode(text), sp("<|user_end|>")] if role == "user" else
+                [sp("<|assistant_start|>"), *encode_reply(tokenizer, text), sp("<|assistant_end|>")])
+    return ids + [sp("<|assistant_start|>")]
+
+
+class ReplyText:
+    """One choice's text as its tokens come: all of it decoded each time (a token may end mid-character: a trailing
+    replacement character waits for the next token), cut before the first stop sequence, holding back a tail that
+    could still begin one."""
+
+    def __init__(self, tokenizer, stop_tokens, stop):
+        self.tokenizer, self.stop_tokens, self.stop = tokenizer, stop_tokens, stop
+        self.tokens, self.text, self.sent, self.finish = [], "", 0, None
+
+    def push(self, token):
+        """The text now safe to send; sets finish = "stop" at a stop token or sequence."""
+        if token in self.stop_tokens:
+            self.finish = "stop"
+            return self.rest()
+        self.tokens.append(token)
+        self.text = self.tokenizer.decode(self.tokens)
+        cuts = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+        if cuts:
+            self.text, self.finish = self.text[:min(cuts)], "stop"
+            return self.rest()
+        hold = len(self.text) - len(self.text.rstrip("\ufffd"))
+        for s in self.stop:
+            hold = max(hold, next((n for n in range(min(len(s) - 1, len(self.text)), 0, -1) if self.text.endswith(s[:n])), 0))
+        piece = self.text[self.sent:len(self.text) - hold]
+        self.sent += len(piece)
+        return piece
+
+    def rest(self):
+        piece, self.sent = self.text[self.sent:], len(self.text)
+        return piece
+
+
+# the sampling fields of a request: (type, check, message when the check fails)
+REQUEST_FIELDS = {
+    "temperature": ((int, float), lambda v: 0 <= v <= 2, "between 0 and 2"),
+    "top_p": ((int, float), lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_k": (int, lambda v: v >= 0, "0 (off) or more"),
+    "min_p": ((int, float), lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "seed": (int, lambda v: True, ""),
+    "stream": (bool, lambda v: True, ""),
+    "model": (str, lambda v: True, ""),
+}
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "tools": (None, []),
+               "functions": (None, []), "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
+               "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}  # fields accepted only at their off value
+
+
+class Server:
+    """The OpenAI-compatible server of one Engine: POST /v1/chat/completions, POST /v1/completions (text in, text
+    out: for base models), GET /v1/models, GET /health, the chat page at /. Each of a request's n choices is a
+    Stream of the engine's DecodeBatch, stepped by one thread; the choices of a request draw from one generator
+    (its seed), so a request's tokens do not depend on the others in the batch. At most max_rows choices decode at
+    once and max_queue more wait; beyond that a request gets 429. A request that runs past `timeout` seconds, or
+    whose client disconnects, is cancelled (its rows freed at the next step). Omitted sampling fields take
+    `defaults` (the run's --temperature, --top-k, --top-p, --min-p, --max-new-tokens)."""
+
+    def __init__(self, engine, tokenizer, model_name, max_context, chat=True, max_rows=32, max_queue=64,
+                 timeout=300.0, defaults=None):
+        self.engine, self.tokenizer, self.model_name, self.chat = engine, tokenizer, model_name, chat
+        self.max_context, self.max_rows, self.max_queue, self.timeout = max_context, max_rows, max_queue, timeout
+        self.defaults = {**dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=256), **(defaults or {})}
+        self.batch = engine.batch(max_context, max_rows)
+        self.inbox = queue.Queue()  # Streams from the HTTP side, added to the batch by its thread
+        self.outbox, self.http_loop = [], None  # (asyncio queue, item) from the decode thread, delivered per step
+        self.lock, self.in_flight = threading.Lock(), 0  # choices accepted and not yet done
+        self.created, self.thread, self.closed = int(time.time()), None, threading.Event()
+        self.failures = 0
+        with open(CHAT_PAGE, encoding="utf-8") as f:
+            self.page = f.read()
+        self.app = self._app()
+
+    # -- the decode thread --
+    def start(self):
+        self.thread = threading.Thread(target=self._loop, name="decode", daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.closed.set()
+        if self.thread is not None:
+            self.thread.join()
+
+    def _loop(self):
+        while not self.closed.is_set():
+            idle = not self.batch.slots and not self.batch.waiting
+            try:
+                while True:  # everything that arrived; wait for something only when idle
+                    stream = self.inbox.get(timeout=0.05) if idle else self.inbox.get_nowait()
+                    self.batch.add(stream)
+                    idle = False
+            except queue.Empty:
+                pass
+            try:
+                self.batch.step()
+            except Exception as e:  # e.g. out of memory: fail the requests in the batch, keep serving
+                self.failures += 1
+                print(f"serve: a decode step failed ({type(e).__name__}: {e}); its requests get a 500", flush=True)
+                streams = [s for s in self.batch.slots if s is not None] + list(self.batch.waiting)
+                self.batch = self.engine.batch(self.max_context, self.max_rows)
+                for s in streams:
+                    s.sample.stopped, s.cancelled = None, True  # None: failed
+                    s.on_done()
+            self._deliver()
+
+    def _deliver(self):
+        """Hand the step's tokens to the HTTP side: one wake-up of its event loop per step, not one per token."""
+        if self.outbox:
+            items, self.outbox = self.outbox, []
+            self.http_loop.call_soon_threadsafe(lambda: [out.put_nowait(item) for out, item in items])
+
+    def _done(self):
+        with self.lock:
+            self.in_flight -= 1
+
+    # -- requests --
+    def _params(self, body, n_prompt, prompt_field):
+        """The request's sampling settings and n, max_tokens, stop, checked; RequestError on the first bad one."""
+        if self.max_context - n_prompt < 1:
+            raise RequestError(400, f"the prompt is {n_prompt} tokens; this model's context is {self.max_context} "
+                               "tokens, prompt and reply together", prompt_field, "context_length_exceeded")
+        for name, (off_none, off) in UNSUPPORTED.items():
+            if body.get(name, off_none) not in (off_none, off):
+                raise RequestError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
+        p = {}
+        for name, (kind, ok, want) in REQUEST_FIELDS.items():
+            if body.get(name) is None:
+                continue
+            value = body[name]
+            if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind) or not ok(value):
+                raise RequestError(400, f"'{name}' must be {want or kind.__name__}, got {json.dumps(value)[:40]}", name)
+            p[name] = value
+        if "model" in p and p["model"] != self.model_name:
+            raise RequestError(404, f"model {p['model']!r} does not exist; this server serves {self.model_name!r}",
+                               "model", "model_not_found")
+        limit = self.max_context - n_prompt
+        for name in ("max_tokens", "max_completion_tokens", "n"):
+            value = body.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise RequestError(400, f"'{name}' must be a positive integer, got {json.dumps(value)[:40]}", name)
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        if max_tokens is not None and max_tokens > limit:
+            raise RequestError(400, f"'max_tokens' {max_tokens} + the prompt's {n_prompt} tokens exceed this model's "
+                               f"context of {self.max_context} tokens (at most {limit} here)", "max_tokens",
+                               "context_length_exceeded")
+        p["max_tokens"] = max_tokens or min(self.defaults["max_tokens"], limit)
+        p["n"] = body.get("n") or 1
+        if p["n"] > self.max_rows:
+            raise RequestError(400, f"'n' is {p['n']}; this server decodes at most {self.max_rows} choices at once", "n")
+        stop = body.get("stop")
+        stop = [stop] if isinstance(stop, str) else stop
+        if stop is not None and not (isinstance(stop, list) and len(stop) <= SERVE_MAX_STOPS
+                                     and all(isinstance(s, str) and s for s in stop)):
+            raise RequestError(400, f"'stop' must be a text or a list of at most {SERVE_MAX_STOPS} non-empty texts", "stop")
+        p["stop"] = stop or []
+        options = body.get("stream_options")
+        if options is not None and not (isinstance(options, dict) and isinstance(options.get("include_usage", False), bool)):
+            raise RequestError(400, "'stream_options' must be {include_usage: boolean}", "stream_options")
+        p["include_usage"] = bool((options or {}).get("include_usage"))
+        return {**{k: v for k, v in self.defaults.items() if k != "max_tokens"}, **p}
+
+    def _submit(self, prompt, p):
+        """The request's n Streams, queued for the decode thread; tokens arrive as (choice, token) in the returned
+        asyncio queue, (choice, None) when a choice is done."""
+        with self.lock:
+            if self.in_flight + p["n"] > self.max_rows + self.max_queue:
+                raise RequestError(429, f"server busy: {self.in_flight} choices decoding or queued (at most "
+                                   f"{self.max_rows} + {self.max_queue}); retry later", None, "server_busy",
+                                   "rate_limit_error")
+            self.in_flight += p["n"]
+        self.http_loop, out = asyncio.get_running_loop(), asyncio.Queue()
+        seed = p["seed"] if "seed" in p else int.from_bytes(os.urandom(8), "little") >> 1
+        generator = torch.Generator(device=self.engine.rt.device).manual_seed(seed % (1 << 63))
+        sampling = ds.Sampling(p["temperature"], p["top_k"], p["top_p"], p["min_p"], generator)
+        streams = []
+        for j in range(p["n"]):
+            def on_token(token, j=j):
+                self.outbox.append((out, (j, token)))
+
+            def on_done(j=j):
+                self._done()
+                self.outbox.append((out, (j, None)))
+
+            streams.append(ds.Stream(prompt, sampling, p["max_tokens"], on_token, on_done))
+        for s in streams:
+            self.inbox.put(s)
+        return streams, out
+
+    async def _choices(self, request, streams, out, p):
+        """Yields (choice, text piece, finish_reason or None) as the request's choices (_submit's) decode; cancels
+        them when the client goes away, the request times out or the generator is closed."""
+        texts = [ReplyText(self.tokenizer, self.engine.stops, p["stop"]) for _ in streams]
+        deadline, open_choices, check = time.monotonic() + self.timeout, len(streams), 0.0
+        try:
+            while open_choices:
+                if time.monotonic() > check:  # a few times a second: is the client still there, is there time left?
+                    if await request.is_disconnected():
+                        return
+                    if time.monotonic() > deadline:
+                        raise RequestError(504, f"the request ran past the server's timeout of {self.timeout:g} s",
+                                           None, "timeout", "timeout_error")
+                    check = time.monotonic() + 0.2
+                try:
+                    j, token = await asyncio.wait_for(out.get(), timeout=0.2)
+                except asyncio.TimeoutError:
+                    continue
+                text, stream = texts[j], streams[j]
+                if token is None:
+                    open_choices -= 1
+                    if stream.sample.stopped is None:
+                        raise RequestError(500, "decoding failed on the server (its log says why)", None,
+                                           "decode_failed", "server_error")
+                    if text.finish is None:  # ran into max_tokens
+                        text.finish = "stop" if stream.sample.stopped else "length"
+                        yield j, text.rest(), text.finish
+                    continue
+                if text.finish is not None:
+                    continue  # after a stop sequence: the row is being freed
+                piece = text.push(token)
+                if text.finish is not None:
+                    stream.cancelled = True
+                    yield j, piece, text.finish
+                elif piece:
+                    yield j, piece, None
+        finally:
+            for s in streams:
+                s.cancelled = True  # a no-op for finished ones
+
+    async def _respond(self, request, kind, prompt, p):
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + os.urandom(12).hex()
+        head = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
+                "created": int(time.time()), "model": self.model_name}
+        streams, out = self._submit(prompt, p)  # 429 here, before any response
+        choices = self._choices(request, streams, out, p)
+        generated = lambda: sum(len(s.sample.tokens) for s in streams)
+        usage = lambda: {"prompt_tokens": len(prompt), "completion_tokens": generated(),
+                         "total_tokens": len(prompt) + generated()}
+        if not p.get("stream"):
+            texts, finishes = [""] * p["n"], [None] * p["n"]
+            async for j, piece, finish in choices:
+                texts[j] += piece
+                finishes[j] = finish or finishes[j]
+            choices = [{"index": j, "message": {"role": "assistant", "content": t}, "finish_reason": f} if kind == "chat"
+                       else {"index": j, "text": t, "logprobs": None, "finish_reason": f}
+                       for j, (t, f) in enumerate(zip(texts, finishes))]
+            return JSONResponse({**head, "choices": choices, "usage": usage()})
+
+        chunk_head = {**head, "object": "chat.completion.chunk" if kind == "chat" else "text_completion"}
+        event = lambda obj: f"data: {json.dumps(obj)}\n\n"
+
+        def chunk(j, piece, finish, first=False):
+            if kind == "chat":
+                delta = {"role": "assistant", "content": ""} if first else ({"content": piece} if piece else {})
+                return event({**chunk_head, "choices": [{"index": j, "delta": delta, "finish_reason": finish}]})
+            return event({**chunk_head, "choices": [{"index": j, "text": piece, "logprobs": None, "finish_reason": finish}]})
+
+        try:  # the first token before the response starts: errors up to then are plain error responses
+            first = await choices.__anext__()
+        except StopAsyncIteration:
+            first = None
+
+        async def events():
+            try:
+                for j in range(p["n"] if kind == "chat" else 0):
+                    yield chunk(j, "", None, first=True)
+                if first:
+                    yield chunk(*first)
+                async for item in choices:
+                    yield chunk(*item)
+            except RequestError as e:  # a timeout or a failed step after streaming began: said in the stream
+                yield event(e.body())
+            finally:
+                await choices.aclose()
+            if p["include_usage"]:
+                yield event({**chunk_head, "choices": [], "usage": usage()})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def _app(self):
+        app = FastAPI(title="DecoderStack", docs_url=None, redoc_url=None, openapi_url=None)
+
+        @app.exception_handler(RequestError)
+        async def refused(request, e):
+            return JSONResponse(e.body(), status_code=e.status)
+
+        @app.exception_handler(HTTPException)
+        async def http_error(request, e):  # unknown paths and methods, in OpenAI's error shape too
+            return JSONResponse(RequestError(e.status_code, f"{request.method} {request.url.path}: {e.detail}").body(),
+                                status_code=e.status_code)
+
+        async def body_of(request):
+            try:
+                body = json.loads(await request.body())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise RequestError(400, f"the request body is not valid JSON ({e})") from None
+            if not isinstance(body, dict):
+                raise RequestError(400, "the request body must be a JSON object")
+            return body
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(request: Request):
+            body = await body_of(request)
+            prompt = chat_prompt(self.tokenizer, body.get("messages"))
+            return await self._respond(request, "chat", prompt, self._params(body, len(prompt), "messages"))
+
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            body = await body_of(request)
+            text, vocab = body.get("prompt"), self.tokenizer.vocab_size
+            if isinstance(text, str):
+                prompt = [self.tokenizer.bos_id, *self.tokenizer.encode(text)]
+            elif (isinstance(text, list) and text and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                                          for t in text)):
+                prompt = list(text)  # token ids, as given
+            else:
+                raise RequestError(400, f"'prompt' must be a text or a non-empty list of token ids below {vocab}", "prompt")
+            return await self._respond(request, "text", prompt, self._params(body, len(prompt), "prompt"))
+
+        @app.get("/v1/models")
+        async def models():
+            return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                                                "owned_by": "decoderstack", "max_context": self.max_context,
+                                                "chat": self.chat}]}
+
+        @app.get("/health")
+        async def health():
+            return {"status": "ok", "model": self.model_name, "rows_live": self.batch.live, "rows": len(self.batch.slots),
+                    "waiting": len(self.batch.waiting) + self.inbox.qsize(), "in_flight": self.in_flight,
+                    "max_rows": self.max_rows, "max_queue": self.max_queue, "failed_steps": self.failures}
+
+        @app.get("/")
+        async def page():
+            return HTMLResponse(self.page)
+
+        return app
+
+
+def start(server, host="127.0.0.1", port=0, log_level="warning"):
+    """Start `server` (its decode thread and uvicorn) in the background: (base url, stop()). port 0: a free one."""
+    http = uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_level=log_level))
+    thread = threading.Thread(target=http.run, name="http", daemon=True)
+    server.start()
+    thread.start()
+    while not http.started:
+        if not thread.is_alive():
+            server.close()
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.01)
+    port = http.servers[0].sockets[0].getsockname()[1]
+
+    def stop():
+        http.should_exit = True
+        thread.join()
+        server.close()
+
+    return f"http://{host}:{port}", stop
+
+
+def main(argv=None):
+    """Serve the latest checkpoint of --run-dir (or --init-from) on --host:--port until Ctrl-C or SIGTERM."""
+    cfg, serve = ds.parse_flags(argv, [ds.Config, ServeConfig], prog="serve.py", description=__doc__.split("\n\n")[0])
+    rt = ds.init_runtime(cfg)
+    if rt.world_size > 1:
+        sys.exit("error: the server runs in one process: run it without torchrun")
+    try:
+        tokenizer = ds.data_tokenizer(cfg.data_dir)
+        model, state, path = ds.trained_model(cfg, rt)
+    except ds.DataFormatError as e:
+        sys.exit(f"error: {e}")
+    name = serve.served_model_name or f"{os.path.basename(os.path.abspath(cfg.run_dir))}/{os.path.basename(path)}"
+    sample = cfg.sample
+    engine = ds.Engine(model, tokenizer, model.windows(), rt, compile=sample.decode_compile)
+    server = Server(engine, tokenizer, name, model.cfg.max_doc_len, state.get("phase", "pt") != "pt",
+                    serve.serve_max_rows, serve.serve_max_queue, serve.serve_timeout,
+                    dict(temperature=sample.temperature, top_k=sample.top_k, top_p=sample.top_p, min_p=sample.min_p,
+                         max_tokens=sample.max_new_tokens))
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    url, stop = start(server, serve.host, serve.port, log_level="info")
+    print(f"serving {path} as {name!r} at {url} (chat page at /, API at /v1; context {model.cfg.max_doc_len} tokens, "
+          f"{serve.serve_max_rows} rows, device {rt.device}); Ctrl-C stops it", flush=True)
+    while not stopping.wait(0.5):
+        pass
+    stop()
+
+
+if __name__ == "__main__":
+    main()
