@@ -77,7 +77,6 @@ except ImportError:  # e.g. Macs: every kernel falls back to its PyTorch referen
 # =============================================================================================================
 # 1. Settings: the stages of the schedule, Config and its per-phase groups, presets, the flags
 
-
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """One stage of the pretraining schedule (modded-nanogpt's TrainingStage). On the command line, --stages is JSON:
@@ -104,9 +103,7 @@ class Stage:
             raise ValueError(f"a stage needs exactly {', '.join(names)}, got {value!r}")
         return cls(**{**fields, "mtp_start": tuple(fields["mtp_start"]), "mtp_end": tuple(fields["mtp_end"])})
 
-
 SOFTCAP = (23.0, 5.0, 7.5)  # logits u = A * sigmoid((z + B) / C): bounded to (0, 23), as in modded-nanogpt
-
 
 # Each phase's own settings are a small dataclass, a group of Config; on the command line a group's fields are flags
 # like any other, named with the group's prefix (--sft-steps is SFTConfig.steps). Every field's comment is its --help.
@@ -125,7 +122,6 @@ class SFTConfig:
     val_tokens: int = 4_194_304     # val conversation tokens per evaluation (masked loss on their supervised tokens)
     chat_max_per_task: int = 0      # chat-eval examples per task at each SFT evaluation but the first (0: none)
 
-
 @dataclasses.dataclass
 class RLConfig:
     """GSM8K RL (--phases rl): on-policy policy gradient, nanochat's recipe, from the latest checkpoint"""
@@ -142,7 +138,6 @@ class RLConfig:
     eval_questions: int = 400       # held-out GSM8K test questions for pass@k
     eval_samples: int = 8           # k of pass@1..k
 
-
 @dataclasses.dataclass
 class SampleConfig:
     """sampling (--phases generate; the defaults of serve.py's requests)"""
@@ -157,7 +152,6 @@ class SampleConfig:
     min_p: float = 0.0              # 0: off
     decode_compile: bool = False    # the engine's decode steps through torch.compile (CUDA graphs on GPUs; unmeasured
                                     # there): on 2 CPU cores 1.5-2x faster at batch 1, after 6-40 s compiling
-
 
 @dataclasses.dataclass
 class Config:
@@ -235,7 +229,6 @@ class Config:
             if isinstance(getattr(self, f.name), dict):
                 setattr(self, f.name, f.default_factory(**getattr(self, f.name)))
 
-
 PRESETS = {  # flag name -> value
     "h100x8": dict(run_dir="runs/h100x8"),
     # the same model and tokens on one GPU: the stages' batches come from gradient accumulation of 32K-token
@@ -257,7 +250,6 @@ PRESETS = {  # flag name -> value
                 rl_batch_tokens=8192, rl_eval_every=4, rl_eval_questions=16, rl_eval_samples=4),
 }
 
-
 def flags(cls):
     """{flag name: (group or None, the dataclass declaring the field, field)} of a settings dataclass: its fields, and
     each group's under the group's prefix."""
@@ -267,7 +259,6 @@ def flags(cls):
         out.update({group.prefix + g.name: (f.name, group, g) for g in dataclasses.fields(group)} if group else
                    {f.name: (None, cls, f)})
     return out
-
 
 @functools.cache
 def field_help(cls):
@@ -290,7 +281,6 @@ def field_help(cls):
         elif line.strip():
             name, column = None, -1
     return helps
-
 
 def parse_flags(argv=None, classes=(), **parser_args):
     """An instance of each settings dataclass in `classes` (Config first) from the command line, their flags one flat
@@ -329,16 +319,14 @@ def parse_flags(argv=None, classes=(), **parser_args):
     except ValueError as e:  # e.g. a --stages entry that is not a stage
         parser.error(str(e))
 
-
 def parse_config(argv=None):
     """The stack's Config from the command line (parse_flags); --help lists every flag and the phases."""
     phases = "\n".join(f"  {name:9} {(fn.__doc__ or '').split(chr(10))[0]}" for name, fn in PHASES.items())
     return parse_flags(argv, [Config], description=__doc__.split("\n\n")[0], epilog=(
         f"phases (--phases, comma-separated, run in order):\n{phases}\n"
         "eval, sft, chat, rl and generate start from --init-from, else RUN_DIR's latest checkpoint; every phase but\n"
-        "data appends to RUN_DIR/log.txt. Beside this file, with the same flags: serve.py (an OpenAI-compatible\n"
-        "server), export.py (a Hugging Face folder), report.py (RUN_DIR/report.md)."))[0]
-
+        "data appends to RUN_DIR/log.txt. Beside this file: serve.py (an OpenAI-compatible server) and export.py (a\n"
+        "Hugging Face folder) take these flags and their own; report.py --run-dir DIR writes DIR/report.md."))[0]
 
 def parse_bool(text):
     if text.lower() in ("1", "true", "yes", "on"):
@@ -347,18 +335,15 @@ def parse_bool(text):
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
 
-
 def parse_tuple(text):
     try:
         return freeze(json.loads(text))
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"expected JSON, got {text!r} ({e.msg})") from None
 
-
 def freeze(value):
     """JSON lists -> nested tuples, the form of the tuple fields of Config."""
     return tuple(freeze(x) for x in value) if isinstance(value, list) else value
-
 
 def parse_ints(text):
     return [int(x) for x in str(text).split(",") if x.strip()]
@@ -366,7 +351,6 @@ def parse_ints(text):
 
 # =============================================================================================================
 # 2. Runtime
-
 
 # PRECISION, the one policy of this file (modded-nanogpt runs its whole model in bf16; so does this one):
 # - Parameters and optimizer state are fp32 master copies; the optimizer's arithmetic is fp32, except Polar Express,
@@ -381,7 +365,6 @@ def parse_ints(text):
 #   The lm_head matmul writes bf16 logits (FP8 on sm89+ in training); the softcap, losses and log-probs are fp32.
 # - fp32 matmuls that remain (fp32 runs, eval of fp32 models) use TF32 tensor cores on GPUs that have them.
 
-
 @dataclasses.dataclass
 class Runtime:
     device: torch.device
@@ -395,7 +378,6 @@ class Runtime:
     def master(self):
         return self.rank == 0
 
-
 def pick_device():
     """cuda -> mps -> cpu; FORCE_DEVICE overrides (e.g. FORCE_DEVICE=cpu on a GPU machine)."""
     forced = os.environ.get("FORCE_DEVICE")
@@ -407,15 +389,12 @@ def pick_device():
         return torch.device("mps")
     return torch.device("cpu")
 
-
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 
 def native_bf16(device):
     """bf16 in hardware: sm80+ GPUs. (torch.cuda.is_bf16_supported() alone says True on a T4, through emulation.)"""
     device = torch.device(device)
     return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-
 
 def pick_dtype(device, requested="auto"):
     """The activation dtype and the reason for it (PRECISION above)."""
@@ -430,7 +409,6 @@ def pick_dtype(device, requested="auto"):
         return torch.float32, "fp32: this GPU has no native bf16 (fp16 training would need loss scaling)"
     return torch.float32, f"fp32: bf16 matmuls are slow on {device.type}"
 
-
 def init_runtime(cfg):
     device = pick_device()
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -442,7 +420,6 @@ def init_runtime(cfg):
     dtype, why = pick_dtype(device, cfg.dtype)
     return Runtime(device, dtype, rank, world_size, select_attention_backend(device, cfg.attn_backend), why)
 
-
 def sum_over_ranks(t, rt, op=None):
     """t reduced in place over the ranks (a sum, or `op`), where there is more than one; returns t. t must be
     contiguous: gloo reduces the wrong memory for non-contiguous tensors."""
@@ -451,19 +428,16 @@ def sum_over_ranks(t, rt, op=None):
         dist.all_reduce(t, **({} if op is None else {"op": op}))
     return t
 
-
 def autocast(rt):
     """The precision switch (PRECISION above): activations in rt.dtype; parameters and optimizer state stay fp32."""
     if rt.dtype == torch.float32:
         return torch.autocast(rt.device.type, enabled=False)
     return torch.autocast(rt.device.type, dtype=rt.dtype)
 
-
 def activation_dtype(device):
     """The dtype activations flow in: autocast's where autocast(rt) is on for this device type, else fp32."""
     kind = torch.device(device).type
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32
-
 
 def require_training_dtype(rt, phase):
     if rt.dtype == torch.float16:
@@ -479,14 +453,10 @@ def require_training_dtype(rt, phase):
 # interpreter's bf16 tl.dot is wrong (triton#11584), so there (UPCAST, a constexpr: no code on a GPU) dots run on
 # operands upcast to fp32. One fixed tile config each; the `block*` keywords exist so tests can force several tiles.
 
-
-
 def _use_triton(t):
     return triton is not None and t.is_cuda and torch.cuda.get_device_capability(t.device) >= (8, 0)
 
-
 UPCAST = os.environ.get("TRITON_INTERPRET") == "1"  # read where triton reads it: when the kernels are decorated
-
 
 if triton is not None:
 
@@ -592,17 +562,13 @@ if triton is not None:
             dz = (weight_sum * p - hits) * (cap_a / cap_c) * s * (1.0 - s)
             tl.store(dz_row + v0 + cols, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
-
 # --- A @ A^T and b*A + c*A@A^T (Polar Express)
-
 
 def xxt_reference(A):
     return A @ A.mT
 
-
 def ba_plus_caa_reference(A, b, c):
     return b * A + c * (A @ A.mT)
-
 
 def _sym_matmul_triton(A, b, c, add_a, block, block_k):
     *batch, m, k = A.shape
@@ -613,32 +579,25 @@ def _sym_matmul_triton(A, b, c, add_a, block, block_k):
                              ADD_A=add_a, BLOCK=block, BLOCK_K=block_k, UPCAST=UPCAST, num_warps=4, num_stages=3)
     return out.reshape(*batch, m, m)
 
-
 def xxt_triton(A, *, block=64, block_k=32):
     return _sym_matmul_triton(A, 0.0, 0.0, False, block, block_k)
-
 
 def ba_plus_caa_triton(A, b, c, *, block=64, block_k=32):
     assert A.shape[-1] == A.shape[-2], "ba_plus_caa needs square symmetric matrices"
     return _sym_matmul_triton(A, float(b), float(c), True, block, block_k)
 
-
 def xxt(A):
     """A @ A.mT for A of shape (..., m, k)."""
     return xxt_triton(A) if _use_triton(A) else xxt_reference(A)
-
 
 def ba_plus_caa(A, b, c):
     """b*A + c*(A @ A.mT) for symmetric A of shape (..., m, m)."""
     return ba_plus_caa_triton(A, b, c) if _use_triton(A) else ba_plus_caa_reference(A, b, c)
 
-
 # --- ReLU^2 MLP
-
 
 def relu2_mlp_reference(x, w_fc, w_proj):
     return torch.relu(x @ w_fc.mT).square() @ w_proj.mT
-
 
 def _relu2_matmul(a, b, post, blocks):
     """relu(a @ b)^2 if post is None, else (a @ b) * 2*sqrt(post). a (M, K), b (K, N) any strides, of one dtype;
@@ -653,7 +612,6 @@ def _relu2_matmul(a, b, post, blocks):
                                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=UPCAST, num_warps=8,
                                num_stages=3)
     return out
-
 
 class _Relu2MLP(torch.autograd.Function):
     @staticmethod
@@ -673,31 +631,25 @@ class _Relu2MLP(torch.autograd.Function):
         dx = (dpre @ w_fc).reshape(*grad.shape[:-1], w_fc.shape[1])
         return dx, dpre.mT @ x2, g2.mT @ post, None
 
-
 def relu2_mlp_triton(x, w_fc, w_proj, *, blocks=(128, 128, 32)):
     return _Relu2MLP.apply(x, w_fc, w_proj, blocks)
-
 
 def relu2_mlp(x, w_fc, w_proj):
     """relu(x @ w_fc.T)^2 @ w_proj.T; x (..., dim), w_fc (hidden, dim), w_proj (dim, hidden) as in nn.Linear."""
     return relu2_mlp_triton(x, w_fc, w_proj) if _use_triton(x) else relu2_mlp_reference(x, w_fc, w_proj)
 
-
 # --- Softcapped multi-token cross-entropy
-
 
 def softcap(logits, cap=SOFTCAP):
     """The logits the model predicts with (fp32): A * sigmoid((z + B) / C)."""
     a, b, c = cap
     return a * torch.sigmoid((logits.float() + b) / c)
 
-
 def softcap_cross_entropy_reference(logits, targets, weights, cap=SOFTCAP):
     u = softcap(logits, cap)
     picked = u.gather(1, targets.clamp(min=0))
     per_target = (u.logsumexp(1, keepdim=True) - picked) * weights.float()
     return torch.where(targets >= 0, per_target, 0.0).sum(1)
-
 
 class _SoftcapCrossEntropy(torch.autograd.Function):
     @staticmethod
@@ -717,10 +669,8 @@ class _SoftcapCrossEntropy(torch.autograd.Function):
         (dz,) = ctx.saved_tensors
         return dz * grad_loss[:, None].to(dz.dtype), None, None, None, None
 
-
 def softcap_cross_entropy_triton(logits, targets, weights, cap=SOFTCAP, *, block_v=1024):
     return _SoftcapCrossEntropy.apply(logits, targets, weights, cap, block_v)
-
 
 def softcap_cross_entropy(logits, targets, weights, cap=SOFTCAP):
     """Per-row loss (N,): sum_k weights[k] * CE(softcap(logits), targets[:, k]) over targets != -1.
@@ -729,7 +679,6 @@ def softcap_cross_entropy(logits, targets, weights, cap=SOFTCAP):
         return softcap_cross_entropy_triton(logits, targets, weights, cap)
     return softcap_cross_entropy_reference(logits, targets, weights, cap)
 
-
 # --- FP8 lm_head (training only, sm89+): e4m3 inputs, e5m2 output grads, fixed per-tensor scales, each mapping the
 # tensor's expected max |value| to the format's max (modded-nanogpt's; its gradient scale, also divided by the
 # gradient accumulation, is for a loss summed over tokens: with a mean loss it is also divided by the tokens per step).
@@ -737,17 +686,14 @@ def softcap_cross_entropy(logits, targets, weights, cap=SOFTCAP):
 # only speed and CUDA's layout rules are GPU-only.
 FP8_SCALES = (100 / 448, 1.6 / 448, 0.75 / 448)  # inputs, weights, output gradients
 
-
 def fp8_supported(device):
     device = torch.device(device)
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-
 
 def fp8_quantize(t, scale, dtype):
     """t / scale in an fp8 format, saturated: unclamped, an overflow becomes inf in e5m2 (e4m3fn has no inf)."""
     limit = torch.finfo(dtype).max
     return (t / scale).clamp(-limit, limit).to(dtype)
-
 
 class _FP8Linear(torch.autograd.Function):
     @staticmethod
@@ -773,7 +719,6 @@ class _FP8Linear(torch.autograd.Function):
                                   out_dtype=torch.float32)
         return grad_x.reshape(*grad.shape[:-1], w8.shape[1]), grad_w, None, None, None
 
-
 def fp8_linear(x, w, x_scale, w_scale, grad_scale):
     """x @ w.T (w in nn.Linear layout (out, in)) with fp8 matmuls in forward and backward; use where
     fp8_supported(x.device), else a plain matmul."""
@@ -798,7 +743,6 @@ ATTENTION_BACKENDS = ("fa3", "fa2", "flex", "sdpa")  # the order "auto" tries th
 
 _FLASH = {}  # "fa3"/"fa2" -> FA's interface module, or the exception loading it raised (tried once per process)
 
-
 def _load_fa3():
     """FA3's interface (flash_attn_varlen_func, flash_attn_with_kvcache) from the HF kernels hub (cached in the HF
     cache; offline it fails in seconds)."""
@@ -812,11 +756,9 @@ def _load_fa3():
     module = get_kernel("kernels-community/flash-attn3", version=1)
     return getattr(module, "flash_attn_interface", module)
 
-
 def _load_fa2():
     import flash_attn
     return flash_attn
-
 
 def _flash_func(name, func="flash_attn_varlen_func"):
     if name not in _FLASH:
@@ -827,7 +769,6 @@ def _flash_func(name, func="flash_attn_varlen_func"):
     if isinstance(_FLASH[name], Exception):
         raise RuntimeError(f"could not load {name}: {_FLASH[name]!r}") from _FLASH[name]
     return getattr(_FLASH[name], func)
-
 
 def _unavailable(name, device):
     """Why backend `name` can't train on `device`, or None if it can."""
@@ -847,7 +788,6 @@ def _unavailable(name, device):
             return str(e)
     return None
 
-
 def select_attention_backend(device, requested="auto"):
     """The backend to train with: `requested`, or for "auto" the first of fa3, fa2, flex (CUDA), sdpa that works
     here. An explicit request that can't run raises RuntimeError saying why."""
@@ -861,17 +801,14 @@ def select_attention_backend(device, requested="auto"):
         if requested != "auto":
             raise RuntimeError(f"attention backend {name!r} can't run on {device}: {reason}")
 
-
 def _document_ids(cu_seqlens, T):
     """(T,) index of each token's document; right=True sends a token past the empty (repeated) entries."""
     return torch.searchsorted(cu_seqlens, torch.arange(T, dtype=cu_seqlens.dtype, device=cu_seqlens.device), right=True)
-
 
 def _visible(doc_q, doc_k, pos_q, pos_k, window, branch_q=None, branch_k=None):
     """The mask of this section's top, on broadcastable tensors; the branch terms only where a batch has branches."""
     mask = (doc_q == doc_k) & (pos_k <= pos_q) & (pos_q - pos_k <= window)
     return mask if branch_q is None else mask & ((branch_k == 0) | (branch_k == branch_q))
-
 
 def _mask_mod(doc, window, branches=None):
     """The mask as a flex_attention mask_mod; SDPA calls it with broadcast index grids."""
@@ -880,7 +817,6 @@ def _mask_mod(doc, window, branches=None):
     pos, branch = branches.positions, branches.branch
     return lambda b, h, q_idx, kv_idx: _visible(doc[q_idx], doc[kv_idx], pos[q_idx], pos[kv_idx], window,
                                                 branch[q_idx], branch[kv_idx])
-
 
 def _sdpa_attention(q, k, v, cu_seqlens, window, scale, reach, block=256, branches=None):
     """SDPA with a boolean mask. When every query's keys lie within `reach` tokens (the window, or the longest
@@ -916,7 +852,6 @@ def _sdpa_attention(q, k, v, cu_seqlens, window, scale, reach, block=256, branch
     y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[:, None], scale=scale)  # (n, H, block, D)
     return y.transpose(1, 2).reshape(n * block, *q.shape[1:])[:T].contiguous()
 
-
 def _flex_attention(q, k, v, cu_seqlens, window, scale, branches=None):
     """Eager form; attention() runs it compiled (eager flex_attention materialises the T x T scores)."""
     T = q.size(0)
@@ -926,11 +861,9 @@ def _flex_attention(q, k, v, cu_seqlens, window, scale, branches=None):
     q, k, v = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
     return flex_attention(q, k, v, block_mask=block_mask, scale=scale)[0].transpose(0, 1).contiguous()
 
-
 @functools.cache
 def _compiled_flex():
     return torch.compile(_flex_attention)  # once per process; a changing window int becomes dynamic after one recompile
-
 
 def _flash_attention(fn, q, k, v, cu_seqlens, max_seqlen, window, scale, cu_seqlens_k=None, max_seqlen_k=None):
     """FA's varlen call. With cu_seqlens_k (a branch's keys are its prefix's, then its own) FA aligns the causal
@@ -945,7 +878,6 @@ def _flash_attention(fn, q, k, v, cu_seqlens, max_seqlen, window, scale, cu_seql
              softmax_scale=scale, causal=True, window_size=(window, 0))
     return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the log-sum-exp
 
-
 def _flash_branches(fn, q, k, v, branches, window, scale):
     """FA over a batch with branches, in two calls: the branch-0 tokens as plain documents, then every branch's
     queries against its prefix's keys followed by its own (gathered: the prefix's K/V are read once per branch)."""
@@ -956,7 +888,6 @@ def _flash_branches(fn, q, k, v, branches, window, scale):
         out[b.branch_q] = _flash_attention(fn, q[b.branch_q], k[b.branch_kv], v[b.branch_kv], b.cu_q, b.max_q, window,
                                            scale, b.cu_kv, b.max_kv)
     return out
-
 
 def attention(q, k, v, cu_seqlens, max_seqlen, window, scale, backend, branches=None):
     """Causal sliding-window attention within packed documents (mask defined at the top of this section).
@@ -983,7 +914,6 @@ def attention(q, k, v, cu_seqlens, max_seqlen, window, scale, backend, branches=
         return _sdpa_attention(q, k, v, cu_seqlens, window, scale, reach, branches=branches)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
 
-
 def attention_reference(q, k, v, cu_seqlens, window, scale):
     """Ground truth for attention(): a Python loop over documents with an explicit fp32 softmax. Differentiable."""
     bounds = cu_seqlens.tolist()
@@ -1000,7 +930,6 @@ def attention_reference(q, k, v, cu_seqlens, window, scale):
         p = (scores - scores.amax(-1, keepdim=True)).exp()
         outs.append(((p / p.sum(-1, keepdim=True)) @ vd).transpose(0, 1).to(q.dtype))
     return torch.cat(outs)
-
 
 def cached_attention(q, k, v, k_cache, v_cache, lengths, key_span, window, scale, backend):
     """Attention for decoding: row b of the batch appends S new tokens at positions lengths[b] .. lengths[b] + S - 1
@@ -1037,9 +966,7 @@ def cached_attention(q, k, v, k_cache, v_cache, lengths, key_span, window, scale
     y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[:, None], scale=scale)
     return y.transpose(1, 2)
 
-
 # -- the Batch every forward reads, and its packer --------------------------------------------------------------
-
 
 @dataclasses.dataclass
 class Batch:
@@ -1053,7 +980,6 @@ class Batch:
     max_seqlen: int           # bound on segment lengths (a stage's max_doc_len: static, so compiled code is reused)
     segment_lengths: np.ndarray = None  # on the host: what attention FLOPs are counted from
     branches: "Branches" = None  # segments that share a prefix (pack_branches), else None
-
 
 @dataclasses.dataclass
 class Branches:
@@ -1072,11 +998,9 @@ class Branches:
     max_kv: int
     spread: int               # most branch tokens of one segment: a key a query sees lies <= window + spread back
 
-
 def padded_length(n):
     """Static cu_seqlens length: a power of two >= 128, so torch.compile sees few distinct shapes."""
     return max(128, 1 << (n - 1).bit_length())
-
 
 def to_device(array, dtype, device):
     """A host array as a new tensor on `device`. To a GPU it goes from pinned memory without blocking, so the copy
@@ -1086,7 +1010,6 @@ def to_device(array, dtype, device):
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
-
 
 def pack(inputs, segment_starts, document_starts, targets, max_seqlen, device):
     """The Batch of token array `inputs` whose attention segments start at `segment_starts` (sorted, from 0) and whose
@@ -1106,7 +1029,6 @@ def pack(inputs, segment_starts, document_starts, targets, max_seqlen, device):
                  to_device(positions, torch.long, device), to_device(targets, torch.long, device), cu, max_seqlen,
                  np.diff(list(segment_starts) + [T]))
 
-
 def pack_sequences(sequences, device):
     """Token arrays packed back to back, each its own document (a left-truncated one need not start with BOS), with
     one target each (the next token of the same sequence, -1 at its end); and each one's start offset (n + 1 offsets,
@@ -1116,7 +1038,6 @@ def pack_sequences(sequences, device):
     targets = np.concatenate([ids[1:], [-1]])
     targets[starts[1:] - 1] = -1
     return pack(ids, starts[:-1], starts[:-1], targets[:, None], int(np.diff(starts).max()), device), starts
-
 
 def shared_prefix_groups(sequences):
     """Consecutive token arrays grouped greedily where one copy of their common prefix saves work: (first, count,
@@ -1138,7 +1059,6 @@ def shared_prefix_groups(sequences):
                 continue
         groups.append((i, 1, len(seq)))
     return groups
-
 
 def pack_branches(sequences, device):
     """Token arrays packed as shared_prefix_groups: each group one segment, its prefix once, then each sequence's
@@ -1187,7 +1107,6 @@ def pack_branches(sequences, device):
                   int(segment_lengths.max()), segment_lengths, branches)
     return batch, where
 
-
 def make_batch(buf, bos_id, max_doc_len, n_targets, device):
     """Packed varlen batch from a token window `buf` of T + n_targets tokens. Segments start at every BOS and
     every max_doc_len tokens inside a document, so long documents (books) are trained on whole, in pieces."""
@@ -1212,7 +1131,6 @@ def make_batch(buf, bos_id, max_doc_len, n_targets, device):
 # cache cannot hold it), partial key offset (token t's key takes some dims of token t-1's: a cache would have to keep
 # each row's previous unshifted key per layer), XSA / MUDD dense connections / DC attention (large extra machinery for
 # small gains at our scales), FP8 MLP (GPU-only and unmeasured here). models/modded-nanogpt has the first two.
-
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -1243,20 +1161,16 @@ class ModelConfig:
                    max_doc_len=last.max_doc_len,
                    **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if f.name not in served})
 
-
 GATE_DIMS = 12  # the gates (smear, attention, value embedding) read the first 12 dims of their input
 LOGITS_CHUNK = 8192  # rows of logits evaluation computes at once: bounded memory at any vocabulary size
-
 
 def norm(x):
     """RMS norm computed in fp32, returned in x's dtype (PRECISION)."""
     return F.rms_norm(x.float(), (x.size(-1),)).to(x.dtype)
 
-
 def yarn_attn_factor(old_window, new_window):
     """YaRN's growth of the attention scale when the window grows from old_window to new_window."""
     return 0.2 * math.log(new_window / old_window) + 1
-
 
 class Rotary(nn.Module):
     """Half-truncated RoPE: the first half of each head's dims rotate (periods from 2*pi to 2*pi*1024 tokens), the
@@ -1285,7 +1199,6 @@ class Rotary(nn.Module):
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
-
 class Block(nn.Module):
     def __init__(self, cfg, has_value_embed):
         super().__init__()
@@ -1311,7 +1224,6 @@ class Block(nn.Module):
         y = y * torch.sigmoid(h[..., :GATE_DIMS] @ self.attn_gate.T)[..., None]
         x = x + y.flatten(-2) @ self.o.T
         return x + relu2_mlp(norm(x), self.fc, self.proj)
-
 
 class GPT(nn.Module):
     def __init__(self, cfg):
@@ -1408,7 +1320,6 @@ class GPT(nn.Module):
         cache.advance(ids)
         return logits
 
-
 def decode_logits(model, ids, cache, windows, last_only):
     """GPT.decode without the cache's host bookkeeping: tensors in, logits out, the cache written in place (what the
     engine compiles)."""
@@ -1431,7 +1342,6 @@ POLAR_EXPRESS_COEFFS = (
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
 
-
 def polar_express(G, steps=5, dtype=None):
     """Approximately orthogonalise G (..., rows, cols), batched over the leading dims: U S V^T -> U V^T, with the
     singular values landing near 1 rather than exactly on it. Runs in `dtype`: default bf16 where the Triton kernels
@@ -1449,7 +1359,6 @@ def polar_express(G, steps=5, dtype=None):
         X = torch.matmul(B, X).add_(X, alpha=a)  # a X + b X X^T X + c (X X^T)^2 X
     return X.mT if tall else X
 
-
 def muon_momentum(step, total_steps, warmup=300, cooldown=50, low=0.85, high=0.95):
     """NorMuon momentum: linear low->high over the first `warmup` steps, high->low over the last `cooldown` steps."""
     if step < warmup:
@@ -1457,7 +1366,6 @@ def muon_momentum(step, total_steps, warmup=300, cooldown=50, low=0.85, high=0.9
     if step > total_steps - cooldown:
         return high - (high - low) * (step - (total_steps - cooldown)) / cooldown
     return high
-
 
 def normuon_update(p, g, momentum, second_moment, mu, beta2, lr, wd, eps=1e-10):
     """One NorMuon step on a chunk of matrices (n, rows, cols), all fp32. Updates the two state buffers in place and
@@ -1478,7 +1386,6 @@ def normuon_update(p, g, momentum, second_moment, mu, beta2, lr, wd, eps=1e-10):
     mask = (V * p) > 0
     return p - lr * (V + wd * mask * p)
 
-
 def adam_update(p, g, exp_avg, exp_avg_sq, step, betas, lr, wd, eps=1e-10):
     """One bias-corrected Adam step (torch.optim.Adam's arithmetic) with cautious weight decay, all fp32. Updates the
     moments in place and returns the new parameter values. Decay is lr*wd, linear in lr (see normuon_update)."""
@@ -1491,7 +1398,6 @@ def adam_update(p, g, exp_avg, exp_avg_sq, step, betas, lr, wd, eps=1e-10):
     mask = (update * p) > 0
     return p - update - lr * wd * mask * p
 
-
 @dataclasses.dataclass
 class OptimLabel:
     """Settings shared by every parameter with this label. Effective lr = lr * lr_mul * lr_factor (the schedule),
@@ -1502,7 +1408,6 @@ class OptimLabel:
     lr_mul: float = 1.0
     wd_mul: float = 1.0
     betas: tuple = (0.9, 0.95)  # Adam only
-
 
 class _Group:
     """Parameters updated together: their tensors viewed as rows of shape `tail` ((rows, cols) matrices for NorMuon,
@@ -1548,12 +1453,10 @@ class _Group:
         """Shape of parameter p's unsharded state `key`: p's leading dims, then the per-row state shape."""
         return p.shape[:p.ndim - len(self.tail)] + self.state_tails[key]
 
-
 def _launch(collective, *tensors, **kwargs):
     """Start an async collective. gloo silently reduces the wrong memory for non-contiguous tensors: refuse them."""
     assert all(t.is_contiguous() for t in tensors), "collective on a non-contiguous tensor"
     return collective(*tensors, async_op=True, **kwargs)
-
 
 class NorMuonAdam:
     """NorMuon for matrix parameters, Adam for the rest, ZeRO-style across the ranks of the default process group
@@ -1711,9 +1614,7 @@ class NorMuonAdam:
         lm_head. dst's whole group takes src's step count. A collective when either is sharded."""
         self._set_param_state(dst, self._param_states(self.where[src][0])[src])
 
-
 # -- which rule, lr and weight decay each parameter gets --------------------------------------------------------
-
 
 def param_label(name):
     """Optimizer label of a parameter: selects its update rule, lr and weight decay in LABELS."""
@@ -1722,7 +1623,6 @@ def param_label(name):
         return {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "fc": "mlp_fc", "proj": "mlp_proj"}.get(leaf, "gate")
     return {"lm_head": "lm_head", "embed": "embed", "value_embeds": "value_embed", "bigram_embed": "bigram",
             "smear_gate": "gate"}.get(leaf, "scalar")
-
 
 def optimizer_labels(cfg, lr_mul=1.0):
     """Per-label update rule, lr and weight decay: modded-nanogpt's table, its lrs times lr_mul (SFT's, RL's). Our
@@ -1736,7 +1636,6 @@ def optimizer_labels(cfg, lr_mul=1.0):
             "value_embed": adam((0.75, 0.95), 75, 2.5), "bigram": adam((0.75, 0.95), 75, 2.5),
             "gate": adam((0.9, 0.99)), "scalar": adam((0.9, 0.99), 5)}
 
-
 def make_optimizer(model, cfg, lr_mul=1.0):
     return NorMuonAdam(list(model.named_parameters()), param_label, optimizer_labels(cfg, lr_mul))
 
@@ -1749,10 +1648,8 @@ TOKEN_FILE_MAGIC, TOKEN_FILE_VERSION, HEADER_INTS = 20240520, 1, 256
 FORMAT_VERSIONS = {"pretrain": 2, "core": 1, "sft": 1, "chat_eval": 2}  # pretrain 2: shuffled, val_sources
 TOKENIZER_VERSION = 2  # 2: its sha256 covers the split pattern and the special tokens too
 
-
 class DataFormatError(Exception):
     """A prepared file is missing or malformed; the message names the file."""
-
 
 class Tokenizer:
     """The tokenizer written by data/tokenizer.py: tiktoken ranks in base64 text, JSON metadata, byte counts."""
@@ -1809,18 +1706,15 @@ class Tokenizer:
     def special(self, name):
         return self.special_tokens[name]
 
-
 def data_tokenizer(data_dir):
     """The tokenizer of a prepared data directory."""
     return Tokenizer(os.path.join(data_dir, "tokenizer"))
-
 
 def read_bytes(path):
     if not os.path.isfile(path):
         raise DataFormatError(f"{path}: missing")
     with open(path, "rb") as f:
         return f.read()
-
 
 def sha256_file(path, chunk=1 << 20):
     digest = hashlib.sha256()
@@ -1829,13 +1723,11 @@ def sha256_file(path, chunk=1 << 20):
             digest.update(block)
     return digest.hexdigest()
 
-
 def read_json(path):
     try:
         return json.loads(read_bytes(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataFormatError(f"{path}: malformed JSON ({e})") from None
-
 
 def load_npy(path, dtype, shape=None):
     """A plain .npy array (never unpickled) of the given dtype and, where given, shape (None = any size)."""
@@ -1848,7 +1740,6 @@ def load_npy(path, dtype, shape=None):
     if arr.dtype != np.dtype(dtype) or (shape is not None and (arr.ndim != len(shape) or any(s is not None and s != a for s, a in zip(shape, arr.shape)))):
         raise DataFormatError(f"{path}: expected {np.dtype(dtype)} array of shape {shape}, got {arr.dtype} {arr.shape}")
     return arr
-
 
 def read_token_file(path, vocab_size, check_ids=True):
     """Memory-map a token file after checking its header against the file size and the tokenizer."""
@@ -1878,7 +1769,6 @@ def read_token_file(path, vocab_size, check_ids=True):
         raise DataFormatError(f"{path}: token id {int(tokens.max())} >= vocab_size {vocab_size}")
     return tokens
 
-
 def read_manifest(directory, fmt, tokenizer):
     path = os.path.join(directory, "manifest.json")
     manifest = read_json(path)
@@ -1889,7 +1779,6 @@ def read_manifest(directory, fmt, tokenizer):
     if manifest.get("tokenizer_sha256") != tokenizer.sha256:
         raise DataFormatError(f"{path}: written with a different tokenizer than {tokenizer.sha256[:12]}... (re-prepare the data)")
     return manifest
-
 
 def checked_tasks(manifest, path, n_examples, fields, **extra):
     """A manifest's tasks as the evaluators read them, each with `fields` ({key: type}) and its examples inside the
@@ -1907,12 +1796,10 @@ def checked_tasks(manifest, path, n_examples, fields, **extra):
             raise DataFormatError(f"{path}: task {i} needs {', '.join(fields)} with its examples inside the {n_examples} rows")
     return tasks
 
-
 def pretrain_shards(data_dir, tokenizer, split, check_sha256=False):
     """Paths of the `split` ('train' or 'val') pretraining shards, in order, after checking every header (and, with
     check_sha256, every byte against the manifest's sha256: ~2 s a GB here, so `--phases data` does it, training does not)."""
     return pretrain_manifest_shards(data_dir, tokenizer, split, check_sha256)[1]
-
 
 def pretrain_manifest_shards(data_dir, tokenizer, split, check_sha256=False):
     """(manifest, shard paths of `split`) of a prepared pretrain/ directory, every shard checked (pretrain_shards)."""
@@ -1938,7 +1825,6 @@ def pretrain_manifest_shards(data_dir, tokenizer, split, check_sha256=False):
                                   f"in {where} (a damaged or replaced shard)")
     return manifest, [os.path.join(directory, s["file"]) for s in picked]
 
-
 # -- the pretraining data of --data-dir: ours (pretrain/manifest.json, tokenizer/ beside it), or a folder of llm.c
 # shards as modded-nanogpt's FineWeb (fineweb_{train,val}_NNNNNN.bin) and the seed's climbmix_32k_8_170
 # (climbmix/{train,val}_NNNNNN.bin, config.json, tokenizer/token_bytes.pt) are published. Their headers record no
@@ -1946,7 +1832,6 @@ def pretrain_manifest_shards(data_dir, tokenizer, split, check_sha256=False):
 
 LLMC_SHARD = re.compile(r"(?:^|_)(train|val)_\d+\.bin$")
 GPT2_VOCAB, GPT2_EOT = 50257, 50256  # modded-nanogpt's FineWeb shards: GPT-2 ids, <|endoftext|> before each document
-
 
 @dataclasses.dataclass
 class PretrainData:
@@ -1977,7 +1862,6 @@ class PretrainData:
             self._val = tokens, source
         return self._val
 
-
 def pretrain_data(data_dir, vocab_size=0, bos_id=-1):
     """The pretraining data of `data_dir` (see above); vocab_size / bos_id (0 / -1: not given) are --vocab-size /
     --bos-id, which must agree with whatever else the directory says."""
@@ -1996,14 +1880,12 @@ def pretrain_data(data_dir, vocab_size=0, bos_id=-1):
     data.val_stream()  # its documents against val_sources now, not at the first evaluation
     return data
 
-
 def val_sources(manifest, where):
     runs = manifest.get("val_sources")
     if not (isinstance(runs, list) and all(isinstance(r, dict) and isinstance(r.get("name"), str)
                                            and type(r.get("n_docs")) is int and r["n_docs"] >= 0 for r in runs)):
         raise DataFormatError(f"{where}: 'val_sources' must be a list of {{name, n_docs}} objects")
     return [(r["name"], r["n_docs"]) for r in runs]
-
 
 def llmc_shards(data_dir):
     """{"train": paths, "val": paths} of the llm.c shards in data_dir or one folder down, in name order."""
@@ -2012,7 +1894,6 @@ def llmc_shards(data_dir):
         if m := LLMC_SHARD.search(os.path.basename(path)):
             found[m.group(1)].append(path)
     return found
-
 
 def llmc_data(data_dir, found, vocab_size=0, bos_id=-1):
     """The llm.c shards `found` in data_dir (words 3-5 of their headers zero), with vocab and BOS from --vocab-size /
@@ -2052,7 +1933,6 @@ def llmc_data(data_dir, found, vocab_size=0, bos_id=-1):
     origin = "; ".join(f"{name} {value[name]} from {told[name][0][1]}" for name in value) + f"; token bytes {bytes_from}"
     return PretrainData(found["train"], found["val"], V, value["bos_id"], token_bytes, [], origin, tokenizer)
 
-
 def llmc_token_bytes(data_dir, vocab_size, tokenizer):
     """(int32 bytes per token or None, where they came from) for a folder of llm.c shards."""
     if tokenizer is not None:
@@ -2076,7 +1956,6 @@ def llmc_token_bytes(data_dir, vocab_size, tokenizer):
             return None, f"unknown (tiktoken's gpt2 encoding is neither cached nor downloadable: {type(e).__name__}): val loss only, no bpb"
     return None, "unknown (no tokenizer/ and no tokenizer/token_bytes.pt): val loss only, no bpb"
 
-
 @dataclasses.dataclass
 class CoreData:
     tasks: list          # manifest task dicts: label, task_type, num_fewshot, random_baseline, first_example, n_examples
@@ -2089,7 +1968,6 @@ class CoreData:
         """(tokens, cont_start, cont_end) of sequence i."""
         off_a, len_a, off_b, len_b, start, end = (int(x) for x in self.sequences[i])
         return np.concatenate([self.tokens[off_a:off_a + len_a], self.tokens[off_b:off_b + len_b]]).astype(np.int64), start, end
-
 
 def load_core(data_dir, tokenizer):
     directory = os.path.join(data_dir, "core")
@@ -2105,7 +1983,6 @@ def load_core(data_dir, tokenizer):
         raise DataFormatError(f"{directory}/examples.npy: a row points past the tasks or sequences")
     return CoreData(manifest["tasks"], tokens, sequences, examples, manifest["max_len"])
 
-
 @dataclasses.dataclass
 class SFTSplit:
     tokens: np.ndarray  # conversations back to back, each starting with BOS
@@ -2115,7 +1992,6 @@ class SFTSplit:
     def conversation(self, i):
         a, b = int(self.convs[i]), int(self.convs[i + 1])
         return np.asarray(self.tokens[a:b], dtype=np.int64), np.asarray(self.mask[a:b], dtype=np.int64)
-
 
 def load_sft(data_dir, tokenizer, split):
     directory = os.path.join(data_dir, "sft")
@@ -2129,7 +2005,6 @@ def load_sft(data_dir, tokenizer, split):
         raise DataFormatError(f"{directory}/{split}.bin: a conversation does not start with <|bos|>")
     return SFTSplit(tokens, mask, convs)
 
-
 @dataclasses.dataclass
 class ChatEvalData:
     tasks: list       # manifest task dicts: name, kind, first_example, n_examples, random_baseline, answers
@@ -2140,7 +2015,6 @@ class ChatEvalData:
     def prompt(self, i):
         _, offset, length, gold, n_choices = (int(x) for x in self.examples[i])
         return np.asarray(self.tokens[offset:offset + length], dtype=np.int64), gold, n_choices
-
 
 def load_chat_eval(data_dir, tokenizer, name="chat_eval"):
     """The chat-eval file, or another in its format (name "rl": GSM8K's training questions)."""
@@ -2164,7 +2038,6 @@ def load_chat_eval(data_dir, tokenizer, name="chat_eval"):
     if len(examples) and (examples[:, 0] >= len(tasks)).any():
         raise DataFormatError(f"{directory}/examples.npy: a row points past the tasks")
     return ChatEvalData(manifest["tasks"], tokens, examples, manifest["letter_ids"])
-
 
 class PretrainLoader:
     """A contiguous token stream over the shards, wrapping around at the end. Each step takes world_size * T
@@ -2216,7 +2089,6 @@ class PretrainLoader:
         s["offset"] = offset
         return make_batch(buf, self.bos, max_doc_len, n_targets, device)
 
-
 def phase_data(cfg, rt, log):
     """check every file of DATA_DIR (sha256 too) and say what it holds; writes nothing"""
     t0 = time.time()
@@ -2253,7 +2125,6 @@ def phase_data(cfg, rt, log):
 # report.py beside this file renders report.md from metrics.json and curves.jsonl.
 
 LOG_SEPARATOR = "=" * 100  # after an invocation's code lines, before its header (baselines/record.py splits on it)
-
 
 class Logger:
     """Rank 0 prints and appends to RUN_DIR/log.txt, each line after the header stamped with the time since the
@@ -2305,7 +2176,6 @@ class Logger:
         if self.wandb is not None:
             self.wandb.log(values, step=step)
 
-
 class Progress:
     """`what: done/total unit, elapsed, eta` in the log every `every` seconds of a long evaluation, counting one unit a
     call (rank 0's share where the ranks split the work). log: a Logger, or None for silence."""
@@ -2324,17 +2194,14 @@ class Progress:
         self.log(f"{self.what}: {self.done:,}/{self.total:,} {self.unit}, {duration(elapsed)} so far, "
                  f"eta {duration(elapsed / self.done * (self.total - self.done))}")
 
-
 def duration(seconds):
     return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.2f} h"
-
 
 def project_sources():
     """The files of this project the process runs: this file, then every module beside it that it imported."""
     this = os.path.abspath(__file__)
     paths = {f for m in list(sys.modules.values()) if isinstance(f := getattr(m, "__file__", None), str) and os.path.isabs(f)}
     return [this] + sorted(p for p in paths if os.path.dirname(p) == os.path.dirname(this) and p.endswith(".py") and p != this)
-
 
 def code_lines(run_dir):
     """`code: NAME sha256 HASH (code/HASH16/NAME)` for each project source, a copy of each distinct source kept once
@@ -2352,7 +2219,6 @@ def code_lines(run_dir):
         lines.append(f"code: {name} sha256 {digest} ({kept})")
     return lines
 
-
 @functools.cache
 def git_state(directory):
     """(commit, dirty) of the git work tree holding directory, dirty meaning tracked files differ from the commit;
@@ -2365,7 +2231,6 @@ def git_state(directory):
         return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         return None
-
 
 def run_header(rt):
     """The lines every invocation's log opens with after its code (modded-nanogpt's logs open with the code, then the
@@ -2380,24 +2245,20 @@ def run_header(rt):
             f"triton {triton.__version__ if triton else 'not installed'}, CUDA {torch.version.cuda or 'none'}",
             f"device: {rt.device}{gpu}, world size {rt.world_size}, attention {rt.backend}"]
 
-
 def write_text_atomic(path, text):
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
 
-
 def read_metrics(run_dir):
     path = os.path.join(run_dir, "metrics.json")
     return read_json(path) if os.path.isfile(path) else {}
-
 
 def update_metrics(cfg, rt, values):
     """Merge values into RUN_DIR/metrics.json (every phase adds its own keys)."""
     if rt.master:
         write_text_atomic(os.path.join(cfg.run_dir, "metrics.json"),
                           json.dumps({**read_metrics(cfg.run_dir), **values}, indent=1) + "\n")
-
 
 def record_phase_time(cfg, rt, phase, checkpoint, seconds, header):
     """metrics.json's phase_time_s: [{phase, checkpoint (written, or evaluated), seconds}] in the order they ran (the
@@ -2412,7 +2273,6 @@ def record_phase_time(cfg, rt, phase, checkpoint, seconds, header):
         times.append(entry)
     update_metrics(cfg, rt, {"phase_time_s": times, "environment": header})
 
-
 # -- checkpoints: safetensors weights + weights_only-loadable optimizer state + JSON holding their sha256, written
 # atomically; one run per run directory (a lock), pruned by step number, verified on load, resume falls back --
 
@@ -2420,10 +2280,8 @@ CHECKPOINT_PREFIX = {"pt": "ckpt_", "sft": "sft_ckpt_", "rl": "rl_ckpt_"}  # RUN
 CURVE_PHASES = {"train": "pt", "val": "pt", "sft": "sft", "rl": "rl"}  # curves.jsonl's "<group>/<name>" -> phase
 CHECKPOINT_FILES = ("model.safetensors", "optim.pt")
 
-
 class CheckpointError(DataFormatError):
     """A checkpoint or run directory problem: missing, truncated, corrupt, unwritable, in use; the message names it."""
-
 
 def checkpoints(run_dir, phase):
     """{step: path} of the phase's checkpoints in run_dir, by step number (so 7-digit steps sort after 6-digit ones)."""
@@ -2431,7 +2289,6 @@ def checkpoints(run_dir, phase):
     found = {int(m.group(1)): os.path.join(run_dir, d) for d in (os.listdir(run_dir) if os.path.isdir(run_dir) else [])
              if (m := pattern.fullmatch(d))}
     return dict(sorted(found.items()))
-
 
 def save_checkpoint(cfg, rt, step, model, opt, extra_state, phase="pt"):
     """RUN_DIR/<prefix><step>/: model.safetensors, optim.pt, state.json (step, phase, extra_state e.g. the loader's
@@ -2464,12 +2321,10 @@ def save_checkpoint(cfg, rt, step, model, opt, extra_state, phase="pt"):
     for old in list(checkpoints(cfg.run_dir, phase).values())[:-max(cfg.keep_checkpoints, 1)]:
         shutil.rmtree(old, ignore_errors=True)
 
-
 def latest_checkpoint(run_dir, phase=None):
     """The newest checkpoint of `phase`, or of any phase (the model the next phase starts from); None if none."""
     path = os.path.join(run_dir, f"latest_{phase}" if phase else "latest")
     return os.path.join(run_dir, open(path).read().strip()) if os.path.isfile(path) else None
-
 
 def verify_checkpoint(path, files):
     """state.json of a checkpoint, after checking that `files` are there and have the sha256 it recorded."""
@@ -2489,13 +2344,11 @@ def verify_checkpoint(path, files):
             raise CheckpointError(f"{file}: sha256 differs from the one in state.json (truncated or corrupt)")
     return state
 
-
 def load_checkpoint(path, model, opt=None):
     """Verify, then load weights (and optimizer state); returns state.json. Every failure is a CheckpointError."""
     state = verify_checkpoint(path, CHECKPOINT_FILES if opt is not None else CHECKPOINT_FILES[:1])
     load_verified(path, model, opt)
     return state
-
 
 def load_model(path, device="cpu"):
     """(model, state.json) of a checkpoint: the model built from the ModelConfig it carries, its weights loaded;
@@ -2508,7 +2361,6 @@ def load_model(path, device="cpu"):
     model = GPT(model_cfg).to(device)
     load_verified(path, model)
     return model, state
-
 
 def load_verified(path, model, opt=None):
     """Weights (and optimizer state) of a checkpoint verify_checkpoint has checked."""
@@ -2524,7 +2376,6 @@ def load_verified(path, model, opt=None):
             opt.load_state_dict(torch.load(optim, weights_only=True, map_location="cpu"))
         except Exception as e:  # unpickling refused, other parameters, other shapes
             raise CheckpointError(f"{optim}: does not load into this optimizer ({str(e).splitlines()[0][:300]})") from None
-
 
 def resume_checkpoint(cfg, phase, model, opt, log):
     """--resume: load the phase's newest checkpoint that verifies (latest_<phase>, else the older ones kept, newest
@@ -2542,7 +2393,6 @@ def resume_checkpoint(cfg, phase, model, opt, log):
         raise CheckpointError(f"{cfg.run_dir}: no {phase} checkpoint to resume from loads ({', '.join(map(os.path.basename, candidates))})")
     return None
 
-
 def resumed_step(cfg, phase, model, opt, loader, log):
     """The step a pt or sft loop starts at: 0, or with --resume the step of the checkpoint resume_checkpoint loads
     (the loader then continues where it stood)."""
@@ -2553,7 +2403,6 @@ def resumed_step(cfg, phase, model, opt, loader, log):
     loader.state = state["loader"]
     log(f"{'' if phase == 'pt' else phase + ': '}resumed from {path} at step {state['step']}")
     return state["step"]
-
 
 def claim_run_dir(cfg, phases):
     """Before anything is written: lock the run directory for this process (released at exit, kill -9 included; a
@@ -2613,7 +2462,6 @@ def claim_run_dir(cfg, phases):
             write_text_atomic(os.path.join(cfg.run_dir, "latest"), os.path.basename(earlier[-1]))
     return lock
 
-
 def settle_losses(pending, cfg, rt, log, phase):
     """The losses of the steps in `pending` (a list of (step, loss tensor), emptied), averaged over ranks, as floats:
     one host sync for all of them. The loops call it at log, eval and checkpoint steps only, so the GPU runs ahead in
@@ -2629,7 +2477,6 @@ def settle_losses(pending, cfg, rt, log, phase):
             update_metrics(cfg, rt, {prefix.replace(" ", "_") + "diverged_at_step": step})
             sys.exit(2)
     return values
-
 
 class LoopTimer:
     """Training time without eval and checkpoint pauses, read at host syncs (where the GPU has caught up)."""
@@ -2655,7 +2502,6 @@ class LoopTimer:
         """Eval or a checkpoint ran since the last lap: leave it out."""
         self.resumed = self.since = time.perf_counter()
 
-
 def trained_model(cfg, rt):
     """(model, state.json, path) of --init-from, else of the run's latest checkpoint (load_model)."""
     path = cfg.init_from or latest_checkpoint(cfg.run_dir)
@@ -2668,7 +2514,6 @@ def trained_model(cfg, rt):
 # =============================================================================================================
 # 9. Pretraining: the schedule, the loss, bits per byte, FLOPs, then the loop (phase_pt)
 
-
 @dataclasses.dataclass
 class StepPlan:
     stage: int
@@ -2679,7 +2524,6 @@ class StepPlan:
     lr_factor: float
     mtp_weights: list
 
-
 def scaled_stages(cfg):
     """The stages, with step counts rescaled so that they add up to --train-tokens when it is set."""
     if not cfg.train_tokens:
@@ -2687,10 +2531,8 @@ def scaled_stages(cfg):
     factor = cfg.train_tokens / sum(s.steps * s.batch_tokens for s in cfg.stages)
     return [dataclasses.replace(s, steps=max(1, round(s.steps * factor))) for s in cfg.stages]
 
-
 def total_steps(stages):
     return sum(s.steps for s in stages)
-
 
 def plan_step(cfg, stages, step):
     total, start = total_steps(stages), 0
@@ -2708,7 +2550,6 @@ def plan_step(cfg, stages, step):
     return StepPlan(index, stage.batch_tokens, stage.max_doc_len, stage.short_window, stage.long_window,
                     warmup * (stage.lr_mul * (1 - frac) + cfg.final_lr * frac), mtp)
 
-
 def micro_batch(batch_tokens, micro_batch_tokens, world_size, what):
     """(tokens per forward, forwards per step) that make up a global batch of batch_tokens over world_size ranks."""
     T = min(micro_batch_tokens, batch_tokens // world_size)
@@ -2716,7 +2557,6 @@ def micro_batch(batch_tokens, micro_batch_tokens, world_size, what):
     if accum * world_size * T != batch_tokens:
         raise ValueError(f"{what}: batch of {batch_tokens} tokens is not a multiple of world size {world_size} x {T} tokens")
     return T, accum
-
 
 def pretrain_steps(cfg, stages, world_size, start=0):
     """The schedule from step `start` on, one (step, plan, tokens per forward, forwards, grow, untie) per step. What
@@ -2730,7 +2570,6 @@ def pretrain_steps(cfg, stages, world_size, start=0):
         grow = (before.long_window, p.long_window) if p.long_window != before.long_window else None
         yield (step, p, *micro_batch(p.batch_tokens, cfg.micro_batch_tokens, world_size, f"stage {p.stage}"), grow,
                step == untie_step)
-
 
 def warm_up_compiled(loss_fn, model, cfg, rt, stages, loader, start):
     """Build every graph the compiled loss will need over the steps from `start` on before the timed loop, as
@@ -2766,7 +2605,6 @@ def warm_up_compiled(loss_fn, model, cfg, rt, stages, loader, start):
         torch.cuda.synchronize(rt.device)
     return time.perf_counter() - t0, counters["stats"]["unique_graphs"] - graphs
 
-
 def train_loss(model, batch, windows, mtp_weights, backend, grad_scale=1.0, fp8=False):
     """Mean over tokens of the MTP-weighted softcapped cross entropy; mtp_weights is a (K,) tensor (a tensor, not
     floats, so compiled code is not specialised to each step's values); grad_scale is 1 / gradient accumulation;
@@ -2781,7 +2619,6 @@ def train_loss(model, batch, windows, mtp_weights, backend, grad_scale=1.0, fp8=
         logits = h @ model.lm_head[:model.vocab_size].T
     return softcap_cross_entropy(logits, batch.targets[:, :len(mtp_weights)], mtp_weights, model.cfg.softcap).sum() / batch.inputs.numel()
 
-
 def val_rows(n_targets, T, subset=0, first=0):
     """The rows an evaluation scores; row r predicts targets r*T+1 .. r*T+T of the val stream. All of them: every
     target once; first=N: those of the first N targets (modded-nanogpt's rule, for its numbers); subset=N: N targets'
@@ -2792,7 +2629,6 @@ def val_rows(n_targets, T, subset=0, first=0):
     if subset and subset < n_targets:
         return np.unique(np.linspace(0, n_rows - 1, max(1, subset // T)).round().astype(np.int64))
     return np.arange(n_rows)
-
 
 @torch.no_grad()
 def evaluate_bpb(model, data, rt, windows, max_doc_len, T, subset=0, first=0, log=None):
@@ -2840,19 +2676,16 @@ def evaluate_bpb(model, data, rt, windows, max_doc_len, T, subset=0, first=0, lo
                    f"subset: {scored:,} of {n:,} targets, spread over the stream")
     return out
 
-
 def val_line(val):
     """The log's line of an evaluate_bpb result (baselines/record.py reads it)."""
     bpb = "n/a" if val["bpb"] is None else f"{val['bpb']:.4f}"
     split = "".join(f"; {name} {b:.4f}" for name, b in val["by_source"].items())
     return f"val bpb {bpb} val loss {val['loss']:.4f} ({val['what']}{split})"
 
-
 def val_metrics(val):
     """metrics.json's keys of an evaluate_bpb result."""
     return {"val_bpb": val["bpb"], "val_loss": val["loss"], "val_bpb_by_source": val["by_source"],
             "val_loss_tokens": val["targets"], "val_scored": val["what"]}
-
 
 def mtp_note(weights):
     """What the training loss is when it is not the next-token loss alone: the MTP-weighted sum (at init ~ sum(w) ln V)."""
@@ -2860,7 +2693,6 @@ def mtp_note(weights):
         return ""
     names = ["next"] + [f"{k + 2}-ahead" for k in range(len(weights) - 1)]
     return " (loss = " + " + ".join(f"{w:.2f} x {n}" for w, n in zip(weights, names)) + ")"
-
 
 def attention_pairs(segment_lengths, window):
     """(query, key) pairs one attention layer scores over segments of these lengths: a query sees itself and up to
@@ -2870,7 +2702,6 @@ def attention_pairs(segment_lengths, window):
     w = L.max(initial=0) if window is None or window < 0 else window + 1  # keys of a query deep in a segment
     first = np.minimum(L, w)  # the first w queries see 1, 2, ..., w keys; the rest w each
     return int((first * (first + 1) // 2 + (L - first) * w).sum())
-
 
 def training_flops(model, windows, segment_lengths):
     """FLOPs of one forward + backward over a micro-batch of these segments: 6 per token per matmul weight (embedding
@@ -2882,13 +2713,11 @@ def training_flops(model, windows, segment_lengths):
     pairs = sum(attention_pairs(segment_lengths, w) for w in windows)
     return 6 * matmul * int(np.sum(segment_lengths)) + 12 * cfg.n_heads * cfg.head_dim * pairs
 
-
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from the vendors' datasheets; the first name that occurs in
 # torch.cuda.get_device_name() wins, so the specific names come first ("GH200" holds "H200", "A100" holds "A10").
 # MFU is reported for bf16 runs only (fp32 runs would need the TF32/fp32 peak; pre-Ampere GPUs train in fp32).
 PEAK_BF16_FLOPS = (("GH200", 989e12), ("H200 NVL", 835e12), ("H200", 989e12), ("H100 NVL", 835e12),
                    ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12))
-
 
 def peak_flops(device, dtype=torch.bfloat16):
     """This GPU's dense bf16 peak, or None where it is unknown (CPUs, GPUs not in the table, fp32 runs)."""
@@ -2898,11 +2727,9 @@ def peak_flops(device, dtype=torch.bfloat16):
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS if k in name), None)
 
-
 def peak_memory_gib(device):
     device = torch.device(device)
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
 
 def phase_pt(cfg, rt, log):
     """pretrain; reads DATA_DIR/pretrain; writes RUN_DIR/ckpt_<step>/, curves.jsonl, metrics.json"""
@@ -2993,7 +2820,6 @@ def phase_pt(cfg, rt, log):
 # the decisions are nanochat's (bench/eval_bench.py's evaluate_example_alone forwards one sequence at a time, the
 # reference the tests compare with).
 
-
 @torch.no_grad()
 def packed_hidden(model, sequences, rt, windows):
     """One forward of `sequences` as pack_sequences: final hidden states (T, dim), tokens (T,), start offsets."""
@@ -3001,7 +2827,6 @@ def packed_hidden(model, sequences, rt, windows):
     with autocast(rt):
         h = model.hidden(batch, windows, rt.backend)
     return h, batch.inputs, starts
-
 
 def examples_of_rank(tasks, n_examples, max_per_task, rt):
     """Which examples are evaluated (bool per example: the first max_per_task of each task, all when <= 0) and the
@@ -3012,7 +2837,6 @@ def examples_of_rank(tasks, n_examples, max_per_task, rt):
         evaluated[first:first + n] = True
         mine += range(first + rt.rank, first + n, rt.world_size)
     return evaluated, mine
-
 
 def token_batches(items, n_tokens, batch_tokens):
     """Consecutive items grouped into batches of up to batch_tokens tokens (an item longer than that goes alone)."""
@@ -3025,7 +2849,6 @@ def token_batches(items, n_tokens, batch_tokens):
         used += n_tokens(item)
     if batch:
         yield batch
-
 
 def task_scores(tasks, name_key, correct, evaluated, rt):
     """Sum the ranks' float `correct` (1 right, 0 wrong or not mine) and score each task: dict(results={name:
@@ -3041,7 +2864,6 @@ def task_scores(tasks, name_key, correct, evaluated, rt):
         centered[t[name_key]] = (results[t[name_key]] - b) / (1 - b)
     return dict(results=results, centered=centered, mean=sum(centered.values()) / len(centered), correct=correct)
 
-
 def task_table(out, tasks, name_key, total):
     """Per-task examples evaluated, accuracy and centered accuracy (stand-in data marked), then the `total` line
     ("CORE", "ChatCORE": out[total.lower()])."""
@@ -3054,7 +2876,6 @@ def task_table(out, tasks, name_key, total):
     lines.append(f"{total:<{width}} {'':>8} {'':>8} {out[total.lower()]:>8.4f}")
     return "\n".join(lines)
 
-
 def core_decision(task_type, gold, mean_losses, all_right):
     """nanochat's rule. multiple_choice / schema: the option with the lowest mean continuation loss is the answer.
     language_modeling (one sequence): correct iff every greedy prediction over the continuation is right."""
@@ -3064,7 +2885,6 @@ def core_decision(task_type, gold, mean_losses, all_right):
     # one, so a NaN option wins exactly when it comes first (then index() finds that very object) and never otherwise
     return mean_losses.index(min(mean_losses)) == gold
 
-
 def _span_scores(losses, right, spans):
     """Per sequence (mean loss, all predictions right) from flat fp32 losses / bools laid out span after span."""
     scores, k = [], 0
@@ -3073,7 +2893,6 @@ def _span_scores(losses, right, spans):
         scores.append((losses[k:k + n].mean().item(), bool(right[k:k + n].all())))
         k += n
     return scores
-
 
 @torch.no_grad()
 def core_scores_packed(model, seqs, rt, windows):
@@ -3092,7 +2911,6 @@ def core_scores_packed(model, seqs, rt, windows):
         losses.append(F.cross_entropy(logits, targets[chunk], reduction="none"))
         right.append(logits.argmax(-1) == targets[chunk])
     return _span_scores(torch.cat(losses).cpu(), torch.cat(right).cpu(), [e - s for _, s, e in seqs])
-
 
 @torch.no_grad()
 def evaluate_core(model, core, rt, windows, max_per_task=-1, batch_tokens=32768, log=None):
@@ -3126,7 +2944,6 @@ def evaluate_core(model, core, rt, windows, max_per_task=-1, batch_tokens=32768,
     out = task_scores(core.tasks, "label", correct, evaluated, rt)
     return dict(out, core=out.pop("mean"))
 
-
 def phase_eval(cfg, rt, log):
     """bits per byte over every val token, then CORE; reads pretrain/ val, core/; writes metrics.json"""
     data = pretrain_data(cfg.data_dir, cfg.vocab_size, cfg.bos_id)
@@ -3152,7 +2969,6 @@ def phase_eval(cfg, rt, log):
 # =============================================================================================================
 # 11. Inference: a KV cache that reproduces the training forward, sampling, the calculator tool, the engine,
 # then phase_generate
-
 
 class KVCache:
     """Keys and values of every layer for B rows: a (B, capacity, H, D) tensor per layer (FA's layout; one tensor
@@ -3217,7 +3033,6 @@ class KVCache:
         self.lengths, self.last_ids = self.lengths[index], self.last_ids[index]
         self.host_lengths = [self.host_lengths[r] for r in rows]
 
-
 def sample_next(logits, generator, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     """(B,) next tokens from logits (B, V): argmax at temperature 0, else a draw after the filters: top-k keeps the k
     largest, min-p drops tokens below min_p x the top probability, top-p keeps the smallest set reaching top_p."""
@@ -3238,7 +3053,6 @@ def sample_next(logits, generator, temperature=1.0, top_k=0, top_p=1.0, min_p=0.
     draw = torch.multinomial(probs, 1, generator=generator)  # multinomial renormalises
     return (draw if index is None else index.gather(-1, draw)).squeeze(-1)
 
-
 # -- the calculator tool the chat model calls between <|python_start|> and <|python_end|> --
 # The expression is parsed, never executed: calculate() walks the syntax tree and computes only whitelisted nodes.
 # Every computation is bounded, so no timer is needed: the input is at most CALC_MAX_CHARS characters and at most
@@ -3257,14 +3071,12 @@ CALC_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.
 DIGIT_GROUP_COMMA = re.compile(r"(?<=\d),(?=\d{3})")  # "1,200*3": GSM8K writes thousands separators
 STRING_LITERAL = re.compile(r"""('[^'\\]*(?:\\.[^'\\]*)*'|"[^"\\]*(?:\\.[^"\\]*)*")""")  # kept as written
 
-
 def calc_is_count(node):
     """Is this Call exactly '<str literal>.count(<str literal>)'?"""
     func, args = node.func, node.args
     return (type(func) is ast.Attribute and func.attr == "count"
             and type(func.value) is ast.Constant and type(func.value.value) is str
             and len(args) == 1 and not node.keywords and type(args[0]) is ast.Constant and type(args[0].value) is str)
-
 
 def calc_value(node):
     """The int or float a whitelisted node computes to; any other node, or a value out of bounds, raises ValueError."""
@@ -3288,7 +3100,6 @@ def calc_value(node):
         raise ValueError("result out of bounds")
     return value
 
-
 def calc_format(value):
     """GSM8K's notation, which the SFT data teaches: 0.2*50 -> '10', 12/60 -> '0.2', 2/3 -> '0.666667'.
     (nanochat's use_calculator returns str() of the raw value: '10.0', '0.30000000000000004'.)"""
@@ -3296,7 +3107,6 @@ def calc_format(value):
         return str(value)
     text = f"{value:.{CALC_DECIMALS}f}".rstrip("0").rstrip(".")
     return "0" if text == "-0" else text
-
 
 def calculate(expr):
     """The tool's output for the text between <|python_start|> and <|python_end|>: arithmetic (+ - * / // % **, unary
@@ -3318,13 +3128,11 @@ def calculate(expr):
     except (ValueError, ArithmeticError):  # ArithmeticError: division by zero, float overflow in **
         return None
 
-
 @dataclasses.dataclass
 class Sample:
     tokens: list   # generated tokens, forced tool output included; the stop token too when one was reached
     mask: list     # 1 where the model sampled the token, 0 where the calculator's output was forced
     stopped: bool  # ended on <|assistant_end|> or <|bos|> (else it ran into max_new_tokens, or was cancelled)
-
 
 @dataclasses.dataclass(eq=False)  # compared by identity: the rows of one Sampling draw together
 class Sampling:
@@ -3335,7 +3143,6 @@ class Sampling:
     top_p: float = 1.0
     min_p: float = 0.0
     generator: torch.Generator = None
-
 
 @dataclasses.dataclass(eq=False)
 class Stream:
@@ -3352,9 +3159,7 @@ class Stream:
     call: list = None        # tokens of an open calculator call
     cancelled: bool = False
 
-
 CAPACITY_STEP = 256  # a compiled engine's cache capacities are multiples of this (CUDA graphs record each shape)
-
 
 class Engine:
     """Generation with a KV cache and the calculator tool: a sample stops at <|assistant_end|> or <|bos|> (or after
@@ -3411,7 +3216,6 @@ class Engine:
                 stream.forced += [self.output_start, *self.tokenizer.encode(result), self.output_end]
         elif stream.call is not None:
             stream.call.append(token)
-
 
 class DecodeBatch:
     """Streams decoding together in the rows of one KV cache, one token each per step, continuously batched: a stream
@@ -3530,18 +3334,15 @@ class DecodeBatch:
                 self._end(row)
         return True
 
-
 def chat_turn(tokenizer, conversation, user_text):
     """conversation (tokens so far, starting with <|bos|>) + a user turn + <|assistant_start|>: the prompt for a reply."""
     special = tokenizer.special
     return [*conversation, special("<|user_start|>"), *tokenizer.encode(user_text), special("<|user_end|>"),
             special("<|assistant_start|>")]
 
-
 def reply_text(tokenizer, sample):
     """The text of a generated Sample, without the stop token that ended it."""
     return tokenizer.decode(sample.tokens[:-1] if sample.stopped else sample.tokens)
-
 
 def phase_generate(cfg, rt, log):
     """samples for --prompt, or a chat on stdin; writes nothing
@@ -3590,12 +3391,10 @@ def phase_generate(cfg, rt, log):
 # =============================================================================================================
 # 12. Chat evaluation (ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval in a sandbox; ChatCORE), then phase_chat
 
-
 def gsm8k_answer(text):
     """The number after '####' (commas dropped), where GSM8K puts its final answers; None when there is none."""
     match = re.search(r"####\s*(-?[\d,]*\.?\d+)", text)
     return match.group(1).replace(",", "") if match else None
-
 
 @torch.no_grad()
 def categorical_choices(model, prompts, letter_ids, rt, windows):
@@ -3606,7 +3405,6 @@ def categorical_choices(model, prompts, letter_ids, rt, windows):
     n_choices = torch.tensor([n for _, n in prompts], device=rt.device)
     allowed = torch.arange(len(letter_ids), device=rt.device) < n_choices[:, None]
     return letter_logits.masked_fill(~allowed, float("-inf")).argmax(-1).tolist()
-
 
 # -- HumanEval: model-written code runs in a sandbox ------------------------------------------------------------------
 #
@@ -3652,27 +3450,22 @@ SANDBOX_CONSTANTS = ("CLONE_NEWNS", "CLONE_NEWUTS", "CLONE_NEWIPC", "CLONE_NEWUS
                      "MS_RDONLY", "MS_NOSUID", "MS_NODEV", "MS_NOEXEC", "MS_REMOUNT", "MS_BIND", "MS_REC", "MS_PRIVATE",
                      "SANDBOX_SYSCALLS", "SANDBOX_NO_NETWORK")
 
-
 class SandboxSetupError(Exception):
     pass
-
 
 @functools.cache
 def sandbox_libc():
     return ctypes.CDLL(None, use_errno=True)
 
-
 def sandbox_check(ret, what):
     if ret == -1:
         raise SandboxSetupError(f"{what}: {os.strerror(ctypes.get_errno())}")
-
 
 def sandbox_syscalls():
     known = SANDBOX_SYSCALLS.get(os.uname().machine) if sys.platform == "linux" else None
     if known is None:
         raise SandboxSetupError(f"no namespaces or syscall table for {sys.platform} on {os.uname().machine}")
     return known
-
 
 def sandbox_deny_syscalls(names):
     """A seccomp filter: the named syscalls fail with EPERM, any other ABI (x32, 32-bit compat) kills the process."""
@@ -3689,7 +3482,6 @@ def sandbox_deny_syscalls(names):
     sandbox_check(libc.prctl(38, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
     sandbox_check(libc.prctl(22, 2, ctypes.byref(Filter(len(program), ctypes.addressof(code))), 0, 0), "seccomp")
 
-
 def sandbox_namespaces(as_root, uid):
     flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
     if as_root:
@@ -3700,11 +3492,9 @@ def sandbox_namespaces(as_root, uid):
         with open(f"/proc/self/{name}", "w") as f:
             f.write(text)
 
-
 def sandbox_mount(source, target, fstype, flags, options=None):
     sandbox_check(sandbox_libc().mount(source and source.encode(), target.encode(), fstype and fstype.encode(),
                                        ctypes.c_ulong(flags), options and options.encode()), f"mount {target}")
-
 
 def sandbox_hidden_ancestor(path):
     """The first directory on the way to path that other users may not enter (e.g. /root, for a Python under it)."""
@@ -3714,7 +3504,6 @@ def sandbox_hidden_ancestor(path):
         if not os.stat(directory).st_mode & 0o001:
             return directory
     return None
-
 
 def sandbox_mount_views(work, disk, owner, as_root):
     """Every mount read-only, nosuid and private to us; then a tmpfs of `disk` bytes on the working directory and an
@@ -3739,7 +3528,6 @@ def sandbox_mount_views(work, disk, owner, as_root):
                   f"size={disk},nr_inodes=16384,mode=0700,uid={owner},gid={owner}")
     sandbox_mount("tmpfs", "/proc", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4096,mode=0555")
 
-
 def sandbox_fork_supervised():
     """Fork. The parent waits and exits as the child did (a signal as 128 + its number: a namespace's init cannot
     signal itself); the child gets the read end of a pipe only the parent writes to, for sandbox_die_with_parent."""
@@ -3751,7 +3539,6 @@ def sandbox_fork_supervised():
     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     os._exit(128 - code if code < 0 else code)
 
-
 def sandbox_die_with_parent(alive):
     """SIGKILL when the parent dies; the pipe reads EOF if it died before the prctl took hold. Set after any change of
     uid, which clears it."""
@@ -3760,7 +3547,6 @@ def sandbox_die_with_parent(alive):
     if select.select([alive], [], [], 0)[0]:
         os._exit(1)
     os.close(alive)
-
 
 def sandbox_cut_python_sockets():
     """A first, friendlier layer under the syscall filter: Python's socket types refuse with a clear message."""
@@ -3772,7 +3558,6 @@ def sandbox_cut_python_sockets():
             raise OSError("network access is disabled in the sandbox")
     socket.socket = socket.SocketType = _socket.socket = _socket.SocketType = NoNetwork
 
-
 def sandbox_drop_privileges(as_root, isolated, uid):
     if as_root:
         os.setgroups([])
@@ -3780,7 +3565,6 @@ def sandbox_drop_privileges(as_root, isolated, uid):
         os.setresuid(uid, uid, uid)
     elif isolated:  # a nested user namespace: no capability left over the namespaces made above
         sandbox_check(sandbox_libc().unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
-
 
 def sandbox_limit(memory, cpu_seconds, disk):
     import resource
@@ -3791,7 +3575,6 @@ def sandbox_limit(memory, cpu_seconds, disk):
         except (ValueError, OSError) as e:  # macOS refuses RLIMIT_AS
             if sys.platform == "linux":
                 raise SandboxSetupError(f"setrlimit: {e}")
-
 
 def sandbox_run(source, status, nonce):
     """The harness: the program as module "program" (its `if __name__ == "__main__":` demos, input() or unittest,
@@ -3808,7 +3591,6 @@ def sandbox_run(source, status, nonce):
         traceback.print_exc()
     stderr.flush()
     exit_(1)
-
 
 def sandbox_main(a):
     import resource
@@ -3848,12 +3630,10 @@ def sandbox_main(a):
         os._exit(125)
     sandbox_run(source, status, nonce)
 
-
 SANDBOX_CODE = (SandboxSetupError, sandbox_libc, sandbox_check, sandbox_syscalls, sandbox_deny_syscalls,
                 sandbox_namespaces, sandbox_mount, sandbox_hidden_ancestor, sandbox_mount_views, sandbox_fork_supervised,
                 sandbox_die_with_parent, sandbox_cut_python_sockets, sandbox_drop_privileges, sandbox_limit, sandbox_run,
                 sandbox_main)
-
 
 @functools.cache
 def sandbox_launcher():
@@ -3864,7 +3644,6 @@ def sandbox_launcher():
     return (f"import {SANDBOX_IMPORTS}\n\n{constants}\n\n{code}\n\n"
             "if __name__ == '__main__':\n    sandbox_main(json.loads(sys.argv[1]))\n")
 
-
 def extract_program(completion, prompt):
     """The program of a HumanEval completion: the problem's prompt, then the first ``` block of the completion
     (an unclosed one runs to the end: generation stopped), else its whole text. The prompt always goes first: its
@@ -3874,14 +3653,11 @@ def extract_program(completion, prompt):
     fenced = re.search(r"```[\w+-]*[ \t]*\n(.*?)(?:```|\Z)", completion, re.DOTALL)  # ```python, ```py, ```Python3, ```
     return prompt + "\n" + (fenced.group(1) if fenced else completion)
 
-
 class SandboxUnavailable(RuntimeError):
     """The sandbox cannot be set up on this machine."""
 
-
 class SandboxWarning(UserWarning):
     """Model-written code runs in the weak sandbox."""
-
 
 @functools.cache
 def warn_weak_sandbox():
@@ -3891,7 +3667,6 @@ def warn_weak_sandbox():
     warnings.warn(f"--sandbox=weak: model-written code runs without namespaces, as {who}; it can see other processes, "
                   "read world-readable files and write world-writable directories (README: Security)",
                   SandboxWarning, stacklevel=3)
-
 
 def remove_tree(top):
     """Delete top and everything under it without following a link and without raising, however deep or locked down
@@ -3925,7 +3700,6 @@ def remove_tree(top):
         os.rmdir(top)
     except OSError:
         pass
-
 
 def run_sandboxed(program, timeout=5.0, memory_mb=512, disk_mb=64, sandbox="isolated"):
     """Run Python source in the sandbox (its promise above). -> (passed, reason): passed if the harness reported the
@@ -3991,7 +3765,6 @@ def run_sandboxed(program, timeout=5.0, memory_mb=512, disk_mb=64, sandbox="isol
         return False, f"killed by {signal.Signals(code - 128).name}"
     return False, (lines[-1] if lines else f"exit status {code}")[:200]
 
-
 def humaneval_passed(completion, problem, timeout=5.0, sandbox="isolated"):
     """Whether the completion passes a HumanEval problem (an entry of the code task's manifest "problems")."""
     program = f"{extract_program(completion, problem['prompt'])}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
@@ -4033,7 +3806,6 @@ def evaluate_chat(model, chat, tokenizer, rt, windows, max_per_task=-1, batch_to
     out = task_scores(chat.tasks, "name", correct, evaluated, rt)
     return dict(out, chatcore=out.pop("mean"))
 
-
 def phase_chat(cfg, rt, log):
     """chat eval (ARC, MMLU, GSM8K, HumanEval; ChatCORE); reads chat_eval/; writes metrics.json"""
     tokenizer = data_tokenizer(cfg.data_dir)
@@ -4059,7 +3831,6 @@ def phase_chat(cfg, rt, log):
 # across conversations, so a conversation gets exactly the losses it would get alone. Only tokens the SFT mask marks
 # (assistant text, tool calls, <|assistant_end|>) are targets. nanochat pads rows of a (B, T) batch instead.
 
-
 def sft_batch(split, convs, T, bos_id, device):
     """Packed Batch of T tokens from conversations `convs` (indices into SFTSplit `split`) back to back; only the
     first may be longer than T (it is cut). The rest is one padding document (BOS, then token 0s), so padding adds a
@@ -4072,7 +3843,6 @@ def sft_batch(split, convs, T, bos_id, device):
     batch = make_batch(buf, bos_id, T, 1, device)  # max_doc_len T: documents start only at BOS
     batch.targets.masked_fill_(~to_device(supervised, torch.bool, device)[:, None], -1)
     return batch
-
 
 class SFTLoader:
     """Whole conversations in a shuffled order (a new permutation each epoch, from the seed), packed greedily: a
@@ -4108,7 +3878,6 @@ class SFTLoader:
         mine = [self._take(T) for _ in range(self.world_size)][self.rank]
         return sft_batch(self.split, mine, T, self.bos, device)
 
-
 def sft_loss(model, batch, windows, backend):
     """Mean softcapped cross entropy over the supervised targets (targets -1 count nowhere, get no gradient).
     The lm_head stays a plain matmul: FP8's static gradient scale is set for pretraining's mean over all tokens."""
@@ -4117,7 +3886,6 @@ def sft_loss(model, batch, windows, backend):
     targets = batch.targets[:, :1]
     losses = softcap_cross_entropy(logits, targets, torch.ones(1, device=h.device), model.cfg.softcap)
     return losses.sum() / (targets >= 0).sum().clamp(min=1)
-
 
 @torch.no_grad()
 def evaluate_sft_loss(model, split, rt, windows, max_tokens, batch_tokens=8192):
@@ -4142,7 +3910,6 @@ def evaluate_sft_loss(model, split, rt, windows, max_tokens, batch_tokens=8192):
     nats, count = sum_over_ranks(sums, rt).tolist()
     return nats / max(count, 1)
 
-
 def sft_lr_factor(sft, step, total):
     """Linear warmup over sft.warmup_frac of the steps, flat, then linear decay over the last sft.cooldown_frac
     (to 1/cooldown steps on the last step, so no step is wasted at lr 0)."""
@@ -4150,7 +3917,6 @@ def sft_lr_factor(sft, step, total):
     up = min(1.0, (step + 1) / warmup) if warmup else 1.0
     down = min(1.0, (total - step) / cooldown) if cooldown else 1.0
     return up * down
-
 
 def phase_sft(cfg, rt, log):
     """chat SFT with a fresh optimizer; reads sft/; writes RUN_DIR/sft_ckpt_<step>/, curves.jsonl, metrics.json"""
@@ -4230,17 +3996,14 @@ def phase_sft(cfg, rt, log):
 # =============================================================================================================
 # 14. GSM8K RL: on-policy policy gradient with the engine and the calculator, nanochat-style; the loop (phase_rl)
 
-
 def gsm8k_reward(tokenizer, sample, answer):
     """1 when the number after '####' in the sample is the reference answer, else 0."""
     return float(gsm8k_answer(reply_text(tokenizer, sample)) == answer)
-
 
 def group_advantages(rewards):
     """Reward minus the mean over the k samples of the same question (no std scaling, as nanochat)."""
     rewards = torch.as_tensor(rewards, dtype=torch.float32)
     return rewards - rewards.mean()
-
 
 def policy_gradient_loss(model, rollouts, windows, rt, n_tokens):
     """-sum(advantage x log p(token)) / n_tokens over the sampled tokens of `rollouts`, a list of (prompt, Sample,
@@ -4259,7 +4022,6 @@ def policy_gradient_loss(model, rollouts, windows, rt, n_tokens):
         logp = -F.cross_entropy(model.logits(h[rows]).float(), ids[rows + 1], reduction="none")
     return -(logp * torch.from_numpy(np.concatenate(weights)).to(rt.device)).sum() / max(1, n_tokens)
 
-
 @torch.no_grad()
 def gsm8k_pass_at_k(engine, tokenizer, chat, task, examples, k, rl, rt, seed, log=None):
     """pass@1..k on the given examples of a generative chat-eval task: the fraction of questions where one of the
@@ -4275,7 +4037,6 @@ def gsm8k_pass_at_k(engine, tokenizer, chat, task, examples, k, rl, rt, seed, lo
         progress()
     sum_over_ranks(hits, rt)
     return {j + 1: float(hits[j]) / len(examples) for j in range(k)}
-
 
 def phase_rl(cfg, rt, log):
     """GSM8K RL; reads rl/, chat_eval/; writes RUN_DIR/rl_ckpt_<step>/, curves.jsonl, metrics.json
@@ -4356,7 +4117,6 @@ PHASES = {"data": phase_data, "pt": phase_pt, "eval": phase_eval, "sft": phase_s
 TIMED_PHASES = ("pt", "eval", "sft", "chat", "rl")  # their wall times go into metrics.json (phase_time_s)
 MOVED = {"serve": "serve.py", "export": "export.py"}  # phases that the files beside this one run now
 
-
 def moved_phase(argv):
     """What replaced an old command's --phases serve / export / convert (the message), or None."""
     import shlex
@@ -4373,7 +4133,6 @@ def moved_phase(argv):
             return (f"--phases {name} moved beside the stack (it imports it); run the other phases first, then: "
                     f"python {MOVED[name]} {shlex.join(rest)}")
     return None
-
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -4414,7 +4173,6 @@ def main(argv=None):
         if lock is not None:
             lock.close()
 
-
 def phases_to_run(phases, cfg, rt, log, header=None):
     """Run the phases in order; returns [(phase, seconds)]. After each of TIMED_PHASES its wall time and the checkpoint
     it wrote or evaluated go into metrics.json with the invocation's header (run_header): a failure to write them is a
@@ -4437,7 +4195,6 @@ def phases_to_run(phases, cfg, rt, log, header=None):
     except (DataFormatError, SandboxUnavailable) as e:
         sys.exit(f"error: {e}")
     return times
-
 
 if __name__ == "__main__":
     main()
