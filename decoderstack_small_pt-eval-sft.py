@@ -10,8 +10,7 @@ Run:
     modded-nanogpt's FineWeb shards (GPT-2 ids; its val loss rule, to compare with its 3.28 target):
         torchrun --nproc_per_node=8 decoderstack_small_pt-eval-sft.py --preset h100x8 --data-dir data/fineweb10B \\
             --vocab-size 50257 --bos-id 50256 --val-final-tokens 10485760
-Any setting can be overridden with --name=value (--flag / --no-flag for booleans, JSON for tuples); --help lists them
-all and the phases.
+Any setting: --name=value (--flag / --no-flag for booleans, JSON for tuples); --help lists them all and the phases.
 
 Contents, in the order data flows; each phase's loop comes right after its parts
     1. Settings: the stages of the schedule, Config and its SFT / RL / sampling groups, presets, the flags
@@ -79,8 +78,7 @@ except ImportError:  # e.g. Macs: every kernel falls back to its PyTorch referen
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """One stage of the pretraining schedule (modded-nanogpt's TrainingStage). On the command line, --stages is JSON:
-    a list of objects with these names, or of lists in this order."""
+    """One stage of the pretraining schedule (modded-nanogpt's TrainingStage); --stages is a JSON list of them."""
     steps: int
     batch_tokens: int    # global tokens per step
     max_doc_len: int     # a longer document is trained on in pieces of this length
@@ -96,10 +94,8 @@ class Stage:
         if isinstance(value, Stage):
             return value
         names = [f.name for f in dataclasses.fields(cls)]
-        fields = value if isinstance(value, dict) else None
-        if isinstance(value, (list, tuple)) and len(value) == len(names):
-            fields = dict(zip(names, value))
-        if fields is None or sorted(fields) != sorted(names):
+        fields = dict(zip(names, value)) if isinstance(value, (list, tuple)) and len(value) == len(names) else value
+        if not isinstance(fields, dict) or sorted(fields) != sorted(names):
             raise ValueError(f"a stage needs exactly {', '.join(names)}, got {value!r}")
         return cls(**{**fields, "mtp_start": tuple(fields["mtp_start"]), "mtp_end": tuple(fields["mtp_end"])})
 
@@ -164,7 +160,7 @@ class Config:
     phases: str = "pt"              # comma-separated, run in order (the list below)
     seed: int = 0                   # weights, data order, sampling
     resume: bool = False            # continue from the last checkpoint in run_dir
-    overwrite: bool = False         # a fresh pt/sft/rl run replaces the run_dir's earlier checkpoints of that phase on
+    overwrite: bool = False         # a fresh pt/sft/rl run replaces run_dir's checkpoints of that phase and later ones
     init_from: str = ""             # start from (or evaluate, serve) this checkpoint instead of the run's latest
     compile: bool = True            # torch.compile the training losses
     attn_backend: str = "auto"      # auto | fa3 | fa2 | flex | sdpa
@@ -231,8 +227,7 @@ class Config:
 
 PRESETS = {  # flag name -> value
     "h100x8": dict(run_dir="runs/h100x8"),
-    # the same model and tokens on one GPU: the stages' batches come from gradient accumulation of 32K-token
-    # forwards (every stage's batch is a multiple; 49152 is not a divisor of 131072)
+    # the same model and tokens on one GPU: 32K-token forwards accumulate to every stage's batch (49152 divides none)
     "gpu1": dict(run_dir="runs/gpu1", micro_batch_tokens=32768),
     # T4/L4-class: no FA3 or FP8; a smaller model that fits 16 GB in fp32 where bf16 is missing
     "colab": dict(run_dir="runs/colab", fp8=False, n_layers=8, model_dim=512, n_heads=4, micro_batch_tokens=16384,
@@ -251,8 +246,7 @@ PRESETS = {  # flag name -> value
 }
 
 def flags(cls):
-    """{flag name: (group or None, the dataclass declaring the field, field)} of a settings dataclass: its fields, and
-    each group's under the group's prefix."""
+    """{flag name: (group or None, the dataclass declaring it, field)}: the fields, a group's under its prefix."""
     out = {}
     for f in dataclasses.fields(cls):
         group = f.default_factory if dataclasses.is_dataclass(f.default_factory) else None
@@ -262,8 +256,8 @@ def flags(cls):
 
 @functools.cache
 def field_help(cls):
-    """{field: [its comment in the source, carried on by comment lines at its column; its heading: the comment line
-    above its run of fields, else the class's docstring]}: each flag's --help, under a heading."""
+    """{field: [its --help: its comment, carried on by comment lines at its column; its heading: the 4-space comment
+    line above its run of fields, else the class docstring's first line]}."""
     try:
         lines = inspect.getsource(cls).splitlines()
     except (OSError, TypeError):  # no source to read (e.g. the file is gone): flags without help
@@ -299,7 +293,7 @@ def parse_flags(argv=None, classes=(), **parser_args):
             text = f"{text} (default {shown})".replace("%", "%%")
             if isinstance(default, bool):
                 add(flag, dest=name, nargs="?", const=True, default=None, type=parse_bool, help=text, metavar="BOOL")
-                add(f"--no-{name.replace('_', '-')}", dest=name, action="store_const", const=False, help=argparse.SUPPRESS)
+                add(f"--no-{flag[2:]}", dest=name, action="store_const", const=False, help=argparse.SUPPRESS)
             else:
                 add(flag, dest=name, default=None, help=text, metavar=type(default).__name__.upper(),
                     type=parse_tuple if isinstance(default, tuple) else type(default))
@@ -329,11 +323,9 @@ def parse_config(argv=None):
         "Hugging Face folder) take these flags and their own; report.py --run-dir DIR writes DIR/report.md."))[0]
 
 def parse_bool(text):
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+    if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+    return text.lower() in ("1", "true", "yes", "on")
 
 def parse_tuple(text):
     try:
@@ -353,17 +345,16 @@ def parse_ints(text):
 # 2. Runtime
 
 # PRECISION, the one policy of this file (modded-nanogpt runs its whole model in bf16; so does this one):
-# - Parameters and optimizer state are fp32 master copies; the optimizer's arithmetic is fp32, except Polar Express,
-#   which iterates in bf16 wherever the Triton kernels run (its matmuls are the bulk of the optimizer's work).
-# - Activations are in rt.dtype: bf16 on GPUs with native bf16 (sm80+), fp32 elsewhere (CPUs: bf16 matmuls are 50-150x
-#   slower there; pre-Ampere GPUs such as the T4 and V100: fp16 would need loss scaling, which training does not do,
-#   so they train in fp32 and may evaluate and generate in fp16 with --dtype fp16).
-# - The switch is autocast(rt), entered the same way around every forward (training, evaluation, decoding):
-#   GPT.hidden casts its embedding lookups to autocast's dtype, so the residual stream, every matmul, every Triton
-#   kernel and every attention call downstream see that one dtype; norms compute in fp32 and return it (CUDA
-#   autocast runs rms_norm in fp32 since torch 2.12, CPU autocast does not: doing it ourselves makes both agree).
-#   The lm_head matmul writes bf16 logits (FP8 on sm89+ in training); the softcap, losses and log-probs are fp32.
-# - fp32 matmuls that remain (fp32 runs, eval of fp32 models) use TF32 tensor cores on GPUs that have them.
+# - Parameters and optimizer state are fp32 master copies; the optimizer computes in fp32 but for Polar Express, which
+#   iterates in bf16 wherever the Triton kernels run (its matmuls are the bulk of the optimizer's work).
+# - Activations are in rt.dtype: bf16 on sm80+ GPUs (native bf16), else fp32: CPUs run bf16 matmuls 50-150x slower;
+#   pre-Ampere GPUs (T4, V100) would need loss scaling for fp16, which training lacks (--dtype fp16: inference only).
+# - The switch is autocast(rt), entered alike around every forward (training, evaluation, decoding): GPT.hidden casts
+#   its embedding lookups to autocast's dtype, so the residual stream and every matmul, Triton kernel and attention
+#   call downstream see that one dtype. Norms compute in fp32 and return it (CUDA autocast runs rms_norm in fp32 since
+#   torch 2.12, CPU autocast does not: doing it ourselves makes both agree). The lm_head matmul writes bf16 logits
+#   (FP8 on sm89+ in training); the softcap, losses and log-probs are fp32. Remaining fp32 matmuls (fp32 runs, eval of
+#   fp32 models) use TF32 tensor cores on GPUs that have them.
 
 @dataclasses.dataclass
 class Runtime:
@@ -380,21 +371,17 @@ class Runtime:
 
 def pick_device():
     """cuda -> mps -> cpu; FORCE_DEVICE overrides (e.g. FORCE_DEVICE=cpu on a GPU machine)."""
-    forced = os.environ.get("FORCE_DEVICE")
-    if forced:
-        return torch.device(forced)
+    if os.environ.get("FORCE_DEVICE"):
+        return torch.device(os.environ["FORCE_DEVICE"])
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def native_bf16(device):
     """bf16 in hardware: sm80+ GPUs. (torch.cuda.is_bf16_supported() alone says True on a T4, through emulation.)"""
-    device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 def pick_dtype(device, requested="auto"):
     """The activation dtype and the reason for it (PRECISION above)."""
@@ -446,12 +433,11 @@ def require_training_dtype(rt, phase):
 
 
 # =============================================================================================================
-# 3. Kernels. Each op has a PyTorch reference (`*_reference`: the CPU/MPS path and the test oracle), a Triton
-# launcher (`*_triton`) and a dispatcher (the plain name) that picks Triton only for CUDA tensors on sm80+ (bf16
-# tl.dot). Kernels take operands of one dtype, bf16 or fp32, and accumulate in fp32; fp32 inputs use TF32 tensor
-# cores on the GPU. The tests run the launchers on CPU under TRITON_INTERPRET=1, in fp32 and in bf16; the
-# interpreter's bf16 tl.dot is wrong (triton#11584), so there (UPCAST, a constexpr: no code on a GPU) dots run on
-# operands upcast to fp32. One fixed tile config each; the `block*` keywords exist so tests can force several tiles.
+# 3. Kernels. Each op has a PyTorch reference (`*_reference`: the CPU/MPS path and the test oracle), a Triton launcher
+# (`*_triton`) and a dispatcher (the plain name) that picks Triton only for CUDA tensors on sm80+ (bf16 tl.dot).
+# Kernels take operands of one dtype, bf16 or fp32 (TF32 tensor cores), and accumulate in fp32. The tests run the
+# launchers on CPU under TRITON_INTERPRET=1 in fp32 and bf16; the interpreter's bf16 tl.dot is wrong (triton#11584), so
+# there (UPCAST, a constexpr: no code on a GPU) dots upcast to fp32. One tile config each; `block*` keywords vary it.
 
 def _use_triton(t):
     return triton is not None and t.is_cuda and torch.cuda.get_device_capability(t.device) >= (8, 0)
@@ -459,10 +445,9 @@ def _use_triton(t):
 UPCAST = os.environ.get("TRITON_INTERPRET") == "1"  # read where triton reads it: when the kernels are decorated
 
 if triton is not None:
-
-    # C = A @ A^T, or b*A + c*(A @ A^T) with ADD_A, for a batch of matrices. C is symmetric, so only tiles on or
-    # below the diagonal are computed, each stored twice (in place and mirrored): about half the FLOPs of a matmul,
-    # and an exactly symmetric result. These two products are the bulk of a Polar Express (Muon) iteration.
+    # C = A @ A^T, or b*A + c*(A @ A^T) with ADD_A, batched: the bulk of a Polar Express (Muon) iteration. C is
+    # symmetric: only tiles on or below the diagonal are computed, each stored twice (in place and mirrored), for about
+    # half a matmul's FLOPs and an exactly symmetric result.
     @triton.jit
     def _sym_matmul_kernel(a_ptr, c_ptr, M, K, stride_ab, stride_am, stride_ak, stride_cb, stride_cm, stride_cn,
                            b, c, ADD_A: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -494,9 +479,8 @@ if triton is not None:
         tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, out, mask=mask)
         tl.store(c_ptr + cols[:, None] * stride_cm + rows[None, :] * stride_cn, tl.trans(out), mask=tl.trans(mask))
 
-    # relu(x @ W_fc^T)^2 with the activation fused into the matmul epilogue (FORWARD), and the backward's
-    # dpre = (g @ W_proj) * 2*sqrt(post) (relu(pre) = sqrt(post)). The hidden activation, 4x wider than the residual
-    # stream, is written once as `post` and read once in the backward; `pre` never reaches memory.
+    # relu(x @ W_fc^T)^2 fused into the matmul epilogue (FORWARD), and the backward's dpre = (g @ W_proj) * 2*sqrt(post)
+    # (relu(pre) = sqrt(post)): the 4x-wide hidden activation is written once (`post`) and read once; `pre` never is.
     @triton.jit
     def _relu2_matmul_kernel(a_ptr, b_ptr, c_ptr, post_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                              stride_cm, stride_cn, FORWARD: tl.constexpr,
@@ -524,9 +508,9 @@ if triton is not None:
             acc = 2.0 * acc * tl.sqrt(post)
         tl.store(c_ptr + offsets, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
-    # Softcapped multi-token cross-entropy: per row the loss and dL/dz in one launch, so the (N, V) softcapped
-    # logits and probabilities are never materialised (unfused, each costs extra passes over the largest activation
-    # in the model). Sweep 1 over V: online logsumexp; sweep 2 (re-reading z, mostly from L2): the gradient
+    # Softcapped multi-token cross-entropy: per row the loss and dL/dz in one launch, never materialising the (N, V)
+    # softcapped logits or probabilities (each would cost passes over the model's largest activation). Sweep 1 over V:
+    # online logsumexp; sweep 2 (re-reading z, mostly from L2): the gradient
     #   dz_j = (sum_k w_k * p_j - sum_{k: t_k = j} w_k) * (A/C) * s_j * (1 - s_j),  s = sigmoid((z+B)/C), u = A*s.
     @triton.jit
     def _softcap_ce_kernel(z_ptr, t_ptr, w_ptr, loss_ptr, dz_ptr, V, K, stride_z, stride_t, stride_dz,
@@ -600,8 +584,7 @@ def relu2_mlp_reference(x, w_fc, w_proj):
     return torch.relu(x @ w_fc.mT).square() @ w_proj.mT
 
 def _relu2_matmul(a, b, post, blocks):
-    """relu(a @ b)^2 if post is None, else (a @ b) * 2*sqrt(post). a (M, K), b (K, N) any strides, of one dtype;
-    post contiguous."""
+    """relu(a @ b)^2, or (a @ b) * 2*sqrt(post) given post (contiguous); a (M, K), b (K, N) any strides, one dtype."""
     assert a.dtype == b.dtype and (post is None or post.dtype == a.dtype), (a.dtype, b.dtype, post is None or post.dtype)
     (M, K), N = a.shape, b.shape[1]
     block_m, block_n, block_k = blocks
@@ -679,11 +662,10 @@ def softcap_cross_entropy(logits, targets, weights, cap=SOFTCAP):
         return softcap_cross_entropy_triton(logits, targets, weights, cap)
     return softcap_cross_entropy_reference(logits, targets, weights, cap)
 
-# --- FP8 lm_head (training only, sm89+): e4m3 inputs, e5m2 output grads, fixed per-tensor scales, each mapping the
-# tensor's expected max |value| to the format's max (modded-nanogpt's; its gradient scale, also divided by the
-# gradient accumulation, is for a loss summed over tokens: with a mean loss it is also divided by the tokens per step).
-# CUDA's _scaled_mm needs every dim a multiple of 16. torch's CPU build runs _scaled_mm too, which the tests use;
-# only speed and CUDA's layout rules are GPU-only.
+# --- FP8 lm_head (training only, sm89+): e4m3 inputs, e5m2 output grads, fixed per-tensor scales mapping each tensor's
+# expected max |value| to the format's max (modded-nanogpt's; its gradient scale, also divided by the gradient
+# accumulation, is for a loss summed over tokens: with a mean loss it is also divided by the tokens per step). CUDA's
+# _scaled_mm needs every dim a multiple of 16; torch's CPU build runs it too, without that rule (the tests do).
 FP8_SCALES = (100 / 448, 1.6 / 448, 0.75 / 448)  # inputs, weights, output gradients
 
 def fp8_supported(device):
@@ -713,39 +695,32 @@ class _FP8Linear(torch.autograd.Function):
         x8, w8 = ctx.saved_tensors
         x_scale, w_scale, grad_scale = (x8.new_tensor(s, dtype=torch.float32) for s in ctx.scales)
         g8 = fp8_quantize(grad.reshape(-1, grad.shape[-1]).contiguous(), ctx.scales[2], torch.float8_e5m2)
-        grad_x = torch._scaled_mm(g8, w8.mT.contiguous().mT, scale_a=grad_scale, scale_b=w_scale,
-                                  out_dtype=grad.dtype)
+        grad_x = torch._scaled_mm(g8, w8.mT.contiguous().mT, scale_a=grad_scale, scale_b=w_scale, out_dtype=grad.dtype)
         grad_w = torch._scaled_mm(g8.mT.contiguous(), x8.mT.contiguous().mT, scale_a=grad_scale, scale_b=x_scale,
                                   out_dtype=torch.float32)
         return grad_x.reshape(*grad.shape[:-1], w8.shape[1]), grad_w, None, None, None
 
 def fp8_linear(x, w, x_scale, w_scale, grad_scale):
-    """x @ w.T (w in nn.Linear layout (out, in)) with fp8 matmuls in forward and backward; use where
-    fp8_supported(x.device), else a plain matmul."""
+    """x @ w.T (w (out, in) as nn.Linear's) in fp8 matmuls forward and backward; only where fp8_supported(x.device)."""
     return _FP8Linear.apply(x, w, x_scale, w_scale, grad_scale)
 
 
 # =============================================================================================================
 # 4. Attention over packed documents: the Batch, one entry point, four backends (FA3, FA2, flex_attention, SDPA).
-#
-# Documents are packed into one (T, H, D) sequence and described by cu_seqlens, int32 (n+1,): document d holds
-# tokens cu_seqlens[d]:cu_seqlens[d+1]. Its length is static: unused tail entries repeat T (empty documents), so
-# torch.compile sees the same shapes every step. The mask, identical for every backend: query i attends key j iff
-#     doc(j) == doc(i)  and  j <= i  and  i - j <= window
-# so a query sees itself plus up to `window` earlier tokens of its own document; window None or < 0 means plain
-# causal attention within the document. This is FlashAttention's window_size=(window, 0) with causal=True.
+# Documents are packed into one (T, H, D) sequence; cu_seqlens, int32 (n+1,): document d holds tokens
+# cu_seqlens[d]:cu_seqlens[d+1], unused tail entries repeating T (empty documents) so torch.compile sees static shapes.
+# The mask, identical for every backend (FlashAttention's window_size=(window, 0), causal=True): i attends j iff
+#     doc(j) == doc(i)  and  j <= i  and  i - j <= window        (window None or < 0: plain causal within the document)
 # Evaluation can also pack sequences that share a prefix (CORE's choices after one context) as one segment: the prefix
-# once, then each sequence's remaining tokens (a branch). Positions continue from the prefix end in every branch, and
+# once, then each sequence's remaining tokens (a branch, its positions continuing from the prefix end), with the mask
 #     seg(j) == seg(i)  and  pos(j) <= pos(i)  and  pos(i) - pos(j) <= window  and  branch(j) in {0, branch(i)}
-# (branch 0: the prefix), which is each sequence's own causal mask, its prefix computed once (Branches).
+# (branch 0: the prefix): each sequence's own causal mask, its prefix computed once (Branches).
 
 ATTENTION_BACKENDS = ("fa3", "fa2", "flex", "sdpa")  # the order "auto" tries them in
-
 _FLASH = {}  # "fa3"/"fa2" -> FA's interface module, or the exception loading it raised (tried once per process)
 
 def _load_fa3():
-    """FA3's interface (flash_attn_varlen_func, flash_attn_with_kvcache) from the HF kernels hub (cached in the HF
-    cache; offline it fails in seconds)."""
+    """FA3's interface from the HF kernels hub (kept in the HF cache; offline it fails in seconds)."""
     from kernels import get_kernel
     if torch.cuda.get_device_capability()[0] == 9:
         try:  # faster on Hopper; a personal repo, not a hub-trusted organisation: kernels>=0.14 wants the opt-in
@@ -777,7 +752,7 @@ def _unavailable(name, device):
     if device.type != "cuda":
         return "flex_attention trains only on CUDA (no CPU backward)" if name == "flex" else "it needs a CUDA GPU"
     major, minor = torch.cuda.get_device_capability(device)
-    if name == "fa3" and major not in (8, 9):  # the hub builds cover sm80-sm90
+    if name == "fa3" and major not in (8, 9):
         return f"the hub builds cover sm80-sm90, this GPU is sm{major}{minor}"
     if name == "fa2" and major < 8:
         return f"it needs sm80+, this GPU is sm{major}{minor}"
@@ -786,11 +761,9 @@ def _unavailable(name, device):
             _flash_func(name)
         except RuntimeError as e:
             return str(e)
-    return None
 
 def select_attention_backend(device, requested="auto"):
-    """The backend to train with: `requested`, or for "auto" the first of fa3, fa2, flex (CUDA), sdpa that works
-    here. An explicit request that can't run raises RuntimeError saying why."""
+    """`requested` if it can run here (else RuntimeError saying why), or for "auto" the first backend that can."""
     device = torch.device(device)
     if requested not in ("auto", *ATTENTION_BACKENDS):
         raise ValueError(f"unknown attention backend {requested!r}; choose auto, {', '.join(ATTENTION_BACKENDS)}")
@@ -866,9 +839,8 @@ def _compiled_flex():
     return torch.compile(_flex_attention)  # once per process; a changing window int becomes dynamic after one recompile
 
 def _flash_attention(fn, q, k, v, cu_seqlens, max_seqlen, window, scale, cu_seqlens_k=None, max_seqlen_k=None):
-    """FA's varlen call. With cu_seqlens_k (a branch's keys are its prefix's, then its own) FA aligns the causal
-    mask and the window to each sequence's last query and key: query i of m sees keys j <= i + n - m of n, the
-    branch mask of this section's top."""
+    """FA's varlen call. With cu_seqlens_k (a branch's keys: its prefix's, then its own) FA aligns the causal mask and
+    the window to each sequence's last query and key (query i of m sees keys j <= i + n - m of n): the branch mask."""
     if q.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"FlashAttention needs bf16 or fp16 inputs, got {q.dtype}")
     cu = cu_seqlens.to(torch.int32).contiguous()
@@ -881,8 +853,7 @@ def _flash_attention(fn, q, k, v, cu_seqlens, max_seqlen, window, scale, cu_seql
 def _flash_branches(fn, q, k, v, branches, window, scale):
     """FA over a batch with branches, in two calls: the branch-0 tokens as plain documents, then every branch's
     queries against its prefix's keys followed by its own (gathered: the prefix's K/V are read once per branch)."""
-    b = branches
-    out = torch.empty_like(q)
+    b, out = branches, torch.empty_like(q)
     out[b.trunk] = _flash_attention(fn, q[b.trunk], k[b.trunk], v[b.trunk], b.cu_trunk, b.max_trunk, window, scale)
     if len(b.branch_q):
         out[b.branch_q] = _flash_attention(fn, q[b.branch_q], k[b.branch_kv], v[b.branch_kv], b.cu_q, b.max_q, window,
@@ -890,34 +861,29 @@ def _flash_branches(fn, q, k, v, branches, window, scale):
     return out
 
 def attention(q, k, v, cu_seqlens, max_seqlen, window, scale, backend, branches=None):
-    """Causal sliding-window attention within packed documents (mask defined at the top of this section).
-    q, k, v: (T, H, D); cu_seqlens: int32 (n+1,) document starts ending in T, padded by repeating T; max_seqlen: an
-    upper bound on a document's length (FA sizes its grid with it); window: earlier tokens a query may also see
-    (None or < 0: all of its document); scale: softmax scale; backend: a name from select_attention_backend;
-    branches: None, or the Branches of segments that share a prefix (evaluation only).
-    Returns (T, H, D), contiguous."""
+    """Causal sliding-window attention within packed documents (the mask and cu_seqlens of this section's top). q, k, v:
+    (T, H, D); max_seqlen: a bound on a document's length (FA sizes its grid with it); window: earlier tokens a query
+    may also see (None or < 0: its whole document); backend: a name from select_attention_backend; branches: None, or
+    the Branches of segments that share a prefix (evaluation only). Returns (T, H, D), contiguous."""
     if not q.dtype == k.dtype == v.dtype:  # FA refuses mixed dtypes, and flex's backward does: fail alike everywhere
         raise TypeError(f"attention needs q, k, v of one dtype (PRECISION), got {q.dtype}, {k.dtype}, {v.dtype}")
     T = q.size(0)
     window = T if window is None or window < 0 else min(window, T)  # i - j <= T - 1 always holds: plain causal
     if backend in ("fa3", "fa2"):
-        if branches is not None:
-            return _flash_branches(_flash_func(backend), q, k, v, branches, -1 if window == T else window, scale)
-        return _flash_attention(_flash_func(backend), q, k, v, cu_seqlens, max_seqlen,
-                                -1 if window == T else window, scale)
+        fn, window = _flash_func(backend), -1 if window == T else window
+        return (_flash_attention(fn, q, k, v, cu_seqlens, max_seqlen, window, scale) if branches is None
+                else _flash_branches(fn, q, k, v, branches, window, scale))
     if backend == "flex":
         return _compiled_flex()(q, k, v, cu_seqlens, window, scale, branches)
     if backend == "sdpa":
-        # a branch's query sees prefix keys up to `window` positions back, which lie behind the segment's earlier
-        # branches in the buffer: up to window + spread tokens back
+        # a branch's prefix keys lie behind its segment's earlier branches: up to window + spread tokens back
         reach = min(window + (branches.spread if branches is not None else 0), max(1, max_seqlen) - 1)
         return _sdpa_attention(q, k, v, cu_seqlens, window, scale, reach, branches=branches)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
 
 def attention_reference(q, k, v, cu_seqlens, window, scale):
     """Ground truth for attention(): a Python loop over documents with an explicit fp32 softmax. Differentiable."""
-    bounds = cu_seqlens.tolist()
-    outs = []
+    bounds, outs = cu_seqlens.tolist(), []
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
@@ -932,14 +898,13 @@ def attention_reference(q, k, v, cu_seqlens, window, scale):
     return torch.cat(outs)
 
 def cached_attention(q, k, v, k_cache, v_cache, lengths, key_span, window, scale, backend):
-    """Attention for decoding: row b of the batch appends S new tokens at positions lengths[b] .. lengths[b] + S - 1
-    of its cache and attends over its cache, with the mask of attention() (key j visible from position i iff
-    j <= i and i - j <= window). q, k, v: (B, S, H, D); k_cache, v_cache: (B, capacity, H, D), written in place;
-    lengths: int32 (B,) tokens cached before this call; key_span: host ints (lo, hi), lo <= the first key any new
-    token may see and hi = max(lengths) + S, so SDPA reads only the window's slice of the cache; or, for one new
-    token per row (S = 1), None: each row's window + 1 keys ending at its new token are gathered, or with no window
-    the whole cache is read, masked (shapes set by the tensors alone, for a compiled step). FA3/FA2 do all of it in
-    flash_attn_with_kvcache; flex has nothing to add for one new token per row, so it decodes with SDPA."""
+    """Attention for decoding: row b appends S new tokens at positions lengths[b] .. lengths[b] + S - 1 of its cache
+    and attends over its cache with attention()'s mask. q, k, v: (B, S, H, D); k_cache, v_cache: (B, capacity, H, D),
+    written in place; lengths: int32 (B,) tokens cached before this call; key_span: host ints (lo, hi), lo <= the
+    first key any new token may see and hi = max(lengths) + S, so SDPA reads only the window's slice of the cache; or,
+    for one new token per row (S = 1), None: each row's window + 1 keys ending at its new token are gathered, or with
+    no window the whole cache is read, masked (shapes set by the tensors alone, for a compiled step). FA3/FA2 do it
+    all in flash_attn_with_kvcache; flex has nothing to add for one new token per row, so it decodes with SDPA."""
     window = -1 if window is None or window < 0 else window
     if backend in ("fa3", "fa2"):
         out = _flash_func(backend, "flash_attn_with_kvcache")(
@@ -954,15 +919,14 @@ def cached_attention(q, k, v, k_cache, v_cache, lengths, key_span, window, scale
     if key_span is None and window >= 0:
         j = pos - torch.arange(window, -1, -1, device=q.device)  # (B, window + 1): the visible positions, or < 0
         keys, values = (c[rows, j.clamp(min=0)].to(q.dtype).transpose(1, 2) for c in (k_cache, v_cache))
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=(j >= 0)[:, None, None],
-                                           scale=scale)
-        return y.transpose(1, 2)
-    lo, hi = key_span or (0, k_cache.size(1))
-    j = torch.arange(lo, hi, device=q.device)
-    mask = j <= pos[..., None]
-    if window >= 0:
-        mask &= pos[..., None] - j <= window
-    keys, values = (c[:, lo:hi].to(q.dtype).transpose(1, 2) for c in (k_cache, v_cache))  # (B, H, hi - lo, D)
+        mask = (j >= 0)[:, None]
+    else:
+        lo, hi = key_span or (0, k_cache.size(1))
+        j = torch.arange(lo, hi, device=q.device)
+        mask = j <= pos[..., None]
+        if window >= 0:
+            mask &= pos[..., None] - j <= window
+        keys, values = (c[:, lo:hi].to(q.dtype).transpose(1, 2) for c in (k_cache, v_cache))  # (B, H, hi - lo, D)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[:, None], scale=scale)
     return y.transpose(1, 2)
 
@@ -1003,11 +967,9 @@ def padded_length(n):
     return max(128, 1 << (n - 1).bit_length())
 
 def to_device(array, dtype, device):
-    """A host array as a new tensor on `device`. To a GPU it goes from pinned memory without blocking, so the copy
-    overlaps the kernels still queued from the previous step."""
+    """A host array as a new tensor on `device`; to a GPU via pinned memory, not blocking (overlapping queued work)."""
     t = torch.from_numpy(np.array(array, dtype=np.float64 if dtype.is_floating_point else np.int64)).to(dtype)  # a copy
-    device = torch.device(device)
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
@@ -1022,8 +984,7 @@ def pack(inputs, segment_starts, document_starts, targets, max_seqlen, device):
     prev = np.concatenate([[-1], inputs[:-1]]).astype(np.int64)
     prev[document_starts] = -1
     cu = to_device(cu, torch.int32, device)
-    # the segment count varies from batch to batch (128 entries, then 256 where documents are short...): compiled
-    # code takes any length, rather than recompiling inside the timed loop the first time a batch needs more
+    # cu's length varies (128, then 256 where documents are short...): compiled code takes any, not recompiling mid-run
     torch._dynamo.maybe_mark_dynamic(cu, 0)
     return Batch(to_device(inputs, torch.long, device), to_device(prev, torch.long, device),
                  to_device(positions, torch.long, device), to_device(targets, torch.long, device), cu, max_seqlen,
@@ -1031,8 +992,7 @@ def pack(inputs, segment_starts, document_starts, targets, max_seqlen, device):
 
 def pack_sequences(sequences, device):
     """Token arrays packed back to back, each its own document (a left-truncated one need not start with BOS), with
-    one target each (the next token of the same sequence, -1 at its end); and each one's start offset (n + 1 offsets,
-    ending in T)."""
+    one target each (its next token, -1 at its end); and the n + 1 start offsets, ending in T."""
     starts = np.cumsum([0] + [len(t) for t in sequences])
     ids = np.concatenate(sequences).astype(np.int64)
     targets = np.concatenate([ids[1:], [-1]])
@@ -1040,11 +1000,10 @@ def pack_sequences(sequences, device):
     return pack(ids, starts[:-1], starts[:-1], targets[:, None], int(np.diff(starts).max()), device), starts
 
 def shared_prefix_groups(sequences):
-    """Consecutive token arrays grouped greedily where one copy of their common prefix saves work: (first, count,
-    prefix length) each. Joining a sequence shrinks the group's prefix from P to P' and saves n P' - (n - 1) P
-    tokens over forwarding it alone; it joins when that is at least the branch it adds (len - P'), since every
-    branch token lengthens the band SDPA reads (a shared <|bos|> alone is not worth it). Every branch keeps >= 1
-    token. A group of one is a plain sequence (prefix = all of it)."""
+    """Consecutive token arrays grouped greedily where one copy of a common prefix saves work: (first, count, prefix
+    length) each. Joining shrinks the group's prefix from P to P', saving n P' - (n - 1) P tokens over forwarding the
+    sequence alone; it joins when that is >= the branch it adds (len - P'), as branch tokens lengthen the band SDPA
+    reads (a shared <|bos|> alone is not worth it). Branches keep >= 1 token; a group of one is all prefix."""
     groups = []
     for i, seq in enumerate(sequences):
         if groups:
@@ -1063,49 +1022,36 @@ def shared_prefix_groups(sequences):
 def pack_branches(sequences, device):
     """Token arrays packed as shared_prefix_groups: each group one segment, its prefix once, then each sequence's
     remaining tokens (a branch), positions and previous tokens those of the sequence alone. Returns the Batch (no
-    targets: a prefix's last token precedes every branch) and, per sequence, the buffer index of each of its
-    positions (its prefix's, then its branch's)."""
-    groups = shared_prefix_groups(sequences)
+    targets: a prefix's last token precedes every branch) and per sequence the buffer index of each of its tokens."""
     inputs, prev, positions, branch, where, seg_starts, T = [], [], [], [], [None] * len(sequences), [], 0
-    trunk, cu_trunk, branch_q, cu_q, branch_kv, cu_kv = [], [0], [], [0], [], [0]
-    for first, n, P in groups:
+    trunk, branch_q, branch_kv = [], [], []
+    for first, n, P in shared_prefix_groups(sequences):
         seg_starts.append(T)
-        head = sequences[first]
-        prefix = np.arange(T, T + P)
-        inputs.append(head[:P])
-        prev.append(np.concatenate([[-1], head[:P - 1]]))
-        positions.append(np.arange(P))
-        branch.append(np.zeros(P, dtype=np.int64))
-        trunk.append(prefix)
-        cu_trunk.append(cu_trunk[-1] + P)
-        T += P
-        for b, i in enumerate(range(first, first + n) if n > 1 else []):
+        for b, i in enumerate([first, *(range(first, first + n) if n > 1 else [])]):  # b = 0: the prefix
             seq = sequences[i]
-            rest = np.arange(T, T + len(seq) - P)
-            inputs.append(seq[P:])
-            prev.append(seq[P - 1:-1])
-            positions.append(np.arange(P, len(seq)))
-            branch.append(np.full(len(seq) - P, b + 1, dtype=np.int64))
-            where[i] = np.concatenate([prefix, rest])
-            branch_q.append(rest)
-            cu_q.append(cu_q[-1] + len(rest))
-            branch_kv.append(where[i])
-            cu_kv.append(cu_kv[-1] + len(seq))
-            T += len(rest)
-        if n == 1:
-            where[first] = prefix
+            lo, hi = (P, len(seq)) if b else (0, P)
+            inputs.append(seq[lo:hi])
+            prev.append(np.concatenate([[-1], seq])[lo:hi])
+            positions.append(np.arange(lo, hi))
+            branch.append(np.full(hi - lo, b, dtype=np.int64))
+            where[i] = np.arange(T, T + hi - lo)
+            T += hi - lo
+            if b == 0:
+                trunk.append(where[i])
+            else:  # a branch's keys: its prefix's, then its own
+                branch_q.append(where[i])
+                where[i] = np.concatenate([trunk[-1], where[i]])
+                branch_kv.append(where[i])
     cu = np.full(padded_length(len(seg_starts) + 1), T, dtype=np.int32)
     cu[:len(seg_starts)] = seg_starts
-    flat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    longest = lambda cu: int(np.diff(cu).max()) if len(cu) > 1 else 0
-    dev = lambda parts, dtype=torch.long: to_device(flat(parts), dtype, device)
+    dev = lambda parts, dtype=torch.long: to_device(np.concatenate(parts) if parts else np.zeros(0), dtype, device)
+    varlen = lambda parts: (dev(parts), dev([np.cumsum([0] + [len(x) for x in parts])], torch.int32),
+                            max(map(len, parts), default=0))  # one FA call's tokens, cu_seqlens and max_seqlen
     positions_t, segment_lengths = dev(positions), np.diff(seg_starts + [T])
-    branches = Branches(dev(branch), positions_t, dev(trunk), dev([cu_trunk], torch.int32), longest(cu_trunk),
-                        dev(branch_q), dev([cu_q], torch.int32), longest(cu_q), dev(branch_kv),
-                        dev([cu_kv], torch.int32), longest(cu_kv), int((segment_lengths - np.diff(cu_trunk)).max()))
-    batch = Batch(dev(inputs), dev(prev), positions_t, None, to_device(cu, torch.int32, device),
-                  int(segment_lengths.max()), segment_lengths, branches)
-    return batch, where
+    branches = Branches(dev(branch), positions_t, *varlen(trunk), *varlen(branch_q), *varlen(branch_kv),
+                        int((segment_lengths - np.array([len(x) for x in trunk])).max()))
+    return Batch(dev(inputs), dev(prev), positions_t, None, to_device(cu, torch.int32, device),
+                 int(segment_lengths.max()), segment_lengths, branches), where
 
 def make_batch(buf, bos_id, max_doc_len, n_targets, device):
     """Packed varlen batch from a token window `buf` of T + n_targets tokens. Segments start at every BOS and
@@ -1113,11 +1059,8 @@ def make_batch(buf, bos_id, max_doc_len, n_targets, device):
     T = len(buf) - n_targets
     inputs = buf[:T]
     doc_start = np.flatnonzero(inputs == bos_id).tolist()
-    starts = []
-    for a, b in zip([0] + doc_start, doc_start + [T]):
-        starts += range(a, b, max_doc_len)
-    # target k (k tokens beyond the next one) is valid while no BOS lies between it and the input: MTP never
-    # crosses into the next document (predicting the BOS that ends this one is fine)
+    starts = [s for a, b in zip([0] + doc_start, doc_start + [T]) for s in range(a, b, max_doc_len)]
+    # target k is valid while no BOS lies between it and the input (a BOS target is fine): MTP stays in the document
     bos_seen = np.cumsum(buf == bos_id)
     targets = np.stack([buf[1 + k:T + 1 + k] for k in range(n_targets)], axis=1).astype(np.int64)
     for k in range(1, n_targets):
@@ -1134,9 +1077,8 @@ def make_batch(buf, bos_id, max_doc_len, n_targets, device):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """What a trained model is, stored with its weights (state.json "model") so that a checkpoint loads by itself
-    (load_model): the architecture, the vocabulary, and the windows and document length it is evaluated and served
-    with (those of its last pretraining stage)."""
+    """What a trained model is, stored with its weights (state.json "model") so a checkpoint loads alone (load_model):
+    architecture, vocabulary, and the windows and document length it is served with (its last pretraining stage's)."""
     vocab_size: int
     n_layers: int
     model_dim: int
@@ -1156,10 +1098,9 @@ class ModelConfig:
     @classmethod
     def of(cls, cfg, vocab_size):
         """The model a run's Config trains, over a vocabulary of vocab_size."""
-        last, served = cfg.stages[-1], {"vocab_size", "short_window", "long_window", "max_doc_len"}
-        return cls(vocab_size=vocab_size, short_window=last.short_window, long_window=last.long_window,
-                   max_doc_len=last.max_doc_len,
-                   **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if f.name not in served})
+        served = {"short_window", "long_window", "max_doc_len"}  # those of its last stage
+        return cls(vocab_size=vocab_size, **{f.name: getattr(cfg.stages[-1] if f.name in served else cfg, f.name)
+                                             for f in dataclasses.fields(cls) if f.name != "vocab_size"})
 
 GATE_DIMS = 12  # the gates (smear, attention, value embedding) read the first 12 dims of their input
 LOGITS_CHUNK = 8192  # rows of logits evaluation computes at once: bounded memory at any vocabulary size
@@ -1184,8 +1125,7 @@ class Rotary(nn.Module):
         self.register_buffer("freqs", freqs, persistent=True)
 
     def yarn(self, old_window, new_window, alpha=1.0, beta=32.0):
-        """Interpolate frequencies that turn fewer than `beta` times inside the old window (YaRN); returns the factor
-        by which the attention scale grows."""
+        """YaRN: stretch frequencies turning < `beta` times in the old window; returns the attention scale's growth."""
         rotations = old_window * self.freqs / (2 * math.pi)
         ramp = ((rotations - alpha) / (beta - alpha)).clamp(0, 1)
         s = old_window / new_window
@@ -1246,8 +1186,7 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(L // 2))
         self.smear_lambda = nn.Parameter(torch.zeros(()))
         self.rotary = Rotary(cfg.head_dim)
-        # state that changes during training lives in buffers (saved in checkpoints) mirrored by Python values,
-        # so compiled code sees constants instead of reading tensors
+        # training-time state: buffers (saved in checkpoints) mirrored by Python values, constants to compiled code
         self.register_buffer("attn_scale", torch.tensor(cfg.attn_scale))
         self.register_buffer("tied", torch.tensor(True))
         self.sync_flags()
@@ -1279,9 +1218,8 @@ class GPT(nn.Module):
         return torch.where(prev_ids < 0, self.bigram_rows - 1, h)
 
     def hidden(self, batch, windows, backend="sdpa", cache=None):
-        """Final hidden states (T, dim) of a packed Batch; windows: per layer. With a KVCache instead, the batch's
-        inputs, prev_ids and positions are (B, S), new tokens appended to each row's cache. Everything but attention
-        is per token, given its previous token: the two paths compute the same thing."""
+        """Final hidden states (T, dim) of a packed Batch; windows: per layer. With a KVCache, inputs, prev_ids and
+        positions are (B, S) tokens appended to the rows' caches; all else being per token, both compute the same."""
         ids, prev_ids, positions = batch.inputs, batch.prev_ids, batch.positions
         act = activation_dtype(ids.device)  # every lookup in it: the residual stream then stays in it (PRECISION)
         lookup = lambda index, table: F.embedding(index, table).to(act)
@@ -1321,8 +1259,7 @@ class GPT(nn.Module):
         return logits
 
 def decode_logits(model, ids, cache, windows, last_only):
-    """GPT.decode without the cache's host bookkeeping: tensors in, logits out, the cache written in place (what the
-    engine compiles)."""
+    """GPT.decode without the cache's host bookkeeping, the cache written in place (what the engine compiles)."""
     prev = torch.cat([cache.last_ids[:, None], ids[:, :-1]], dim=1)
     positions = cache.lengths.long()[:, None] + torch.arange(ids.size(1), device=ids.device)
     h = model.hidden(Batch(ids, prev, positions, None, None, None), windows, cache=cache)
@@ -1379,10 +1316,9 @@ def normuon_update(p, g, momentum, second_moment, mu, beta2, lr, wd, eps=1e-10):
     norm = V.norm(dim=(-2, -1), keepdim=True)
     V = V * second_moment.clamp_min(eps).rsqrt()
     V = V * (norm / V.norm(dim=(-2, -1), keepdim=True).clamp_min(eps))
-    # Cautious weight decay: only shrink weights the update is already pushing towards zero (same sign: p -= lr V;
-    # a zero update pushes nowhere, so a zero gradient leaves the weights alone).
-    # Decay lr*wd is linear in lr (decoupled AdamW convention, as nanochat), so wd keeps its meaning whatever the
-    # base lr and schedule are; modded-nanogpt's decay is quadratic in the scheduled lr (wd_lin = 0.023*1.2 there).
+    # Cautious weight decay: only shrink weights the update already pushes towards zero (same sign: p -= lr V; a zero
+    # gradient leaves them alone). Decay lr*wd is linear in lr (decoupled AdamW, as nanochat): wd keeps its meaning
+    # whatever the lr and schedule; modded-nanogpt's is quadratic in the scheduled lr (wd_lin = 0.023*1.2 there).
     mask = (V * p) > 0
     return p - lr * (V + wd * mask * p)
 
@@ -1421,26 +1357,23 @@ class _Group:
 
     def finalize(self, world, rank):
         self.rows = [p.numel() // math.prod(self.tail) for p in self.params]
-        self.offsets = [sum(self.rows[:i]) for i in range(len(self.rows))]
-        self.n = sum(self.rows)
+        self.offsets, self.n = [sum(self.rows[:i]) for i in range(len(self.rows))], sum(self.rows)
         self.shards = world if self.sharded else 1
         self.chunk = -(-self.n // self.shards)
         self.start = rank * self.chunk if self.sharded else 0
-        p0 = self.params[0]
         if self.spec.kind == "normuon":
             r, c = self.tail
             self.state_tails = {"momentum": (r, c), "second_moment": (r, 1) if r >= c else (1, c)}
         else:
             self.state_tails = {"exp_avg": (), "exp_avg_sq": ()}
-        self.state = {k: torch.zeros(self.chunk, *t, device=p0.device) for k, t in self.state_tails.items()}
+        self.state = {k: torch.zeros(self.chunk, *t, device=self.params[0].device) for k, t in self.state_tails.items()}
 
     def rows_of(self, tensors, pad_to, start=0, stop=None):
         """Rows [start, stop) of the stacked `tensors` (one per param, or None = zeros), zero-padded to `pad_to` rows,
         as a new contiguous tensor. Only the overlapping parts of each tensor are read."""
         stop = self.n if stop is None else min(stop, self.n)
-        ref = self.params[0]
-        parts = []
-        for t, p, off, rows in zip(tensors, self.params, self.offsets, self.rows):
+        ref, parts = self.params[0], []
+        for t, off, rows in zip(tensors, self.offsets, self.rows):
             a, b = max(start, off), min(stop, off + rows)
             if a < b:
                 parts.append(torch.zeros(b - a, *self.tail, dtype=ref.dtype, device=ref.device) if t is None
@@ -1459,23 +1392,16 @@ def _launch(collective, *tensors, **kwargs):
     return collective(*tensors, async_op=True, **kwargs)
 
 class NorMuonAdam:
-    """NorMuon for matrix parameters, Adam for the rest, ZeRO-style across the ranks of the default process group
-    (set up by the caller; without one the world is this process).
-
-    named_params: (name, parameter) pairs. label_of: name -> label (param_label). labels: label -> dict of
-    OptimLabel fields.
-
-    Communication: NorMuon matrices are grouped by (label, shape) into banks whose gradients are reduce-scattered so
-    each rank orthogonalises whole matrices of its own, then all-gathered. Adam parameters of a label are flattened
-    and concatenated: the big ones (numel >= shard_numel) are reduce-scattered and all-gathered the same way (Adam is
-    elementwise, so shards need not follow dim 0), the small ones all-reduced and updated on every rank. Every
-    reduction is launched before the first update and waited for just before its group's update, and each gather
-    right after it, so communication overlaps the optimizer math. Launching the reductions from post-accumulate-grad
-    hooks would overlap them with the backward pass too; a possible next step.
-
-    A group whose parameters all have no gradient skips the step (no state change); a missing gradient in a group
-    that does step counts as zero. Which gradients exist must be the same on every rank (it is for a fixed model).
-    """
+    """NorMuon for matrices, Adam for the rest, ZeRO-style across the ranks of the default process group (without one,
+    the world is this process). named_params: (name, parameter) pairs; label_of: name -> label (param_label); labels:
+    label -> dict of OptimLabel fields. NorMuon matrices are banked by (label, shape), their gradients reduce-scattered
+    so each rank orthogonalises whole matrices of its own, then all-gathered. A label's Adam parameters are flattened
+    and concatenated: the big ones (numel >= shard_numel) sharded the same way (Adam is elementwise: shards need not
+    follow dim 0), the small ones all-reduced and updated on every rank. All reductions are launched before the first
+    update, each waited for just before its group's update and its gather launched right after, so communication
+    overlaps the optimizer math (launching them from post-accumulate-grad hooks would overlap the backward pass too: a
+    possible next step). A group with no gradient at all skips the step (no state change); a missing gradient in a group
+    that steps counts as zero. Which gradients exist must be the same on every rank (it is for a fixed model)."""
 
     def __init__(self, named_params, label_of, labels, beta2=0.9, eps=1e-10, shard_numel=16384):
         self.labels = {k: OptimLabel(**v) if isinstance(v, dict) else v for k, v in labels.items()}
@@ -1516,13 +1442,12 @@ class NorMuonAdam:
         pending = []
         for g in active:
             grads = g.rows_of([p.grad for p in g.params], g.shards * g.chunk)
-            if self.world == 1:
-                pending.append((grads, None))
-            elif g.sharded:
+            if g.sharded:
                 chunk = grads.new_empty(g.chunk, *g.tail)
                 pending.append((chunk, _launch(dist.reduce_scatter_tensor, chunk, grads, op=dist.ReduceOp.AVG)))
             else:
-                pending.append((grads, _launch(dist.all_reduce, grads, op=dist.ReduceOp.AVG)))
+                work = _launch(dist.all_reduce, grads, op=dist.ReduceOp.AVG) if self.world > 1 else None
+                pending.append((grads, work))
         # 2. Per group: wait for its gradients, update this rank's rows, launch the gather.
         gathers = []
         for g, (grad, work) in zip(active, pending):
@@ -1577,10 +1502,9 @@ class NorMuonAdam:
     def _set_param_state(self, name, state):
         g, i = self.where[name]
         for key in g.state:
-            want = g.full_shape(g.params[i], key)
-            if key not in state or tuple(state[key].shape) != tuple(want):
-                got = tuple(state[key].shape) if key in state else "missing"
-                raise ValueError(f"optimizer state {name}.{key}: expected shape {tuple(want)}, got {got}")
+            want, got = tuple(g.full_shape(g.params[i], key)), tuple(state[key].shape) if key in state else "missing"
+            if got != want:
+                raise ValueError(f"optimizer state {name}.{key}: expected shape {want}, got {got}")
             # Write the overlap of this parameter's rows with this rank's chunk.
             a, b = max(g.start, g.offsets[i]), min(g.start + g.chunk, g.offsets[i] + g.rows[i])
             if a < b:
@@ -1591,11 +1515,8 @@ class NorMuonAdam:
     def state_dict(self):
         """{"state": {param name: {state tensors (full, CPU), "step": int}}}: plain tensors and ints, loadable with
         torch.load(weights_only=True). A collective: every rank must call it (each gets the whole dict)."""
-        state = {}
-        for g in self.groups:
-            for name, st in self._param_states(g).items():
-                state[name] = {k: v.cpu().clone() if torch.is_tensor(v) else v for k, v in st.items()}
-        return {"state": state}
+        return {"state": {name: {k: v.cpu().clone() if torch.is_tensor(v) else v for k, v in st.items()}
+                          for g in self.groups for name, st in self._param_states(g).items()}}
 
     def load_state_dict(self, sd):
         """Load a state_dict saved with any number of ranks. Every rank passes the whole dict."""
@@ -1641,8 +1562,7 @@ def make_optimizer(model, cfg, lr_mul=1.0):
 
 
 # =============================================================================================================
-# 7. Data: readers of every format (the writers are data/*.py; formats in data/README.md), the pretraining loader,
-# then phase_data
+# 7. Data: readers of every format (writers: data/*.py; formats: data/README.md), the pretraining loader, phase_data
 
 TOKEN_FILE_MAGIC, TOKEN_FILE_VERSION, HEADER_INTS = 20240520, 1, 256
 FORMAT_VERSIONS = {"pretrain": 2, "core": 1, "sft": 1, "chat_eval": 2}  # pretrain 2: shuffled, val_sources
@@ -1781,9 +1701,8 @@ def read_manifest(directory, fmt, tokenizer):
     return manifest
 
 def checked_tasks(manifest, path, n_examples, fields, **extra):
-    """A manifest's tasks as the evaluators read them, each with `fields` ({key: type}) and its examples inside the
-    n_examples rows; `extra` fields must be ints or lists of ints. One error naming the manifest, not a KeyError or
-    TypeError deep inside an evaluation."""
+    """A manifest's tasks, each with `fields` ({key: type}) and its examples inside the n_examples rows, and its `extra`
+    keys (ints or lists of ints): one error naming the manifest, not a KeyError or TypeError deep in an evaluation."""
     for key, kind in extra.items():
         if not isinstance(manifest.get(key), kind) or kind is list and not all(type(x) is int for x in manifest[key]):
             raise DataFormatError(f"{path}: needs {key!r} ({'a list of ints' if kind is list else kind.__name__})")
@@ -1797,8 +1716,8 @@ def checked_tasks(manifest, path, n_examples, fields, **extra):
     return tasks
 
 def pretrain_shards(data_dir, tokenizer, split, check_sha256=False):
-    """Paths of the `split` ('train' or 'val') pretraining shards, in order, after checking every header (and, with
-    check_sha256, every byte against the manifest's sha256: ~2 s a GB here, so `--phases data` does it, training does not)."""
+    """Paths of the `split` ('train' or 'val') pretraining shards, in order, every header checked (with check_sha256
+    every byte too, against the manifest's sha256: ~2 s a GB here, so `--phases data` does it, training not)."""
     return pretrain_manifest_shards(data_dir, tokenizer, split, check_sha256)[1]
 
 def pretrain_manifest_shards(data_dir, tokenizer, split, check_sha256=False):
@@ -1825,10 +1744,9 @@ def pretrain_manifest_shards(data_dir, tokenizer, split, check_sha256=False):
                                   f"in {where} (a damaged or replaced shard)")
     return manifest, [os.path.join(directory, s["file"]) for s in picked]
 
-# -- the pretraining data of --data-dir: ours (pretrain/manifest.json, tokenizer/ beside it), or a folder of llm.c
-# shards as modded-nanogpt's FineWeb (fineweb_{train,val}_NNNNNN.bin) and the seed's climbmix_32k_8_170
-# (climbmix/{train,val}_NNNNNN.bin, config.json, tokenizer/token_bytes.pt) are published. Their headers record no
-# vocab or BOS, so those must come from somewhere explicit, which the log names.
+# -- the pretraining data of --data-dir: ours (pretrain/manifest.json, tokenizer/ beside it), or llm.c shards as
+# published (modded-nanogpt's FineWeb: fineweb_{train,val}_NNNNNN.bin; the seed's climbmix_32k_8_170: climbmix/
+# {train,val}_NNNNNN.bin, config.json, tokenizer/token_bytes.pt). No vocab or BOS in their headers: given explicitly.
 
 LLMC_SHARD = re.compile(r"(?:^|_)(train|val)_\d+\.bin$")
 GPT2_VOCAB, GPT2_EOT = 50257, 50256  # modded-nanogpt's FineWeb shards: GPT-2 ids, <|endoftext|> before each document
@@ -1871,8 +1789,7 @@ def pretrain_data(data_dir, vocab_size=0, bos_id=-1):
     tokenizer = data_tokenizer(data_dir)
     manifest, val = pretrain_manifest_shards(data_dir, tokenizer, "val")
     train = pretrain_shards(data_dir, tokenizer, "train")
-    told = {"vocab_size": (vocab_size, tokenizer.vocab_size), "bos_id": (bos_id, tokenizer.bos_id)}
-    for name, (given, has) in told.items():
+    for name, given, has in (("vocab_size", vocab_size, tokenizer.vocab_size), ("bos_id", bos_id, tokenizer.bos_id)):
         if given not in (0, -1) and given != has:
             raise DataFormatError(f"{data_dir}/tokenizer: {name} {has}, but --{name.replace('_', '-')} {given}")
     data = PretrainData(train, val, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.token_bytes,
@@ -1897,28 +1814,22 @@ def llmc_shards(data_dir):
 
 def llmc_data(data_dir, found, vocab_size=0, bos_id=-1):
     """The llm.c shards `found` in data_dir (words 3-5 of their headers zero), with vocab and BOS from --vocab-size /
-    --bos-id, the folder's config.json or our tokenizer/ (all that are there must agree), token bytes from our
-    tokenizer, the seed's tokenizer/token_bytes.pt (loaded weights_only) or, for GPT-2 ids, tiktoken's gpt2 encoding."""
+    --bos-id, the folder's config.json or our tokenizer/ (all that are there must agree) and llmc_token_bytes."""
     if not found["train"] or not found["val"]:
         raise DataFormatError(f"{data_dir}: llm.c shards need both *train_NNNNNN.bin and *val_NNNNNN.bin (here or one "
                               f"folder down); found {len(found['train'])} train and {len(found['val'])} val shards")
-    told = {}  # name -> [(value, where)]
-    for name, value in (("vocab_size", vocab_size), ("bos_id", bos_id)):
-        if value not in (0, -1):
-            told.setdefault(name, []).append((value, f"--{name.replace('_', '-')}"))
-    config_path, tokenizer = os.path.join(data_dir, "config.json"), None
-    if os.path.isfile(config_path):
-        config = read_json(config_path)
-        for name in ("vocab_size", "bos_id"):
-            if isinstance(config, dict) and type(config.get(name)) is int:
-                told.setdefault(name, []).append((config[name], config_path))
-    if os.path.isfile(os.path.join(data_dir, "tokenizer", "tokenizer.json")):
-        tokenizer = data_tokenizer(data_dir)
-        told.setdefault("vocab_size", []).append((tokenizer.vocab_size, f"{data_dir}/tokenizer"))
-        told.setdefault("bos_id", []).append((tokenizer.bos_id, f"{data_dir}/tokenizer"))
-    value = {}
-    for name in ("vocab_size", "bos_id"):
-        if name not in told:
+    config_path = os.path.join(data_dir, "config.json")
+    config = read_json(config_path) if os.path.isfile(config_path) else None
+    has_tokenizer = os.path.isfile(os.path.join(data_dir, "tokenizer", "tokenizer.json"))
+    tokenizer = data_tokenizer(data_dir) if has_tokenizer else None
+    told, value = {}, {}  # name -> [(value, where)]
+    for name, flag in (("vocab_size", vocab_size), ("bos_id", bos_id)):
+        told[name] = [(flag, f"--{name.replace('_', '-')}")] if flag not in (0, -1) else []
+        if isinstance(config, dict) and type(config.get(name)) is int:
+            told[name].append((config[name], config_path))
+        if tokenizer is not None:
+            told[name].append((getattr(tokenizer, name), f"{data_dir}/tokenizer"))
+        if not told[name]:
             raise DataFormatError(f"{data_dir}: llm.c shards record no {name}: give --{name.replace('_', '-')}, or put a "
                                   "config.json ({vocab_size, bos_id}) or a tokenizer/ (data/tokenizer.py) beside them")
         if len({v for v, _ in told[name]}) > 1:
@@ -2040,15 +1951,13 @@ def load_chat_eval(data_dir, tokenizer, name="chat_eval"):
     return ChatEvalData(manifest["tasks"], tokens, examples, manifest["letter_ids"])
 
 class PretrainLoader:
-    """A contiguous token stream over the shards, wrapping around at the end. Each step takes world_size * T
-    tokens; rank r reads its own slice. The position (shard, offset, epoch) is saved in checkpoints. `ids`: what
-    says the vocab_size and bos_id (the PretrainData, or a Tokenizer)."""
+    """The shards as one token stream, wrapping around; each step takes world_size * T tokens, rank r its own slice.
+    Its position (shard, offset, epoch) is checkpointed; `ids`: a PretrainData or Tokenizer (its vocab_size, bos_id)."""
 
     def __init__(self, paths, ids, rank, world_size, state=None):
         self.paths, self.ids, self.vocab, self.bos = paths, ids, ids.vocab_size, ids.bos_id
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self._cache, self._prefetch = rank, world_size, {}, None
         self.state = dict(state or {"shard": 0, "offset": 0, "epoch": 0})
-        self._cache, self._prefetch = {}, None
 
     def fork(self):
         """A loader that reads the same upcoming batches, leaving this one where it is."""
@@ -2072,9 +1981,8 @@ class PretrainLoader:
             if offset >= len(tokens):
                 shard, offset = (shard + 1) % len(self.paths), offset - len(tokens)
                 continue
-            part = np.asarray(tokens[offset:offset + n])
-            parts.append(part)
-            n -= len(part)
+            parts.append(np.asarray(tokens[offset:offset + n]))
+            n -= len(parts[-1])
             shard, offset = (shard + 1) % len(self.paths), 0
         return np.concatenate(parts)
 
@@ -2119,18 +2027,16 @@ def phase_data(cfg, rt, log):
 
 
 # =============================================================================================================
-# 8. The run: its log (each invocation's code, header and timed lines; progress), metrics, checkpoints, the run
-# directory, the training loops' bookkeeping. RUN_DIR holds log.txt, code/ (each distinct source the log names),
-# metrics.json (every phase's results), curves.jsonl (what the loops log each step) and the checkpoints;
-# report.py beside this file renders report.md from metrics.json and curves.jsonl.
+# 8. The run: its log (each invocation's code, header, timed lines, progress), metrics, checkpoints, the run directory,
+# the loops' bookkeeping. RUN_DIR holds log.txt, code/ (each distinct source the log names), metrics.json (every phase's
+# results), curves.jsonl (what the loops log each step) and the checkpoints; report.py renders report.md from the two.
 
 LOG_SEPARATOR = "=" * 100  # after an invocation's code lines, before its header (baselines/record.py splits on it)
 
 class Logger:
-    """Rank 0 prints and appends to RUN_DIR/log.txt, each line after the header stamped with the time since the
-    invocation started ([h:mm:ss]); metrics (the curves) are appended to RUN_DIR/curves.jsonl, one {"step": ..., name:
-    value} object per line, step counting the phase's steps done, as the log lines do (a resumed phase appends again
-    from its step: the last line for a step wins), and also go to wandb when it is enabled."""
+    """Rank 0 prints and appends to RUN_DIR/log.txt, each line after the header stamped [h:mm:ss] since the invocation
+    began; metrics go to RUN_DIR/curves.jsonl, one {"step": the phase's steps done, name: value} a line (a resumed phase
+    appends again from its step: the last line for a step wins), and to wandb when it is enabled."""
 
     def __init__(self, cfg, rt):
         self.master, self.path, self.wandb = rt.master, os.path.join(cfg.run_dir, "log.txt"), None
@@ -2139,9 +2045,7 @@ class Logger:
             return
         os.makedirs(cfg.run_dir, exist_ok=True)
         mode = cfg.wandb if cfg.wandb != "auto" else ("online" if os.environ.get("WANDB_API_KEY") else "disabled")
-        if os.environ.get("WANDB_MODE") == "disabled":
-            mode = "disabled"
-        if mode != "disabled":
+        if mode != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
             import wandb
             self.wandb = wandb.init(project="decoderstack", name=os.path.basename(os.path.abspath(cfg.run_dir)),
                                     config=dataclasses.asdict(cfg), mode=mode, dir=cfg.run_dir)
@@ -2159,8 +2063,7 @@ class Logger:
             f.write(text + "\n")
 
     def start(self, cfg, rt):
-        """An invocation's opening lines: its code (code_lines), the separator, then its header and config unstamped;
-        returns the header (run_header)."""
+        """An invocation's opening lines: code_lines, the separator, header and config unstamped; returns the header."""
         header = run_header(rt)
         if self.master:
             self.write("\n".join(code_lines(cfg.run_dir) + [LOG_SEPARATOR]))
@@ -2181,9 +2084,8 @@ class Progress:
     call (rank 0's share where the ranks split the work). log: a Logger, or None for silence."""
 
     def __init__(self, log, what, total, unit, every=30.0):
-        self.log, self.what, self.total, self.unit, self.every = log, what, total, unit, every
-        self.done, self.t0 = 0, time.time()
-        self.last = self.t0
+        self.log, self.what, self.total, self.unit, self.every, self.done = log, what, total, unit, every, 0
+        self.t0 = self.last = time.time()
 
     def __call__(self, *_):
         self.done += 1
@@ -2221,9 +2123,8 @@ def code_lines(run_dir):
 
 @functools.cache
 def git_state(directory):
-    """(commit, dirty) of the git work tree holding directory, dirty meaning tracked files differ from the commit;
-    None where git cannot tell (no git, no repository, no commit yet, a repository git refuses as another user's).
-    Cached: the state the run started from, whatever is edited or committed while it runs."""
+    """(commit, dirty: tracked files differ from it) of the git work tree holding directory; None where git cannot tell
+    (no git, repository or commit; one git refuses as another user's). Cached: the state the run started from."""
     def git(*args):
         return subprocess.run(["git", "-C", directory, *args], capture_output=True, text=True, timeout=10,
                               check=True).stdout.strip()
@@ -2239,8 +2140,7 @@ def run_header(rt):
     state = git_state(os.path.dirname(os.path.abspath(__file__)))
     commit = "unknown (no git, or not in a repository)" if state is None else state[0] + (" (dirty)" if state[1] else "")
     gpu = f" ({torch.cuda.get_device_name(rt.device)})" if rt.device.type == "cuda" else ""
-    return [f"commit: {commit}",
-            f"command: {shlex.join(sys.argv)}",
+    return [f"commit: {commit}", f"command: {shlex.join(sys.argv)}",
             f"versions: python {sys.version.split()[0]}, torch {torch.__version__}, "
             f"triton {triton.__version__ if triton else 'not installed'}, CUDA {torch.version.cuda or 'none'}",
             f"device: {rt.device}{gpu}, world size {rt.world_size}, attention {rt.backend}"]
@@ -2261,16 +2161,13 @@ def update_metrics(cfg, rt, values):
                           json.dumps({**read_metrics(cfg.run_dir), **values}, indent=1) + "\n")
 
 def record_phase_time(cfg, rt, phase, checkpoint, seconds, header):
-    """metrics.json's phase_time_s: [{phase, checkpoint (written, or evaluated), seconds}] in the order they ran (the
-    same phase on the same checkpoint again replaces its entry: chat after SFT and after RL are two), and as
-    "environment" the header of the invocation that ran it (run_header)."""
+    """metrics.json's phase_time_s, [{phase, checkpoint (written or evaluated), seconds}] in run order (the same phase
+    on the same checkpoint replaces its entry: chat after SFT and after RL are two), and "environment": run_header's."""
     entry = {"phase": phase, "checkpoint": checkpoint and os.path.basename(checkpoint), "seconds": seconds}
     times = [t for t in read_metrics(cfg.run_dir).get("phase_time_s", []) if isinstance(t, dict)]
-    same = [i for i, t in enumerate(times) if (t.get("phase"), t.get("checkpoint")) == (phase, entry["checkpoint"])]
-    if same:
-        times[same[0]] = entry
-    else:
-        times.append(entry)
+    key = (phase, entry["checkpoint"])
+    i = next((i for i, t in enumerate(times) if (t.get("phase"), t.get("checkpoint")) == key), len(times))
+    times[i:i + 1] = [entry]  # replaces that entry, or appends
     update_metrics(cfg, rt, {"phase_time_s": times, "environment": header})
 
 # -- checkpoints: safetensors weights + weights_only-loadable optimizer state + JSON holding their sha256, written
@@ -2291,10 +2188,10 @@ def checkpoints(run_dir, phase):
     return dict(sorted(found.items()))
 
 def save_checkpoint(cfg, rt, step, model, opt, extra_state, phase="pt"):
-    """RUN_DIR/<prefix><step>/: model.safetensors, optim.pt, state.json (step, phase, extra_state e.g. the loader's
-    position, "model": the ModelConfig, "run": this phase's settings, the files' sha256). RUN_DIR/latest_<phase> names it (what --resume continues) and RUN_DIR/latest
-    too (the model the next phase starts from). The newest --keep-checkpoints of the phase are kept. A failed write (a full disk)
-    leaves the previous checkpoint and the pointers as they were, and raises CheckpointError."""
+    """RUN_DIR/<prefix><step>/: model.safetensors, optim.pt, state.json (step, phase, "loader": extra_state, "model":
+    the ModelConfig, "run": this phase's settings, the files' sha256), named by RUN_DIR/latest_<phase> (what --resume
+    continues) and RUN_DIR/latest (what the next phase starts from); the newest --keep-checkpoints of the phase kept. A
+    failed write (a full disk) leaves the last checkpoint and the pointers as they were: a CheckpointError."""
     opt_state = opt.state_dict()  # a collective when sharded: every rank calls it
     if not rt.master:
         return
@@ -2351,8 +2248,7 @@ def load_checkpoint(path, model, opt=None):
     return state
 
 def load_model(path, device="cpu"):
-    """(model, state.json) of a checkpoint: the model built from the ModelConfig it carries, its weights loaded;
-    state.json read once (step, phase, "run": the settings of the phase that wrote it)."""
+    """(model, state.json) of a checkpoint: the model its ModelConfig builds, weights loaded; state.json read once."""
     state = verify_checkpoint(path, CHECKPOINT_FILES[:1])
     try:
         model_cfg = ModelConfig(**{**state["model"], "softcap": tuple(state["model"]["softcap"])})
@@ -2394,8 +2290,7 @@ def resume_checkpoint(cfg, phase, model, opt, log):
     return None
 
 def resumed_step(cfg, phase, model, opt, loader, log):
-    """The step a pt or sft loop starts at: 0, or with --resume the step of the checkpoint resume_checkpoint loads
-    (the loader then continues where it stood)."""
+    """The step a pt or sft loop starts at: 0, or with --resume the loaded checkpoint's, the loader where it stood."""
     resumed = resume_checkpoint(cfg, phase, model, opt, log)
     if not resumed:
         return 0
@@ -2405,10 +2300,9 @@ def resumed_step(cfg, phase, model, opt, loader, log):
     return state["step"]
 
 def claim_run_dir(cfg, phases):
-    """Before anything is written: lock the run directory for this process (released at exit, kill -9 included; a
-    second run on it is refused, naming the holder), remove what a crash left half-written (*.tmp), and make sure a
-    fresh (not --resume) pt, sft or rl run does not mix its checkpoints with an earlier run's: refuse, or with
-    --overwrite delete that phase's checkpoints and the later phases' (trained from them). Returns the lock."""
+    """Lock the run directory first (the lock, returned, is released at exit, kill -9 included; another run is refused,
+    naming the holder); delete what a crash half-wrote (*.tmp); refuse a fresh (not --resume) pt, sft or rl run amid an
+    earlier run's checkpoints, or with --overwrite delete that phase's and the later phases' (trained from them)."""
     import fcntl
     os.makedirs(cfg.run_dir, exist_ok=True)
     lock = open(os.path.join(cfg.run_dir, ".lock"), "a+")
@@ -2418,17 +2312,10 @@ def claim_run_dir(cfg, phases):
         lock.seek(0)
         raise CheckpointError(f"{cfg.run_dir}: run directory in use by pid {lock.read().strip() or '?'} "
                               "(one run per --run-dir)") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    for name in os.listdir(cfg.run_dir):
-        if name.endswith(".tmp"):
-            path = os.path.join(cfg.run_dir, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
+    lock.truncate(0)
+    print(os.getpid(), file=lock, flush=True)
+    for path in (os.path.join(cfg.run_dir, name) for name in os.listdir(cfg.run_dir) if name.endswith(".tmp")):
+        (shutil.rmtree if os.path.isdir(path) and not os.path.islink(path) else os.remove)(path)
     training = [p for p in CHECKPOINT_PREFIX if p in phases]
     clash = [os.path.basename(path) for p in training for path in checkpoints(cfg.run_dir, p).values()]
     if clash and not cfg.resume:
@@ -2436,7 +2323,7 @@ def claim_run_dir(cfg, phases):
             raise CheckpointError(f"{cfg.run_dir}: holds checkpoints of an earlier run ({', '.join(clash)}); pass "
                                   "--resume to continue it, --overwrite to replace it, or another --run-dir")
         order = list(CHECKPOINT_PREFIX)
-        replaced = order[order.index(training[0]):]
+        kept_phases, replaced = order[:order.index(training[0])], order[order.index(training[0]):]
         for phase in replaced:
             for path in checkpoints(cfg.run_dir, phase).values():
                 shutil.rmtree(path)
@@ -2456,17 +2343,15 @@ def claim_run_dir(cfg, phases):
                 if len(values) > 1:
                     kept.append(json.dumps(values) + "\n")
             write_text_atomic(curves, "".join(kept))
-        earlier = [latest_checkpoint(cfg.run_dir, p) for p in order[:order.index(training[0])]]
-        earlier = [path for path in earlier if path and os.path.isdir(path)]
+        earlier = [path for p in kept_phases if (path := latest_checkpoint(cfg.run_dir, p)) and os.path.isdir(path)]
         if earlier and latest_checkpoint(cfg.run_dir) is None:  # the phase trains again from what it started from
             write_text_atomic(os.path.join(cfg.run_dir, "latest"), os.path.basename(earlier[-1]))
     return lock
 
 def settle_losses(pending, cfg, rt, log, phase):
-    """The losses of the steps in `pending` (a list of (step, loss tensor), emptied), averaged over ranks, as floats:
-    one host sync for all of them. The loops call it at log, eval and checkpoint steps only, so the GPU runs ahead in
-    between. A NaN/inf loss stops the run with exit code 2, recorded in metrics.json, before any checkpoint after it
-    is written: the phase's last checkpoint is the last good one."""
+    """The losses of `pending` ([(step, loss tensor)], emptied) averaged over ranks, as floats, in one host sync (the
+    loops sync at log, eval and checkpoint steps only: the GPU runs ahead in between). A NaN/inf loss exits with code 2,
+    recorded in metrics.json, before any later checkpoint is written: the phase's last is the last good one."""
     steps, losses = [s for s, _ in pending], torch.stack([loss for _, loss in pending])
     pending.clear()
     values = sum_over_ranks(losses, rt, dist.ReduceOp.AVG).tolist()
@@ -2507,8 +2392,7 @@ def trained_model(cfg, rt):
     path = cfg.init_from or latest_checkpoint(cfg.run_dir)
     if not path:
         raise CheckpointError(f"{cfg.run_dir}: no checkpoint to evaluate (run --phases pt first, or pass --init-from)")
-    model, state = load_model(path, rt.device)
-    return model, state, path
+    return (*load_model(path, rt.device), path)
 
 
 # =============================================================================================================
@@ -2559,9 +2443,8 @@ def micro_batch(batch_tokens, micro_batch_tokens, world_size, what):
     return T, accum
 
 def pretrain_steps(cfg, stages, world_size, start=0):
-    """The schedule from step `start` on, one (step, plan, tokens per forward, forwards, grow, untie) per step. What
-    changes in the model before the step: grow = (old, new) long window or None; untie: the step embed and lm_head
-    part. The training loop and the compile warm-up both walk it."""
+    """(step, plan, tokens per forward, forwards, grow, untie) for each step from `start` on, walked by the loop and the
+    compile warm-up; grow ((old, new) long window, or None) and untie (embed, lm_head part) apply before the step."""
     total = total_steps(stages)
     untie_step = round(cfg.untie_frac * total)
     for step in range(start, total):
@@ -2572,12 +2455,10 @@ def pretrain_steps(cfg, stages, world_size, start=0):
                step == untie_step)
 
 def warm_up_compiled(loss_fn, model, cfg, rt, stages, loader, start):
-    """Build every graph the compiled loss will need over the steps from `start` on before the timed loop, as
-    modded-nanogpt warms up: one forward and backward per distinct set of what the graphs specialise on (tokens per
-    forward, MTP horizons, document length bound, windows, attention scale, tied or not, accumulation), in schedule
-    order (torch's automatic dynamic shapes then make the same choices as the run), with the model's attention scale
-    and tying set as they will be at that step. It reads the upcoming batches without moving the loader; no
-    optimizer step, so weights and optimizer state are untouched. Returns (seconds, graphs compiled)."""
+    """Build every graph the compiled loss needs from step `start` on before the timed loop, as modded-nanogpt does: a
+    forward and backward per distinct (tokens per forward, MTP horizons, document length bound, windows, attention
+    scale, tying, accumulation), in schedule order (so torch's automatic dynamic shapes choose as in the run), scale and
+    tying set as at that step; the loader does not move and no optimizer steps. Returns (seconds, graphs compiled)."""
     from torch._dynamo.utils import counters
     scale, tied = model.attn_scale.clone(), model.is_tied
     variants = {}
@@ -2606,9 +2487,8 @@ def warm_up_compiled(loss_fn, model, cfg, rt, stages, loader, start):
     return time.perf_counter() - t0, counters["stats"]["unique_graphs"] - graphs
 
 def train_loss(model, batch, windows, mtp_weights, backend, grad_scale=1.0, fp8=False):
-    """Mean over tokens of the MTP-weighted softcapped cross entropy; mtp_weights is a (K,) tensor (a tensor, not
-    floats, so compiled code is not specialised to each step's values); grad_scale is 1 / gradient accumulation;
-    fp8: the lm_head matmuls in FP8 where the GPU has them."""
+    """Mean over tokens of the MTP-weighted softcapped cross entropy. mtp_weights: a (K,) tensor, so compiled code is
+    not specialised to its values; grad_scale: 1 / accumulation steps; fp8: FP8 lm_head matmuls on GPUs with FP8."""
     h = model.hidden(batch, windows, backend)
     if fp8 and fp8_supported(h.device):
         # modded-nanogpt's static scales; the gradient's follows our mean loss (it shrinks with the tokens per step).
@@ -2620,9 +2500,8 @@ def train_loss(model, batch, windows, mtp_weights, backend, grad_scale=1.0, fp8=
     return softcap_cross_entropy(logits, batch.targets[:, :len(mtp_weights)], mtp_weights, model.cfg.softcap).sum() / batch.inputs.numel()
 
 def val_rows(n_targets, T, subset=0, first=0):
-    """The rows an evaluation scores; row r predicts targets r*T+1 .. r*T+T of the val stream. All of them: every
-    target once; first=N: those of the first N targets (modded-nanogpt's rule, for its numbers); subset=N: N targets'
-    worth spread evenly over the stream, so that every source is drawn from (evaluation during training)."""
+    """The rows an evaluation scores (row r: targets r*T+1 .. r*T+T of the val stream): all, every target once; first=N:
+    those of the first N targets (modded-nanogpt's rule); subset=N: N targets' worth, spread to draw on every source."""
     n_rows = -(-n_targets // T)
     if first:
         return np.arange(min(n_rows, -(-first // T)))
@@ -2632,18 +2511,16 @@ def val_rows(n_targets, T, subset=0, first=0):
 
 @torch.no_grad()
 def evaluate_bpb(model, data, rt, windows, max_doc_len, T, subset=0, first=0, log=None):
-    """Next-token loss on the val stream of `data` (a PretrainData) in rows of T tokens (val_rows: every target once by
-    default). Counted targets: those with > 0 bytes (special tokens count in neither sum, so bpb compares across
-    tokenizers), or every target where token bytes are unknown (modded-nanogpt's val loss). A dict: bpb (None
-    without token bytes), loss (nats per counted target), targets (how many), of (the stream's targets), by_source
-    ({name: bpb}, from the documents' sources), what (for the log). log: where progress goes (Progress)."""
+    """Next-token loss on the val stream of `data` (a PretrainData) in rows of T tokens (val_rows; default: every target
+    once), over targets of > 0 bytes (special tokens count in neither sum, so bpb compares across tokenizers), or all
+    where token bytes are unknown (modded-nanogpt's val loss). A dict: bpb (None without token bytes), loss (nats per
+    counted target), targets (how many), of (the stream's targets), by_source ({name: bpb}), what (for the log)."""
     tokens, source = data.val_stream()
     n = len(tokens) - 1
     rows = val_rows(n, T, subset, first)
     weights = None if data.token_bytes is None else torch.from_numpy(data.token_bytes).to(rt.device)
     names = data.source_names()
-    n_sources = max(1, len(names))
-    sums = torch.zeros(n_sources, 3, device=rt.device, dtype=torch.float64)  # nats, bytes, counted targets
+    sums = torch.zeros(max(1, len(names)), 3, device=rt.device, dtype=torch.float64)  # nats, bytes, counted targets
     mine = rows[rt.rank::rt.world_size]
     progress = Progress(log, "val bpb", len(mine), "rows")
     for r in mine:
@@ -2696,17 +2573,15 @@ def mtp_note(weights):
 
 def attention_pairs(segment_lengths, window):
     """(query, key) pairs one attention layer scores over segments of these lengths: a query sees itself and up to
-    `window` earlier tokens of its segment (None or < 0: all of them). Inside a long segment that is window + 1 keys
-    a query, not half of it."""
+    `window` earlier tokens of its segment (None or < 0: all), so window + 1 keys deep in a long one, not half of it."""
     L = np.asarray(segment_lengths, dtype=np.int64)
     w = L.max(initial=0) if window is None or window < 0 else window + 1  # keys of a query deep in a segment
     first = np.minimum(L, w)  # the first w queries see 1, 2, ..., w keys; the rest w each
     return int((first * (first + 1) // 2 + (L - first) * w).sum())
 
 def training_flops(model, windows, segment_lengths):
-    """FLOPs of one forward + backward over a micro-batch of these segments: 6 per token per matmul weight (embedding
-    lookups excluded), plus 12 per head dim per (query, key) pair (QK^T and PV, 2 FLOPs a multiply-add, x3 with the
-    backward)."""
+    """FLOPs of a forward + backward over a micro-batch of these segments: 6 per token per matmul weight (no embedding
+    lookups) plus 12 per head dim per (query, key) pair (QK^T and PV, 2 FLOPs a multiply-add, x3 with backward)."""
     cfg = model.cfg
     matmul = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2 and "gate" not in n)
     matmul += model.vocab_size * cfg.model_dim
@@ -2811,14 +2686,12 @@ def phase_pt(cfg, rt, log):
 
 
 # =============================================================================================================
-# 10. Evaluation: the packed forwards every evaluation shares, CORE (DCLM's 22 tasks, as nanochat scores them),
-# then phase_eval
+# 10. Evaluation: packed forwards every evaluation shares, CORE (DCLM's 22 tasks, as nanochat scores them), phase_eval
 #
-# nanochat forwards each example alone, its options padded into a (n_options, L) batch, with logits at every
-# position. Here sequences of many examples (and tasks) go back to back into one varlen batch, no token padding; the
-# choices of an example share their context, forwarded once (pack_branches), and only continuation rows get logits;
-# the decisions are nanochat's (bench/eval_bench.py's evaluate_example_alone forwards one sequence at a time, the
-# reference the tests compare with).
+# nanochat forwards each example alone (options padded to (n_options, L), logits everywhere). Here many examples go
+# back to back into one varlen batch without padding, an example's choices share one forward of their context
+# (pack_branches), and only continuation rows get logits; the decisions are nanochat's (the tests compare with
+# bench/eval_bench.py's evaluate_example_alone, one sequence at a time).
 
 @torch.no_grad()
 def packed_hidden(model, sequences, rt, windows):
@@ -2851,9 +2724,8 @@ def token_batches(items, n_tokens, batch_tokens):
         yield batch
 
 def task_scores(tasks, name_key, correct, evaluated, rt):
-    """Sum the ranks' float `correct` (1 right, 0 wrong or not mine) and score each task: dict(results={name:
-    accuracy}, centered={name: (accuracy - baseline) / (1 - baseline)}, mean=mean centered, correct=int8 per example:
-    1 right, 0 wrong, -1 not evaluated)."""
+    """Sums the ranks' `correct` (float: 1 right, 0 wrong or not mine); dict(results={name: accuracy}, centered={name:
+    (accuracy - baseline) / (1 - baseline)}, mean=mean centered, correct=int8 per example, -1 where not evaluated)."""
     correct = sum_over_ranks(correct.to(rt.device), rt)  # NCCL reduces device tensors only
     correct = np.where(evaluated, correct.cpu().numpy(), -1).astype(np.int8)
     results, centered = {}, {}
@@ -2865,8 +2737,7 @@ def task_scores(tasks, name_key, correct, evaluated, rt):
     return dict(results=results, centered=centered, mean=sum(centered.values()) / len(centered), correct=correct)
 
 def task_table(out, tasks, name_key, total):
-    """Per-task examples evaluated, accuracy and centered accuracy (stand-in data marked), then the `total` line
-    ("CORE", "ChatCORE": out[total.lower()])."""
+    """Per-task examples, accuracy, centered accuracy (stand-ins marked), then the `total` line: out[total.lower()]."""
     width = max(len(total), *(len(t[name_key]) for t in tasks)) + 2
     lines = [f"{'task':<{width}} {'examples':>8} {'accuracy':>8} {'centered':>8}"]
     for t in tasks:
@@ -2897,17 +2768,15 @@ def _span_scores(losses, right, spans):
 @torch.no_grad()
 def core_scores_packed(model, seqs, rt, windows):
     """(mean continuation loss, continuation all argmax-right) of each (tokens, cont_start, cont_end) in `seqs`, from
-    one forward of them packed with their shared prefixes once (pack_branches: an example's choices share its
-    context). Only the rows that predict a continuation token get logits."""
+    one forward, shared prefixes packed once (pack_branches); only rows that predict a continuation token get logits."""
     batch, where = pack_branches([t for t, _, _ in seqs], rt.device)
     with autocast(rt):
         h = model.hidden(batch, windows, rt.backend)
-    rows = np.concatenate([w[s - 1:e - 1] for w, (_, s, e) in zip(where, seqs)]).astype(np.int64)
-    rows_t = torch.from_numpy(rows).to(rt.device)
+    rows = to_device(np.concatenate([w[s - 1:e - 1] for w, (_, s, e) in zip(where, seqs)]), torch.long, rt.device)
     targets = to_device(np.concatenate([t[s:e] for t, s, e in seqs]), torch.long, rt.device)
     losses, right = [], []
     for chunk in torch.split(torch.arange(len(rows), device=rt.device), LOGITS_CHUNK):
-        logits = model.logits(h[rows_t[chunk]])
+        logits = model.logits(h[rows[chunk]])
         losses.append(F.cross_entropy(logits, targets[chunk], reduction="none"))
         right.append(logits.argmax(-1) == targets[chunk])
     return _span_scores(torch.cat(losses).cpu(), torch.cat(right).cpu(), [e - s for _, s, e in seqs])
@@ -2915,10 +2784,8 @@ def core_scores_packed(model, seqs, rt, windows):
 @torch.no_grad()
 def evaluate_core(model, core, rt, windows, max_per_task=-1, batch_tokens=32768, log=None):
     """CORE of `model` on CoreData `core`: the first max_per_task examples of each task (<= 0: all, as in nanochat;
-    the file's examples are pre-shuffled), rank r taking examples r, r + world_size, ... of each task. Sequences are
-    packed into forwards of up to batch_tokens tokens (a longer one goes alone). Returns dict(results={label:
-    accuracy}, centered={label: (accuracy - baseline) / (1 - baseline)}, core=mean centered, correct=int8 per row of
-    core.examples: 1 right, 0 wrong, -1 not evaluated). log: where progress goes (Progress)."""
+    the file's examples are pre-shuffled) split across ranks (examples_of_rank), packed into forwards of up to
+    batch_tokens tokens (token_batches). Returns task_scores' dict, its mean as `core`. log: where progress goes."""
     evaluated, mine = examples_of_rank(core.tasks, len(core.examples), max_per_task, rt)
     correct = torch.zeros(len(core.examples), dtype=torch.float32)
     scores = {}  # example -> scores of its sequences so far (an example may straddle two forwards)
@@ -2967,16 +2834,13 @@ def phase_eval(cfg, rt, log):
 
 
 # =============================================================================================================
-# 11. Inference: a KV cache that reproduces the training forward, sampling, the calculator tool, the engine,
-# then phase_generate
+# 11. Inference: a KV cache reproducing the training forward, sampling, the calculator tool, the engine, phase_generate
 
 class KVCache:
-    """Keys and values of every layer for B rows: a (B, capacity, H, D) tensor per layer (FA's layout; one tensor
-    each, since a compiled step writing into a slice of one big tensor would copy all of it), plus what a new token
-    needs besides attention: its row's length (its RoPE position) and its row's last token (for smear and the bigram
-    hash). static=True: a one-token step reads each row's window + 1 keys, gathered (or the whole cache, masked), so
-    no host int sets its shapes and one compiled graph serves every step (the engine's compiled decode); otherwise
-    reads are sliced to the rows' visible span."""
+    """Keys and values of every layer for B rows: one (B, capacity, H, D) tensor per layer (FA's layout; a compiled step
+    writing into a slice of one big tensor would copy all of it), plus each row's length (its RoPE position) and last
+    token (smear, bigram hash). static=True: a one-token step reads each row's window + 1 keys, gathered (or all keys,
+    masked), so no host int sets its shapes and one compiled graph serves every step; else reads are sliced to fit."""
 
     def __init__(self, model, batch, capacity, device, dtype, backend="sdpa", static=False):
         cfg = model.cfg
@@ -2994,10 +2858,8 @@ class KVCache:
 
     def attend(self, layer, q, k, v, window, scale):
         """The attend() of Block.forward: write this layer's new keys/values, attend over the visible cache."""
-        S = q.size(1)
-        if self.static and S == 1:  # shapes that depend on no host int: a compiled step serves every call
-            span = None
-        else:
+        span, S = None, q.size(1)  # static one-token steps: shapes that depend on no host int (one compiled graph)
+        if not (self.static and S == 1):
             lo = 0 if window is None or window < 0 else max(0, min(self.host_lengths) - window)
             span = (lo, max(self.host_lengths) + S)
         return cached_attention(q, k, v, self.k[layer], self.v[layer], self.lengths, span, window, scale, self.backend)
@@ -3060,7 +2922,6 @@ def sample_next(logits, generator, temperature=1.0, top_k=0, top_p=1.0, min_p=0.
 # value, constants included, is checked to be within CALC_MAX_MAGNITUDE, so each operation works on <= 50-bit numbers,
 # except that a power may first produce up to (1e15)**64 (~3,200 bits, microseconds) before its check; strings exist
 # only as literals of the input (no operator accepts one), so str.count scans at most CALC_MAX_CHARS characters.
-
 CALC_MAX_CHARS = 200  # GSM8K's calls are a few dozen characters
 CALC_MAX_NODES = 100  # ~30 operations: the longest GSM8K sums fit, and each node costs microseconds
 CALC_MAX_EXPONENT = 64
@@ -3084,8 +2945,7 @@ def calc_value(node):
     if kind is ast.Constant and type(node.value) in (int, float):  # type(), not isinstance: bools are ints
         value = node.value
     elif kind is ast.UnaryOp and type(node.op) in (ast.UAdd, ast.USub):
-        value = calc_value(node.operand)
-        value = -value if type(node.op) is ast.USub else value
+        value = -calc_value(node.operand) if type(node.op) is ast.USub else calc_value(node.operand)
     elif kind is ast.BinOp and type(node.op) in CALC_BINOPS:
         left, right = calc_value(node.left), calc_value(node.right)
         if type(node.op) is ast.Pow and abs(right) > CALC_MAX_EXPONENT:
@@ -3146,9 +3006,8 @@ class Sampling:
 
 @dataclasses.dataclass(eq=False)
 class Stream:
-    """One sample on its way: its prompt (one list object for all samples of a prompt: they share its prefill), its
-    Sampling, its budget and callbacks, and what it has produced. Any thread may set `cancelled`: the batch frees
-    its row at its next step."""
+    """One sample on its way: its prompt (one list object for all samples of a prompt: they share its prefill),
+    Sampling, budget, callbacks and output. Any thread may set `cancelled`: the batch frees its row at its next step."""
     prompt: list
     sampling: Sampling
     max_new_tokens: int
@@ -3164,16 +3023,14 @@ CAPACITY_STEP = 256  # a compiled engine's cache capacities are multiples of thi
 class Engine:
     """Generation with a KV cache and the calculator tool: a sample stops at <|assistant_end|> or <|bos|> (or after
     max_new_tokens); after <|python_start|> expr <|python_end|> its next tokens are forced: <|output_start|>
-    calculate(expr) <|output_end|> (nothing when the expression is refused). Samples decode continuously batched
-    (DecodeBatch). compile=True runs the step through torch.compile (CUDA graphs on a GPU): the same tokens, less
-    overhead."""
+    calculate(expr) <|output_end|> (nothing when refused). Samples decode continuously batched (DecodeBatch);
+    compile=True runs the step through torch.compile (CUDA graphs on a GPU): the same tokens, less overhead."""
 
     def __init__(self, model, tokenizer, windows, rt, compile=False):
         self.model, self.tokenizer, self.windows, self.rt = model, tokenizer, windows, rt
-        special = tokenizer.special
-        self.stops = {special("<|assistant_end|>"), tokenizer.bos_id}
-        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
-        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        self.stops = {tokenizer.special("<|assistant_end|>"), tokenizer.bos_id}
+        self.python_start, self.python_end = tokenizer.special("<|python_start|>"), tokenizer.special("<|python_end|>")
+        self.output_start, self.output_end = tokenizer.special("<|output_start|>"), tokenizer.special("<|output_end|>")
         self.step = None  # decode_logits, eager
         if compile:  # shapes static within a call; a second batch size or capacity makes that dimension dynamic
             self.step = torch.compile(decode_logits, mode="reduce-overhead" if rt.device.type == "cuda" else None)
@@ -3192,9 +3049,8 @@ class Engine:
     @torch.no_grad()
     def generate(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
                  seed=0, on_token=None, max_rows=0, on_done=None):
-        """num_samples Samples for each prompt (a list of token ids): sample i * num_samples + j is prompt i's j-th,
-        on_token(i, token) sees its tokens as they come and on_done(i) its end. max_rows: samples decoding at once
-        (0: all). All of them draw from one generator seeded with `seed`."""
+        """num_samples Samples per prompt (token ids), sample i * num_samples + j being prompt i's j-th: on_token(i,
+        token) sees its tokens, on_done(i) its end; max_rows: rows at once (0: all). One generator (`seed`) for all."""
         sampling = Sampling(temperature, top_k, top_p, min_p, torch.Generator(device=self.rt.device).manual_seed(seed))
         call = lambda fn, i: functools.partial(fn, i) if fn else None
         streams = [Stream(prompt, sampling, max_new_tokens, call(on_token, i), call(on_done, i))
@@ -3210,24 +3066,20 @@ class Engine:
         if token == self.python_start:
             stream.call = []
         elif stream.call is not None and token == self.python_end:
-            result = calculate(self.tokenizer.decode(stream.call))
-            stream.call = None
+            result, stream.call = calculate(self.tokenizer.decode(stream.call)), None
             if result is not None:
                 stream.forced += [self.output_start, *self.tokenizer.encode(result), self.output_end]
         elif stream.call is not None:
             stream.call.append(token)
 
 class DecodeBatch:
-    """Streams decoding together in the rows of one KV cache, one token each per step, continuously batched: a stream
-    waits for a free row (at most max_rows), then its prompt but the last token is prefilled in a one-row cache (once
-    for consecutive streams of one prompt) and copied in, and the last token is the row's next input; a stream that
-    ends frees its row for the next waiting one at the next step. Rows are added (up to max_rows) while streams wait,
-    and when none waits and at most half the rows are live the cache shrinks to the next power of two of them, so a
-    compiled step sees few batch sizes. Driven by one thread; `add` and `step` belong to it."""
+    """Streams decoding together in the rows of one KV cache, a token each per step. A stream waits for a free row,
+    then its prompt but the last token is prefilled in a one-row cache (once per run of streams sharing a prompt) and
+    copied in; an ending stream frees its row. Rows are added (up to max_rows) while streams wait; with none waiting
+    and at most half live, the cache shrinks to the next power of two (few shapes to compile). One thread drives it."""
 
     def __init__(self, engine, capacity, max_rows):
-        self.engine, self.capacity, self.max_rows = engine, capacity, max_rows
-        self.waiting = collections.deque()
+        self.engine, self.capacity, self.max_rows, self.waiting = engine, capacity, max_rows, collections.deque()
         self.slots, self.feed, self.cache = [], [], None  # slots[row]: the row's Stream, None when free
         self.prefilled = (None, None)  # (prompt, its prefilled one-row cache)
 
@@ -3258,8 +3110,7 @@ class DecodeBatch:
         self.feed[row] = stream.prompt[-1]
 
     def _arrange(self):
-        """Between steps: free cancelled rows, drop cancelled waiting streams, fill free rows (adding rows when
-        streams wait), shrink when at most half the rows are live."""
+        """Between steps: end cancelled streams, fill free rows (adding some if streams wait), shrink if half idle."""
         for row, stream in enumerate(self.slots):
             if stream is not None and stream.cancelled:
                 self._end(row)
@@ -3277,11 +3128,8 @@ class DecodeBatch:
             else:
                 self.cache.grow(extra)
             free += range(len(self.slots), len(self.slots) + extra)
-            self.slots += [None] * extra
-            self.feed += [0] * extra
-        for row in free:
-            if not self.waiting:
-                break
+            self.slots, self.feed = self.slots + [None] * extra, self.feed + [0] * extra
+        for row in free[:len(self.waiting)]:  # _admit takes the next waiting stream
             self._admit(row)
         for row, stream in enumerate(self.slots):  # a free row is fed junk each step: keep it empty, never full
             if stream is None and self.cache.host_lengths[row]:
@@ -3320,10 +3168,9 @@ class DecodeBatch:
         for row, s in enumerate(self.slots):
             if s is None:
                 continue
-            forced = bool(s.forced)
-            token = self.feed[row] = s.forced.pop(0) if forced else sampled[row]
+            s.sample.mask.append(0 if s.forced else 1)
+            token = self.feed[row] = s.forced.pop(0) if s.forced else sampled[row]
             s.sample.tokens.append(token)
-            s.sample.mask.append(0 if forced else 1)
             if s.on_token:
                 s.on_token(token)
             if token in engine.stops:
@@ -3346,8 +3193,7 @@ def reply_text(tokenizer, sample):
 
 def phase_generate(cfg, rt, log):
     """samples for --prompt, or a chat on stdin; writes nothing
-    The prompt is a user turn for a chat model (SFT/RL checkpoints, or --prompt-format chat), plain text for a base
-    model."""
+    The prompt: a user turn for a chat model (SFT/RL checkpoints, --prompt-format chat), plain text for a base one."""
     tokenizer = data_tokenizer(cfg.data_dir)
     model, state, path = trained_model(cfg, rt)
     sample = cfg.sample
@@ -3355,10 +3201,10 @@ def phase_generate(cfg, rt, log):
     engine = Engine(model, tokenizer, model.windows(), rt, compile=sample.decode_compile)
     options = dict(max_new_tokens=sample.max_new_tokens, temperature=sample.temperature, top_k=sample.top_k,
                    top_p=sample.top_p, min_p=sample.min_p, seed=cfg.seed)
-    text = lambda tokens: tokenizer.decode([t for t in tokens if t not in engine.stops])  # a stream has no Sample yet
+    conversation = [tokenizer.bos_id]
     if sample.prompt:
-        text_ids = [tokenizer.bos_id, *tokenizer.encode(sample.prompt)]
-        prompt = chat_turn(tokenizer, [tokenizer.bos_id], sample.prompt) if chat else text_ids
+        prompt = (chat_turn(tokenizer, conversation, sample.prompt) if chat
+                  else conversation + tokenizer.encode(sample.prompt))
         log(f"sampling from {path} ({'chat' if chat else 'text'} prompt)")
         for i, drawn in enumerate(engine.generate([prompt], sample.num_samples, **options)[0]):
             log(f"--- sample {i + 1}/{sample.num_samples} ({len(drawn.tokens)} tokens)\n"
@@ -3367,7 +3213,6 @@ def phase_generate(cfg, rt, log):
     if rt.world_size > 1:
         raise ValueError("interactive chat runs in one process: pass --prompt, or run without torchrun")
     print(f"chatting with {path}: type a message, an empty line to start over, Ctrl-D to quit", flush=True)
-    conversation = [tokenizer.bos_id]
     for line in sys.stdin:
         if not line.strip():
             conversation = [tokenizer.bos_id]
@@ -3378,7 +3223,7 @@ def phase_generate(cfg, rt, log):
         def stream(_, token):  # print each new piece of the reply (a token may end mid-character)
             nonlocal shown
             reply.append(token)
-            now = text(reply)
+            now = tokenizer.decode([t for t in reply if t not in engine.stops])  # a stream has no Sample yet
             print(now[len(shown):], end="", flush=True)
             shown = now
 
@@ -3407,42 +3252,32 @@ def categorical_choices(model, prompts, letter_ids, rt, windows):
     return letter_logits.masked_fill(~allowed, float("-inf")).argmax(-1).tolist()
 
 # -- HumanEval: model-written code runs in a sandbox ------------------------------------------------------------------
-#
-# The sandbox's promise (--sandbox=isolated, the default; Linux on x86_64 or aarch64). The program runs in a fresh
-# `python -I -S` (no site-packages, no .pth files, no environment), three processes deep: a launcher that makes the
-# namespaces, the init that holds them, the program. The program
-# - runs as an unprivileged uid: one of its own (SANDBOX_UID_BASE + the launcher's pid) when we are root, else ours
-#   inside a user namespace in which it holds no capability; no setuid binary can raise it (no_new_privs);
-# - is alone in a PID namespace: it sees and signals nothing outside, and the timeout, by killing the launcher,
-#   kills the namespace's init and with it everything inside;
-# - is one process with one thread (RLIMIT_NPROC 1), so its RLIMIT_AS is the memory budget of the whole sandbox;
-# - sees the filesystem read-only (a mount namespace) but for its working directory, a tmpfs of disk_mb that is the
-#   whole sandbox's disk and vanishes with it; /proc is an empty directory;
-# - has no network of any family: an empty network namespace, and seccomp fails socket(), socketpair() and
-#   io_uring_setup() with EPERM, so not even a UNIX socket on the read-only filesystem can be reached;
-# - passes only when the harness, after the program (its check() last) returned, writes the run's nonce on a pipe the
-#   parent set up before it started: exiting with status 0 (sys.exit, os._exit, atexit, a signal) is not passing.
-# Its limits: the program can read what any user may read; it has its CPU until the timeout; and as the harness and
-# the program share an interpreter, code written to hunt for the nonce in its own process could forge a pass: the
-# sandbox contains such code, it does not make the score unforgeable.
-# --sandbox=weak, for machines that refuse namespaces (containers whose seccomp profile forbids unshare): the same uid
-# (as root), rlimits, syscall filter and nonce, but no namespaces, so the program can see other processes, read
-# world-readable files and write world-writable directories (/tmp; files of up to disk_mb). Not root, it keeps our
-# uid: it can then also write our files and signal our processes. Said once, as a SandboxWarning, when used.
+# The promise of --sandbox=isolated (the default; Linux on x86_64 or aarch64): the program runs in a fresh
+# `python -I -S` (no site-packages, .pth files or environment), under a launcher and the namespaces' init, and
+# - runs as an unprivileged uid: its own (SANDBOX_UID_BASE + the launcher's pid) when we are root, else ours in a user
+#   namespace where it holds no capability; no setuid binary can raise it (no_new_privs);
+# - is alone in a PID namespace (sees and signals nothing outside), all of which the timeout kills with the launcher;
+# - is one process with one thread (RLIMIT_NPROC 1), so RLIMIT_AS is the whole sandbox's memory budget;
+# - sees the filesystem read-only but its cwd, a tmpfs of disk_mb (all its disk, gone with it), and an empty /proc;
+# - has no network of any family, UNIX too: an empty net namespace; seccomp fails socket, socketpair, io_uring_setup;
+# - passes only if the harness, after the program (check() last) returned, writes the run's nonce on a pipe set up
+#   before it started: exit status 0 (sys.exit, os._exit, atexit, a signal) is no pass.
+# Limits: it reads what any user may read, has its CPU until the timeout, and shares an interpreter with the harness:
+# code hunting for the nonce in its own process could forge a pass (contained, but the score is not unforgeable).
+# --sandbox=weak, for machines that refuse namespaces: the same uid drop (as root), rlimits (files up to disk_mb),
+# syscall filter and nonce without the namespaces; warn_weak_sandbox says, once, what that opens.
 SANDBOX_MODES = ("isolated", "weak")
 SANDBOX_UID_BASE = 2_000_000_000  # + the launcher's pid: a uid that no account and no other live sandbox has
 SANDBOX_PYTHON = sys.executable    # the interpreter the program runs in (only its standard library is used)
 
-# The launcher: what the isolated interpreter runs (sandbox_launcher() gives its source), so standard library only,
-# and nothing of this file but the constants and sandbox_* code below. Each function runs in the launcher's processes,
-# never in ours.
+# The launcher, what the isolated interpreter runs (sandbox_launcher() gives its source): standard library only and
+# nothing of this file but the constants and sandbox_* code below; each function runs in its processes, never ours.
 SANDBOX_IMPORTS = "builtins, ctypes, functools, json, os, resource, select, signal, struct, sys, traceback"
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x4000000, 0x8000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 0x1, 0x2, 0x4, 0x8, 0x20
 MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
-# seccomp's audit arch and the syscall numbers used here, by machine
-SANDBOX_SYSCALLS = {
+SANDBOX_SYSCALLS = {  # by machine: seccomp's audit arch and the syscall numbers used here
     "x86_64": (0xC000003E, dict(socket=41, socketpair=53, io_uring_setup=425, unshare=272, mount_setattr=442)),
     "aarch64": (0xC00000B7, dict(socket=198, socketpair=199, io_uring_setup=425, unshare=97, mount_setattr=442))}
 SANDBOX_NO_NETWORK = ("socket", "socketpair", "io_uring_setup")  # io_uring can open sockets without socket()
@@ -3532,8 +3367,7 @@ def sandbox_fork_supervised():
     """Fork. The parent waits and exits as the child did (a signal as 128 + its number: a namespace's init cannot
     signal itself); the child gets the read end of a pipe only the parent writes to, for sandbox_die_with_parent."""
     alive, parent_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
+    if (pid := os.fork()) == 0:
         os.close(parent_end)
         return alive
     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
@@ -3645,11 +3479,10 @@ def sandbox_launcher():
             "if __name__ == '__main__':\n    sandbox_main(json.loads(sys.argv[1]))\n")
 
 def extract_program(completion, prompt):
-    """The program of a HumanEval completion: the problem's prompt, then the first ``` block of the completion
-    (an unclosed one runs to the end: generation stopped), else its whole text. The prompt always goes first: its
-    imports and helpers (HumanEval/10, 32, 38, 50's tests call is_palindrome, poly, encode_cyclic, encode_shift) must be
-    there, a completion that restates the function replaces the prompt's docstring-only stub, and one that is only the
-    body continues it. nanochat prepends only the prompt's imports, which fails a correct answer that omits a helper."""
+    """The program of a HumanEval completion: the problem's prompt, then the completion's first ``` block (unclosed: to
+    the end, where generation stopped), else its whole text. The prompt goes first so that its imports and helpers are
+    there (HumanEval/10, 32, 38, 50's tests call is_palindrome, poly, encode_cyclic, encode_shift), a restated function
+    replaces its stub and a bare body continues it (nanochat's imports only fail a right answer omitting a helper)."""
     fenced = re.search(r"```[\w+-]*[ \t]*\n(.*?)(?:```|\Z)", completion, re.DOTALL)  # ```python, ```py, ```Python3, ```
     return prompt + "\n" + (fenced.group(1) if fenced else completion)
 
@@ -3669,9 +3502,8 @@ def warn_weak_sandbox():
                   SandboxWarning, stacklevel=3)
 
 def remove_tree(top):
-    """Delete top and everything under it without following a link and without raising, however deep or locked down
-    the tree a program left: nested directories are emptied into top by renames, so depth costs neither recursion
-    nor path length (shutil.rmtree recurses: a RecursionError at ~1,000 levels)."""
+    """Delete top and all under it, following no link and raising nothing, however deep or locked down the tree a
+    program left: subdirectories empty into top by renames (no recursion, short paths; rmtree fails ~1,000 deep)."""
     lifted = 0
     try:
         if not os.path.isdir(top) or os.path.islink(top):
@@ -3712,7 +3544,7 @@ def run_sandboxed(program, timeout=5.0, memory_mb=512, disk_mb=64, sandbox="isol
     nonce = os.urandom(16).hex().encode()
     private = tempfile.mkdtemp(prefix="decoderstack-sandbox-")
     os.chmod(private, 0o711)  # ours: the program may reach its cwd by path but neither list nor replace it
-    status, nonce_r, report = None, None, b""
+    status, nonce_r, report, timed_out = None, None, b"", False
     try:
         work, source = os.path.join(private, "work"), os.path.join(private, "program.py")
         os.mkdir(work)
@@ -3733,7 +3565,6 @@ def run_sandboxed(program, timeout=5.0, memory_mb=512, disk_mb=64, sandbox="isol
                 os.close(status_w)
             try:
                 child.wait(timeout)
-                timed_out = False
             except subprocess.TimeoutExpired:  # the launcher's group, and with the launcher the namespace
                 timed_out = True
                 os.killpg(child.pid, signal.SIGKILL)
@@ -3773,12 +3604,10 @@ def humaneval_passed(completion, problem, timeout=5.0, sandbox="isolated"):
 @torch.no_grad()
 def evaluate_chat(model, chat, tokenizer, rt, windows, max_per_task=-1, batch_tokens=32768, batch_size=16,
                   max_new_tokens=512, sandbox="isolated", compile_decode=False, log=None):
-    """Chat evaluation on ChatEvalData `chat`: categorical tasks by letter argmax (packed varlen forwards of up to
-    batch_tokens tokens); generative (GSM8K) and code (HumanEval) ones by greedy generation with the calculator,
-    batch_size rows continuously batched, scored on the number after '####' or by running the problem's tests in the
-    `sandbox` (made once first: SandboxUnavailable before any generation where it cannot be). Examples split across
-    ranks as in CORE. Returns dict(results={task: accuracy}, centered={task: centered accuracy}, chatcore=mean
-    centered, correct=int8 per example). log: where progress goes (Progress)."""
+    """Chat evaluation on ChatEvalData `chat`: categorical tasks by letter argmax (packed forwards of up to batch_tokens
+    tokens); generative (GSM8K) and code (HumanEval) ones generated greedily with the calculator on batch_size rows,
+    scored on the number after '####' or by the problem's tests in the `sandbox` (tried first: SandboxUnavailable before
+    any generation). Examples split across ranks as in CORE; task_scores' dict, its mean as `chatcore`."""
     evaluated, mine = examples_of_rank(chat.tasks, len(chat.examples), max_per_task, rt)
     correct = torch.zeros(len(chat.examples), dtype=torch.float32)
     kind = {e: chat.tasks[int(chat.examples[e, 0])]["kind"] for e in mine}
@@ -3799,10 +3628,8 @@ def evaluate_chat(model, chat, tokenizer, rt, windows, max_per_task=-1, batch_to
         for e, (sample,) in zip(generated, samples):
             task = chat.tasks[int(chat.examples[e, 0])]
             text, index = reply_text(tokenizer, sample), e - task["first_example"]
-            if task["kind"] == "code":
-                correct[e] = float(humaneval_passed(text, task["problems"][index], sandbox=sandbox))
-            else:
-                correct[e] = float(gsm8k_answer(text) == task["answers"][index])
+            correct[e] = float(humaneval_passed(text, task["problems"][index], sandbox=sandbox) if kind[e] == "code"
+                               else gsm8k_answer(text) == task["answers"][index])
     out = task_scores(chat.tasks, "name", correct, evaluated, rt)
     return dict(out, chatcore=out.pop("mean"))
 
@@ -3810,11 +3637,10 @@ def phase_chat(cfg, rt, log):
     """chat eval (ARC, MMLU, GSM8K, HumanEval; ChatCORE); reads chat_eval/; writes metrics.json"""
     tokenizer = data_tokenizer(cfg.data_dir)
     model, _, path = trained_model(cfg, rt)
-    windows = model.windows()
     chat = load_chat_eval(cfg.data_dir, tokenizer)
     log(f"chat evaluation of {path}")
     t0 = time.time()
-    out = evaluate_chat(model, chat, tokenizer, rt, windows, cfg.chat_max_per_task, cfg.core_batch_tokens,
+    out = evaluate_chat(model, chat, tokenizer, rt, model.windows(), cfg.chat_max_per_task, cfg.core_batch_tokens,
                         cfg.chat_batch_size, cfg.chat_max_new_tokens, cfg.sandbox, cfg.sample.decode_compile, log)
     log(task_table(out, chat.tasks, "name", "ChatCORE"))
     log(f"chat eval took {time.time() - t0:.0f}s")
@@ -3832,10 +3658,9 @@ def phase_chat(cfg, rt, log):
 # (assistant text, tool calls, <|assistant_end|>) are targets. nanochat pads rows of a (B, T) batch instead.
 
 def sft_batch(split, convs, T, bos_id, device):
-    """Packed Batch of T tokens from conversations `convs` (indices into SFTSplit `split`) back to back; only the
-    first may be longer than T (it is cut). The rest is one padding document (BOS, then token 0s), so padding adds a
-    single cu_seqlens entry. Targets: the next token where its mask is 1, else -1 (so never across conversations:
-    each starts with BOS, whose mask is 0)."""
+    """Packed Batch of T tokens: conversations `convs` (indices into SFTSplit `split`) back to back (only the first may
+    be longer: it is cut), then one padding document (BOS, token 0s: a single cu_seqlens entry). Targets: the next
+    token where its mask is 1, else -1 (never across conversations: each starts with BOS, whose mask is 0)."""
     tokens, masks = zip(*(split.conversation(i) for i in convs))
     pad = max(0, T - sum(len(t) for t in tokens))
     buf = np.concatenate([*tokens, [bos_id], np.zeros(pad, np.int64)])[:T + 1]
@@ -3845,10 +3670,9 @@ def sft_batch(split, convs, T, bos_id, device):
     return batch
 
 class SFTLoader:
-    """Whole conversations in a shuffled order (a new permutation each epoch, from the seed), packed greedily: a
-    batch takes the next conversations while they fit in T tokens (the first always, cut if longer). Every rank packs
-    the same stream and keeps every world_size-th batch, so ranks see disjoint conversations and together exactly
-    the single-process batches. The position (epoch, cursor into its permutation) is saved in checkpoints."""
+    """Conversations in a shuffled order (a new permutation each epoch, from the seed), packed greedily: a batch takes
+    the next ones while they fit in T tokens (the first always, cut if longer). Each rank packs the same stream and
+    keeps every world_size-th batch (disjoint, together the single-process ones); checkpoints save (epoch, cursor)."""
 
     def __init__(self, split, tokenizer, rank, world_size, seed, state=None):
         self.split, self.bos, self.rank, self.world_size, self.seed = split, tokenizer.bos_id, rank, world_size, seed
@@ -3875,8 +3699,7 @@ class SFTLoader:
                 s["epoch"], s["cursor"] = s["epoch"] + 1, 0
 
     def next_batch(self, T, device):
-        mine = [self._take(T) for _ in range(self.world_size)][self.rank]
-        return sft_batch(self.split, mine, T, self.bos, device)
+        return sft_batch(self.split, [self._take(T) for _ in range(self.world_size)][self.rank], T, self.bos, device)
 
 def sft_loss(model, batch, windows, backend):
     """Mean softcapped cross entropy over the supervised targets (targets -1 count nowhere, get no gradient).
@@ -3889,10 +3712,9 @@ def sft_loss(model, batch, windows, backend):
 
 @torch.no_grad()
 def evaluate_sft_loss(model, split, rt, windows, max_tokens, batch_tokens=8192):
-    """Mean nats per supervised token of a fixed sample of val conversations holding up to max_tokens tokens (the
-    first ones of a seed-0 permutation: the files are grouped by source), packed without padding into forwards of up
-    to batch_tokens (a longer conversation goes alone, cut); rank r takes forwards r, r + world_size, ... Only
-    supervised rows get logits."""
+    """Mean nats per supervised token of a fixed sample of val conversations of up to max_tokens tokens (the first of
+    a seed-0 permutation: the files are grouped by source), packed into forwards of up to batch_tokens (a longer one
+    alone, cut); rank r takes forwards r, r + world_size, ...; only supervised rows get logits."""
     order = np.random.default_rng(0).permutation(len(split.convs) - 1)
     n = max(1, int(np.searchsorted(np.cumsum(np.diff(split.convs)[order]), max_tokens, side="right")))
     convs = (split.conversation(int(i)) for i in order[:n])
@@ -3921,14 +3743,12 @@ def sft_lr_factor(sft, step, total):
 def phase_sft(cfg, rt, log):
     """chat SFT with a fresh optimizer; reads sft/; writes RUN_DIR/sft_ckpt_<step>/, curves.jsonl, metrics.json"""
     require_training_dtype(rt, "sft")
-    tokenizer = data_tokenizer(cfg.data_dir)
+    sft, tokenizer = cfg.sft, data_tokenizer(cfg.data_dir)
     model, _, path = trained_model(cfg, rt)  # the checkpoint's architecture and final windows
     windows = model.windows()
-    sft = cfg.sft
     opt = make_optimizer(model, cfg, sft.lr_mul)
     train, val = load_sft(cfg.data_dir, tokenizer, "train"), load_sft(cfg.data_dir, tokenizer, "val")
-    loader = SFTLoader(train, tokenizer, rt.rank, rt.world_size, cfg.seed)
-    total = sft.steps
+    loader, total = SFTLoader(train, tokenizer, rt.rank, rt.world_size, cfg.seed), sft.steps
     T, accum = micro_batch(sft.batch_tokens, cfg.micro_batch_tokens, rt.world_size, "sft")
     start = resumed_step(cfg, "sft", model, opt, loader, log)
     log(f"sft: from {path}, {total} steps of {sft.batch_tokens:,} tokens, {len(train.convs) - 1:,} train conversations "
@@ -4010,7 +3830,6 @@ def policy_gradient_loss(model, rollouts, windows, rt, n_tokens):
     advantage) packed into one varlen forward. Prompt tokens and forced tool output (mask 0) get no gradient: their
     rows never reach the logits. n_tokens: sampled tokens of the whole step (token-level normalisation)."""
     batch, starts = pack_sequences([np.array(prompt + sample.tokens) for prompt, sample, _ in rollouts], rt.device)
-    ids = batch.inputs
     rows, weights = [], []
     for start, (prompt, sample, advantage) in zip(starts, rollouts):
         sampled = np.flatnonzero(np.array(sample.mask) == 1)  # token i of the sample sits at start + len(prompt) + i
@@ -4019,15 +3838,14 @@ def policy_gradient_loss(model, rollouts, windows, rt, n_tokens):
     rows = torch.from_numpy(np.concatenate(rows)).to(rt.device)
     with autocast(rt):
         h = model.hidden(batch, windows, rt.backend)
-        logp = -F.cross_entropy(model.logits(h[rows]).float(), ids[rows + 1], reduction="none")
+        logp = -F.cross_entropy(model.logits(h[rows]).float(), batch.inputs[rows + 1], reduction="none")
     return -(logp * torch.from_numpy(np.concatenate(weights)).to(rt.device)).sum() / max(1, n_tokens)
 
 @torch.no_grad()
 def gsm8k_pass_at_k(engine, tokenizer, chat, task, examples, k, rl, rt, seed, log=None):
     """pass@1..k on the given examples of a generative chat-eval task: the fraction of questions where one of the
     first j samples (temperature rl.temperature) is right; examples split across ranks. log: where progress goes."""
-    hits = torch.zeros(k, device=rt.device)
-    mine = examples[rt.rank::rt.world_size]
+    hits, mine = torch.zeros(k, device=rt.device), examples[rt.rank::rt.world_size]
     progress = Progress(log, f"pass@{k}", len(mine), "questions")
     for e in mine:
         samples = engine.generate([chat.prompt(e)[0].tolist()], k, rl.max_new_tokens, rl.temperature, rl.top_k,
@@ -4040,18 +3858,15 @@ def gsm8k_pass_at_k(engine, tokenizer, chat, task, examples, k, rl, rt, seed, lo
 
 def phase_rl(cfg, rt, log):
     """GSM8K RL; reads rl/, chat_eval/; writes RUN_DIR/rl_ckpt_<step>/, curves.jsonl, metrics.json
-    Each step, rl.questions_per_step training questions (split across ranks) get rl.samples samples each from the
-    engine; reward 1 for the right '####' answer; loss -advantage x log p over the sampled tokens; lr decays linearly
-    to 0; pass@k on held-out test questions."""
+    Each step rl.questions_per_step training questions (split across ranks) get rl.samples samples each; reward 1 for
+    the right '####' answer, loss -advantage x log p of the sampled tokens, lr linear to 0; pass@k on test questions."""
     require_training_dtype(rt, "rl")
     rl, tokenizer = cfg.rl, data_tokenizer(cfg.data_dir)
     model, _, path = trained_model(cfg, rt)
     windows = model.windows()
     train, test = load_chat_eval(cfg.data_dir, tokenizer, "rl"), load_chat_eval(cfg.data_dir, tokenizer)
-    train_task = next(t for t in train.tasks if t["name"] == "gsm8k")
-    test_task = next(t for t in test.tasks if t["name"] == "gsm8k")
-    first = test_task["first_example"]
-    test_examples = list(range(first, first + min(rl.eval_questions, test_task["n_examples"])))
+    train_task, test_task = (next(t for t in data.tasks if t["name"] == "gsm8k") for data in (train, test))
+    test_examples = [test_task["first_example"] + i for i in range(min(rl.eval_questions, test_task["n_examples"]))]
     if rl.questions_per_step < rt.world_size:
         raise ValueError(f"--rl-questions-per-step {rl.questions_per_step} < world size {rt.world_size}: every rank "
                          "needs a question")
@@ -4078,8 +3893,7 @@ def phase_rl(cfg, rt, log):
             break
         t0 = time.perf_counter()
         questions = [int(order[(step * rl.questions_per_step + i) % len(order)]) for i in range(rl.questions_per_step)]
-        rollouts, step_rewards = [], []
-        mine = questions[rt.rank::rt.world_size]
+        mine, rollouts, step_rewards = questions[rt.rank::rt.world_size], [], []
         prompts = [train.prompt(e)[0].tolist() for e in mine]  # all of a rank's rollouts decode as one batch
         drawn = engine.generate(prompts, rl.samples, rl.max_new_tokens, rl.temperature, rl.top_k,
                                 seed=cfg.seed * 1_000_003 + step * 1009 + rt.rank)
@@ -4132,7 +3946,6 @@ def moved_phase(argv):
         for name in (n for n in names if n in MOVED):
             return (f"--phases {name} moved beside the stack (it imports it); run the other phases first, then: "
                     f"python {MOVED[name]} {shlex.join(rest)}")
-    return None
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -4140,8 +3953,7 @@ def main(argv=None):
         sys.exit(f"error: {message}")
     cfg = parse_config(argv)
     phases = [p for p in cfg.phases.split(",") if p]
-    unknown = [p for p in phases if p not in PHASES]
-    if unknown:
+    if unknown := [p for p in phases if p not in PHASES]:
         sys.exit(f"error: unknown phase(s) {', '.join(unknown)}; available: {', '.join(PHASES)}")
     if phases == ["data"]:  # checking data needs no device, run directory or log file
         phases_to_run(phases, cfg, None, lambda msg: print(msg, flush=True))
@@ -4174,24 +3986,22 @@ def main(argv=None):
             lock.close()
 
 def phases_to_run(phases, cfg, rt, log, header=None):
-    """Run the phases in order; returns [(phase, seconds)]. After each of TIMED_PHASES its wall time and the checkpoint
-    it wrote or evaluated go into metrics.json with the invocation's header (run_header): a failure to write them is a
-    warning, never the end of the run. A prepared file that is bad, or a sandbox that cannot be had, ends it with one
-    error line."""
+    """Run the phases in order; returns [(phase, seconds)]. After each of TIMED_PHASES, its wall time and the
+    checkpoint it wrote or evaluated go into metrics.json with the invocation's header (run_header); failing to write
+    them is only a warning. A bad prepared file or an unavailable sandbox ends the run with one error line."""
     times = []
     try:
         for phase in phases:
             t0, evaluated = time.perf_counter(), cfg.init_from or latest_checkpoint(cfg.run_dir)
             PHASES[phase](cfg, rt, log)
             times.append((phase, time.perf_counter() - t0))
-            if phase not in TIMED_PHASES or not rt.master:
-                continue
-            try:
-                checkpoint = latest_checkpoint(cfg.run_dir, phase) if phase in CHECKPOINT_PREFIX else evaluated
-                record_phase_time(cfg, rt, phase, checkpoint, times[-1][1], header or run_header(rt))
-            except Exception as e:  # anything: a full disk, a metrics.json of another version of the stack
-                log(f"warning: {os.path.join(cfg.run_dir, 'metrics.json')}: {phase}'s time not recorded: "
-                    f"{type(e).__name__}: {e}")
+            if phase in TIMED_PHASES and rt.master:
+                try:
+                    checkpoint = latest_checkpoint(cfg.run_dir, phase) if phase in CHECKPOINT_PREFIX else evaluated
+                    record_phase_time(cfg, rt, phase, checkpoint, times[-1][1], header or run_header(rt))
+                except Exception as e:  # anything: a full disk, a metrics.json of another version of the stack
+                    log(f"warning: {os.path.join(cfg.run_dir, 'metrics.json')}: {phase}'s time not recorded: "
+                        f"{type(e).__name__}: {e}")
     except (DataFormatError, SandboxUnavailable) as e:
         sys.exit(f"error: {e}")
     return times

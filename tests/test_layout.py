@@ -5,13 +5,14 @@ import ast
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, STACK_PATH, TINY_ARGS
+from conftest import ROOT, STACK_PATH, TINY_ARGS, unstamped
 from test_report import data_for_every_phase
 from test_rl import RL_ARGS
 from test_sft import SFT_ARGS
@@ -157,3 +158,26 @@ def test_pretraining_numbers_equal_the_latest_records(tiny_data, tmp_path):
     (bpb, loss, by_source, weights), (bpb_now, loss_now, by_source_now, weights_now) = runs["record"], runs["now"]
     assert (bpb, loss, by_source) == (bpb_now, loss_now, by_source_now)
     assert weights.keys() == weights_now.keys() and all((weights[k] == weights_now[k]).all() for k in weights)
+
+
+def test_long_evaluations_say_how_far_they_are(stack, tiny_data, tok_dir, tmp_path, monkeypatch, capsys):
+    """bits per byte, CORE, chat eval and pass@k print `what: done/total unit, ... so far, eta ...` every 30 s (here
+    every unit: Progress's interval set to 0), rank 0's share counted, the last unit silent (its phase's own line
+    follows)."""
+    data = data_for_every_phase(tmp_path, tiny_data, tok_dir)
+    run = tmp_path / "run"
+    cfg = stack.parse_config([*TINY_ARGS, "--data-dir", str(data), "--run-dir", str(run), "--core-max-per-task", "4",
+                              "--chat-max-new-tokens", "8", *RL_ARGS, "--rl-steps", "0"])
+    rt = stack.Runtime(stack.torch.device("cpu"), stack.torch.float32, 0, 1, "sdpa")
+    stack.phase_pt(cfg, rt, stack.Logger(cfg, rt))
+    capsys.readouterr()
+    monkeypatch.setattr(stack.Progress.__init__, "__defaults__", (0.0,))
+    stack.phases_to_run(["eval", "chat", "rl"], cfg, rt, stack.Logger(cfg, rt))
+    lines = unstamped(capsys.readouterr().out).splitlines()
+    for what, unit in (("val bpb", "rows"), ("CORE", "examples"), ("chat eval", "examples"), ("pass@3", "questions")):
+        said = [line for line in lines if line.startswith(f"{what}: ")]
+        assert said and all(re.fullmatch(rf"{re.escape(what)}: (\d+)/(\d+) {unit}, \S+ \w+ so far, eta \S+ \w+", s)
+                            for s in said), (what, lines)
+        counts = [int(re.match(r".*?: (\d+)/(\d+)", s).group(1)) for s in said]
+        total = int(re.match(r".*?: \d+/(\d+)", said[0]).group(1))
+        assert counts == list(range(1, total)), (what, counts)  # every unit but the last
