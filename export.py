@@ -28,6 +28,7 @@ MODELING, CHAT_TEMPLATE, MODEL_CARD = (os.path.join(HF, name) for name in
 
 @dataclasses.dataclass
 class ExportConfig:
+    """the export (export.py): where the folder goes, where it is uploaded"""
     export_dir: str = ""              # "": RUN_DIR/hf
     push_to_hub: str = ""             # ORG/NAME: also upload the folder to this model repo (created if missing; HF_TOKEN)
 

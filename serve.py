@@ -33,6 +33,7 @@ CHAT_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html"
 
 @dataclasses.dataclass
 class ServeConfig:
+    """serving (serve.py): where it listens, the model's name, its bounds"""
     host: str = "127.0.0.1"          # 0.0.0.0 to serve other machines (there is no authentication: see README)
     port: int = 8000                 # the port to listen on
     served_model_name: str = ""      # the API's model id ("": the run directory's and checkpoint's names)
