@@ -279,7 +279,7 @@ def field_help(cls):
 def parse_flags(argv=None, classes=(), **parser_args):
     """An instance of each settings dataclass in `classes` (Config first) from the command line, their flags one flat
     namespace: --preset picks the defaults, then every --name=value (or --name value) overrides one field."""
-    parser = argparse.ArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = argparse.ArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
                                      usage="%(prog)s [--preset NAME] [--NAME=VALUE ...]", **parser_args)
     where, headings = {}, {}  # flag name -> (index of its class, group, field name); heading -> argument group
     for i, cls in enumerate(classes):
@@ -2100,10 +2100,11 @@ def duration(seconds):
     return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.2f} h"
 
 def project_sources():
-    """The files of this project the process runs: this file, then every module beside it that it imported."""
+    """The files of code the stack runs: this file, then each module beside it that it imported (none today; the files
+    that import it, serve.py and the like, are not its code)."""
     this = os.path.abspath(__file__)
-    paths = {f for m in list(sys.modules.values()) if isinstance(f := getattr(m, "__file__", None), str) and os.path.isabs(f)}
-    return [this] + sorted(p for p in paths if os.path.dirname(p) == os.path.dirname(this) and p.endswith(".py") and p != this)
+    paths = {m.__file__ for m in globals().values() if isinstance(m, type(os)) and isinstance(getattr(m, "__file__", None), str)}
+    return [this] + sorted(p for p in paths if os.path.dirname(os.path.abspath(p)) == os.path.dirname(this) and p != this)
 
 def code_lines(run_dir):
     """`code: NAME sha256 HASH (code/HASH16/NAME)` for each project source, a copy of each distinct source kept once
@@ -2160,11 +2161,18 @@ def update_metrics(cfg, rt, values):
         write_text_atomic(os.path.join(cfg.run_dir, "metrics.json"),
                           json.dumps({**read_metrics(cfg.run_dir), **values}, indent=1) + "\n")
 
+def phase_times(metrics):
+    """metrics.json's phase_time_s as a list; before 2026-12-06 it was {phase: seconds}, one entry per phase."""
+    times = metrics.get("phase_time_s", [])
+    if isinstance(times, dict):
+        times = [{"phase": phase, "checkpoint": None, "seconds": seconds} for phase, seconds in times.items()]
+    return [t for t in times if isinstance(t, dict)]
+
 def record_phase_time(cfg, rt, phase, checkpoint, seconds, header):
     """metrics.json's phase_time_s, [{phase, checkpoint (written or evaluated), seconds}] in run order (the same phase
     on the same checkpoint replaces its entry: chat after SFT and after RL are two), and "environment": run_header's."""
     entry = {"phase": phase, "checkpoint": checkpoint and os.path.basename(checkpoint), "seconds": seconds}
-    times = [t for t in read_metrics(cfg.run_dir).get("phase_time_s", []) if isinstance(t, dict)]
+    times = phase_times(read_metrics(cfg.run_dir))
     key = (phase, entry["checkpoint"])
     i = next((i for i, t in enumerate(times) if (t.get("phase"), t.get("checkpoint")) == key), len(times))
     times[i:i + 1] = [entry]  # replaces that entry, or appends
@@ -2191,10 +2199,16 @@ def save_checkpoint(cfg, rt, step, model, opt, extra_state, phase="pt"):
     """RUN_DIR/<prefix><step>/: model.safetensors, optim.pt, state.json (step, phase, "loader": extra_state, "model":
     the ModelConfig, "run": this phase's settings, the files' sha256), named by RUN_DIR/latest_<phase> (what --resume
     continues) and RUN_DIR/latest (what the next phase starts from); the newest --keep-checkpoints of the phase kept. A
-    failed write (a full disk) leaves the last checkpoint and the pointers as they were: a CheckpointError."""
+    failed write (a full disk) leaves the last checkpoint and the pointers as they were: a CheckpointError. Every rank
+    calls it and returns once rank 0 has written it: the next phase, on any rank, starts from it."""
     opt_state = opt.state_dict()  # a collective when sharded: every rank calls it
-    if not rt.master:
-        return
+    if rt.master:
+        write_checkpoint(cfg, step, model, opt_state, extra_state, phase)
+    if rt.world_size > 1:
+        dist.barrier()
+
+def write_checkpoint(cfg, step, model, opt_state, extra_state, phase):
+    """Rank 0's part of save_checkpoint."""
     from safetensors.torch import save_file
     final = os.path.join(cfg.run_dir, f"{CHECKPOINT_PREFIX[phase]}{step:06d}")
     tmp = final + ".tmp"
@@ -2918,7 +2932,7 @@ def sample_next(logits, generator, temperature=1.0, top_k=0, top_p=1.0, min_p=0.
 # -- the calculator tool the chat model calls between <|python_start|> and <|python_end|> --
 # The expression is parsed, never executed: calculate() walks the syntax tree and computes only whitelisted nodes.
 # Every computation is bounded, so no timer is needed: the input is at most CALC_MAX_CHARS characters and at most
-# CALC_MAX_NODES tree nodes (so at most ~50 operations, and recursion depth of calc_value <= CALC_MAX_NODES); every
+# CALC_MAX_NODES tree nodes (so at most ~30 operations, and recursion depth of calc_value <= CALC_MAX_NODES); every
 # value, constants included, is checked to be within CALC_MAX_MAGNITUDE, so each operation works on <= 50-bit numbers,
 # except that a power may first produce up to (1e15)**64 (~3,200 bits, microseconds) before its check; strings exist
 # only as literals of the input (no operator accepts one), so str.count scans at most CALC_MAX_CHARS characters.
@@ -3049,8 +3063,8 @@ class Engine:
     @torch.no_grad()
     def generate(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
                  seed=0, on_token=None, max_rows=0, on_done=None):
-        """num_samples Samples per prompt (token ids), sample i * num_samples + j being prompt i's j-th: on_token(i,
-        token) sees its tokens, on_done(i) its end; max_rows: rows at once (0: all). One generator (`seed`) for all."""
+        """num_samples Samples per prompt (token ids), sample s = i * num_samples + j being prompt i's j-th: on_token(s,
+        token) sees its tokens, on_done(s) its end; max_rows: rows at once (0: all). One generator (`seed`) for all."""
         sampling = Sampling(temperature, top_k, top_p, min_p, torch.Generator(device=self.rt.device).manual_seed(seed))
         call = lambda fn, i: functools.partial(fn, i) if fn else None
         streams = [Stream(prompt, sampling, max_new_tokens, call(on_token, i), call(on_done, i))
@@ -3474,7 +3488,10 @@ def sandbox_launcher():
     """The source `python -I -S -c` runs: the imports, the constants and the code above, then sandbox_main of its
     JSON argument (`python -c` names it __main__; exec'd under another name it only defines them)."""
     constants = "".join(f"{name} = {globals()[name]!r}\n" for name in SANDBOX_CONSTANTS)
-    code = "\n\n".join(inspect.getsource(part) for part in SANDBOX_CODE)
+    try:  # read at a run's start (phases_to_run), before the file can change under it
+        code = "\n\n".join(inspect.getsource(part) for part in SANDBOX_CODE)
+    except OSError as e:
+        raise SandboxUnavailable(f"{__file__}: the sandbox's code cannot be read ({e})") from None
     return (f"import {SANDBOX_IMPORTS}\n\n{constants}\n\n{code}\n\n"
             "if __name__ == '__main__':\n    sandbox_main(json.loads(sys.argv[1]))\n")
 
@@ -3620,16 +3637,20 @@ def evaluate_chat(model, chat, tokenizer, rt, windows, max_per_task=-1, batch_to
             progress()
     engine = Engine(model, tokenizer, windows, rt, compile=compile_decode)
     generated = [e for e in mine if kind[e] != "categorical"]
-    if any(kind[e] == "code" for e in generated):
-        run_sandboxed("pass", sandbox=sandbox)
+    code = [e for e in generated if kind[e] == "code"]
+    if code and (tried := run_sandboxed("pass", sandbox=sandbox)) != (True, "passed"):
+        raise SandboxUnavailable(f"the {sandbox} sandbox does not run even `pass`: {tried[1]}")
     if generated:  # continuously batched: batch_size rows, a finished one takes the next prompt at once
         samples = engine.generate([chat.prompt(e)[0].tolist() for e in generated], 1, max_new_tokens, temperature=0,
                                   max_rows=batch_size, on_done=progress)
+        tested = Progress(log, "HumanEval tests", len(code), "programs")  # each up to its timeout
         for e, (sample,) in zip(generated, samples):
             task = chat.tasks[int(chat.examples[e, 0])]
             text, index = reply_text(tokenizer, sample), e - task["first_example"]
             correct[e] = float(humaneval_passed(text, task["problems"][index], sandbox=sandbox) if kind[e] == "code"
                                else gsm8k_answer(text) == task["answers"][index])
+            if kind[e] == "code":
+                tested()
     out = task_scores(chat.tasks, "name", correct, evaluated, rt)
     return dict(out, chatcore=out.pop("mean"))
 
@@ -3931,6 +3952,10 @@ PHASES = {"data": phase_data, "pt": phase_pt, "eval": phase_eval, "sft": phase_s
 TIMED_PHASES = ("pt", "eval", "sft", "chat", "rl")  # their wall times go into metrics.json (phase_time_s)
 MOVED = {"serve": "serve.py", "export": "export.py"}  # phases that the files beside this one run now
 
+def beside(name):
+    """The path of the file `name` beside this one, as a command run from here would give it."""
+    return os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), name))
+
 def moved_phase(argv):
     """What replaced an old command's --phases serve / export / convert (the message), or None."""
     import shlex
@@ -3942,10 +3967,11 @@ def moved_phase(argv):
         else:
             continue
         if "convert" in names:
-            return "--phases convert is gone: checkpoints written before 2026-12-01 are not read (README: Checkpoints)"
+            return ("--phases convert is gone: checkpoints written before 2026-12-01 are not read (README: Checkpoints "
+                    "and the run directory)")
         for name in (n for n in names if n in MOVED):
             return (f"--phases {name} moved beside the stack (it imports it); run the other phases first, then: "
-                    f"python {MOVED[name]} {shlex.join(rest)}")
+                    + shlex.join(["python", beside(MOVED[name]), *rest]))
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -3964,6 +3990,8 @@ def main(argv=None):
         lock = claim_run_dir(cfg, phases) if rt.master and set(phases) & set(CHECKPOINT_PREFIX) else None
         log = Logger(cfg, rt)
         header = log.start(cfg, rt)
+        if rt.world_size > 1:  # the other ranks wait for rank 0 to claim the run directory (--overwrite deletes)
+            dist.barrier()
     except DataFormatError as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # e.g. a full disk
@@ -3977,8 +4005,8 @@ def main(argv=None):
             except OSError as e:
                 sys.exit(f"error: {path}: cannot write ({e.strerror or e})")
         done = ", ".join(f"{phase} {duration(seconds)}" for phase, seconds in times)
-        log(f"done: {done}. Results: {os.path.join(cfg.run_dir, 'metrics.json')}; the report: python report.py "
-            f"--run-dir {cfg.run_dir} writes {os.path.join(cfg.run_dir, 'report.md')}")
+        log(f"done: {done}. Results: {os.path.join(cfg.run_dir, 'metrics.json')}; the report: python "
+            f"{beside('report.py')} --run-dir {cfg.run_dir} writes {os.path.join(cfg.run_dir, 'report.md')}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -3991,6 +4019,8 @@ def phases_to_run(phases, cfg, rt, log, header=None):
     them is only a warning. A bad prepared file or an unavailable sandbox ends the run with one error line."""
     times = []
     try:
+        if {"chat", "sft"} & set(phases):
+            sandbox_launcher()  # read from this file now: hours later it may have been edited
         for phase in phases:
             t0, evaluated = time.perf_counter(), cfg.init_from or latest_checkpoint(cfg.run_dir)
             PHASES[phase](cfg, rt, log)

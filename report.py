@@ -94,7 +94,7 @@ def write_report(run_dir):
     file = lambda name: os.path.join(run_dir, name)
     m = ds.read_metrics(run_dir)
     curves = read_curves(file("curves.jsonl")) if os.path.isfile(file("curves.jsonl")) else {}
-    times = [t for t in m.get("phase_time_s", []) if isinstance(t, dict)]
+    times = ds.phase_times(m)
     last = f", last **{times[-1]['phase']}**" if times else ""
     parts = [f"# Run report: {os.path.basename(os.path.abspath(run_dir))}",
              f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `report.py` from `metrics.json` and "
@@ -152,6 +152,8 @@ def main(argv=None):
         write_report(run_dir)
     except ds.DataFormatError as e:
         sys.exit(f"error: {e}")
+    except KeyError as e:  # a metrics.json written by a stack older than this report
+        sys.exit(f"error: {os.path.join(run_dir, 'metrics.json')}: no {e} (written by an older stack?)")
     print(f"wrote {os.path.join(run_dir, 'report.md')}")
 
 

@@ -29,6 +29,7 @@ from load_stack import load_stack
 
 ds = load_stack()
 CHAT_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")  # plain HTML + JS, served as it is
+SHUTDOWN_GRACE = 5  # seconds stop() gives open requests before it closes their connections
 
 
 @dataclasses.dataclass
@@ -434,7 +435,8 @@ class Server:
 
 def start(server, host="127.0.0.1", port=0, log_level="warning"):
     """Start `server` (its decode thread and uvicorn) in the background: (base url, stop()). port 0: a free one."""
-    http = uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_level=log_level))
+    http = uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_level=log_level,
+                                         timeout_graceful_shutdown=SHUTDOWN_GRACE))
     thread = threading.Thread(target=http.run, name="http", daemon=True)
     server.start()
     thread.start()
@@ -454,7 +456,8 @@ def start(server, host="127.0.0.1", port=0, log_level="warning"):
 
 
 def main(argv=None):
-    """Serve the latest checkpoint of --run-dir (or --init-from) on --host:--port until Ctrl-C or SIGTERM."""
+    """Serve the latest checkpoint of --run-dir (or --init-from) on --host:--port until Ctrl-C or SIGTERM (open requests
+    then get SHUTDOWN_GRACE seconds)."""
     cfg, serve = ds.parse_flags(argv, [ds.Config, ServeConfig], prog="serve.py", description=__doc__.split("\n\n")[0])
     rt = ds.init_runtime(cfg)
     if rt.world_size > 1:
@@ -474,7 +477,10 @@ def main(argv=None):
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
-    url, stop = start(server, serve.host, serve.port, log_level="info")
+    try:
+        url, stop = start(server, serve.host, serve.port, log_level="info")
+    except RuntimeError as e:  # e.g. the port is taken: uvicorn said why above
+        sys.exit(f"error: {e}")
     print(f"serving {path} as {name!r} at {url} (chat page at /, API at /v1; context {model.cfg.max_doc_len} tokens, "
           f"{serve.serve_max_rows} rows, device {rt.device}); Ctrl-C stops it", flush=True)
     while not stopping.wait(0.5):

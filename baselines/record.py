@@ -105,13 +105,18 @@ def split_log(text, directory=None):
     seps = [i for i, line in enumerate(lines) if line == SEPARATOR]
     if not seps or any(CONFIG_RE.match(line) for line in lines[:seps[0]]):
         return [Invocation(None, [STAMP_RE.sub("", line, count=1) for line in lines])]
+    opened_by_code = bool(CODE_RE.match(lines[0]))
+
+    def old_start(line):  # an old invocation's source begins as the log does, or (after code lines) as the stack
+        return line.startswith('"""DecoderStack') if opened_by_code else line == lines[0]
+
     heads, last = [], -1  # (first line of an invocation's code, its separator)
     for sep in seps:
         start = sep
         while start > last + 1 and CODE_RE.match(lines[start - 1]):
             start -= 1
-        if start == sep:  # an old invocation's source, from the line equal to the log's first line
-            start = next((i for i in range(sep - 1, last, -1) if lines[i] == lines[0]), None)
+        if start == sep:  # an old invocation's source
+            start = next((i for i in range(sep - 1, last, -1) if old_start(lines[i])), None)
             if start is None:
                 continue  # a separator inside a source
         heads.append((start, sep))
@@ -441,9 +446,10 @@ def new_record(run, name, track="cpu", hardware=None, records=HERE, script=None,
     if code is None:  # a log without the code (peer stacks log only their config): take the named script
         code = {STACK: read_text(script)}
         out(f"note: {log} does not hold the code; the record keeps {script} as it is now")
-    # the stack under the working script's name, the files beside it under their own: each checked against the file
-    # of that name beside the working script
-    code = {(os.path.basename(script) if name == STACK else name): text for name, text in code.items()}
+    # the stack (the first file) under the working script's name, the files beside it under their own: each checked
+    # against the file of that name beside the working script
+    stack_name = next(iter(code))
+    code = {(os.path.basename(script) if name == stack_name else name): text for name, text in code.items()}
     matches = True
     for name, text in code.items():
         working_path = os.path.join(os.path.dirname(os.path.abspath(script)), name)

@@ -1,8 +1,8 @@
-"""DecoderStack's GPT for transformers (AutoModelForCausalLM with trust_remote_code=True), written by the stack's
---phases export beside the weights it exported. It computes what the stack's GPT.hidden and GPT.logits compute (the
-same parameter names, so the stack's state dict loads as it is) on one document per row: position 0 and no previous
-token at a row's first token, as the stack's Engine decodes a prompt. Rows are not padded: a batch is rows of equal
-length, and an attention_mask, if given, must be all ones.
+"""DecoderStack's GPT for transformers (AutoModelForCausalLM with trust_remote_code=True), copied by export.py beside
+the weights it exported. It computes what the stack's GPT.hidden and GPT.logits compute (the same parameter names, so
+the stack's state dict loads as it is) on one document per row: position 0 and no previous token at a row's first
+token, as the stack's Engine decodes a prompt. Rows are not padded: a batch is rows of equal length, and an
+attention_mask, if given, must be all ones. tests/test_export.py holds each part to the stack function it mirrors.
 """
 import torch
 import torch.nn as nn

@@ -55,6 +55,29 @@ def chat_data(stack, kinds_and_golds):
     return stack.ChatEvalData(tasks, np.array(tokens), np.array(examples), [10, 11, 12, 13])
 
 
+def test_a_sandbox_that_cannot_run_pass_stops_chat_eval_before_generating(stack, tok_dir, monkeypatch):
+    """HumanEval's programs would all fail, scoring 0 without a word: the sandbox is tried first, and a failure there
+    is SandboxUnavailable (one error line from the phase), before any generation."""
+    tok = stack.Tokenizer(tok_dir)
+    chat = chat_data(stack, [("humaneval", "code", [([1, 6], None)])])
+    chat.tasks[0]["problems"] = [{"prompt": "def f():\n", "test": "", "entry_point": "f"}]
+    monkeypatch.setattr(stack, "run_sandboxed", lambda program, **kw: (False, "IndentationError: unexpected indent"))
+    monkeypatch.setattr(stack.Engine, "generate", lambda *a, **kw: pytest.fail("generated before the sandbox worked"))
+    with pytest.raises(stack.SandboxUnavailable, match="sandbox does not run even `pass`: IndentationError"):
+        stack.evaluate_chat(make_model(stack), chat, tok, cpu_rt(stack), [None] * 4)
+
+
+def test_the_sandbox_launcher_is_read_when_the_run_starts(stack, monkeypatch, tmp_path):
+    """Read from the stack's file at the first use, hours into a run, it would take whatever the file holds then (an
+    edit, a pull): a run with chat evaluation reads it before its first phase."""
+    stack.sandbox_launcher.cache_clear()
+    seen = []
+    monkeypatch.setitem(stack.PHASES, "chat", lambda *_: seen.append(stack.sandbox_launcher.cache_info().currsize))
+    cfg = stack.parse_config(["--preset", "cpu", "--run-dir", str(tmp_path)])
+    stack.phases_to_run(["chat"], cfg, stack.Runtime(torch.device("cpu"), torch.float32, 1, 2, "sdpa"), print)
+    assert seen == [1] and "sandbox_main(json.loads(sys.argv[1]))" in stack.sandbox_launcher()
+
+
 def test_evaluate_chat_scores_and_chatcore(stack, tok_dir, monkeypatch):
     """Rigged answers: categorical choices and GSM8K texts are scripted; accuracies, centering, ChatCORE and
     --max-per-task follow."""

@@ -191,7 +191,7 @@ def test_only_an_invocation_that_trained_and_finished_writes_config_json(pretrai
 
 def test_a_checkpoint_from_before_model_configs_is_refused(stack, pretrained_run, tmp_path):
     """Checkpoints used to store the pretraining run's whole Config (stages as positional lists) and no model; they are
-    no longer read (README: Checkpoints): one error naming the file, from load_model and from a phase; the retired
+    no longer read (README: Checkpoints and the run directory): one error naming the file, from load_model and from a phase; the retired
     --phases convert says so."""
     import json
     data, pretrained = pretrained_run
@@ -208,7 +208,8 @@ def test_a_checkpoint_from_before_model_configs_is_refused(stack, pretrained_run
     assert out.returncode == 1 and out.stderr.strip().splitlines() == [f"error: {message}"]
     out = run_stack(str(data), run, "--phases", "convert", "--init-from", str(path))
     assert out.returncode == 1 and out.stderr.strip() == ("error: --phases convert is gone: checkpoints written before "
-                                                          "2026-12-01 are not read (README: Checkpoints)")
+                                                          "2026-12-01 are not read (README: Checkpoints and the run "
+                                                          "directory)")
 
 
 def test_load_model_needs_only_the_checkpoint_and_reads_its_state_once(stack, pretrained_run, monkeypatch):

@@ -53,6 +53,8 @@ def test_config_presets_and_overrides(stack):
         stack.parse_config(["--preset", "tpu"])
     with pytest.raises(SystemExit):
         stack.parse_config(["--no-such-field=1"])
+    with pytest.raises(SystemExit):  # no abbreviations: --phase is not --phases
+        stack.parse_config(["--phase", "pt"])
 
 
 @pytest.mark.parametrize("preset,world_size", [("h100x8", 8), ("gpu1", 1), ("colab", 1), ("cpu", 1), ("cpu", 2)])

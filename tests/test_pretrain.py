@@ -274,6 +274,20 @@ def test_two_gloo_ranks_match_one_process(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_gloo_ranks_run_phases_one_after_another(tiny_data, tmp_path):
+    """Every rank starts the next phase from the checkpoint rank 0 wrote: the other ranks used to race ahead of the
+    write into `eval` and find no checkpoint (or the previous one)."""
+    two = run_stack(tiny_data, tmp_path / "two", "--phases", "pt,eval", launcher=(
+        "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master-port={free_port()}", "--master-addr=127.0.0.1"),
+                    timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    out = unstamped(two.stdout)
+    assert f"evaluating {tmp_path / 'two' / 'ckpt_000008'}" in out
+    trained, evaluated = re.findall(r"^(?:step 8/8 )?val bpb (\S+) ", out, re.M)  # pt's last validation, then eval's
+    assert trained == evaluated  # every val token, the same weights and windows
+
+
+@pytest.mark.slow
 def test_compiled_cpu_run_matches_eager(tiny_data, tmp_path):
     cache = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     eager = run_stack(tiny_data, tmp_path / "eager", "--no-compile")

@@ -119,9 +119,24 @@ def test_split_log_reads_the_files_the_code_lines_name(tmp_path):
     assert curves.train[0] == (1, 6.0) and curves.final_bpb == 2.6 and curves.final_loss == 6.1
     old_and_new = invocation_text('"""stack"""\nx = 1\n', {"phases": "pt"}, ["step 1/9 loss 5.0000 lr 1.000 2 tok/s"]) + text
     assert [inv.config["phases"] for inv in record.split_log(old_and_new, str(run))] == ["pt", "pt", "eval"]
+    # an older stack (its source in the log) run on a directory today's stack began: its own invocation, its own code
+    new_and_old = text + invocation_text('"""DecoderStack: old"""\nx = 0\n', {"phases": "eval"}, ["val bpb 2.5 val loss 6"])
+    invocations = record.split_log(new_and_old, str(run))
+    assert [inv.config["phases"] for inv in invocations] == ["pt", "eval", "eval"]
+    assert invocations[2].source == '"""DecoderStack: old"""\nx = 0\n' and invocations[1].lines[-1].startswith("val bpb 2.6")
     (run / "code" / hashlib.sha256(b"y = 2\n").hexdigest()[:16] / "kernels.py").write_text("y = 3\n")
     with pytest.raises(record.RecordError, match="kernels.py: missing, or not the code the log names"):
         record.read_log(str(run), with_code=True)
+
+
+def test_new_from_a_stack_run_under_another_name(tmp_path, records):
+    """A stack copied and run as train.py: its record keeps it under the working script's name."""
+    run = make_run(tmp_path / "run", 2.3)
+    (tmp_path / "run" / "log.txt").write_text(coded_invocation(tmp_path / "run", {"train.py": stack_source()},
+                                                               {"phases": "pt"}, pt_lines(20, 10, lambda s: 2.3, lambda s: 6.0)))
+    assert record.main(["new", "--run", run, "--name", "renamed", "--records", records, "--hardware", "h"]) == 0
+    folder = next(os.path.join(records, n) for n in os.listdir(records) if n.endswith("_cpu_renamed"))
+    assert open(os.path.join(folder, os.path.basename(STACK_PATH))).read() == stack_source()
 
 
 def test_new_and_diff_keep_every_file_that_ran(tmp_path, records, capsys):

@@ -258,6 +258,19 @@ def test_phase_times_recorded_after_each_phase_and_never_end_the_run(stack, tmp_
     assert os.listdir(cfg.run_dir) == []
 
 
+def test_phase_times_of_a_run_before_the_list_are_kept(stack, tmp_path):
+    """metrics.json from before 2026-12-06 held phase_time_s as {phase: seconds}: the report shows those phases, and
+    the next phase's time joins them instead of replacing them."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"phase_time_s": {"pt": 300.0, "eval": 90.0}}))
+    report.write_report(str(run))
+    assert phase_list((run / "report.md").read_text()) == ["pt", "eval"]
+    cfg = stack.parse_config([*TINY_ARGS, "--run-dir", str(run)])
+    stack.record_phase_time(cfg, stack.Runtime(torch.device("cpu"), torch.float32, 0, 1, "sdpa"), "sft", None, 60.0, [])
+    assert [t["phase"] for t in json.loads((run / "metrics.json").read_text())["phase_time_s"]] == ["pt", "eval", "sft"]
+
+
 def test_report_py_refuses_a_run_without_metrics(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "report.py"), "--run-dir", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True)

@@ -411,6 +411,17 @@ def test_serve_py_refuses_a_run_without_a_checkpoint(tiny_data, tmp_path):
     assert r.returncode != 0 and "no checkpoint" in r.stderr
 
 
+def test_serve_py_on_a_taken_port_is_one_error(pretrained_run):
+    data, run = pretrained_run
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, SERVE, *TINY_ARGS, "--data-dir", str(data), "--run-dir", str(run), "--port",
+                            str(port)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == f"error: the server did not start on 127.0.0.1:{port}"
+
+
 def test_extreme_sampling_values_and_long_serving_do_not_fail_the_batch(serve):
     """A temperature or top_p just above 0 samples the top token instead of crashing the step; a free row beside
     recycled ones never fills the cache (capacity CONTEXT: more steps than that pass here)."""
