@@ -19,7 +19,7 @@ Contents, in the order data flows; each phase's loop comes right after its parts
     4. Attention over packed documents: the Batch and its packer; FA3 / FA2 / flex / SDPA
     5. Model: ModelConfig (stored with the weights), GPT
     6. Optimizer: NorMuon (Polar Express) + Adam, each parameter's rule
-    7. Data: readers of every format, the pretraining loader; phase_data
+    7. Data: readers of every format, the pretraining loader
     8. The run: log.txt (the code that ran, by hash), progress, metrics.json, checkpoints, the run directory
     9. Pretraining: the schedule, the loss, bits per byte, FLOPs; phase_pt
     10. Evaluation: packed forwards, CORE; phase_eval
@@ -29,7 +29,8 @@ Contents, in the order data flows; each phase's loop comes right after its parts
     14. GSM8K RL: rewards, the policy-gradient loss, pass@k; phase_rl
     15. The phase table and main
 Beside this file, importing it (it never imports them): serve.py (an OpenAI-compatible server and chat.html),
-export.py (a Hugging Face folder: hf/), report.py (RUN_DIR/report.md and plots from metrics.json and curves.jsonl).
+chat_cli.py (a chat in the terminal), export.py (a Hugging Face folder: hf/), report.py (RUN_DIR/report.md and plots
+from metrics.json and curves.jsonl), data/check.py (checks a prepared data directory as this file reads it).
 """
 import argparse
 import ast
@@ -103,7 +104,6 @@ SOFTCAP = (23.0, 5.0, 7.5)  # logits u = A * sigmoid((z + B) / C): bounded to (0
 
 # Each phase's own settings are a small dataclass, a group of Config; on the command line a group's fields are flags
 # like any other, named with the group's prefix (--sft-steps is SFTConfig.steps). Every field's comment is its --help.
-
 @dataclasses.dataclass
 class SFTConfig:
     """SFT (--phases sft): fine-tune the latest checkpoint on the sft/ conversations"""
@@ -256,29 +256,27 @@ def flags(cls):
 
 @functools.cache
 def field_help(cls):
-    """{field: [its --help: its comment, carried on by comment lines at its column; its heading: the 4-space comment
-    line above its run of fields, else the class docstring's first line]}."""
+    """{field: [help: its comment + comment lines at its column; heading: the 4-space comment above, else the doc]}"""
     try:
         lines = inspect.getsource(cls).splitlines()
     except (OSError, TypeError):  # no source to read (e.g. the file is gone): flags without help
         return {}
-    helps, name, column, heading = {}, None, -1, (cls.__doc__ or "").split("\n")[0]
+    helps, column, heading = {}, -1, (cls.__doc__ or "").split("\n")[0]  # column -1: no field's comment goes on
     for line in lines:
         field, more = re.match(r"\s+(\w+): [^#]*?(#\s*(.*))?$", line), re.match(r"(\s+)#\s*(.*)$", line)
         if field:
-            name, column = field.group(1), line.find("#") if field.group(2) else -1
+            name, column = field.group(1), line.find("#")
             helps[name] = [field.group(3) or "", heading]
         elif more and len(more.group(1)) == column:
             helps[name][0] += " " + more.group(2)
         elif more and len(more.group(1)) == 4:
-            heading, name, column = more.group(2), None, -1
+            heading, column = more.group(2), -1
         elif line.strip():
-            name, column = None, -1
+            column = -1
     return helps
 
 def parse_flags(argv=None, classes=(), **parser_args):
-    """An instance of each settings dataclass in `classes` (Config first) from the command line, their flags one flat
-    namespace: --preset picks the defaults, then every --name=value (or --name value) overrides one field."""
+    """An instance per dataclass in `classes` (Config first), from one flat set of flags over --preset's defaults."""
     parser = argparse.ArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
                                      usage="%(prog)s [--preset NAME] [--NAME=VALUE ...]", **parser_args)
     where, headings = {}, {}  # flag name -> (index of its class, group, field name); heading -> argument group
@@ -318,9 +316,10 @@ def parse_config(argv=None):
     phases = "\n".join(f"  {name:9} {(fn.__doc__ or '').split(chr(10))[0]}" for name, fn in PHASES.items())
     return parse_flags(argv, [Config], description=__doc__.split("\n\n")[0], epilog=(
         f"phases (--phases, comma-separated, run in order):\n{phases}\n"
-        "eval, sft, chat, rl and generate start from --init-from, else RUN_DIR's latest checkpoint; every phase but\n"
-        "data appends to RUN_DIR/log.txt. Beside this file: serve.py (an OpenAI-compatible server) and export.py (a\n"
-        "Hugging Face folder) take these flags and their own; report.py --run-dir DIR writes DIR/report.md."))[0]
+        "eval, sft, chat, rl and generate start from --init-from, else RUN_DIR's latest checkpoint; each appends to\n"
+        "RUN_DIR/log.txt. Beside this file, taking these flags (and their own): serve.py (an OpenAI-compatible server),\n"
+        "chat_cli.py (a chat in the terminal), export.py (a Hugging Face folder), data/check.py (checks a data\n"
+        "directory); report.py --run-dir DIR writes DIR/report.md."))[0]
 
 def parse_bool(text):
     if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
@@ -344,17 +343,16 @@ def parse_ints(text):
 # =============================================================================================================
 # 2. Runtime
 
-# PRECISION, the one policy of this file (modded-nanogpt runs its whole model in bf16; so does this one):
-# - Parameters and optimizer state are fp32 master copies; the optimizer computes in fp32 but for Polar Express, which
-#   iterates in bf16 wherever the Triton kernels run (its matmuls are the bulk of the optimizer's work).
-# - Activations are in rt.dtype: bf16 on sm80+ GPUs (native bf16), else fp32: CPUs run bf16 matmuls 50-150x slower;
-#   pre-Ampere GPUs (T4, V100) would need loss scaling for fp16, which training lacks (--dtype fp16: inference only).
-# - The switch is autocast(rt), entered alike around every forward (training, evaluation, decoding): GPT.hidden casts
-#   its embedding lookups to autocast's dtype, so the residual stream and every matmul, Triton kernel and attention
-#   call downstream see that one dtype. Norms compute in fp32 and return it (CUDA autocast runs rms_norm in fp32 since
-#   torch 2.12, CPU autocast does not: doing it ourselves makes both agree). The lm_head matmul writes bf16 logits
-#   (FP8 on sm89+ in training); the softcap, losses and log-probs are fp32. Remaining fp32 matmuls (fp32 runs, eval of
-#   fp32 models) use TF32 tensor cores on GPUs that have them.
+# PRECISION, the file's one dtype policy (modded-nanogpt runs its whole model in bf16; so does this one):
+# - Parameters and optimizer state are fp32 master copies; the optimizer computes in fp32 but for Polar Express (the
+#   bulk of its work, in matmuls), which iterates in bf16 wherever the Triton kernels run.
+# - Activations are in rt.dtype: bf16 on sm80+ GPUs, else fp32 (CPUs run bf16 matmuls 50-150x slower; pre-Ampere GPUs,
+#   T4 or V100, would need loss scaling for fp16, which training lacks: --dtype fp16 is for inference). autocast(rt) is
+#   the switch, around every forward (training, evaluation, decoding): GPT.hidden casts its embedding lookups to its
+#   dtype, so the residual stream and every matmul, Triton kernel and attention call see one dtype.
+# - Norms compute in fp32 and return x's dtype (CUDA autocast runs rms_norm in fp32 since torch 2.12, CPU autocast does
+#   not: doing it ourselves makes both agree). The lm_head writes bf16 logits (FP8 on sm89+ in training); softcap,
+#   losses and log-probs are fp32. Other fp32 matmuls (fp32 runs, eval of fp32 models) use TF32 tensor cores.
 
 @dataclasses.dataclass
 class Runtime:
@@ -368,14 +366,6 @@ class Runtime:
     @property
     def master(self):
         return self.rank == 0
-
-def pick_device():
-    """cuda -> mps -> cpu; FORCE_DEVICE overrides (e.g. FORCE_DEVICE=cpu on a GPU machine)."""
-    if os.environ.get("FORCE_DEVICE"):
-        return torch.device(os.environ["FORCE_DEVICE"])
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -397,7 +387,13 @@ def pick_dtype(device, requested="auto"):
     return torch.float32, f"fp32: bf16 matmuls are slow on {device.type}"
 
 def init_runtime(cfg):
-    device = pick_device()
+    """The device (cuda -> mps -> cpu; FORCE_DEVICE overrides, e.g. FORCE_DEVICE=cpu on a GPU machine), dtype, ranks."""
+    if os.environ.get("FORCE_DEVICE"):
+        device = torch.device(os.environ["FORCE_DEVICE"])
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        device = torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -408,15 +404,13 @@ def init_runtime(cfg):
     return Runtime(device, dtype, rank, world_size, select_attention_backend(device, cfg.attn_backend), why)
 
 def sum_over_ranks(t, rt, op=None):
-    """t reduced in place over the ranks (a sum, or `op`), where there is more than one; returns t. t must be
-    contiguous: gloo reduces the wrong memory for non-contiguous tensors."""
+    """t reduced in place over the ranks (a sum, or `op`), where there is more than one; returns t."""
     if rt.world_size > 1:
-        assert t.is_contiguous()
+        assert t.is_contiguous()  # gloo reduces the wrong memory for non-contiguous tensors
         dist.all_reduce(t, **({} if op is None else {"op": op}))
     return t
 
 def autocast(rt):
-    """The precision switch (PRECISION above): activations in rt.dtype; parameters and optimizer state stay fp32."""
     if rt.dtype == torch.float32:
         return torch.autocast(rt.device.type, enabled=False)
     return torch.autocast(rt.device.type, dtype=rt.dtype)
@@ -434,31 +428,26 @@ def require_training_dtype(rt, phase):
 
 # =============================================================================================================
 # 3. Kernels. Each op has a PyTorch reference (`*_reference`: the CPU/MPS path and the test oracle), a Triton launcher
-# (`*_triton`) and a dispatcher (the plain name) that picks Triton only for CUDA tensors on sm80+ (bf16 tl.dot).
-# Kernels take operands of one dtype, bf16 or fp32 (TF32 tensor cores), and accumulate in fp32. The tests run the
-# launchers on CPU under TRITON_INTERPRET=1 in fp32 and bf16; the interpreter's bf16 tl.dot is wrong (triton#11584), so
-# there (UPCAST, a constexpr: no code on a GPU) dots upcast to fp32. One tile config each; `block*` keywords vary it.
+# (`*_triton`: one tile config, `block*` keywords vary it) and a dispatcher (the plain name) picking Triton for CUDA
+# tensors on sm80+ (bf16 tl.dot). Operands share one dtype, bf16 or fp32 (TF32); dots accumulate in fp32. Tests run the
+# launchers on CPU under TRITON_INTERPRET=1, fp32 and bf16, where dots upcast (its bf16 tl.dot is wrong: triton#11584).
 
 def _use_triton(t):
     return triton is not None and t.is_cuda and torch.cuda.get_device_capability(t.device) >= (8, 0)
 
-UPCAST = os.environ.get("TRITON_INTERPRET") == "1"  # read where triton reads it: when the kernels are decorated
+UPCAST = os.environ.get("TRITON_INTERPRET") == "1"  # read when triton reads it (decoration); a constexpr: no GPU code
 
+# --- A @ A^T and b*A + c*(A @ A^T) (A symmetric), batched: the bulk of a Polar Express (Muon) iteration. Only tiles on
+# or below the diagonal are computed, each stored twice (in place and mirrored): half a matmul's FLOPs, exact symmetry.
 if triton is not None:
-    # C = A @ A^T, or b*A + c*(A @ A^T) with ADD_A, batched: the bulk of a Polar Express (Muon) iteration. C is
-    # symmetric: only tiles on or below the diagonal are computed, each stored twice (in place and mirrored), for about
-    # half a matmul's FLOPs and an exactly symmetric result.
     @triton.jit
     def _sym_matmul_kernel(a_ptr, c_ptr, M, K, stride_ab, stride_am, stride_ak, stride_cb, stride_cm, stride_cn,
-                           b, c, ADD_A: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-                           UPCAST: tl.constexpr):
+                           b, c, ADD_A: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
         batch, pid_m, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         if pid_n > pid_m:  # upper triangle: written as the mirror of tile (pid_n, pid_m)
             return
-        a_ptr += batch * stride_ab
-        c_ptr += batch * stride_cb
-        rows = pid_m * BLOCK + tl.arange(0, BLOCK)
-        cols = pid_n * BLOCK + tl.arange(0, BLOCK)
+        a_ptr, c_ptr = a_ptr + batch * stride_ab, c_ptr + batch * stride_cb
+        rows, cols = pid_m * BLOCK + tl.arange(0, BLOCK), pid_n * BLOCK + tl.arange(0, BLOCK)
         ks = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -478,75 +467,6 @@ if triton is not None:
         out = acc.to(c_ptr.dtype.element_ty)
         tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, out, mask=mask)
         tl.store(c_ptr + cols[:, None] * stride_cm + rows[None, :] * stride_cn, tl.trans(out), mask=tl.trans(mask))
-
-    # relu(x @ W_fc^T)^2 fused into the matmul epilogue (FORWARD), and the backward's dpre = (g @ W_proj) * 2*sqrt(post)
-    # (relu(pre) = sqrt(post)): the 4x-wide hidden activation is written once (`post`) and read once; `pre` never is.
-    @triton.jit
-    def _relu2_matmul_kernel(a_ptr, b_ptr, c_ptr, post_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                             stride_cm, stride_cn, FORWARD: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             UPCAST: tl.constexpr):
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a = tl.load(a_ptr + rows[:, None] * stride_am + (k0 + ks)[None, :] * stride_ak,
-                        mask=(rows[:, None] < M) & ((k0 + ks)[None, :] < K), other=0.0)
-            b = tl.load(b_ptr + (k0 + ks)[:, None] * stride_bk + cols[None, :] * stride_bn,
-                        mask=((k0 + ks)[:, None] < K) & (cols[None, :] < N), other=0.0)
-            if UPCAST:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
-        mask = (rows[:, None] < M) & (cols[None, :] < N)
-        offsets = rows[:, None] * stride_cm + cols[None, :] * stride_cn
-        if FORWARD:
-            acc = tl.maximum(acc, 0.0)
-            acc = acc * acc
-        else:
-            post = tl.load(post_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            acc = 2.0 * acc * tl.sqrt(post)
-        tl.store(c_ptr + offsets, acc.to(c_ptr.dtype.element_ty), mask=mask)
-
-    # Softcapped multi-token cross-entropy: per row the loss and dL/dz in one launch, never materialising the (N, V)
-    # softcapped logits or probabilities (each would cost passes over the model's largest activation). Sweep 1 over V:
-    # online logsumexp; sweep 2 (re-reading z, mostly from L2): the gradient
-    #   dz_j = (sum_k w_k * p_j - sum_{k: t_k = j} w_k) * (A/C) * s_j * (1 - s_j),  s = sigmoid((z+B)/C), u = A*s.
-    @triton.jit
-    def _softcap_ce_kernel(z_ptr, t_ptr, w_ptr, loss_ptr, dz_ptr, V, K, stride_z, stride_t, stride_dz,
-                           cap_a, cap_b, cap_c, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        z_row = z_ptr + row * stride_z
-        ks = tl.arange(0, BLOCK_K)
-        targets = tl.load(t_ptr + row * stride_t + ks, mask=ks < K, other=-1)
-        valid = targets >= 0
-        weights = tl.where(valid, tl.load(w_ptr + ks, mask=ks < K, other=0.0).to(tl.float32), 0.0)
-        z_t = tl.load(z_row + targets, mask=valid, other=0.0).to(tl.float32)
-        u_t = cap_a * tl.sigmoid((z_t + cap_b) / cap_c)
-        cols = tl.arange(0, BLOCK_V)
-        run_max = tl.full((), float("-inf"), tl.float32)
-        run_sum = tl.full((), 0.0, tl.float32)
-        for v0 in range(0, V, BLOCK_V):
-            mask = v0 + cols < V
-            z = tl.load(z_row + v0 + cols, mask=mask, other=0.0).to(tl.float32)
-            u = tl.where(mask, cap_a * tl.sigmoid((z + cap_b) / cap_c), float("-inf"))
-            new_max = tl.maximum(run_max, tl.max(u, axis=0))
-            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(u - new_max), axis=0)
-            run_max = new_max
-        lse = run_max + tl.log(run_sum)
-        tl.store(loss_ptr + row, tl.sum(weights * (lse - u_t), axis=0))
-        weight_sum = tl.sum(weights, axis=0)
-        dz_row = dz_ptr + row * stride_dz
-        for v0 in range(0, V, BLOCK_V):
-            mask = v0 + cols < V
-            z = tl.load(z_row + v0 + cols, mask=mask, other=0.0).to(tl.float32)
-            s = tl.sigmoid((z + cap_b) / cap_c)
-            p = tl.exp(cap_a * s - lse)
-            hits = tl.sum(tl.where((v0 + cols)[:, None] == targets[None, :], weights[None, :], 0.0), axis=1)
-            dz = (weight_sum * p - hits) * (cap_a / cap_c) * s * (1.0 - s)
-            tl.store(dz_row + v0 + cols, dz.to(dz_ptr.dtype.element_ty), mask=mask)
-
-# --- A @ A^T and b*A + c*A@A^T (Polar Express)
 
 def xxt_reference(A):
     return A @ A.mT
@@ -571,14 +491,38 @@ def ba_plus_caa_triton(A, b, c, *, block=64, block_k=32):
     return _sym_matmul_triton(A, float(b), float(c), True, block, block_k)
 
 def xxt(A):
-    """A @ A.mT for A of shape (..., m, k)."""
     return xxt_triton(A) if _use_triton(A) else xxt_reference(A)
 
 def ba_plus_caa(A, b, c):
-    """b*A + c*(A @ A.mT) for symmetric A of shape (..., m, m)."""
     return ba_plus_caa_triton(A, b, c) if _use_triton(A) else ba_plus_caa_reference(A, b, c)
 
-# --- ReLU^2 MLP
+# --- ReLU^2 MLP: relu(x @ W_fc^T)^2 fused into the matmul epilogue (FORWARD), as is the backward's dpre = (g @ W_proj)
+# * 2*sqrt(post) (relu(pre) = sqrt(post)): the 4x-wide hidden activation is written (`post`) and read once, `pre` never.
+if triton is not None:
+    @triton.jit
+    def _relu2_matmul_kernel(a_ptr, b_ptr, c_ptr, post_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                             stride_cm, stride_cn, FORWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(a_ptr + rows[:, None] * stride_am + (k0 + ks)[None, :] * stride_ak,
+                        mask=(rows[:, None] < M) & ((k0 + ks)[None, :] < K), other=0.0)
+            b = tl.load(b_ptr + (k0 + ks)[:, None] * stride_bk + cols[None, :] * stride_bn,
+                        mask=((k0 + ks)[:, None] < K) & (cols[None, :] < N), other=0.0)
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+        mask = (rows[:, None] < M) & (cols[None, :] < N)
+        offsets = rows[:, None] * stride_cm + cols[None, :] * stride_cn
+        if FORWARD:
+            acc = tl.maximum(acc, 0.0)
+            acc = acc * acc
+        else:
+            acc = 2.0 * acc * tl.sqrt(tl.load(post_ptr + offsets, mask=mask, other=0.0).to(tl.float32))
+        tl.store(c_ptr + offsets, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 def relu2_mlp_reference(x, w_fc, w_proj):
     return torch.relu(x @ w_fc.mT).square() @ w_proj.mT
@@ -611,8 +555,7 @@ class _Relu2MLP(torch.autograd.Function):
         x2, w_fc, w_proj, post = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
         dpre = _relu2_matmul(g2, w_proj, post, ctx.blocks)
-        dx = (dpre @ w_fc).reshape(*grad.shape[:-1], w_fc.shape[1])
-        return dx, dpre.mT @ x2, g2.mT @ post, None
+        return (dpre @ w_fc).reshape(*grad.shape[:-1], w_fc.shape[1]), dpre.mT @ x2, g2.mT @ post, None
 
 def relu2_mlp_triton(x, w_fc, w_proj, *, blocks=(128, 128, 32)):
     return _Relu2MLP.apply(x, w_fc, w_proj, blocks)
@@ -621,7 +564,41 @@ def relu2_mlp(x, w_fc, w_proj):
     """relu(x @ w_fc.T)^2 @ w_proj.T; x (..., dim), w_fc (hidden, dim), w_proj (dim, hidden) as in nn.Linear."""
     return relu2_mlp_triton(x, w_fc, w_proj) if _use_triton(x) else relu2_mlp_reference(x, w_fc, w_proj)
 
-# --- Softcapped multi-token cross-entropy
+# --- Softcapped multi-token cross-entropy: per row the loss and dL/dz in one launch, never materialising the (N, V)
+# softcapped logits or probabilities (each would cost passes over the model's largest activation). Sweep 1 over V:
+# online logsumexp of u = A*s, s = sigmoid((z+B)/C); sweep 2 (re-reading z, mostly from L2): the gradient
+#   dz_j = (sum_k w_k * p_j - sum_{k: t_k = j} w_k) * (A/C) * s_j * (1 - s_j).
+if triton is not None:
+    @triton.jit
+    def _softcap_ce_kernel(z_ptr, t_ptr, w_ptr, loss_ptr, dz_ptr, V, K, stride_z, stride_t, stride_dz,
+                           cap_a, cap_b, cap_c, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        z_row = z_ptr + row * stride_z
+        ks = tl.arange(0, BLOCK_K)
+        targets = tl.load(t_ptr + row * stride_t + ks, mask=ks < K, other=-1)
+        valid = targets >= 0
+        weights = tl.where(valid, tl.load(w_ptr + ks, mask=ks < K, other=0.0).to(tl.float32), 0.0)
+        z_t = tl.load(z_row + targets, mask=valid, other=0.0).to(tl.float32)
+        u_t = cap_a * tl.sigmoid((z_t + cap_b) / cap_c)
+        cols = tl.arange(0, BLOCK_V)
+        run_max, run_sum = tl.full((), float("-inf"), tl.float32), tl.full((), 0.0, tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            mask = v0 + cols < V
+            z = tl.load(z_row + v0 + cols, mask=mask, other=0.0).to(tl.float32)
+            u = tl.where(mask, cap_a * tl.sigmoid((z + cap_b) / cap_c), float("-inf"))
+            new_max = tl.maximum(run_max, tl.max(u, axis=0))
+            run_sum, run_max = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(u - new_max), axis=0), new_max
+        lse = run_max + tl.log(run_sum)
+        tl.store(loss_ptr + row, tl.sum(weights * (lse - u_t), axis=0))
+        weight_sum = tl.sum(weights, axis=0)
+        for v0 in range(0, V, BLOCK_V):
+            mask = v0 + cols < V
+            z = tl.load(z_row + v0 + cols, mask=mask, other=0.0).to(tl.float32)
+            s = tl.sigmoid((z + cap_b) / cap_c)
+            p = tl.exp(cap_a * s - lse)
+            hits = tl.sum(tl.where((v0 + cols)[:, None] == targets[None, :], weights[None, :], 0.0), axis=1)
+            dz = (weight_sum * p - hits) * (cap_a / cap_c) * s * (1.0 - s)
+            tl.store(dz_ptr + row * stride_dz + v0 + cols, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 def softcap(logits, cap=SOFTCAP):
     """The logits the model predicts with (fp32): A * sigmoid((z + B) / C)."""
@@ -630,8 +607,7 @@ def softcap(logits, cap=SOFTCAP):
 
 def softcap_cross_entropy_reference(logits, targets, weights, cap=SOFTCAP):
     u = softcap(logits, cap)
-    picked = u.gather(1, targets.clamp(min=0))
-    per_target = (u.logsumexp(1, keepdim=True) - picked) * weights.float()
+    per_target = (u.logsumexp(1, keepdim=True) - u.gather(1, targets.clamp(min=0))) * weights.float()
     return torch.where(targets >= 0, per_target, 0.0).sum(1)
 
 class _SoftcapCrossEntropy(torch.autograd.Function):
@@ -658,9 +634,8 @@ def softcap_cross_entropy_triton(logits, targets, weights, cap=SOFTCAP, *, block
 def softcap_cross_entropy(logits, targets, weights, cap=SOFTCAP):
     """Per-row loss (N,): sum_k weights[k] * CE(softcap(logits), targets[:, k]) over targets != -1.
     logits (N, V) before the softcap; targets (N, K) int64, column k = the token k+1 ahead, -1 = ignored."""
-    if _use_triton(logits):
-        return softcap_cross_entropy_triton(logits, targets, weights, cap)
-    return softcap_cross_entropy_reference(logits, targets, weights, cap)
+    impl = softcap_cross_entropy_triton if _use_triton(logits) else softcap_cross_entropy_reference
+    return impl(logits, targets, weights, cap)
 
 # --- FP8 lm_head (training only, sm89+): e4m3 inputs, e5m2 output grads, fixed per-tensor scales mapping each tensor's
 # expected max |value| to the format's max (modded-nanogpt's; its gradient scale, also divided by the gradient
@@ -669,8 +644,7 @@ def softcap_cross_entropy(logits, targets, weights, cap=SOFTCAP):
 FP8_SCALES = (100 / 448, 1.6 / 448, 0.75 / 448)  # inputs, weights, output gradients
 
 def fp8_supported(device):
-    device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    return torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 def fp8_quantize(t, scale, dtype):
     """t / scale in an fp8 format, saturated: unclamped, an overflow becomes inf in e5m2 (e4m3fn has no inf)."""
@@ -684,10 +658,9 @@ class _FP8Linear(torch.autograd.Function):
         w8 = fp8_quantize(w, w_scale, torch.float8_e4m3fn)
         ctx.save_for_backward(x8, w8)
         ctx.scales = x_scale, w_scale, grad_scale
+        scale_x, scale_w = (x8.new_tensor(s, dtype=torch.float32) for s in (x_scale, w_scale))
         # _scaled_mm wants a row-major first and a column-major second operand: w8 (out, in) row-major gives w8.mT.
-        out = torch._scaled_mm(x8, w8.mT, scale_a=x8.new_tensor(x_scale, dtype=torch.float32),
-                               scale_b=x8.new_tensor(w_scale, dtype=torch.float32), out_dtype=x.dtype,
-                               use_fast_accum=True)
+        out = torch._scaled_mm(x8, w8.mT, scale_a=scale_x, scale_b=scale_w, out_dtype=x.dtype, use_fast_accum=True)
         return out.reshape(*x.shape[:-1], w.shape[0])
 
     @staticmethod
@@ -707,14 +680,13 @@ def fp8_linear(x, w, x_scale, w_scale, grad_scale):
 
 # =============================================================================================================
 # 4. Attention over packed documents: the Batch, one entry point, four backends (FA3, FA2, flex_attention, SDPA).
-# Documents are packed into one (T, H, D) sequence; cu_seqlens, int32 (n+1,): document d holds tokens
-# cu_seqlens[d]:cu_seqlens[d+1], unused tail entries repeating T (empty documents) so torch.compile sees static shapes.
-# The mask, identical for every backend (FlashAttention's window_size=(window, 0), causal=True): i attends j iff
+# Documents are packed into one (T, H, D) sequence; document d holds tokens cu_seqlens[d]:cu_seqlens[d+1] (int32,
+# unused tail entries repeating T: empty documents, so torch.compile sees static shapes). The mask, identical for
+# every backend (FlashAttention's window_size=(window, 0), causal=True): i attends j iff
 #     doc(j) == doc(i)  and  j <= i  and  i - j <= window        (window None or < 0: plain causal within the document)
-# Evaluation can also pack sequences that share a prefix (CORE's choices after one context) as one segment: the prefix
-# once, then each sequence's remaining tokens (a branch, its positions continuing from the prefix end), with the mask
+# Evaluation may pack sequences sharing a prefix (CORE's choices after one context) as one segment (Branches): the
+# prefix once (branch 0), then each one's rest (a branch, positions going on from the prefix end), masked as alone:
 #     seg(j) == seg(i)  and  pos(j) <= pos(i)  and  pos(i) - pos(j) <= window  and  branch(j) in {0, branch(i)}
-# (branch 0: the prefix): each sequence's own causal mask, its prefix computed once (Branches).
 
 ATTENTION_BACKENDS = ("fa3", "fa2", "flex", "sdpa")  # the order "auto" tries them in
 _FLASH = {}  # "fa3"/"fa2" -> FA's interface module, or the exception loading it raised (tried once per process)
@@ -731,14 +703,10 @@ def _load_fa3():
     module = get_kernel("kernels-community/flash-attn3", version=1)
     return getattr(module, "flash_attn_interface", module)
 
-def _load_fa2():
-    import flash_attn
-    return flash_attn
-
 def _flash_func(name, func="flash_attn_varlen_func"):
     if name not in _FLASH:
         try:
-            _FLASH[name] = _load_fa3() if name == "fa3" else _load_fa2()
+            _FLASH[name] = _load_fa3() if name == "fa3" else __import__("flash_attn")
         except Exception as e:  # no network, package missing, no build for this torch/GPU
             _FLASH[name] = e
     if isinstance(_FLASH[name], Exception):
@@ -792,9 +760,8 @@ def _mask_mod(doc, window, branches=None):
                                                 branch[q_idx], branch[kv_idx])
 
 def _sdpa_attention(q, k, v, cu_seqlens, window, scale, reach, block=256, branches=None):
-    """SDPA with a boolean mask. When every query's keys lie within `reach` tokens (the window, or the longest
-    document), queries go in blocks that each see only their band of block + reach keys: T*(block+reach) work instead
-    of T*T, which is what makes CPU training with short windows affordable."""
+    """SDPA with a boolean mask. Every query's keys lie within `reach` tokens (the window, or the longest document), so
+    queries go in blocks, each seeing its band of block + reach keys: T*(block+reach) work, not T*T (CPU-affordable)."""
     T = q.size(0)
     doc = _document_ids(cu_seqlens, T)
     if block + reach >= T:  # one dense block
@@ -802,8 +769,7 @@ def _sdpa_attention(q, k, v, cu_seqlens, window, scale, reach, block=256, branch
         mask = _mask_mod(doc, window, branches)(None, None, pos[:, None], pos[None, :])
         q, k, v = (x.transpose(0, 1) for x in (q, k, v))  # (H, T, D)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(0, 1).contiguous()
-    n, span = -(-T // block), block + reach
-    pad = n * block - T
+    n, span, pad = -(-T // block), block + reach, -T % block  # pad: queries up to n whole blocks
     # keys get `reach` slots on the left (document -2: matches nothing) and, like the queries, `pad` on the right
     # (document -1): padded queries see themselves, so no row of the mask is empty
     doc_q = F.pad(doc, (0, pad), value=-1)
@@ -861,10 +827,9 @@ def _flash_branches(fn, q, k, v, branches, window, scale):
     return out
 
 def attention(q, k, v, cu_seqlens, max_seqlen, window, scale, backend, branches=None):
-    """Causal sliding-window attention within packed documents (the mask and cu_seqlens of this section's top). q, k, v:
-    (T, H, D); max_seqlen: a bound on a document's length (FA sizes its grid with it); window: earlier tokens a query
-    may also see (None or < 0: its whole document); backend: a name from select_attention_backend; branches: None, or
-    the Branches of segments that share a prefix (evaluation only). Returns (T, H, D), contiguous."""
+    """The mask of this section's top over packed q, k, v (T, H, D); returns (T, H, D), contiguous. max_seqlen bounds
+    a document's length (FA sizes its grid with it); window: earlier tokens a query also sees (None or < 0: its whole
+    document); backend: from select_attention_backend; branches: None, or Branches (evaluation only)."""
     if not q.dtype == k.dtype == v.dtype:  # FA refuses mixed dtypes, and flex's backward does: fail alike everywhere
         raise TypeError(f"attention needs q, k, v of one dtype (PRECISION), got {q.dtype}, {k.dtype}, {v.dtype}")
     T = q.size(0)
@@ -898,23 +863,19 @@ def attention_reference(q, k, v, cu_seqlens, window, scale):
     return torch.cat(outs)
 
 def cached_attention(q, k, v, k_cache, v_cache, lengths, key_span, window, scale, backend):
-    """Attention for decoding: row b appends S new tokens at positions lengths[b] .. lengths[b] + S - 1 of its cache
-    and attends over its cache with attention()'s mask. q, k, v: (B, S, H, D); k_cache, v_cache: (B, capacity, H, D),
-    written in place; lengths: int32 (B,) tokens cached before this call; key_span: host ints (lo, hi), lo <= the
-    first key any new token may see and hi = max(lengths) + S, so SDPA reads only the window's slice of the cache; or,
-    for one new token per row (S = 1), None: each row's window + 1 keys ending at its new token are gathered, or with
-    no window the whole cache is read, masked (shapes set by the tensors alone, for a compiled step). FA3/FA2 do it
-    all in flash_attn_with_kvcache; flex has nothing to add for one new token per row, so it decodes with SDPA."""
+    """Decoding: row b writes S new tokens at positions lengths[b]..lengths[b] + S - 1 of its cache (in place) and
+    attends over it with attention()'s mask. q, k, v: (B, S, H, D); k_cache, v_cache: (B, capacity, H, D); lengths:
+    int32 (B,) tokens cached before; key_span: host ints (lo, hi), lo <= the first key a new token may see and hi =
+    max(lengths) + S (SDPA reads only that slice), or None for S = 1: each row's window + 1 keys gathered (no window:
+    the whole cache, masked), shapes set by the tensors alone (a compiled step). flex, no gain here, decodes by SDPA."""
     window = -1 if window is None or window < 0 else window
     if backend in ("fa3", "fa2"):
-        out = _flash_func(backend, "flash_attn_with_kvcache")(
-            q.to(k_cache.dtype).contiguous(), k_cache, v_cache, k=k.to(k_cache.dtype).contiguous(),
-            v=v.to(k_cache.dtype).contiguous(), cache_seqlens=lengths, softmax_scale=scale, causal=True,
-            window_size=(window, 0))
+        qc, kc, vc = (x.to(k_cache.dtype).contiguous() for x in (q, k, v))
+        out = _flash_func(backend, "flash_attn_with_kvcache")(qc, k_cache, v_cache, k=kc, v=vc, cache_seqlens=lengths,
+                                                              softmax_scale=scale, causal=True, window_size=(window, 0))
         return (out[0] if isinstance(out, tuple) else out).to(q.dtype)
-    B, S = q.shape[:2]
-    pos = lengths.long()[:, None] + torch.arange(S, device=q.device)  # (B, S)
-    rows = torch.arange(B, device=q.device)[:, None]
+    pos = lengths.long()[:, None] + torch.arange(q.size(1), device=q.device)  # (B, S)
+    rows = torch.arange(q.size(0), device=q.device)[:, None]
     k_cache[rows, pos], v_cache[rows, pos] = k.to(k_cache.dtype), v.to(v_cache.dtype)
     if key_span is None and window >= 0:
         j = pos - torch.arange(window, -1, -1, device=q.device)  # (B, window + 1): the visible positions, or < 0
@@ -934,8 +895,7 @@ def cached_attention(q, k, v, k_cache, v_cache, lengths, key_span, window, scale
 
 @dataclasses.dataclass
 class Batch:
-    """What GPT.hidden reads: packed documents back to back, none padded (pack() makes it, for training, evaluation
-    and the references alike), or, for a KV cache, (B, S) new tokens with no cu_seqlens."""
+    """What GPT.hidden reads: packed documents back to back, unpadded (pack()), or a KV cache's (B, S) new tokens."""
     inputs: torch.Tensor      # (T,) token ids
     prev_ids: torch.Tensor    # (T,) previous token of the same document, -1 at a document start
     positions: torch.Tensor   # (T,) position inside the segment: the angles a document gets when it is alone
@@ -947,8 +907,7 @@ class Batch:
 
 @dataclasses.dataclass
 class Branches:
-    """Which tokens of a packed batch are branches of a shared prefix (the mask at this section's top), and the
-    same split as FA's two varlen calls need it: index tensors into the batch's T tokens."""
+    """A packed batch's shared-prefix branches (this section's top), split as FA's two varlen calls need: indices."""
     branch: torch.Tensor      # (T,) 0 in a prefix or a plain segment, b >= 1 in its segment's b-th branch
     positions: torch.Tensor   # (T,) the Batch's positions: continuing from the prefix end in every branch
     trunk: torch.Tensor       # tokens of branch 0, in order: every segment's prefix, as plain documents
@@ -963,20 +922,16 @@ class Branches:
     spread: int               # most branch tokens of one segment: a key a query sees lies <= window + spread back
 
 def padded_length(n):
-    """Static cu_seqlens length: a power of two >= 128, so torch.compile sees few distinct shapes."""
     return max(128, 1 << (n - 1).bit_length())
 
 def to_device(array, dtype, device):
     """A host array as a new tensor on `device`; to a GPU via pinned memory, not blocking (overlapping queued work)."""
     t = torch.from_numpy(np.array(array, dtype=np.float64 if dtype.is_floating_point else np.int64)).to(dtype)  # a copy
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t.to(device)
 
 def pack(inputs, segment_starts, document_starts, targets, max_seqlen, device):
-    """The Batch of token array `inputs` whose attention segments start at `segment_starts` (sorted, from 0) and whose
-    documents start at `document_starts` (where a token has no previous token); positions restart in every segment,
-    so the RoPE angles (position x frequency, fp32) are exactly those of the segment alone."""
+    """The Batch of tokens `inputs`: attention segments start at `segment_starts` (sorted, from 0), documents (no
+    previous token) at `document_starts`; positions restart per segment: RoPE angles exactly the segment's alone."""
     T = len(inputs)
     cu = np.full(padded_length(len(segment_starts) + 1), T, dtype=np.int32)
     cu[:len(segment_starts)] = segment_starts
@@ -986,9 +941,8 @@ def pack(inputs, segment_starts, document_starts, targets, max_seqlen, device):
     cu = to_device(cu, torch.int32, device)
     # cu's length varies (128, then 256 where documents are short...): compiled code takes any, not recompiling mid-run
     torch._dynamo.maybe_mark_dynamic(cu, 0)
-    return Batch(to_device(inputs, torch.long, device), to_device(prev, torch.long, device),
-                 to_device(positions, torch.long, device), to_device(targets, torch.long, device), cu, max_seqlen,
-                 np.diff(list(segment_starts) + [T]))
+    tensors = (to_device(x, torch.long, device) for x in (inputs, prev, positions, targets))
+    return Batch(*tensors, cu, max_seqlen, np.diff(list(segment_starts) + [T]))
 
 def pack_sequences(sequences, device):
     """Token arrays packed back to back, each its own document (a left-truncated one need not start with BOS), with
@@ -1000,10 +954,9 @@ def pack_sequences(sequences, device):
     return pack(ids, starts[:-1], starts[:-1], targets[:, None], int(np.diff(starts).max()), device), starts
 
 def shared_prefix_groups(sequences):
-    """Consecutive token arrays grouped greedily where one copy of a common prefix saves work: (first, count, prefix
-    length) each. Joining shrinks the group's prefix from P to P', saving n P' - (n - 1) P tokens over forwarding the
-    sequence alone; it joins when that is >= the branch it adds (len - P'), as branch tokens lengthen the band SDPA
-    reads (a shared <|bos|> alone is not worth it). Branches keep >= 1 token; a group of one is all prefix."""
+    """Consecutive token arrays grouped greedily: (first, count, prefix length) each. A sequence joins when the prefix
+    shrinking from P to P' saves n P' - (n - 1) P tokens, >= the branch it adds (len - P': branch tokens widen SDPA's
+    band; a shared <|bos|> alone is not worth it). Branches keep >= 1 token; a group of one is all prefix."""
     groups = []
     for i, seq in enumerate(sequences):
         if groups:
@@ -1070,10 +1023,10 @@ def make_batch(buf, bos_id, max_doc_len, n_targets, device):
 
 # =============================================================================================================
 # 5. Model: modded-nanogpt's architecture, restricted to what a KV cache serves exactly.
-# Left out, and why: paired-head attention (two tokens' heads interleaved into one doubled sequence: a per-token
-# cache cannot hold it), partial key offset (token t's key takes some dims of token t-1's: a cache would have to keep
-# each row's previous unshifted key per layer), XSA / MUDD dense connections / DC attention (large extra machinery for
-# small gains at our scales), FP8 MLP (GPU-only and unmeasured here). models/modded-nanogpt has the first two.
+# Left out: paired-head attention (two tokens' heads interleaved into one doubled sequence: a per-token cache cannot
+# hold it), partial key offset (token t's key takes dims of token t-1's: a cache would keep each row's previous
+# unshifted key per layer), XSA / MUDD / DC attention (much machinery for small gains at our scales), FP8 MLP (GPU-only,
+# unmeasured here). models/modded-nanogpt has the first two.
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -1097,7 +1050,6 @@ class ModelConfig:
 
     @classmethod
     def of(cls, cfg, vocab_size):
-        """The model a run's Config trains, over a vocabulary of vocab_size."""
         served = {"short_window", "long_window", "max_doc_len"}  # those of its last stage
         return cls(vocab_size=vocab_size, **{f.name: getattr(cfg.stages[-1] if f.name in served else cfg, f.name)
                                              for f in dataclasses.fields(cls) if f.name != "vocab_size"})
@@ -1106,17 +1058,14 @@ GATE_DIMS = 12  # the gates (smear, attention, value embedding) read the first 1
 LOGITS_CHUNK = 8192  # rows of logits evaluation computes at once: bounded memory at any vocabulary size
 
 def norm(x):
-    """RMS norm computed in fp32, returned in x's dtype (PRECISION)."""
-    return F.rms_norm(x.float(), (x.size(-1),)).to(x.dtype)
+    return F.rms_norm(x.float(), (x.size(-1),)).to(x.dtype)  # RMS norm in fp32, returned in x's dtype (PRECISION)
 
 def yarn_attn_factor(old_window, new_window):
-    """YaRN's growth of the attention scale when the window grows from old_window to new_window."""
-    return 0.2 * math.log(new_window / old_window) + 1
+    return 0.2 * math.log(new_window / old_window) + 1  # YaRN's attention-scale growth as the window grows
 
 class Rotary(nn.Module):
-    """Half-truncated RoPE: the first half of each head's dims rotate (periods from 2*pi to 2*pi*1024 tokens), the
-    second half carry position-free content. `yarn` stretches the slow frequencies when the window grows, and the
-    frequencies live in a buffer so checkpoints (and the KV cache) use exactly the trained ones."""
+    """Half-truncated RoPE: the first half of each head's dims rotate (periods 2*pi to 2*pi*1024 tokens), the second
+    half none. `yarn` stretches the slow frequencies for a longer window; they are a buffer: checkpoints keep them."""
 
     def __init__(self, head_dim):
         super().__init__()
@@ -1126,8 +1075,7 @@ class Rotary(nn.Module):
 
     def yarn(self, old_window, new_window, alpha=1.0, beta=32.0):
         """YaRN: stretch frequencies turning < `beta` times in the old window; returns the attention scale's growth."""
-        rotations = old_window * self.freqs / (2 * math.pi)
-        ramp = ((rotations - alpha) / (beta - alpha)).clamp(0, 1)
+        ramp = ((old_window * self.freqs / (2 * math.pi) - alpha) / (beta - alpha)).clamp(0, 1)  # rotations in window
         s = old_window / new_window
         self.freqs.mul_(s + ramp * (1 - s))
         return yarn_attn_factor(old_window, new_window)
@@ -1194,7 +1142,6 @@ class GPT(nn.Module):
     def sync_flags(self):
         self.is_tied, self.scale = bool(self.tied), float(self.attn_scale)
 
-    # -- training-time structure changes --
     def untie(self):
         """Give the input embedding its own weights (a copy of lm_head); the optimizer copies the state too."""
         with torch.no_grad():
@@ -1211,7 +1158,6 @@ class GPT(nn.Module):
         short_window, long_window = short_window or self.cfg.short_window, long_window or self.cfg.long_window
         return [long_window if i in self.long_window_layers else short_window for i in range(self.cfg.n_layers)]
 
-    # -- forward --
     def bigram_ids(self, ids, prev_ids):
         """Hash of (previous token, token); a document start (prev_ids < 0) gets the reserved last row."""
         h = ((36313 * ids) ^ (27191 * prev_ids.clamp(min=0))) % (self.bigram_rows - 1)
@@ -1280,9 +1226,8 @@ POLAR_EXPRESS_COEFFS = (
 )
 
 def polar_express(G, steps=5, dtype=None):
-    """Approximately orthogonalise G (..., rows, cols), batched over the leading dims: U S V^T -> U V^T, with the
-    singular values landing near 1 rather than exactly on it. Runs in `dtype`: default bf16 where the Triton kernels
-    run (sm80+), fp32 elsewhere (bf16 matmuls are ~100x slower on a CPU). Returns a tensor of that dtype."""
+    """Approximately orthogonalise G (..., rows, cols), batched: U S V^T -> U V^T, singular values near 1 (not on it).
+    Runs in and returns `dtype`: default bf16 where Triton kernels run (sm80+), else fp32 (CPU bf16: ~100x slower)."""
     assert 1 <= steps <= len(POLAR_EXPRESS_COEFFS), steps
     dtype = dtype or (torch.bfloat16 if _use_triton(G) else torch.float32)
     # Iterate on the wide orientation so the Gram matrix A = X X^T is the small one (an odd polynomial commutes with
@@ -1311,16 +1256,14 @@ def normuon_update(p, g, momentum, second_moment, mu, beta2, lr, wd, eps=1e-10):
     V = polar_express(g.lerp(momentum, mu)).float()  # Nesterov: (1 - mu) g + mu buf
     # NorMuon: divide each row (or column, whichever dim is larger) by its running RMS, then restore the
     # orthogonalised update's Frobenius norm so only the distribution across neurons changes.
-    red_dim = -1 if V.size(-2) >= V.size(-1) else -2
-    second_moment.lerp_(V.square().mean(dim=red_dim, keepdim=True), 1 - beta2)
+    second_moment.lerp_(V.square().mean(dim=-1 if V.size(-2) >= V.size(-1) else -2, keepdim=True), 1 - beta2)
     norm = V.norm(dim=(-2, -1), keepdim=True)
     V = V * second_moment.clamp_min(eps).rsqrt()
     V = V * (norm / V.norm(dim=(-2, -1), keepdim=True).clamp_min(eps))
     # Cautious weight decay: only shrink weights the update already pushes towards zero (same sign: p -= lr V; a zero
     # gradient leaves them alone). Decay lr*wd is linear in lr (decoupled AdamW, as nanochat): wd keeps its meaning
     # whatever the lr and schedule; modded-nanogpt's is quadratic in the scheduled lr (wd_lin = 0.023*1.2 there).
-    mask = (V * p) > 0
-    return p - lr * (V + wd * mask * p)
+    return p - lr * (V + wd * ((V * p) > 0) * p)
 
 def adam_update(p, g, exp_avg, exp_avg_sq, step, betas, lr, wd, eps=1e-10):
     """One bias-corrected Adam step (torch.optim.Adam's arithmetic) with cautious weight decay, all fp32. Updates the
@@ -1331,8 +1274,7 @@ def adam_update(p, g, exp_avg, exp_avg_sq, step, betas, lr, wd, eps=1e-10):
     # eps is added to the bias-corrected sqrt(v), as torch does (modded adds it before the correction; at 1e-10 moot)
     denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
     update = exp_avg / denom * (lr / (1 - beta1 ** step))
-    mask = (update * p) > 0
-    return p - update - lr * wd * mask * p
+    return p - update - lr * wd * ((update * p) > 0) * p
 
 @dataclasses.dataclass
 class OptimLabel:
@@ -1346,44 +1288,37 @@ class OptimLabel:
     betas: tuple = (0.9, 0.95)  # Adam only
 
 class _Group:
-    """Parameters updated together: their tensors viewed as rows of shape `tail` ((rows, cols) matrices for NorMuon,
-    single elements for Adam) and stacked along dim 0. When sharded, the row count is padded with zero rows to a
-    multiple of the world size and rank r updates rows [r*chunk, (r+1)*chunk); otherwise every rank updates all."""
+    """`members` ((name, tensor) pairs) updated together, viewed as rows of shape `tail` (NorMuon: (rows, cols); Adam:
+    ()) stacked on dim 0. Sharded: n rows zero-padded to world * chunk, rank r updating [r*chunk, (r+1)*chunk)."""
 
-    def __init__(self, label, spec, tail, sharded):
+    def __init__(self, label, spec, tail, sharded, members, world, rank):
         self.label, self.spec, self.tail, self.sharded = label, spec, tuple(tail), sharded
-        self.names, self.params = [], []
+        self.names, self.params = [name for name, _ in members], [p for _, p in members]
         self.step = 0  # optimizer steps this group took (bias correction)
-
-    def finalize(self, world, rank):
         self.rows = [p.numel() // math.prod(self.tail) for p in self.params]
         self.offsets, self.n = [sum(self.rows[:i]) for i in range(len(self.rows))], sum(self.rows)
-        self.shards = world if self.sharded else 1
+        self.shards = world if sharded else 1
         self.chunk = -(-self.n // self.shards)
-        self.start = rank * self.chunk if self.sharded else 0
-        if self.spec.kind == "normuon":
+        self.start = rank * self.chunk if sharded else 0
+        if spec.kind == "normuon":
             r, c = self.tail
             self.state_tails = {"momentum": (r, c), "second_moment": (r, 1) if r >= c else (1, c)}
         else:
             self.state_tails = {"exp_avg": (), "exp_avg_sq": ()}
         self.state = {k: torch.zeros(self.chunk, *t, device=self.params[0].device) for k, t in self.state_tails.items()}
 
-    def rows_of(self, tensors, pad_to, start=0, stop=None):
-        """Rows [start, stop) of the stacked `tensors` (one per param, or None = zeros), zero-padded to `pad_to` rows,
-        as a new contiguous tensor. Only the overlapping parts of each tensor are read."""
-        stop = self.n if stop is None else min(stop, self.n)
+    def rows_of(self, tensors, pad_to, start=0, stop=math.inf):
+        """Rows [start, stop) of the stacked `tensors` (one per param; None: zeros), zero-padded to `pad_to` rows."""
         ref, parts = self.params[0], []
         for t, off, rows in zip(tensors, self.offsets, self.rows):
             a, b = max(start, off), min(stop, off + rows)
             if a < b:
-                parts.append(torch.zeros(b - a, *self.tail, dtype=ref.dtype, device=ref.device) if t is None
+                parts.append(ref.new_zeros(b - a, *self.tail) if t is None
                              else t.detach().reshape(-1, *self.tail)[a - off:b - off])
-        pad = pad_to - sum(x.size(0) for x in parts)
-        parts.append(torch.zeros(pad, *self.tail, dtype=parts[0].dtype if parts else ref.dtype, device=ref.device))
+        parts.append(ref.new_zeros(pad_to - sum(x.size(0) for x in parts), *self.tail))
         return torch.cat(parts)
 
-    def full_shape(self, p, key):
-        """Shape of parameter p's unsharded state `key`: p's leading dims, then the per-row state shape."""
+    def full_shape(self, p, key):  # of p's unsharded state `key`: p's leading dims, then the per-row state shape
         return p.shape[:p.ndim - len(self.tail)] + self.state_tails[key]
 
 def _launch(collective, *tensors, **kwargs):
@@ -1392,23 +1327,18 @@ def _launch(collective, *tensors, **kwargs):
     return collective(*tensors, async_op=True, **kwargs)
 
 class NorMuonAdam:
-    """NorMuon for matrices, Adam for the rest, ZeRO-style across the ranks of the default process group (without one,
-    the world is this process). named_params: (name, parameter) pairs; label_of: name -> label (param_label); labels:
-    label -> dict of OptimLabel fields. NorMuon matrices are banked by (label, shape), their gradients reduce-scattered
-    so each rank orthogonalises whole matrices of its own, then all-gathered. A label's Adam parameters are flattened
-    and concatenated: the big ones (numel >= shard_numel) sharded the same way (Adam is elementwise: shards need not
-    follow dim 0), the small ones all-reduced and updated on every rank. All reductions are launched before the first
-    update, each waited for just before its group's update and its gather launched right after, so communication
-    overlaps the optimizer math (launching them from post-accumulate-grad hooks would overlap the backward pass too: a
-    possible next step). A group with no gradient at all skips the step (no state change); a missing gradient in a group
-    that steps counts as zero. Which gradients exist must be the same on every rank (it is for a fixed model)."""
+    """NorMuon for matrices, Adam for the rest, ZeRO-style over the ranks of the default process group, if any.
+    label_of: name -> label (param_label); labels: label -> OptimLabel fields. NorMuon matrices are banked by (label,
+    shape), each rank orthogonalising whole ones (reduce-scatter, all-gather); a label's Adam params are flattened, the
+    big ones (numel >= shard_numel) sharded alike (Adam is elementwise), the rest all-reduced. A group with no gradient
+    skips the step; in one that steps a missing gradient counts as zero. Which ones exist must match across ranks."""
 
     def __init__(self, named_params, label_of, labels, beta2=0.9, eps=1e-10, shard_numel=16384):
         self.labels = {k: OptimLabel(**v) if isinstance(v, dict) else v for k, v in labels.items()}
         self.beta2, self.eps = beta2, eps
         distributed = dist.is_available() and dist.is_initialized()
         self.world, self.rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
-        groups, self.where = {}, {}
+        members = {}  # (label, dtype, tail, sharded) -> [(name, parameter)]
         for name, p in named_params:
             if not p.requires_grad:
                 continue
@@ -1419,27 +1349,22 @@ class NorMuonAdam:
             assert p.is_contiguous(), f"{name}: the optimizer writes parameters through views"
             if spec.kind == "normuon":
                 assert p.ndim >= 2, f"{name}: NorMuon needs a matrix (or a stack of them), got shape {tuple(p.shape)}"
-                key, tail, sharded = (label, p.dtype, "matrix", *p.shape[-2:]), p.shape[-2:], True
+                tail, sharded = tuple(p.shape[-2:]), True
             elif spec.kind == "adam":
-                sharded = p.numel() >= shard_numel
-                key, tail = (label, p.dtype, "sharded" if sharded else "replicated"), ()
+                tail, sharded = (), p.numel() >= shard_numel
             else:
                 raise ValueError(f"label {label!r}: kind must be 'normuon' or 'adam', got {spec.kind!r}")
-            group = groups.setdefault(key, _Group(label, spec, tail, sharded and self.world > 1))
-            self.where[name] = (group, len(group.params))
-            group.names.append(name)
-            group.params.append(p)
-        self.groups = list(groups.values())
-        for group in self.groups:
-            group.finalize(self.world, self.rank)
+            members.setdefault((label, p.dtype, tail, sharded), []).append((name, p))
+        self.groups = [_Group(label, self.labels[label], tail, sharded and self.world > 1, pairs, self.world, self.rank)
+                       for (label, _, tail, sharded), pairs in members.items()]
+        self.where = {name: (g, i) for g in self.groups for i, name in enumerate(g.names)}
 
     @torch.no_grad()
     def step(self, lr_factor=1.0, muon_momentum=0.95):
-        """Update every parameter from its .grad, averaged over the ranks here. lr_factor multiplies every label's lr
-        and muon_momentum is NorMuon's mu (both schedules are the caller's, e.g. muon_momentum() above)."""
+        """Update every parameter from its .grad averaged over ranks; lr_factor scales each lr, muon_momentum is mu."""
         active = [g for g in self.groups if any(p.grad is not None for p in g.params)]
+        pending, gathers = [], []
         # 1. Launch every reduction.
-        pending = []
         for g in active:
             grads = g.rows_of([p.grad for p in g.params], g.shards * g.chunk)
             if g.sharded:
@@ -1448,8 +1373,8 @@ class NorMuonAdam:
             else:
                 work = _launch(dist.all_reduce, grads, op=dist.ReduceOp.AVG) if self.world > 1 else None
                 pending.append((grads, work))
-        # 2. Per group: wait for its gradients, update this rank's rows, launch the gather.
-        gathers = []
+        # 2. Per group: wait for its gradients, update this rank's rows, launch the gather at once, so communication
+        # overlaps the optimizer math (launching from post-accumulate-grad hooks would overlap the backward pass too).
         for g, (grad, work) in zip(active, pending):
             if work is not None:
                 work.wait()
@@ -1458,17 +1383,13 @@ class NorMuonAdam:
             p = g.rows_of(g.params, g.chunk, g.start, g.start + g.chunk).float()
             lr, wd = spec.lr * spec.lr_mul * lr_factor, spec.wd * spec.wd_mul
             if spec.kind == "normuon":
-                rows, cols = g.tail
                 new = normuon_update(p, grad, g.state["momentum"], g.state["second_moment"], muon_momentum,
-                                     self.beta2, lr * max(1.0, rows / cols) ** 0.5, wd, self.eps)
+                                     self.beta2, lr * max(1.0, g.tail[0] / g.tail[1]) ** 0.5, wd, self.eps)
             else:
                 new = adam_update(p, grad, g.state["exp_avg"], g.state["exp_avg_sq"], g.step, spec.betas, lr, wd, self.eps)
             new = new.to(g.params[0].dtype)
-            if g.sharded:
-                full = new.new_empty(g.shards * g.chunk, *g.tail)
-                gathers.append((g, full, _launch(dist.all_gather_into_tensor, full, new)))
-            else:
-                gathers.append((g, new, None))
+            full = new.new_empty(g.shards * g.chunk, *g.tail) if g.sharded else new
+            gathers.append((g, full, _launch(dist.all_gather_into_tensor, full, new) if g.sharded else None))
         # 3. Write the gathered rows back into the parameters.
         for g, full, work in gathers:
             if work is not None:
@@ -1477,36 +1398,28 @@ class NorMuonAdam:
                 p.view(-1, *g.tail).copy_(full[off:off + rows])
 
     def zero_grad(self):
-        for g in self.groups:
-            for p in g.params:
-                p.grad = None
+        for g, i in self.where.values():
+            g.params[i].grad = None
 
     # -- checkpoints: full (unsharded) state keyed by parameter name, so N ranks can resume on M --
-    def _group_state(self, g):
-        """{key: state for all g.n rows} on every rank (a collective when sharded)."""
-        out = {}
-        for key, t in g.state.items():
-            if g.sharded:
-                full = t.new_empty(g.shards * g.chunk, *t.shape[1:])
-                _launch(dist.all_gather_into_tensor, full, t).wait()
-                t = full[:g.n]
-            out[key] = t
-        return out
-
     def _param_states(self, g):
-        """{name: {key: full state shaped for that parameter, "step": int}} for the parameters of group g."""
-        full = self._group_state(g)
+        """{name: {key: full state shaped for that param, "step": int}} for group g (a collective when sharded)."""
+        full = dict(g.state)
+        if g.sharded:
+            for key, t in g.state.items():
+                gathered = t.new_empty(g.shards * g.chunk, *t.shape[1:])
+                _launch(dist.all_gather_into_tensor, gathered, t).wait()
+                full[key] = gathered[:g.n]
         return {name: {**{k: t[off:off + rows].reshape(g.full_shape(p, k)) for k, t in full.items()}, "step": g.step}
                 for name, p, off, rows in zip(g.names, g.params, g.offsets, g.rows)}
 
     def _set_param_state(self, name, state):
         g, i = self.where[name]
+        a, b = max(g.start, g.offsets[i]), min(g.start + g.chunk, g.offsets[i] + g.rows[i])  # its rows in our chunk
         for key in g.state:
             want, got = tuple(g.full_shape(g.params[i], key)), tuple(state[key].shape) if key in state else "missing"
             if got != want:
                 raise ValueError(f"optimizer state {name}.{key}: expected shape {want}, got {got}")
-            # Write the overlap of this parameter's rows with this rank's chunk.
-            a, b = max(g.start, g.offsets[i]), min(g.start + g.chunk, g.offsets[i] + g.rows[i])
             if a < b:
                 src = state[key].reshape(-1, *g.state_tails[key])[a - g.offsets[i]:b - g.offsets[i]]
                 g.state[key][a - g.start:b - g.start].copy_(src)
@@ -1562,7 +1475,7 @@ def make_optimizer(model, cfg, lr_mul=1.0):
 
 
 # =============================================================================================================
-# 7. Data: readers of every format (writers: data/*.py; formats: data/README.md), the pretraining loader, phase_data
+# 7. Data: readers of every format (writers: data/*.py; formats: data/README.md), the pretraining loader
 
 TOKEN_FILE_MAGIC, TOKEN_FILE_VERSION, HEADER_INTS = 20240520, 1, 256
 FORMAT_VERSIONS = {"pretrain": 2, "core": 1, "sft": 1, "chat_eval": 2}  # pretrain 2: shuffled, val_sources
@@ -1716,12 +1629,12 @@ def checked_tasks(manifest, path, n_examples, fields, **extra):
     return tasks
 
 def pretrain_shards(data_dir, tokenizer, split, check_sha256=False):
-    """Paths of the `split` ('train' or 'val') pretraining shards, in order, every header checked (with check_sha256
-    every byte too, against the manifest's sha256: ~2 s a GB here, so `--phases data` does it, training not)."""
+    """Paths of the `split` ('train' or 'val') pretraining shards, in order (pretrain_manifest_shards)."""
     return pretrain_manifest_shards(data_dir, tokenizer, split, check_sha256)[1]
 
 def pretrain_manifest_shards(data_dir, tokenizer, split, check_sha256=False):
-    """(manifest, shard paths of `split`) of a prepared pretrain/ directory, every shard checked (pretrain_shards)."""
+    """(manifest, shard paths of `split`) of a prepared pretrain/ directory, every header checked (with check_sha256
+    every byte too, against the manifest's sha256: ~2 s a GB here, so data/check.py does it, training not)."""
     directory = os.path.join(data_dir, "pretrain")
     manifest, where = read_manifest(directory, "pretrain", tokenizer), f"{directory}/manifest.json"
     shards = manifest.get("shards")
@@ -1997,39 +1910,10 @@ class PretrainLoader:
         s["offset"] = offset
         return make_batch(buf, self.bos, max_doc_len, n_targets, device)
 
-def phase_data(cfg, rt, log):
-    """check every file of DATA_DIR (sha256 too) and say what it holds; writes nothing"""
-    t0 = time.time()
-    data = pretrain_data(cfg.data_dir, cfg.vocab_size, cfg.bos_id)
-    ours = os.path.isfile(os.path.join(cfg.data_dir, "pretrain", "manifest.json"))
-    log(f"pretraining data: vocab {data.vocab_size}, bos {data.bos_id}; {data.origin}")
-    for split, paths in (("val", data.val), ("train", data.train)):
-        if ours:
-            pretrain_shards(cfg.data_dir, data.tokenizer, split, check_sha256=True)
-        n = sum(len(read_token_file(p, data.vocab_size)) for p in paths)
-        log(f"pretrain/{split}: {len(paths)} shards, {n:,} tokens")
-    if data.val_sources:
-        log("val documents: " + ", ".join(f"{name} {n:,}" for name, n in data.val_sources))
-    if not ours:
-        log(f"{cfg.data_dir}: llm.c shards, read for pretraining and its val loss; CORE, SFT and chat need data/prepare.py")
-        return
-    tokenizer = data.tokenizer
-    log(f"tokenizer: vocab {tokenizer.vocab_size}, bos {tokenizer.bos_id}, {len(tokenizer.special_tokens)} special tokens")
-    core = load_core(cfg.data_dir, tokenizer)
-    log(f"core: {len(core.tasks)} tasks, {len(core.examples):,} examples, {len(core.tokens):,} tokens (max_len {core.max_len})")
-    for split in ("val", "train"):
-        sft = load_sft(cfg.data_dir, tokenizer, split)
-        log(f"sft/{split}: {len(sft.convs) - 1:,} conversations, {len(sft.tokens):,} tokens, {int(sft.mask.sum()):,} supervised")
-    for name in ("chat_eval", "rl"):
-        chat = load_chat_eval(cfg.data_dir, tokenizer, name)
-        log(f"{name}: " + ", ".join(f"{t['name']} {t['n_examples']}" for t in chat.tasks))
-    log(f"data directory {cfg.data_dir} is complete and consistent ({time.time() - t0:.1f}s)")
-
 
 # =============================================================================================================
-# 8. The run: its log (each invocation's code, header, timed lines, progress), metrics, checkpoints, the run directory,
-# the loops' bookkeeping. RUN_DIR holds log.txt, code/ (each distinct source the log names), metrics.json (every phase's
-# results), curves.jsonl (what the loops log each step) and the checkpoints; report.py renders report.md from the two.
+# 8. The run: its log (code, header, timed lines, progress), metrics, checkpoints, run directory, loops' bookkeeping.
+# RUN_DIR: log.txt, code/ (sources the log names), metrics.json (each phase's results), curves.jsonl, checkpoints.
 
 LOG_SEPARATOR = "=" * 100  # after an invocation's code lines, before its header (baselines/record.py splits on it)
 
@@ -2041,11 +1925,10 @@ class Logger:
     def __init__(self, cfg, rt):
         self.master, self.path, self.wandb = rt.master, os.path.join(cfg.run_dir, "log.txt"), None
         self.curves, self.t0 = os.path.join(cfg.run_dir, "curves.jsonl"), time.time()
-        if not self.master:
-            return
-        os.makedirs(cfg.run_dir, exist_ok=True)
         mode = cfg.wandb if cfg.wandb != "auto" else ("online" if os.environ.get("WANDB_API_KEY") else "disabled")
-        if mode != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
+        if self.master:
+            os.makedirs(cfg.run_dir, exist_ok=True)
+        if self.master and mode != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
             import wandb
             self.wandb = wandb.init(project="decoderstack", name=os.path.basename(os.path.abspath(cfg.run_dir)),
                                     config=dataclasses.asdict(cfg), mode=mode, dir=cfg.run_dir)
@@ -2057,26 +1940,22 @@ class Logger:
             print(line, flush=True)
             self.write(line)
 
-    def write(self, text):
-        """Append to log.txt only."""
+    def write(self, text):  # to log.txt only, not printed
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(text + "\n")
 
     def start(self, cfg, rt):
-        """An invocation's opening lines: code_lines, the separator, header and config unstamped; returns the header."""
         header = run_header(rt)
         if self.master:
             self.write("\n".join(code_lines(cfg.run_dir) + [LOG_SEPARATOR]))
-            for line in header + [f"config: {json.dumps(dataclasses.asdict(cfg))}"]:
-                self(line, stamp=False)
+            self("\n".join(header + [f"config: {json.dumps(dataclasses.asdict(cfg))}"]), stamp=False)
         return header
 
     def metrics(self, step, values):
-        if not self.master:
-            return
-        with open(self.curves, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
-        if self.wandb is not None:
+        if self.master:
+            with open(self.curves, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.wandb is not None:  # None on ranks other than 0
             self.wandb.log(values, step=step)
 
 class Progress:
@@ -2090,35 +1969,31 @@ class Progress:
     def __call__(self, *_):
         self.done += 1
         now = time.time()
-        if self.log is None or now - self.last < self.every or self.done >= self.total:
-            return
-        self.last, elapsed = now, now - self.t0
-        self.log(f"{self.what}: {self.done:,}/{self.total:,} {self.unit}, {duration(elapsed)} so far, "
-                 f"eta {duration(elapsed / self.done * (self.total - self.done))}")
+        if self.log is not None and now - self.last >= self.every and self.done < self.total:
+            self.last, elapsed = now, now - self.t0
+            self.log(f"{self.what}: {self.done:,}/{self.total:,} {self.unit}, {duration(elapsed)} so far, "
+                     f"eta {duration(elapsed / self.done * (self.total - self.done))}")
 
 def duration(seconds):
     return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.2f} h"
 
-def project_sources():
-    """The files of code the stack runs: this file, then each module beside it that it imported (none today; the files
-    that import it, serve.py and the like, are not its code)."""
+def code_lines(run_dir):
+    """`code: NAME sha256 HASH (code/HASH16/NAME)` for this file, then each module beside it that it imported, each
+    kept once under RUN_DIR/code/: the log names exactly the code that ran (modded-nanogpt logs it whole), yet small."""
     this = os.path.abspath(__file__)
     paths = {m.__file__ for m in globals().values() if isinstance(m, type(os)) and isinstance(getattr(m, "__file__", None), str)}
-    return [this] + sorted(p for p in paths if os.path.dirname(os.path.abspath(p)) == os.path.dirname(this) and p != this)
-
-def code_lines(run_dir):
-    """`code: NAME sha256 HASH (code/HASH16/NAME)` for each project source, a copy of each distinct source kept once
-    under RUN_DIR/code/: the log names exactly the code that ran (modded-nanogpt logs it whole) and stays small."""
+    beside = sorted(p for p in paths if os.path.dirname(os.path.abspath(p)) == os.path.dirname(this) and p != this)
     lines = []
-    for path in project_sources():
+    for path in [this] + beside:
         data = read_bytes(path)
         digest, name = hashlib.sha256(data).hexdigest(), os.path.basename(path)
         kept = os.path.join("code", digest[:16], name)
-        if not os.path.isfile(os.path.join(run_dir, kept)):
-            os.makedirs(os.path.join(run_dir, "code", digest[:16]), exist_ok=True)
-            with open(os.path.join(run_dir, kept + ".tmp"), "wb") as f:
+        target = os.path.join(run_dir, kept)
+        if not os.path.isfile(target):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target + ".tmp", "wb") as f:
                 f.write(data)
-            os.replace(os.path.join(run_dir, kept + ".tmp"), os.path.join(run_dir, kept))
+            os.replace(target + ".tmp", target)
         lines.append(f"code: {name} sha256 {digest} ({kept})")
     return lines
 
@@ -2156,7 +2031,6 @@ def read_metrics(run_dir):
     return read_json(path) if os.path.isfile(path) else {}
 
 def update_metrics(cfg, rt, values):
-    """Merge values into RUN_DIR/metrics.json (every phase adds its own keys)."""
     if rt.master:
         write_text_atomic(os.path.join(cfg.run_dir, "metrics.json"),
                           json.dumps({**read_metrics(cfg.run_dir), **values}, indent=1) + "\n")
@@ -2202,35 +2076,32 @@ def save_checkpoint(cfg, rt, step, model, opt, extra_state, phase="pt"):
     failed write (a full disk) leaves the last checkpoint and the pointers as they were: a CheckpointError. Every rank
     calls it and returns once rank 0 has written it: the next phase, on any rank, starts from it."""
     opt_state = opt.state_dict()  # a collective when sharded: every rank calls it
-    if rt.master:
-        write_checkpoint(cfg, step, model, opt_state, extra_state, phase)
-    if rt.world_size > 1:
-        dist.barrier()
-
-def write_checkpoint(cfg, step, model, opt_state, extra_state, phase):
-    """Rank 0's part of save_checkpoint."""
-    from safetensors.torch import save_file
     final = os.path.join(cfg.run_dir, f"{CHECKPOINT_PREFIX[phase]}{step:06d}")
     tmp = final + ".tmp"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
-        torch.save(opt_state, os.path.join(tmp, "optim.pt"))
-        files = {name: sha256_file(os.path.join(tmp, name)) for name in CHECKPOINT_FILES}
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"step": step, "phase": phase, "loader": extra_state, "model": dataclasses.asdict(model.cfg),
-                       "run": dataclasses.asdict(cfg), "files": files}, f, indent=1)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        write_text_atomic(os.path.join(cfg.run_dir, f"latest_{phase}"), os.path.basename(final))
-        write_text_atomic(os.path.join(cfg.run_dir, "latest"), os.path.basename(final))
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"{final}: could not write the checkpoint ({e.strerror or e}); the latest is still "
-                              f"{latest_checkpoint(cfg.run_dir, phase) or 'none'}") from None
-    for old in list(checkpoints(cfg.run_dir, phase).values())[:-max(cfg.keep_checkpoints, 1)]:
-        shutil.rmtree(old, ignore_errors=True)
+    if rt.master:
+        from safetensors.torch import save_file
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            save_file(weights, os.path.join(tmp, "model.safetensors"))
+            torch.save(opt_state, os.path.join(tmp, "optim.pt"))
+            files = {name: sha256_file(os.path.join(tmp, name)) for name in CHECKPOINT_FILES}
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                json.dump({"step": step, "phase": phase, "loader": extra_state, "model": dataclasses.asdict(model.cfg),
+                           "run": dataclasses.asdict(cfg), "files": files}, f, indent=1)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            write_text_atomic(os.path.join(cfg.run_dir, f"latest_{phase}"), os.path.basename(final))
+            write_text_atomic(os.path.join(cfg.run_dir, "latest"), os.path.basename(final))
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"{final}: could not write the checkpoint ({e.strerror or e}); the latest is still "
+                                  f"{latest_checkpoint(cfg.run_dir, phase) or 'none'}") from None
+        for old in list(checkpoints(cfg.run_dir, phase).values())[:-max(cfg.keep_checkpoints, 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+    if rt.world_size > 1:
+        dist.barrier()
 
 def latest_checkpoint(run_dir, phase=None):
     """The newest checkpoint of `phase`, or of any phase (the model the next phase starts from); None if none."""
@@ -2381,8 +2252,7 @@ class LoopTimer:
     """Training time without eval and checkpoint pauses, read at host syncs (where the GPU has caught up)."""
 
     def __init__(self):
-        self.total, self.resumed = 0.0, time.perf_counter()
-        self.since, self.steps, self.tokens = self.resumed, 0, 0
+        self.total, self.steps, self.tokens, self.since = 0.0, 0, 0, time.perf_counter()
 
     def step(self, tokens):
         self.steps += 1
@@ -2391,15 +2261,14 @@ class LoopTimer:
     def lap(self):
         """(seconds, steps, tokens) since the last lap; call it right after a host sync."""
         now = time.perf_counter()
-        self.total += now - self.resumed
+        self.total += now - self.since
         lap = max(now - self.since, 1e-9), self.steps, self.tokens
-        self.resumed = self.since = now
-        self.steps = self.tokens = 0
+        self.since, self.steps, self.tokens = now, 0, 0
         return lap
 
     def pause_until_now(self):
         """Eval or a checkpoint ran since the last lap: leave it out."""
-        self.resumed = self.since = time.perf_counter()
+        self.since = time.perf_counter()
 
 def trained_model(cfg, rt):
     """(model, state.json, path) of --init-from, else of the run's latest checkpoint (load_model)."""
@@ -2412,15 +2281,8 @@ def trained_model(cfg, rt):
 # =============================================================================================================
 # 9. Pretraining: the schedule, the loss, bits per byte, FLOPs, then the loop (phase_pt)
 
-@dataclasses.dataclass
-class StepPlan:
-    stage: int
-    batch_tokens: int
-    max_doc_len: int
-    short_window: int
-    long_window: int
-    lr_factor: float
-    mtp_weights: list
+StepPlan = collections.namedtuple("StepPlan", ["stage", "batch_tokens", "max_doc_len", "short_window", "long_window",
+                                               "lr_factor", "mtp_weights"])
 
 def scaled_stages(cfg):
     """The stages, with step counts rescaled so that they add up to --train-tokens when it is set."""
@@ -2451,31 +2313,27 @@ def plan_step(cfg, stages, step):
 def micro_batch(batch_tokens, micro_batch_tokens, world_size, what):
     """(tokens per forward, forwards per step) that make up a global batch of batch_tokens over world_size ranks."""
     T = min(micro_batch_tokens, batch_tokens // world_size)
-    accum = batch_tokens // (world_size * T)
-    if accum * world_size * T != batch_tokens:
+    if batch_tokens % (world_size * T):
         raise ValueError(f"{what}: batch of {batch_tokens} tokens is not a multiple of world size {world_size} x {T} tokens")
-    return T, accum
+    return T, batch_tokens // (world_size * T)
 
 def pretrain_steps(cfg, stages, world_size, start=0):
     """(step, plan, tokens per forward, forwards, grow, untie) for each step from `start` on, walked by the loop and the
     compile warm-up; grow ((old, new) long window, or None) and untie (embed, lm_head part) apply before the step."""
     total = total_steps(stages)
-    untie_step = round(cfg.untie_frac * total)
     for step in range(start, total):
         p = plan_step(cfg, stages, step)
         before = plan_step(cfg, stages, step - 1) if step > 0 else p
         grow = (before.long_window, p.long_window) if p.long_window != before.long_window else None
         yield (step, p, *micro_batch(p.batch_tokens, cfg.micro_batch_tokens, world_size, f"stage {p.stage}"), grow,
-               step == untie_step)
+               step == round(cfg.untie_frac * total))
 
 def warm_up_compiled(loss_fn, model, cfg, rt, stages, loader, start):
-    """Build every graph the compiled loss needs from step `start` on before the timed loop, as modded-nanogpt does: a
-    forward and backward per distinct (tokens per forward, MTP horizons, document length bound, windows, attention
-    scale, tying, accumulation), in schedule order (so torch's automatic dynamic shapes choose as in the run), scale and
-    tying set as at that step; the loader does not move and no optimizer steps. Returns (seconds, graphs compiled)."""
+    """Compiles, as modded-nanogpt does, a forward and backward of the loss per distinct (tokens per forward, MTP
+    horizons, doc length bound, windows, attention scale, tying, accumulation) from step `start` on, in schedule order
+    (so dynamic shapes choose as in the run), on a fork of the loader, no optimizer step. Returns (seconds, graphs)."""
     from torch._dynamo.utils import counters
-    scale, tied = model.attn_scale.clone(), model.is_tied
-    variants = {}
+    scale, tied, variants = model.attn_scale.clone(), model.is_tied, {}
     for step, p, T, accum, grow, untie in pretrain_steps(cfg, stages, rt.world_size, start):
         if grow:
             scale.mul_(yarn_attn_factor(*grow))  # as grow_window does, in fp32: the same float the run will have
@@ -2525,10 +2383,9 @@ def val_rows(n_targets, T, subset=0, first=0):
 
 @torch.no_grad()
 def evaluate_bpb(model, data, rt, windows, max_doc_len, T, subset=0, first=0, log=None):
-    """Next-token loss on the val stream of `data` (a PretrainData) in rows of T tokens (val_rows; default: every target
-    once), over targets of > 0 bytes (special tokens count in neither sum, so bpb compares across tokenizers), or all
-    where token bytes are unknown (modded-nanogpt's val loss). A dict: bpb (None without token bytes), loss (nats per
-    counted target), targets (how many), of (the stream's targets), by_source ({name: bpb}), what (for the log)."""
+    """Next-token loss on the val stream of PretrainData `data`, rows of T tokens (val_rows), over targets of > 0 bytes
+    (special tokens count in neither sum: bpb compares across tokenizers) or, without token bytes, all (modded-nanogpt's
+    val loss). A dict: bpb (or None), loss (nats/counted target), targets (counted), of (all), by_source, what."""
     tokens, source = data.val_stream()
     n = len(tokens) - 1
     rows = val_rows(n, T, subset, first)
@@ -2543,9 +2400,8 @@ def evaluate_bpb(model, data, rt, windows, max_doc_len, T, subset=0, first=0, lo
         buf = np.asarray(tokens[start:start + T + 1])
         buf = np.concatenate([buf, np.full(T + 1 - len(buf), data.bos_id, buf.dtype)])  # the last row, padded
         b = make_batch(buf, data.bos_id, max_doc_len, 1, rt.device)
-        src = np.zeros(T, np.int64)
-        src[:real] = source[start + 1:start + 1 + real]
-        src = to_device(src, torch.long, rt.device)
+        src = torch.zeros(T, dtype=torch.long, device=rt.device)
+        src[:real] = to_device(source[start + 1:start + 1 + real], torch.long, rt.device)
         counted = torch.arange(T, device=rt.device) < real
         with autocast(rt):
             h = model.hidden(b, windows, rt.backend)
@@ -2574,7 +2430,6 @@ def val_line(val):
     return f"val bpb {bpb} val loss {val['loss']:.4f} ({val['what']}{split})"
 
 def val_metrics(val):
-    """metrics.json's keys of an evaluate_bpb result."""
     return {"val_bpb": val["bpb"], "val_loss": val["loss"], "val_bpb_by_source": val["by_source"],
             "val_loss_tokens": val["targets"], "val_scored": val["what"]}
 
@@ -2596,25 +2451,21 @@ def attention_pairs(segment_lengths, window):
 def training_flops(model, windows, segment_lengths):
     """FLOPs of a forward + backward over a micro-batch of these segments: 6 per token per matmul weight (no embedding
     lookups) plus 12 per head dim per (query, key) pair (QK^T and PV, 2 FLOPs a multiply-add, x3 with backward)."""
-    cfg = model.cfg
     matmul = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2 and "gate" not in n)
-    matmul += model.vocab_size * cfg.model_dim
+    matmul += model.vocab_size * model.cfg.model_dim
     pairs = sum(attention_pairs(segment_lengths, w) for w in windows)
-    return 6 * matmul * int(np.sum(segment_lengths)) + 12 * cfg.n_heads * cfg.head_dim * pairs
+    return 6 * matmul * int(np.sum(segment_lengths)) + 12 * model.cfg.n_heads * model.cfg.head_dim * pairs
 
-# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from the vendors' datasheets; the first name that occurs in
-# torch.cuda.get_device_name() wins, so the specific names come first ("GH200" holds "H200", "A100" holds "A10").
-# MFU is reported for bf16 runs only (fp32 runs would need the TF32/fp32 peak; pre-Ampere GPUs train in fp32).
+# Dense bf16 tensor-core peaks, FLOP/s, from datasheets; the first name in torch.cuda.get_device_name() wins, so the
+# specific come first ("GH200" holds "H200"). MFU for bf16 runs only (fp32 runs, as pre-Ampere, would need fp32's peak).
 PEAK_BF16_FLOPS = (("GH200", 989e12), ("H200 NVL", 835e12), ("H200", 989e12), ("H100 NVL", 835e12),
                    ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12))
 
 def peak_flops(device, dtype=torch.bfloat16):
-    """This GPU's dense bf16 peak, or None where it is unknown (CPUs, GPUs not in the table, fp32 runs)."""
     device = torch.device(device)
     if device.type != "cuda" or dtype != torch.bfloat16:
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS if k in name), None)
+    return next((v for k, v in PEAK_BF16_FLOPS if k in torch.cuda.get_device_name(device)), None)
 
 def peak_memory_gib(device):
     device = torch.device(device)
@@ -2639,9 +2490,8 @@ def phase_pt(cfg, rt, log):
     n_matrix = sum(p.numel() for n, p in model.named_parameters() if param_label(n) in ("attn", "mlp_fc", "mlp_proj"))
     log(f"model: {n_params:,} parameters ({n_matrix:,} in NorMuon matrices), {total} steps, attention backend {rt.backend}, "
         f"device {rt.device}, activations {rt.precision or rt.dtype}, world size {rt.world_size}")
-    loss_fn, compile_s, graphs = train_loss, 0.0, 0
+    loss_fn, compile_s, graphs = torch.compile(train_loss) if cfg.compile else train_loss, 0.0, 0
     if cfg.compile:
-        loss_fn = torch.compile(train_loss)
         compile_s, graphs = warm_up_compiled(loss_fn, model, cfg, rt, stages, loader, start)
         log(f"compiled {graphs} graphs for steps {start}-{total} in {compile_s:.1f}s, before the timed loop")
     peak = peak_flops(rt.device, rt.dtype)
@@ -2693,19 +2543,17 @@ def phase_pt(cfg, rt, log):
         return
     timed_tokens = sum(plan_step(cfg, stages, s).batch_tokens for s in range(start, last + 1))
     update_metrics(cfg, rt, {
-        **val_metrics(val), "train_tokens": sum(s.steps * s.batch_tokens for s in stages), "params": n_params, "params_matrix": n_matrix,
-        "tok_per_s": timed_tokens / timer.total, "device": str(rt.device), "attn_backend": rt.backend,
-        "world_size": rt.world_size, "pt_train_time_s": timer.total, "pt_compile_time_s": compile_s,
-        "pt_compile_graphs": graphs, "peak_memory_gib": peak_memory_gib(rt.device)})
+        **val_metrics(val), "train_tokens": sum(s.steps * s.batch_tokens for s in stages), "params": n_params,
+        "params_matrix": n_matrix, "tok_per_s": timed_tokens / timer.total, "device": str(rt.device),
+        "attn_backend": rt.backend, "world_size": rt.world_size, "pt_train_time_s": timer.total,
+        "pt_compile_time_s": compile_s, "pt_compile_graphs": graphs, "peak_memory_gib": peak_memory_gib(rt.device)})
 
 
 # =============================================================================================================
-# 10. Evaluation: packed forwards every evaluation shares, CORE (DCLM's 22 tasks, as nanochat scores them), phase_eval
-#
-# nanochat forwards each example alone (options padded to (n_options, L), logits everywhere). Here many examples go
-# back to back into one varlen batch without padding, an example's choices share one forward of their context
-# (pack_branches), and only continuation rows get logits; the decisions are nanochat's (the tests compare with
-# bench/eval_bench.py's evaluate_example_alone, one sequence at a time).
+# 10. Evaluation: packed forwards every evaluation shares, CORE (DCLM's 22 tasks, as nanochat scores them), phase_eval.
+# nanochat forwards each example alone (options padded to (n_options, L), logits everywhere); here examples go back to
+# back in one varlen batch, an example's choices share a forward of their context (pack_branches), only continuation
+# rows get logits; the decisions are nanochat's (tests compare bench/eval_bench.py's evaluate_example_alone).
 
 @torch.no_grad()
 def packed_hidden(model, sequences, rt, windows):
@@ -2716,8 +2564,7 @@ def packed_hidden(model, sequences, rt, windows):
     return h, batch.inputs, starts
 
 def examples_of_rank(tasks, n_examples, max_per_task, rt):
-    """Which examples are evaluated (bool per example: the first max_per_task of each task, all when <= 0) and the
-    ones this rank takes: r, r + world_size, ... of each task."""
+    """Evaluated examples (bools: first max_per_task of each task; <= 0: all) and this rank's: r, r + world_size, ..."""
     evaluated, mine = np.zeros(n_examples, dtype=bool), []
     for t in tasks:
         first, n = t["first_example"], t["n_examples"] if max_per_task <= 0 else min(max_per_task, t["n_examples"])
@@ -2746,8 +2593,7 @@ def task_scores(tasks, name_key, correct, evaluated, rt):
     for t in tasks:
         rows = correct[t["first_example"]:t["first_example"] + t["n_examples"]]
         results[t[name_key]] = float((rows == 1).sum() / max(1, (rows >= 0).sum()))
-        b = t["random_baseline"]
-        centered[t[name_key]] = (results[t[name_key]] - b) / (1 - b)
+        centered[t[name_key]] = (results[t[name_key]] - t["random_baseline"]) / (1 - t["random_baseline"])
     return dict(results=results, centered=centered, mean=sum(centered.values()) / len(centered), correct=correct)
 
 def task_table(out, tasks, name_key, total):
@@ -2771,18 +2617,13 @@ def core_decision(task_type, gold, mean_losses, all_right):
     return mean_losses.index(min(mean_losses)) == gold
 
 def _span_scores(losses, right, spans):
-    """Per sequence (mean loss, all predictions right) from flat fp32 losses / bools laid out span after span."""
-    scores, k = [], 0
-    for n in spans:
-        # .mean() of an empty slice is NaN, as in nanochat (see core_decision)
-        scores.append((losses[k:k + n].mean().item(), bool(right[k:k + n].all())))
-        k += n
-    return scores
+    """Per sequence (mean loss, all right) from flat fp32 losses / bools, span after span (empty: NaN, as nanochat)."""
+    ends = np.cumsum(spans)
+    return [(losses[e - n:e].mean().item(), bool(right[e - n:e].all())) for n, e in zip(spans, ends)]
 
 @torch.no_grad()
 def core_scores_packed(model, seqs, rt, windows):
-    """(mean continuation loss, continuation all argmax-right) of each (tokens, cont_start, cont_end) in `seqs`, from
-    one forward, shared prefixes packed once (pack_branches); only rows that predict a continuation token get logits."""
+    """Per (tokens, cont_start, cont_end) of `seqs`: (mean continuation loss, all argmax-right), from one forward."""
     batch, where = pack_branches([t for t, _, _ in seqs], rt.device)
     with autocast(rt):
         h = model.hidden(batch, windows, rt.backend)
@@ -2797,14 +2638,12 @@ def core_scores_packed(model, seqs, rt, windows):
 
 @torch.no_grad()
 def evaluate_core(model, core, rt, windows, max_per_task=-1, batch_tokens=32768, log=None):
-    """CORE of `model` on CoreData `core`: the first max_per_task examples of each task (<= 0: all, as in nanochat;
-    the file's examples are pre-shuffled) split across ranks (examples_of_rank), packed into forwards of up to
-    batch_tokens tokens (token_batches). Returns task_scores' dict, its mean as `core`. log: where progress goes."""
+    """CORE of `model` on CoreData `core`: the first max_per_task examples of each task (<= 0: all, as in nanochat; the
+    file is pre-shuffled) over the ranks, up to batch_tokens tokens a forward. task_scores' dict, mean as `core`."""
     evaluated, mine = examples_of_rank(core.tasks, len(core.examples), max_per_task, rt)
     correct = torch.zeros(len(core.examples), dtype=torch.float32)
     scores = {}  # example -> scores of its sequences so far (an example may straddle two forwards)
     progress = Progress(log, "CORE", len(mine), "examples")
-
     def sequences():  # ((example, its sequence count), sequence, tokens it adds to a forward: its prefix is shared)
         for e in mine:
             first, n = int(core.examples[e, 2]), int(core.examples[e, 3])
@@ -2812,10 +2651,8 @@ def evaluate_core(model, core, rt, windows, max_per_task=-1, batch_tokens=32768,
             for head, count, P in shared_prefix_groups([t for t, _, _ in seqs]):
                 for j in range(head, head + count):
                     yield (e, n), seqs[j], len(seqs[j][0]) - (P if j > head else 0)
-
     for batch in token_batches(sequences(), lambda item: item[2], batch_tokens):
-        scored = core_scores_packed(model, [seq for _, seq, _ in batch], rt, windows)
-        for (e, n_seqs), score in zip([key for key, _, _ in batch], scored):
+        for ((e, n_seqs), _, _), score in zip(batch, core_scores_packed(model, [s for _, s, _ in batch], rt, windows)):
             scores.setdefault(e, []).append(score)
             if len(scores[e]) == n_seqs:
                 task, gold = (int(x) for x in core.examples[e, :2])
@@ -2851,15 +2688,13 @@ def phase_eval(cfg, rt, log):
 # 11. Inference: a KV cache reproducing the training forward, sampling, the calculator tool, the engine, phase_generate
 
 class KVCache:
-    """Keys and values of every layer for B rows: one (B, capacity, H, D) tensor per layer (FA's layout; a compiled step
-    writing into a slice of one big tensor would copy all of it), plus each row's length (its RoPE position) and last
-    token (smear, bigram hash). static=True: a one-token step reads each row's window + 1 keys, gathered (or all keys,
-    masked), so no host int sets its shapes and one compiled graph serves every step; else reads are sliced to fit."""
+    """Keys and values of B rows, one (B, capacity, H, D) tensor per layer (FA's layout; a compiled step writing into
+    a slice of one big tensor would copy all of it), each row's length (its RoPE position) and last token (smear, bigram
+    hash). static=True: a one-token step reads each row's window + 1 keys, gathered (or all keys, masked)."""
 
     def __init__(self, model, batch, capacity, device, dtype, backend="sdpa", static=False):
-        cfg = model.cfg
-        shape = (batch, capacity, cfg.n_heads, cfg.head_dim)
-        self.k, self.v = ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)] for _ in "kv")
+        L, shape = model.cfg.n_layers, (batch, capacity, model.cfg.n_heads, model.cfg.head_dim)
+        self.k, self.v = ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(L)] for _ in "kv")
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
         self.host_lengths = [0] * batch  # the same on the host: slicing the cache needs no device sync
         self.last_ids = torch.full((batch,), -1, dtype=torch.long, device=device)  # -1: nothing yet (document start)
@@ -2872,14 +2707,13 @@ class KVCache:
 
     def attend(self, layer, q, k, v, window, scale):
         """The attend() of Block.forward: write this layer's new keys/values, attend over the visible cache."""
-        span, S = None, q.size(1)  # static one-token steps: shapes that depend on no host int (one compiled graph)
-        if not (self.static and S == 1):
+        span, S = None, q.size(1)  # static one-token steps: no host int sets a shape (one compiled graph serves all)
+        if not (self.static and S == 1):  # else reads are sliced to fit
             lo = 0 if window is None or window < 0 else max(0, min(self.host_lengths) - window)
             span = (lo, max(self.host_lengths) + S)
         return cached_attention(q, k, v, self.k[layer], self.v[layer], self.lengths, span, window, scale, self.backend)
 
     def advance(self, ids):
-        """After a forward of ids (B, S): every row is S tokens longer."""
         self.lengths += ids.size(1)
         self.host_lengths = [n + ids.size(1) for n in self.host_lengths]
         self.last_ids = ids[:, -1].contiguous().clone()  # contiguous: a compiled step guards on strides
@@ -2929,13 +2763,11 @@ def sample_next(logits, generator, temperature=1.0, top_k=0, top_p=1.0, min_p=0.
     draw = torch.multinomial(probs, 1, generator=generator)  # multinomial renormalises
     return (draw if index is None else index.gather(-1, draw)).squeeze(-1)
 
-# -- the calculator tool the chat model calls between <|python_start|> and <|python_end|> --
-# The expression is parsed, never executed: calculate() walks the syntax tree and computes only whitelisted nodes.
-# Every computation is bounded, so no timer is needed: the input is at most CALC_MAX_CHARS characters and at most
-# CALC_MAX_NODES tree nodes (so at most ~30 operations, and recursion depth of calc_value <= CALC_MAX_NODES); every
-# value, constants included, is checked to be within CALC_MAX_MAGNITUDE, so each operation works on <= 50-bit numbers,
-# except that a power may first produce up to (1e15)**64 (~3,200 bits, microseconds) before its check; strings exist
-# only as literals of the input (no operator accepts one), so str.count scans at most CALC_MAX_CHARS characters.
+# -- the calculator tool the chat model calls between <|python_start|> and <|python_end|>: parsed, never executed --
+# calculate() computes only whitelisted syntax-tree nodes, in bounded work (no timer): <= CALC_MAX_CHARS characters,
+# <= CALC_MAX_NODES nodes (~30 operations; calc_value's recursion depth); every value, constants too, is checked
+# against CALC_MAX_MAGNITUDE (<= 50-bit operands; a power may first make up to (1e15)**64, ~3,200 bits, microseconds);
+# strings are only the input's literals (no operator takes one), so str.count scans at most CALC_MAX_CHARS characters.
 CALC_MAX_CHARS = 200  # GSM8K's calls are a few dozen characters
 CALC_MAX_NODES = 100  # ~30 operations: the longest GSM8K sums fit, and each node costs microseconds
 CALC_MAX_EXPONENT = 64
@@ -2945,13 +2777,6 @@ CALC_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.
                ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 DIGIT_GROUP_COMMA = re.compile(r"(?<=\d),(?=\d{3})")  # "1,200*3": GSM8K writes thousands separators
 STRING_LITERAL = re.compile(r"""('[^'\\]*(?:\\.[^'\\]*)*'|"[^"\\]*(?:\\.[^"\\]*)*")""")  # kept as written
-
-def calc_is_count(node):
-    """Is this Call exactly '<str literal>.count(<str literal>)'?"""
-    func, args = node.func, node.args
-    return (type(func) is ast.Attribute and func.attr == "count"
-            and type(func.value) is ast.Constant and type(func.value.value) is str
-            and len(args) == 1 and not node.keywords and type(args[0]) is ast.Constant and type(args[0].value) is str)
 
 def calc_value(node):
     """The int or float a whitelisted node computes to; any other node, or a value out of bounds, raises ValueError."""
@@ -2965,7 +2790,9 @@ def calc_value(node):
         if type(node.op) is ast.Pow and abs(right) > CALC_MAX_EXPONENT:
             raise ValueError("exponent too large")
         value = CALC_BINOPS[type(node.op)](left, right)
-    elif kind is ast.Call and calc_is_count(node):
+    elif (kind is ast.Call and type(node.func) is ast.Attribute and node.func.attr == "count"  # 'ab'.count('b')
+          and len(node.args) == 1 and not node.keywords
+          and all(type(n) is ast.Constant and type(n.value) is str for n in (node.func.value, node.args[0]))):
         value = node.func.value.value.count(node.args[0].value)
     else:
         raise ValueError(f"{kind.__name__} is not allowed")
@@ -2974,33 +2801,24 @@ def calc_value(node):
         raise ValueError("result out of bounds")
     return value
 
-def calc_format(value):
-    """GSM8K's notation, which the SFT data teaches: 0.2*50 -> '10', 12/60 -> '0.2', 2/3 -> '0.666667'.
-    (nanochat's use_calculator returns str() of the raw value: '10.0', '0.30000000000000004'.)"""
-    if type(value) is int:
-        return str(value)
-    text = f"{value:.{CALC_DECIMALS}f}".rstrip("0").rstrip(".")
-    return "0" if text == "-0" else text
-
 def calculate(expr):
-    """The tool's output for the text between <|python_start|> and <|python_end|>: arithmetic (+ - * / // % **, unary
-    +-) on int/float literals, or "'word'.count('r')"; None when the expression is not allowed or fails."""
+    """The tool's output for arithmetic (+ - * / // % **, unary +-) on int/float literals or "'ab'.count('b')" (else
+    None) in GSM8K's notation, which SFT teaches: 0.2*50 -> '10', 2/3 -> '0.666667' (nanochat's str() gives '10.0')."""
     if len(expr) > CALC_MAX_CHARS:  # before any other work: a 10 MB "expression" costs nothing
         return None
     parts = STRING_LITERAL.split(expr)  # literals at the odd indices: "'1,234'.count(',')" keeps its commas
     expr = "".join(part if i % 2 else DIGIT_GROUP_COMMA.sub("", part) for i, part in enumerate(parts)).strip()
-    try:
-        with warnings.catch_warnings():  # e.g. an invalid escape in a string literal warns; it is still just a literal
+    try:  # ValueError: also null bytes (Python < 3.12); ArithmeticError: division by zero, float overflow in **
+        with warnings.catch_warnings():  # an invalid escape warns: still just a literal
             warnings.simplefilter("ignore")
             tree = ast.parse(expr, mode="eval")
-    except (SyntaxError, ValueError, RecursionError, MemoryError):  # ValueError: null bytes (Python < 3.12)
+        if sum(1 for _ in ast.walk(tree)) > CALC_MAX_NODES:  # ast.walk iterates, so a deep tree cannot overflow it
+            return None
+        value = calc_value(tree.body)
+    except (SyntaxError, ValueError, RecursionError, MemoryError, ArithmeticError):
         return None
-    if sum(1 for _ in ast.walk(tree)) > CALC_MAX_NODES:  # ast.walk iterates, so a deep tree cannot overflow it
-        return None
-    try:
-        return calc_format(calc_value(tree.body))
-    except (ValueError, ArithmeticError):  # ArithmeticError: division by zero, float overflow in **
-        return None
+    text = str(value) if type(value) is int else f"{value:.{CALC_DECIMALS}f}".rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
 
 @dataclasses.dataclass
 class Sample:
@@ -3010,19 +2828,16 @@ class Sample:
 
 @dataclasses.dataclass(eq=False)  # compared by identity: the rows of one Sampling draw together
 class Sampling:
-    """How a group of samples draws: sample_next's filters and one generator. A group's rows draw in one call over
-    their own logits, so its tokens never depend on other groups' rows (a server request's on other requests)."""
+    """sample_next's filters and a generator; its rows draw over their own logits, so a request's never sway others'."""
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
     generator: torch.Generator = None
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False)  # one sample on its way through a DecodeBatch
 class Stream:
-    """One sample on its way: its prompt (one list object for all samples of a prompt: they share its prefill),
-    Sampling, budget, callbacks and output. Any thread may set `cancelled`: the batch frees its row at its next step."""
-    prompt: list
+    prompt: list             # one list object for all samples of a prompt: they share its prefill
     sampling: Sampling
     max_new_tokens: int
     on_token: object = None  # on_token(token), in the batch's thread, as each token comes
@@ -3030,15 +2845,14 @@ class Stream:
     sample: Sample = dataclasses.field(default_factory=lambda: Sample([], [], False))
     forced: list = dataclasses.field(default_factory=list)  # calculator output still to feed
     call: list = None        # tokens of an open calculator call
-    cancelled: bool = False
+    cancelled: bool = False  # any thread may set it: the batch frees the row at its next step
 
 CAPACITY_STEP = 256  # a compiled engine's cache capacities are multiples of this (CUDA graphs record each shape)
 
 class Engine:
-    """Generation with a KV cache and the calculator tool: a sample stops at <|assistant_end|> or <|bos|> (or after
-    max_new_tokens); after <|python_start|> expr <|python_end|> its next tokens are forced: <|output_start|>
-    calculate(expr) <|output_end|> (nothing when refused). Samples decode continuously batched (DecodeBatch);
-    compile=True runs the step through torch.compile (CUDA graphs on a GPU): the same tokens, less overhead."""
+    """KV-cached generation with the calculator tool: a sample stops at <|assistant_end|>, <|bos|> or max_new_tokens;
+    <|python_start|> expr <|python_end|> forces <|output_start|> calculate(expr) <|output_end|> (none if refused).
+    Samples decode in a DecodeBatch; compile=True: torch.compile'd steps (CUDA graphs): same tokens, less overhead."""
 
     def __init__(self, model, tokenizer, windows, rt, compile=False):
         self.model, self.tokenizer, self.windows, self.rt = model, tokenizer, windows, rt
@@ -3055,7 +2869,6 @@ class Engine:
                                      step=step)[:, -1].float()
 
     def batch(self, capacity, max_rows):
-        """A DecodeBatch of up to max_rows rows holding up to `capacity` tokens each."""
         if self.step is not None:  # compiled: capacities in steps of CAPACITY_STEP, so calls reuse graphs
             capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
         return DecodeBatch(self, capacity, max_rows)
@@ -3076,26 +2889,13 @@ class Engine:
             pass
         return [[s.sample for s in streams[i * num_samples:(i + 1) * num_samples]] for i in range(len(prompts))]
 
-    def _tool(self, stream, token):
-        if token == self.python_start:
-            stream.call = []
-        elif stream.call is not None and token == self.python_end:
-            result, stream.call = calculate(self.tokenizer.decode(stream.call)), None
-            if result is not None:
-                stream.forced += [self.output_start, *self.tokenizer.encode(result), self.output_end]
-        elif stream.call is not None:
-            stream.call.append(token)
-
 class DecodeBatch:
-    """Streams decoding together in the rows of one KV cache, a token each per step. A stream waits for a free row,
-    then its prompt but the last token is prefilled in a one-row cache (once per run of streams sharing a prompt) and
-    copied in; an ending stream frees its row. Rows are added (up to max_rows) while streams wait; with none waiting
-    and at most half live, the cache shrinks to the next power of two (few shapes to compile). One thread drives it."""
+    """Streams decoding in the rows of one KV cache, a token each per step, driven by one thread. A stream takes a free
+    row with its prompt but the last token prefilled (in a one-row cache, once per run of streams sharing a prompt)."""
 
     def __init__(self, engine, capacity, max_rows):
         self.engine, self.capacity, self.max_rows, self.waiting = engine, capacity, max_rows, collections.deque()
-        self.slots, self.feed, self.cache = [], [], None  # slots[row]: the row's Stream, None when free
-        self.prefilled = (None, None)  # (prompt, its prefilled one-row cache)
+        self.slots, self.feed, self.cache, self.prefilled = [], [], None, (None, None)  # slots[row]: Stream, or None
 
     def add(self, stream):
         if len(stream.prompt) + stream.max_new_tokens > self.capacity:
@@ -3106,52 +2906,43 @@ class DecodeBatch:
     def live(self):
         return sum(s is not None for s in self.slots)
 
-    def _end(self, row):
-        stream, self.slots[row] = self.slots[row], None
-        self.cache.clear(row)  # masked down to its own junk until a stream is put there
+    def _end(self, stream):
+        if stream in self.slots:  # its row is cleared before the next step
+            self.slots[self.slots.index(stream)] = None
+        else:
+            self.waiting.remove(stream)
         if stream.on_done:
             stream.on_done()
 
-    def _admit(self, row):
-        rt, stream = self.engine.rt, self.waiting.popleft()
-        self.slots[row] = stream  # first: a prefill that fails (out of memory) leaves it in the batch, not lost
-        if self.prefilled[0] is not stream.prompt:
-            alone = KVCache(self.engine.model, 1, len(stream.prompt), rt.device, rt.dtype, rt.backend)
-            if len(stream.prompt) > 1:
-                self.engine._decode([stream.prompt[:-1]], alone)
-            self.prefilled = (stream.prompt, alone)
-        self.cache.put(row, self.prefilled[1])
-        self.feed[row] = stream.prompt[-1]
-
     def _arrange(self):
-        """Between steps: end cancelled streams, fill free rows (adding some if streams wait), shrink if half idle."""
-        for row, stream in enumerate(self.slots):
-            if stream is not None and stream.cancelled:
-                self._end(row)
-        for stream in [s for s in self.waiting if s.cancelled]:
-            self.waiting.remove(stream)
-            if stream.on_done:
-                stream.on_done()
-        free = [row for row, s in enumerate(self.slots) if s is None]
+        """Between steps: end cancelled streams, fill free rows (adding some, to max_rows, if streams wait), shrink."""
+        for stream in [s for s in [*self.slots, *self.waiting] if s is not None and s.cancelled]:
+            self._end(stream)
+        rt, free = self.engine.rt, [row for row, s in enumerate(self.slots) if s is None]
         extra = min(len(self.waiting) - len(free), self.max_rows - len(self.slots))
         if extra > 0:
-            rt = self.engine.rt
-            if self.cache is None:
-                self.cache = KVCache(self.engine.model, extra, self.capacity, rt.device, rt.dtype, rt.backend,
-                                     static=self.engine.step is not None)  # compiled steps: no host int sets a shape
-            else:
-                self.cache.grow(extra)
+            if self.cache is None:  # compiled steps: a static cache, no host int sets a shape
+                self.cache = KVCache(self.engine.model, 0, self.capacity, rt.device, rt.dtype, rt.backend,
+                                     static=self.engine.step is not None)
+            self.cache.grow(extra)
             free += range(len(self.slots), len(self.slots) + extra)
             self.slots, self.feed = self.slots + [None] * extra, self.feed + [0] * extra
-        for row in free[:len(self.waiting)]:  # _admit takes the next waiting stream
-            self._admit(row)
+        for row in free[:len(self.waiting)]:
+            stream = self.slots[row] = self.waiting.popleft()  # first: a failed prefill (OOM) leaves it in the batch
+            if self.prefilled[0] is not stream.prompt:
+                alone = KVCache(self.engine.model, 1, len(stream.prompt), rt.device, rt.dtype, rt.backend)
+                if len(stream.prompt) > 1:
+                    self.engine._decode([stream.prompt[:-1]], alone)
+                self.prefilled = (stream.prompt, alone)
+            self.cache.put(row, self.prefilled[1])
+            self.feed[row] = stream.prompt[-1]
         for row, stream in enumerate(self.slots):  # a free row is fed junk each step: keep it empty, never full
             if stream is None and self.cache.host_lengths[row]:
                 self.cache.clear(row)
         live = [row for row, s in enumerate(self.slots) if s is not None]
         if not live:  # idle: give the memory back
             self.slots, self.feed, self.cache, self.prefilled = [], [], None, (None, None)
-        elif not self.waiting and len(live) <= len(self.slots) // 2:
+        elif not self.waiting and len(live) <= len(self.slots) // 2:  # to a power of two rows: few shapes to compile
             free = [row for row, s in enumerate(self.slots) if s is None]
             rows = live + free[:(1 << (len(live) - 1).bit_length()) - len(live)]
             self.cache.keep(rows)
@@ -3165,12 +2956,11 @@ class DecodeBatch:
             return False
         engine = self.engine
         logits = engine._decode([[token] for token in self.feed], self.cache, engine.step)
-        groups = {}  # greedy rows draw together; every other Sampling draws over its own rows
-        for row, s in enumerate(self.slots):
-            if s is not None:
-                groups.setdefault(None if s.sampling.temperature <= 0 else s.sampling, []).append(row)
-        draw = lambda g, x: sample_next(x, g and g.generator, g.temperature if g else 0, *(
-            (g.top_k, g.top_p, g.min_p) if g else ()))
+        live = [(row, s) for row, s in enumerate(self.slots) if s is not None]
+        greedy, groups = Sampling(temperature=0), {}  # greedy rows draw together, every other Sampling over its own
+        for row, s in live:
+            groups.setdefault(greedy if s.sampling.temperature <= 0 else s.sampling, []).append(row)
+        draw = lambda g, x: sample_next(x, g.generator, g.temperature, g.top_k, g.top_p, g.min_p)
         if len(groups) == 1:  # one call over every row (free ones too: cheaper than gathering the live ones)
             sampled = draw(next(iter(groups)), logits).tolist()  # the step's one host sync
         else:
@@ -3179,9 +2969,7 @@ class DecodeBatch:
                 index = torch.tensor(rows, device=logits.device)
                 tokens[index] = draw(g, logits[index])
             sampled = tokens.tolist()
-        for row, s in enumerate(self.slots):
-            if s is None:
-                continue
+        for row, s in live:
             s.sample.mask.append(0 if s.forced else 1)
             token = self.feed[row] = s.forced.pop(0) if s.forced else sampled[row]
             s.sample.tokens.append(token)
@@ -3189,62 +2977,47 @@ class DecodeBatch:
                 s.on_token(token)
             if token in engine.stops:
                 s.sample.stopped = True
-            else:
-                engine._tool(s, token)
+            elif token == engine.python_start:  # a calculator call: its result is forced after <|python_end|>
+                s.call = []
+            elif s.call is not None and token == engine.python_end:
+                result, s.call = calculate(engine.tokenizer.decode(s.call)), None
+                if result is not None:
+                    s.forced += [engine.output_start, *engine.tokenizer.encode(result), engine.output_end]
+            elif s.call is not None:
+                s.call.append(token)
             if s.sample.stopped or len(s.sample.tokens) == s.max_new_tokens:
-                self._end(row)
+                self._end(s)
         return True
 
 def chat_turn(tokenizer, conversation, user_text):
     """conversation (tokens so far, starting with <|bos|>) + a user turn + <|assistant_start|>: the prompt for a reply."""
-    special = tokenizer.special
-    return [*conversation, special("<|user_start|>"), *tokenizer.encode(user_text), special("<|user_end|>"),
-            special("<|assistant_start|>")]
+    return [*conversation, tokenizer.special("<|user_start|>"), *tokenizer.encode(user_text),
+            tokenizer.special("<|user_end|>"), tokenizer.special("<|assistant_start|>")]
 
 def reply_text(tokenizer, sample):
     """The text of a generated Sample, without the stop token that ended it."""
     return tokenizer.decode(sample.tokens[:-1] if sample.stopped else sample.tokens)
 
-def phase_generate(cfg, rt, log):
-    """samples for --prompt, or a chat on stdin; writes nothing
-    The prompt: a user turn for a chat model (SFT/RL checkpoints, --prompt-format chat), plain text for a base one."""
-    tokenizer = data_tokenizer(cfg.data_dir)
+def trained_engine(cfg, rt):
+    """(Engine, state.json, path, chat) of the checkpoint trained_model picks, with DATA_DIR's tokenizer; chat: prompts
+    are user turns (--prompt-format chat, or auto and an SFT/RL checkpoint), else plain text (a base model)."""
+    tokenizer, sample = data_tokenizer(cfg.data_dir), cfg.sample
     model, state, path = trained_model(cfg, rt)
-    sample = cfg.sample
     chat = sample.prompt_format == "chat" or (sample.prompt_format == "auto" and state.get("phase", "pt") != "pt")
-    engine = Engine(model, tokenizer, model.windows(), rt, compile=sample.decode_compile)
-    options = dict(max_new_tokens=sample.max_new_tokens, temperature=sample.temperature, top_k=sample.top_k,
-                   top_p=sample.top_p, min_p=sample.min_p, seed=cfg.seed)
-    conversation = [tokenizer.bos_id]
-    if sample.prompt:
-        prompt = (chat_turn(tokenizer, conversation, sample.prompt) if chat
-                  else conversation + tokenizer.encode(sample.prompt))
-        log(f"sampling from {path} ({'chat' if chat else 'text'} prompt)")
-        for i, drawn in enumerate(engine.generate([prompt], sample.num_samples, **options)[0]):
-            log(f"--- sample {i + 1}/{sample.num_samples} ({len(drawn.tokens)} tokens)\n"
-                f"{'' if chat else sample.prompt}{reply_text(tokenizer, drawn)}")
-        return
-    if rt.world_size > 1:
-        raise ValueError("interactive chat runs in one process: pass --prompt, or run without torchrun")
-    print(f"chatting with {path}: type a message, an empty line to start over, Ctrl-D to quit", flush=True)
-    for line in sys.stdin:
-        if not line.strip():
-            conversation = [tokenizer.bos_id]
-            continue
-        prompt = chat_turn(tokenizer, conversation, line.strip()) if chat else conversation + tokenizer.encode(line)
-        reply, shown = [], ""
+    return Engine(model, tokenizer, model.windows(), rt, compile=sample.decode_compile), state, path, chat
 
-        def stream(_, token):  # print each new piece of the reply (a token may end mid-character)
-            nonlocal shown
-            reply.append(token)
-            now = tokenizer.decode([t for t in reply if t not in engine.stops])  # a stream has no Sample yet
-            print(now[len(shown):], end="", flush=True)
-            shown = now
-
-        drawn = engine.generate([prompt], 1, on_token=stream, **options)[0][0]
-        print(flush=True)
-        conversation = prompt + drawn.tokens + ([] if drawn.stopped or not chat else [tokenizer.special("<|assistant_end|>")])
-        options["seed"] += 1
+def phase_generate(cfg, rt, log):
+    """samples for --prompt; writes nothing (a chat in the terminal: chat_cli.py)"""
+    engine, _, path, chat = trained_engine(cfg, rt)
+    tokenizer, sample = engine.tokenizer, cfg.sample
+    prompt = (chat_turn(tokenizer, [tokenizer.bos_id], sample.prompt) if chat
+              else [tokenizer.bos_id, *tokenizer.encode(sample.prompt)])
+    log(f"sampling from {path} ({'chat' if chat else 'text'} prompt)")
+    samples = engine.generate([prompt], sample.num_samples, sample.max_new_tokens, sample.temperature, sample.top_k,
+                              sample.top_p, sample.min_p, seed=cfg.seed)[0]
+    for i, drawn in enumerate(samples):
+        log(f"--- sample {i + 1}/{sample.num_samples} ({len(drawn.tokens)} tokens)\n"
+            f"{'' if chat else sample.prompt}{reply_text(tokenizer, drawn)}")
 
 
 # =============================================================================================================
@@ -3257,8 +3030,7 @@ def gsm8k_answer(text):
 
 @torch.no_grad()
 def categorical_choices(model, prompts, letter_ids, rt, windows):
-    """The model's choice for each (prompt tokens, n_choices) in `prompts`, all in one packed forward: the argmax of
-    the next-token logits after the prompt, over the first n_choices answer letters."""
+    """Per (prompt tokens, n_choices): the argmax of its next-token logits over the first n_choices answer letters."""
     h, _, starts = packed_hidden(model, [p for p, _ in prompts], rt, windows)
     letter_logits = model.logits(h[torch.from_numpy(starts[1:] - 1).to(rt.device)])[:, letter_ids].float()
     n_choices = torch.tensor([n for _, n in prompts], device=rt.device)
@@ -3324,7 +3096,6 @@ def sandbox_deny_syscalls(names):
     program += [(equal, n - i, 0, numbers[name]) for i, name in enumerate(names)]  # jumps count from the next op
     program += [(ret, 0, 0, 0x7FFF0000), (ret, 0, 0, 0x00050000 | 1), (ret, 0, 0, 0x80000000)]  # allow, EPERM, kill
     code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in program))
-
     class Filter(ctypes.Structure):
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
     libc = sandbox_libc()
@@ -3332,11 +3103,10 @@ def sandbox_deny_syscalls(names):
     sandbox_check(libc.prctl(22, 2, ctypes.byref(Filter(len(program), ctypes.addressof(code))), 0, 0), "seccomp")
 
 def sandbox_namespaces(as_root, uid):
-    flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
+    flags, gid = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS, os.getegid()
+    sandbox_check(sandbox_libc().unshare(flags if as_root else flags | CLONE_NEWUSER), "unshare")
     if as_root:
-        return sandbox_check(sandbox_libc().unshare(flags), "unshare")
-    gid = os.getegid()
-    sandbox_check(sandbox_libc().unshare(flags | CLONE_NEWUSER), "unshare")
+        return
     for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
         with open(f"/proc/self/{name}", "w") as f:
             f.write(text)
@@ -3348,24 +3118,18 @@ def sandbox_mount(source, target, fstype, flags, options=None):
 def sandbox_hidden_ancestor(path):
     """The first directory on the way to path that other users may not enter (e.g. /root, for a Python under it)."""
     parts = os.path.realpath(path).split(os.sep)[1:]
-    for i in range(len(parts)):
-        directory = os.sep + os.sep.join(parts[:i + 1])
-        if not os.stat(directory).st_mode & 0o001:
-            return directory
-    return None
+    ancestors = [os.sep + os.sep.join(parts[:i + 1]) for i in range(len(parts))]
+    return next((directory for directory in ancestors if not os.stat(directory).st_mode & 0o001), None)
 
 def sandbox_mount_views(work, disk, owner, as_root):
-    """Every mount read-only, nosuid and private to us; then a tmpfs of `disk` bytes on the working directory and an
-    empty one on /proc. Where our Python lies in a directory the program's uid may not enter, an empty tmpfs covers
-    that directory and the installation is bound back at its own path, so imports work and the rest stays hidden."""
-    class MountAttr(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_uint64) for name in ("attr_set", "attr_clr", "propagation", "userns_fd")]
-    attr = MountAttr(MS_RDONLY | MS_NOSUID, 0, MS_PRIVATE, 0)  # MOUNT_ATTR_RDONLY, _NOSUID have MS_'s values
+    """Every mount read-only, nosuid, private; tmpfs on the working directory (`disk` bytes) and /proc (empty). A
+    directory around our Python that the program's uid may not enter: hidden by a tmpfs, the installation bound back."""
+    # struct mount_attr: attr_set, attr_clr, propagation, userns_fd (MOUNT_ATTR_RDONLY, _NOSUID have MS_'s values)
+    attr = (ctypes.c_uint64 * 4)(MS_RDONLY | MS_NOSUID, 0, MS_PRIVATE, 0)
     mount_setattr = sandbox_syscalls()[1]["mount_setattr"]
     sandbox_check(sandbox_libc().syscall(mount_setattr, -100, b"/", 0x8000, ctypes.byref(attr), ctypes.sizeof(attr)),
                   "mount_setattr(/, AT_RECURSIVE) (Linux >= 5.12)")
-    hidden = sandbox_hidden_ancestor(sys.base_prefix) if as_root else None
-    if hidden:
+    if as_root and (hidden := sandbox_hidden_ancestor(sys.base_prefix)):
         python = os.open(os.path.realpath(sys.base_prefix), os.O_PATH)
         sandbox_mount("tmpfs", hidden, "tmpfs", MS_NOSUID | MS_NODEV, "size=65536,mode=0755")
         os.makedirs(os.path.realpath(sys.base_prefix))
@@ -3388,8 +3152,7 @@ def sandbox_fork_supervised():
     os._exit(128 - code if code < 0 else code)
 
 def sandbox_die_with_parent(alive):
-    """SIGKILL when the parent dies; the pipe reads EOF if it died before the prctl took hold. Set after any change of
-    uid, which clears it."""
+    """SIGKILL when the parent dies (the pipe: if it died already). Set after any change of uid, which clears it."""
     if sys.platform == "linux":
         sandbox_check(sandbox_libc().prctl(1, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
     if select.select([alive], [], [], 0)[0]:
@@ -3400,29 +3163,10 @@ def sandbox_cut_python_sockets():
     """A first, friendlier layer under the syscall filter: Python's socket types refuse with a clear message."""
     import _socket
     import socket
-
     class NoNetwork(socket.socket):
         def __init__(self, *args, **kwargs):
             raise OSError("network access is disabled in the sandbox")
     socket.socket = socket.SocketType = _socket.socket = _socket.SocketType = NoNetwork
-
-def sandbox_drop_privileges(as_root, isolated, uid):
-    if as_root:
-        os.setgroups([])
-        os.setresgid(uid, uid, uid)
-        os.setresuid(uid, uid, uid)
-    elif isolated:  # a nested user namespace: no capability left over the namespaces made above
-        sandbox_check(sandbox_libc().unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
-
-def sandbox_limit(memory, cpu_seconds, disk):
-    import resource
-    for which, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu_seconds),
-                         (resource.RLIMIT_FSIZE, disk), (resource.RLIMIT_NPROC, 1), (resource.RLIMIT_NOFILE, 64)):
-        try:
-            resource.setrlimit(which, (value, value))
-        except (ValueError, OSError) as e:  # macOS refuses RLIMIT_AS
-            if sys.platform == "linux":
-                raise SandboxSetupError(f"setrlimit: {e}")
 
 def sandbox_run(source, status, nonce):
     """The harness: the program as module "program" (its `if __name__ == "__main__":` demos, input() or unittest,
@@ -3454,8 +3198,7 @@ def sandbox_main(a):
             sandbox_mount_views(a["work"], a["disk"], uid if as_root else 0, as_root)
             os.chdir(a["work"])  # into the tmpfs
         elif as_root:
-            hidden = sandbox_hidden_ancestor(sys.base_prefix)
-            if hidden:
+            if hidden := sandbox_hidden_ancestor(sys.base_prefix):
                 raise SandboxSetupError(f"our Python ({sys.base_prefix}) lies in {hidden}, which other users may not "
                                         "enter: the weak sandbox's uid could not import the standard library")
             os.chown(a["work"], uid, uid)
@@ -3463,9 +3206,19 @@ def sandbox_main(a):
         with open("program.py", "w", encoding="utf-8") as f:  # for its tracebacks
             f.write(source)
         sandbox_cut_python_sockets()
-        sandbox_drop_privileges(as_root, isolated, uid)
+        if as_root:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+        elif isolated:  # a nested user namespace: no capability left over the namespaces made above
+            sandbox_check(sandbox_libc().unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
         sandbox_die_with_parent(alive)
-        sandbox_limit(a["memory"], a["cpu_seconds"], a["disk"])
+        for name, value in dict(AS=a["memory"], CPU=a["cpu_seconds"], FSIZE=a["disk"], NPROC=1, NOFILE=64).items():
+            try:
+                resource.setrlimit(getattr(resource, f"RLIMIT_{name}"), (value, value))
+            except (ValueError, OSError) as e:  # macOS refuses RLIMIT_AS
+                if sys.platform == "linux":
+                    raise SandboxSetupError(f"setrlimit: {e}")
         if isolated or sys.platform == "linux" and os.uname().machine in SANDBOX_SYSCALLS:
             sandbox_deny_syscalls(SANDBOX_NO_NETWORK)
         os.closerange(3, min(status, nonce))
@@ -3479,9 +3232,8 @@ def sandbox_main(a):
     sandbox_run(source, status, nonce)
 
 SANDBOX_CODE = (SandboxSetupError, sandbox_libc, sandbox_check, sandbox_syscalls, sandbox_deny_syscalls,
-                sandbox_namespaces, sandbox_mount, sandbox_hidden_ancestor, sandbox_mount_views, sandbox_fork_supervised,
-                sandbox_die_with_parent, sandbox_cut_python_sockets, sandbox_drop_privileges, sandbox_limit, sandbox_run,
-                sandbox_main)
+                sandbox_namespaces, sandbox_mount, sandbox_hidden_ancestor, sandbox_mount_views,
+                sandbox_fork_supervised, sandbox_die_with_parent, sandbox_cut_python_sockets, sandbox_run, sandbox_main)
 
 @functools.cache
 def sandbox_launcher():
@@ -3496,10 +3248,9 @@ def sandbox_launcher():
             "if __name__ == '__main__':\n    sandbox_main(json.loads(sys.argv[1]))\n")
 
 def extract_program(completion, prompt):
-    """The program of a HumanEval completion: the problem's prompt, then the completion's first ``` block (unclosed: to
-    the end, where generation stopped), else its whole text. The prompt goes first so that its imports and helpers are
-    there (HumanEval/10, 32, 38, 50's tests call is_palindrome, poly, encode_cyclic, encode_shift), a restated function
-    replaces its stub and a bare body continues it (nanochat's imports only fail a right answer omitting a helper)."""
+    """The problem's prompt, then the completion's first ``` block (unclosed: to the end), else its whole text. The
+    prompt first: its imports and helpers are there (HumanEval/10, 32, 38, 50's tests call helpers, which nanochat's
+    imports alone miss), a restated function replaces its stub and a bare body continues it."""
     fenced = re.search(r"```[\w+-]*[ \t]*\n(.*?)(?:```|\Z)", completion, re.DOTALL)  # ```python, ```py, ```Python3, ```
     return prompt + "\n" + (fenced.group(1) if fenced else completion)
 
@@ -3509,9 +3260,8 @@ class SandboxUnavailable(RuntimeError):
 class SandboxWarning(UserWarning):
     """Model-written code runs in the weak sandbox."""
 
-@functools.cache
+@functools.cache  # said once per process
 def warn_weak_sandbox():
-    """Said once per process."""
     who = ("its own uid" if os.geteuid() == 0 else
            f"our uid {os.geteuid()}, so it can write our files and signal our processes")
     warnings.warn(f"--sandbox=weak: model-written code runs without namespaces, as {who}; it can see other processes, "
@@ -3528,22 +3278,21 @@ def remove_tree(top):
         for _ in range(1 << 20):  # each round removes or lifts something, or we give up on what is left
             os.chmod(top, 0o700)
             progress = False
-            with os.scandir(top) as entries:
-                for entry in list(entries):
-                    try:
-                        if entry.is_dir(follow_symlinks=False):
-                            os.chmod(entry.path, 0o700)
-                            children = os.listdir(entry.path)
-                            for child in children:
-                                lifted += 1
-                                os.rename(os.path.join(entry.path, child), os.path.join(top, f".lifted-{lifted}"))
-                            if not children:
-                                os.rmdir(entry.path)
-                        else:
-                            os.unlink(entry.path)
-                        progress = True
-                    except OSError:
-                        pass
+            for entry in list(os.scandir(top)):  # listed whole (which closes the scandir) before anything moves
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        os.chmod(entry.path, 0o700)
+                        children = os.listdir(entry.path)
+                        for child in children:
+                            lifted += 1
+                            os.rename(os.path.join(entry.path, child), os.path.join(top, f".lifted-{lifted}"))
+                        if not children:
+                            os.rmdir(entry.path)
+                    else:
+                        os.unlink(entry.path)
+                    progress = True
+                except OSError:
+                    pass
             if not progress:
                 break
         os.rmdir(top)
@@ -3551,9 +3300,8 @@ def remove_tree(top):
         pass
 
 def run_sandboxed(program, timeout=5.0, memory_mb=512, disk_mb=64, sandbox="isolated"):
-    """Run Python source in the sandbox (its promise above). -> (passed, reason): passed if the harness reported the
-    run's nonce after the program ran to its end; otherwise the reason is the last line of its stderr (e.g.
-    "AssertionError", "MemoryError"), a signal or the timeout. SandboxUnavailable when the sandbox cannot be made."""
+    """Run Python source in the sandbox (its promise above) -> (passed, reason): "passed", else the last line of its
+    stderr (e.g. "AssertionError", "MemoryError"), a signal or the timeout. SandboxUnavailable: no sandbox here."""
     if sandbox not in SANDBOX_MODES:
         raise ValueError(f"sandbox {sandbox!r}: choose from {', '.join(SANDBOX_MODES)}")
     if sandbox == "weak":
@@ -3561,7 +3309,7 @@ def run_sandboxed(program, timeout=5.0, memory_mb=512, disk_mb=64, sandbox="isol
     nonce = os.urandom(16).hex().encode()
     private = tempfile.mkdtemp(prefix="decoderstack-sandbox-")
     os.chmod(private, 0o711)  # ours: the program may reach its cwd by path but neither list nor replace it
-    status, nonce_r, report, timed_out = None, None, b"", False
+    status, nonce_r, timed_out = None, None, False
     try:
         work, source = os.path.join(private, "work"), os.path.join(private, "program.py")
         os.mkdir(work)
@@ -3586,11 +3334,7 @@ def run_sandboxed(program, timeout=5.0, memory_mb=512, disk_mb=64, sandbox="isol
                 timed_out = True
                 os.killpg(child.pid, signal.SIGKILL)
                 child.wait()
-            os.set_blocking(status, False)
-            try:
-                report = os.read(status, 4096)
-            except BlockingIOError:
-                pass
+            report = os.read(status, 4096) if select.select([status], [], [], 0)[0] else b""
             err.seek(max(0, os.fstat(err.fileno()).st_size - 4096))
             lines = err.read().decode("utf-8", "replace").strip().splitlines()
     finally:
@@ -3621,10 +3365,9 @@ def humaneval_passed(completion, problem, timeout=5.0, sandbox="isolated"):
 @torch.no_grad()
 def evaluate_chat(model, chat, tokenizer, rt, windows, max_per_task=-1, batch_tokens=32768, batch_size=16,
                   max_new_tokens=512, sandbox="isolated", compile_decode=False, log=None):
-    """Chat evaluation on ChatEvalData `chat`: categorical tasks by letter argmax (packed forwards of up to batch_tokens
-    tokens); generative (GSM8K) and code (HumanEval) ones generated greedily with the calculator on batch_size rows,
-    scored on the number after '####' or by the problem's tests in the `sandbox` (tried first: SandboxUnavailable before
-    any generation). Examples split across ranks as in CORE; task_scores' dict, its mean as `chatcore`."""
+    """ChatEvalData `chat`: categorical tasks by letter argmax (packed forwards of up to batch_tokens tokens); GSM8K
+    and HumanEval greedy with the calculator on batch_size rows, scored on '####' or by its tests in `sandbox` (tried
+    first: SandboxUnavailable before generating). Ranks split examples; task_scores' dict, its mean as `chatcore`."""
     evaluated, mine = examples_of_rank(chat.tasks, len(chat.examples), max_per_task, rt)
     correct = torch.zeros(len(chat.examples), dtype=torch.float32)
     kind = {e: chat.tasks[int(chat.examples[e, 0])]["kind"] for e in mine}
@@ -3673,10 +3416,9 @@ def phase_chat(cfg, rt, log):
 
 # =============================================================================================================
 # 13. Chat SFT: batches of whole conversations, the masked loss, then the loop (phase_sft)
-#
-# SFT. Each conversation is its own document of a varlen batch, as in pretraining: positions from 0, no attention
-# across conversations, so a conversation gets exactly the losses it would get alone. Only tokens the SFT mask marks
-# (assistant text, tool calls, <|assistant_end|>) are targets. nanochat pads rows of a (B, T) batch instead.
+# Each conversation is its own document of a varlen batch, as in pretraining: positions from 0, no attention across
+# conversations, so it gets exactly the losses it would get alone (nanochat pads rows of a (B, T) batch instead). Only
+# tokens the SFT mask marks (assistant text, tool calls, <|assistant_end|>) are targets.
 
 def sft_batch(split, convs, T, bos_id, device):
     """Packed Batch of T tokens: conversations `convs` (indices into SFTSplit `split`) back to back (only the first may
@@ -3691,9 +3433,8 @@ def sft_batch(split, convs, T, bos_id, device):
     return batch
 
 class SFTLoader:
-    """Conversations in a shuffled order (a new permutation each epoch, from the seed), packed greedily: a batch takes
-    the next ones while they fit in T tokens (the first always, cut if longer). Each rank packs the same stream and
-    keeps every world_size-th batch (disjoint, together the single-process ones); checkpoints save (epoch, cursor)."""
+    """Conversations in a new seeded permutation each epoch, packed greedily into T tokens (the first always, cut if
+    longer). Every rank packs the same stream and keeps every world_size-th batch; checkpoints save (epoch, cursor)."""
 
     def __init__(self, split, tokenizer, rank, world_size, seed, state=None):
         self.split, self.bos, self.rank, self.world_size, self.seed = split, tokenizer.bos_id, rank, world_size, seed
@@ -3766,8 +3507,7 @@ def phase_sft(cfg, rt, log):
     require_training_dtype(rt, "sft")
     sft, tokenizer = cfg.sft, data_tokenizer(cfg.data_dir)
     model, _, path = trained_model(cfg, rt)  # the checkpoint's architecture and final windows
-    windows = model.windows()
-    opt = make_optimizer(model, cfg, sft.lr_mul)
+    windows, opt = model.windows(), make_optimizer(model, cfg, sft.lr_mul)
     train, val = load_sft(cfg.data_dir, tokenizer, "train"), load_sft(cfg.data_dir, tokenizer, "val")
     loader, total = SFTLoader(train, tokenizer, rt.rank, rt.world_size, cfg.seed), sft.steps
     T, accum = micro_batch(sft.batch_tokens, cfg.micro_batch_tokens, rt.world_size, "sft")
@@ -3791,7 +3531,7 @@ def phase_sft(cfg, rt, log):
 
     if start == 0:
         update_metrics(cfg, rt, {"sft_val_loss_init": evaluate(0)})
-    timer, pending, last = LoopTimer(), [], None
+    timer, pending = LoopTimer(), []
     for step in range(start, total):
         batches = [loader.next_batch(T, rt.device) for _ in range(accum)]
         # the step's loss is the mean over every supervised target of every rank: weigh each micro-batch's mean by
@@ -3809,7 +3549,7 @@ def phase_sft(cfg, rt, log):
         opt.step(lr, muon_momentum(step, total, warmup=sft.momentum_warmup, cooldown=0))
         opt.zero_grad()
         timer.step(sft.batch_tokens)
-        last, final = step, step == total - 1
+        final = step == total - 1
         logging = step % cfg.log_every == 0 or final
         evaluating = (step + 1) % sft.eval_every == 0 and not final
         saving = (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or final
@@ -3828,7 +3568,7 @@ def phase_sft(cfg, rt, log):
         if saving:
             save_checkpoint(cfg, rt, step + 1, model, opt, loader.state, phase="sft")
         timer.pause_until_now()
-    if last is None:
+    if start >= total:
         log(f"sft: nothing to do: run already at step {start} of {total}")
         return
     update_metrics(cfg, rt, {"sft_val_loss": evaluate(total), "sft_steps": total, "sft_train_time_s": timer.total})
@@ -3925,12 +3665,11 @@ def phase_rl(cfg, rt, log):
         stats = torch.tensor([sum(step_rewards), len(step_rewards), sum(sum(s.mask) for _, s, _ in rollouts)],
                              dtype=torch.float64, device=rt.device)
         sum_over_ranks(stats, rt)
-        # rollouts with advantage 0 (all k samples equally right) add nothing to the gradient: skip their forward,
-        # but keep one (weighted 0) so every rank's optimizer sees the same gradients exist
+        # rollouts with advantage 0 (all k samples equally right) add nothing to the gradient: skip their forward, but
+        # keep one (weighted 0) so every rank's optimizer sees the same gradients exist. Normalised by all ranks'
+        # sampled tokens / world size: the optimizer's average over ranks gives one process's update with every question
         learning = [r for r in rollouts if r[2] != 0] or [(rollouts[0][0], rollouts[0][1], 0.0)]
         for batch in token_batches(learning, lambda r: len(r[0]) + len(r[1].tokens), rl.batch_tokens):
-            # normalised by all ranks' sampled tokens / world size: the optimizer's average over ranks then gives
-            # the same update as one process with every question
             policy_gradient_loss(model, batch, windows, rt, float(stats[2]) / rt.world_size).backward()
         opt.step(1 - step / rl.steps, 0.95)
         opt.zero_grad()
@@ -3947,17 +3686,18 @@ def phase_rl(cfg, rt, log):
 # =============================================================================================================
 # 15. The phase table and main
 
-PHASES = {"data": phase_data, "pt": phase_pt, "eval": phase_eval, "sft": phase_sft, "chat": phase_chat, "rl": phase_rl,
+PHASES = {"pt": phase_pt, "eval": phase_eval, "sft": phase_sft, "chat": phase_chat, "rl": phase_rl,
           "generate": phase_generate}
 TIMED_PHASES = ("pt", "eval", "sft", "chat", "rl")  # their wall times go into metrics.json (phase_time_s)
-MOVED = {"serve": "serve.py", "export": "export.py"}  # phases that the files beside this one run now
+MOVED = {"serve": "serve.py", "export": "export.py", "data": "data/check.py"}  # what files beside this one run now
 
 def beside(name):
     """The path of the file `name` beside this one, as a command run from here would give it."""
     return os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), name))
 
 def moved_phase(argv):
-    """What replaced an old command's --phases serve / export / convert (the message), or None."""
+    """What replaced an old command's --phases serve / export / data / convert, or generate's chat on stdin (the
+    message), or None."""
     import shlex
     for i, arg in enumerate(argv):
         if arg == "--phases" and i + 1 < len(argv):
@@ -3969,6 +3709,9 @@ def moved_phase(argv):
         if "convert" in names:
             return ("--phases convert is gone: checkpoints written before 2026-12-01 are not read (README: Checkpoints "
                     "and the run directory)")
+        if "generate" in names and not any(a == "--prompt" or a.startswith("--prompt=") for a in argv):
+            return ("--phases generate samples --prompt TEXT; its chat on stdin moved beside the stack: "
+                    + shlex.join(["python", beside("chat_cli.py"), *rest]))
         for name in (n for n in names if n in MOVED):
             return (f"--phases {name} moved beside the stack (it imports it); run the other phases first, then: "
                     + shlex.join(["python", beside(MOVED[name]), *rest]))
@@ -3981,9 +3724,6 @@ def main(argv=None):
     phases = [p for p in cfg.phases.split(",") if p]
     if unknown := [p for p in phases if p not in PHASES]:
         sys.exit(f"error: unknown phase(s) {', '.join(unknown)}; available: {', '.join(PHASES)}")
-    if phases == ["data"]:  # checking data needs no device, run directory or log file
-        phases_to_run(phases, cfg, None, lambda msg: print(msg, flush=True))
-        return
     rt = init_runtime(cfg)
     try:
         # phases that write checkpoints own the run directory; generate (and eval, chat) may read one in use

@@ -463,14 +463,12 @@ def main(argv=None):
     if rt.world_size > 1:
         sys.exit("error: the server runs in one process: run it without torchrun")
     try:
-        tokenizer = ds.data_tokenizer(cfg.data_dir)
-        model, state, path = ds.trained_model(cfg, rt)
+        engine, state, path, _ = ds.trained_engine(cfg, rt)
     except ds.DataFormatError as e:
         sys.exit(f"error: {e}")
     name = serve.served_model_name or f"{os.path.basename(os.path.abspath(cfg.run_dir))}/{os.path.basename(path)}"
     sample = cfg.sample
-    engine = ds.Engine(model, tokenizer, model.windows(), rt, compile=sample.decode_compile)
-    server = Server(engine, tokenizer, name, model.cfg.max_doc_len, state.get("phase", "pt") != "pt",
+    server = Server(engine, engine.tokenizer, name, engine.model.cfg.max_doc_len, state.get("phase", "pt") != "pt",
                     serve.serve_max_rows, serve.serve_max_queue, serve.serve_timeout,
                     dict(temperature=sample.temperature, top_k=sample.top_k, top_p=sample.top_p, min_p=sample.min_p,
                          max_tokens=sample.max_new_tokens))
@@ -481,8 +479,8 @@ def main(argv=None):
         url, stop = start(server, serve.host, serve.port, log_level="info")
     except RuntimeError as e:  # e.g. the port is taken: uvicorn said why above
         sys.exit(f"error: {e}")
-    print(f"serving {path} as {name!r} at {url} (chat page at /, API at /v1; context {model.cfg.max_doc_len} tokens, "
-          f"{serve.serve_max_rows} rows, device {rt.device}); Ctrl-C stops it", flush=True)
+    print(f"serving {path} as {name!r} at {url} (chat page at /, API at /v1; context {engine.model.cfg.max_doc_len} "
+          f"tokens, {serve.serve_max_rows} rows, device {rt.device}); Ctrl-C stops it", flush=True)
     while not stopping.wait(0.5):
         pass
     stop()

@@ -1,6 +1,8 @@
 """Chat evaluation (categorical letter argmax over packed prompts, GSM8K by generation, ChatCORE) and the chat and
 generate phases end to end on a tiny pretrained checkpoint."""
 import json
+import os
+import shlex
 import subprocess
 import sys
 
@@ -143,9 +145,40 @@ def test_generate_phase_prints_samples(pretrained_run):
     assert len(texts) == 3 and len(set(texts)) == 1
 
 
-def test_interactive_chat_reads_stdin(pretrained_run):
+def test_chat_cli_reads_stdin(pretrained_run):
     data, run = pretrained_run
-    r = run_stack(data, run, "--phases", "generate", "--prompt-format", "chat", "--max-new-tokens", "5",
-                  stdin="hello there\n\nanother conversation\n")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "chat_cli.py"), *TINY_ARGS, "--data-dir", str(data),
+                        "--run-dir", str(run), "--prompt-format", "chat", "--max-new-tokens", "5"], cwd=ROOT,
+                       capture_output=True, text=True, input="hello there\n\nanother conversation\n")
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("\n") >= 3 and "Ctrl-D" in r.stdout
+    # the stack's old command for it says what replaced it
+    r = run_stack(data, run, "--phases", "generate", "--prompt-format", "chat", stdin="hello\n")
+    assert r.returncode == 1 and r.stderr.strip() == (
+        "error: --phases generate samples --prompt TEXT; its chat on stdin moved beside the stack: "
+        + shlex.join(["python", "chat_cli.py", *TINY_ARGS, "--data-dir", str(data), "--run-dir", str(run),
+                      "--prompt-format", "chat"]))
+
+
+def test_chat_cli_keeps_one_conversation_until_an_empty_line(stack, pretrained_run):
+    """Each reply is streamed piece by piece and its text is what the engine generated for the whole conversation so
+    far: the second message's prompt holds the first exchange, the one after an empty line starts again from BOS."""
+    import chat_cli
+    data, run = pretrained_run
+    tok = stack.data_tokenizer(str(data))
+    model, _ = stack.load_model(str(run / "ckpt_000008"))
+    engine = stack.Engine(model, tok, model.windows(), cpu_rt(stack))
+    prompts, real_generate = [], engine.generate
+
+    def generate(prompts_, *args, **kw):
+        prompts.append(list(prompts_[0]))
+        return real_generate(prompts_, *args, **kw)
+
+    engine.generate, out = generate, []
+    options = dict(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0)
+    chat_cli.chat(engine, tok, True, options, ["hi\n", "again\n", "\n", "hi\n"], out.append)
+    first = stack.chat_turn(tok, [tok.bos_id], "hi")
+    assert len(prompts) == 3 and prompts[0] == prompts[2] == first  # the empty line started over
+    assert prompts[1][:len(first)] == first and len(prompts[1]) > len(first) + 4  # the first exchange, then "again"
+    replies = [stack.reply_text(tok, real_generate([p], 1, **options)[0][0]) for p in prompts]
+    assert "".join(out) == "".join(reply + "\n" for reply in replies)

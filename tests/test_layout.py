@@ -1,6 +1,6 @@
-"""The stack is the record: what it holds and what it leaves to the files beside it (serve.py, export.py, report.py),
-its flags (every one kept, each with its help), and the stack copied alone into an empty folder running every phase
-without the libraries those files need. Its pretraining numbers equal the latest record's frozen stack's."""
+"""The stack is the record: what it holds and what it leaves to the files beside it (serve.py, export.py, report.py,
+chat_cli.py), its flags (every one kept, each with its help), and the stack copied alone into an empty folder running
+every phase without the libraries those files need. Its pretraining numbers equal the latest record's frozen stack's."""
 import ast
 import glob
 import json
@@ -17,7 +17,7 @@ from test_report import data_for_every_phase
 from test_rl import RL_ARGS
 from test_sft import SFT_ARGS
 
-BESIDE = ("serve.py", "export.py", "report.py", "load_stack.py")
+BESIDE = ("serve.py", "export.py", "report.py", "chat_cli.py", "load_stack.py")
 LIBRARIES_BESIDE = ("fastapi", "uvicorn", "transformers", "matplotlib")  # what serving, export and the report need
 LONGEST_STRING = 30  # lines a string literal of the stack may span, docstrings aside
 
@@ -79,11 +79,12 @@ def test_flags_keep_their_names_and_defaults(stack):
     assert (cfg.sft.steps, cfg.rl.steps, cfg.sample.temperature, served.port) == (7, 8, 0.0, 9000)  # rl: the preset's
 
 
-@pytest.mark.parametrize("script", ["decoderstack_small_pt-eval-sft.py", "serve.py", "export.py"])
+@pytest.mark.parametrize("script", ["decoderstack_small_pt-eval-sft.py", "serve.py", "export.py", "chat_cli.py",
+                                    "data/check.py"])
 def test_help_says_what_every_flag_is(script):
     """--help gives every flag a line of its own help (the field's comment) and its default; the stack's lists the
     phases with what each reads and writes."""
-    if script != "decoderstack_small_pt-eval-sft.py":
+    if script in ("serve.py", "export.py"):
         pytest.importorskip("fastapi")
     r = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "COLUMNS": "200"})
@@ -100,8 +101,8 @@ def test_help_says_what_every_flag_is(script):
     assert set(helps) == {f"--{name.replace('_', '-')}" for name in FLAGS_BEFORE if name not in others}
     assert all("(default " in text and not text.startswith("(default") for text in helps.values()), helps
     if script.startswith("decoderstack"):
-        phases = r.stdout.split("phases (--phases")[1].splitlines()[1:8]
-        assert [line.split()[0] for line in phases] == ["data", "pt", "eval", "sft", "chat", "rl", "generate"]
+        phases = r.stdout.split("phases (--phases")[1].splitlines()[1:7]
+        assert [line.split()[0] for line in phases] == ["pt", "eval", "sft", "chat", "rl", "generate"]
         assert all("writes" in line for line in phases)
 
 

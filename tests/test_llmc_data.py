@@ -154,17 +154,22 @@ def test_training_on_llmc_shards_matches_our_format(stack, tiny_data, tmp_path):
     assert "val bpb n/a val loss" in open(tmp_path / "bare" / "log.txt").read()
 
 
-def test_data_phase_checks_an_llmc_folder(stack, tiny_data, tmp_path):
-    """--phases data on a folder of llm.c shards: every shard's ids checked, what was read said; an id past the
+def check(data, *extra):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "data", "check.py"), "--data-dir", str(data), *extra],
+                          cwd=ROOT, capture_output=True, text=True)
+
+
+def test_data_check_reads_an_llmc_folder(stack, tiny_data, tmp_path):
+    """data/check.py on a folder of llm.c shards: every shard's ids checked, what was read said; an id past the
     vocabulary is one error naming the shard."""
     tok = llmc_copy(stack, tiny_data, tmp_path / "d")
     ids = ["--vocab-size", str(tok.vocab_size), "--bos-id", str(tok.bos_id)]
-    ok = run(tmp_path / "d", tmp_path / "run", "--phases", "data", *ids)
+    ok = check(tmp_path / "d", *ids)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "llm.c shards, read for pretraining and its val loss" in ok.stdout and "pretrain/val: 1 shards" in ok.stdout
     shard = tmp_path / "d" / "fineweb_train_000002.bin"
     tokens = np.fromfile(shard, dtype="<u2", offset=1024)
     tokens[7] = tok.vocab_size + 3
     write_llmc(str(shard), tokens)
-    bad = run(tmp_path / "d", tmp_path / "run2", "--phases", "data", *ids)
+    bad = check(tmp_path / "d", *ids)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == f"error: {shard}: token id {tok.vocab_size + 3} >= vocab_size {tok.vocab_size}"

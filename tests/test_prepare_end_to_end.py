@@ -1,5 +1,5 @@
 """The data foundation end to end on the shared data: prepare every format, move it through a hub mirror, check it
-with the stack's `data` phase."""
+with data/check.py (the stack's readers)."""
 import json
 import os
 import subprocess
@@ -28,7 +28,7 @@ def test_prepare_mirror_and_check(shared_data, tmp_path, stack):
     r = run("data/hub.py", "download", "--local", mirror, "--out", copy)
     assert r.returncode == 0, r.stderr
 
-    r = run("decoderstack_small_pt-eval-sft.py", "--preset", "cpu", "--data-dir", copy, "--phases", "data")
+    r = run("data/check.py", "--preset", "cpu", "--data-dir", copy)
     assert r.returncode == 0, r.stderr
     assert "is complete and consistent" in r.stdout
     assert "core: 22 tasks" in r.stdout
@@ -37,13 +37,17 @@ def test_prepare_mirror_and_check(shared_data, tmp_path, stack):
     assert "rl: gsm8k 7473" in r.stdout  # GSM8K's training split, the RL questions
 
 
-def test_data_phase_names_the_missing_part(tmp_path, tok_dir):
+def test_data_check_names_the_missing_part(tmp_path, tok_dir):
     data = tmp_path / "data"
     data.mkdir()
     os.symlink(tok_dir, data / "tokenizer")
-    r = run("decoderstack_small_pt-eval-sft.py", "--data-dir", data, "--phases", "data")
+    r = run("data/check.py", "--data-dir", data)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == f"error: {data}/pretrain/manifest.json: missing"
+    # the stack's old --phases data says what replaced it, checking nothing
+    r = run("decoderstack_small_pt-eval-sft.py", "--data-dir", data, "--phases", "data")
+    assert r.returncode == 1 and r.stderr.strip() == ("error: --phases data moved beside the stack (it imports it); run "
+                                                      f"the other phases first, then: python data/check.py --data-dir {data}")
 
 
 def test_config_presets_and_overrides(stack):

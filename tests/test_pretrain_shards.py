@@ -496,7 +496,7 @@ def test_both_sides_compute_one_identity_and_refuse_version_1(stack, prepared):
 
 def test_data_check_compares_every_shard_with_its_sha256(stack, prepared):
     """A flipped byte inside the tokens (header, size and ids all still valid) passes every cheap check; the
-    manifest's per-shard sha256 was never compared. `--phases data` compares it; training's fast path does not."""
+    manifest's per-shard sha256 was never compared. data/check.py compares it; training's fast path does not."""
     tok = stack.Tokenizer(str(prepared / "tokenizer"))
     shard = next(s for s in json.loads((prepared / "pretrain" / "manifest.json").read_text())["shards"] if s["split"] == "val")
     path = prepared / "pretrain" / shard["file"]
@@ -508,6 +508,6 @@ def test_data_check_compares_every_shard_with_its_sha256(stack, prepared):
     with pytest.raises(stack.DataFormatError, match=f"{path}: sha256 [0-9a-f]{{12}}\\.\\.\\. differs from the "
                                                     f"{shard['sha256'][:12]}\\.\\.\\. in .*manifest.json"):
         stack.pretrain_shards(str(prepared), tok, "val", check_sha256=True)
-    result = subprocess.run([sys.executable, stack.__file__, "--phases", "data", f"--data-dir={prepared}"],
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "data", "check.py"), f"--data-dir={prepared}"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(f"error: {path}: sha256 ")
