@@ -224,6 +224,11 @@ class Config:
         for f in dataclasses.fields(self):
             if isinstance(getattr(self, f.name), dict):
                 setattr(self, f.name, f.default_factory(**getattr(self, f.name)))
+        for name in ("model_dim", "vocab_multiple") if self.fp8 else ():  # CUDA's _scaled_mm: dims multiples of 16
+            if (value := getattr(self, name)) % 16:
+                nearest = " or ".join(str(v) for v in (value // 16 * 16, value // 16 * 16 + 16) if v)
+                raise ValueError(f"--fp8 (on by default) needs --{name.replace('_', '-')} a multiple of 16, got {value}: "
+                                 f"use {nearest}, or --no-fp8")
 
 PRESETS = {  # flag name -> value
     "h100x8": dict(run_dir="runs/h100x8"),
@@ -674,8 +679,12 @@ class _FP8Linear(torch.autograd.Function):
         return grad_x.reshape(*grad.shape[:-1], w8.shape[1]), grad_w, None, None, None
 
 def fp8_linear(x, w, x_scale, w_scale, grad_scale):
-    """x @ w.T (w (out, in) as nn.Linear's) in fp8 matmuls forward and backward; only where fp8_supported(x.device)."""
-    return _FP8Linear.apply(x, w, x_scale, w_scale, grad_scale)
+    """x @ w.T (w (out, in) as nn.Linear's) in fp8 matmuls forward and backward; only where fp8_supported(x.device).
+    Rows go in zero-padded to a multiple of 16 (the weight gradient's inner dim) and come out cut to the real ones."""
+    rows = x.reshape(-1, x.shape[-1])
+    pad = -len(rows) % 16
+    out = _FP8Linear.apply(F.pad(rows, (0, 0, 0, pad)) if pad else rows, w, x_scale, w_scale, grad_scale)
+    return out[:len(rows)].reshape(*x.shape[:-1], w.shape[0])
 
 
 # =============================================================================================================
@@ -791,18 +800,24 @@ def _sdpa_attention(q, k, v, cu_seqlens, window, scale, reach, block=256, branch
     y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[:, None], scale=scale)  # (n, H, block, D)
     return y.transpose(1, 2).reshape(n * block, *q.shape[1:])[:T].contiguous()
 
-def _flex_attention(q, k, v, cu_seqlens, window, scale, branches=None):
+def flex_block_mask(cu_seqlens, T, window, branches=None):
+    """The mask as flex_attention's BlockMask over T packed tokens: built once per batch and window, every layer with
+    that window reads it (GPT.hidden), not rebuilt per call (a mask evaluation per (query, key) pair each time)."""
+    window = T if window is None or window < 0 else min(window, T)
+    return create_block_mask(_mask_mod(_document_ids(cu_seqlens, T), window, branches), None, None, T, T,
+                             device=cu_seqlens.device)
+
+def _flex_attention(q, k, v, block_mask, scale):
     """Eager form; attention() runs it compiled (eager flex_attention materialises the T x T scores)."""
-    T = q.size(0)
-    block_mask = create_block_mask(_mask_mod(_document_ids(cu_seqlens, T), window, branches), None, None, T, T,
-                                   device=q.device)
     # (1, H, T, D) contiguous: inductor's CPU flex template rejects the transposed view
     q, k, v = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))
     return flex_attention(q, k, v, block_mask=block_mask, scale=scale)[0].transpose(0, 1).contiguous()
 
 @functools.cache
 def _compiled_flex():
-    return torch.compile(_flex_attention)  # once per process; a changing window int becomes dynamic after one recompile
+    """(flex_block_mask, _flex_attention) compiled, once per process (a changing window int: dynamic after one
+    recompile); inside a compiled loss they are traced with it."""
+    return torch.compile(flex_block_mask), torch.compile(_flex_attention)
 
 def _flash_attention(fn, q, k, v, cu_seqlens, max_seqlen, window, scale, cu_seqlens_k=None, max_seqlen_k=None):
     """FA's varlen call. With cu_seqlens_k (a branch's keys: its prefix's, then its own) FA aligns the causal mask and
@@ -826,10 +841,11 @@ def _flash_branches(fn, q, k, v, branches, window, scale):
                                            scale, b.cu_kv, b.max_kv)
     return out
 
-def attention(q, k, v, cu_seqlens, max_seqlen, window, scale, backend, branches=None):
+def attention(q, k, v, cu_seqlens, max_seqlen, window, scale, backend, branches=None, block_mask=None):
     """The mask of this section's top over packed q, k, v (T, H, D); returns (T, H, D), contiguous. max_seqlen bounds
     a document's length (FA sizes its grid with it); window: earlier tokens a query also sees (None or < 0: its whole
-    document); backend: from select_attention_backend; branches: None, or Branches (evaluation only)."""
+    document); backend: from select_attention_backend; branches: None, or Branches (evaluation only); block_mask:
+    flex's, when the caller built it for this window (flex_block_mask), else built here."""
     if not q.dtype == k.dtype == v.dtype:  # FA refuses mixed dtypes, and flex's backward does: fail alike everywhere
         raise TypeError(f"attention needs q, k, v of one dtype (PRECISION), got {q.dtype}, {k.dtype}, {v.dtype}")
     T = q.size(0)
@@ -839,7 +855,9 @@ def attention(q, k, v, cu_seqlens, max_seqlen, window, scale, backend, branches=
         return (_flash_attention(fn, q, k, v, cu_seqlens, max_seqlen, window, scale) if branches is None
                 else _flash_branches(fn, q, k, v, branches, window, scale))
     if backend == "flex":
-        return _compiled_flex()(q, k, v, cu_seqlens, window, scale, branches)
+        make_mask, flex = _compiled_flex()
+        mask = block_mask if block_mask is not None else make_mask(cu_seqlens, T, window, branches)
+        return flex(q, k, v, mask, scale)
     if backend == "sdpa":
         # a branch's prefix keys lie behind its segment's earlier branches: up to window + spread tokens back
         reach = min(window + (branches.spread if branches is not None else 0), max(1, max_seqlen) - 1)
@@ -869,14 +887,16 @@ def cached_attention(q, k, v, k_cache, v_cache, lengths, key_span, window, scale
     max(lengths) + S (SDPA reads only that slice), or None for S = 1: each row's window + 1 keys gathered (no window:
     the whole cache, masked), shapes set by the tensors alone (a compiled step). flex, no gain here, decodes by SDPA."""
     window = -1 if window is None or window < 0 else window
-    if backend in ("fa3", "fa2"):
-        qc, kc, vc = (x.to(k_cache.dtype).contiguous() for x in (q, k, v))
-        out = _flash_func(backend, "flash_attn_with_kvcache")(qc, k_cache, v_cache, k=kc, v=vc, cache_seqlens=lengths,
-                                                              softmax_scale=scale, causal=True, window_size=(window, 0))
-        return (out[0] if isinstance(out, tuple) else out).to(q.dtype)
     pos = lengths.long()[:, None] + torch.arange(q.size(1), device=q.device)  # (B, S)
     rows = torch.arange(q.size(0), device=q.device)[:, None]
     k_cache[rows, pos], v_cache[rows, pos] = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    if backend in ("fa3", "fa2"):
+        # FA only reads the cache: its op declares no mutation, so an append inside it (k=, v=) would be lost under
+        # CUDA graphs; traced, FA3's fake refuses num_splits <= 0 (its heuristic), so a compiled step fixes it at 1
+        out = _flash_func(backend, "flash_attn_with_kvcache")(
+            q.to(k_cache.dtype).contiguous(), k_cache, v_cache, cache_seqlens=lengths + q.size(1), softmax_scale=scale,
+            causal=True, window_size=(window, 0), num_splits=1 if torch.compiler.is_compiling() else 0)
+        return (out[0] if isinstance(out, tuple) else out).to(q.dtype)
     if key_span is None and window >= 0:
         j = pos - torch.arange(window, -1, -1, device=q.device)  # (B, window + 1): the visible positions, or < 0
         keys, values = (c[rows, j.clamp(min=0)].to(q.dtype).transpose(1, 2) for c in (k_cache, v_cache))
@@ -1177,16 +1197,20 @@ class GPT(nn.Module):
         e = e + self.smear_lambda * torch.sigmoid(e[..., :GATE_DIMS] @ self.smear_gate)[..., None] * before
         x = x0 = norm(e)
         bigram = lookup(self.bigram_ids(ids, prev_ids), self.bigram_embed)
-        skips, L = [], self.cfg.n_layers
+        skips, L, block_masks = [], self.cfg.n_layers, {}
+        if backend == "flex" and cache is None:  # one BlockMask per distinct window, shared by its layers
+            make_mask = _compiled_flex()[0]
+            block_masks = {w: make_mask(batch.cu_seqlens, len(ids), w, batch.branches) for w in set(windows)}
         for i, block in enumerate(self.blocks):
             if i >= L - L // 2 and skips:
                 x = x + self.skip_weights[L - 1 - i] * skips.pop()
             a, b, c = self.block_lambdas[i]
             x = a * x + b * x0 + c * bigram
             ve = lookup(ids, self.value_embeds[self.value_embed_layers.index(i)]) if i in self.value_embed_layers else None
+            flex = {"block_mask": block_masks[windows[i]]} if block_masks else {}
             attend = (functools.partial(cache.attend, i) if cache is not None else
                       functools.partial(attention, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
-                                        backend=backend, branches=batch.branches))
+                                        backend=backend, branches=batch.branches, **flex))
             x = block(x, ve, self.rotary, positions, self.scale, windows[i], attend)
             if i < L // 2:
                 skips.append(x)
@@ -2699,6 +2723,15 @@ class KVCache:
         self.host_lengths = [0] * batch  # the same on the host: slicing the cache needs no device sync
         self.last_ids = torch.full((batch,), -1, dtype=torch.long, device=device)  # -1: nothing yet (document start)
         self.backend, self.capacity, self.static = backend, capacity, static
+        self.mark_static()
+
+    def mark_static(self):
+        """A compiled step writes the cache in place, and inductor records a CUDA graph only when every input it mutates
+        has a static address (cudagraph_utils.check_for_mutation): new tensors (grow, keep) re-record (few: rows in
+        powers of two), unguarded, so dynamo does not recompile for them."""
+        if self.static:
+            for t in self.k + self.v:
+                torch._dynamo.mark_static_address(t, guard=False)
 
     def reserve(self, n_tokens):
         """Before a forward that appends n_tokens per row (host ints only: nothing here enters a compiled step)."""
@@ -2724,6 +2757,7 @@ class KVCache:
         self.lengths = torch.cat([self.lengths, self.lengths.new_zeros(n)])
         self.last_ids = torch.cat([self.last_ids, self.last_ids.new_full((n,), -1)])
         self.host_lengths += [0] * n
+        self.mark_static()
 
     def put(self, row, other, other_row=0):
         """Row `row` becomes a copy of row `other_row` of cache `other` (one prefill serves all samples of a prompt)."""
@@ -2742,11 +2776,15 @@ class KVCache:
         self.k, self.v = [c[index] for c in self.k], [c[index] for c in self.v]
         self.lengths, self.last_ids = self.lengths[index], self.last_ids[index]
         self.host_lengths = [self.host_lengths[r] for r in rows]
+        self.mark_static()
+
+MIN_TEMPERATURE = 1e-4  # below it a draw is greedy: logits / a temperature near fp32's smallest are inf - inf (NaN)
 
 def sample_next(logits, generator, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
-    """(B,) next tokens from logits (B, V): argmax at temperature 0, else a draw after the filters: top-k keeps the k
-    largest, min-p drops tokens below min_p x the top probability, top-p keeps the smallest set reaching top_p."""
-    if temperature <= 0:
+    """(B,) next tokens from logits (B, V): argmax below MIN_TEMPERATURE, else a draw after the filters: top-k keeps
+    the k largest, min-p drops tokens below min_p x the top probability, top-p keeps the smallest set reaching top_p;
+    the most likely token always stays (no accepted value leaves nothing to draw)."""
+    if temperature < MIN_TEMPERATURE:
         return logits.argmax(-1)
     logits = logits.float()
     logits, index = (logits - logits.amax(-1, keepdim=True)) / temperature, None  # a tiny temperature: no inf - inf
@@ -2754,7 +2792,7 @@ def sample_next(logits, generator, temperature=1.0, top_k=0, top_p=1.0, min_p=0.
         logits, index = logits.topk(top_k)
     probs = logits.softmax(-1)
     if min_p > 0:
-        probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0)
+        probs = probs.masked_fill(probs < min(min_p, 1.0) * probs.amax(-1, keepdim=True), 0)
     if top_p < 1:
         sorted_p, order = probs.sort(-1, descending=True)
         before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens: the first token is always kept
@@ -2845,7 +2883,8 @@ class Stream:
     sample: Sample = dataclasses.field(default_factory=lambda: Sample([], [], False))
     forced: list = dataclasses.field(default_factory=list)  # calculator output still to feed
     call: list = None        # tokens of an open calculator call
-    cancelled: bool = False  # any thread may set it: the batch frees the row at its next step
+    cancelled: bool = False
+    error: Exception = None  # what ended it, if its step failed for it (sample.stopped is then None)  # any thread may set it: the batch frees the row at its next step
 
 CAPACITY_STEP = 256  # a compiled engine's cache capacities are multiples of this (CUDA graphs record each shape)
 
@@ -2959,35 +2998,50 @@ class DecodeBatch:
         live = [(row, s) for row, s in enumerate(self.slots) if s is not None]
         greedy, groups = Sampling(temperature=0), {}  # greedy rows draw together, every other Sampling over its own
         for row, s in live:
-            groups.setdefault(greedy if s.sampling.temperature <= 0 else s.sampling, []).append(row)
+            groups.setdefault(greedy if s.sampling.temperature < MIN_TEMPERATURE else s.sampling, []).append(row)
         draw = lambda g, x: sample_next(x, g.generator, g.temperature, g.top_k, g.top_p, g.min_p)
-        if len(groups) == 1:  # one call over every row (free ones too: cheaper than gathering the live ones)
-            sampled = draw(next(iter(groups)), logits).tolist()  # the step's one host sync
-        else:
-            tokens = torch.zeros(len(self.slots), dtype=torch.long, device=logits.device)
-            for g, rows in groups.items():
-                index = torch.tensor(rows, device=logits.device)
-                tokens[index] = draw(g, logits[index])
-            sampled = tokens.tolist()
-        for row, s in live:
-            s.sample.mask.append(0 if s.forced else 1)
-            token = self.feed[row] = s.forced.pop(0) if s.forced else sampled[row]
-            s.sample.tokens.append(token)
-            if s.on_token:
-                s.on_token(token)
-            if token in engine.stops:
-                s.sample.stopped = True
-            elif token == engine.python_start:  # a calculator call: its result is forced after <|python_end|>
-                s.call = []
-            elif s.call is not None and token == engine.python_end:
-                result, s.call = calculate(engine.tokenizer.decode(s.call)), None
-                if result is not None:
-                    s.forced += [engine.output_start, *engine.tokenizer.encode(result), engine.output_end]
-            elif s.call is not None:
-                s.call.append(token)
-            if s.sample.stopped or len(s.sample.tokens) == s.max_new_tokens:
+        tokens, failed = torch.zeros(len(self.slots), dtype=torch.long, device=logits.device), {}
+        for g, rows in groups.items():  # a failure ends the streams it touched, never their batch-mates
+            try:
+                if len(groups) == 1:  # one call over every row (free ones too: cheaper than gathering the live ones)
+                    tokens = draw(g, logits)
+                else:
+                    index = torch.tensor(rows, device=logits.device)
+                    tokens[index] = draw(g, logits[index])
+            except Exception as e:
+                failed.update((self.slots[row], e) for row in rows)
+        sampled = tokens.tolist()  # the step's one host sync
+        for row, s in ((row, s) for row, s in live if s not in failed):
+            try:
+                self._advance(row, s, sampled[row])
+            except Exception as e:  # e.g. a client's callback
+                failed[s] = e
+        for s, e in failed.items():
+            s.sample.stopped, s.error = None, e
+            if s in self.slots:
                 self._end(s)
         return True
+
+    def _advance(self, row, s, sampled):
+        """Stream s (in `row`) takes its next token: forced, else `sampled`; its calculator call, stop or budget."""
+        engine = self.engine
+        s.sample.mask.append(0 if s.forced else 1)
+        token = self.feed[row] = s.forced.pop(0) if s.forced else sampled
+        s.sample.tokens.append(token)
+        if s.on_token:
+            s.on_token(token)
+        if token in engine.stops:
+            s.sample.stopped = True
+        elif token == engine.python_start:  # a calculator call: its result is forced after <|python_end|>
+            s.call = []
+        elif s.call is not None and token == engine.python_end:
+            result, s.call = calculate(engine.tokenizer.decode(s.call)), None
+            if result is not None:
+                s.forced += [engine.output_start, *engine.tokenizer.encode(result), engine.output_end]
+        elif s.call is not None:
+            s.call.append(token)
+        if s.sample.stopped or len(s.sample.tokens) == s.max_new_tokens:
+            self._end(s)
 
 def chat_turn(tokenizer, conversation, user_text):
     """conversation (tokens so far, starting with <|bos|>) + a user turn + <|assistant_start|>: the prompt for a reply."""

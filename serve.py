@@ -24,6 +24,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from load_stack import load_stack
 
@@ -44,6 +45,12 @@ class ServeConfig:
 
 
 SERVE_MAX_STOPS = 4  # stop sequences per request (OpenAI's limit)
+RETRY_AFTER = 1  # seconds a 429 tells the client to wait: rows free as fast as replies finish
+MAX_BODY = 1 << 20  # bytes of a request body: a whole context of text or ids is a few tens of KB; beyond, 413 unread
+BODY_TIMEOUT = 30.0  # seconds to send a request body (a client trickling one in holds a connection, not the server)
+MAX_CONNECTIONS = 256  # open connections uvicorn takes; beyond, 503
+# message roles as our chat format has them: "developer" is OpenAI's newer name for "system"
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 TOOL_TOKENS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
 
 
@@ -77,9 +84,10 @@ def chat_prompt(tokenizer, messages):
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                              and isinstance(p.get("text"), str) for p in content):
             content = "".join(p["text"] for p in content)  # OpenAI's content parts: text ones only
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(content, str):
-            raise RequestError(400, f"messages[{i}] must be {{role: system|user|assistant, content: text}}", "messages")
-        turns.append((i, m["role"], content))
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(content, str):
+            raise RequestError(400, f"messages[{i}] must be {{role: system|developer|user|assistant, content: text}}",
+                               "messages")
+        turns.append((i, ROLES[m["role"]], content))
     if turns[0][1] == "system":
         if len(turns) < 2 or turns[1][1] != "user":
             raise RequestError(400, "a system message must be followed by a user message", "messages")
@@ -276,6 +284,9 @@ class Server:
 
             def on_done(j=j):
                 self._done()
+                if (e := streams[j].error) is not None:  # its own failure: its request gets a 500, the batch goes on
+                    print(f"serve: a choice failed in its decode step ({type(e).__name__}: {e}); its request gets a "
+                          "500, the rest of the batch decodes on", flush=True)
                 self.outbox.append((out, (j, None)))
 
             streams.append(ds.Stream(prompt, sampling, p["max_tokens"], on_token, on_done))
@@ -378,19 +389,42 @@ class Server:
         app = FastAPI(title="DecoderStack", docs_url=None, redoc_url=None, openapi_url=None)
 
         @app.exception_handler(RequestError)
-        async def refused(request, e):
-            return JSONResponse(e.body(), status_code=e.status)
+        async def refused(request, e):  # 429 says when to retry, as OpenAI's does
+            headers = {"Retry-After": str(RETRY_AFTER)} if e.status == 429 else None
+            return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
         @app.exception_handler(HTTPException)
-        async def http_error(request, e):  # unknown paths and methods, in OpenAI's error shape too
+        async def http_error(request, e):  # unknown paths and methods, in OpenAI's error shape too (405 keeps Allow)
             return JSONResponse(RequestError(e.status_code, f"{request.method} {request.url.path}: {e.detail}").body(),
-                                status_code=e.status_code)
+                                status_code=e.status_code, headers=getattr(e, "headers", None))
 
         async def body_of(request):
+            """The request's JSON object, read within MAX_BODY bytes (413 beyond, on its Content-Length before any
+            byte) and BODY_TIMEOUT seconds (408): a huge or trickled body never reaches the tokenizer."""
+            length = request.headers.get("content-length", "")
+            if length.isdigit() and int(length) > MAX_BODY:
+                raise RequestError(413, f"the request body is over {MAX_BODY:,} bytes", None, "request_too_large")
+
+            async def read():
+                chunks, size = [], 0
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > MAX_BODY:
+                        raise RequestError(413, f"the request body is over {MAX_BODY:,} bytes", None, "request_too_large")
+                    chunks.append(chunk)
+                return b"".join(chunks)
             try:
-                body = json.loads(await request.body())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise RequestError(400, f"the request body is not valid JSON ({e})") from None
+                raw = await asyncio.wait_for(read(), BODY_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise RequestError(408, f"the request body took over {BODY_TIMEOUT:g} s to arrive", None,
+                                   "request_timeout") from None
+            except ClientDisconnect:  # one line, not a traceback
+                print(f"serve: a client went away while sending {request.url.path}", flush=True)
+                raise RequestError(400, "the client disconnected while sending the body") from None
+            try:
+                body = json.loads(raw)
+            except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, an int past 4,300 digits, nested too deep
+                raise RequestError(400, f"the request body is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
             if not isinstance(body, dict):
                 raise RequestError(400, "the request body must be a JSON object")
             return body
@@ -414,11 +448,20 @@ class Server:
                 raise RequestError(400, f"'prompt' must be a text or a non-empty list of token ids below {vocab}", "prompt")
             return await self._respond(request, "text", prompt, self._params(body, len(prompt), "prompt"))
 
+        def model_card():
+            return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "decoderstack",
+                    "max_context": self.max_context, "chat": self.chat}
+
         @app.get("/v1/models")
         async def models():
-            return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                                                "owned_by": "decoderstack", "max_context": self.max_context,
-                                                "chat": self.chat}]}
+            return {"object": "list", "data": [model_card()]}
+
+        @app.get("/v1/models/{model_id:path}")  # the id holds a slash: RUN_DIR/CHECKPOINT
+        async def model(model_id: str):
+            if model_id != self.model_name:
+                raise RequestError(404, f"model {model_id!r} does not exist; this server serves {self.model_name!r}",
+                                   "model", "model_not_found")
+            return model_card()
 
         @app.get("/health")
         async def health():
@@ -436,7 +479,7 @@ class Server:
 def start(server, host="127.0.0.1", port=0, log_level="warning"):
     """Start `server` (its decode thread and uvicorn) in the background: (base url, stop()). port 0: a free one."""
     http = uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_level=log_level,
-                                         timeout_graceful_shutdown=SHUTDOWN_GRACE))
+                                         timeout_graceful_shutdown=SHUTDOWN_GRACE, limit_concurrency=MAX_CONNECTIONS))
     thread = threading.Thread(target=http.run, name="http", daemon=True)
     server.start()
     thread.start()

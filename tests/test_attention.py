@@ -4,6 +4,7 @@ backend selection."""
 import inspect
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,7 +41,8 @@ def test_sdpa_and_flex_match_reference(stack, layout, window):
     torch.testing.assert_close(sdpa, ref, atol=1e-5, rtol=0)
     # flex eagerly (its compiled form is the slow test below): the same block mask, the same mask_mod
     w = q.size(0) if window is None or window < 0 else window
-    torch.testing.assert_close(stack._flex_attention(q, k, v, cu, w, scale), ref, atol=1e-5, rtol=0)
+    flex = stack._flex_attention(q, k, v, stack.flex_block_mask(cu, q.size(0), w), scale)
+    torch.testing.assert_close(flex, ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
@@ -49,6 +51,35 @@ def test_compiled_flex_matches_reference(stack):
     for window in (None, 7, 2):  # a new window recompiles once, then stays dynamic
         ref = stack.attention_reference(q, k, v, cu, window, 0.3)
         torch.testing.assert_close(stack.attention(q, k, v, cu, 30, window, 0.3, "flex"), ref, atol=1e-5, rtol=0)
+
+
+def flex_hidden(stack, compiled, monkeypatch):
+    """GPT.hidden of a packed batch over flex (eager or compiled) and over SDPA, counting create_block_mask calls."""
+    from test_engine import make_model
+    model, windows, calls = make_model(stack), [4, 9, 4, 9], []
+    real = stack.create_block_mask
+    monkeypatch.setattr(stack, "create_block_mask", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
+    if not compiled:
+        monkeypatch.setattr(stack, "_compiled_flex", lambda: (stack.flex_block_mask, stack._flex_attention))
+    torch._dynamo.reset()
+    batch, _ = stack.pack_sequences([np.arange(1, 30) % 50, np.arange(5, 45) % 50, np.arange(7, 20)], "cpu")
+    with torch.no_grad():
+        return model.hidden(batch, windows, "flex"), model.hidden(batch, windows, "sdpa"), calls
+
+
+@eager_flex
+def test_flex_builds_one_block_mask_per_window_per_forward(stack, monkeypatch):
+    """Four layers, two distinct windows: two BlockMasks per forward (built in every layer, flex evaluated the mask
+    over every (query, key) pair four times), the layers' outputs those of SDPA."""
+    flex, sdpa, calls = flex_hidden(stack, False, monkeypatch)
+    assert len(calls) == 2
+    torch.testing.assert_close(flex, sdpa, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_compiled_flex_hidden_equals_eager(stack, monkeypatch):
+    flex, sdpa, _ = flex_hidden(stack, True, monkeypatch)
+    torch.testing.assert_close(flex, sdpa, atol=1e-5, rtol=0)
 
 
 def test_reference_mask_by_hand(stack):
@@ -106,7 +137,7 @@ def test_no_leak_across_documents_or_from_the_future(stack, impl):
     window = 4
     run = {
         "sdpa": lambda k, v: stack.attention(q, k, v, cu, 15, window, 0.3, "sdpa"),
-        "flex": lambda k, v: stack._flex_attention(q, k, v, cu, window, 0.3),
+        "flex": lambda k, v: stack._flex_attention(q, k, v, stack.flex_block_mask(cu, q.size(0), window), 0.3),
         "reference": lambda k, v: stack.attention_reference(q, k, v, cu, window, 0.3),
     }[impl]
     base = run(k, v)
@@ -257,7 +288,7 @@ def test_branches_attend_as_each_sequence_alone(stack, monkeypatch, impl, window
         out = stack.attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, window, 0.25, impl, b)
         assert calls == [(-1 if window is None else window, 0), ((-1 if window is None else window, 0), "kv")]
     elif impl == "flex":
-        out = stack._flex_attention(q, k, v, batch.cu_seqlens, w, 0.25, b)
+        out = stack._flex_attention(q, k, v, stack.flex_block_mask(batch.cu_seqlens, T, w, b), 0.25)
     elif impl == "sdpa":  # attention()'s band: window + the most branch tokens of a segment, not the segment
         out = stack.attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, window, 0.25, "sdpa", b)
     else:  # the band must reach a branch's whole segment back, whatever the window

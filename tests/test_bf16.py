@@ -108,7 +108,7 @@ def gpu_like_run(stack, bf16_data, tmp_path_factory):
         return varlen(q, k, v, *args, **kwargs)
 
     def fa3_kvcache(q, k_cache, v_cache, k=None, v=None, **kwargs):
-        calls["kvcache"].append((q.dtype, k_cache.dtype, v_cache.dtype, k.dtype, v.dtype))
+        calls["kvcache"].append((q.dtype, k_cache.dtype, v_cache.dtype))  # read-only: the new keys are in the cache
         return kvcache(q, k_cache, v_cache, k, v, **kwargs)
 
     real_rms_norm, real_fp8, real_norm = F.rms_norm, stack.fp8_linear, stack.norm
@@ -171,7 +171,7 @@ def test_every_kernel_launch_gets_bf16(gpu_like_run):
 def test_every_attention_call_gets_bf16(gpu_like_run):
     assert len(gpu_like_run["attention"]) > 0 and len(gpu_like_run["kvcache"]) > 0
     assert set(gpu_like_run["attention"]) == {(torch.bfloat16,) * 3}  # pt, sft, rl and eval forwards
-    assert set(gpu_like_run["kvcache"]) == {(torch.bfloat16,) * 5}  # prefill and decode
+    assert set(gpu_like_run["kvcache"]) == {(torch.bfloat16,) * 3}  # prefill and decode
     assert set(gpu_like_run["branch_attention"]) == {(torch.bfloat16,) * 3}  # CORE's choices after their context
 
 

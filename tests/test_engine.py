@@ -170,20 +170,24 @@ FA3_KVCACHE = [("q", E), ("k_cache", E), ("v_cache", E), ("k", None), ("v", None
                ("pack_gqa", None), ("sm_margin", 0), ("return_softmax_lse", False)]
 
 
-def kvcache_answer(calls, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size):
-    """What FA requires, what it does to the cache, and the answer it gives (by explicit per-row attention)."""
+def kvcache_answer(calls, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size, num_splits):
+    """What FA requires and the answer it gives (by explicit per-row attention). We call it read-only (k, v None: the
+    new keys are in the cache, cache_seqlens counting them): its op declares no mutation of the cache. Traced (a
+    compiled step), FA3's fake implementation refuses num_splits <= 0; these stand-ins refuse it for both."""
     B, S, H, D = q.shape
-    assert q.dtype == k_cache.dtype == v_cache.dtype == k.dtype == v.dtype and q.dtype in (torch.bfloat16, torch.float16)
-    assert k_cache.shape[0] == B and k_cache.shape[2:] == (H, D) and k.shape == v.shape == q.shape
-    assert all(x.is_contiguous() for x in (q, k, v)) and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert k is None and v is None, "an append inside FA's op would be lost under CUDA graphs (mutates_args=())"
+    if torch.compiler.is_compiling() and num_splits <= 0:
+        raise RuntimeError("tracing (torch.compile/torch.export) with num_splits <= 0 not supported")
+    assert q.dtype == k_cache.dtype == v_cache.dtype and q.dtype in (torch.bfloat16, torch.float16)
+    assert k_cache.shape[0] == B and k_cache.shape[2:] == (H, D)
+    assert q.is_contiguous() and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     assert cache_seqlens.dtype == torch.int32 and cache_seqlens.shape == (B,)
     assert causal is True and softmax_scale is not None
     assert isinstance(window_size, tuple) and window_size[1] == 0 and window_size[0] >= -1
     calls.append(window_size)
     out = torch.empty_like(q)
     for b in range(B):
-        n = int(cache_seqlens[b])
-        k_cache[b, n:n + S], v_cache[b, n:n + S] = k[b], v[b]  # FA appends in place
+        n = int(cache_seqlens[b]) - S  # keys before the new tokens (the causal mask aligns to the bottom right)
         i = n + torch.arange(S)[:, None]
         j = torch.arange(n + S)[None, :]
         allowed = (j <= i) & ((i - j <= window_size[0]) if window_size[0] >= 0 else True)
@@ -199,7 +203,8 @@ def kvcache_standins(calls):
             window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0,
             return_softmax_lse=False):
         assert rotary_cos is None and cache_batch_idx is None and block_table is None and softcap == 0.0
-        return kvcache_answer(calls, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size)
+        return kvcache_answer(calls, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size,
+                              num_splits)
 
     def fa3(q, k_cache, v_cache, k=None, v=None, qv=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
             cache_batch_idx=None, cache_leftpad=None, page_table=None, cu_seqlens_q=None, cu_seqlens_k_new=None,
@@ -207,7 +212,8 @@ def kvcache_standins(calls):
             causal=False, window_size=(-1, -1), attention_chunk=0, softcap=0.0, rotary_interleaved=True,
             scheduler_metadata=None, num_splits=0, pack_gqa=None, sm_margin=0, return_softmax_lse=False):
         assert qv is None and rotary_cos is None and page_table is None and cu_seqlens_q is None and softcap == 0.0
-        return kvcache_answer(calls, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size)
+        return kvcache_answer(calls, q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_size,
+                              num_splits)
 
     return {"fa2": fa2, "fa3": fa3}
 
@@ -256,6 +262,17 @@ def test_sampling_filters(stack):
     torch.testing.assert_close(counts, probs[0], atol=0.015, rtol=0)
     sharp = torch.bincount(draws(stack, logits, n=20000, temperature=0.5), minlength=5) / 20000
     assert sharp[0] > 0.6  # p^2 renormalised: 0.25 / 0.3594 = 0.70
+
+
+def test_no_accepted_sampling_value_fails(stack):
+    """A temperature between 0 and fp32's smallest divided the logits into inf - inf (a NaN draw that failed the
+    whole step): below MIN_TEMPERATURE a draw is greedy. min_p 1 and a tiny top_p keep the most likely token."""
+    logits = torch.randn(4, 50)
+    g = torch.Generator().manual_seed(0)
+    for temperature in (1e-300, 1e-46, 1e-45, stack.MIN_TEMPERATURE / 2):
+        assert torch.equal(stack.sample_next(logits, g, temperature=temperature), logits.argmax(-1))
+    assert torch.equal(stack.sample_next(logits, g, min_p=1.0), logits.argmax(-1))
+    assert torch.equal(stack.sample_next(logits, g, top_p=1e-9, top_k=5), logits.argmax(-1))
 
 
 def test_sampling_is_seeded_and_per_row(stack):
@@ -335,6 +352,119 @@ def test_compiled_step_decodes_the_same_tokens(stack, tok):
         engine.stops = {7, 9}
         runs.append([[s.tokens for s in pair] for pair in engine.generate(prompts, 3, 12, temperature=1.0, top_k=20, seed=3)])
     assert runs[0] == runs[1] and len({len(t) for pair in runs[0] for t in pair}) > 1
+
+
+def traced_mutations(stack, model, cache, windows, ids):
+    """(inputs the compiled decode step mutates, those of them static) as inductor sees them before it builds a CUDA
+    graph (cudagraph_utils.check_for_mutation reads the same fw_metadata): an AOT backend records them."""
+    from torch._dynamo.backends.common import aot_autograd
+    seen = []
+
+    def forward(gm, example_inputs):
+        meta = torch._guards.TracingContext.get().fw_metadata
+        mutated = {i for i, info in enumerate(meta.input_info) if info.mutates_data or info.mutates_metadata}
+        seen.append((mutated, mutated & set(meta.static_input_indices)))
+        return gm
+
+    torch._dynamo.reset()
+    step = torch.compile(stack.decode_logits, backend=aot_autograd(fw_compiler=forward))
+    with torch.no_grad():
+        logits = model.decode(ids, cache, windows, last_only=True, step=step)
+    return seen, logits
+
+
+def test_compiled_decode_step_mutates_only_static_inputs(stack):
+    """The compiled step writes each layer's keys and values into the cache; CUDA graphs (reduce-overhead) apply only
+    if every mutated input has a static address. Checked for a fresh static cache and after it grows and shrinks
+    (new tensors, marked again); the step's logits are the eager step's."""
+    model = make_model(stack)
+    windows = [4, None, 3, 20]
+    cache = stack.KVCache(model, 2, 32, "cpu", torch.float32, "sdpa", static=True)
+    eager = stack.KVCache(model, 2, 32, "cpu", torch.float32, "sdpa")
+    with torch.no_grad():
+        for c in (cache, eager):
+            model.decode(torch.tensor([[1, 2, 3], [4, 5, 6]]), c, windows)
+    for resize in (None, lambda c: c.grow(2), lambda c: c.keep([0, 2])):
+        if resize:
+            resize(cache)
+            resize(eager)
+        ids = torch.arange(len(cache.host_lengths))[:, None] + 7
+        seen, logits = traced_mutations(stack, model, cache, windows, ids)
+        assert seen and all(len(mutated) == 2 * 4 and static == mutated for mutated, static in seen), seen
+        with torch.no_grad():
+            torch.testing.assert_close(logits, model.decode(ids, eager, windows, last_only=True))
+    plain = stack.KVCache(model, 2, 32, "cpu", torch.float32, "sdpa")  # a cache for eager steps marks nothing
+    seen, _ = traced_mutations(stack, model, plain, windows, torch.tensor([[1], [2]]))
+    assert seen and all(static == set() for _, static in seen)
+
+
+@pytest.mark.parametrize("backend", ["fa2", "fa3"])
+def test_compiled_flash_decoding_reads_the_cache_with_one_split(stack, monkeypatch, backend):
+    """Traced, FA3's fake refuses num_splits <= 0 (its heuristic; so do the stand-ins): a compiled step calls FA
+    read-only with num_splits 1 and gives the eager step's logits; a call with 0 under compile is refused."""
+    calls = []
+    standin = kvcache_standins(calls)[backend]
+    monkeypatch.setitem(stack._FLASH, backend, types.SimpleNamespace(flash_attn_with_kvcache=standin))
+    model = make_model(stack)
+    windows = [4, None, 3, 20]
+    rt = stack.Runtime(torch.device("cpu"), torch.bfloat16, 0, 1, backend)
+    caches = [stack.KVCache(model, 2, 16, "cpu", torch.bfloat16, backend, static=s) for s in (False, True)]
+    torch._dynamo.reset()
+    step = torch.compile(stack.decode_logits)
+    out = []
+    with torch.no_grad(), stack.autocast(rt):
+        for cache, fn in zip(caches, (None, step)):
+            model.decode(torch.tensor([[1, 2, 3], [4, 5, 6]]), cache, windows)
+            out.append(model.decode(torch.tensor([[7], [8]]), cache, windows, last_only=True, step=fn))
+    torch.testing.assert_close(out[1], out[0], atol=0.05, rtol=0.02)  # bf16, compiled vs eager
+    assert calls and set(calls) == {(4, 0), (-1, 0), (3, 0), (20, 0)}
+
+    def zero_splits(q, k_cache, v_cache, lengths):
+        return standin(q, k_cache, v_cache, cache_seqlens=lengths, softmax_scale=1.0, causal=True, window_size=(-1, 0),
+                       num_splits=0)
+
+    q = torch.zeros(1, 1, 2, 32, dtype=torch.bfloat16)
+    cache = torch.zeros(1, 4, 2, 32, dtype=torch.bfloat16)
+    zero_splits(q, cache, cache, torch.tensor([1], dtype=torch.int32))  # eager: the heuristic is fine
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="num_splits <= 0 not supported"):
+        torch.compile(zero_splits, fullgraph=True)(q, cache, cache, torch.tensor([1], dtype=torch.int32))
+
+
+def test_a_stream_that_fails_ends_alone(stack, tok, monkeypatch):
+    """Eight streams decoding together beside two that fail inside the shared step (one's sampler raises, the other's
+    callback): the two end, failed (stopped None, the error kept), and the eight get the tokens each gets alone."""
+    model = make_model(stack)
+    engine = stack.Engine(model, tok, [4, 9, 3, 40], cpu_rt(stack))
+    engine.stops = set()
+    poison = torch.Generator().manual_seed(99)
+    real = stack.sample_next
+
+    def sample_next(logits, generator, *args, **kw):
+        if generator is poison:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, generator, *args, **kw)
+
+    monkeypatch.setattr(stack, "sample_next", sample_next)
+    prompts = [[1, 2, 3 + i] for i in range(8)]
+    streams = [stack.Stream(p, stack.Sampling(1.0, 20, generator=torch.Generator().manual_seed(i)), 10)
+               for i, p in enumerate(prompts)]
+    poisoned = stack.Stream([1, 2], stack.Sampling(1.0, generator=poison), 10)
+
+    def callback(token):
+        raise ValueError("a client's callback")
+
+    raising = stack.Stream([1, 3], stack.Sampling(temperature=0), 10, on_token=callback)
+    batch = engine.batch(20, 10)
+    for s in streams[:4] + [poisoned, raising] + streams[4:]:
+        batch.add(s)
+    while batch.step():
+        pass
+    assert poisoned.sample.stopped is None and "inf, nan" in str(poisoned.error) and poisoned.sample.tokens == []
+    assert raising.sample.stopped is None and isinstance(raising.error, ValueError) and len(raising.sample.tokens) == 1
+    for i, s in enumerate(streams):
+        alone = engine.generate([prompts[i]], 1, 10, temperature=1.0, top_k=20, seed=i)[0][0]
+        assert s.error is None and s.sample.tokens == alone.tokens and len(alone.tokens) == 10
 
 
 def test_each_sample_draws_its_own_tokens_and_seeds_repeat(stack, tok):

@@ -203,6 +203,45 @@ def test_fp8_linear_matches_dequantized_reference(stack):
     assert (x.grad - grad @ w.detach()).norm() / (grad @ w.detach()).norm() < 0.12
 
 
+def test_fp8_linear_keeps_cudas_rule_for_any_token_count(stack, monkeypatch):
+    """CUDA's _scaled_mm wants every dim a multiple of 16 and the weight gradient's inner dim is the tokens of one
+    forward, which a user's --micro-batch-tokens (or a last, short row) need not make one: the rows are padded. The
+    stand-in below enforces CUDA's rule on torch's CPU _scaled_mm; 37 tokens give what 37 of 48 padded rows give."""
+    real = torch._scaled_mm
+
+    def cuda_rule(a, b, **kw):
+        assert all(d % 16 == 0 for d in (*a.shape, *b.shape)), f"_scaled_mm dims {tuple(a.shape)} x {tuple(b.shape)}"
+        return real(a, b, **kw)
+
+    monkeypatch.setattr(torch, "_scaled_mm", cuda_rule)
+    torch.manual_seed(0)
+    scales = (100 / 448, 1.6 / 448, 0.75 / 448 / 32)
+    x, w = torch.randn(37, 64), torch.randn(48, 64) * 0.02
+    padded = torch.cat([x, torch.zeros(11, 64)]).requires_grad_()
+    x.requires_grad_(), w.requires_grad_()
+    grad = torch.randn(37, 48) / 32
+    out = stack.fp8_linear(x, w, *scales)
+    out.backward(grad)
+    w_grad, w.grad = w.grad, None
+    whole = stack._FP8Linear.apply(padded, w, *scales)
+    whole.backward(torch.cat([grad, torch.zeros(11, 48)]))
+    assert out.shape == (37, 48) and torch.equal(out, whole[:37])
+    assert torch.equal(x.grad, padded.grad[:37]) and torch.equal(w_grad, w.grad)
+    with pytest.raises(AssertionError, match="_scaled_mm dims"):  # unpadded, the stand-in refuses as CUDA would
+        stack._FP8Linear.apply(x.detach(), w, *scales)
+
+
+def test_fp8_needs_dims_that_are_multiples_of_16(stack):
+    with pytest.raises(SystemExit):
+        stack.parse_config(["--model-dim", "100"])
+    with pytest.raises(ValueError, match=r"--fp8 \(on by default\) needs --model-dim a multiple of 16, got 100: use 96 "
+                                         r"or 112, or --no-fp8"):
+        stack.Config(model_dim=100)
+    with pytest.raises(ValueError, match="--vocab-multiple a multiple of 16, got 8: use 16, or --no-fp8"):
+        stack.Config(vocab_multiple=8)
+    assert stack.parse_config(["--model-dim", "100", "--no-fp8"]).model_dim == 100
+
+
 # --- The interpreter accepts things the GPU compiler rejects: compile every kernel for sm80/sm90 ahead of time
 # (Triton's bundled ptxas, no GPU needed), in a fresh process because the stack above was loaded interpreted.
 

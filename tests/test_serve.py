@@ -153,6 +153,58 @@ def test_models_health_and_page(serve):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html") and "<html" in page.text.lower()
 
 
+def test_models_retrieve_the_developer_role_and_http_details(serve):
+    """client.models.retrieve's GET /v1/models/{id} (ids hold a slash: RUN_DIR/CHECKPOINT); "developer", OpenAI's newer
+    name for "system", renders as system does; 405 says which methods are allowed; a body that json.loads cannot read
+    for any reason (an int past 4,300 digits, nesting past the recursion limit) is a 400 in OpenAI's shape."""
+    from openai import OpenAI
+    url, _, _ = serve()
+    client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    assert client.models.retrieve("tiny").id == "tiny"
+    missing = httpx.get(f"{url}/v1/models/run%2Fckpt_000001")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    said = {role: chat(url, [{"role": role, "content": "Be brief."}, {"role": "user", "content": "hi"}], max_tokens=5,
+                       temperature=0).json()["choices"][0]["message"]["content"] for role in ("system", "developer")}
+    assert said["system"] == said["developer"]
+    wrong = httpx.get(f"{url}/v1/chat/completions")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST" and wrong.json()["error"]["message"]
+    for body in ('{"messages": [], "max_tokens": ' + "9" * 5000 + "}", "[" * 100_000 + "]" * 100_000):
+        r = httpx.post(f"{url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"], r.text[:300]
+    assert chat(url, [{"role": "user", "content": "hi"}], max_tokens=2).status_code == 200
+
+
+def test_huge_and_trickled_bodies_are_refused_and_health_stays_quick(serve, monkeypatch):
+    """A body over MAX_BODY is a 413 on its Content-Length, unread (an 8 MB body stalled /health 0.7 s while it was
+    tokenized on the event loop), or as it streams in without one; a body trickled in past BODY_TIMEOUT is a 408.
+    /health answers within a second meanwhile."""
+    monkeypatch.setattr(serving, "BODY_TIMEOUT", 1.0)
+    url, _, _ = serve()
+    big = json.dumps({"messages": [{"role": "user", "content": "word " * (3 << 20)}]}).encode()
+
+    def chunked():
+        for i in range(0, len(big), 1 << 16):
+            yield big[i:i + (1 << 16)]
+
+    def trickled():
+        yield b'{"messages": [{"role": "user", '
+        time.sleep(2.5)
+        yield b'"content": "hi"}]}'
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        sent = pool.submit(httpx.post, f"{url}/v1/chat/completions", content=big, timeout=30,
+                           headers={"content-type": "application/json"})
+        t0 = time.monotonic()
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200 and time.monotonic() - t0 < 1.0
+        r = sent.result()
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.post(f"{url}/v1/chat/completions", content=chunked(), timeout=30)
+    assert r.status_code == 413 and "over 1,048,576 bytes" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/chat/completions", content=trickled(), timeout=30)
+    assert r.status_code == 408 and r.json()["error"]["code"] == "request_timeout"
+    assert chat(url, [{"role": "user", "content": "hi"}], max_tokens=2).status_code == 200
+
+
 def test_replies_equal_the_engines_tokens_for_the_same_seed(stack, serve, tok, model):
     url, _, _ = serve()
     options = dict(temperature=0.9, top_k=40, top_p=0.95, seed=11)
@@ -296,6 +348,7 @@ def test_beyond_the_rows_and_the_queue_a_request_gets_429(serve):
         r = chat(url, hi, max_tokens=5)
         assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
         assert "retry" in r.json()["error"]["message"]
+        assert r.headers["retry-after"] == "1"  # as OpenAI's 429 says when to retry
         assert [f.result().status_code for f in busy] == [200, 200]
     wait_idle(url)
     assert chat(url, hi, max_tokens=3).status_code == 200
@@ -420,6 +473,21 @@ def test_serve_py_on_a_taken_port_is_one_error(pretrained_run):
         r = subprocess.run([sys.executable, SERVE, *TINY_ARGS, "--data-dir", str(data), "--run-dir", str(run), "--port",
                             str(port)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == f"error: the server did not start on 127.0.0.1:{port}"
+
+
+def test_a_near_zero_temperature_among_eight_requests_fails_none(serve):
+    """temperature 1e-300 passed the range check, then divided the logits into NaN and every request in that decode
+    step got a 500 (schemathesis found it). Below the stack's MIN_TEMPERATURE a draw is greedy: the nine requests
+    decode together and each gets what it gets alone, the tiny temperature the greedy reply."""
+    url, _, _ = serve()
+    requests = [([{"role": "user", "content": f"Question {i}: " + "why " * i}], 6 + 2 * i, 0) for i in range(8)]
+    requests.append(([{"role": "user", "content": "Question 0: "}], 12, 1e-300))
+    alone = [chat(url, m, max_tokens=n, temperature=0).json()["choices"][0]["message"]["content"] for m, n, _ in requests]
+    with concurrent.futures.ThreadPoolExecutor(9) as pool:
+        together = list(pool.map(lambda r: chat(url, r[0], max_tokens=r[1], temperature=r[2]), requests))
+    assert [r.status_code for r in together] == [200] * 9
+    assert [r.json()["choices"][0]["message"]["content"] for r in together] == alone
+    assert httpx.get(f"{url}/health").json()["failed_steps"] == 0
 
 
 def test_extreme_sampling_values_and_long_serving_do_not_fail_the_batch(serve):
