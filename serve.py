@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
@@ -147,6 +148,9 @@ REQUEST_FIELDS = {
     "stream": (bool, lambda v: True, ""),
     "model": (str, lambda v: True, ""),
 }
+MAX_LOGPROBS = 5  # top alternatives per token that `logprobs` may ask for (OpenAI's legacy completions limit)
+MAX_TOP_LOGPROBS = 20  # chat completions' top_logprobs limit (OpenAI's)
+SCORED = {"text": ("logprobs", "echo"), "chat": ("logprobs", "top_logprobs")}  # taken where the endpoint scores
 UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "tools": (None, []),
                "functions": (None, []), "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
                "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}  # fields accepted only at their off value
@@ -171,7 +175,7 @@ class Server:
         self.outbox, self.http_loop = [], None  # (asyncio queue, item) from the decode thread, delivered per step
         self.lock, self.in_flight = threading.Lock(), 0  # choices accepted and not yet done
         self.created, self.thread, self.closed = int(time.time()), None, threading.Event()
-        self.failures = 0
+        self.failures, self.model_lock = 0, threading.Lock()
         with open(CHAT_PAGE, encoding="utf-8") as f:
             self.page = f.read()
         self.app = self._app()
@@ -197,7 +201,8 @@ class Server:
             except queue.Empty:
                 pass
             try:
-                self.batch.step()
+                with self.model_lock:  # prompt scoring (_logprobs) runs the model from the HTTP side
+                    self.batch.step()
             except Exception as e:  # e.g. out of memory: fail the requests in the batch, keep serving
                 self.failures += 1
                 print(f"serve: a decode step failed ({type(e).__name__}: {e}); its requests get a 500", flush=True)
@@ -219,13 +224,15 @@ class Server:
             self.in_flight -= 1
 
     # -- requests --
-    def _params(self, body, n_prompt, prompt_field):
-        """The request's sampling settings and n, max_tokens, stop, checked; RequestError on the first bad one."""
+    def _params(self, body, n_prompt, prompt_field, kind):
+        """The request's sampling settings and n, max_tokens, stop, checked; RequestError on the first bad one. kind:
+        "text" (/v1/completions: echo and logprobs, max_tokens 0 with echo) or "chat" (logprobs, top_logprobs)."""
+        scoring = kind == "text"
         if self.max_context - n_prompt < 1:
             raise RequestError(400, f"the prompt is {n_prompt} tokens; this model's context is {self.max_context} "
                                "tokens, prompt and reply together", prompt_field, "context_length_exceeded")
         for name, (off_none, off) in UNSUPPORTED.items():
-            if body.get(name, off_none) not in (off_none, off):
+            if body.get(name, off_none) not in (off_none, off) and name not in SCORED[kind]:
                 raise RequestError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
         p = {}
         for name, (kind, ok, want) in REQUEST_FIELDS.items():
@@ -240,15 +247,18 @@ class Server:
                                "model", "model_not_found")
         limit = self.max_context - n_prompt
         for name in ("max_tokens", "max_completion_tokens", "n"):
-            value = body.get(name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise RequestError(400, f"'{name}' must be a positive integer, got {json.dumps(value)[:40]}", name)
+            value, echo_only = body.get(name), scoring and body.get("echo") is True and name == "max_tokens"
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1 - echo_only):
+                raise RequestError(400, f"'{name}' must be a positive integer{' (or 0 with echo)' if scoring else ''}, "
+                                   f"got {json.dumps(value)[:40]}", name)
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         if max_tokens is not None and max_tokens > limit:
             raise RequestError(400, f"'max_tokens' {max_tokens} + the prompt's {n_prompt} tokens exceed this model's "
                                f"context of {self.max_context} tokens (at most {limit} here)", "max_tokens",
                                "context_length_exceeded")
         p["max_tokens"] = max_tokens or min(self.defaults["max_tokens"], limit)
+        if scoring and body.get("max_tokens") == 0:  # echo alone: the prompt scored, nothing generated
+            p["max_tokens"] = 0
         p["n"] = body.get("n") or 1
         if p["n"] > self.max_rows:
             raise RequestError(400, f"'n' is {p['n']}; this server decodes at most {self.max_rows} choices at once", "n")
@@ -334,6 +344,99 @@ class Server:
             for s in streams:
                 s.cancelled = True  # a no-op for finished ones
 
+    def _prompts(self, value):
+        """[(token ids, the first of them a client sent)] of a completions `prompt`: a text (after <|bos|>, which is
+        ours), a list of texts, token ids (as given), or a list of id lists: one prompt each, in order."""
+        vocab = self.tokenizer.vocab_size
+        is_ids = lambda x: (isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool)
+                                                              and 0 <= t < vocab for t in x))
+        items = [value] if isinstance(value, str) or is_ids(value) else value
+        if not (isinstance(items, list) and items and all(isinstance(x, str) or is_ids(x) for x in items)):
+            raise RequestError(400, f"'prompt' must be a text, a list of texts, a non-empty list of token ids below "
+                               f"{vocab}, or a list of such lists", "prompt")
+        return [([self.tokenizer.bos_id, *self.tokenizer.encode(x)], 1) if isinstance(x, str) else (list(x), 0)
+                for x in items]
+
+    def _logprobs(self, ids, top):
+        """Per token of `ids`: (text, log-probability, {text: log-probability} of the `top` likeliest), from one
+        forward: the model's own log-softmax of its softcapped logits in fp32, whatever the sampling settings. The
+        first token has no context: None, None."""
+        model, rt = self.engine.model, self.engine.rt
+        texts = [self.tokenizer.decode([t]) for t in ids]
+        if len(ids) < 2:
+            return texts, [None], [None]
+        with self.model_lock, torch.no_grad():
+            h, _, _ = ds.packed_hidden(model, [np.asarray(ids)], rt, self.engine.windows)
+            logp = torch.cat([torch.log_softmax(model.logits(h[rows]), -1)
+                              for rows in torch.split(torch.arange(len(ids) - 1, device=h.device), ds.LOGITS_CHUNK)])
+            picked = logp.gather(1, torch.tensor(ids[1:], device=h.device)[:, None])[:, 0].tolist()
+            best = logp.topk(top, -1) if top else None
+        alternatives = [None] + ([{self.tokenizer.decode([t]): v for t, v in zip(i, lp)}
+                                  for i, lp in zip(best.indices.tolist(), best.values.tolist())] if top else
+                                 [{} for _ in ids[1:]])
+        return texts, [None] + picked, alternatives
+
+    async def _scored(self, request, prompts, p, echo, top):
+        """Completions of several prompts, or with echo and logprobs (not streamed): prompt i's choice j is choice
+        i * n + j; logprobs from one forward of each choice's tokens (_logprobs): the prompt's with echo, then the
+        reply's; max_tokens 0 (with echo) scores the prompt alone."""
+        submitted = []
+        try:
+            for ids, _ in prompts:
+                submitted.append(self._submit(ids, p) if p["max_tokens"] else ([], None))
+        except RequestError:  # 429 for a later prompt: the earlier ones' choices are not wanted either
+            for streams, _ in submitted:
+                for s in streams:
+                    s.cancelled = True
+            raise
+        try:
+            return await self._scored_choices(request, prompts, submitted, p, echo, top)
+        finally:
+            for streams, _ in submitted:  # a no-op for finished ones; a failure or a timeout leaves none decoding
+                for s in streams:
+                    s.cancelled = True
+
+    async def _scored_choices(self, request, prompts, submitted, p, echo, top):
+        choices, used = [], 0
+        for (ids, first), (streams, out) in zip(prompts, submitted):
+            replies = [("", None)] * p["n"]
+            if streams:
+                texts, finishes = [""] * p["n"], [None] * p["n"]
+                async for j, piece, finish in self._choices(request, streams, out, p):
+                    texts[j] += piece
+                    finishes[j] = finish or finishes[j]
+                replies = list(zip(texts, finishes))
+            for j, (text, finish) in enumerate(replies):
+                reply = streams[j].sample if streams else None
+                tokens = reply.tokens[:-1] if reply and reply.stopped else (reply.tokens if reply else [])
+                used += len(reply.tokens) if reply else 0
+                start = first if echo else len(ids)
+                logprobs = None
+                if top is not None or echo:
+                    texts_, lps, tops = await asyncio.to_thread(self._logprobs, ids + tokens, top or 0)
+                    if echo:
+                        text = "".join(texts_[first:len(ids)]) + text
+                    if top is not None:
+                        offsets = [sum(len(t) for t in texts_[start:k]) for k in range(start, len(ids) + len(tokens))]
+                        logprobs = {"tokens": texts_[start:], "token_logprobs": lps[start:],
+                                    "top_logprobs": tops[start:] if top else None, "text_offset": offsets}
+                choices.append({"index": len(choices), "text": text, "logprobs": logprobs,
+                                "finish_reason": finish or "length"})
+        n_prompt = sum(len(ids) for ids, _ in prompts)
+        return JSONResponse({"id": "cmpl-" + os.urandom(12).hex(), "object": "text_completion",
+                             "created": int(time.time()), "model": self.model_name, "choices": choices,
+                             "usage": {"prompt_tokens": n_prompt, "completion_tokens": used,
+                                       "total_tokens": n_prompt + used}})
+
+    async def _chat_logprobs(self, prompt, stream, p):
+        """OpenAI's choices[].logprobs of a chat reply: {content: [{token, logprob, bytes, top_logprobs}]} per reply
+        token (the stop token that ended it not included), from one forward of prompt and reply (_logprobs)."""
+        reply = stream.sample.tokens[:-1] if stream.sample.stopped else stream.sample.tokens
+        texts, lps, tops = await asyncio.to_thread(self._logprobs, prompt + reply, p["top_logprobs"])
+        entry = lambda text, lp: {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+        return {"content": [{**entry(texts[k], lps[k]), "top_logprobs": [entry(t, v) for t, v in tops[k].items()]}
+                            for k in range(len(prompt), len(prompt) + len(reply))]}
+
     async def _respond(self, request, kind, prompt, p):
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + os.urandom(12).hex()
         head = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
@@ -348,8 +451,9 @@ class Server:
             async for j, piece, finish in choices:
                 texts[j] += piece
                 finishes[j] = finish or finishes[j]
-            choices = [{"index": j, "message": {"role": "assistant", "content": t}, "finish_reason": f} if kind == "chat"
-                       else {"index": j, "text": t, "logprobs": None, "finish_reason": f}
+            choices = [{"index": j, "message": {"role": "assistant", "content": t}, "finish_reason": f,
+                        "logprobs": await self._chat_logprobs(prompt, streams[j], p) if p.get("logprobs") else None}
+                       if kind == "chat" else {"index": j, "text": t, "logprobs": None, "finish_reason": f}
                        for j, (t, f) in enumerate(zip(texts, finishes))]
             return JSONResponse({**head, "choices": choices, "usage": usage()})
 
@@ -433,20 +537,32 @@ class Server:
         async def chat_completions(request: Request):
             body = await body_of(request)
             prompt = chat_prompt(self.tokenizer, body.get("messages"))
-            return await self._respond(request, "chat", prompt, self._params(body, len(prompt), "messages"))
+            logprobs, top = body.get("logprobs") or False, body.get("top_logprobs")
+            if not isinstance(logprobs, bool):
+                raise RequestError(400, "'logprobs' must be a boolean", "logprobs")
+            if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS
+                                    or not logprobs):
+                raise RequestError(400, f"'top_logprobs' must be an integer from 0 to {MAX_TOP_LOGPROBS}, with "
+                                   "'logprobs': true", "top_logprobs")
+            p = {**self._params(body, len(prompt), "messages", "chat"), "logprobs": logprobs, "top_logprobs": top or 0}
+            if logprobs and p.get("stream"):
+                raise RequestError(400, "'logprobs' is not supported when streaming", "logprobs")
+            return await self._respond(request, "chat", prompt, p)
 
         @app.post("/v1/completions")
         async def completions(request: Request):
             body = await body_of(request)
-            text, vocab = body.get("prompt"), self.tokenizer.vocab_size
-            if isinstance(text, str):
-                prompt = [self.tokenizer.bos_id, *self.tokenizer.encode(text)]
-            elif (isinstance(text, list) and text and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
-                                                          for t in text)):
-                prompt = list(text)  # token ids, as given
-            else:
-                raise RequestError(400, f"'prompt' must be a text or a non-empty list of token ids below {vocab}", "prompt")
-            return await self._respond(request, "text", prompt, self._params(body, len(prompt), "prompt"))
+            prompts, echo, top = self._prompts(body.get("prompt")), body.get("echo", False), body.get("logprobs")
+            if not isinstance(echo, bool):
+                raise RequestError(400, "'echo' must be a boolean", "echo")
+            if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS):
+                raise RequestError(400, f"'logprobs' must be an integer from 0 to {MAX_LOGPROBS}", "logprobs")
+            p = self._params(body, max(len(ids) for ids, _ in prompts), "prompt", "text")
+            if len(prompts) == 1 and not echo and top is None:
+                return await self._respond(request, "text", prompts[0][0], p)
+            if p.get("stream"):
+                raise RequestError(400, "'stream' is not supported with 'echo', 'logprobs' or several prompts", "stream")
+            return await self._scored(request, prompts, p, echo, top)
 
         def model_card():
             return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "decoderstack",
@@ -462,6 +578,30 @@ class Server:
                 raise RequestError(404, f"model {model_id!r} does not exist; this server serves {self.model_name!r}",
                                    "model", "model_not_found")
             return model_card()
+
+        # vLLM's tokenizer endpoints, which lm-eval's "remote" tokenizer backend reads (it finds them by itself):
+        # a harness then tokenizes with the served model's own tokenizer, special-token names as their tokens
+        @app.get("/tokenizer_info")
+        async def tokenizer_info():
+            return {"bos_token": "<|bos|>", "eos_token": "<|bos|>", "pad_token": None,
+                    "max_model_len": self.max_context, "vocab_size": self.tokenizer.vocab_size}
+
+        @app.post("/tokenize")
+        async def tokenize(request: Request):
+            body = await body_of(request)
+            if not isinstance(body.get("prompt"), str):
+                raise RequestError(400, "'prompt' must be a text", "prompt")
+            tokens = self.tokenizer.enc.encode(body["prompt"], allowed_special="all")
+            return {"tokens": tokens, "count": len(tokens), "max_model_len": self.max_context}
+
+        @app.post("/detokenize")
+        async def detokenize(request: Request):
+            body, vocab = await body_of(request), self.tokenizer.vocab_size
+            tokens = body.get("tokens")
+            if not (isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                                     for t in tokens)):
+                raise RequestError(400, f"'tokens' must be a list of token ids below {vocab}", "tokens")
+            return {"prompt": self.tokenizer.decode(tokens)}
 
         @app.get("/health")
         async def health():

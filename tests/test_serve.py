@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -308,7 +309,9 @@ BAD = [  # (body or raw text, status, param or None, a word of the message)
     ({"messages": [{"role": "user", "content": "hi"}], "n": 100}, 400, "n", "at most 8"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": True}, 400, "n", "positive"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
-    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs", "not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": "yes"}, 400, "logprobs", "boolean"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, 400, "top_logprobs", "'logprobs': true"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
     ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"}, 404, "model", "tiny"),
 ]
 
@@ -503,3 +506,136 @@ def test_extreme_sampling_values_and_long_serving_do_not_fail_the_batch(serve):
         short = [pool.submit(chat, url, hi, max_tokens=40) for _ in range(2 * CONTEXT // 40)]
         assert [f.result().status_code for f in short] == [200] * len(short) and long.result().status_code == 200
     assert httpx.get(f"{url}/health").json()["failed_steps"] == 0
+
+
+def own_logprobs(stack, model, ids, windows):
+    """log p(ids[t] | ids[:t]) for t >= 1 by the stack's own forward: the reference for the server's echo."""
+    h, _, _ = stack.packed_hidden(model, [np.asarray(ids)], cpu_rt(stack), windows)
+    with torch.no_grad():
+        logp = torch.log_softmax(model.logits(h[:-1]), -1)
+    return logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+
+def test_echo_scores_prompts_as_the_stack_and_core_do(stack, serve, tok, model):
+    """lm-eval's loglikelihood request (local-completions: prompt a list of id lists, echo, logprobs 1, max_tokens 1,
+    temperature 0): every prompt token's logprob, the first null, equals the stack's own log-softmax (1e-5, fp32),
+    and the sum over a continuation is what CORE scores for it (minus its mean loss times its length)."""
+    url, engine, _ = serve()
+    ids = [tok.bos_id, *tok.encode("The quick brown fox jumps over the lazy dog")]
+    other = [tok.bos_id, *tok.encode("A second prompt, scored beside the first")]
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": [ids, other], "max_tokens": 1, "logprobs": 1, "echo": True,
+                                                  "temperature": 0, "seed": 1234})
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    for choice, prompt in zip(choices, (ids, other)):
+        lp = choice["logprobs"]
+        assert len(lp["token_logprobs"]) == len(prompt) + 1 and lp["token_logprobs"][0] is None
+        torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:len(prompt)]),
+                                   torch.tensor(own_logprobs(stack, model, prompt, engine.windows)), atol=1e-5, rtol=0)
+        assert all(len(top) == 1 for top in lp["top_logprobs"][1:]) and lp["top_logprobs"][0] is None
+        assert lp["tokens"][:len(prompt)] == [tok.decode([t]) for t in prompt]
+        assert lp["text_offset"] == [sum(map(len, lp["tokens"][:k])) for k in range(len(lp["tokens"]))]
+        assert choice["text"].startswith("".join(lp["tokens"][:len(prompt)]))
+    cont = len(ids) - 4  # the last four tokens as a continuation, as CORE scores a choice
+    (mean_loss, _), = stack.core_scores_packed(model, [(np.asarray(ids), cont, len(ids))], cpu_rt(stack), engine.windows)
+    assert sum(choices[0]["logprobs"]["token_logprobs"][cont:len(ids)]) == pytest.approx(-4 * mean_loss, abs=1e-4)
+
+
+def test_completions_prompt_forms_and_echo_alone(serve, tok):
+    """A text, a list of texts, ids and a list of id lists; max_tokens 0 with echo scores the prompt and generates
+    nothing (a text prompt's <|bos|> is ours: not echoed); streaming does not take echo; chat still refuses logprobs."""
+    url, _, _ = serve()
+    post = lambda **body: httpx.post(f"{url}/v1/completions", json={"temperature": 0, **body})
+    one = post(prompt="The cat", max_tokens=3).json()["choices"]
+    two = post(prompt=["The cat", "A dog"], max_tokens=3).json()["choices"]
+    assert [c["index"] for c in two] == [0, 1] and two[0]["text"] == one[0]["text"]
+    assert two[1]["text"] == post(prompt="A dog", max_tokens=3).json()["choices"][0]["text"]
+    ids = [tok.bos_id, *tok.encode("The cat")]
+    assert post(prompt=[ids], max_tokens=3).json()["choices"][0]["text"] == one[0]["text"]
+    echo = post(prompt="The cat", max_tokens=0, echo=True, logprobs=2).json()
+    choice = echo["choices"][0]
+    assert choice["text"] == "The cat" and echo["usage"]["completion_tokens"] == 0
+    assert choice["logprobs"]["tokens"] == [tok.decode([t]) for t in ids[1:]]
+    assert None not in choice["logprobs"]["token_logprobs"] and all(len(t) == 2 for t in choice["logprobs"]["top_logprobs"])
+    plain = post(prompt="The cat", max_tokens=2, logprobs=0).json()["choices"][0]
+    assert len(plain["logprobs"]["token_logprobs"]) == 2 and plain["logprobs"]["top_logprobs"] is None
+    assert post(prompt="x", max_tokens=2, echo=True, stream=True).status_code == 400
+    assert post(prompt="x", max_tokens=0).status_code == 400  # max_tokens 0 only with echo
+    assert post(prompt="x", logprobs=9).status_code == 400
+    # vLLM's tokenizer endpoints (lm-eval's remote tokenizer): special-token names are their tokens
+    tokens = httpx.post(f"{url}/tokenize", json={"prompt": "<|bos|>The cat", "add_special_tokens": False}).json()["tokens"]
+    assert tokens == ids and httpx.get(f"{url}/tokenizer_info").json()["bos_token"] == "<|bos|>"
+    assert httpx.post(f"{url}/detokenize", json={"tokens": ids[1:]}).json()["prompt"] == "The cat"
+    assert httpx.post(f"{url}/detokenize", json={"tokens": [-1]}).status_code == 400
+
+
+def test_chat_logprobs_are_the_models_own(stack, serve, tok, model):
+    """logprobs: true, top_logprobs: 2 on a chat reply: OpenAI's choices[].logprobs.content, one entry per reply token
+    (text, bytes, logprob, two alternatives), the logprobs the stack's own for the prompt and the greedy reply."""
+    url, engine, _ = serve()
+    messages = [{"role": "user", "content": "Tell me about cats"}]
+    r = chat(url, messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    prompt = serving.chat_prompt(tok, messages)
+    reply = engine.generate([prompt], 1, 5, temperature=0)[0][0].tokens
+    assert [e["token"] for e in content] == [tok.decode([t]) for t in reply]
+    assert "".join(e["token"] for e in content) == choice["message"]["content"]
+    assert all(e["bytes"] == list(e["token"].encode()) and len(e["top_logprobs"]) == 2 for e in content)
+    own = own_logprobs(stack, model, prompt + reply, engine.windows)[len(prompt) - 1:]
+    torch.testing.assert_close(torch.tensor([e["logprob"] for e in content]), torch.tensor(own), atol=1e-5, rtol=0)
+    assert all(e["logprob"] == pytest.approx(e["top_logprobs"][0]["logprob"]) for e in content)  # greedy: the top one
+    assert chat(url, messages, logprobs=True, stream=True).status_code == 400
+    assert chat(url, messages, max_tokens=2).json()["choices"][0]["logprobs"] is None
+
+
+LM_EVAL_TASKS = {  # lm-eval task configs the test writes: a multiple-choice task and a generate_until one, local json
+    "tiny_mc": dict(output_type="multiple_choice", doc_to_text="Question: {{question}}\nAnswer:",
+                    doc_to_choice="{{choices}}", doc_to_target="{{answer}}", metric_list=[{"metric": "acc"}]),
+    "tiny_gen": dict(output_type="generate_until", doc_to_text="{{question}}", doc_to_target="{{answer}}",
+                     generation_kwargs={"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False},
+                     metric_list=[{"metric": "exact_match"}]),
+}
+LM_EVAL_DOCS = {
+    "tiny_mc": [{"question": "What color is the sky on a clear day?", "choices": ["blue", "green", "red"], "answer": 0},
+                {"question": "How many legs does a cat have?", "choices": ["two", "four", "six"], "answer": 1},
+                {"question": "Which is a fruit?", "choices": ["carrot", "potato", "apple"], "answer": 2}],
+    "tiny_gen": [{"question": "What is 2+2?", "answer": "4"}, {"question": "Say hi.", "answer": "hi"}],
+}
+
+
+def test_lm_eval_runs_against_the_server(stack, serve, tok, model, tmp_path):
+    """EleutherAI's lm-evaluation-harness as the client: local-completions finds the tokenizer endpoints by itself
+    (its remote backend), scores a multiple-choice task through echo + logprobs, and each choice's loglikelihood is
+    the sum of the stack's own logprobs over the continuation, tokenized as lm-eval does; local-chat-completions runs
+    a generate_until task whose replies are the server's greedy ones. Local task files, no download."""
+    import yaml
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    url, engine, _ = serve()
+    for name, config in LM_EVAL_TASKS.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in LM_EVAL_DOCS[name]))
+        files = {"data_files": {"test": str(tmp_path / f"{name}.jsonl")}, "cache_dir": str(tmp_path / "hf")}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({"task": name, "dataset_path": "json", "test_split": "test",
+                                                               "dataset_kwargs": files, **config}))
+    tasks, common = TaskManager(include_path=str(tmp_path)), "model=tiny,num_concurrent=1,max_retries=1"
+    scored = simple_evaluate(model="local-completions", model_args=f"base_url={url}/v1/completions,{common},"
+                             "tokenized_requests=True", tasks=["tiny_mc"], task_manager=tasks, log_samples=True)
+    encode = lambda text: tok.enc.encode(text, allowed_special="all")  # the server's /tokenize
+    samples = scored["samples"]["tiny_mc"]
+    assert len(samples) == 3 and 0 <= scored["results"]["tiny_mc"]["acc,none"] <= 1
+    for sample in samples:
+        assert len(sample["arguments"]) == len(sample["filtered_resps"]) == 3
+        for (context, continuation), (loglikelihood, _) in zip(sample["arguments"], sample["filtered_resps"]):
+            spaces = len(context) - len(context.rstrip())  # lm-eval moves them to the continuation
+            context, continuation = context[:len(context) - spaces], context[len(context) - spaces:] + continuation
+            whole, n_context = encode(context + continuation), len(encode(context))
+            own = own_logprobs(stack, model, whole, engine.windows)
+            assert float(loglikelihood) == pytest.approx(sum(own[n_context - 1:]), abs=1e-4)
+    generated = simple_evaluate(model="local-chat-completions", model_args=f"base_url={url}/v1/chat/completions,{common}",
+                                tasks=["tiny_gen"], task_manager=tasks, log_samples=True, apply_chat_template=True)
+    for sample, doc in zip(generated["samples"]["tiny_gen"], LM_EVAL_DOCS["tiny_gen"]):
+        want = chat(url, [{"role": "user", "content": doc["question"]}], max_tokens=8, temperature=0, stop=["\n\n"])
+        assert sample["resps"][0][0] == want.json()["choices"][0]["message"]["content"]
