@@ -66,6 +66,11 @@ class RequestError(Exception):
         return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
 
 
+def token_ids(values, vocab):
+    """Whether every value is a token id of the vocabulary (an int, not a bool, in [0, vocab))."""
+    return all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in values)
+
+
 def encode_reply(tokenizer, text):
     """An assistant turn's text as the model wrote it: its calculator calls, which replies show as the tool tokens'
     names, become those tokens again (a user turn's text is always ordinary text)."""
@@ -348,8 +353,7 @@ class Server:
         """[(token ids, the first of them a client sent)] of a completions `prompt`: a text (after <|bos|>, which is
         ours), a list of texts, token ids (as given), or a list of id lists: one prompt each, in order."""
         vocab = self.tokenizer.vocab_size
-        is_ids = lambda x: (isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool)
-                                                              and 0 <= t < vocab for t in x))
+        is_ids = lambda x: isinstance(x, list) and x and token_ids(x, vocab)
         items = [value] if isinstance(value, str) or is_ids(value) else value
         if not (isinstance(items, list) and items and all(isinstance(x, str) or is_ids(x) for x in items)):
             raise RequestError(400, f"'prompt' must be a text, a list of texts, a non-empty list of token ids below "
@@ -598,8 +602,7 @@ class Server:
         async def detokenize(request: Request):
             body, vocab = await body_of(request), self.tokenizer.vocab_size
             tokens = body.get("tokens")
-            if not (isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
-                                                     for t in tokens)):
+            if not (isinstance(tokens, list) and token_ids(tokens, vocab)):
                 raise RequestError(400, f"'tokens' must be a list of token ids below {vocab}", "tokens")
             return {"prompt": self.tokenizer.decode(tokens)}
 

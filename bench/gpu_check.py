@@ -339,7 +339,7 @@ def check_kv_cache(ctx, res):
     windows = model.windows()  # the last stage's, as a trained model is served
     lengths, new = ((40, 90), 16) if small else ((300, 1900), 64)
     seqs = [torch.randint(0, model.vocab_size, (n + new,), device=dev) for n in lengths]
-    worst_max, worst_mean, agree = 0.0, 0.0, []
+    errors = []
     with torch.no_grad():
         for ids in seqs:
             n = len(ids) - new
@@ -349,14 +349,11 @@ def check_kv_cache(ctx, res):
             with stack.autocast(rt):
                 steps = [model.decode(ids[None, :n], cache, windows)] + [model.decode(ids[None, t:t + 1], cache, windows)
                                                                          for t in range(n, len(ids))]
-            got = torch.cat(steps, dim=1)[0].float()
-            diff = (got - want).abs()
-            worst_max, worst_mean = max(worst_max, float(diff.max())), max(worst_mean, float(diff.mean()))
-            agree.append(float((got.argmax(-1) == want.argmax(-1)).float().mean()))
-    ok = worst_mean < (1e-4 if small else 0.02) and worst_max < (1e-3 if small else 0.5)
-    res.add("kv_cache", f"prefill {list(lengths)} + {new} decode steps", "ok" if ok else "FAIL",
-            f"softcapped logits: max |diff| {worst_max:.3f}, mean {worst_mean:.4f}; argmax agrees {min(agree):.1%}; "
-            f"decode backend {rt.backend}, packed {packed_rt.backend}", error=worst_mean)
+            errors.append(logit_error(torch.cat(steps, dim=1)[0], want))
+    worst = (max(e[0] for e in errors), max(e[1] for e in errors), min(e[2] for e in errors))
+    res.add("kv_cache", f"prefill {list(lengths)} + {new} decode steps", "ok" if logits_close(worst, small) else "FAIL",
+            f"softcapped logits: max |diff| {worst[1]:.3f}, mean {worst[0]:.4f}; argmax agrees {worst[2]:.1%}; "
+            f"decode backend {rt.backend}, packed {packed_rt.backend}", error=worst[0])
     prompt = seqs[1][:lengths[1]]
     cache = stack.KVCache(model, 1, len(prompt) + 129, dev, rt.dtype, rt.backend)
     with torch.no_grad(), stack.autocast(rt):

@@ -203,7 +203,8 @@ def test_fp8_linear_matches_dequantized_reference(stack):
     assert (x.grad - grad @ w.detach()).norm() / (grad @ w.detach()).norm() < 0.12
 
 
-def test_fp8_linear_keeps_cudas_rule_for_any_token_count(stack, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the activations on a GPU
+def test_fp8_linear_keeps_cudas_rule_for_any_token_count(stack, monkeypatch, dtype):
     """CUDA's _scaled_mm wants every dim a multiple of 16 and the weight gradient's inner dim is the tokens of one
     forward, which a user's --micro-batch-tokens (or a last, short row) need not make one: the rows are padded. The
     stand-in below enforces CUDA's rule on torch's CPU _scaled_mm; 37 tokens give what 37 of 48 padded rows give."""
@@ -216,16 +217,16 @@ def test_fp8_linear_keeps_cudas_rule_for_any_token_count(stack, monkeypatch):
     monkeypatch.setattr(torch, "_scaled_mm", cuda_rule)
     torch.manual_seed(0)
     scales = (100 / 448, 1.6 / 448, 0.75 / 448 / 32)
-    x, w = torch.randn(37, 64), torch.randn(48, 64) * 0.02
-    padded = torch.cat([x, torch.zeros(11, 64)]).requires_grad_()
+    x, w = torch.randn(37, 64).to(dtype), torch.randn(48, 64) * 0.02
+    padded = torch.cat([x, torch.zeros(11, 64, dtype=dtype)]).requires_grad_()
     x.requires_grad_(), w.requires_grad_()
-    grad = torch.randn(37, 48) / 32
+    grad = (torch.randn(37, 48) / 32).to(dtype)
     out = stack.fp8_linear(x, w, *scales)
     out.backward(grad)
     w_grad, w.grad = w.grad, None
     whole = stack._FP8Linear.apply(padded, w, *scales)
-    whole.backward(torch.cat([grad, torch.zeros(11, 48)]))
-    assert out.shape == (37, 48) and torch.equal(out, whole[:37])
+    whole.backward(torch.cat([grad, torch.zeros(11, 48, dtype=dtype)]))
+    assert out.shape == (37, 48) and out.dtype == dtype and torch.equal(out, whole[:37])
     assert torch.equal(x.grad, padded.grad[:37]) and torch.equal(w_grad, w.grad)
     with pytest.raises(AssertionError, match="_scaled_mm dims"):  # unpadded, the stand-in refuses as CUDA would
         stack._FP8Linear.apply(x.detach(), w, *scales)
