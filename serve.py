@@ -18,12 +18,16 @@ import signal
 import sys
 import threading
 import time
+from typing import Annotated, Literal, Optional, Union
 
 import numpy as np
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -53,6 +57,9 @@ MAX_CONNECTIONS = 256  # open connections uvicorn takes; beyond, 503
 # message roles as our chat format has them: "developer" is OpenAI's newer name for "system"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 TOOL_TOKENS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
+# how replies show the calculator's calls: GSM8K's notation (<<48/2=24>>), from which SFT's data taught them
+CALL_MARKS = ("<<", "=", "", ">>")  # what each of TOOL_TOKENS shows as
+CALCULATOR_CALL = re.compile(r"<<([^>]*)>>")  # as data/sft_shards.py reads GSM8K
 
 
 class RequestError(Exception):
@@ -71,11 +78,35 @@ def token_ids(values, vocab):
     return all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in values)
 
 
+def annotated_text(tokenizer, tokens):
+    """A reply's text, its calculator calls in GSM8K's notation: <|python_start|>expr<|python_end|><|output_start|>
+    result<|output_end|> shows as <<expr=result>>, a call the calculator refused (no output) as <<expr=>>. As tokens
+    come, each text is the one before it and more (a refused call's >> comes with the token after its python_end)."""
+    marks = {tokenizer.special(name): mark for name, mark in zip(TOOL_TOKENS, CALL_MARKS)}
+    python_end, output_start = (tokenizer.special(name) for name in TOOL_TOKENS[1:3])
+    pieces, run = [], []
+    for k, token in enumerate(tokens):
+        if token not in marks:
+            run.append(token)
+            continue
+        pieces += [tokenizer.decode(run), marks[token]]
+        run = []
+        if token == python_end and k + 1 < len(tokens) and tokens[k + 1] != output_start:
+            pieces.append(CALL_MARKS[-1])
+    return "".join(pieces) + tokenizer.decode(run)
+
+
 def encode_reply(tokenizer, text):
-    """An assistant turn's text as the model wrote it: its calculator calls, which replies show as the tool tokens'
-    names, become those tokens again (a user turn's text is always ordinary text)."""
-    pieces = re.split("(" + "|".join(map(re.escape, TOOL_TOKENS)) + ")", text)
-    return [t for i, piece in enumerate(pieces) for t in ([tokenizer.special(piece)] if i % 2 else tokenizer.encode(piece))]
+    """An assistant turn's text as the model wrote it: its calculator calls, shown as <<expr=result>> (annotated_text),
+    become the tool's tokens again (a user turn's text is always ordinary text)."""
+    sp, ids, at = tokenizer.special, [], 0
+    for call in CALCULATOR_CALL.finditer(text):
+        expr, eq, result = call.group(1).rpartition("=")
+        if eq:  # a call; without "=" the text only looks like one
+            ids += [*tokenizer.encode(text[at:call.start()]), sp(TOOL_TOKENS[0]), *tokenizer.encode(expr), sp(TOOL_TOKENS[1])]
+            ids += [sp(TOOL_TOKENS[2]), *tokenizer.encode(result), sp(TOOL_TOKENS[3])] if result else []
+            at = call.end()
+    return ids + tokenizer.encode(text[at:])
 
 
 def chat_prompt(tokenizer, messages):
@@ -90,7 +121,8 @@ def chat_prompt(tokenizer, messages):
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                              and isinstance(p.get("text"), str) for p in content):
             content = "".join(p["text"] for p in content)  # OpenAI's content parts: text ones only
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(content, str):
+        role = m.get("role") if isinstance(m, dict) else None
+        if not isinstance(role, str) or role not in ROLES or not isinstance(content, str):
             raise RequestError(400, f"messages[{i}] must be {{role: system|developer|user|assistant, content: text}}",
                                "messages")
         turns.append((i, ROLES[m["role"]], content))
@@ -126,7 +158,7 @@ class ReplyText:
             self.finish = "stop"
             return self.rest()
         self.tokens.append(token)
-        self.text = self.tokenizer.decode(self.tokens)
+        self.text = annotated_text(self.tokenizer, self.tokens)
         cuts = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
         if cuts:
             self.text, self.finish = self.text[:min(cuts)], "stop"
@@ -159,6 +191,195 @@ SCORED = {"text": ("logprobs", "echo"), "chat": ("logprobs", "top_logprobs")}  #
 UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "tools": (None, []),
                "functions": (None, []), "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
                "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}  # fields accepted only at their off value
+
+
+# -- the API's schema, served at /openapi.json: pydantic models of every body, this server's own limits in them. The
+# handlers read the raw body and check it themselves (a size and time bound before parsing, OpenAI-shaped 400s naming
+# the field): these models state what those checks accept, and tests/test_serve.py holds the two together with
+# schemathesis. What a schema cannot say is a 400: turns that alternate, a prompt that leaves room in the context for
+# its reply, max_tokens 0 without echo, top_logprobs without logprobs, logprobs or echo while streaming.
+
+Stop = Union[Annotated[str, Field(min_length=1)],
+             Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=SERVE_MAX_STOPS)], None]
+
+
+class Error(BaseModel):
+    message: str
+    type: str
+    param: Optional[str]
+    code: Optional[str]
+
+
+class ErrorResponse(BaseModel):
+    error: Error
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]  # the token's text in UTF-8
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: Optional[ChatLogprobs]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]  # the first token of a prompt has no context: null
+    top_logprobs: Optional[list[Optional[dict[str, float]]]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs]
+    finish_reason: Literal["stop", "length"]
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_context: int  # tokens, prompt and reply together
+    chat: bool  # an SFT/RL checkpoint (chat completions), else a base model (completions)
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+    rows_live: int
+    rows: int
+    waiting: int
+    in_flight: int
+    max_rows: int
+    max_queue: int
+    failed_steps: int
+
+
+class TokenizerInfo(BaseModel):
+    bos_token: str
+    eos_token: str
+    pad_token: Optional[str]
+    max_model_len: int
+    vocab_size: int
+
+
+class Tokens(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class Text(BaseModel):
+    prompt: str
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal[tuple(ROLES)]
+    content: Union[str, list[TextPart]]
+
+
+def request_models(max_context, max_rows, vocab_size):
+    """The request bodies' models with this server's bounds: its context, its rows (the largest n), its vocabulary."""
+    TokenId = Annotated[int, Field(ge=0, lt=vocab_size)]
+    Ids = Annotated[list[TokenId], Field(min_length=1)]
+
+    class Sampling(BaseModel):
+        model: Optional[str] = None
+        temperature: Optional[float] = Field(None, ge=0, le=2, description=f"below {ds.MIN_TEMPERATURE:g}: greedy")
+        top_p: Optional[float] = Field(None, gt=0, le=1)
+        top_k: Optional[int] = Field(None, ge=0, description="0: off")
+        min_p: Optional[float] = Field(None, ge=0, le=1)
+        seed: Optional[int] = None
+        n: Optional[int] = Field(None, ge=1, le=max_rows)
+        max_tokens: Optional[int] = Field(None, ge=1, le=max_context - 1, description="with the prompt, at most the "
+                                          f"context of {max_context} tokens")
+        max_completion_tokens: Optional[int] = Field(None, ge=1, le=max_context - 1)
+        stop: Stop = None
+        stream: Optional[bool] = None
+        stream_options: Optional[StreamOptions] = None
+
+    class ChatCompletionRequest(Sampling):
+        model_config = ConfigDict(json_schema_extra={"examples": [
+            {"messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 8, "temperature": 0}]})
+        messages: Annotated[list[Message], Field(min_length=1)]
+        logprobs: Optional[bool] = None
+        top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: true")
+
+    class CompletionRequest(Sampling):
+        model_config = ConfigDict(json_schema_extra={"examples": [
+            {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0},
+            {"prompt": [[1, 2, 3]], "echo": True, "logprobs": 1, "max_tokens": 0}]})
+        prompt: Union[str, Annotated[list[str], Field(min_length=1)], Ids, Annotated[list[Ids], Field(min_length=1)]]
+        max_tokens: Optional[int] = Field(None, ge=0, le=max_context - 1, description="0: with echo, the prompt "
+                                          "scored alone")
+        echo: Optional[bool] = None
+        logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    class TokenizeRequest(BaseModel):
+        prompt: str
+
+    class DetokenizeRequest(BaseModel):
+        tokens: list[TokenId]
+
+    return ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest
 
 
 class Server:
@@ -494,7 +715,22 @@ class Server:
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     def _app(self):
-        app = FastAPI(title="DecoderStack", docs_url=None, redoc_url=None, openapi_url=None)
+        app = FastAPI(title="DecoderStack", docs_url=None, redoc_url=None)
+        requests = request_models(self.max_context, self.max_rows, self.tokenizer.vocab_size)
+
+        def openapi():
+            """FastAPI's schema of the routes, with the request models their bodies refer to."""
+            if app.openapi_schema is None:
+                schema = get_openapi(title=app.title, version="1", routes=app.routes, description=(
+                    f"OpenAI-compatible: serving {self.model_name}, {self.max_context} tokens of context, {self.max_rows} "
+                    f"choices decoding at once and {self.max_queue} waiting (more: 429); bodies up to {MAX_BODY:,} bytes "
+                    f"(more: 413) sent within {BODY_TIMEOUT:g} s (else 408); errors in OpenAI's shape."))
+                _, defs = models_json_schema([(m, "validation") for m in requests], ref_template=REF)
+                schema["components"]["schemas"].update(defs["$defs"])
+                app.openapi_schema = schema
+            return app.openapi_schema
+
+        app.openapi = openapi
 
         @app.exception_handler(RequestError)
         async def refused(request, e):  # 429 says when to retry, as OpenAI's does
@@ -537,11 +773,12 @@ class Server:
                 raise RequestError(400, "the request body must be a JSON object")
             return body
 
-        @app.post("/v1/chat/completions")
+        @app.post("/v1/chat/completions", **api(requests[0], ChatCompletion, streams=True))
         async def chat_completions(request: Request):
             body = await body_of(request)
             prompt = chat_prompt(self.tokenizer, body.get("messages"))
-            logprobs, top = body.get("logprobs") or False, body.get("top_logprobs")
+            logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+            logprobs = False if logprobs is None else logprobs
             if not isinstance(logprobs, bool):
                 raise RequestError(400, "'logprobs' must be a boolean", "logprobs")
             if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS
@@ -553,10 +790,11 @@ class Server:
                 raise RequestError(400, "'logprobs' is not supported when streaming", "logprobs")
             return await self._respond(request, "chat", prompt, p)
 
-        @app.post("/v1/completions")
+        @app.post("/v1/completions", **api(requests[1], Completion, streams=True))
         async def completions(request: Request):
             body = await body_of(request)
-            prompts, echo, top = self._prompts(body.get("prompt")), body.get("echo", False), body.get("logprobs")
+            prompts, echo, top = self._prompts(body.get("prompt")), body.get("echo"), body.get("logprobs")
+            echo = False if echo is None else echo
             if not isinstance(echo, bool):
                 raise RequestError(400, "'echo' must be a boolean", "echo")
             if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS):
@@ -572,11 +810,11 @@ class Server:
             return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "decoderstack",
                     "max_context": self.max_context, "chat": self.chat}
 
-        @app.get("/v1/models")
+        @app.get("/v1/models", **api(None, ModelList))
         async def models():
             return {"object": "list", "data": [model_card()]}
 
-        @app.get("/v1/models/{model_id:path}")  # the id holds a slash: RUN_DIR/CHECKPOINT
+        @app.get("/v1/models/{model_id:path}", **api(None, ModelCard, 404))  # the id holds a slash: RUN/CHECKPOINT
         async def model(model_id: str):
             if model_id != self.model_name:
                 raise RequestError(404, f"model {model_id!r} does not exist; this server serves {self.model_name!r}",
@@ -585,12 +823,12 @@ class Server:
 
         # vLLM's tokenizer endpoints, which lm-eval's "remote" tokenizer backend reads (it finds them by itself):
         # a harness then tokenizes with the served model's own tokenizer, special-token names as their tokens
-        @app.get("/tokenizer_info")
+        @app.get("/tokenizer_info", **api(None, TokenizerInfo))
         async def tokenizer_info():
             return {"bos_token": "<|bos|>", "eos_token": "<|bos|>", "pad_token": None,
                     "max_model_len": self.max_context, "vocab_size": self.tokenizer.vocab_size}
 
-        @app.post("/tokenize")
+        @app.post("/tokenize", **api(requests[2], Tokens))
         async def tokenize(request: Request):
             body = await body_of(request)
             if not isinstance(body.get("prompt"), str):
@@ -598,7 +836,7 @@ class Server:
             tokens = self.tokenizer.enc.encode(body["prompt"], allowed_special="all")
             return {"tokens": tokens, "count": len(tokens), "max_model_len": self.max_context}
 
-        @app.post("/detokenize")
+        @app.post("/detokenize", **api(requests[3], Text))
         async def detokenize(request: Request):
             body, vocab = await body_of(request), self.tokenizer.vocab_size
             tokens = body.get("tokens")
@@ -606,17 +844,37 @@ class Server:
                 raise RequestError(400, f"'tokens' must be a list of token ids below {vocab}", "tokens")
             return {"prompt": self.tokenizer.decode(tokens)}
 
-        @app.get("/health")
+        @app.get("/health", **api(None, Health))
         async def health():
             return {"status": "ok", "model": self.model_name, "rows_live": self.batch.live, "rows": len(self.batch.slots),
                     "waiting": len(self.batch.waiting) + self.inbox.qsize(), "in_flight": self.in_flight,
                     "max_rows": self.max_rows, "max_queue": self.max_queue, "failed_steps": self.failures}
 
-        @app.get("/")
+        @app.get("/", include_in_schema=False)
         async def page():
             return HTMLResponse(self.page)
 
         return app
+
+
+REF = "#/components/schemas/{model}"
+BODY_ERRORS = (400, 404, 408, 413, 429, 500, 504)  # what a POST may answer besides 200
+
+
+def api(request, response, *errors, streams=False):
+    """A route's OpenAPI entry: its body's model (the handler reads the raw body: the schema says what it accepts),
+    its reply's (JSON, or server-sent events where it streams), its errors' in OpenAI's shape (429 with Retry-After)."""
+    ok = {"model": response, "description": "the reply" + (", or server-sent events of its chunks with stream: true"
+                                                           if streams else "")}
+    if streams:
+        ok["content"] = {"text/event-stream": {"schema": {  # one event: a JSON chunk (or an error), then "[DONE]"
+            "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}}
+    errors = {code: {"model": ErrorResponse, "description": "an error"} for code in (BODY_ERRORS if request else errors)}
+    if 429 in errors:
+        errors[429]["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
+    body = {} if request is None else {"openapi_extra": {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": REF.format(model=request.__name__)}}}}}}
+    return {"responses": {200: ok, **errors}, **body}
 
 
 def start(server, host="127.0.0.1", port=0, log_level="warning"):

@@ -1,11 +1,16 @@
 """Serving under load: serve.py's OpenAI-compatible server (Server, in this process, on a free loopback port) and C
 client threads that each send R streaming chat completions of distinct prompts one after another, for C in --clients;
 side by side at every C the same prompts against a second server that decodes one row at a time (max_rows=1: requests
-queue, no continuous batching), so the table shows the batching gain as a ratio measured in this run.
+queue, no continuous batching), so the table shows the batching gain as a ratio measured in this run. Then, at the
+largest C, the batched server's load again beside hostile clients (--hostile H of them, each sending as many requests
+as a normal one, in turn: bad JSON, a prompt past the context, a body over the size limit, an unknown model, and a
+poisoned sampler: a request whose draws raise, as a sampling bug would): a second table shows that the normal
+requests' throughput, errors and replies stay as they were, and what each hostile request got.
 
     python bench/serve_bench.py                          # the latest checkpoint of runs/cpu, 1 / 4 / 16 clients
     python bench/serve_bench.py --checkpoint runs/cpu/ckpt_000150 --clients 1,8 --requests-per-client 4
     python bench/serve_bench.py --quick --data-dir DIR   # smoke run: a tiny random model, 1 and 2 clients, 1 request each
+    python bench/serve_bench.py --hostile 0              # no hostile mix
 
 Greedy (temperature 0) and, unless --natural-stops, the engine's stop tokens off: every reply runs to --max-tokens,
 so both servers do the same work per request (a trained model's replies would otherwise end at different lengths).
@@ -16,6 +21,7 @@ under one GIL with the server's event loop and decode thread): on 2 cores they t
 client would not. Prints a table and a last summary line; timings vary +-30% on shared machines: run on idle cores.
 """
 import argparse
+import collections
 import importlib.util
 import json
 import os
@@ -101,12 +107,49 @@ def one_request(http, url, text, max_tokens):
     return out
 
 
-def run_load(url, prompts, max_tokens):
-    """prompts[c]: client c's messages, sent one after another; all clients start together. (results[c] per
-    request, wall seconds of the whole load, spans[c]: client c's seconds)."""
+POISON_SEED = 666  # a hostile request's seed: its sampler raises (poisoned_sampling)
+HOSTILE = ("bad JSON", "past the context", "over the size limit", "unknown model", "poisoned sampler")
+
+
+def hostile_request(http, url, k, context):
+    """The k-th hostile request (HOSTILE[k % 5]): (its kind, the status it got: 0 if the connection failed)."""
+    kind, user = HOSTILE[k % len(HOSTILE)], [{"role": "user", "content": "Hello"}]
+    body = {"bad JSON": b'{"messages": [{"role": "user", "content": "Hel',
+            "past the context": {"messages": [{"role": "user", "content": "word " * context}]},
+            "over the size limit": {"messages": [{"role": "user", "content": "x" * (2 << 20)}]},
+            "unknown model": {"messages": user, "model": "gpt-4o"},
+            "poisoned sampler": {"messages": user, "seed": POISON_SEED, "temperature": 1.0, "stream": True}}[kind]
+    try:
+        if isinstance(body, bytes):
+            r = http.post(f"{url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        else:
+            r = http.post(f"{url}/v1/chat/completions", json=body)
+        failed_in_stream = r.status_code == 200 and '"error"' in r.text  # a failure after the first token
+        return kind, 500 if failed_in_stream else r.status_code
+    except Exception:  # e.g. the server closed a connection whose body it refused unread
+        return kind, 0
+
+
+def poisoned_sampling(stack):
+    """The stack's sample_next, raising for a generator seeded POISON_SEED; sample_next is put back when done."""
+    draw = stack.sample_next
+
+    def sample_next(logits, generator, *args, **kwargs):
+        if generator is not None and generator.initial_seed() == POISON_SEED:
+            raise RuntimeError("a poisoned sampler (serve_bench's hostile mix)")
+        return draw(logits, generator, *args, **kwargs)
+
+    stack.sample_next = sample_next
+    return lambda: setattr(stack, "sample_next", draw)
+
+
+def run_load(url, prompts, max_tokens, hostile=0, context=0):
+    """prompts[c]: client c's messages, sent one after another; all clients start together, with `hostile` clients
+    sending as many hostile requests each (at least one of each kind in all). (results[c] per request, wall seconds of the normal clients' load,
+    spans[c]: client c's seconds, [(kind, status)] of the hostile requests)."""
     import httpx
-    start = threading.Barrier(len(prompts) + 1)
-    results, spans = [[] for _ in prompts], [0.0] * len(prompts)
+    start = threading.Barrier(len(prompts) + hostile + 1)
+    results, spans, refused = [[] for _ in prompts], [0.0] * len(prompts), []
 
     def client(c):
         with httpx.Client(timeout=httpx.Timeout(600.0)) as http:  # one keep-alive connection per client
@@ -116,14 +159,24 @@ def run_load(url, prompts, max_tokens):
                 results[c].append(one_request(http, url, text, max_tokens))
             spans[c] = time.perf_counter() - t0
 
+    def hostile_client(h):
+        with httpx.Client(timeout=httpx.Timeout(600.0)) as http:
+            start.wait()
+            for r in range(max(len(prompts[0]), -(-len(HOSTILE) // hostile))):  # every kind at least once
+                refused.append(hostile_request(http, url, h + r * hostile, context))
+
     threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(len(prompts))]
+    threads += [threading.Thread(target=hostile_client, args=(h,), daemon=True) for h in range(hostile)]
     for t in threads:
         t.start()
     start.wait()
     t0 = time.perf_counter()
-    for t in threads:
+    for t in threads[:len(prompts)]:
         t.join()
-    return results, time.perf_counter() - t0, spans
+    wall = time.perf_counter() - t0
+    for t in threads[len(prompts):]:
+        t.join()
+    return results, wall, spans, refused
 
 
 def row_stats(results, wall, spans):
@@ -152,12 +205,15 @@ def main():
     ap.add_argument("--decode-compile", action="store_true", help="torch.compile'd decode steps (Engine compile=True)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
     ap.add_argument("--natural-stops", action="store_true", help="keep the engine's stop tokens: replies may end early")
+    ap.add_argument("--hostile", type=int, default=-1, help="hostile clients beside the largest --clients load on the "
+                    "batched server (-1: half as many as its normal ones, at least 1; 0: no hostile mix)")
     ap.add_argument("--quick", action="store_true", help="smoke run: a tiny random model (unless --checkpoint), "
                     "clients 1,2, 1 request per client, 8 tokens")
     args = ap.parse_args()
     if args.quick:
         args.clients, args.requests_per_client, args.max_tokens = "1,2", 1, 8
     clients = [int(c) for c in args.clients.split(",")]
+    hostile = max(1, max(clients) // 2) if args.hostile < 0 else args.hostile
     if not clients or min(clients) < 1 or args.requests_per_client < 1 or args.max_tokens < 1:
         sys.exit("error: --clients, --requests-per-client and --max-tokens must be positive")
     torch.set_num_threads(args.threads or os.cpu_count())
@@ -209,15 +265,27 @@ def main():
         run_load(servers["batched"][0], [[t] for t in warm], args.max_tokens)
         run_load(servers["one row"][0], [warm[:1]], args.max_tokens)
         print(f"warm-up {time.perf_counter() - t0:.1f} s (apart)")
-        stats, same = {}, {}
+        stats, same, clean = {}, {}, None
         for c in clients:  # the two servers one after the other at each C: the same prompts, the same machine state
             outputs = {}
             for kind in ("batched", "one row"):
-                results, wall, spans = run_load(servers[kind][0], prompts[c], args.max_tokens)
+                results, wall, spans, _ = run_load(servers[kind][0], prompts[c], args.max_tokens)
                 stats[c, kind], outputs[kind] = row_stats(results, wall, spans), results
             pairs = [(a, b) for ra, rb in zip(outputs["batched"], outputs["one row"]) for a, b in zip(ra, rb)
                      if a["error"] is None and b["error"] is None]
             same[c] = (sum(a["text"] == b["text"] for a, b in pairs), len(pairs))
+            clean = outputs["batched"] if c == max(clients) else clean
+        if hostile:  # the largest load again, beside hostile clients: the clean run is the batched row just measured
+            top, put_back = max(clients), poisoned_sampling(stack)
+            try:
+                results, wall, spans, refused = run_load(servers["batched"][0], prompts[top], args.max_tokens,
+                                                         hostile, context)
+            finally:
+                put_back()
+            stats["mix"] = row_stats(results, wall, spans)
+            pairs = [(a, b) for ra, rb in zip(results, clean) for a, b in zip(ra, rb)
+                     if a["error"] is None and b["error"] is None]
+            same["mix"] = (sum(a["text"] == b["text"] for a, b in pairs), len(pairs))
         failed = {kind: server.failures for kind, (_, server) in servers.items()}
     finally:
         for stop in stops:
@@ -234,6 +302,23 @@ def main():
             print(f"| {c} | {kind} | {s['requests']} | {s['errors']} ({s['busy']}) | {s['req_s']:.2f} | {s['tok_s']:.0f} | "
                   f"{s['tok_per']:.1f} | {s['ttft50']:.3f} | {s['ttft95']:.3f} | {s['lat50']:.2f} | {s['lat95']:.2f} | "
                   f"{s['spread']:.2f} | {gain} | {agree} |")
+    mix = ""
+    if hostile:
+        top = max(clients)
+        got = {kind: collections.Counter(status for k, status in refused if k == kind) for kind in HOSTILE}
+        print(f"\nthe batched server at {plural(top, 'client')}, alone and beside {plural(hostile, 'hostile client')} "
+              f"({plural(len(refused), 'hostile request')}):\n")
+        print("| load | normal requests | normal errors | req/s | gen tok/s | TTFT p50 s | latency p50 s | same reply as "
+              "alone | " + " | ".join(HOSTILE) + " |")
+        print("| --- " * (8 + len(HOSTILE)) + "|")
+        for name, s in (("alone", stats[top, "batched"]), ("hostile mix", stats["mix"])):
+            mixed = name != "alone"
+            statuses = [" ".join(f"{n}x{code}" for code, n in sorted(got[kind].items())) if mixed else "" for kind in HOSTILE]
+            agree = f"{same['mix'][0]}/{same['mix'][1]}" if mixed else ""
+            print(f"| {name} | {s['requests']} | {s['errors']} | {s['req_s']:.2f} | {s['tok_s']:.0f} | {s['ttft50']:.3f} | "
+                  f"{s['lat50']:.2f} | {agree} | " + " | ".join(statuses) + " |")
+        mix = (f"; beside {plural(len(refused), 'hostile request')}: {ratio(stats['mix']['req_s'], stats[top, 'batched']['req_s']):.2f}x "
+               f"the req/s, {stats['mix']['errors']} normal errors, {same['mix'][0]}/{same['mix'][1]} replies the same")
     errors = sum(s["errors"] for s in stats.values())
     first = next((s["first_error"] for s in stats.values() if s["first_error"]), None)
     if errors or any(failed.values()):
@@ -245,7 +330,7 @@ def main():
     at_top = f", {b['ttft50']:.3f} s at {top}" if top != low else ""
     print(f"serve_bench: {top} client{'s' * (top > 1)}: {b['req_s']:.2f} req/s batched vs {one['req_s']:.2f} one at a "
           f"time ({ratio(b['req_s'], one['req_s']):.1f}x), {b['tok_s']:.0f} vs {one['tok_s']:.0f} tok/s; TTFT p50 "
-          f"{stats[low, 'batched']['ttft50']:.3f} s at {plural(low, 'client')}{at_top}; {errors} errors")
+          f"{stats[low, 'batched']['ttft50']:.3f} s at {plural(low, 'client')}{at_top}{mix}; {errors} errors")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def test_compare_trains_every_stack_and_tabulates_their_metrics(tiny_data, tok_d
 
 def test_serve_bench_quick_tabulates_both_servers_at_each_client_count(tok_dir):
     """bench/serve_bench.py --quick: a tiny random model served on loopback, 1 and 2 clients, against the batched and
-    the one-row server; every row in the table (no timings checked), the summary line last."""
+    the one-row server; every row in the table (no timings checked), the hostile mix, the summary line last."""
     for module in ("httpx", "fastapi", "uvicorn"):
         pytest.importorskip(module)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "serve_bench.py"), "--quick",
@@ -63,5 +63,11 @@ def test_serve_bench_quick_tabulates_both_servers_at_each_client_count(tok_dir):
         assert int(c[2]) == int(c[0]) and c[3] == "0 (0)"  # one request per client, none failed
         assert float(c[6]) == 8.0  # stop tokens off: every reply ran to --quick's 8 tokens
     assert [c[13] for c in cells] == ["1/1", "", "2/2", ""]  # greedy: the same replies batched and one at a time
-    assert re.match(r"serve_bench: 2 clients: [\d.]+ req/s batched vs [\d.]+ one at a time \([\d.]+x\), .*; 0 errors$",
-                    lines[-1])
+    # the 2-client load again beside a hostile client: every kind refused with its status, the poisoned sampler's
+    # request alone failing (500), the normal requests without errors and with the replies they got alone
+    header = next(i for i, line in enumerate(lines) if line.startswith("| load | normal requests |"))
+    alone, mix = [[c.strip() for c in line.strip("|").split("|")] for line in lines[header + 2:header + 4]]
+    assert alone[:3] == ["alone", "2", "0"] and mix[:3] == ["hostile mix", "2", "0"] and mix[7] == "2/2"
+    assert mix[8:] == ["1x400", "1x400", "1x413", "1x404", "1x500"]
+    assert re.match(r"serve_bench: 2 clients: [\d.]+ req/s batched vs [\d.]+ one at a time \([\d.]+x\), .*; beside 5 "
+                    r"hostile requests: [\d.]+x the req/s, 0 normal errors, 2/2 replies the same; 0 errors$", lines[-1])

@@ -5,6 +5,7 @@ timeouts, a failing decode step, and serve.py's command line."""
 import concurrent.futures
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -122,12 +123,21 @@ def test_chat_prompt_equals_the_data_side_rendering(stack, tok, tok_dir):
     for messages in (TURNS, TURNS[1:2], [{"role": "user", "content": [{"type": "text", "text": "parts "}, {"type": "text", "text": "joined"}]}]):
         flat = [{**m, "content": "".join(p["text"] for p in m["content"])} if isinstance(m["content"], list) else m for m in messages]
         assert serving.chat_prompt(tok, messages) == ours.render_for_completion(flat + [{"role": "assistant", "content": ""}])
-    # user text is always ordinary text; an assistant turn's tool-token names become the tool tokens it generated
+    # user text is always ordinary text; an assistant turn's calculator calls, as replies show them (GSM8K's
+    # <<expr=result>>), become the tool tokens it generated: those SFT's data renders from the same notation
+    from sft_shards import gsm8k_parts
     assert tok.bos_id not in serving.chat_prompt(tok, TURNS)[1:]
-    reply = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a<|python_start|>1+1<|python_end|>"
-                                                                              "<|output_start|>2<|output_end|>b"}, {"role": "user", "content": "y"}]
-    ids = serving.chat_prompt(tok, reply)
+    x, y, answer = {"role": "user", "content": "x"}, {"role": "user", "content": "y"}, "a<<1+1=2>>b, and <<c>> d"
+    ids = serving.chat_prompt(tok, [x, {"role": "assistant", "content": answer}, y])
     assert [t for t in ids if t in {tok.special(n) for n in serving.TOOL_TOKENS}] == [tok.special(n) for n in serving.TOOL_TOKENS]
+    reply = {"role": "assistant", "content": gsm8k_parts(answer.replace("<<c>>", "c"))[:3] + [{"type": "text", "text": "b, and <<c>> d"}]}
+    assert ids == ours.render_for_completion([x, reply, y, {"role": "assistant", "content": ""}])
+    sp, start = tok.special, ids.index(tok.special("<|assistant_start|>"))
+    assert serving.annotated_text(tok, ids[start + 1:ids.index(sp("<|assistant_end|>"))]) == answer
+    refused = [sp("<|python_start|>"), *tok.encode("os.system(1)"), sp("<|python_end|>"), *tok.encode(" no")]
+    cut = refused.index(sp("<|python_end|>")) + 1  # streamed: the >> comes with the token after python_end
+    assert [serving.annotated_text(tok, refused[:k]) for k in (cut, len(refused))] == ["<<os.system(1)=", "<<os.system(1)=>> no"]
+    assert serving.encode_reply(tok, "<<os.system(1)=>> no") == refused
 
 
 def test_reply_text_holds_back_what_may_begin_a_stop_sequence(stack, tok):
@@ -143,6 +153,32 @@ def test_reply_text_holds_back_what_may_begin_a_stop_sequence(stack, tok):
 
 
 # ---- replies ---------------------------------------------------------------------------------------------------------
+
+def test_calculator_calls_reach_clients_in_gsm8k_notation(stack, serve, tok, monkeypatch):
+    """A reply that calls the calculator (a scripted sampler: the model plays its tokens, the engine forces the
+    calculator's output) shows each call as GSM8K's <<expr=result>>, a refused one as <<expr=>>, streamed or not; sent
+    back as history, that text is the tokens the model generated."""
+    sp = tok.special
+    script = [*tok.encode("So "), sp("<|python_start|>"), *tok.encode("12+3"), sp("<|python_end|>"),
+              sp("<|output_start|>"), *tok.encode("15"), sp("<|output_end|>"),  # forced by the engine: draws ignored
+              *tok.encode(" and "), sp("<|python_start|>"), *tok.encode("os.system(1)"), sp("<|python_end|>"),
+              *tok.encode(" done")]
+    step = []
+
+    def scripted(logits, *args):
+        step.append(1)
+        return torch.full((len(logits),), script[len(step) - 1])
+
+    url, _, _ = serve()
+    monkeypatch.setattr(stack, "sample_next", scripted)
+    want = "So <<12+3=15>> and <<os.system(1)=>> done"
+    assert chat(url, TURNS, max_tokens=len(script)).json()["choices"][0]["message"]["content"] == want
+    step.clear()
+    assert streamed_text(stream_chat(url, TURNS, max_tokens=len(script))) == want
+    prompt = serving.chat_prompt(tok, TURNS)
+    again = serving.chat_prompt(tok, TURNS + [{"role": "assistant", "content": want}, {"role": "user", "content": "ok"}])
+    assert again[len(prompt):len(prompt) + len(script)] == script
+
 
 def test_models_health_and_page(serve):
     url, _, _ = serve()
@@ -639,3 +675,37 @@ def test_lm_eval_runs_against_the_server(stack, serve, tok, model, tmp_path):
     for sample, doc in zip(generated["samples"]["tiny_gen"], LM_EVAL_DOCS["tiny_gen"]):
         want = chat(url, [{"role": "user", "content": doc["question"]}], max_tokens=8, temperature=0, stop=["\n\n"])
         assert sample["resps"][0][0] == want.json()["choices"][0]["message"]["content"]
+
+
+SCHEMA_CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance",
+                 "response_headers_conformance", "response_schema_conformance", "negative_data_rejection")
+
+
+def test_the_openapi_schema_holds_under_schemathesis(serve, tok, tmp_path):
+    """/openapi.json describes every endpoint's body and reply with this server's limits in it; schemathesis, run
+    against it for a bounded number of generated requests (valid ones and ones the schema forbids), finds no 5xx, no
+    reply outside its schema (status, content type, headers, body) and no forbidden request accepted. Not checked:
+    that every request the schema allows is accepted (it cannot say that turns alternate, or that a prompt leaves
+    room for its reply: those are 400s)."""
+    url, _, _ = serve(max_context=48, max_rows=4, max_queue=4)
+    schema = httpx.get(f"{url}/openapi.json", timeout=10).json()
+    assert set(schema["paths"]) == {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model_id}",
+                                    "/tokenizer_info", "/tokenize", "/detokenize", "/health"}
+    chat_request = schema["components"]["schemas"]["ChatCompletionRequest"]
+    bounds = {name: next(a for a in chat_request["properties"][name]["anyOf"] if a["type"] != "null")
+              for name in ("n", "max_tokens", "top_logprobs")}
+    assert bounds["n"]["maximum"] == 4 and bounds["max_tokens"]["maximum"] == 47
+    assert bounds["top_logprobs"]["maximum"] == serving.MAX_TOP_LOGPROBS
+    ids = schema["components"]["schemas"]["DetokenizeRequest"]["properties"]["tokens"]["items"]
+    assert ids["exclusiveMaximum"] == tok.vocab_size
+    st = os.path.join(os.path.dirname(sys.executable), "st")
+    if not os.path.isfile(st):
+        pytest.skip("schemathesis is not installed (requirements.txt)")
+    r = subprocess.run([st, "run", f"{url}/openapi.json", "--checks", ",".join(SCHEMA_CHECKS), "--max-examples", "50",
+                        "--seed", "0", "--workers", "1", "--request-timeout", "30", "--no-color",
+                        "--suppress-health-check", "all", "--phases", "examples,coverage,fuzzing"],
+                       capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    generated = int(re.search(r"(\d+) generated", r.stdout).group(1))
+    assert generated >= 8 * 50 and "8 selected / 8 total" in r.stdout
+    assert httpx.get(f"{url}/health", timeout=5).json()["failed_steps"] == 0

@@ -162,7 +162,7 @@ def test_chat_page_streams_multi_turn_stops_and_shows_errors(browser, served):
     status, ref1 = reference(url, req1)
     assert status == 200, ref1
     reply1 = ref1["choices"][0]["message"]["content"]
-    assert reply1 and (text1 == reply1 or "<|python_start|>" in reply1)  # calculator calls render differently (below)
+    assert reply1 and (text1 == reply1 or "<<" in reply1)  # calculator calls render differently (below)
     os.makedirs(os.path.join(ROOT, "runs", "artifacts"), exist_ok=True)
     d.save_screenshot(os.path.join(ROOT, "runs", "artifacts", "chat_page.png"))
 
@@ -177,7 +177,7 @@ def test_chat_page_streams_multi_turn_stops_and_shows_errors(browser, served):
     status, ref2 = reference(url, req2)
     assert status == 200, ref2
     reply2 = ref2["choices"][0]["message"]["content"]
-    assert text2 == reply2 or "<|python_start|>" in reply2
+    assert text2 == reply2 or "<<" in reply2
     classes = [e.get_attribute("class") for e in d.find_elements("css selector", "#messages .msg")]
     assert classes == ["msg user", "msg assistant"] * 2
 
@@ -237,8 +237,8 @@ def test_chat_page_renders_calculator_calls_escaped_and_stream_errors(browser, s
     d.get(served + "/")
     wait(d, lambda d: by_id(d, "model").text == "tiny", what="the model id")
     stream = sse({"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]})
-    stream += delta("So <b>2+2</b> is ") + delta("<|python_start|>2+2<|python_end|>") + delta("<|output_start|>4<|output_end|>")
-    stream += delta(", and <|python_start|>os.system(1)<|python_end|> was refused.") + "data: [DONE]\n\n"
+    stream += delta("So <b>2+2</b> is ") + delta("<<2+") + delta("2=") + delta("4>>")  # a call streaming in
+    stream += delta(", and <<os.system(1)=>> was refused.") + "data: [DONE]\n\n"
     d.execute_script(CANNED, [stream[i:i + 37] for i in range(0, len(stream), 37)])  # split mid-event
     by_id(d, "input").send_keys("calc", Keys.ENTER)
     watch_reply(d, 1)
