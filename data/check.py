@@ -1,25 +1,41 @@
 """Check a prepared data directory as the stack reads it: every file's format, every pretraining shard's sha256
-against its manifest, and what each part holds. Writes nothing.
+against its manifest, and what each part holds; then show the pretraining data: document lengths and bytes per token
+per source, the most frequent tokens, the special tokens' counts, and one batch as the loader packs it, decoded, its
+document starts and its cuts (a document longer than max_doc_len is trained on in pieces) marked.
 
     python data/check.py --data-dir runs/data
+    python data/check.py --data-dir runs/data --histogram --run-dir runs/cpu     # + RUN_DIR/data_doc_lengths.png
     python data/check.py --data-dir data/fineweb10B --vocab-size 50257 --bos-id 50256     # a folder of llm.c shards
 
-It takes the stack's flags (--data-dir, --vocab-size, --bos-id matter here) and reads with the stack's own readers,
-so what passes here is what training, evaluation and the chat phases will read. A bad file: one `error: FILE: ...`
-line and exit status 1.
+It takes the stack's flags (--data-dir, --vocab-size, --bos-id, --stages, --run-dir matter here) and its own below,
+and reads with the stack's own readers, so what passes here is what training, evaluation and the chat phases will
+read. Writes nothing but the histogram, when asked. A bad file: one `error: FILE: ...` line and exit status 1.
 """
+import dataclasses
 import os
 import sys
 import time
+
+import numpy as np
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from load_stack import load_stack  # noqa: E402  (the stack sits one folder up)
 
 ds = load_stack()
+DOC_MARK, CUT_MARK = "[doc]", "[cut]"  # in the decoded batch: a document starts / a long one goes on in a new segment
 
 
-def check(cfg, log=print):
-    """Read every part of cfg.data_dir (pretraining shards by sha256 too) and log what it holds."""
+@dataclasses.dataclass
+class CheckConfig:
+    """data/check.py: how much of the pretraining data it shows"""
+    inspect_tokens: int = 1 << 21  # train tokens shown, from the stream's start (0: no inspection, the check only)
+    histogram: bool = False        # also write RUN_DIR/data_doc_lengths.png: document lengths per source
+
+
+def check(cfg, log=print, show=None):
+    """Read every part of cfg.data_dir (pretraining shards by sha256 too) and log what it holds; show (a CheckConfig):
+    then show the pretraining data (inspect)."""
     t0, directory = time.time(), cfg.data_dir
     data = ds.pretrain_data(directory, cfg.vocab_size, cfg.bos_id)
     ours = os.path.isfile(os.path.join(directory, "pretrain", "manifest.json"))
@@ -31,6 +47,8 @@ def check(cfg, log=print):
         log(f"pretrain/{split}: {len(paths)} shards, {n:,} tokens")
     if data.val_sources:
         log("val documents: " + ", ".join(f"{name} {n:,}" for name, n in data.val_sources))
+    if show is not None and show.inspect_tokens > 0:
+        inspect(data, cfg, show, log)
     if not ours:
         log(f"{directory}: llm.c shards, read for pretraining and its val loss; CORE, SFT and chat need data/prepare.py")
         return
@@ -49,10 +67,84 @@ def check(cfg, log=print):
     log(f"data directory {directory} is complete and consistent ({time.time() - t0:.1f}s)")
 
 
+def document_lengths(tokens, bos_id):
+    """Lengths of the documents of a token stream, each starting at a BOS (tokens before the first: one more)."""
+    starts = np.flatnonzero(tokens == bos_id)
+    if len(starts) == 0 or starts[0] != 0:
+        starts = np.concatenate([[0], starts])
+    return np.diff(np.concatenate([starts, [len(tokens)]]))
+
+
+def head(paths, vocab_size, n):
+    """The first n tokens of the shards back to back."""
+    parts, left = [], n
+    for path in paths:
+        if left <= 0:
+            break
+        parts.append(np.asarray(ds.read_token_file(path, vocab_size)[:left]))
+        left -= len(parts[-1])
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def inspect(data, cfg, show, log):
+    """Log what the pretraining data holds (by val source, and the first show.inspect_tokens train tokens): documents
+    and their lengths, bytes per token, the most frequent tokens, the special tokens' counts, one packed batch."""
+    tokenizer, bos = data.tokenizer, data.bos_id
+    text = (lambda ids: tokenizer.decode(ids)) if tokenizer is not None else (lambda ids: " ".join(map(str, ids)))
+    val, source = data.val_stream()
+    train = head(data.train, data.vocab_size, show.inspect_tokens)
+    streams = [(f"val: {name}", val[source == i]) for i, name in enumerate(data.source_names())] or [("val", val)]
+    streams.append((f"train: first {len(train):,} tokens", train))
+    log("| stream | documents | tokens | document length p10 / p50 / p90 / max | bytes per token |")
+    log("| --- | --- | --- | --- | --- |")
+    for name, tokens in streams:
+        lengths = document_lengths(tokens, bos)
+        spread = " / ".join(f"{int(x):,}" for x in np.percentile(lengths, [10, 50, 90, 100], method="lower"))
+        per_token = "n/a" if data.token_bytes is None else f"{data.token_bytes[tokens].sum() / len(tokens):.2f}"
+        log(f"| {name} | {len(lengths):,} | {len(tokens):,} | {spread} | {per_token} |")
+    counts = np.bincount(train, minlength=data.vocab_size)
+    top = np.argsort(-counts, kind="stable")[:12]
+    log("most frequent train tokens: " + ", ".join(f"{text([int(t)])!r} {counts[t] / len(train):.1%}" for t in top))
+    specials = tokenizer.special_tokens if tokenizer is not None else {"bos": bos}
+    log("special tokens (train, val): " + ", ".join(f"{name} {counts[i]:,}, {int((val == i).sum()):,}"
+                                                   for name, i in specials.items()))
+    stage = cfg.stages[0]
+    T = min(stage.batch_tokens, 2048, len(train) - 1)
+    batch = ds.PretrainLoader(data.train, data, 0, 1).next_batch(T, stage.max_doc_len, 1, torch.device("cpu"))
+    inputs, prev = batch.inputs.numpy(), batch.prev_ids.numpy()
+    cuts = sorted(set(batch.cu_seqlens.tolist()) | {T})
+    log(f"the first batch as the loader packs it ({T:,} tokens, max_doc_len {stage.max_doc_len}; {DOC_MARK} a "
+        f"document starts, {CUT_MARK} a longer one goes on in a new segment):")
+    for a, b in zip(cuts, cuts[1:]):
+        shown = text(inputs[a:b].tolist())
+        shown = shown if len(shown) <= 160 else shown[:110] + " ... " + shown[-45:]
+        log(f"  {DOC_MARK if prev[a] == -1 else CUT_MARK} {b - a:,} tokens: {shown!r}")
+    if show.histogram:
+        path = os.path.join(cfg.run_dir, "data_doc_lengths.png")
+        histogram([(name, document_lengths(tokens, bos)) for name, tokens in streams], path)
+        log(f"document lengths per stream: {path}")
+
+
+def histogram(lengths, path):
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    top = max(int(x.max()) for _, x in lengths)
+    bins = np.logspace(0, np.log10(max(top, 2)), 40)
+    for name, x in lengths:
+        ax.hist(x, bins=bins, histtype="step", density=True, label=f"{name} ({len(x):,} documents)")
+    ax.set(xscale="log", xlabel="document length (tokens)", ylabel="density", title="document lengths per stream")
+    ax.legend(fontsize=8)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path + ".tmp.png", dpi=110)
+    os.replace(path + ".tmp.png", path)
+
+
 def main(argv=None):
-    cfg = ds.parse_flags(argv, [ds.Config], prog="data/check.py", description=__doc__.split("\n\n")[0])[0]
+    cfg, show = ds.parse_flags(argv, [ds.Config, CheckConfig], prog="data/check.py",
+                               description=__doc__.split("\n\n")[0])
     try:
-        check(cfg, lambda line: print(line, flush=True))
+        check(cfg, lambda line: print(line, flush=True), show)
     except ds.DataFormatError as e:
         sys.exit(f"error: {e}")
 

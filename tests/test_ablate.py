@@ -1,0 +1,79 @@
+"""bench/ablate.py on tiny settings: two variants of the stack x two seeds, the table's numbers against the runs'
+own metrics.json (mean, std, difference, Welch's p by an independent integration of Student's t density), finished
+runs read rather than run again, a run directory of another command refused."""
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, TINY_ARGS
+
+ABLATE = os.path.join(ROOT, "bench", "ablate.py")
+VARIANTS = ["stack=", "no value embeddings=--value-embed-layers="]
+
+
+def ablate(data, out, *extra):
+    args = [sys.executable, ABLATE, "--data-dir", str(data), "--seeds", "2", "--out", str(out),
+            "--flags", shlex.join(TINY_ARGS), *extra]
+    for v in VARIANTS:
+        args += ["--variant", v]
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def welch_p(a, b):
+    """Two-sided p of Welch's t-test, the t density integrated numerically (Simpson) rather than through record.py."""
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    va = sum((x - ma) ** 2 for x in a) / (len(a) - 1) / len(a)
+    vb = sum((x - mb) ** 2 for x in b) / (len(b) - 1) / len(b)
+    t, df = abs(mb - ma) / math.sqrt(va + vb), (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    density = lambda x: math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi) * (1 + x * x / df) ** (-(df + 1) / 2)
+    # substitute x = t + u / (1 - u), u in [0, 1): the tail becomes a finite integral
+    n, h = 20_000, 1 / 20_000
+    f = lambda u: density(t + u / (1 - u)) / (1 - u) ** 2 if u < 1 else 0.0
+    tail = h / 3 * sum((1 if k in (0, n) else 4 if k % 2 else 2) * f(k * h) for k in range(n + 1))
+    return 2 * tail
+
+
+@pytest.mark.slow
+def test_ablate_tables_variants_over_seeds_with_significance(tiny_data, tmp_path):
+    out = tmp_path / "ablate"
+    r = ablate(tiny_data, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    rows = {c[0]: c for c in ([x.strip() for x in line.strip("|").split("|")] for line in lines if line.startswith("| ")
+                              and not line.startswith("| ---") and not line.startswith("| variant"))}
+    bpb = {}
+    for name in ("stack", "no value embeddings"):
+        runs = [json.load(open(out / name / f"seed_{s}" / "metrics.json")) for s in (0, 1)]
+        bpb[name] = [m["val_bpb"] for m in runs]
+        mean = sum(bpb[name]) / 2
+        std = math.sqrt(sum((x - mean) ** 2 for x in bpb[name]))
+        assert rows[name][1] == "2" and rows[name][2] == f"{mean:.4f} ± {std:.4f}"
+        assert len(set(bpb[name])) == 2  # the seeds differ
+    # the flags reached the runs: the variant without value embeddings has fewer parameters
+    params = {n: json.load(open(out / n / "seed_0" / "metrics.json"))["params"] for n in bpb}
+    assert params["no value embeddings"] < params["stack"]
+    diff = sum(bpb["no value embeddings"]) / 2 - sum(bpb["stack"]) / 2
+    other = rows["no value embeddings"]
+    assert other[3] == f"{diff:+.4f}"
+    low, high = (float(x) for x in re.fullmatch(r"\[(\S+), (\S+)\]", other[4]).groups())
+    assert low < diff < high
+    assert float(other[5]) == pytest.approx(welch_p(bpb["stack"], bpb["no value embeddings"]), rel=2e-3)
+    assert re.match(r"ablate: 2 variants x 2 seeds in [\d.]+ min; best .*; [01] of 1 differ from stack at p < 0\.05",
+                    lines[-1]) and lines[-1].endswith("ablate.md")
+    assert (out / "ablate_val.png").stat().st_size > 0 and "| variant |" in (out / "ablate.md").read_text()
+
+    # run again: every run is read, none trained again; the same table
+    logs = {p: p.stat().st_mtime_ns for p in out.glob("*/seed_*/log.txt")}
+    again = ablate(tiny_data, out)
+    assert again.returncode == 0 and again.stdout.splitlines()[:4] == r.stdout.splitlines()[:4]
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed_*/log.txt")} == logs and len(logs) == 4
+    # a run directory holding another command's run is refused, naming it
+    refused = ablate(tiny_data, out, "--first-seed", "0", "--flags", shlex.join(TINY_ARGS + ["--val-every", "2"]))
+    assert refused.returncode == 1 and "holds a run of another command" in refused.stderr
+    assert str(out / "stack" / "seed_0") in refused.stderr
