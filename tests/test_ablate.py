@@ -1,26 +1,48 @@
-"""bench/ablate.py on tiny settings: two variants of the stack x two seeds, the table's numbers against the runs'
+"""bench/ablate.py on tiny settings, as README's "Add your architecture" walks through it: the stack, a flag variant
+and an edited copy of the stack (a SwiGLU MLP in place of ReLU^2) x two seeds; the table's numbers against the runs'
 own metrics.json (mean, std, difference, Welch's p by an independent integration of Student's t density), finished
-runs read rather than run again, a run directory of another command refused."""
+runs read rather than run again, a run directory of another command refused, and the copy's run made a record."""
 import json
 import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, TINY_ARGS
+from conftest import ROOT, STACK_PATH, TINY_ARGS
 
 ABLATE = os.path.join(ROOT, "bench", "ablate.py")
-VARIANTS = ["stack=", "no value embeddings=--value-embed-layers="]
+RECORD = os.path.join(ROOT, "baselines", "record.py")
+# README's "Add your architecture": the edit that makes a copy of the stack's MLP a SwiGLU of the same size
+SWIGLU = [
+    ("        self.fc = nn.Parameter(torch.empty(cfg.mlp_mult * dim, dim).uniform_(-bound, bound))",
+     "        self.fc = nn.Parameter(torch.empty(2 * (cfg.mlp_mult * dim * 2 // 3), dim).uniform_(-bound, bound))"),
+    ("        self.proj = nn.Parameter(torch.zeros(dim, cfg.mlp_mult * dim))",
+     "        self.proj = nn.Parameter(torch.zeros(dim, cfg.mlp_mult * dim * 2 // 3))"),
+    ("        return x + relu2_mlp(norm(x), self.fc, self.proj)",
+     "        gate, up = (norm(x) @ self.fc.T).chunk(2, dim=-1)\n        return x + (F.silu(gate) * up) @ self.proj.T"),
+]
 
 
-def ablate(data, out, *extra):
+def swiglu_copy(path):
+    with open(STACK_PATH) as f:
+        source = f.read()
+    for old, new in SWIGLU:
+        assert source.count(old) == 1, old
+        source = source.replace(old, new)
+    with open(path, "w") as f:
+        f.write(source)
+    return path
+
+
+def ablate(data, out, *extra, variants):
     args = [sys.executable, ABLATE, "--data-dir", str(data), "--seeds", "2", "--out", str(out),
             "--flags", shlex.join(TINY_ARGS), *extra]
-    for v in VARIANTS:
+    for v in variants:
         args += ["--variant", v]
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
@@ -40,40 +62,56 @@ def welch_p(a, b):
 
 
 @pytest.mark.slow
-def test_ablate_tables_variants_over_seeds_with_significance(tiny_data, tmp_path):
-    out = tmp_path / "ablate"
-    r = ablate(tiny_data, out)
+def test_ablate_tables_variants_over_seeds_and_a_copy_becomes_a_record(tiny_data, tmp_path):
+    out, mine = tmp_path / "ablate", swiglu_copy(tmp_path / "my_stack.py")
+    variants = ["stack=", "no value embeddings=--value-embed-layers=", f"swiglu={mine}"]
+    r = ablate(tiny_data, out, variants=variants)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
     rows = {c[0]: c for c in ([x.strip() for x in line.strip("|").split("|")] for line in lines if line.startswith("| ")
                               and not line.startswith("| ---") and not line.startswith("| variant"))}
     bpb = {}
-    for name in ("stack", "no value embeddings"):
+    for name in ("stack", "no value embeddings", "swiglu"):
         runs = [json.load(open(out / name / f"seed_{s}" / "metrics.json")) for s in (0, 1)]
         bpb[name] = [m["val_bpb"] for m in runs]
         mean = sum(bpb[name]) / 2
         std = math.sqrt(sum((x - mean) ** 2 for x in bpb[name]))
         assert rows[name][1] == "2" and rows[name][2] == f"{mean:.4f} ± {std:.4f}"
         assert len(set(bpb[name])) == 2  # the seeds differ
-    # the flags reached the runs: the variant without value embeddings has fewer parameters
+    # the flags reached the runs (no value embeddings: fewer parameters), the copy ran (its log names its code)
     params = {n: json.load(open(out / n / "seed_0" / "metrics.json"))["params"] for n in bpb}
-    assert params["no value embeddings"] < params["stack"]
+    assert params["no value embeddings"] < params["stack"] and params["swiglu"] != params["stack"]
+    assert "code: my_stack.py sha256" in (out / "swiglu" / "seed_0" / "log.txt").read_text()
     diff = sum(bpb["no value embeddings"]) / 2 - sum(bpb["stack"]) / 2
     other = rows["no value embeddings"]
     assert other[3] == f"{diff:+.4f}"
     low, high = (float(x) for x in re.fullmatch(r"\[(\S+), (\S+)\]", other[4]).groups())
     assert low < diff < high
     assert float(other[5]) == pytest.approx(welch_p(bpb["stack"], bpb["no value embeddings"]), rel=2e-3)
-    assert re.match(r"ablate: 2 variants x 2 seeds in [\d.]+ min; best .*; [01] of 1 differ from stack at p < 0\.05",
+    assert re.match(r"ablate: 3 variants x 2 seeds in [\d.]+ min; best .*; [012] of 2 differ from stack at p < 0\.05",
                     lines[-1]) and lines[-1].endswith("ablate.md")
     assert (out / "ablate_val.png").stat().st_size > 0 and "| variant |" in (out / "ablate.md").read_text()
 
     # run again: every run is read, none trained again; the same table
     logs = {p: p.stat().st_mtime_ns for p in out.glob("*/seed_*/log.txt")}
-    again = ablate(tiny_data, out)
-    assert again.returncode == 0 and again.stdout.splitlines()[:4] == r.stdout.splitlines()[:4]
-    assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed_*/log.txt")} == logs and len(logs) == 4
+    again = ablate(tiny_data, out, variants=variants)
+    assert again.returncode == 0 and again.stdout.splitlines()[:5] == r.stdout.splitlines()[:5]
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed_*/log.txt")} == logs and len(logs) == 6
     # a run directory holding another command's run is refused, naming it
-    refused = ablate(tiny_data, out, "--first-seed", "0", "--flags", shlex.join(TINY_ARGS + ["--val-every", "2"]))
+    refused = ablate(tiny_data, out, "--flags", shlex.join(TINY_ARGS + ["--val-every", "2"]), variants=variants[:1])
     assert refused.returncode == 1 and "holds a run of another command" in refused.stderr
     assert str(out / "stack" / "seed_0") in refused.stderr
+
+    # the copy's run becomes a record: its code is the copy, diffable against the stack
+    records = tmp_path / "records"
+    records.mkdir()
+    shutil.copy(os.path.join(ROOT, "baselines", "README.md"), records)  # its table gets the new row
+    made = subprocess.run([sys.executable, RECORD, "new", "--run", str(out / "swiglu" / "seed_0"), "--name", "swiglu",
+                           "--script", str(mine), "--records", str(records), "--hardware", "test"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    (record,) = [d for d in records.iterdir() if d.is_dir()]
+    assert (record / "my_stack.py").read_text() == open(mine).read()
+    diff = subprocess.run([sys.executable, RECORD, "diff", str(record), STACK_PATH], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert diff.returncode == 1 and "+        return x + relu2_mlp(norm(x), self.fc, self.proj)" in diff.stdout
