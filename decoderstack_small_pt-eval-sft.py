@@ -12,53 +12,15 @@ Run:
             --vocab-size 50257 --bos-id 50256 --val-final-tokens 10485760
 Any setting: --name=value (--flag / --no-flag for booleans, JSON for tuples); --help lists them all and the phases.
 
-Contents, in the order data flows; each phase's loop comes right after its parts
-    1. Settings: the stages of the schedule, Config and its SFT / RL / sampling groups, presets, the flags
-    2. Runtime: device, precision (PRECISION), distributed
-    3. Kernels: Triton kernels beside their PyTorch references
-    4. Attention over packed documents: the Batch and its packer; FA3 / FA2 / flex / SDPA
-    5. Model: ModelConfig (stored with the weights), GPT
-    6. Optimizer: NorMuon (Polar Express) + Adam, each parameter's rule
-    7. Data: readers of every format, the pretraining loader
-    8. The run: log.txt (the code that ran, by hash), progress, metrics.json, checkpoints, the run directory
-    9. Pretraining: the schedule, the loss, bits per byte, FLOPs; phase_pt
-    10. Evaluation: packed forwards, CORE; phase_eval
-    11. Inference: KV cache, sampling, the calculator tool, the engine; phase_generate
-    12. Chat evaluation: ARC, MMLU, GSM8K, HumanEval in a sandbox (its launcher), ChatCORE; phase_chat
-    13. Chat SFT: packed conversations, the masked loss; phase_sft
-    14. GSM8K RL: rewards, the policy-gradient loss, pass@k; phase_rl
-    15. The phase table and main
-Beside this file, importing it (it never imports them): serve.py (an OpenAI-compatible server and chat.html),
-chat_cli.py (a chat in the terminal), export.py (a Hugging Face folder: hf/), report.py (RUN_DIR/report.md and plots
-from metrics.json and curves.jsonl), data/check.py (checks a prepared data directory as this file reads it).
+Contents, in the order data flows, each phase's loop right after its parts: 1. Settings, 2. Runtime (device,
+PRECISION, ranks), 3. Kernels (Triton beside PyTorch references), 4. Attention over packed documents, 5. Model,
+6. Optimizer (NorMuon + Adam), 7. Data, 8. The run (log, metrics, checkpoints), 9. Pretraining, 10. Evaluation (CORE),
+11. Inference (KV cache, engine), 12. Chat evaluation, 13. Chat SFT, 14. GSM8K RL, 15. The phase table and main.
+Beside this file, importing it (it never imports them): serve.py (an OpenAI-compatible server, chat.html), chat_cli.py
+(a chat in the terminal), export.py (hf/: a Hugging Face folder), report.py (RUN_DIR/report.md), data/check.py.
 """
-import argparse
-import ast
-import base64
-import builtins
-import collections
-import ctypes
-import dataclasses
-import functools
-import glob
-import hashlib
-import inspect
-import json
-import math
-import operator
-import os
-import re
-import select
-import shutil
-import signal
-import struct
-import subprocess
-import sys
-import tempfile
-import threading
-import time
-import traceback
-import warnings
+import argparse, ast, base64, builtins, collections, ctypes, dataclasses, functools, glob, hashlib, inspect, json, math
+import operator, os, re, select, shutil, signal, struct, subprocess, sys, tempfile, threading, time, traceback, warnings
 
 import numpy as np
 import torch
@@ -184,8 +146,7 @@ class Config:
         Stage(423, 131072, 896, 128, 384, 1.0, mtp_start=(1.0, 0.5, 0.25), mtp_end=(1.0, 0.5, 0.0)),
         Stage(424, 262144, 2048, 384, 896, 1.52, mtp_start=(1.0, 0.5), mtp_end=(1.0, 0.0)),
         Stage(423, 393216, 2048, 640, 1408, 1.73, mtp_start=(1.0,), mtp_end=(1.0,)),
-        Stage(15, 393216, 2048, 768, 1664, 1.73, mtp_start=(1.0,), mtp_end=(1.0,)),
-    )
+        Stage(15, 393216, 2048, 768, 1664, 1.73, mtp_start=(1.0,), mtp_end=(1.0,)))
     micro_batch_tokens: int = 49152  # tokens per rank per forward; gradient accumulation makes up the batch
     train_tokens: int = 0            # 0: as the stages say; N: rescale every stage's steps to N tokens in total
     lr_warmup_steps: int = 0         # linear lr warmup (modded-nanogpt needs none)
@@ -214,7 +175,6 @@ class Config:
     chat_max_new_tokens: int = 512   # tokens a chat-eval answer may generate
     sandbox: str = "isolated"        # HumanEval's model-written code: isolated (refused where Linux namespaces are
                                      # not to be had) | weak (no namespaces; says what it lacks; README: Security)
-    # the phases' own settings (their groups' flags)
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     rl: RLConfig = dataclasses.field(default_factory=RLConfig)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
@@ -420,11 +380,6 @@ def autocast(rt):
         return torch.autocast(rt.device.type, enabled=False)
     return torch.autocast(rt.device.type, dtype=rt.dtype)
 
-def activation_dtype(device):
-    """The dtype activations flow in: autocast's where autocast(rt) is on for this device type, else fp32."""
-    kind = torch.device(device).type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32
-
 def require_training_dtype(rt, phase):
     if rt.dtype == torch.float16:
         raise ValueError(f"{phase}: fp16 training needs loss scaling, which this stack does not do; use --dtype bf16 "
@@ -535,8 +490,7 @@ def relu2_mlp_reference(x, w_fc, w_proj):
 def _relu2_matmul(a, b, post, blocks):
     """relu(a @ b)^2, or (a @ b) * 2*sqrt(post) given post (contiguous); a (M, K), b (K, N) any strides, one dtype."""
     assert a.dtype == b.dtype and (post is None or post.dtype == a.dtype), (a.dtype, b.dtype, post is None or post.dtype)
-    (M, K), N = a.shape, b.shape[1]
-    block_m, block_n, block_k = blocks
+    (M, K), N, (block_m, block_n, block_k) = a.shape, b.shape[1], blocks
     out = torch.empty(M, N, dtype=a.dtype, device=a.device)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     aux = out if post is None else post  # the forward never reads post_ptr: any tensor fills the slot
@@ -606,7 +560,6 @@ if triton is not None:
             tl.store(dz_ptr + row * stride_dz + v0 + cols, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 def softcap(logits, cap=SOFTCAP):
-    """The logits the model predicts with (fp32): A * sigmoid((z + B) / C)."""
     a, b, c = cap
     return a * torch.sigmoid((logits.float() + b) / c)
 
@@ -781,8 +734,7 @@ def _sdpa_attention(q, k, v, cu_seqlens, window, scale, reach, block=256, branch
     n, span, pad = -(-T // block), block + reach, -T % block  # pad: queries up to n whole blocks
     # keys get `reach` slots on the left (document -2: matches nothing) and, like the queries, `pad` on the right
     # (document -1): padded queries see themselves, so no row of the mask is empty
-    doc_q = F.pad(doc, (0, pad), value=-1)
-    doc_k = F.pad(doc, (reach, pad), value=-2)
+    doc_q, doc_k = F.pad(doc, (0, pad), value=-1), F.pad(doc, (reach, pad), value=-2)
     doc_k[reach + T:] = -1
     k, v = (F.pad(x, (0, 0, 0, 0, reach, pad)) for x in (k, v))
     kb, vb = (x.unfold(0, span, block).permute(0, 1, 3, 2) for x in (k, v))  # (n, H, span, D)
@@ -801,8 +753,7 @@ def _sdpa_attention(q, k, v, cu_seqlens, window, scale, reach, block=256, branch
     return y.transpose(1, 2).reshape(n * block, *q.shape[1:])[:T].contiguous()
 
 def flex_block_mask(cu_seqlens, T, window, branches=None):
-    """The mask as flex_attention's BlockMask over T packed tokens: built once per batch and window, every layer with
-    that window reads it (GPT.hidden), not rebuilt per call (a mask evaluation per (query, key) pair each time)."""
+    """The mask as flex_attention's BlockMask over T packed tokens; a build evaluates it at every (query, key) pair."""
     window = T if window is None or window < 0 else min(window, T)
     return create_block_mask(_mask_mod(_document_ids(cu_seqlens, T), window, branches), None, None, T, T,
                              device=cu_seqlens.device)
@@ -832,20 +783,18 @@ def _flash_attention(fn, q, k, v, cu_seqlens, max_seqlen, window, scale, cu_seql
     return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the log-sum-exp
 
 def _flash_branches(fn, q, k, v, branches, window, scale):
-    """FA over a batch with branches, in two calls: the branch-0 tokens as plain documents, then every branch's
-    queries against its prefix's keys followed by its own (gathered: the prefix's K/V are read once per branch)."""
-    b, out = branches, torch.empty_like(q)
-    out[b.trunk] = _flash_attention(fn, q[b.trunk], k[b.trunk], v[b.trunk], b.cu_trunk, b.max_trunk, window, scale)
-    if len(b.branch_q):
-        out[b.branch_q] = _flash_attention(fn, q[b.branch_q], k[b.branch_kv], v[b.branch_kv], b.cu_q, b.max_q, window,
-                                           scale, b.cu_kv, b.max_kv)
+    """FA over branches in two calls: the trunk, then the branches on gathered keys (a prefix's K/V once per branch)."""
+    (trunk, *trunk_lens), (queries, *query_lens), (keys, *key_lens) = branches.trunk, branches.queries, branches.keys
+    out = torch.empty_like(q)
+    out[trunk] = _flash_attention(fn, q[trunk], k[trunk], v[trunk], *trunk_lens, window, scale)
+    if len(queries):
+        out[queries] = _flash_attention(fn, q[queries], k[keys], v[keys], *query_lens, window, scale, *key_lens)
     return out
 
 def attention(q, k, v, cu_seqlens, max_seqlen, window, scale, backend, branches=None, block_mask=None):
     """The mask of this section's top over packed q, k, v (T, H, D); returns (T, H, D), contiguous. max_seqlen bounds
-    a document's length (FA sizes its grid with it); window: earlier tokens a query also sees (None or < 0: its whole
-    document); backend: from select_attention_backend; branches: None, or Branches (evaluation only); block_mask:
-    flex's, when the caller built it for this window (flex_block_mask), else built here."""
+    a document's length (FA sizes its grid with it); window: earlier tokens a query also sees; backend: from
+    select_attention_backend; branches: Branches (evaluation); block_mask: flex's for this window, else built."""
     if not q.dtype == k.dtype == v.dtype:  # FA refuses mixed dtypes, and flex's backward does: fail alike everywhere
         raise TypeError(f"attention needs q, k, v of one dtype (PRECISION), got {q.dtype}, {k.dtype}, {v.dtype}")
     T = q.size(0)
@@ -859,7 +808,6 @@ def attention(q, k, v, cu_seqlens, max_seqlen, window, scale, backend, branches=
         mask = block_mask if block_mask is not None else make_mask(cu_seqlens, T, window, branches)
         return flex(q, k, v, mask, scale)
     if backend == "sdpa":
-        # a branch's prefix keys lie behind its segment's earlier branches: up to window + spread tokens back
         reach = min(window + (branches.spread if branches is not None else 0), max(1, max_seqlen) - 1)
         return _sdpa_attention(q, k, v, cu_seqlens, window, scale, reach, branches=branches)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
@@ -927,18 +875,12 @@ class Batch:
 
 @dataclasses.dataclass
 class Branches:
-    """A packed batch's shared-prefix branches (this section's top), split as FA's two varlen calls need: indices."""
+    """A packed batch's shared-prefix branches (this section's top), split as FA's two varlen calls need them."""
     branch: torch.Tensor      # (T,) 0 in a prefix or a plain segment, b >= 1 in its segment's b-th branch
     positions: torch.Tensor   # (T,) the Batch's positions: continuing from the prefix end in every branch
-    trunk: torch.Tensor       # tokens of branch 0, in order: every segment's prefix, as plain documents
-    cu_trunk: torch.Tensor
-    max_trunk: int
-    branch_q: torch.Tensor    # tokens of the branches, in order
-    cu_q: torch.Tensor
-    max_q: int
-    branch_kv: torch.Tensor   # per branch, its prefix's tokens then its own: the keys its queries see
-    cu_kv: torch.Tensor
-    max_kv: int
+    trunk: tuple              # (token indices, cu_seqlens, max_seqlen) of branch 0: every prefix, as plain documents
+    queries: tuple            # the same of the branches' tokens, in order
+    keys: tuple               # the same per branch of its prefix's tokens, then its own: the keys its queries see
     spread: int               # most branch tokens of one segment: a key a query sees lies <= window + spread back
 
 def padded_length(n):
@@ -959,8 +901,7 @@ def pack(inputs, segment_starts, document_starts, targets, max_seqlen, device):
     prev = np.concatenate([[-1], inputs[:-1]]).astype(np.int64)
     prev[document_starts] = -1
     cu = to_device(cu, torch.int32, device)
-    # cu's length varies (128, then 256 where documents are short...): compiled code takes any, not recompiling mid-run
-    torch._dynamo.maybe_mark_dynamic(cu, 0)
+    torch._dynamo.maybe_mark_dynamic(cu, 0)  # cu's length varies: compiled code takes any, not recompiling mid-run
     tensors = (to_device(x, torch.long, device) for x in (inputs, prev, positions, targets))
     return Batch(*tensors, cu, max_seqlen, np.diff(list(segment_starts) + [T]))
 
@@ -997,7 +938,7 @@ def pack_branches(sequences, device):
     remaining tokens (a branch), positions and previous tokens those of the sequence alone. Returns the Batch (no
     targets: a prefix's last token precedes every branch) and per sequence the buffer index of each of its tokens."""
     inputs, prev, positions, branch, where, seg_starts, T = [], [], [], [], [None] * len(sequences), [], 0
-    trunk, branch_q, branch_kv = [], [], []
+    trunk, queries, keys = [], [], []
     for first, n, P in shared_prefix_groups(sequences):
         seg_starts.append(T)
         for b, i in enumerate([first, *(range(first, first + n) if n > 1 else [])]):  # b = 0: the prefix
@@ -1012,16 +953,16 @@ def pack_branches(sequences, device):
             if b == 0:
                 trunk.append(where[i])
             else:  # a branch's keys: its prefix's, then its own
-                branch_q.append(where[i])
+                queries.append(where[i])
                 where[i] = np.concatenate([trunk[-1], where[i]])
-                branch_kv.append(where[i])
+                keys.append(where[i])
     cu = np.full(padded_length(len(seg_starts) + 1), T, dtype=np.int32)
     cu[:len(seg_starts)] = seg_starts
     dev = lambda parts, dtype=torch.long: to_device(np.concatenate(parts) if parts else np.zeros(0), dtype, device)
     varlen = lambda parts: (dev(parts), dev([np.cumsum([0] + [len(x) for x in parts])], torch.int32),
                             max(map(len, parts), default=0))  # one FA call's tokens, cu_seqlens and max_seqlen
     positions_t, segment_lengths = dev(positions), np.diff(seg_starts + [T])
-    branches = Branches(dev(branch), positions_t, *varlen(trunk), *varlen(branch_q), *varlen(branch_kv),
+    branches = Branches(dev(branch), positions_t, varlen(trunk), varlen(queries), varlen(keys),
                         int((segment_lengths - np.array([len(x) for x in trunk])).max()))
     return Batch(dev(inputs), dev(prev), positions_t, None, to_device(cu, torch.int32, device),
                  int(segment_lengths.max()), segment_lengths, branches), where
@@ -1187,7 +1128,8 @@ class GPT(nn.Module):
         """Final hidden states (T, dim) of a packed Batch; windows: per layer. With a KVCache, inputs, prev_ids and
         positions are (B, S) tokens appended to the rows' caches; all else being per token, both compute the same."""
         ids, prev_ids, positions = batch.inputs, batch.prev_ids, batch.positions
-        act = activation_dtype(ids.device)  # every lookup in it: the residual stream then stays in it (PRECISION)
+        # lookups in autocast's dtype where autocast(rt) is on, else fp32: the residual stream stays in it (PRECISION)
+        act = torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type) else torch.float32
         lookup = lambda index, table: F.embedding(index, table).to(act)
         embed = self.lm_head if self.is_tied else self.embed
         e = lookup(ids, embed)
@@ -1199,8 +1141,7 @@ class GPT(nn.Module):
         bigram = lookup(self.bigram_ids(ids, prev_ids), self.bigram_embed)
         skips, L, block_masks = [], self.cfg.n_layers, {}
         if backend == "flex" and cache is None:  # one BlockMask per distinct window, shared by its layers
-            make_mask = _compiled_flex()[0]
-            block_masks = {w: make_mask(batch.cu_seqlens, len(ids), w, batch.branches) for w in set(windows)}
+            block_masks = {w: _compiled_flex()[0](batch.cu_seqlens, len(ids), w, batch.branches) for w in set(windows)}
         for i, block in enumerate(self.blocks):
             if i >= L - L // 2 and skips:
                 x = x + self.skip_weights[L - 1 - i] * skips.pop()
@@ -1241,13 +1182,11 @@ def decode_logits(model, ids, cache, windows, last_only):
 
 # Polar Express (Amsel et al., arXiv:2505.16932): per iteration, the odd polynomial p(x) = a x + b x^3 + c x^5 applied
 # to the singular values. Computed for 5 iterations, safety factor 2e-2, cushion 2 (the set modded-nanogpt uses).
-POLAR_EXPRESS_COEFFS = (
-    (8.156554524902461, -22.48329292557795, 15.878769915207462),
-    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
-)
+POLAR_EXPRESS_COEFFS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
 
 def polar_express(G, steps=5, dtype=None):
     """Approximately orthogonalise G (..., rows, cols), batched: U S V^T -> U V^T, singular values near 1 (not on it).
@@ -1266,7 +1205,6 @@ def polar_express(G, steps=5, dtype=None):
     return X.mT if tall else X
 
 def muon_momentum(step, total_steps, warmup=300, cooldown=50, low=0.85, high=0.95):
-    """NorMuon momentum: linear low->high over the first `warmup` steps, high->low over the last `cooldown` steps."""
     if step < warmup:
         return low + (high - low) * step / warmup
     if step > total_steps - cooldown:
@@ -1386,10 +1324,8 @@ class NorMuonAdam:
     @torch.no_grad()
     def step(self, lr_factor=1.0, muon_momentum=0.95):
         """Update every parameter from its .grad averaged over ranks; lr_factor scales each lr, muon_momentum is mu."""
-        active = [g for g in self.groups if any(p.grad is not None for p in g.params)]
-        pending, gathers = [], []
-        # 1. Launch every reduction.
-        for g in active:
+        active, pending, gathers = [g for g in self.groups if any(p.grad is not None for p in g.params)], [], []
+        for g in active:  # 1. launch every reduction
             grads = g.rows_of([p.grad for p in g.params], g.shards * g.chunk)
             if g.sharded:
                 chunk = grads.new_empty(g.chunk, *g.tail)
@@ -1397,7 +1333,7 @@ class NorMuonAdam:
             else:
                 work = _launch(dist.all_reduce, grads, op=dist.ReduceOp.AVG) if self.world > 1 else None
                 pending.append((grads, work))
-        # 2. Per group: wait for its gradients, update this rank's rows, launch the gather at once, so communication
+        # 2. per group: wait for its gradients, update this rank's rows, launch the gather at once, so communication
         # overlaps the optimizer math (launching from post-accumulate-grad hooks would overlap the backward pass too).
         for g, (grad, work) in zip(active, pending):
             if work is not None:
@@ -1414,8 +1350,7 @@ class NorMuonAdam:
             new = new.to(g.params[0].dtype)
             full = new.new_empty(g.shards * g.chunk, *g.tail) if g.sharded else new
             gathers.append((g, full, _launch(dist.all_gather_into_tensor, full, new) if g.sharded else None))
-        # 3. Write the gathered rows back into the parameters.
-        for g, full, work in gathers:
+        for g, full, work in gathers:  # 3. write the gathered rows back into the parameters
             if work is not None:
                 work.wait()
             for p, off, rows in zip(g.params, g.offsets, g.rows):
@@ -1475,7 +1410,6 @@ class NorMuonAdam:
 # -- which rule, lr and weight decay each parameter gets --------------------------------------------------------
 
 def param_label(name):
-    """Optimizer label of a parameter: selects its update rule, lr and weight decay in LABELS."""
     leaf = name.rsplit(".", 1)[-1]
     if name.startswith("blocks."):
         return {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "fc": "mlp_fc", "proj": "mlp_proj"}.get(leaf, "gate")
