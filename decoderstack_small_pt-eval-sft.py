@@ -2781,9 +2781,8 @@ class KVCache:
 MIN_TEMPERATURE = 1e-4  # below it a draw is greedy: logits / a temperature near fp32's smallest are inf - inf (NaN)
 
 def sample_next(logits, generator, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
-    """(B,) next tokens from logits (B, V): argmax below MIN_TEMPERATURE, else a draw after the filters: top-k keeps
-    the k largest, min-p drops tokens below min_p x the top probability, top-p keeps the smallest set reaching top_p;
-    the most likely token always stays (no accepted value leaves nothing to draw)."""
+    """(B,) next tokens from logits (B, V): argmax below MIN_TEMPERATURE, else a draw after the top-k, min-p (below
+    min_p x the top probability) and top-p filters; the most likely token always stays (none leaves nothing to draw)."""
     if temperature < MIN_TEMPERATURE:
         return logits.argmax(-1)
     logits = logits.float()
@@ -2802,15 +2801,12 @@ def sample_next(logits, generator, temperature=1.0, top_k=0, top_p=1.0, min_p=0.
     return (draw if index is None else index.gather(-1, draw)).squeeze(-1)
 
 # -- the calculator tool the chat model calls between <|python_start|> and <|python_end|>: parsed, never executed --
-# calculate() computes only whitelisted syntax-tree nodes, in bounded work (no timer): <= CALC_MAX_CHARS characters,
-# <= CALC_MAX_NODES nodes (~30 operations; calc_value's recursion depth); every value, constants too, is checked
-# against CALC_MAX_MAGNITUDE (<= 50-bit operands; a power may first make up to (1e15)**64, ~3,200 bits, microseconds);
-# strings are only the input's literals (no operator takes one), so str.count scans at most CALC_MAX_CHARS characters.
+# calculate() computes only whitelisted syntax-tree nodes, in bounded work (no timer): every value, constants too, is
+# checked against CALC_MAX_MAGNITUDE (a power, exponent <= 64, may first make up to (1e15)**64, ~3,200 bits, in
+# microseconds); strings are only the input's literals (no operator takes one): str.count scans <= CALC_MAX_CHARS.
 CALC_MAX_CHARS = 200  # GSM8K's calls are a few dozen characters
-CALC_MAX_NODES = 100  # ~30 operations: the longest GSM8K sums fit, and each node costs microseconds
-CALC_MAX_EXPONENT = 64
-CALC_MAX_MAGNITUDE = 10**15  # below 2**53, so integral floats are still exact integers
-CALC_DECIMALS = 6
+CALC_MAX_NODES = 100  # ~30 operations, calc_value's recursion depth: the longest GSM8K sums fit, each in microseconds
+CALC_MAX_MAGNITUDE = 10**15  # <= 50-bit operands: below 2**53, so integral floats are still exact integers
 CALC_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
                ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 DIGIT_GROUP_COMMA = re.compile(r"(?<=\d),(?=\d{3})")  # "1,200*3": GSM8K writes thousands separators
@@ -2825,7 +2821,7 @@ def calc_value(node):
         value = -calc_value(node.operand) if type(node.op) is ast.USub else calc_value(node.operand)
     elif kind is ast.BinOp and type(node.op) in CALC_BINOPS:
         left, right = calc_value(node.left), calc_value(node.right)
-        if type(node.op) is ast.Pow and abs(right) > CALC_MAX_EXPONENT:
+        if type(node.op) is ast.Pow and abs(right) > 64:
             raise ValueError("exponent too large")
         value = CALC_BINOPS[type(node.op)](left, right)
     elif (kind is ast.Call and type(node.func) is ast.Attribute and node.func.attr == "count"  # 'ab'.count('b')
@@ -2855,7 +2851,7 @@ def calculate(expr):
         value = calc_value(tree.body)
     except (SyntaxError, ValueError, RecursionError, MemoryError, ArithmeticError):
         return None
-    text = str(value) if type(value) is int else f"{value:.{CALC_DECIMALS}f}".rstrip("0").rstrip(".")
+    text = str(value) if type(value) is int else f"{value:.6f}".rstrip("0").rstrip(".")
     return "0" if text == "-0" else text
 
 @dataclasses.dataclass
@@ -2864,9 +2860,8 @@ class Sample:
     mask: list     # 1 where the model sampled the token, 0 where the calculator's output was forced
     stopped: bool  # ended on <|assistant_end|> or <|bos|> (else it ran into max_new_tokens, or was cancelled)
 
-@dataclasses.dataclass(eq=False)  # compared by identity: the rows of one Sampling draw together
-class Sampling:
-    """sample_next's filters and a generator; its rows draw over their own logits, so a request's never sway others'."""
+@dataclasses.dataclass(eq=False)  # by identity: one Sampling's rows draw together, so a request's never sway others'
+class Sampling:  # sample_next's filters and a generator
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -2883,15 +2878,12 @@ class Stream:
     sample: Sample = dataclasses.field(default_factory=lambda: Sample([], [], False))
     forced: list = dataclasses.field(default_factory=list)  # calculator output still to feed
     call: list = None        # tokens of an open calculator call
-    cancelled: bool = False
-    error: Exception = None  # what ended it, if its step failed for it (sample.stopped is then None)  # any thread may set it: the batch frees the row at its next step
-
-CAPACITY_STEP = 256  # a compiled engine's cache capacities are multiples of this (CUDA graphs record each shape)
+    cancelled: bool = False  # any thread may set it: the batch frees the row at its next step
+    error: Exception = None  # what ended it, if its step failed for it (sample.stopped is then None)
 
 class Engine:
-    """KV-cached generation with the calculator tool: a sample stops at <|assistant_end|>, <|bos|> or max_new_tokens;
-    <|python_start|> expr <|python_end|> forces <|output_start|> calculate(expr) <|output_end|> (none if refused).
-    Samples decode in a DecodeBatch; compile=True: torch.compile'd steps (CUDA graphs): same tokens, less overhead."""
+    """KV-cached generation with the calculator tool: <|python_start|> expr <|python_end|> forces <|output_start|>
+    calculate(expr) <|output_end|> (none if refused). compile=True: compiled steps: same tokens, less overhead."""
 
     def __init__(self, model, tokenizer, windows, rt, compile=False):
         self.model, self.tokenizer, self.windows, self.rt = model, tokenizer, windows, rt
@@ -2908,8 +2900,8 @@ class Engine:
                                      step=step)[:, -1].float()
 
     def batch(self, capacity, max_rows):
-        if self.step is not None:  # compiled: capacities in steps of CAPACITY_STEP, so calls reuse graphs
-            capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
+        if self.step is not None:  # compiled: capacities in multiples of 256, so calls reuse CUDA graphs (one a shape)
+            capacity = -(-capacity // 256) * 256
         return DecodeBatch(self, capacity, max_rows)
 
     @torch.no_grad()
@@ -2993,8 +2985,7 @@ class DecodeBatch:
         self._arrange()
         if not self.slots:
             return False
-        engine = self.engine
-        logits = engine._decode([[token] for token in self.feed], self.cache, engine.step)
+        logits = self.engine._decode([[token] for token in self.feed], self.cache, self.engine.step)
         live = [(row, s) for row, s in enumerate(self.slots) if s is not None]
         greedy, groups = Sampling(temperature=0), {}  # greedy rows draw together, every other Sampling over its own
         for row, s in live:
@@ -3053,8 +3044,7 @@ def reply_text(tokenizer, sample):
     return tokenizer.decode(sample.tokens[:-1] if sample.stopped else sample.tokens)
 
 def trained_engine(cfg, rt):
-    """(Engine, state.json, path, chat) of the checkpoint trained_model picks, with DATA_DIR's tokenizer; chat: prompts
-    are user turns (--prompt-format chat, or auto and an SFT/RL checkpoint), else plain text (a base model)."""
+    """(Engine, state.json, path, chat) of trained_model's checkpoint; chat: prompts are user turns, not plain text."""
     tokenizer, sample = data_tokenizer(cfg.data_dir), cfg.sample
     model, state, path = trained_model(cfg, rt)
     chat = sample.prompt_format == "chat" or (sample.prompt_format == "auto" and state.get("phase", "pt") != "pt")
@@ -3067,9 +3057,8 @@ def phase_generate(cfg, rt, log):
     prompt = (chat_turn(tokenizer, [tokenizer.bos_id], sample.prompt) if chat
               else [tokenizer.bos_id, *tokenizer.encode(sample.prompt)])
     log(f"sampling from {path} ({'chat' if chat else 'text'} prompt)")
-    samples = engine.generate([prompt], sample.num_samples, sample.max_new_tokens, sample.temperature, sample.top_k,
-                              sample.top_p, sample.min_p, seed=cfg.seed)[0]
-    for i, drawn in enumerate(samples):
+    for i, drawn in enumerate(engine.generate([prompt], sample.num_samples, sample.max_new_tokens, sample.temperature,
+                                              sample.top_k, sample.top_p, sample.min_p, seed=cfg.seed)[0]):
         log(f"--- sample {i + 1}/{sample.num_samples} ({len(drawn.tokens)} tokens)\n"
             f"{'' if chat else sample.prompt}{reply_text(tokenizer, drawn)}")
 
@@ -3121,9 +3110,6 @@ SANDBOX_SYSCALLS = {  # by machine: seccomp's audit arch and the syscall numbers
     "x86_64": (0xC000003E, dict(socket=41, socketpair=53, io_uring_setup=425, unshare=272, mount_setattr=442)),
     "aarch64": (0xC00000B7, dict(socket=198, socketpair=199, io_uring_setup=425, unshare=97, mount_setattr=442))}
 SANDBOX_NO_NETWORK = ("socket", "socketpair", "io_uring_setup")  # io_uring can open sockets without socket()
-SANDBOX_CONSTANTS = ("CLONE_NEWNS", "CLONE_NEWUTS", "CLONE_NEWIPC", "CLONE_NEWUSER", "CLONE_NEWPID", "CLONE_NEWNET",
-                     "MS_RDONLY", "MS_NOSUID", "MS_NODEV", "MS_NOEXEC", "MS_REMOUNT", "MS_BIND", "MS_REC", "MS_PRIVATE",
-                     "SANDBOX_SYSCALLS", "SANDBOX_NO_NETWORK")
 
 class SandboxSetupError(Exception):
     pass
@@ -3285,15 +3271,14 @@ def sandbox_main(a):
         os._exit(125)
     sandbox_run(source, status, nonce)
 
-SANDBOX_CODE = (SandboxSetupError, sandbox_libc, sandbox_check, sandbox_syscalls, sandbox_deny_syscalls,
-                sandbox_namespaces, sandbox_mount, sandbox_hidden_ancestor, sandbox_mount_views,
-                sandbox_fork_supervised, sandbox_die_with_parent, sandbox_cut_python_sockets, sandbox_run, sandbox_main)
+SANDBOX_CODE = (SandboxSetupError, *(f for name, f in globals().items() if name.startswith("sandbox_")))  # all above
 
 @functools.cache
 def sandbox_launcher():
     """The source `python -I -S -c` runs: the imports, the constants and the code above, then sandbox_main of its
     JSON argument (`python -c` names it __main__; exec'd under another name it only defines them)."""
-    constants = "".join(f"{name} = {globals()[name]!r}\n" for name in SANDBOX_CONSTANTS)
+    constants = "".join(f"{name} = {value!r}\n" for name, value in globals().items()
+                        if name.startswith(("CLONE_", "MS_")) or name in ("SANDBOX_SYSCALLS", "SANDBOX_NO_NETWORK"))
     try:  # read at a run's start (phases_to_run), before the file can change under it
         code = "\n\n".join(inspect.getsource(part) for part in SANDBOX_CODE)
     except OSError as e:
@@ -3337,8 +3322,7 @@ def remove_tree(top):
                     if entry.is_dir(follow_symlinks=False):
                         os.chmod(entry.path, 0o700)
                         children = os.listdir(entry.path)
-                        for child in children:
-                            lifted += 1
+                        for lifted, child in enumerate(children, lifted + 1):
                             os.rename(os.path.join(entry.path, child), os.path.join(top, f".lifted-{lifted}"))
                         if not children:
                             os.rmdir(entry.path)
@@ -3419,9 +3403,8 @@ def humaneval_passed(completion, problem, timeout=5.0, sandbox="isolated"):
 @torch.no_grad()
 def evaluate_chat(model, chat, tokenizer, rt, windows, max_per_task=-1, batch_tokens=32768, batch_size=16,
                   max_new_tokens=512, sandbox="isolated", compile_decode=False, log=None):
-    """ChatEvalData `chat`: categorical tasks by letter argmax (packed forwards of up to batch_tokens tokens); GSM8K
-    and HumanEval greedy with the calculator on batch_size rows, scored on '####' or by its tests in `sandbox` (tried
-    first: SandboxUnavailable before generating). Ranks split examples; task_scores' dict, its mean as `chatcore`."""
+    """Categorical tasks by letter argmax; GSM8K and HumanEval greedy with the calculator, scored on '####' or by tests
+    in `sandbox` (tried first: SandboxUnavailable before generating). Ranks split examples; returns task_scores'."""
     evaluated, mine = examples_of_rank(chat.tasks, len(chat.examples), max_per_task, rt)
     correct = torch.zeros(len(chat.examples), dtype=torch.float32)
     kind = {e: chat.tasks[int(chat.examples[e, 0])]["kind"] for e in mine}
@@ -3470,9 +3453,8 @@ def phase_chat(cfg, rt, log):
 
 # =============================================================================================================
 # 13. Chat SFT: batches of whole conversations, the masked loss, then the loop (phase_sft)
-# Each conversation is its own document of a varlen batch, as in pretraining: positions from 0, no attention across
-# conversations, so it gets exactly the losses it would get alone (nanochat pads rows of a (B, T) batch instead). Only
-# tokens the SFT mask marks (assistant text, tool calls, <|assistant_end|>) are targets.
+# Each conversation is a varlen batch's document as in pretraining (positions from 0, no attention across): its losses
+# are its own alone (nanochat pads rows). Targets: its mask's tokens (assistant text, tool calls, <|assistant_end|>).
 
 def sft_batch(split, convs, T, bos_id, device):
     """Packed Batch of T tokens: conversations `convs` (indices into SFTSplit `split`) back to back (only the first may
@@ -3492,9 +3474,8 @@ class SFTLoader:
 
     def __init__(self, split, tokenizer, rank, world_size, seed, state=None):
         self.split, self.bos, self.rank, self.world_size, self.seed = split, tokenizer.bos_id, rank, world_size, seed
-        self.lengths = np.diff(split.convs)
+        self.lengths, self._order = np.diff(split.convs), (None, None)
         self.state = dict(state or {"epoch": 0, "cursor": 0})
-        self._order = (None, None)
 
     def order(self, epoch):
         if self._order[0] != epoch:
@@ -3528,9 +3509,8 @@ def sft_loss(model, batch, windows, backend):
 
 @torch.no_grad()
 def evaluate_sft_loss(model, split, rt, windows, max_tokens, batch_tokens=8192):
-    """Mean nats per supervised token of a fixed sample of val conversations of up to max_tokens tokens (the first of
-    a seed-0 permutation: the files are grouped by source), packed into forwards of up to batch_tokens (a longer one
-    alone, cut); rank r takes forwards r, r + world_size, ...; only supervised rows get logits."""
+    """Mean nats per supervised token of a fixed sample of val conversations, up to max_tokens tokens (a seed-0
+    permutation's first: the files are grouped by source), in forwards of <= batch_tokens (longer: cut), over ranks."""
     order = np.random.default_rng(0).permutation(len(split.convs) - 1)
     n = max(1, int(np.searchsorted(np.cumsum(np.diff(split.convs)[order]), max_tokens, side="right")))
     convs = (split.conversation(int(i)) for i in order[:n])
@@ -3549,8 +3529,7 @@ def evaluate_sft_loss(model, split, rt, windows, max_tokens, batch_tokens=8192):
     return nats / max(count, 1)
 
 def sft_lr_factor(sft, step, total):
-    """Linear warmup over sft.warmup_frac of the steps, flat, then linear decay over the last sft.cooldown_frac
-    (to 1/cooldown steps on the last step, so no step is wasted at lr 0)."""
+    """Linear warmup over warmup_frac of the steps, flat, linear decay over the last cooldown_frac (no step at lr 0)."""
     warmup, cooldown = sft.warmup_frac * total, sft.cooldown_frac * total
     up = min(1.0, (step + 1) / warmup) if warmup else 1.0
     down = min(1.0, (total - step) / cooldown) if cooldown else 1.0
@@ -3641,9 +3620,8 @@ def group_advantages(rewards):
     return rewards - rewards.mean()
 
 def policy_gradient_loss(model, rollouts, windows, rt, n_tokens):
-    """-sum(advantage x log p(token)) / n_tokens over the sampled tokens of `rollouts`, a list of (prompt, Sample,
-    advantage) packed into one varlen forward. Prompt tokens and forced tool output (mask 0) get no gradient: their
-    rows never reach the logits. n_tokens: sampled tokens of the whole step (token-level normalisation)."""
+    """-sum(advantage x log p(token)) / n_tokens (all the step's sampled tokens) over the sampled tokens of `rollouts`,
+    (prompt, Sample, advantage)s in one varlen forward; prompts and forced tool output (mask 0) get no gradient."""
     batch, starts = pack_sequences([np.array(prompt + sample.tokens) for prompt, sample, _ in rollouts], rt.device)
     rows, weights = [], []
     for start, (prompt, sample, advantage) in zip(starts, rollouts):
@@ -3658,8 +3636,7 @@ def policy_gradient_loss(model, rollouts, windows, rt, n_tokens):
 
 @torch.no_grad()
 def gsm8k_pass_at_k(engine, tokenizer, chat, task, examples, k, rl, rt, seed, log=None):
-    """pass@1..k on the given examples of a generative chat-eval task: the fraction of questions where one of the
-    first j samples (temperature rl.temperature) is right; examples split across ranks. log: where progress goes."""
+    """pass@j, j = 1..k: the fraction of `examples` (split across ranks) one of whose first j samples is right."""
     hits, mine = torch.zeros(k, device=rt.device), examples[rt.rank::rt.world_size]
     progress = Progress(log, f"pass@{k}", len(mine), "questions")
     for e in mine:
@@ -3668,24 +3645,21 @@ def gsm8k_pass_at_k(engine, tokenizer, chat, task, examples, k, rl, rt, seed, lo
         right = [gsm8k_reward(tokenizer, s, task["answers"][e - task["first_example"]]) for s in samples]
         hits += torch.tensor(np.maximum.accumulate(right), dtype=torch.float32, device=rt.device)
         progress()
-    sum_over_ranks(hits, rt)
-    return {j + 1: float(hits[j]) / len(examples) for j in range(k)}
+    return {j + 1: hit / len(examples) for j, hit in enumerate(sum_over_ranks(hits, rt).tolist())}
 
 def phase_rl(cfg, rt, log):
     """GSM8K RL; reads rl/, chat_eval/; writes RUN_DIR/rl_ckpt_<step>/, curves.jsonl, metrics.json
-    Each step rl.questions_per_step training questions (split across ranks) get rl.samples samples each; reward 1 for
-    the right '####' answer, loss -advantage x log p of the sampled tokens, lr linear to 0; pass@k on test questions."""
+    Each step: rl.samples samples of rl.questions_per_step questions each (split across ranks); pass@k on test ones."""
     require_training_dtype(rt, "rl")
     rl, tokenizer = cfg.rl, data_tokenizer(cfg.data_dir)
     model, _, path = trained_model(cfg, rt)
-    windows = model.windows()
     train, test = load_chat_eval(cfg.data_dir, tokenizer, "rl"), load_chat_eval(cfg.data_dir, tokenizer)
     train_task, test_task = (next(t for t in data.tasks if t["name"] == "gsm8k") for data in (train, test))
     test_examples = [test_task["first_example"] + i for i in range(min(rl.eval_questions, test_task["n_examples"]))]
     if rl.questions_per_step < rt.world_size:
         raise ValueError(f"--rl-questions-per-step {rl.questions_per_step} < world size {rt.world_size}: every rank "
                          "needs a question")
-    opt = make_optimizer(model, cfg, rl.lr_mul)
+    windows, opt = model.windows(), make_optimizer(model, cfg, rl.lr_mul)
     engine = Engine(model, tokenizer, windows, rt, compile=cfg.sample.decode_compile)
     order = np.random.default_rng(cfg.seed).permutation(train_task["n_examples"]) + train_task["first_example"]
     log(f"RL from {path}: {rl.steps} steps x {rl.questions_per_step} questions x {rl.samples} samples, "
@@ -3719,9 +3693,8 @@ def phase_rl(cfg, rt, log):
         stats = torch.tensor([sum(step_rewards), len(step_rewards), sum(sum(s.mask) for _, s, _ in rollouts)],
                              dtype=torch.float64, device=rt.device)
         sum_over_ranks(stats, rt)
-        # rollouts with advantage 0 (all k samples equally right) add nothing to the gradient: skip their forward, but
-        # keep one (weighted 0) so every rank's optimizer sees the same gradients exist. Normalised by all ranks'
-        # sampled tokens / world size: the optimizer's average over ranks gives one process's update with every question
+        # advantage-0 rollouts add no gradient: skipped, but one runs (weighted 0) so every rank's optimizer sees the
+        # same gradients exist. Over all ranks' sampled tokens / world size: the ranks' mean is one process's update
         learning = [r for r in rollouts if r[2] != 0] or [(rollouts[0][0], rollouts[0][1], 0.0)]
         for batch in token_batches(learning, lambda r: len(r[0]) + len(r[1].tokens), rl.batch_tokens):
             policy_gradient_loss(model, batch, windows, rt, float(stats[2]) / rt.world_size).backward()
@@ -3750,8 +3723,7 @@ def beside(name):
     return os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), name))
 
 def moved_phase(argv):
-    """What replaced an old command's --phases serve / export / data / convert, or generate's chat on stdin (the
-    message), or None."""
+    """A message on what replaced an old command's --phases serve/export/data/convert or generate's chat; or None."""
     import shlex
     for i, arg in enumerate(argv):
         if arg == "--phases" and i + 1 < len(argv):
@@ -3808,9 +3780,8 @@ def main(argv=None):
             lock.close()
 
 def phases_to_run(phases, cfg, rt, log, header=None):
-    """Run the phases in order; returns [(phase, seconds)]. After each of TIMED_PHASES, its wall time and the
-    checkpoint it wrote or evaluated go into metrics.json with the invocation's header (run_header); failing to write
-    them is only a warning. A bad prepared file or an unavailable sandbox ends the run with one error line."""
+    """Run the phases -> [(phase, seconds)]; each of TIMED_PHASES' wall time and checkpoint (written or evaluated) go
+    into metrics.json with run_header (failing: a warning). A bad prepared file or no sandbox: one error line."""
     times = []
     try:
         if {"chat", "sft"} & set(phases):
