@@ -12,53 +12,15 @@ Run:
             --vocab-size 50257 --bos-id 50256 --val-final-tokens 10485760
 Any setting: --name=value (--flag / --no-flag for booleans, JSON for tuples); --help lists them all and the phases.
 
-Contents, in the order data flows; each phase's loop comes right after its parts
-    1. Settings: the stages of the schedule, Config and its SFT / RL / sampling groups, presets, the flags
-    2. Runtime: device, precision (PRECISION), distributed
-    3. Kernels: Triton kernels beside their PyTorch references
-    4. Attention over packed documents: the Batch and its packer; FA3 / FA2 / flex / SDPA
-    5. Model: ModelConfig (stored with the weights), GPT
-    6. Optimizer: NorMuon (Polar Express) + Adam, each parameter's rule
-    7. Data: readers of every format, the pretraining loader
-    8. The run: log.txt (the code that ran, by hash), progress, metrics.json, checkpoints, the run directory
-    9. Pretraining: the schedule, the loss, bits per byte, FLOPs; phase_pt
-    10. Evaluation: packed forwards, CORE; phase_eval
-    11. Inference: KV cache, sampling, the calculator tool, the engine; phase_generate
-    12. Chat evaluation: ARC, MMLU, GSM8K, HumanEval in a sandbox (its launcher), ChatCORE; phase_chat
-    13. Chat SFT: packed conversations, the masked loss; phase_sft
-    14. GSM8K RL: rewards, the policy-gradient loss, pass@k; phase_rl
-    15. The phase table and main
-Beside this file, importing it (it never imports them): serve.py (an OpenAI-compatible server and chat.html),
-chat_cli.py (a chat in the terminal), export.py (a Hugging Face folder: hf/), report.py (RUN_DIR/report.md and plots
-from metrics.json and curves.jsonl), data/check.py (checks a prepared data directory as this file reads it).
+Contents, in the order data flows, each phase's loop right after its parts: 1. Settings, 2. Runtime (device,
+PRECISION, ranks), 3. Kernels (Triton beside PyTorch references), 4. Attention over packed documents, 5. Model,
+6. Optimizer (NorMuon + Adam), 7. Data, 8. The run (log, metrics, checkpoints), 9. Pretraining, 10. Evaluation (CORE),
+11. Inference (KV cache, engine), 12. Chat evaluation, 13. Chat SFT, 14. GSM8K RL, 15. The phase table and main.
+Beside this file, importing it (it never imports them): serve.py (an OpenAI-compatible server, chat.html), chat_cli.py
+(a chat in the terminal), export.py (hf/: a Hugging Face folder), report.py (RUN_DIR/report.md), data/check.py.
 """
-import argparse
-import ast
-import base64
-import builtins
-import collections
-import ctypes
-import dataclasses
-import functools
-import glob
-import hashlib
-import inspect
-import json
-import math
-import operator
-import os
-import re
-import select
-import shutil
-import signal
-import struct
-import subprocess
-import sys
-import tempfile
-import threading
-import time
-import traceback
-import warnings
+import argparse, ast, base64, builtins, collections, ctypes, dataclasses, functools, glob, hashlib, inspect, json, math
+import operator, os, re, select, shutil, signal, struct, subprocess, sys, tempfile, threading, time, traceback, warnings
 
 import numpy as np
 import torch
@@ -184,8 +146,7 @@ class Config:
         Stage(423, 131072, 896, 128, 384, 1.0, mtp_start=(1.0, 0.5, 0.25), mtp_end=(1.0, 0.5, 0.0)),
         Stage(424, 262144, 2048, 384, 896, 1.52, mtp_start=(1.0, 0.5), mtp_end=(1.0, 0.0)),
         Stage(423, 393216, 2048, 640, 1408, 1.73, mtp_start=(1.0,), mtp_end=(1.0,)),
-        Stage(15, 393216, 2048, 768, 1664, 1.73, mtp_start=(1.0,), mtp_end=(1.0,)),
-    )
+        Stage(15, 393216, 2048, 768, 1664, 1.73, mtp_start=(1.0,), mtp_end=(1.0,)))
     micro_batch_tokens: int = 49152  # tokens per rank per forward; gradient accumulation makes up the batch
     train_tokens: int = 0            # 0: as the stages say; N: rescale every stage's steps to N tokens in total
     lr_warmup_steps: int = 0         # linear lr warmup (modded-nanogpt needs none)
@@ -214,7 +175,6 @@ class Config:
     chat_max_new_tokens: int = 512   # tokens a chat-eval answer may generate
     sandbox: str = "isolated"        # HumanEval's model-written code: isolated (refused where Linux namespaces are
                                      # not to be had) | weak (no namespaces; says what it lacks; README: Security)
-    # the phases' own settings (their groups' flags)
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     rl: RLConfig = dataclasses.field(default_factory=RLConfig)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
@@ -420,11 +380,6 @@ def autocast(rt):
         return torch.autocast(rt.device.type, enabled=False)
     return torch.autocast(rt.device.type, dtype=rt.dtype)
 
-def activation_dtype(device):
-    """The dtype activations flow in: autocast's where autocast(rt) is on for this device type, else fp32."""
-    kind = torch.device(device).type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32
-
 def require_training_dtype(rt, phase):
     if rt.dtype == torch.float16:
         raise ValueError(f"{phase}: fp16 training needs loss scaling, which this stack does not do; use --dtype bf16 "
@@ -535,8 +490,7 @@ def relu2_mlp_reference(x, w_fc, w_proj):
 def _relu2_matmul(a, b, post, blocks):
     """relu(a @ b)^2, or (a @ b) * 2*sqrt(post) given post (contiguous); a (M, K), b (K, N) any strides, one dtype."""
     assert a.dtype == b.dtype and (post is None or post.dtype == a.dtype), (a.dtype, b.dtype, post is None or post.dtype)
-    (M, K), N = a.shape, b.shape[1]
-    block_m, block_n, block_k = blocks
+    (M, K), N, (block_m, block_n, block_k) = a.shape, b.shape[1], blocks
     out = torch.empty(M, N, dtype=a.dtype, device=a.device)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     aux = out if post is None else post  # the forward never reads post_ptr: any tensor fills the slot
@@ -606,7 +560,6 @@ if triton is not None:
             tl.store(dz_ptr + row * stride_dz + v0 + cols, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 def softcap(logits, cap=SOFTCAP):
-    """The logits the model predicts with (fp32): A * sigmoid((z + B) / C)."""
     a, b, c = cap
     return a * torch.sigmoid((logits.float() + b) / c)
 
@@ -781,8 +734,7 @@ def _sdpa_attention(q, k, v, cu_seqlens, window, scale, reach, block=256, branch
     n, span, pad = -(-T // block), block + reach, -T % block  # pad: queries up to n whole blocks
     # keys get `reach` slots on the left (document -2: matches nothing) and, like the queries, `pad` on the right
     # (document -1): padded queries see themselves, so no row of the mask is empty
-    doc_q = F.pad(doc, (0, pad), value=-1)
-    doc_k = F.pad(doc, (reach, pad), value=-2)
+    doc_q, doc_k = F.pad(doc, (0, pad), value=-1), F.pad(doc, (reach, pad), value=-2)
     doc_k[reach + T:] = -1
     k, v = (F.pad(x, (0, 0, 0, 0, reach, pad)) for x in (k, v))
     kb, vb = (x.unfold(0, span, block).permute(0, 1, 3, 2) for x in (k, v))  # (n, H, span, D)
@@ -801,8 +753,7 @@ def _sdpa_attention(q, k, v, cu_seqlens, window, scale, reach, block=256, branch
     return y.transpose(1, 2).reshape(n * block, *q.shape[1:])[:T].contiguous()
 
 def flex_block_mask(cu_seqlens, T, window, branches=None):
-    """The mask as flex_attention's BlockMask over T packed tokens: built once per batch and window, every layer with
-    that window reads it (GPT.hidden), not rebuilt per call (a mask evaluation per (query, key) pair each time)."""
+    """The mask as flex_attention's BlockMask over T packed tokens; a build evaluates it at every (query, key) pair."""
     window = T if window is None or window < 0 else min(window, T)
     return create_block_mask(_mask_mod(_document_ids(cu_seqlens, T), window, branches), None, None, T, T,
                              device=cu_seqlens.device)
@@ -832,20 +783,18 @@ def _flash_attention(fn, q, k, v, cu_seqlens, max_seqlen, window, scale, cu_seql
     return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the log-sum-exp
 
 def _flash_branches(fn, q, k, v, branches, window, scale):
-    """FA over a batch with branches, in two calls: the branch-0 tokens as plain documents, then every branch's
-    queries against its prefix's keys followed by its own (gathered: the prefix's K/V are read once per branch)."""
-    b, out = branches, torch.empty_like(q)
-    out[b.trunk] = _flash_attention(fn, q[b.trunk], k[b.trunk], v[b.trunk], b.cu_trunk, b.max_trunk, window, scale)
-    if len(b.branch_q):
-        out[b.branch_q] = _flash_attention(fn, q[b.branch_q], k[b.branch_kv], v[b.branch_kv], b.cu_q, b.max_q, window,
-                                           scale, b.cu_kv, b.max_kv)
+    """FA over branches in two calls: the trunk, then the branches on gathered keys (a prefix's K/V once per branch)."""
+    (trunk, *trunk_lens), (queries, *query_lens), (keys, *key_lens) = branches.trunk, branches.queries, branches.keys
+    out = torch.empty_like(q)
+    out[trunk] = _flash_attention(fn, q[trunk], k[trunk], v[trunk], *trunk_lens, window, scale)
+    if len(queries):
+        out[queries] = _flash_attention(fn, q[queries], k[keys], v[keys], *query_lens, window, scale, *key_lens)
     return out
 
 def attention(q, k, v, cu_seqlens, max_seqlen, window, scale, backend, branches=None, block_mask=None):
     """The mask of this section's top over packed q, k, v (T, H, D); returns (T, H, D), contiguous. max_seqlen bounds
-    a document's length (FA sizes its grid with it); window: earlier tokens a query also sees (None or < 0: its whole
-    document); backend: from select_attention_backend; branches: None, or Branches (evaluation only); block_mask:
-    flex's, when the caller built it for this window (flex_block_mask), else built here."""
+    a document's length (FA sizes its grid with it); window: earlier tokens a query also sees; backend: from
+    select_attention_backend; branches: Branches (evaluation); block_mask: flex's for this window, else built."""
     if not q.dtype == k.dtype == v.dtype:  # FA refuses mixed dtypes, and flex's backward does: fail alike everywhere
         raise TypeError(f"attention needs q, k, v of one dtype (PRECISION), got {q.dtype}, {k.dtype}, {v.dtype}")
     T = q.size(0)
@@ -859,7 +808,6 @@ def attention(q, k, v, cu_seqlens, max_seqlen, window, scale, backend, branches=
         mask = block_mask if block_mask is not None else make_mask(cu_seqlens, T, window, branches)
         return flex(q, k, v, mask, scale)
     if backend == "sdpa":
-        # a branch's prefix keys lie behind its segment's earlier branches: up to window + spread tokens back
         reach = min(window + (branches.spread if branches is not None else 0), max(1, max_seqlen) - 1)
         return _sdpa_attention(q, k, v, cu_seqlens, window, scale, reach, branches=branches)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
@@ -927,18 +875,12 @@ class Batch:
 
 @dataclasses.dataclass
 class Branches:
-    """A packed batch's shared-prefix branches (this section's top), split as FA's two varlen calls need: indices."""
+    """A packed batch's shared-prefix branches (this section's top), split as FA's two varlen calls need them."""
     branch: torch.Tensor      # (T,) 0 in a prefix or a plain segment, b >= 1 in its segment's b-th branch
     positions: torch.Tensor   # (T,) the Batch's positions: continuing from the prefix end in every branch
-    trunk: torch.Tensor       # tokens of branch 0, in order: every segment's prefix, as plain documents
-    cu_trunk: torch.Tensor
-    max_trunk: int
-    branch_q: torch.Tensor    # tokens of the branches, in order
-    cu_q: torch.Tensor
-    max_q: int
-    branch_kv: torch.Tensor   # per branch, its prefix's tokens then its own: the keys its queries see
-    cu_kv: torch.Tensor
-    max_kv: int
+    trunk: tuple              # (token indices, cu_seqlens, max_seqlen) of branch 0: every prefix, as plain documents
+    queries: tuple            # the same of the branches' tokens, in order
+    keys: tuple               # the same per branch of its prefix's tokens, then its own: the keys its queries see
     spread: int               # most branch tokens of one segment: a key a query sees lies <= window + spread back
 
 def padded_length(n):
@@ -959,8 +901,7 @@ def pack(inputs, segment_starts, document_starts, targets, max_seqlen, device):
     prev = np.concatenate([[-1], inputs[:-1]]).astype(np.int64)
     prev[document_starts] = -1
     cu = to_device(cu, torch.int32, device)
-    # cu's length varies (128, then 256 where documents are short...): compiled code takes any, not recompiling mid-run
-    torch._dynamo.maybe_mark_dynamic(cu, 0)
+    torch._dynamo.maybe_mark_dynamic(cu, 0)  # cu's length varies: compiled code takes any, not recompiling mid-run
     tensors = (to_device(x, torch.long, device) for x in (inputs, prev, positions, targets))
     return Batch(*tensors, cu, max_seqlen, np.diff(list(segment_starts) + [T]))
 
@@ -997,7 +938,7 @@ def pack_branches(sequences, device):
     remaining tokens (a branch), positions and previous tokens those of the sequence alone. Returns the Batch (no
     targets: a prefix's last token precedes every branch) and per sequence the buffer index of each of its tokens."""
     inputs, prev, positions, branch, where, seg_starts, T = [], [], [], [], [None] * len(sequences), [], 0
-    trunk, branch_q, branch_kv = [], [], []
+    trunk, queries, keys = [], [], []
     for first, n, P in shared_prefix_groups(sequences):
         seg_starts.append(T)
         for b, i in enumerate([first, *(range(first, first + n) if n > 1 else [])]):  # b = 0: the prefix
@@ -1012,16 +953,16 @@ def pack_branches(sequences, device):
             if b == 0:
                 trunk.append(where[i])
             else:  # a branch's keys: its prefix's, then its own
-                branch_q.append(where[i])
+                queries.append(where[i])
                 where[i] = np.concatenate([trunk[-1], where[i]])
-                branch_kv.append(where[i])
+                keys.append(where[i])
     cu = np.full(padded_length(len(seg_starts) + 1), T, dtype=np.int32)
     cu[:len(seg_starts)] = seg_starts
     dev = lambda parts, dtype=torch.long: to_device(np.concatenate(parts) if parts else np.zeros(0), dtype, device)
     varlen = lambda parts: (dev(parts), dev([np.cumsum([0] + [len(x) for x in parts])], torch.int32),
                             max(map(len, parts), default=0))  # one FA call's tokens, cu_seqlens and max_seqlen
     positions_t, segment_lengths = dev(positions), np.diff(seg_starts + [T])
-    branches = Branches(dev(branch), positions_t, *varlen(trunk), *varlen(branch_q), *varlen(branch_kv),
+    branches = Branches(dev(branch), positions_t, varlen(trunk), varlen(queries), varlen(keys),
                         int((segment_lengths - np.array([len(x) for x in trunk])).max()))
     return Batch(dev(inputs), dev(prev), positions_t, None, to_device(cu, torch.int32, device),
                  int(segment_lengths.max()), segment_lengths, branches), where
@@ -1187,7 +1128,8 @@ class GPT(nn.Module):
         """Final hidden states (T, dim) of a packed Batch; windows: per layer. With a KVCache, inputs, prev_ids and
         positions are (B, S) tokens appended to the rows' caches; all else being per token, both compute the same."""
         ids, prev_ids, positions = batch.inputs, batch.prev_ids, batch.positions
-        act = activation_dtype(ids.device)  # every lookup in it: the residual stream then stays in it (PRECISION)
+        # lookups in autocast's dtype where autocast(rt) is on, else fp32: the residual stream stays in it (PRECISION)
+        act = torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type) else torch.float32
         lookup = lambda index, table: F.embedding(index, table).to(act)
         embed = self.lm_head if self.is_tied else self.embed
         e = lookup(ids, embed)
@@ -1199,8 +1141,7 @@ class GPT(nn.Module):
         bigram = lookup(self.bigram_ids(ids, prev_ids), self.bigram_embed)
         skips, L, block_masks = [], self.cfg.n_layers, {}
         if backend == "flex" and cache is None:  # one BlockMask per distinct window, shared by its layers
-            make_mask = _compiled_flex()[0]
-            block_masks = {w: make_mask(batch.cu_seqlens, len(ids), w, batch.branches) for w in set(windows)}
+            block_masks = {w: _compiled_flex()[0](batch.cu_seqlens, len(ids), w, batch.branches) for w in set(windows)}
         for i, block in enumerate(self.blocks):
             if i >= L - L // 2 and skips:
                 x = x + self.skip_weights[L - 1 - i] * skips.pop()
@@ -1241,13 +1182,11 @@ def decode_logits(model, ids, cache, windows, last_only):
 
 # Polar Express (Amsel et al., arXiv:2505.16932): per iteration, the odd polynomial p(x) = a x + b x^3 + c x^5 applied
 # to the singular values. Computed for 5 iterations, safety factor 2e-2, cushion 2 (the set modded-nanogpt uses).
-POLAR_EXPRESS_COEFFS = (
-    (8.156554524902461, -22.48329292557795, 15.878769915207462),
-    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
-)
+POLAR_EXPRESS_COEFFS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
 
 def polar_express(G, steps=5, dtype=None):
     """Approximately orthogonalise G (..., rows, cols), batched: U S V^T -> U V^T, singular values near 1 (not on it).
@@ -1266,7 +1205,6 @@ def polar_express(G, steps=5, dtype=None):
     return X.mT if tall else X
 
 def muon_momentum(step, total_steps, warmup=300, cooldown=50, low=0.85, high=0.95):
-    """NorMuon momentum: linear low->high over the first `warmup` steps, high->low over the last `cooldown` steps."""
     if step < warmup:
         return low + (high - low) * step / warmup
     if step > total_steps - cooldown:
@@ -1386,10 +1324,8 @@ class NorMuonAdam:
     @torch.no_grad()
     def step(self, lr_factor=1.0, muon_momentum=0.95):
         """Update every parameter from its .grad averaged over ranks; lr_factor scales each lr, muon_momentum is mu."""
-        active = [g for g in self.groups if any(p.grad is not None for p in g.params)]
-        pending, gathers = [], []
-        # 1. Launch every reduction.
-        for g in active:
+        active, pending, gathers = [g for g in self.groups if any(p.grad is not None for p in g.params)], [], []
+        for g in active:  # 1. launch every reduction
             grads = g.rows_of([p.grad for p in g.params], g.shards * g.chunk)
             if g.sharded:
                 chunk = grads.new_empty(g.chunk, *g.tail)
@@ -1397,7 +1333,7 @@ class NorMuonAdam:
             else:
                 work = _launch(dist.all_reduce, grads, op=dist.ReduceOp.AVG) if self.world > 1 else None
                 pending.append((grads, work))
-        # 2. Per group: wait for its gradients, update this rank's rows, launch the gather at once, so communication
+        # 2. per group: wait for its gradients, update this rank's rows, launch the gather at once, so communication
         # overlaps the optimizer math (launching from post-accumulate-grad hooks would overlap the backward pass too).
         for g, (grad, work) in zip(active, pending):
             if work is not None:
@@ -1414,8 +1350,7 @@ class NorMuonAdam:
             new = new.to(g.params[0].dtype)
             full = new.new_empty(g.shards * g.chunk, *g.tail) if g.sharded else new
             gathers.append((g, full, _launch(dist.all_gather_into_tensor, full, new) if g.sharded else None))
-        # 3. Write the gathered rows back into the parameters.
-        for g, full, work in gathers:
+        for g, full, work in gathers:  # 3. write the gathered rows back into the parameters
             if work is not None:
                 work.wait()
             for p, off, rows in zip(g.params, g.offsets, g.rows):
@@ -1475,7 +1410,6 @@ class NorMuonAdam:
 # -- which rule, lr and weight decay each parameter gets --------------------------------------------------------
 
 def param_label(name):
-    """Optimizer label of a parameter: selects its update rule, lr and weight decay in LABELS."""
     leaf = name.rsplit(".", 1)[-1]
     if name.startswith("blocks."):
         return {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "fc": "mlp_fc", "proj": "mlp_proj"}.get(leaf, "gate")
@@ -2781,9 +2715,8 @@ class KVCache:
 MIN_TEMPERATURE = 1e-4  # below it a draw is greedy: logits / a temperature near fp32's smallest are inf - inf (NaN)
 
 def sample_next(logits, generator, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
-    """(B,) next tokens from logits (B, V): argmax below MIN_TEMPERATURE, else a draw after the filters: top-k keeps
-    the k largest, min-p drops tokens below min_p x the top probability, top-p keeps the smallest set reaching top_p;
-    the most likely token always stays (no accepted value leaves nothing to draw)."""
+    """(B,) next tokens from logits (B, V): argmax below MIN_TEMPERATURE, else a draw after the top-k, min-p (below
+    min_p x the top probability) and top-p filters; the most likely token always stays (none leaves nothing to draw)."""
     if temperature < MIN_TEMPERATURE:
         return logits.argmax(-1)
     logits = logits.float()
@@ -2802,15 +2735,12 @@ def sample_next(logits, generator, temperature=1.0, top_k=0, top_p=1.0, min_p=0.
     return (draw if index is None else index.gather(-1, draw)).squeeze(-1)
 
 # -- the calculator tool the chat model calls between <|python_start|> and <|python_end|>: parsed, never executed --
-# calculate() computes only whitelisted syntax-tree nodes, in bounded work (no timer): <= CALC_MAX_CHARS characters,
-# <= CALC_MAX_NODES nodes (~30 operations; calc_value's recursion depth); every value, constants too, is checked
-# against CALC_MAX_MAGNITUDE (<= 50-bit operands; a power may first make up to (1e15)**64, ~3,200 bits, microseconds);
-# strings are only the input's literals (no operator takes one), so str.count scans at most CALC_MAX_CHARS characters.
+# calculate() computes only whitelisted syntax-tree nodes, in bounded work (no timer): every value, constants too, is
+# checked against CALC_MAX_MAGNITUDE (a power, exponent <= 64, may first make up to (1e15)**64, ~3,200 bits, in
+# microseconds); strings are only the input's literals (no operator takes one): str.count scans <= CALC_MAX_CHARS.
 CALC_MAX_CHARS = 200  # GSM8K's calls are a few dozen characters
-CALC_MAX_NODES = 100  # ~30 operations: the longest GSM8K sums fit, and each node costs microseconds
-CALC_MAX_EXPONENT = 64
-CALC_MAX_MAGNITUDE = 10**15  # below 2**53, so integral floats are still exact integers
-CALC_DECIMALS = 6
+CALC_MAX_NODES = 100  # ~30 operations, calc_value's recursion depth: the longest GSM8K sums fit, each in microseconds
+CALC_MAX_MAGNITUDE = 10**15  # <= 50-bit operands: below 2**53, so integral floats are still exact integers
 CALC_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
                ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 DIGIT_GROUP_COMMA = re.compile(r"(?<=\d),(?=\d{3})")  # "1,200*3": GSM8K writes thousands separators
@@ -2825,7 +2755,7 @@ def calc_value(node):
         value = -calc_value(node.operand) if type(node.op) is ast.USub else calc_value(node.operand)
     elif kind is ast.BinOp and type(node.op) in CALC_BINOPS:
         left, right = calc_value(node.left), calc_value(node.right)
-        if type(node.op) is ast.Pow and abs(right) > CALC_MAX_EXPONENT:
+        if type(node.op) is ast.Pow and abs(right) > 64:
             raise ValueError("exponent too large")
         value = CALC_BINOPS[type(node.op)](left, right)
     elif (kind is ast.Call and type(node.func) is ast.Attribute and node.func.attr == "count"  # 'ab'.count('b')
@@ -2855,7 +2785,7 @@ def calculate(expr):
         value = calc_value(tree.body)
     except (SyntaxError, ValueError, RecursionError, MemoryError, ArithmeticError):
         return None
-    text = str(value) if type(value) is int else f"{value:.{CALC_DECIMALS}f}".rstrip("0").rstrip(".")
+    text = str(value) if type(value) is int else f"{value:.6f}".rstrip("0").rstrip(".")
     return "0" if text == "-0" else text
 
 @dataclasses.dataclass
@@ -2864,9 +2794,8 @@ class Sample:
     mask: list     # 1 where the model sampled the token, 0 where the calculator's output was forced
     stopped: bool  # ended on <|assistant_end|> or <|bos|> (else it ran into max_new_tokens, or was cancelled)
 
-@dataclasses.dataclass(eq=False)  # compared by identity: the rows of one Sampling draw together
-class Sampling:
-    """sample_next's filters and a generator; its rows draw over their own logits, so a request's never sway others'."""
+@dataclasses.dataclass(eq=False)  # by identity: one Sampling's rows draw together, so a request's never sway others'
+class Sampling:  # sample_next's filters and a generator
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -2883,15 +2812,12 @@ class Stream:
     sample: Sample = dataclasses.field(default_factory=lambda: Sample([], [], False))
     forced: list = dataclasses.field(default_factory=list)  # calculator output still to feed
     call: list = None        # tokens of an open calculator call
-    cancelled: bool = False
-    error: Exception = None  # what ended it, if its step failed for it (sample.stopped is then None)  # any thread may set it: the batch frees the row at its next step
-
-CAPACITY_STEP = 256  # a compiled engine's cache capacities are multiples of this (CUDA graphs record each shape)
+    cancelled: bool = False  # any thread may set it: the batch frees the row at its next step
+    error: Exception = None  # what ended it, if its step failed for it (sample.stopped is then None)
 
 class Engine:
-    """KV-cached generation with the calculator tool: a sample stops at <|assistant_end|>, <|bos|> or max_new_tokens;
-    <|python_start|> expr <|python_end|> forces <|output_start|> calculate(expr) <|output_end|> (none if refused).
-    Samples decode in a DecodeBatch; compile=True: torch.compile'd steps (CUDA graphs): same tokens, less overhead."""
+    """KV-cached generation with the calculator tool: <|python_start|> expr <|python_end|> forces <|output_start|>
+    calculate(expr) <|output_end|> (none if refused). compile=True: compiled steps: same tokens, less overhead."""
 
     def __init__(self, model, tokenizer, windows, rt, compile=False):
         self.model, self.tokenizer, self.windows, self.rt = model, tokenizer, windows, rt
@@ -2908,8 +2834,8 @@ class Engine:
                                      step=step)[:, -1].float()
 
     def batch(self, capacity, max_rows):
-        if self.step is not None:  # compiled: capacities in steps of CAPACITY_STEP, so calls reuse graphs
-            capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
+        if self.step is not None:  # compiled: capacities in multiples of 256, so calls reuse CUDA graphs (one a shape)
+            capacity = -(-capacity // 256) * 256
         return DecodeBatch(self, capacity, max_rows)
 
     @torch.no_grad()
@@ -2993,8 +2919,7 @@ class DecodeBatch:
         self._arrange()
         if not self.slots:
             return False
-        engine = self.engine
-        logits = engine._decode([[token] for token in self.feed], self.cache, engine.step)
+        logits = self.engine._decode([[token] for token in self.feed], self.cache, self.engine.step)
         live = [(row, s) for row, s in enumerate(self.slots) if s is not None]
         greedy, groups = Sampling(temperature=0), {}  # greedy rows draw together, every other Sampling over its own
         for row, s in live:
@@ -3053,8 +2978,7 @@ def reply_text(tokenizer, sample):
     return tokenizer.decode(sample.tokens[:-1] if sample.stopped else sample.tokens)
 
 def trained_engine(cfg, rt):
-    """(Engine, state.json, path, chat) of the checkpoint trained_model picks, with DATA_DIR's tokenizer; chat: prompts
-    are user turns (--prompt-format chat, or auto and an SFT/RL checkpoint), else plain text (a base model)."""
+    """(Engine, state.json, path, chat) of trained_model's checkpoint; chat: prompts are user turns, not plain text."""
     tokenizer, sample = data_tokenizer(cfg.data_dir), cfg.sample
     model, state, path = trained_model(cfg, rt)
     chat = sample.prompt_format == "chat" or (sample.prompt_format == "auto" and state.get("phase", "pt") != "pt")
@@ -3067,9 +2991,8 @@ def phase_generate(cfg, rt, log):
     prompt = (chat_turn(tokenizer, [tokenizer.bos_id], sample.prompt) if chat
               else [tokenizer.bos_id, *tokenizer.encode(sample.prompt)])
     log(f"sampling from {path} ({'chat' if chat else 'text'} prompt)")
-    samples = engine.generate([prompt], sample.num_samples, sample.max_new_tokens, sample.temperature, sample.top_k,
-                              sample.top_p, sample.min_p, seed=cfg.seed)[0]
-    for i, drawn in enumerate(samples):
+    for i, drawn in enumerate(engine.generate([prompt], sample.num_samples, sample.max_new_tokens, sample.temperature,
+                                              sample.top_k, sample.top_p, sample.min_p, seed=cfg.seed)[0]):
         log(f"--- sample {i + 1}/{sample.num_samples} ({len(drawn.tokens)} tokens)\n"
             f"{'' if chat else sample.prompt}{reply_text(tokenizer, drawn)}")
 
@@ -3121,9 +3044,6 @@ SANDBOX_SYSCALLS = {  # by machine: seccomp's audit arch and the syscall numbers
     "x86_64": (0xC000003E, dict(socket=41, socketpair=53, io_uring_setup=425, unshare=272, mount_setattr=442)),
     "aarch64": (0xC00000B7, dict(socket=198, socketpair=199, io_uring_setup=425, unshare=97, mount_setattr=442))}
 SANDBOX_NO_NETWORK = ("socket", "socketpair", "io_uring_setup")  # io_uring can open sockets without socket()
-SANDBOX_CONSTANTS = ("CLONE_NEWNS", "CLONE_NEWUTS", "CLONE_NEWIPC", "CLONE_NEWUSER", "CLONE_NEWPID", "CLONE_NEWNET",
-                     "MS_RDONLY", "MS_NOSUID", "MS_NODEV", "MS_NOEXEC", "MS_REMOUNT", "MS_BIND", "MS_REC", "MS_PRIVATE",
-                     "SANDBOX_SYSCALLS", "SANDBOX_NO_NETWORK")
 
 class SandboxSetupError(Exception):
     pass
@@ -3285,15 +3205,14 @@ def sandbox_main(a):
         os._exit(125)
     sandbox_run(source, status, nonce)
 
-SANDBOX_CODE = (SandboxSetupError, sandbox_libc, sandbox_check, sandbox_syscalls, sandbox_deny_syscalls,
-                sandbox_namespaces, sandbox_mount, sandbox_hidden_ancestor, sandbox_mount_views,
-                sandbox_fork_supervised, sandbox_die_with_parent, sandbox_cut_python_sockets, sandbox_run, sandbox_main)
+SANDBOX_CODE = (SandboxSetupError, *(f for name, f in globals().items() if name.startswith("sandbox_")))  # all above
 
 @functools.cache
 def sandbox_launcher():
     """The source `python -I -S -c` runs: the imports, the constants and the code above, then sandbox_main of its
     JSON argument (`python -c` names it __main__; exec'd under another name it only defines them)."""
-    constants = "".join(f"{name} = {globals()[name]!r}\n" for name in SANDBOX_CONSTANTS)
+    constants = "".join(f"{name} = {value!r}\n" for name, value in globals().items()
+                        if name.startswith(("CLONE_", "MS_")) or name in ("SANDBOX_SYSCALLS", "SANDBOX_NO_NETWORK"))
     try:  # read at a run's start (phases_to_run), before the file can change under it
         code = "\n\n".join(inspect.getsource(part) for part in SANDBOX_CODE)
     except OSError as e:
@@ -3337,8 +3256,7 @@ def remove_tree(top):
                     if entry.is_dir(follow_symlinks=False):
                         os.chmod(entry.path, 0o700)
                         children = os.listdir(entry.path)
-                        for child in children:
-                            lifted += 1
+                        for lifted, child in enumerate(children, lifted + 1):
                             os.rename(os.path.join(entry.path, child), os.path.join(top, f".lifted-{lifted}"))
                         if not children:
                             os.rmdir(entry.path)
@@ -3419,9 +3337,8 @@ def humaneval_passed(completion, problem, timeout=5.0, sandbox="isolated"):
 @torch.no_grad()
 def evaluate_chat(model, chat, tokenizer, rt, windows, max_per_task=-1, batch_tokens=32768, batch_size=16,
                   max_new_tokens=512, sandbox="isolated", compile_decode=False, log=None):
-    """ChatEvalData `chat`: categorical tasks by letter argmax (packed forwards of up to batch_tokens tokens); GSM8K
-    and HumanEval greedy with the calculator on batch_size rows, scored on '####' or by its tests in `sandbox` (tried
-    first: SandboxUnavailable before generating). Ranks split examples; task_scores' dict, its mean as `chatcore`."""
+    """Categorical tasks by letter argmax; GSM8K and HumanEval greedy with the calculator, scored on '####' or by tests
+    in `sandbox` (tried first: SandboxUnavailable before generating). Ranks split examples; returns task_scores'."""
     evaluated, mine = examples_of_rank(chat.tasks, len(chat.examples), max_per_task, rt)
     correct = torch.zeros(len(chat.examples), dtype=torch.float32)
     kind = {e: chat.tasks[int(chat.examples[e, 0])]["kind"] for e in mine}
@@ -3470,9 +3387,8 @@ def phase_chat(cfg, rt, log):
 
 # =============================================================================================================
 # 13. Chat SFT: batches of whole conversations, the masked loss, then the loop (phase_sft)
-# Each conversation is its own document of a varlen batch, as in pretraining: positions from 0, no attention across
-# conversations, so it gets exactly the losses it would get alone (nanochat pads rows of a (B, T) batch instead). Only
-# tokens the SFT mask marks (assistant text, tool calls, <|assistant_end|>) are targets.
+# Each conversation is a varlen batch's document as in pretraining (positions from 0, no attention across): its losses
+# are its own alone (nanochat pads rows). Targets: its mask's tokens (assistant text, tool calls, <|assistant_end|>).
 
 def sft_batch(split, convs, T, bos_id, device):
     """Packed Batch of T tokens: conversations `convs` (indices into SFTSplit `split`) back to back (only the first may
@@ -3492,9 +3408,8 @@ class SFTLoader:
 
     def __init__(self, split, tokenizer, rank, world_size, seed, state=None):
         self.split, self.bos, self.rank, self.world_size, self.seed = split, tokenizer.bos_id, rank, world_size, seed
-        self.lengths = np.diff(split.convs)
+        self.lengths, self._order = np.diff(split.convs), (None, None)
         self.state = dict(state or {"epoch": 0, "cursor": 0})
-        self._order = (None, None)
 
     def order(self, epoch):
         if self._order[0] != epoch:
@@ -3528,9 +3443,8 @@ def sft_loss(model, batch, windows, backend):
 
 @torch.no_grad()
 def evaluate_sft_loss(model, split, rt, windows, max_tokens, batch_tokens=8192):
-    """Mean nats per supervised token of a fixed sample of val conversations of up to max_tokens tokens (the first of
-    a seed-0 permutation: the files are grouped by source), packed into forwards of up to batch_tokens (a longer one
-    alone, cut); rank r takes forwards r, r + world_size, ...; only supervised rows get logits."""
+    """Mean nats per supervised token of a fixed sample of val conversations, up to max_tokens tokens (a seed-0
+    permutation's first: the files are grouped by source), in forwards of <= batch_tokens (longer: cut), over ranks."""
     order = np.random.default_rng(0).permutation(len(split.convs) - 1)
     n = max(1, int(np.searchsorted(np.cumsum(np.diff(split.convs)[order]), max_tokens, side="right")))
     convs = (split.conversation(int(i)) for i in order[:n])
@@ -3549,8 +3463,7 @@ def evaluate_sft_loss(model, split, rt, windows, max_tokens, batch_tokens=8192):
     return nats / max(count, 1)
 
 def sft_lr_factor(sft, step, total):
-    """Linear warmup over sft.warmup_frac of the steps, flat, then linear decay over the last sft.cooldown_frac
-    (to 1/cooldown steps on the last step, so no step is wasted at lr 0)."""
+    """Linear warmup over warmup_frac of the steps, flat, linear decay over the last cooldown_frac (no step at lr 0)."""
     warmup, cooldown = sft.warmup_frac * total, sft.cooldown_frac * total
     up = min(1.0, (step + 1) / warmup) if warmup else 1.0
     down = min(1.0, (total - step) / cooldown) if cooldown else 1.0
@@ -3641,9 +3554,8 @@ def group_advantages(rewards):
     return rewards - rewards.mean()
 
 def policy_gradient_loss(model, rollouts, windows, rt, n_tokens):
-    """-sum(advantage x log p(token)) / n_tokens over the sampled tokens of `rollouts`, a list of (prompt, Sample,
-    advantage) packed into one varlen forward. Prompt tokens and forced tool output (mask 0) get no gradient: their
-    rows never reach the logits. n_tokens: sampled tokens of the whole step (token-level normalisation)."""
+    """-sum(advantage x log p(token)) / n_tokens (all the step's sampled tokens) over the sampled tokens of `rollouts`,
+    (prompt, Sample, advantage)s in one varlen forward; prompts and forced tool output (mask 0) get no gradient."""
     batch, starts = pack_sequences([np.array(prompt + sample.tokens) for prompt, sample, _ in rollouts], rt.device)
     rows, weights = [], []
     for start, (prompt, sample, advantage) in zip(starts, rollouts):
@@ -3658,8 +3570,7 @@ def policy_gradient_loss(model, rollouts, windows, rt, n_tokens):
 
 @torch.no_grad()
 def gsm8k_pass_at_k(engine, tokenizer, chat, task, examples, k, rl, rt, seed, log=None):
-    """pass@1..k on the given examples of a generative chat-eval task: the fraction of questions where one of the
-    first j samples (temperature rl.temperature) is right; examples split across ranks. log: where progress goes."""
+    """pass@j, j = 1..k: the fraction of `examples` (split across ranks) one of whose first j samples is right."""
     hits, mine = torch.zeros(k, device=rt.device), examples[rt.rank::rt.world_size]
     progress = Progress(log, f"pass@{k}", len(mine), "questions")
     for e in mine:
@@ -3668,24 +3579,21 @@ def gsm8k_pass_at_k(engine, tokenizer, chat, task, examples, k, rl, rt, seed, lo
         right = [gsm8k_reward(tokenizer, s, task["answers"][e - task["first_example"]]) for s in samples]
         hits += torch.tensor(np.maximum.accumulate(right), dtype=torch.float32, device=rt.device)
         progress()
-    sum_over_ranks(hits, rt)
-    return {j + 1: float(hits[j]) / len(examples) for j in range(k)}
+    return {j + 1: hit / len(examples) for j, hit in enumerate(sum_over_ranks(hits, rt).tolist())}
 
 def phase_rl(cfg, rt, log):
     """GSM8K RL; reads rl/, chat_eval/; writes RUN_DIR/rl_ckpt_<step>/, curves.jsonl, metrics.json
-    Each step rl.questions_per_step training questions (split across ranks) get rl.samples samples each; reward 1 for
-    the right '####' answer, loss -advantage x log p of the sampled tokens, lr linear to 0; pass@k on test questions."""
+    Each step: rl.samples samples of rl.questions_per_step questions each (split across ranks); pass@k on test ones."""
     require_training_dtype(rt, "rl")
     rl, tokenizer = cfg.rl, data_tokenizer(cfg.data_dir)
     model, _, path = trained_model(cfg, rt)
-    windows = model.windows()
     train, test = load_chat_eval(cfg.data_dir, tokenizer, "rl"), load_chat_eval(cfg.data_dir, tokenizer)
     train_task, test_task = (next(t for t in data.tasks if t["name"] == "gsm8k") for data in (train, test))
     test_examples = [test_task["first_example"] + i for i in range(min(rl.eval_questions, test_task["n_examples"]))]
     if rl.questions_per_step < rt.world_size:
         raise ValueError(f"--rl-questions-per-step {rl.questions_per_step} < world size {rt.world_size}: every rank "
                          "needs a question")
-    opt = make_optimizer(model, cfg, rl.lr_mul)
+    windows, opt = model.windows(), make_optimizer(model, cfg, rl.lr_mul)
     engine = Engine(model, tokenizer, windows, rt, compile=cfg.sample.decode_compile)
     order = np.random.default_rng(cfg.seed).permutation(train_task["n_examples"]) + train_task["first_example"]
     log(f"RL from {path}: {rl.steps} steps x {rl.questions_per_step} questions x {rl.samples} samples, "
@@ -3719,9 +3627,8 @@ def phase_rl(cfg, rt, log):
         stats = torch.tensor([sum(step_rewards), len(step_rewards), sum(sum(s.mask) for _, s, _ in rollouts)],
                              dtype=torch.float64, device=rt.device)
         sum_over_ranks(stats, rt)
-        # rollouts with advantage 0 (all k samples equally right) add nothing to the gradient: skip their forward, but
-        # keep one (weighted 0) so every rank's optimizer sees the same gradients exist. Normalised by all ranks'
-        # sampled tokens / world size: the optimizer's average over ranks gives one process's update with every question
+        # advantage-0 rollouts add no gradient: skipped, but one runs (weighted 0) so every rank's optimizer sees the
+        # same gradients exist. Over all ranks' sampled tokens / world size: the ranks' mean is one process's update
         learning = [r for r in rollouts if r[2] != 0] or [(rollouts[0][0], rollouts[0][1], 0.0)]
         for batch in token_batches(learning, lambda r: len(r[0]) + len(r[1].tokens), rl.batch_tokens):
             policy_gradient_loss(model, batch, windows, rt, float(stats[2]) / rt.world_size).backward()
@@ -3750,8 +3657,7 @@ def beside(name):
     return os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), name))
 
 def moved_phase(argv):
-    """What replaced an old command's --phases serve / export / data / convert, or generate's chat on stdin (the
-    message), or None."""
+    """A message on what replaced an old command's --phases serve/export/data/convert or generate's chat; or None."""
     import shlex
     for i, arg in enumerate(argv):
         if arg == "--phases" and i + 1 < len(argv):
@@ -3808,9 +3714,8 @@ def main(argv=None):
             lock.close()
 
 def phases_to_run(phases, cfg, rt, log, header=None):
-    """Run the phases in order; returns [(phase, seconds)]. After each of TIMED_PHASES, its wall time and the
-    checkpoint it wrote or evaluated go into metrics.json with the invocation's header (run_header); failing to write
-    them is only a warning. A bad prepared file or an unavailable sandbox ends the run with one error line."""
+    """Run the phases -> [(phase, seconds)]; each of TIMED_PHASES' wall time and checkpoint (written or evaluated) go
+    into metrics.json with run_header (failing: a warning). A bad prepared file or no sandbox: one error line."""
     times = []
     try:
         if {"chat", "sft"} & set(phases):
