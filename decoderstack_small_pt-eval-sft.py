@@ -12,15 +12,45 @@ Run:
             --vocab-size 50257 --bos-id 50256 --val-final-tokens 10485760
 Any setting: --name=value (--flag / --no-flag for booleans, JSON for tuples); --help lists them all and the phases.
 
-Contents, in the order data flows, each phase's loop right after its parts: 1. Settings, 2. Runtime (device,
-PRECISION, ranks), 3. Kernels (Triton beside PyTorch references), 4. Attention over packed documents, 5. Model,
-6. Optimizer (NorMuon + Adam), 7. Data, 8. The run (log, metrics, checkpoints), 9. Pretraining, 10. Evaluation (CORE),
-11. Inference (KV cache, engine), 12. Chat evaluation, 13. Chat SFT, 14. GSM8K RL, 15. The phase table and main.
+Contents, in the order data flows; each phase's loop comes right after its parts
+    1. Settings: the schedule's stages, Config and its groups, presets, flags   9. Pretraining: schedule, loss, phase_pt
+    2. Runtime: device, precision, ranks                                        10. Evaluation: bpb, CORE; phase_eval
+    3. Kernels: Triton beside their PyTorch references                          11. Inference: KV cache; phase_generate
+    4. Attention over packed documents: FA3 / FA2 / flex / SDPA                 12. Chat eval, HumanEval's sandbox; chat
+    5. Model: ModelConfig (stored with the weights), GPT                        13. Chat SFT: masked loss; phase_sft
+    6. Optimizer: NorMuon (Polar Express) + Adam                                14. GSM8K RL: policy gradient; phase_rl
+    7. Data: readers of every format, the pretraining loader                    15. The phase table and main
+    8. The run: log.txt, metrics.json, checkpoints, the run directory
 Beside this file, importing it (it never imports them): serve.py (an OpenAI-compatible server, chat.html), chat_cli.py
 (a chat in the terminal), export.py (hf/: a Hugging Face folder), report.py (RUN_DIR/report.md), data/check.py.
 """
-import argparse, ast, base64, builtins, collections, ctypes, dataclasses, functools, glob, hashlib, inspect, json, math
-import operator, os, re, select, shutil, signal, struct, subprocess, sys, tempfile, threading, time, traceback, warnings
+import argparse
+import ast
+import base64
+import builtins
+import collections
+import ctypes
+import dataclasses
+import functools
+import glob
+import hashlib
+import inspect
+import json
+import math
+import operator
+import os
+import re
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import warnings
 
 import numpy as np
 import torch
@@ -2852,6 +2882,8 @@ class Engine:
             batch.add(stream)
         while batch.step():
             pass
+        if failed := next((s.error for s in streams if s.error is not None), None):  # a server's failing stream ends
+            raise failed  # alone; here, as in RL and chat eval, a sample that failed is not a wrong answer
         return [[s.sample for s in streams[i * num_samples:(i + 1) * num_samples]] for i in range(len(prompts))]
 
 class DecodeBatch:

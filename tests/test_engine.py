@@ -465,6 +465,9 @@ def test_a_stream_that_fails_ends_alone(stack, tok, monkeypatch):
     for i, s in enumerate(streams):
         alone = engine.generate([prompts[i]], 1, 10, temperature=1.0, top_k=20, seed=i)[0][0]
         assert s.error is None and s.sample.tokens == alone.tokens and len(alone.tokens) == 10
+    # generate (RL, chat eval, the terminal chat) has no one to hand a failed sample to: the failure is its error
+    with pytest.raises(ValueError, match="a client's callback"):
+        engine.generate([prompts[0], prompts[1]], 1, 10, temperature=0, on_token=lambda s, t: callback(t) if s else None)
 
 
 def test_each_sample_draws_its_own_tokens_and_seeds_repeat(stack, tok):
