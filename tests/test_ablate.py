@@ -13,25 +13,18 @@ import sys
 
 import pytest
 
+import ablate  # bench/ablate.py
+import ablations  # bench/ablations.py
 from conftest import ROOT, STACK_PATH, TINY_ARGS
 
 ABLATE = os.path.join(ROOT, "bench", "ablate.py")
 RECORD = os.path.join(ROOT, "baselines", "record.py")
-# README's "Add your architecture": the edit that makes a copy of the stack's MLP a SwiGLU of the same size
-SWIGLU = [
-    ("        self.fc = nn.Parameter(torch.empty(cfg.mlp_mult * dim, dim).uniform_(-bound, bound))",
-     "        self.fc = nn.Parameter(torch.empty(2 * (cfg.mlp_mult * dim * 2 // 3), dim).uniform_(-bound, bound))"),
-    ("        self.proj = nn.Parameter(torch.zeros(dim, cfg.mlp_mult * dim))",
-     "        self.proj = nn.Parameter(torch.zeros(dim, cfg.mlp_mult * dim * 2 // 3))"),
-    ("        return x + relu2_mlp(norm(x), self.fc, self.proj)",
-     "        gate, up = (norm(x) @ self.fc.T).chunk(2, dim=-1)\n        return x + (F.silu(gate) * up) @ self.proj.T"),
-]
 
 
 def swiglu_copy(path):
     with open(STACK_PATH) as f:
         source = f.read()
-    for old, new in SWIGLU:
+    for old, new in ablations.SWIGLU:  # README's "Add your architecture" edit
         assert source.count(old) == 1, old
         source = source.replace(old, new)
     with open(path, "w") as f:
@@ -39,7 +32,7 @@ def swiglu_copy(path):
     return path
 
 
-def ablate(data, out, *extra, variants):
+def run_ablate(data, out, *extra, variants):
     args = [sys.executable, ABLATE, "--data-dir", str(data), "--seeds", "2", "--out", str(out),
             "--flags", shlex.join(TINY_ARGS), *extra]
     for v in variants:
@@ -65,7 +58,7 @@ def welch_p(a, b):
 def test_ablate_tables_variants_over_seeds_and_a_copy_becomes_a_record(tiny_data, tmp_path):
     out, mine = tmp_path / "ablate", swiglu_copy(tmp_path / "my_stack.py")
     variants = ["stack=", "no value embeddings=--value-embed-layers=", f"swiglu={mine}"]
-    r = ablate(tiny_data, out, variants=variants)
+    r = run_ablate(tiny_data, out, variants=variants)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
     rows = {c[0]: c for c in ([x.strip() for x in line.strip("|").split("|")] for line in lines if line.startswith("| ")
@@ -94,11 +87,11 @@ def test_ablate_tables_variants_over_seeds_and_a_copy_becomes_a_record(tiny_data
 
     # run again: every run is read, none trained again; the same table
     logs = {p: p.stat().st_mtime_ns for p in out.glob("*/seed_*/log.txt")}
-    again = ablate(tiny_data, out, variants=variants)
+    again = run_ablate(tiny_data, out, variants=variants)
     assert again.returncode == 0 and again.stdout.splitlines()[:5] == r.stdout.splitlines()[:5]
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed_*/log.txt")} == logs and len(logs) == 6
     # a run directory holding another command's run is refused, naming it
-    refused = ablate(tiny_data, out, "--flags", shlex.join(TINY_ARGS + ["--val-every", "2"]), variants=variants[:1])
+    refused = run_ablate(tiny_data, out, "--flags", shlex.join(TINY_ARGS + ["--val-every", "2"]), variants=variants[:1])
     assert refused.returncode == 1 and "holds a run of another command" in refused.stderr
     assert str(out / "stack" / "seed_0") in refused.stderr
 
@@ -115,3 +108,38 @@ def test_ablate_tables_variants_over_seeds_and_a_copy_becomes_a_record(tiny_data
     diff = subprocess.run([sys.executable, RECORD, "diff", str(record), STACK_PATH], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert diff.returncode == 1 and "+        return x + relu2_mlp(norm(x), self.fc, self.proj)" in diff.stdout
+
+
+def test_every_idea_switches_off_by_a_flag_or_an_edit_that_applies(stack, tmp_path):
+    """bench/ablations.py: every idea of the table is a variant; each edit applies exactly once to today's stack (a
+    stale one is an error naming it), the generated --stages flags parse to the cpu preset's stages with the idea off."""
+    chosen = ablations.variants(str(tmp_path), "cpu", peers=False)
+    assert [v.split("=", 1)[0] for v in chosen] == [name for name, *_ in ablations.IDEAS]
+    flags = {v.split("=", 1)[0]: shlex.split(v.split("=", 1)[1]) for v in chosen}
+    cpu = stack.parse_config(["--preset", "cpu"]).stages
+    mtp = stack.parse_config(["--preset", "cpu", *flags["no multi-token prediction"]]).stages
+    assert [(s.mtp_start, s.mtp_end) for s in mtp] == [((1.0,), (1.0,))] * len(cpu)
+    assert [s.steps for s in mtp] == [s.steps for s in cpu]
+    full = stack.parse_config(["--preset", "cpu", *flags["full attention"]]).stages
+    assert [(s.short_window, s.long_window) for s in full] == [(s.max_doc_len, s.max_doc_len) for s in cpu]
+    assert stack.parse_config(["--preset", "cpu", *flags["tied throughout"]]).untie_frac == 1.0
+    copies = {name: words[0] for name, words in flags.items() if words and words[0].endswith(".py")}
+    assert set(copies) == {name for name, _, edits, _ in ablations.IDEAS if edits}
+    with pytest.raises(ablate.AblateError, match="no smear: its edit no longer applies"):
+        ablations.edited("print()", ablations.IDEAS[3][2], "no smear")
+
+
+@pytest.mark.slow
+def test_every_edited_copy_trains_and_changes_the_result(tiny_data, tmp_path):
+    """Each edited copy of the stack trains (tiny, one seed) through bench/ablations.py, and its val bpb is not the
+    stack's: the edit took effect."""
+    edits = [name for name, _, edits, _ in ablations.IDEAS if edits]
+    args = ["--data-dir", str(tiny_data), "--seeds", "1", "--no-peers", "--only", ",".join(["stack", *edits]),
+            "--out", str(tmp_path), "--flags", shlex.join(TINY_ARGS)]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "ablations.py"), *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    bpb = {name: json.load(open(tmp_path / name / "seed_0" / "metrics.json"))["val_bpb"] for name in ["stack", *edits]}
+    assert all(math.isfinite(v) for v in bpb.values()), bpb
+    assert all(bpb[name] != bpb["stack"] for name in edits), bpb
+    assert r.stdout.strip().splitlines()[-1].startswith(f"ablate: {len(edits) + 1} variants x 1 seeds")
