@@ -1528,7 +1528,6 @@ class Tokenizer:
         return self.special_tokens[name]
 
 def data_tokenizer(data_dir):
-    """The tokenizer of a prepared data directory."""
     return Tokenizer(os.path.join(data_dir, "tokenizer"))
 
 def read_bytes(path):
@@ -1569,8 +1568,7 @@ def read_token_file(path, vocab_size, check_ids=True):
     size = os.path.getsize(path)
     if size < HEADER_INTS * 4:
         raise DataFormatError(f"{path}: truncated header ({size} bytes, expected at least {HEADER_INTS * 4})")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    magic, version, n_tokens, width, file_vocab, file_bos = (int(x) for x in header[:6])
+    magic, version, n_tokens, width, file_vocab, file_bos = (int(x) for x in np.fromfile(path, dtype="<i4", count=6))
     if magic != TOKEN_FILE_MAGIC:
         raise DataFormatError(f"{path}: bad magic {magic} (expected {TOKEN_FILE_MAGIC}): not a DecoderStack token file")
     if version != TOKEN_FILE_VERSION:
@@ -1617,12 +1615,8 @@ def checked_tasks(manifest, path, n_examples, fields, **extra):
     return tasks
 
 def pretrain_shards(data_dir, tokenizer, split, check_sha256=False):
-    """Paths of the `split` ('train' or 'val') pretraining shards, in order (pretrain_manifest_shards)."""
-    return pretrain_manifest_shards(data_dir, tokenizer, split, check_sha256)[1]
-
-def pretrain_manifest_shards(data_dir, tokenizer, split, check_sha256=False):
-    """(manifest, shard paths of `split`) of a prepared pretrain/ directory, every header checked (with check_sha256
-    every byte too, against the manifest's sha256: ~2 s a GB here, so data/check.py does it, training not)."""
+    """Paths of the `split` ('train' or 'val') shards of a prepared pretrain/ directory, in order, every header checked
+    (with check_sha256 every byte too, against the manifest's sha256: ~2 s a GB here, so data/check.py does it)."""
     directory = os.path.join(data_dir, "pretrain")
     manifest, where = read_manifest(directory, "pretrain", tokenizer), f"{directory}/manifest.json"
     shards = manifest.get("shards")
@@ -1643,11 +1637,10 @@ def pretrain_manifest_shards(data_dir, tokenizer, split, check_sha256=False):
         if check_sha256 and (digest := sha256_file(path)) != s.get("sha256"):
             raise DataFormatError(f"{path}: sha256 {digest[:12]}... differs from the {str(s.get('sha256'))[:12]}... "
                                   f"in {where} (a damaged or replaced shard)")
-    return manifest, [os.path.join(directory, s["file"]) for s in picked]
+    return [os.path.join(directory, s["file"]) for s in picked]
 
-# -- the pretraining data of --data-dir: ours (pretrain/manifest.json, tokenizer/ beside it), or llm.c shards as
-# published (modded-nanogpt's FineWeb: fineweb_{train,val}_NNNNNN.bin; the seed's climbmix_32k_8_170: climbmix/
-# {train,val}_NNNNNN.bin, config.json, tokenizer/token_bytes.pt). No vocab or BOS in their headers: given explicitly.
+# -- the pretraining data of --data-dir: ours (pretrain/manifest.json, tokenizer/ beside it), or llm.c shards (no vocab
+# or BOS in their headers) as published: modded-nanogpt's FineWeb (fineweb_*.bin), the seed's climbmix_32k_8_170.
 
 LLMC_SHARD = re.compile(r"(?:^|_)(train|val)_\d+\.bin$")
 GPT2_VOCAB, GPT2_EOT = 50257, 50256  # modded-nanogpt's FineWeb shards: GPT-2 ids, <|endoftext|> before each document
@@ -1664,8 +1657,7 @@ class PretrainData:
     tokenizer: object = None  # ours, where the directory has one (CORE and the chat phases need it)
     _val: tuple = dataclasses.field(default=None, repr=False)
 
-    def source_names(self):
-        """The val sources by name (a name in several runs of val_sources is one source)."""
+    def source_names(self):  # the val sources by name (a name in several runs of val_sources is one source)
         return list(dict.fromkeys(name for name, _ in self.val_sources))
 
     def val_stream(self):
@@ -1682,40 +1674,30 @@ class PretrainData:
         return self._val
 
 def pretrain_data(data_dir, vocab_size=0, bos_id=-1):
-    """The pretraining data of `data_dir` (see above); vocab_size / bos_id (0 / -1: not given) are --vocab-size /
-    --bos-id, which must agree with whatever else the directory says."""
-    shards = llmc_shards(data_dir)
-    if shards["train"] + shards["val"] and not os.path.isdir(os.path.join(data_dir, "pretrain")):
-        return llmc_data(data_dir, shards, vocab_size, bos_id)
-    tokenizer = data_tokenizer(data_dir)
-    manifest, val = pretrain_manifest_shards(data_dir, tokenizer, "val")
-    train = pretrain_shards(data_dir, tokenizer, "train")
-    for name, given, has in (("vocab_size", vocab_size, tokenizer.vocab_size), ("bos_id", bos_id, tokenizer.bos_id)):
-        if given not in (0, -1) and given != has:
-            raise DataFormatError(f"{data_dir}/tokenizer: {name} {has}, but --{name.replace('_', '-')} {given}")
-    data = PretrainData(train, val, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.token_bytes,
-                        val_sources(manifest, f"{data_dir}/pretrain/manifest.json"), f"{data_dir}/tokenizer", tokenizer)
-    data.val_stream()  # its documents against val_sources now, not at the first evaluation
-    return data
-
-def val_sources(manifest, where):
-    runs = manifest.get("val_sources")
-    if not (isinstance(runs, list) and all(isinstance(r, dict) and isinstance(r.get("name"), str)
-                                           and type(r.get("n_docs")) is int and r["n_docs"] >= 0 for r in runs)):
-        raise DataFormatError(f"{where}: 'val_sources' must be a list of {{name, n_docs}} objects")
-    return [(r["name"], r["n_docs"]) for r in runs]
-
-def llmc_shards(data_dir):
-    """{"train": paths, "val": paths} of the llm.c shards in data_dir or one folder down, in name order."""
-    found = {"train": [], "val": []}
+    """The pretraining data of `data_dir` (see above); vocab_size, bos_id (0, -1: not given) must agree with its own."""
+    found = {"train": [], "val": []}  # the llm.c shards in data_dir or one folder down, in name order
     for path in sorted(glob.glob(os.path.join(data_dir, "*.bin")) + glob.glob(os.path.join(data_dir, "*", "*.bin"))):
         if m := LLMC_SHARD.search(os.path.basename(path)):
             found[m.group(1)].append(path)
-    return found
+    if found["train"] + found["val"] and not os.path.isdir(os.path.join(data_dir, "pretrain")):
+        return llmc_data(data_dir, found, vocab_size, bos_id)
+    tokenizer = data_tokenizer(data_dir)
+    val, train = (pretrain_shards(data_dir, tokenizer, split) for split in ("val", "train"))
+    for name, given, has in (("vocab_size", vocab_size, tokenizer.vocab_size), ("bos_id", bos_id, tokenizer.bos_id)):
+        if given not in (0, -1) and given != has:
+            raise DataFormatError(f"{data_dir}/tokenizer: {name} {has}, but --{name.replace('_', '-')} {given}")
+    where = f"{data_dir}/pretrain/manifest.json"
+    runs = read_manifest(os.path.join(data_dir, "pretrain"), "pretrain", tokenizer).get("val_sources")
+    if not (isinstance(runs, list) and all(isinstance(r, dict) and isinstance(r.get("name"), str)
+                                           and type(r.get("n_docs")) is int and r["n_docs"] >= 0 for r in runs)):
+        raise DataFormatError(f"{where}: 'val_sources' must be a list of {{name, n_docs}} objects")
+    data = PretrainData(train, val, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.token_bytes,
+                        [(r["name"], r["n_docs"]) for r in runs], f"{data_dir}/tokenizer", tokenizer)
+    data.val_stream()  # its documents against val_sources now, not at the first evaluation
+    return data
 
 def llmc_data(data_dir, found, vocab_size=0, bos_id=-1):
-    """The llm.c shards `found` in data_dir (words 3-5 of their headers zero), with vocab and BOS from --vocab-size /
-    --bos-id, the folder's config.json or our tokenizer/ (all that are there must agree) and llmc_token_bytes."""
+    """The llm.c shards `found`; vocab and BOS from --vocab-size / --bos-id, config.json, tokenizer/: all must agree."""
     if not found["train"] or not found["val"]:
         raise DataFormatError(f"{data_dir}: llm.c shards need both *train_NNNNNN.bin and *val_NNNNNN.bin (here or one "
                               f"folder down); found {len(found['train'])} train and {len(found['val'])} val shards")
@@ -1723,7 +1705,7 @@ def llmc_data(data_dir, found, vocab_size=0, bos_id=-1):
     config = read_json(config_path) if os.path.isfile(config_path) else None
     has_tokenizer = os.path.isfile(os.path.join(data_dir, "tokenizer", "tokenizer.json"))
     tokenizer = data_tokenizer(data_dir) if has_tokenizer else None
-    told, value = {}, {}  # name -> [(value, where)]
+    told = {}  # name -> [(value, where)]: the first is used
     for name, flag in (("vocab_size", vocab_size), ("bos_id", bos_id)):
         told[name] = [(flag, f"--{name.replace('_', '-')}")] if flag not in (0, -1) else []
         if isinstance(config, dict) and type(config.get(name)) is int:
@@ -1735,15 +1717,14 @@ def llmc_data(data_dir, found, vocab_size=0, bos_id=-1):
                                   "config.json ({vocab_size, bos_id}) or a tokenizer/ (data/tokenizer.py) beside them")
         if len({v for v, _ in told[name]}) > 1:
             raise DataFormatError(f"{data_dir}: {name} disagrees: " + ", ".join(f"{v} from {w}" for v, w in told[name]))
-        value[name] = told[name][0][0]
-    V = value["vocab_size"]
-    if not 0 <= value["bos_id"] < V:
-        raise DataFormatError(f"{data_dir}: bos_id {value['bos_id']} is not below vocab_size {V}")
+    (V, _), (bos, _) = told["vocab_size"][0], told["bos_id"][0]
+    if not 0 <= bos < V:
+        raise DataFormatError(f"{data_dir}: bos_id {bos} is not below vocab_size {V}")
     for path in found["train"] + found["val"]:
         read_token_file(path, V, check_ids=False)  # headers and sizes now; ids when the loader maps a shard
     token_bytes, bytes_from = llmc_token_bytes(data_dir, V, tokenizer)
-    origin = "; ".join(f"{name} {value[name]} from {told[name][0][1]}" for name in value) + f"; token bytes {bytes_from}"
-    return PretrainData(found["train"], found["val"], V, value["bos_id"], token_bytes, [], origin, tokenizer)
+    origin = [f"{name} {told[name][0][0]} from {told[name][0][1]}" for name in told] + [f"token bytes {bytes_from}"]
+    return PretrainData(found["train"], found["val"], V, bos, token_bytes, [], "; ".join(origin), tokenizer)
 
 def llmc_token_bytes(data_dir, vocab_size, tokenizer):
     """(int32 bytes per token or None, where they came from) for a folder of llm.c shards."""
@@ -1776,8 +1757,7 @@ class CoreData:
     examples: np.ndarray   # [n_ex, 4] task, gold, first sequence, number of sequences
     max_len: int
 
-    def sequence(self, i):
-        """(tokens, cont_start, cont_end) of sequence i."""
+    def sequence(self, i):  # (tokens, cont_start, cont_end) of sequence i
         off_a, len_a, off_b, len_b, start, end = (int(x) for x in self.sequences[i])
         return np.concatenate([self.tokens[off_a:off_a + len_a], self.tokens[off_b:off_b + len_b]]).astype(np.int64), start, end
 
@@ -1860,8 +1840,7 @@ class PretrainLoader:
         self.rank, self.world_size, self._cache, self._prefetch = rank, world_size, {}, None
         self.state = dict(state or {"shard": 0, "offset": 0, "epoch": 0})
 
-    def fork(self):
-        """A loader that reads the same upcoming batches, leaving this one where it is."""
+    def fork(self):  # a loader that reads the same upcoming batches, leaving this one where it is
         other = PretrainLoader(self.paths, self.ids, self.rank, self.world_size, self.state)
         other._cache = self._cache
         return other
@@ -1874,28 +1853,24 @@ class PretrainLoader:
             self._prefetch.start()
         return self._cache[shard]
 
-    def _take(self, shard, offset, n):
-        """n tokens from (shard, offset) onwards, crossing shard ends."""
+    def _take(self, shard, offset, n):  # n tokens from (shard, offset) onwards, crossing shard ends
         parts = []
         while n > 0:
             tokens = self._tokens(shard)
-            if offset >= len(tokens):
-                shard, offset = (shard + 1) % len(self.paths), offset - len(tokens)
-                continue
-            parts.append(np.asarray(tokens[offset:offset + n]))
-            n -= len(parts[-1])
-            shard, offset = (shard + 1) % len(self.paths), 0
+            if offset < len(tokens):
+                parts.append(np.asarray(tokens[offset:offset + n]))
+                n -= len(parts[-1])
+            shard, offset = (shard + 1) % len(self.paths), max(0, offset - len(tokens))
         return np.concatenate(parts)
 
     def next_batch(self, T, max_doc_len, n_targets, device):
         s = self.state
         buf = self._take(s["shard"], s["offset"] + self.rank * T, T + n_targets)
-        offset = s["offset"] + self.world_size * T
-        while offset >= len(self._tokens(s["shard"])):
-            offset -= len(self._tokens(s["shard"]))
+        s["offset"] += self.world_size * T
+        while s["offset"] >= len(self._tokens(s["shard"])):
+            s["offset"] -= len(self._tokens(s["shard"]))
             s["shard"] = (s["shard"] + 1) % len(self.paths)
             s["epoch"] += s["shard"] == 0
-        s["offset"] = offset
         return make_batch(buf, self.bos, max_doc_len, n_targets, device)
 
 
@@ -1906,9 +1881,8 @@ class PretrainLoader:
 LOG_SEPARATOR = "=" * 100  # after an invocation's code lines, before its header (baselines/record.py splits on it)
 
 class Logger:
-    """Rank 0 prints and appends to RUN_DIR/log.txt, each line after the header stamped [h:mm:ss] since the invocation
-    began; metrics go to RUN_DIR/curves.jsonl, one {"step": the phase's steps done, name: value} a line (a resumed phase
-    appends again from its step: the last line for a step wins), and to wandb when it is enabled."""
+    """Rank 0 prints and appends to log.txt, lines after the header stamped [h:mm:ss] since the start; metrics go to
+    curves.jsonl, {"step": the phase's steps done, name: value} a line (resumed: the last for a step wins), wandb."""
 
     def __init__(self, cfg, rt):
         self.master, self.path, self.wandb = rt.master, os.path.join(cfg.run_dir, "log.txt"), None
@@ -1928,8 +1902,8 @@ class Logger:
             print(line, flush=True)
             self.write(line)
 
-    def write(self, text):  # to log.txt only, not printed
-        with open(self.path, "a", encoding="utf-8") as f:
+    def write(self, text, path=None):  # to log.txt (or path) only, not printed
+        with open(path or self.path, "a", encoding="utf-8") as f:
             f.write(text + "\n")
 
     def start(self, cfg, rt):
@@ -1941,22 +1915,19 @@ class Logger:
 
     def metrics(self, step, values):
         if self.master:
-            with open(self.curves, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
+            self.write(json.dumps({"step": step, **values}), self.curves)
         if self.wandb is not None:  # None on ranks other than 0
             self.wandb.log(values, step=step)
 
 class Progress:
-    """`what: done/total unit, elapsed, eta` in the log every `every` seconds of a long evaluation, counting one unit a
-    call (rank 0's share where the ranks split the work). log: a Logger, or None for silence."""
+    """A long evaluation's progress in the log every `every` s, one unit a call (rank 0's share); log=None: silent."""
 
     def __init__(self, log, what, total, unit, every=30.0):
         self.log, self.what, self.total, self.unit, self.every, self.done = log, what, total, unit, every, 0
         self.t0 = self.last = time.time()
 
     def __call__(self, *_):
-        self.done += 1
-        now = time.time()
+        self.done, now = self.done + 1, time.time()
         if self.log is not None and now - self.last >= self.every and self.done < self.total:
             self.last, elapsed = now, now - self.t0
             self.log(f"{self.what}: {self.done:,}/{self.total:,} {self.unit}, {duration(elapsed)} so far, "
@@ -1979,9 +1950,7 @@ def code_lines(run_dir):
         target = os.path.join(run_dir, kept)
         if not os.path.isfile(target):
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            with open(target + ".tmp", "wb") as f:
-                f.write(data)
-            os.replace(target + ".tmp", target)
+            write_text_atomic(target, data)
         lines.append(f"code: {name} sha256 {digest} ({kept})")
     return lines
 
@@ -2010,7 +1979,7 @@ def run_header(rt):
             f"device: {rt.device}{gpu}, world size {rt.world_size}, attention {rt.backend}"]
 
 def write_text_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
+    with open(path + ".tmp", "wb" if isinstance(text, bytes) else "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
 
@@ -2034,14 +2003,12 @@ def record_phase_time(cfg, rt, phase, checkpoint, seconds, header):
     """metrics.json's phase_time_s, [{phase, checkpoint (written or evaluated), seconds}] in run order (the same phase
     on the same checkpoint replaces its entry: chat after SFT and after RL are two), and "environment": run_header's."""
     entry = {"phase": phase, "checkpoint": checkpoint and os.path.basename(checkpoint), "seconds": seconds}
-    times = phase_times(read_metrics(cfg.run_dir))
-    key = (phase, entry["checkpoint"])
+    times, key = phase_times(read_metrics(cfg.run_dir)), (phase, entry["checkpoint"])
     i = next((i for i, t in enumerate(times) if (t.get("phase"), t.get("checkpoint")) == key), len(times))
     times[i:i + 1] = [entry]  # replaces that entry, or appends
     update_metrics(cfg, rt, {"phase_time_s": times, "environment": header})
 
-# -- checkpoints: safetensors weights + weights_only-loadable optimizer state + JSON holding their sha256, written
-# atomically; one run per run directory (a lock), pruned by step number, verified on load, resume falls back --
+# -- checkpoints: written atomically, pruned by step number, verified on load; one run per run directory (a lock) --
 
 CHECKPOINT_PREFIX = {"pt": "ckpt_", "sft": "sft_ckpt_", "rl": "rl_ckpt_"}  # RUN_DIR/<prefix><step>/, in phase order
 CURVE_PHASES = {"train": "pt", "val": "pt", "sft": "sft", "rl": "rl"}  # curves.jsonl's "<group>/<name>" -> phase
@@ -2059,10 +2026,9 @@ def checkpoints(run_dir, phase):
 
 def save_checkpoint(cfg, rt, step, model, opt, extra_state, phase="pt"):
     """RUN_DIR/<prefix><step>/: model.safetensors, optim.pt, state.json (step, phase, "loader": extra_state, "model":
-    the ModelConfig, "run": this phase's settings, the files' sha256), named by RUN_DIR/latest_<phase> (what --resume
-    continues) and RUN_DIR/latest (what the next phase starts from); the newest --keep-checkpoints of the phase kept. A
-    failed write (a full disk) leaves the last checkpoint and the pointers as they were: a CheckpointError. Every rank
-    calls it and returns once rank 0 has written it: the next phase, on any rank, starts from it."""
+    ModelConfig, "run": this phase's settings, the files' sha256), named by latest_<phase> (what --resume continues) and
+    latest (what the next phase starts from); the phase's newest --keep-checkpoints kept. A failed write (a full disk)
+    leaves the last checkpoint and pointers as they were: a CheckpointError. Every rank returns once rank 0 wrote it."""
     opt_state = opt.state_dict()  # a collective when sharded: every rank calls it
     final = os.path.join(cfg.run_dir, f"{CHECKPOINT_PREFIX[phase]}{step:06d}")
     tmp = final + ".tmp"
@@ -2114,25 +2080,9 @@ def verify_checkpoint(path, files):
             raise CheckpointError(f"{file}: sha256 differs from the one in state.json (truncated or corrupt)")
     return state
 
-def load_checkpoint(path, model, opt=None):
-    """Verify, then load weights (and optimizer state); returns state.json. Every failure is a CheckpointError."""
-    state = verify_checkpoint(path, CHECKPOINT_FILES if opt is not None else CHECKPOINT_FILES[:1])
-    load_verified(path, model, opt)
-    return state
-
-def load_model(path, device="cpu"):
-    """(model, state.json) of a checkpoint: the model its ModelConfig builds, weights loaded; state.json read once."""
-    state = verify_checkpoint(path, CHECKPOINT_FILES[:1])
-    try:
-        model_cfg = ModelConfig(**{**state["model"], "softcap": tuple(state["model"]["softcap"])})
-    except (TypeError, KeyError) as e:
-        raise CheckpointError(f"{path}/state.json: 'model' is not a model this stack builds ({e})") from None
-    model = GPT(model_cfg).to(device)
-    load_verified(path, model)
-    return model, state
-
-def load_verified(path, model, opt=None):
-    """Weights (and optimizer state) of a checkpoint verify_checkpoint has checked."""
+def load_checkpoint(path, model, opt=None, state=None):
+    """Verify (unless given its `state`), load the weights (and optimizer state); state.json, or a CheckpointError."""
+    state = state or verify_checkpoint(path, CHECKPOINT_FILES if opt is not None else CHECKPOINT_FILES[:1])
     from safetensors.torch import load_file
     weights, optim = (os.path.join(path, name) for name in CHECKPOINT_FILES)
     try:
@@ -2145,6 +2095,17 @@ def load_verified(path, model, opt=None):
             opt.load_state_dict(torch.load(optim, weights_only=True, map_location="cpu"))
         except Exception as e:  # unpickling refused, other parameters, other shapes
             raise CheckpointError(f"{optim}: does not load into this optimizer ({str(e).splitlines()[0][:300]})") from None
+    return state
+
+def load_model(path, device="cpu"):
+    """(model, state.json) of a checkpoint: the model its ModelConfig builds, weights loaded; state.json read once."""
+    state = verify_checkpoint(path, CHECKPOINT_FILES[:1])
+    try:
+        model_cfg = ModelConfig(**{**state["model"], "softcap": tuple(state["model"]["softcap"])})
+    except (TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}/state.json: 'model' is not a model this stack builds ({e})") from None
+    model = GPT(model_cfg).to(device)
+    return model, load_checkpoint(path, model, state=state)
 
 def resume_checkpoint(cfg, phase, model, opt, log):
     """--resume: load the phase's newest checkpoint that verifies (latest_<phase>, else the older ones kept, newest
@@ -2160,22 +2121,19 @@ def resume_checkpoint(cfg, phase, model, opt, log):
             log(f"warning: cannot resume from {path}: {e}")
     if candidates:
         raise CheckpointError(f"{cfg.run_dir}: no {phase} checkpoint to resume from loads ({', '.join(map(os.path.basename, candidates))})")
-    return None
 
 def resumed_step(cfg, phase, model, opt, loader, log):
     """The step a pt or sft loop starts at: 0, or with --resume the loaded checkpoint's, the loader where it stood."""
-    resumed = resume_checkpoint(cfg, phase, model, opt, log)
-    if not resumed:
+    path, state = resume_checkpoint(cfg, phase, model, opt, log) or (None, None)
+    if path is None:
         return 0
-    path, state = resumed
     loader.state = state["loader"]
     log(f"{'' if phase == 'pt' else phase + ': '}resumed from {path} at step {state['step']}")
     return state["step"]
 
 def claim_run_dir(cfg, phases):
-    """Lock the run directory first (the lock, returned, is released at exit, kill -9 included; another run is refused,
-    naming the holder); delete what a crash half-wrote (*.tmp); refuse a fresh (not --resume) pt, sft or rl run amid an
-    earlier run's checkpoints, or with --overwrite delete that phase's and the later phases' (trained from them)."""
+    """Lock the run directory (the lock, returned, dies with the process, kill -9 too; another run is refused); delete
+    *.tmp; refuse a fresh pt, sft or rl run amid old checkpoints, or with --overwrite delete its and later phases'."""
     import fcntl
     os.makedirs(cfg.run_dir, exist_ok=True)
     lock = open(os.path.join(cfg.run_dir, ".lock"), "a+")
@@ -2200,10 +2158,9 @@ def claim_run_dir(cfg, phases):
         for phase in replaced:
             for path in checkpoints(cfg.run_dir, phase).values():
                 shutil.rmtree(path)
-            for pointer in (f"latest_{phase}", "latest"):
-                path = os.path.join(cfg.run_dir, pointer)
-                if os.path.isfile(path) and not os.path.isdir(os.path.join(cfg.run_dir, open(path).read().strip())):
-                    os.remove(path)
+            for p, pointer in ((phase, f"latest_{phase}"), (None, "latest")):  # pointers to what is gone go too
+                if (target := latest_checkpoint(cfg.run_dir, p)) and not os.path.isdir(target):
+                    os.remove(os.path.join(cfg.run_dir, pointer))
         curves = os.path.join(cfg.run_dir, "curves.jsonl")
         if os.path.isfile(curves):  # the replaced phases' curves go with their checkpoints (the report draws them)
             kept = []
@@ -2222,9 +2179,8 @@ def claim_run_dir(cfg, phases):
     return lock
 
 def settle_losses(pending, cfg, rt, log, phase):
-    """The losses of `pending` ([(step, loss tensor)], emptied) averaged over ranks, as floats, in one host sync (the
-    loops sync at log, eval and checkpoint steps only: the GPU runs ahead in between). A NaN/inf loss exits with code 2,
-    recorded in metrics.json, before any later checkpoint is written: the phase's last is the last good one."""
+    """The losses of `pending` ([(step, loss tensor)], emptied) averaged over ranks, as floats, in one host sync (loops
+    sync to log, eval or save only). A NaN/inf loss exits with code 2, noted in metrics.json, before any later save."""
     steps, losses = [s for s, _ in pending], torch.stack([loss for _, loss in pending])
     pending.clear()
     values = sum_over_ranks(losses, rt, dist.ReduceOp.AVG).tolist()
@@ -2243,19 +2199,16 @@ class LoopTimer:
         self.total, self.steps, self.tokens, self.since = 0.0, 0, 0, time.perf_counter()
 
     def step(self, tokens):
-        self.steps += 1
-        self.tokens += tokens
+        self.steps, self.tokens = self.steps + 1, self.tokens + tokens
 
-    def lap(self):
-        """(seconds, steps, tokens) since the last lap; call it right after a host sync."""
+    def lap(self):  # (seconds, steps, tokens) since the last lap; call it right after a host sync
         now = time.perf_counter()
         self.total += now - self.since
         lap = max(now - self.since, 1e-9), self.steps, self.tokens
         self.since, self.steps, self.tokens = now, 0, 0
         return lap
 
-    def pause_until_now(self):
-        """Eval or a checkpoint ran since the last lap: leave it out."""
+    def pause_until_now(self):  # eval or a checkpoint ran since the last lap: leave it out
         self.since = time.perf_counter()
 
 def trained_model(cfg, rt):
@@ -2317,9 +2270,8 @@ def pretrain_steps(cfg, stages, world_size, start=0):
                step == round(cfg.untie_frac * total))
 
 def warm_up_compiled(loss_fn, model, cfg, rt, stages, loader, start):
-    """Compiles, as modded-nanogpt does, a forward and backward of the loss per distinct (tokens per forward, MTP
-    horizons, doc length bound, windows, attention scale, tying, accumulation) from step `start` on, in schedule order
-    (so dynamic shapes choose as in the run), on a fork of the loader, no optimizer step. Returns (seconds, graphs)."""
+    """Compiles, as modded-nanogpt does, a forward and backward per distinct `key` from step `start` on, in schedule
+    order (so dynamic shapes choose as in the run), on a fork of the loader, no optimizer step; (seconds, graphs)."""
     from torch._dynamo.utils import counters
     scale, tied, variants = model.attn_scale.clone(), model.is_tied, {}
     for step, p, T, accum, grow, untie in pretrain_steps(cfg, stages, rt.world_size, start):
@@ -2331,8 +2283,7 @@ def warm_up_compiled(loss_fn, model, cfg, rt, stages, loader, start):
         variants.setdefault(key, (p, T, accum, windows))
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 2 * len(variants) + 8))
-    peek = loader.fork()
-    graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
+    peek, graphs, t0 = loader.fork(), counters["stats"]["unique_graphs"], time.perf_counter()
     for (*_, scale_value, tied, _), (p, T, accum, windows) in variants.items():
         model.scale, model.is_tied = scale_value, tied
         batch = peek.next_batch(T, p.max_doc_len, len(p.mtp_weights), rt.device)
@@ -2371,14 +2322,12 @@ def val_rows(n_targets, T, subset=0, first=0):
 
 @torch.no_grad()
 def evaluate_bpb(model, data, rt, windows, max_doc_len, T, subset=0, first=0, log=None):
-    """Next-token loss on the val stream of PretrainData `data`, rows of T tokens (val_rows), over targets of > 0 bytes
-    (special tokens count in neither sum: bpb compares across tokenizers) or, without token bytes, all (modded-nanogpt's
-    val loss). A dict: bpb (or None), loss (nats/counted target), targets (counted), of (all), by_source, what."""
+    """Next-token loss on PretrainData `data`'s val stream in rows of T (val_rows), over targets of > 0 bytes (special
+    tokens count in neither sum: bpb compares across tokenizers); without token bytes, all (modded-nanogpt's loss)."""
     tokens, source = data.val_stream()
-    n = len(tokens) - 1
+    n, names = len(tokens) - 1, data.source_names()
     rows = val_rows(n, T, subset, first)
     weights = None if data.token_bytes is None else torch.from_numpy(data.token_bytes).to(rt.device)
-    names = data.source_names()
     sums = torch.zeros(max(1, len(names)), 3, device=rt.device, dtype=torch.float64)  # nats, bytes, counted targets
     mine = rows[rt.rank::rt.world_size]
     progress = Progress(log, "val bpb", len(mine), "rows")
@@ -2450,14 +2399,12 @@ PEAK_BF16_FLOPS = (("GH200", 989e12), ("H200 NVL", 835e12), ("H200", 989e12), ("
                    ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12))
 
 def peak_flops(device, dtype=torch.bfloat16):
-    device = torch.device(device)
-    if device.type != "cuda" or dtype != torch.bfloat16:
+    if torch.device(device).type != "cuda" or dtype != torch.bfloat16:
         return None
     return next((v for k, v in PEAK_BF16_FLOPS if k in torch.cuda.get_device_name(device)), None)
 
 def peak_memory_gib(device):
-    device = torch.device(device)
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return torch.cuda.max_memory_allocated(device) / 2**30 if torch.device(device).type == "cuda" else None
 
 def phase_pt(cfg, rt, log):
     """pretrain; reads DATA_DIR/pretrain; writes RUN_DIR/ckpt_<step>/, curves.jsonl, metrics.json"""
@@ -2466,10 +2413,9 @@ def phase_pt(cfg, rt, log):
     log(f"data: {len(data.train)} train and {len(data.val)} val shards; {data.origin}")
     torch.manual_seed(cfg.seed)
     model = GPT(ModelConfig.of(cfg, data.vocab_size)).to(rt.device)
-    opt = make_optimizer(model, cfg)
+    opt, loader = make_optimizer(model, cfg), PretrainLoader(data.train, data, rt.rank, rt.world_size)
     stages = scaled_stages(cfg)
     total = total_steps(stages)
-    loader = PretrainLoader(data.train, data, rt.rank, rt.world_size)
     start = resumed_step(cfg, "pt", model, opt, loader, log)
     if not start and cfg.init_from:
         load_checkpoint(cfg.init_from, model)
@@ -2482,8 +2428,7 @@ def phase_pt(cfg, rt, log):
     if cfg.compile:
         compile_s, graphs = warm_up_compiled(loss_fn, model, cfg, rt, stages, loader, start)
         log(f"compiled {graphs} graphs for steps {start}-{total} in {compile_s:.1f}s, before the timed loop")
-    peak = peak_flops(rt.device, rt.dtype)
-    timer, pending, val, flops, last = LoopTimer(), [], None, 0, None
+    peak, timer, pending, val, flops, last = peak_flops(rt.device, rt.dtype), LoopTimer(), [], None, 0, None
     for step, p, T, accum, grow, untie in pretrain_steps(cfg, stages, rt.world_size, start):
         if grow:
             model.grow_window(*grow)
@@ -2491,8 +2436,7 @@ def phase_pt(cfg, rt, log):
             model.untie()
             opt.copy_state("lm_head", "embed")
         windows = model.windows(p.short_window, p.long_window)
-        step_loss = torch.zeros((), device=rt.device)
-        mtp_weights = to_device(p.mtp_weights, torch.float32, rt.device)
+        step_loss, mtp_weights = torch.zeros((), device=rt.device), to_device(p.mtp_weights, torch.float32, rt.device)
         for _ in range(accum):
             batch = loader.next_batch(T, p.max_doc_len, len(p.mtp_weights), rt.device)
             with autocast(rt):
@@ -2596,8 +2540,7 @@ def task_table(out, tasks, name_key, total):
     return "\n".join(lines)
 
 def core_decision(task_type, gold, mean_losses, all_right):
-    """nanochat's rule. multiple_choice / schema: the option with the lowest mean continuation loss is the answer.
-    language_modeling (one sequence): correct iff every greedy prediction over the continuation is right."""
+    """nanochat's rule: the option of least mean continuation loss; language_modeling: every greedy prediction right."""
     if task_type == "language_modeling":
         return all_right[0]
     # The mean over an empty continuation (piqa has some) is NaN. min() replaces its running value only by a smaller
@@ -2654,9 +2597,8 @@ def phase_eval(cfg, rt, log):
     """bits per byte over every val token, then CORE; reads pretrain/ val, core/; writes metrics.json"""
     data = pretrain_data(cfg.data_dir, cfg.vocab_size, cfg.bos_id)
     model, _, path = trained_model(cfg, rt)
-    windows = model.windows()
     log(f"evaluating {path}")
-    t0 = time.time()
+    windows, t0 = model.windows(), time.time()
     val = evaluate_bpb(model, data, rt, windows, model.cfg.max_doc_len, cfg.micro_batch_tokens, first=cfg.val_final_tokens,
                        log=log)
     log(val_line(val))
