@@ -1673,6 +1673,8 @@ class PretrainData:
             self._val = tokens, source
         return self._val
 
+NOT_GIVEN = {"vocab_size": 0, "bos_id": -1}  # --vocab-size / --bos-id left at their defaults
+
 def pretrain_data(data_dir, vocab_size=0, bos_id=-1):
     """The pretraining data of `data_dir` (see above); vocab_size, bos_id (0, -1: not given) must agree with its own."""
     found = {"train": [], "val": []}  # the llm.c shards in data_dir or one folder down, in name order
@@ -1684,7 +1686,7 @@ def pretrain_data(data_dir, vocab_size=0, bos_id=-1):
     tokenizer = data_tokenizer(data_dir)
     val, train = (pretrain_shards(data_dir, tokenizer, split) for split in ("val", "train"))
     for name, given, has in (("vocab_size", vocab_size, tokenizer.vocab_size), ("bos_id", bos_id, tokenizer.bos_id)):
-        if given not in (0, -1) and given != has:
+        if given != NOT_GIVEN[name] and given != has:
             raise DataFormatError(f"{data_dir}/tokenizer: {name} {has}, but --{name.replace('_', '-')} {given}")
     where = f"{data_dir}/pretrain/manifest.json"
     runs = read_manifest(os.path.join(data_dir, "pretrain"), "pretrain", tokenizer).get("val_sources")
@@ -1707,7 +1709,7 @@ def llmc_data(data_dir, found, vocab_size=0, bos_id=-1):
     tokenizer = data_tokenizer(data_dir) if has_tokenizer else None
     told = {}  # name -> [(value, where)]: the first is used
     for name, flag in (("vocab_size", vocab_size), ("bos_id", bos_id)):
-        told[name] = [(flag, f"--{name.replace('_', '-')}")] if flag not in (0, -1) else []
+        told[name] = [(flag, f"--{name.replace('_', '-')}")] if flag != NOT_GIVEN[name] else []  # BOS 0 is an id
         if isinstance(config, dict) and type(config.get(name)) is int:
             told[name].append((config[name], config_path))
         if tokenizer is not None:

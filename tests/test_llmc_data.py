@@ -64,6 +64,9 @@ def test_modded_layout_needs_vocab_and_bos_from_somewhere(stack, tiny_data, tmp_
         stack.pretrain_data(tiny_data, vocab_size=999)  # ours: the flags must agree with the tokenizer
     with pytest.raises(stack.DataFormatError, match="bos_id 1024 is not below vocab_size 1024"):
         stack.pretrain_data(str(tmp_path), vocab_size=1024, bos_id=1024)
+    assert stack.pretrain_data(str(tmp_path), vocab_size=1024, bos_id=0).bos_id == 0  # id 0 is a BOS like any other
+    with pytest.raises(stack.DataFormatError, match="bos_id 1015, but --bos-id 0"):
+        stack.pretrain_data(tiny_data, bos_id=0)
     (tmp_path / "fineweb_train_000001.bin").unlink()
     (tmp_path / "fineweb_train_000002.bin").rename(tmp_path / "notashard.bin")
     for p in tmp_path.glob("fineweb_train_*.bin"):
