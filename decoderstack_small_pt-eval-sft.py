@@ -1673,14 +1673,19 @@ class PretrainData:
             self._val = tokens, source
         return self._val
 
+def llmc_shards(data_dir):
+    """{"train": paths, "val": paths} of the llm.c shards in data_dir or one folder down, in name order."""
+    found = {"train": [], "val": []}
+    for path in sorted(glob.glob(os.path.join(data_dir, "*.bin")) + glob.glob(os.path.join(data_dir, "*", "*.bin"))):
+        if m := LLMC_SHARD.search(os.path.basename(path)):
+            found[m.group(1)].append(path)
+    return found
+
 NOT_GIVEN = {"vocab_size": 0, "bos_id": -1}  # --vocab-size / --bos-id left at their defaults
 
 def pretrain_data(data_dir, vocab_size=0, bos_id=-1):
     """The pretraining data of `data_dir` (see above); vocab_size, bos_id (0, -1: not given) must agree with its own."""
-    found = {"train": [], "val": []}  # the llm.c shards in data_dir or one folder down, in name order
-    for path in sorted(glob.glob(os.path.join(data_dir, "*.bin")) + glob.glob(os.path.join(data_dir, "*", "*.bin"))):
-        if m := LLMC_SHARD.search(os.path.basename(path)):
-            found[m.group(1)].append(path)
+    found = llmc_shards(data_dir)
     if found["train"] + found["val"] and not os.path.isdir(os.path.join(data_dir, "pretrain")):
         return llmc_data(data_dir, found, vocab_size, bos_id)
     tokenizer = data_tokenizer(data_dir)
@@ -2572,9 +2577,10 @@ def core_scores_packed(model, seqs, rt, windows):
 @torch.no_grad()
 def evaluate_core(model, core, rt, windows, max_per_task=-1, batch_tokens=32768, log=None):
     """CORE of `model` on CoreData `core`: the first max_per_task examples of each task (<= 0: all, as in nanochat; the
-    file is pre-shuffled) over the ranks, up to batch_tokens tokens a forward. task_scores' dict, mean as `core`."""
+    file is pre-shuffled) over the ranks, up to batch_tokens tokens a forward. task_scores' dict, mean as `core`, and
+    `choices`: each example's option of least loss (-1: a language-modeling task, or not evaluated)."""
     evaluated, mine = examples_of_rank(core.tasks, len(core.examples), max_per_task, rt)
-    correct = torch.zeros(len(core.examples), dtype=torch.float32)
+    correct, picked = torch.zeros(len(core.examples), dtype=torch.float32), torch.zeros(len(core.examples))
     scores = {}  # example -> scores of its sequences so far (an example may straddle two forwards)
     progress = Progress(log, "CORE", len(mine), "examples")
     def sequences():  # ((example, its sequence count), sequence, tokens it adds to a forward: its prefix is shared)
@@ -2590,28 +2596,43 @@ def evaluate_core(model, core, rt, windows, max_per_task=-1, batch_tokens=32768,
             if len(scores[e]) == n_seqs:
                 task, gold = (int(x) for x in core.examples[e, :2])
                 losses, right = zip(*scores.pop(e))
-                correct[e] = float(core_decision(core.tasks[task]["task_type"], gold, list(losses), right))
+                kind = core.tasks[task]["task_type"]
+                correct[e] = float(core_decision(kind, gold, list(losses), right))
+                picked[e] = 0 if kind == "language_modeling" else losses.index(min(losses)) + 1  # 0: none; summed
                 progress()
     out = task_scores(core.tasks, "label", correct, evaluated, rt)
-    return dict(out, core=out.pop("mean"))
+    choices = sum_over_ranks(picked.to(rt.device), rt).cpu().numpy().astype(np.int64) - 1
+    return dict(out, core=out.pop("mean"), choices=choices)
 
 def phase_eval(cfg, rt, log):
-    """bits per byte over every val token, then CORE; reads pretrain/ val, core/; writes metrics.json"""
-    data = pretrain_data(cfg.data_dir, cfg.vocab_size, cfg.bos_id)
+    """bits per byte over every val token (where there is pretrain/), then CORE (where there is core/: nanochat's tasks,
+    or a bundle of your own, data/core_shards.py --bundle); reads pretrain/ val, core/; writes metrics.json,
+    core_examples.jsonl (each example's gold option, choice and verdict)"""
+    has_val = (os.path.isdir(os.path.join(cfg.data_dir, "pretrain")) or any(llmc_shards(cfg.data_dir).values())
+               or not os.path.isdir(os.path.join(cfg.data_dir, "core")))
+    data = pretrain_data(cfg.data_dir, cfg.vocab_size, cfg.bos_id) if has_val else None
+    tokenizer = data.tokenizer if data else data_tokenizer(cfg.data_dir)
     model, _, path = trained_model(cfg, rt)
-    log(f"evaluating {path}")
-    windows, t0 = model.windows(), time.time()
-    val = evaluate_bpb(model, data, rt, windows, model.cfg.max_doc_len, cfg.micro_batch_tokens, first=cfg.val_final_tokens,
-                       log=log)
-    log(val_line(val))
-    metrics = val_metrics(val)
-    if data.tokenizer is None or not os.path.isdir(os.path.join(cfg.data_dir, "core")):
+    log(f"evaluating {path}" + ("" if has_val else f" (no bpb: {cfg.data_dir} has no pretrain/)"))
+    windows, t0, metrics = model.windows(), time.time(), {}
+    if has_val:
+        val = evaluate_bpb(model, data, rt, windows, model.cfg.max_doc_len, cfg.micro_batch_tokens,
+                           first=cfg.val_final_tokens, log=log)
+        log(val_line(val))
+        metrics = val_metrics(val)
+    if tokenizer is None or not os.path.isdir(os.path.join(cfg.data_dir, "core")):
         log(f"no CORE: {cfg.data_dir} has no core/ (data/core_shards.py writes it, with our tokenizer/ beside it)")
     else:
-        core = load_core(cfg.data_dir, data.tokenizer)
+        core = load_core(cfg.data_dir, tokenizer)
         out = evaluate_core(model, core, rt, windows, cfg.core_max_per_task, cfg.core_batch_tokens, log)
         log(task_table(out, core.tasks, "label", "CORE"))
         metrics.update({"core": out["core"], "core_per_task": out["centered"], "core_max_per_task": cfg.core_max_per_task})
+        if rt.master:  # what each example got, for reading one task closely
+            write_text_atomic(os.path.join(cfg.run_dir, "core_examples.jsonl"), "".join(
+                json.dumps({"task": t["label"], "example": i, "gold": int(core.examples[e, 1]),
+                            "choice": int(out["choices"][e]), "correct": bool(out["correct"][e])}) + "\n"
+                for t in core.tasks for i, e in enumerate(range(t["first_example"], t["first_example"] + t["n_examples"]))
+                if out["correct"][e] >= 0))
     log(f"eval took {time.time() - t0:.0f}s")
     update_metrics(cfg, rt, metrics)
 

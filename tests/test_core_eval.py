@@ -292,3 +292,34 @@ def test_pt_then_eval_phase_writes_core_metrics(tiny_data, tok_dir, tmp_path):
     assert set(metrics["core_per_task"]) == {"mc", "schema", "lm"} and metrics["core_max_per_task"] == 4
     assert metrics["core"] == pytest.approx(np.mean(list(metrics["core_per_task"].values())))
     assert "evaluating " + str(run / "ckpt_000008") in r.stdout and "CORE" in r.stdout
+
+
+@torch.no_grad()
+def test_eval_scores_a_bundle_of_your_own_without_bpb(stack, tok_dir, pretrained_run, tmp_path):
+    """A user's own multiple-choice bundle, written by data/core_shards.py --bundle into a data directory holding only
+    tokenizer/ and core/: --phases eval scores it without bpb, prints the task's accuracy and writes each example's
+    choice, the option each sequence alone scores lowest."""
+    data, run = tmp_path / "mine", pretrained_run[1]
+    shutil.copytree(tok_dir, data / "tokenizer")
+    bundle = write_bundle(tmp_path / "bundle", [("mine", "multiple_choice", 0, "\nAnswer: ", "mine.jsonl", MC_ROWS, 33.3)])
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "data", "core_shards.py"), "--bundle", str(bundle),
+                        "--tokenizer", str(data / "tokenizer"), "--out", str(data / "core")], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "eval"
+    r = subprocess.run([sys.executable, STACK_PATH, *TINY_ARGS, "--phases", "eval", "--data-dir", str(data), "--run-dir",
+                        str(out), "--init-from", str(run / "ckpt_000008")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"(no bpb: {data} has no pretrain/)" in r.stdout and "val bpb" not in r.stdout
+    table = next(line for line in r.stdout.splitlines() if line.split()[:1] == ["mine"])
+    rows = [json.loads(line) for line in (out / "core_examples.jsonl").read_text().splitlines()]
+    assert [(x["task"], x["example"]) for x in rows] == [("mine", i) for i in range(len(MC_ROWS))]
+    assert sorted(x["gold"] for x in rows) == sorted(r["gold"] for r in MC_ROWS)  # the file is shuffled
+    assert table.split()[1:3] == [str(len(rows)), f"{sum(x['correct'] for x in rows) / len(rows):.4f}"]
+    model, _ = stack.load_model(str(run / "ckpt_000008"))
+    core = stack.load_core(str(data), stack.Tokenizer(tok_dir))
+    for x, e in zip(rows, examples_of(core, "mine")):
+        first, n = int(core.examples[e, 2]), int(core.examples[e, 3])
+        losses = [alone_scores(model, stack, core.sequence(s), model.windows())[0] for s in range(first, first + n)]
+        assert x["choice"] == losses.index(min(losses)) and x["correct"] == (x["choice"] == x["gold"])
+    assert json.load(open(out / "metrics.json"))["core_per_task"].keys() == {"mine"}
