@@ -63,6 +63,21 @@ def val_shard(data_dir):
     return np.fromfile(path, dtype="<u2", offset=1024)
 
 
+def uniform_main_stack(stack, tiny_data, N):
+    """evaluate_bpb of the main stack's model with lm_head 0 (uniform over the vocabulary): on val targets 1..N, and on
+    every val target."""
+    cfg = stack.parse_config(TINY_ARGS + ["--data-dir", tiny_data, "--val-tokens", str(N)])
+    assert cfg.micro_batch_tokens == 512
+    main_tok = stack.Tokenizer(os.path.join(tiny_data, "tokenizer"))
+    main_model = stack.GPT(stack.ModelConfig.of(cfg, main_tok.vocab_size))
+    with torch.no_grad():
+        main_model.lm_head.zero_()  # the softcap maps 0 to one constant: uniform over the real vocabulary
+    rt = stack.Runtime(torch.device("cpu"), torch.float32, 0, 1, "sdpa")
+    data = stack.pretrain_data(tiny_data)
+    return [stack.evaluate_bpb(main_model, data, rt, main_model.windows(32, 64), 128, cfg.micro_batch_tokens, first=first)
+            for first in (N, 0)]
+
+
 def test_uniform_predictor_has_the_same_bpb_in_both_stacks(gpt2, stack, tiny_data):
     """A model that gives every token probability 1/V scores log2(V) bits per counted target; bits per byte divides
     by the targets' bytes. Both stacks must count the same targets (val tokens 1..N) and bytes."""
@@ -83,15 +98,7 @@ def test_uniform_predictor_has_the_same_bpb_in_both_stacks(gpt2, stack, tiny_dat
     score = gpt2.evaluate_bpb(model, stream, tok.token_bytes, 128, 3, torch.device("cpu"), rows=range(N // 128))
     bpb_gpt2, loss_gpt2 = score.bpb, score.loss
 
-    cfg = stack.parse_config(TINY_ARGS + ["--data-dir", tiny_data, "--val-tokens", str(N)])
-    assert cfg.micro_batch_tokens == 512
-    main_tok = stack.Tokenizer(os.path.join(tiny_data, "tokenizer"))
-    main_model = stack.GPT(stack.ModelConfig.of(cfg, main_tok.vocab_size))
-    with torch.no_grad():
-        main_model.lm_head.zero_()  # the softcap maps 0 to one constant: uniform over the real vocabulary
-    rt = stack.Runtime(torch.device("cpu"), torch.float32, 0, 1, "sdpa")
-    data = stack.pretrain_data(tiny_data)
-    out_main = stack.evaluate_bpb(main_model, data, rt, main_model.windows(32, 64), 128, cfg.micro_batch_tokens, first=N)
+    out_main, full_main = uniform_main_stack(stack, tiny_data, N)
     bpb_main, loss_main = out_main["bpb"], out_main["loss"]
 
     assert bpb_gpt2 == pytest.approx(expected, abs=1e-5)
@@ -101,7 +108,6 @@ def test_uniform_predictor_has_the_same_bpb_in_both_stacks(gpt2, stack, tiny_dat
     # the headline, over every val target (rows of 128 here, 512 there, both with a padded last row): the same again
     w = tok_bytes[val[1:]]
     full_gpt2 = gpt2.evaluate_bpb(model, stream, tok.token_bytes, 128, 3, torch.device("cpu"))
-    full_main = stack.evaluate_bpb(main_model, data, rt, main_model.windows(32, 64), 128, cfg.micro_batch_tokens)
     assert full_gpt2.bpb == pytest.approx(math.log2(V) * (w > 0).sum() / w.sum(), abs=1e-5)
     assert full_gpt2.bpb == pytest.approx(full_main["bpb"], abs=1e-5) and full_gpt2.targets == full_main["targets"] == (w > 0).sum()
     assert full_gpt2.bpb_by_source() == pytest.approx(full_main["by_source"], abs=1e-5)
