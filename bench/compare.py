@@ -2,10 +2,10 @@
 
     python bench/compare.py --data-dir runs/data [--core-max-per-task 50] [--train-tokens N --val-tokens N] [--out DIR]
 
-Trains one after another the main stack (--phases pt,eval), models/gpt2-adamw, models/nanochat and
-models/modded-nanogpt, each with --preset cpu (150 steps x 4,096 tokens = 614,400 tokens; val bpb over every val
-token once, and per val source), then CORE over the first --core-max-per-task examples of each task. About 30 minutes
-on 2 cores. --train-tokens / --val-tokens shrink every run alike for a quick check (--val-tokens sizes the evaluations
+Trains one after another the main stack (--phases pt,eval), models/gpt2-adamw, models/nanochat,
+models/modded-nanogpt and models/llama, each with --preset cpu (150 steps x 4,096 tokens = 614,400 tokens; val bpb
+over every val token once, and per val source), then CORE over the first --core-max-per-task examples of each task.
+About 35 minutes on 2 cores. --train-tokens / --val-tokens shrink every run alike for a quick check (--val-tokens sizes the evaluations
 during training; the final one scores every val token). Prints the table and a last summary line. Timings vary
 +-30% on shared machines: run it alone.
 """
@@ -23,6 +23,7 @@ STACKS = [  # name, script, extra arguments
     ("gpt2-adamw", os.path.join(ROOT, "models", "gpt2-adamw", "train_gpt2.py"), []),
     ("nanochat", os.path.join(ROOT, "models", "nanochat", "train_nanochat.py"), []),
     ("modded-nanogpt", os.path.join(ROOT, "models", "modded-nanogpt", "train_modded.py"), []),
+    ("llama", os.path.join(ROOT, "models", "llama", "train_llama.py"), []),
 ]
 
 
