@@ -2605,9 +2605,9 @@ def evaluate_core(model, core, rt, windows, max_per_task=-1, batch_tokens=32768,
     return dict(out, core=out.pop("mean"), choices=choices)
 
 def phase_eval(cfg, rt, log):
-    """bits per byte over every val token (where there is pretrain/), then CORE (where there is core/: nanochat's tasks,
-    or a bundle of your own, data/core_shards.py --bundle); reads pretrain/ val, core/; writes metrics.json,
-    core_examples.jsonl (each example's gold option, choice and verdict)"""
+    """bits per byte over every val token, then CORE; reads pretrain/ val, core/; writes metrics.json, core_examples.jsonl
+    Either may be absent: core/ may hold a bundle of your own (data/core_shards.py --bundle); core_examples.jsonl holds
+    each example's gold option, choice and verdict."""
     has_val = (os.path.isdir(os.path.join(cfg.data_dir, "pretrain")) or any(llmc_shards(cfg.data_dir).values())
                or not os.path.isdir(os.path.join(cfg.data_dir, "core")))
     data = pretrain_data(cfg.data_dir, cfg.vocab_size, cfg.bos_id) if has_val else None
