@@ -12,7 +12,7 @@ import core_shards
 from conftest import ROOT
 from test_core_eval import MAX_LEN, TASKS, write_bundle
 
-STACKS = ["decoderstack", "gpt2-adamw", "nanochat", "modded-nanogpt"]
+STACKS = ["decoderstack", "gpt2-adamw", "nanochat", "modded-nanogpt", "llama"]
 
 
 # ~30 s alone on 2 cores: every stack at its cpu preset's model size, three steps each (the main stack's stages)
