@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from conftest import ROOT, edit_json, load_module
 from test_core_eval import one_thread  # noqa: F401  its autouse fixture: one torch thread here too
 from test_models import core_data, two_source_data  # noqa: F401  fixtures: a small CORE file, two val sources
-from test_models import check_full_val_in_run, check_val_score, direct_row_sums, run_stack, uniform_main_stack, val_shard
+from test_models import check_cropped_scores, check_full_val_in_run, check_val_score, direct_row_sums, run_stack
+from test_models import uniform_main_stack, val_shard
 
 LLAMA_PATH = os.path.join(ROOT, "models", "llama", "train_llama.py")
 # 4 query heads of 16 sharing 2 key/value heads: grouping is exercised; SwiGLU hidden floor(8/3 x 64) = 170 -> 192
@@ -359,12 +360,4 @@ def test_core_crops_to_its_context_and_padding_is_invisible(llama, core_data):
                         tok.vocab_size).eval()
     seqs = [core.sequence(i) for i in range(len(core.sequences))]
     assert sum(len(t) > T for t, _, _ in seqs) > 5 and sum(len(t) <= T for t, _, _ in seqs) > 5
-    batched = llama.sequence_scores(model, seqs, tok.bos_id, "cpu")
-    for (tokens, start, end), (mean_loss, all_right) in zip(seqs, batched):
-        crop = max(0, len(tokens) - T)
-        ids = torch.from_numpy(tokens[crop:])
-        logits = model(ids[None])[0, start - crop - 1:end - crop - 1]
-        targets = ids[start - crop:end - crop]
-        expected = F.cross_entropy(logits, targets).item() if end > start else float("nan")
-        np.testing.assert_allclose(mean_loss, expected, rtol=1e-5, equal_nan=True)
-        assert all_right == bool((logits.argmax(-1) == targets).all())
+    check_cropped_scores(llama, model, seqs, tok.bos_id, T)

@@ -444,6 +444,22 @@ def test_peer_cli_reports_bad_data_in_one_line_and_writes_nothing(path, core_dat
     assert not run.exists()
 
 
+def check_cropped_scores(peer, model, seqs, bos_id, T):
+    """A peer's batched CORE scores (mean continuation loss, all argmax-right) equal one forward of each sequence
+    cropped to its last T tokens (the context), padding and batching invisible; returns them."""
+    batched = peer.sequence_scores(model, seqs, bos_id, "cpu")
+    for (tokens, start, end), (mean_loss, all_right) in zip(seqs, batched):
+        crop = max(0, len(tokens) - T)
+        assert start - crop >= 1  # the fixture's continuations fit the context
+        ids = torch.from_numpy(tokens[crop:])
+        logits = model(ids[None])[0, start - crop - 1:end - crop - 1]
+        targets = ids[start - crop:end - crop]
+        expected = F.cross_entropy(logits, targets).item() if end > start else float("nan")
+        np.testing.assert_allclose(mean_loss, expected, rtol=1e-5, equal_nan=True)
+        assert all_right == bool((logits.argmax(-1) == targets).all())
+    return batched
+
+
 @torch.no_grad()
 def test_gpt2_core_crops_to_its_context_and_padding_is_invisible(gpt2, core_data):
     """GPT-2 has no positions past seq_len: a longer CORE sequence is scored on its last seq_len tokens, as nanochat
@@ -455,16 +471,7 @@ def test_gpt2_core_crops_to_its_context_and_padding_is_invisible(gpt2, core_data
     model = gpt2.GPT(gpt2.parse_config(GPT2_TINY + ["--seq-len", str(T), "--batch-tokens", "960", "--data-dir", core_data]), tok.vocab_size).eval()
     seqs = [core.sequence(i) for i in range(len(core.sequences))]
     assert sum(len(t) > T for t, _, _ in seqs) > 5 and sum(len(t) <= T for t, _, _ in seqs) > 5
-    batched = gpt2.sequence_scores(model, seqs, tok.bos_id, "cpu")
-    for (tokens, start, end), (mean_loss, all_right) in zip(seqs, batched):
-        crop = max(0, len(tokens) - T)
-        assert start - crop >= 1  # the fixture's continuations fit the context
-        ids = torch.from_numpy(tokens[crop:])
-        logits = model(ids[None])[0, start - crop - 1:end - crop - 1]
-        targets = ids[start - crop:end - crop]
-        expected = F.cross_entropy(logits, targets).item() if end > start else float("nan")
-        np.testing.assert_allclose(mean_loss, expected, rtol=1e-5, equal_nan=True)
-        assert all_right == bool((logits.argmax(-1) == targets).all())
+    batched = check_cropped_scores(gpt2, model, seqs, tok.bos_id, T)
     # evaluate_core agrees with the per-sequence scores and nanochat's decision rule
     out = gpt2.evaluate_core(model, core, tok.bos_id, "cpu", batch_tokens=256)
     for task in core.tasks:
