@@ -2067,7 +2067,7 @@ def save_checkpoint(cfg, rt, step, model, opt, extra_state, phase="pt"):
 def latest_checkpoint(run_dir, phase=None):
     """The newest checkpoint of `phase`, or of any phase (the model the next phase starts from); None if none."""
     path = os.path.join(run_dir, f"latest_{phase}" if phase else "latest")
-    return os.path.join(run_dir, open(path).read().strip()) if os.path.isfile(path) else None
+    return os.path.join(run_dir, read_bytes(path).decode().strip()) if os.path.isfile(path) else None
 
 def verify_checkpoint(path, files):
     """state.json of a checkpoint, after checking that `files` are there and have the sha256 it recorded."""
@@ -2175,6 +2175,8 @@ def claim_run_dir(cfg, phases):
                 try:
                     values = json.loads(line)
                 except json.JSONDecodeError:
+                    continue
+                if not isinstance(values, dict):  # not a line we wrote: dropped, as a torn one is
                     continue
                 values = {k: v for k, v in values.items() if CURVE_PHASES.get(k.split("/")[0]) not in replaced}
                 if len(values) > 1:

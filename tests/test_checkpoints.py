@@ -84,6 +84,7 @@ def test_overwriting_a_later_phase_trains_it_again_from_the_earlier_phases_check
     (run / "latest").write_text("sft_ckpt_000003")
     with open(run / "curves.jsonl", "a") as f:  # the earlier sft's and rl's curves, beside pretraining's
         f.write('{"step": 3, "sft/loss": 2.5}\n{"step": 1, "rl/reward": 0.5}\n{"step": 3, "sft/val_loss": 2.7}\n')
+        f.write('3\n["not", "ours"]\n{"step": 4, "sft/l')  # JSON that is not an object, and a torn last line
     cfg = stack.parse_config(TINY_ARGS + ["--data-dir", str(data), "--run-dir", str(run), "--phases", "sft", "--overwrite"])
     stack.claim_run_dir(cfg, ["sft"]).close()
     assert not (run / "sft_ckpt_000003").exists() and not (run / "latest_sft").exists()
