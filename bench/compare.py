@@ -5,8 +5,10 @@
 Trains one after another the main stack (--phases pt,eval), models/gpt2-adamw, models/nanochat,
 models/modded-nanogpt and models/llama, each with --preset cpu (150 steps x 4,096 tokens = 614,400 tokens; val bpb
 over every val token once, and per val source), then CORE over the first --core-max-per-task examples of each task.
-About 35 minutes on 2 cores. --train-tokens / --val-tokens shrink every run alike for a quick check (--val-tokens sizes the evaluations
-during training; the final one scores every val token). Prints the table and a last summary line. Timings vary
+About 30 minutes on 2 cores for the first four
+(2026-12-02); the Llama peer adds one more run of about the gpt2 peer's size (not timed on an idle machine).
+--train-tokens / --val-tokens shrink every run alike for a quick check (--val-tokens sizes the evaluations during
+training; the final one scores every val token). Prints the table and a last summary line. Timings vary
 +-30% on shared machines: run it alone.
 """
 import argparse

@@ -15,7 +15,7 @@ from test_core_eval import MAX_LEN, TASKS, write_bundle
 STACKS = ["decoderstack", "gpt2-adamw", "nanochat", "modded-nanogpt", "llama"]
 
 
-# ~30 s alone on 2 cores: every stack at its cpu preset's model size, three steps each (the main stack's stages)
+# every stack at its cpu preset's model size, three steps each (the main stack's stages)
 @pytest.mark.slow
 def test_compare_trains_every_stack_and_tabulates_their_metrics(tiny_data, tok_dir, tmp_path):
     data = tmp_path / "data"
