@@ -24,11 +24,9 @@ RECORD = os.path.join(ROOT, "baselines", "record.py")
 
 
 def swiglu_copy(path):
+    """A copy of the stack with README's "Add your architecture" edit (each replacement applies exactly once)."""
     with open(STACK_PATH) as f:
-        source = f.read()
-    for old, new in ablations.SWIGLU:  # README's "Add your architecture" edit
-        assert source.count(old) == 1, old
-        source = source.replace(old, new)
+        source = ablations.edited(f.read(), ablations.SWIGLU, "SwiGLU MLP")
     with open(path, "w") as f:
         f.write(source)
     return path
