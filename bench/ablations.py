@@ -1,6 +1,6 @@
 """The stack's ideas removed one at a time, and the peer stacks, as bench/ablate.py variants: README's ablation table.
 
-    python bench/ablations.py --data-dir runs/data --seeds 3 --train-tokens 204800 --out runs/ablations
+    python bench/ablations.py --data-dir runs/data --seeds 3 --train-tokens 122880 --out runs/ablations
     python bench/ablations.py --data-dir runs/data --only "stack,no smear" --seeds 2       # some rows
 
 Each idea is off in its plain-transformer form: through a flag where a flag is the natural form (IDEAS' flags), else

@@ -1,11 +1,19 @@
 """CPU training speed of the `cpu` preset (eager and compiled) and its sample efficiency against the plain GPT-2 +
-AdamW baseline (models/gpt2-adamw) trained on the same data and tokens.
+AdamW baseline (models/gpt2-adamw) trained on the same data and tokens; with --profile, where a step's time goes.
 
-    python bench/train_bench.py --data-dir runs/data [--skip-runs]
+    python bench/train_bench.py --data-dir runs/data [--skip-runs] [--profile]
 
-Prints one table per part and a last summary line. Timings vary +-30% on shared machines.
+--profile, eager, per stage of the cpu preset (each 50 of its 150 steps), on the stage's first batches:
+- forward, backward and optimizer ms per step;
+- what each extra of this stack over a plain GPT costs, as the step's ms with it removed for real (no work done,
+  unlike bench/ablations.py's quality edits, which multiply a term by 0): value embeddings and multi-token prediction
+  by their flags, the bigram hash and smear by edits of a copy (REMOVED);
+- torch.profiler over the first stage's steps: the ops taking the most self CPU time, and the share of matrix
+  products (compute) against everything else (elementwise ops, copies, casts, dispatch: overhead at this size).
+Prints one table per part and a last summary line. Timings vary +-30% on shared machines: run it alone.
 """
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,6 +28,17 @@ sys.path.insert(0, ROOT)
 from load_stack import STACK, load_stack  # noqa: E402
 
 BASELINE = os.path.join(ROOT, "models", "gpt2-adamw", "train_gpt2.py")
+# edits removing an extra's work (its lookups and its term), for timing only; (old, new) exact replacements
+REMOVED = {
+    "bigram hash": [("        bigram = lookup(self.bigram_ids(ids, prev_ids), self.bigram_embed)\n", ""),
+                    ("            x = a * x + b * x0 + c * bigram\n", "            x = a * x + b * x0\n")],
+    "smear": [("        before = lookup(prev_ids.clamp(min=0), embed)\n"
+               "        before = torch.where((prev_ids >= 0)[..., None], before, torch.zeros_like(before))\n"
+               "        e = e + self.smear_lambda * torch.sigmoid(e[..., :GATE_DIMS] @ self.smear_gate)[..., None] * before\n",
+               "")],
+}
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward")  # what counts as compute below
 
 
 def training_speed(stack, data_dir, compile_, steps=6, warmup=2):
@@ -44,6 +63,119 @@ def training_speed(stack, data_dir, compile_, steps=6, warmup=2):
     return steps * p.batch_tokens / (time.perf_counter() - t0)
 
 
+def stage_step(stack, data_dir, stage, flags=()):
+    """(model, optimizer, plan, a loader at the data's start) for steps of the cpu preset's stage `stage`."""
+    cfg = stack.parse_config(["--preset", "cpu", "--data-dir", data_dir, *flags])
+    tok = stack.Tokenizer(os.path.join(data_dir, "tokenizer"))
+    torch.manual_seed(0)
+    model = stack.GPT(stack.ModelConfig.of(cfg, tok.vocab_size))
+    stages = stack.scaled_stages(cfg)
+    p = stack.plan_step(cfg, stages, sum(s.steps for s in stages[:stage]))
+    loader = stack.PretrainLoader(stack.pretrain_shards(data_dir, tok, "train"), tok, 0, 1)
+    return model, stack.make_optimizer(model, cfg), p, loader
+
+
+def split_ms(stack, data_dir, stage, flags=(), steps=4, warmup=2):
+    """ms per step of the stage's forward, backward and optimizer (eager, median of `steps` after `warmup`)."""
+    model, opt, p, loader = stage_step(stack, data_dir, stage, flags)
+    weights, windows = torch.tensor(p.mtp_weights), model.windows(p.short_window, p.long_window)
+    times = []
+    for _ in range(warmup + steps):
+        batch = loader.next_batch(p.batch_tokens, p.max_doc_len, len(p.mtp_weights), "cpu")
+        t0 = time.perf_counter()
+        loss = stack.train_loss(model, batch, windows, weights, "sdpa")
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step(p.lr_factor, 0.95)
+        opt.zero_grad()
+        times.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+    times = sorted(times[warmup:], key=sum)[len(times[warmup:]) // 2]
+    return [1000 * t for t in times]
+
+
+def load_copy(source, name, folder):
+    """The stack's source, edited, imported as module `name` (dataclasses need it in sys.modules)."""
+    path = os.path.join(folder, f"{name}.py")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def without(stack, folder):
+    """{extra: a copy of the stack without its work (REMOVED), written to folder and imported}."""
+    with open(stack.__file__, encoding="utf-8") as f:
+        source = f.read()
+    copies = {}
+    for name, edits in REMOVED.items():
+        edited = source
+        for old, new in edits:
+            if edited.count(old) != 1:
+                sys.exit(f"error: REMOVED[{name!r}] no longer applies to {stack.__file__}: update bench/train_bench.py")
+            edited = edited.replace(old, new)
+        copies[name] = load_copy(edited, "train_bench_no_" + name.replace(" ", "_"), folder)
+    return copies
+
+
+def top_ops(stack, data_dir, flags=(), stage=0, steps=3, n=12):
+    """(rows (op, self ms per step, calls per step, share), matmul share, ops per step) of torch.profiler's view."""
+    from torch.profiler import ProfilerActivity, profile
+    model, opt, p, loader = stage_step(stack, data_dir, stage, flags)
+    weights, windows = torch.tensor(p.mtp_weights), model.windows(p.short_window, p.long_window)
+
+    def step():
+        batch = loader.next_batch(p.batch_tokens, p.max_doc_len, len(p.mtp_weights), "cpu")
+        stack.train_loss(model, batch, windows, weights, "sdpa").backward()
+        opt.step(p.lr_factor, 0.95)
+        opt.zero_grad()
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in events)
+    events.sort(key=lambda e: -e.self_cpu_time_total)
+    rows = [(e.key, e.self_cpu_time_total / 1000 / steps, e.count / steps, e.self_cpu_time_total / total) for e in events[:n]]
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / total
+    return rows, matmul, sum(e.count for e in events) / steps
+
+
+def profile_report(stack, data_dir, flags=(), steps=4, warmup=2):
+    """Print the three --profile tables (flags: more for every step, e.g. a smaller model); returns the summary's words."""
+    cfg = stack.parse_config(["--preset", "cpu", *flags])
+    n_stages = len(cfg.stages)
+    mtp_flag = "--stages=" + json.dumps([[*list(stack.dataclasses.asdict(s).values())[:6], [1.0], [1.0]] for s in cfg.stages])
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = [("this stack", stack, ()), ("no value embeddings", stack, ("--value-embed-layers=",)),
+                    ("no multi-token prediction", stack, (mtp_flag,))]
+        variants += [(f"no {name}", module, ()) for name, module in without(stack, tmp).items()]
+        ms = {name: [split_ms(module, data_dir, stage, (*flags, *more), steps, warmup) for stage in range(n_stages)]
+              for name, module, more in variants}
+    print(f"\n{'eager ms per step':<28}" + "".join(f" {'stage ' + str(i + 1):>22}" for i in range(n_stages)))
+    print(f"{'':<28}" + f" {'fwd / bwd / opt':>22}" * n_stages)
+    for name, per_stage in ms.items():
+        cells = [f"{f:.0f} / {b:.0f} / {o:.0f} = {f + b + o:.0f}" for f, b, o in per_stage]
+        print(f"{name:<28}" + "".join(f" {c:>22}" for c in cells))
+    base = [sum(t) for t in ms["this stack"]]
+    print(f"\n{'cost of each extra':<28} {'ms per step, mean of stages':>28} {'share of the step':>18}")
+    costs = {}
+    for name, per_stage in list(ms.items())[1:]:
+        cost = sum(b - sum(t) for b, t in zip(base, per_stage)) / n_stages
+        costs[name[3:]] = cost
+        print(f"{name[3:]:<28} {cost:>28.1f} {cost / (sum(base) / n_stages):>17.0%}")
+    rows, matmul, n_ops = top_ops(stack, data_dir, flags, steps=max(1, steps - 1))
+    print(f"\n{'torch.profiler, stage 1':<54} {'self ms/step':>12} {'calls/step':>10} {'share':>6}")
+    for op, self_ms, calls, share in rows:
+        print(f"{op[:54]:<54} {self_ms:>12.1f} {calls:>10.0f} {share:>6.0%}")
+    print(f"matrix products: {matmul:.0%} of the aten ops' self time; {n_ops:,.0f} aten op calls per step")
+    extras = ", ".join(f"{name} {cost:.0f} ms" for name, cost in costs.items())
+    return f"eager step {sum(base) / n_stages:.0f} ms (mean of stages), extras {extras}; matmuls {matmul:.0%} of op time"
+
+
 def run(cmd, run_dir):
     t0 = time.time()
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -57,6 +189,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True, help="a prepared data directory (data/prepare.py)")
     parser.add_argument("--skip-runs", action="store_true", help="only measure speed, skip the two training runs")
+    parser.add_argument("--profile", action="store_true", help="where a step's time goes (see above)")
     args = parser.parse_args()
     stack = load_stack()
     eager, compiled = training_speed(stack, args.data_dir, False), training_speed(stack, args.data_dir, True)
@@ -64,6 +197,8 @@ def main():
     print(f"{'eager':<28} {eager:>8,.0f}")
     print(f"{'torch.compile (inductor)':<28} {compiled:>8,.0f}")
     summary = f"summary: cpu preset {eager:,.0f} tok/s eager, {compiled:,.0f} tok/s compiled"
+    if args.profile:
+        summary += "; " + profile_report(stack, args.data_dir)
     if not args.skip_runs:
         with tempfile.TemporaryDirectory() as tmp:
             ours_dir, base_dir = os.path.join(tmp, "ours"), os.path.join(tmp, "gpt2")

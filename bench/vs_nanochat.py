@@ -30,12 +30,20 @@ nanochat's rendered, tokenized and forwarded one example at a time as its base_e
 shots among those N (hence N above 10), ours among all of the task's examples. Decoding: each engine samples
 (temperature 1, top-k 50) --new-tokens tokens a row after the same text cut to --prompt-tokens tokens, timed from the
 prefill on, the fastest of --repeats runs; ours with compiled steps (--no-decode-compile: eager; nanochat's engine
-runs eager, it has no compiled path). About 15 minutes on 2 cores with the defaults (the cpu preset's 150 + 40
-steps). Timings vary +-30% on shared machines: run it alone; the log warns when other processes took CPU time during
-a part, and the table's first line says how much in all.
+runs eager, it has no compiled path).
+
+Time to target: the fewest steps at which our cpu preset, its schedule rescaled to that many steps (as a record
+shortens its schedule), ends at or below nanochat's final val bpb, found by fresh runs (steps_to_target: to 5% of the
+steps) against nanochat's time for its --steps steps. Both times count every step with its compile, and no evaluation:
+ours is the run's pt_train_time_s + pt_compile_time_s (the cpu preset runs eager: no compile), nanochat's the sum of
+base_train's per-step dt, the first steps' compile included (its own "Total training time" leaves out steps 0-10).
+About 15 minutes on 2 cores with the defaults (the cpu preset's 150 + 40 steps), and ~10 more for the time to target's
+runs. Timings vary +-30% on shared machines: run it alone; the log warns when other processes took CPU time during a
+part, and the table's first line says how much in all.
 """
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -130,6 +138,9 @@ def metric_rows(batch_sizes, core_per_task):
         ("core_examples_s", "CORE examples/s", "{:.2f}", "CORE examples/s"),
         *[(f"decode_tok_s@{b}", f"decoding tok/s, batch {b}", "{:,.0f}", f"decoding tok/s at batch {b}") for b in batch_sizes],
         ("sft_tok_s", "SFT tok/s", "{:,.0f}", "SFT tok/s"),
+        ("train_s", "pretraining s, every step (compile in)", "{:,.1f}", None),
+        ("target_steps", "steps to nanochat's final val bpb", "{:,.0f}", None),
+        ("target_s", "seconds to nanochat's final val bpb", "{:,.1f}", "time to nanochat's bpb"),
     ]
 
 
@@ -217,6 +228,36 @@ def step_times(log_text, skip=10):
     """dt (seconds) of nanochat's training step lines numbered above `skip`: both scripts add dt to their total
     training time only from there (the first steps compile and warm up)."""
     return [float(dt) / 1000 for step, dt in re.findall(r"^step (\d+)\D.*?\| dt: ([\d.]+)ms", log_text, re.M) if int(step) > skip]
+
+
+def steps_to_target(bpb_at, target, max_steps, measured=None, min_steps=3, tolerance=0.05):
+    """The fewest pretraining steps whose run (the cpu preset's schedule rescaled to that many steps, as a record
+    shortens it) ends at or below `target` val bpb, to within `tolerance` x the steps. max_steps must reach it (else
+    None); then a quarter of the passing count until one misses; then regula falsi in log steps (bpb falls about
+    linearly in log tokens at this scale), each guess kept inside the middle 80% of the bracket so that it shrinks.
+    bpb_at(steps) runs one; `measured` ({steps: bpb}) saves reruns. Returns (steps or None, {steps: bpb} of all)."""
+    runs = dict(measured or {})
+
+    def misses(steps):
+        if steps not in runs:
+            runs[steps] = bpb_at(steps)
+        return runs[steps] > target
+
+    if misses(max_steps):
+        return None, runs
+    hi, lo = max_steps, None
+    while lo is None:  # hi passes; find a count that misses
+        steps = max(min_steps, hi // 4)
+        if steps == hi:
+            return hi, runs
+        lo, hi = (steps, hi) if misses(steps) else (None, steps)
+    while hi - lo > max(1, tolerance * hi):
+        a, b = math.log(lo), math.log(hi)
+        x = a + (b - a) * (runs[lo] - target) / (runs[lo] - runs[hi])  # runs[lo] > target >= runs[hi]
+        x = min(max(x, a + 0.1 * (b - a)), b - 0.1 * (b - a))
+        steps = min(max(round(math.exp(x)), lo + 1), hi - 1)
+        lo, hi = (steps, hi) if misses(steps) else (lo, steps)
+    return hi, runs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -330,19 +371,31 @@ def fill_base_dir(base, data_dir, core_bundle):
 # ---------------------------------------------------------------------------------------------------------------
 # The two sides
 
+def ours_pretrain(args, run_dir, log_path, steps):
+    """metrics.json of a fresh cpu-preset pretraining run of `steps` steps (the schedule rescaled to them), a subprocess."""
+    run([sys.executable, STACK, "--preset", "cpu", "--data-dir", args.data_dir, "--run-dir", run_dir, "--wandb",
+         "disabled", "--phases", "pt", "--train-tokens", str(steps * STEP_TOKENS)], log_path,
+        env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        return json.load(f)
+
+
+def pretrain_seconds(metrics):
+    """A run's pretraining time as the stack reports it: every step, compile included, evaluation pauses not."""
+    return metrics["pt_train_time_s"] + metrics["pt_compile_time_s"]
+
+
 def run_ours(args, work, progress):
     """Numbers of this stack: pt as a subprocess, CORE and decoding in this process from its checkpoint, then SFT."""
     out, run_dir = {}, os.path.join(work, "ours")
-    stack_cmd = [sys.executable, STACK, "--preset", "cpu", "--data-dir", os.path.abspath(args.data_dir), "--run-dir",
-                 run_dir, "--wandb", "disabled"]
+    stack_cmd = [sys.executable, STACK, "--preset", "cpu", "--data-dir", args.data_dir, "--run-dir", run_dir,
+                 "--wandb", "disabled"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
 
     def pretrain():
-        run(stack_cmd + ["--phases", "pt", "--train-tokens", str(args.steps * STEP_TOKENS)], os.path.join(work, "ours_pt.log"), env=env)
-        with open(os.path.join(run_dir, "metrics.json")) as f:
-            m = json.load(f)
+        m = ours_pretrain(args, run_dir, os.path.join(work, "ours_pt.log"), args.steps)
         return {"params": m["params"], "params_matrix": m["params_matrix"], "train_tokens": m["train_tokens"],
-                "val_bpb": m["val_bpb"], "train_tok_s": m["tok_per_s"]}
+                "val_bpb": m["val_bpb"], "train_tok_s": m["tok_per_s"], "train_s": pretrain_seconds(m)}
 
     def core_and_decoding():
         import numpy as np
@@ -386,6 +439,24 @@ def run_ours(args, work, progress):
     return out
 
 
+def time_to_target(args, work, ours, target, progress):
+    """Our steps and seconds to nanochat's final val bpb: steps_to_target over fresh cpu-preset runs, each scoring every
+    val token at its end, the run of --steps steps (ours) reused; each run's time is pretrain_seconds'."""
+    seconds = {args.steps: ours["train_s"]}
+
+    def bpb_at(steps):
+        m = ours_pretrain(args, os.path.join(work, f"ours_{steps}_steps"), os.path.join(work, f"ours_pt_{steps}.log"), steps)
+        seconds[steps] = pretrain_seconds(m)
+        progress(f"ours: {steps} steps: val bpb {m['val_bpb']:.4f} in {seconds[steps]:.1f} s (nanochat's: {target:.4f})")
+        return m["val_bpb"]
+
+    steps, runs = steps_to_target(bpb_at, target, args.steps, {args.steps: ours["val_bpb"]})
+    if steps is None:
+        progress(f"ours: {args.steps} steps end at val bpb {ours['val_bpb']:.4f}, above nanochat's {target:.4f}")
+        return {}
+    return {"target_steps": steps, "target_s": seconds[steps], "target_runs": len(runs)}
+
+
 def run_nanochat(args, work, facts, progress):
     """Numbers of nanochat's own scripts (and PROBE) with NANOCHAT_BASE_DIR = work/nanochat_base."""
     out, py = {}, args.nanochat_python
@@ -399,9 +470,10 @@ def run_nanochat(args, work, facts, progress):
         text = script("base_train", "--device-type", "cpu", *NANOCHAT_MODEL, "--window-pattern", args.window_pattern,
                       "--total-batch-size", str(STEP_TOKENS), "--num-iterations", str(args.steps), "--eval-every", "-1",
                       "--core-metric-every", "-1", "--sample-every", "-1")
-        dts = step_times(text)
+        dts, every = step_times(text), step_times(text, skip=-1)  # tok/s as base_train's; its time, every step
         tokens = re.search(r"Total number of training tokens: ([\d,]+)", text)
-        return {"train_tokens": int(tokens.group(1).replace(",", "")), "train_tok_s": STEP_TOKENS * len(dts) / sum(dts)}
+        return {"train_tokens": int(tokens.group(1).replace(",", "")), "train_tok_s": STEP_TOKENS * len(dts) / sum(dts),
+                "train_s": sum(every), "target_steps": len(every), "target_s": sum(every)}
 
     def core():
         text = script("base_eval", "--device-type", "cpu", "--eval", "core", "--max-per-task", str(args.core_per_task))
@@ -464,6 +536,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-sizes", default="1,16", help="decoding batch sizes, comma-separated")
     parser.add_argument("--decode-compile", action=argparse.BooleanOptionalAction, default=True,
                         help="our engine with compiled decode steps (the stack's --decode-compile); nanochat's has none")
+    parser.add_argument("--time-to-target", action=argparse.BooleanOptionalAction, default=True,
+                        help="after both sides: our fewest steps (and seconds) to nanochat's final val bpb (3-6 more runs)")
     parser.add_argument("--repeats", type=int, default=3, help="decoding runs per batch size; the fastest counts (shared machines)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on both sides")
     parser.add_argument("--out", help="keep the runs and logs here (default: a temporary directory, removed)")
@@ -521,6 +595,9 @@ def main():
                  f"({facts['val_bytes']:,} val bytes); {facts['sft_train_convs']:,} SFT train conversations")
         ours = run_ours(args, work, progress)
         theirs = run_nanochat(args, work, facts, progress)
+        if args.time_to_target and "train_s" in ours and theirs.get("val_bpb") is not None:
+            attempt(ours, progress, f"ours: time to nanochat's val bpb {theirs['val_bpb']:.4f}",
+                    lambda: time_to_target(args, work, ours, theirs["val_bpb"], progress))
         progress("done")
     others = sum(side.get("others_cpu_s", 0.0) for side in (ours, theirs))
     print(f"this machine: {os.cpu_count()} CPUs, {args.threads} torch threads, other processes {others:.0f} CPU-s "

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import core_shards
 from conftest import ROOT
@@ -71,3 +72,36 @@ def test_serve_bench_quick_tabulates_both_servers_at_each_client_count(tok_dir):
     assert mix[8:] == ["1x400", "1x400", "1x413", "1x404", "1x500"]
     assert re.match(r"serve_bench: 2 clients: [\d.]+ req/s batched vs [\d.]+ one at a time \([\d.]+x\), .*; beside 5 "
                     r"hostile requests: [\d.]+x the req/s, 0 normal errors, 2/2 replies the same; 0 errors$", lines[-1])
+
+
+def test_train_bench_profile_times_each_extra_removed_for_real(tiny_data, tmp_path, capsys):
+    from conftest import TINY_ARGS, load_module
+    from load_stack import load_stack
+    bench, stack = load_module(os.path.join(ROOT, "bench", "train_bench.py"), "train_bench"), load_stack()
+    flags = [a for a in TINY_ARGS if a not in ("--wandb", "disabled")]
+    # the copies do none of the removed work: its parameters get no gradient, where the stack's get one
+    unused = {"bigram hash": ["bigram_embed"], "smear": ["smear_gate", "smear_lambda"]}
+    for name, module in [("stack", stack), *bench.without(stack, str(tmp_path)).items()]:
+        model, _, p, loader = bench.stage_step(module, str(tiny_data), 0, flags)
+        batch = loader.next_batch(p.batch_tokens, p.max_doc_len, len(p.mtp_weights), "cpu")
+        module.train_loss(model, batch, model.windows(p.short_window, p.long_window), torch.tensor(p.mtp_weights),
+                          "sdpa").backward()
+        for extra, params in unused.items():
+            grads = [getattr(model, n).grad for n in params]
+            assert all(g is None for g in grads) if name == extra else all(g is not None for g in grads), (name, extra)
+    summary = bench.profile_report(stack, str(tiny_data), flags, steps=1, warmup=0)
+    out = capsys.readouterr().out
+    tables = out.strip("\n").split("\n\n")
+    steps = {line[:28].strip(): line[28:].split() for line in tables[0].splitlines()[2:]}
+    assert sorted(steps) == sorted(["this stack", "no value embeddings", "no multi-token prediction", "no bigram hash",
+                                    "no smear"])
+    assert all(len(cells) == 2 * 7 for cells in steps.values())  # two stages: "f / b / o = total" each
+    for cells in steps.values():
+        for f, b, o, total in zip(cells[0::7], cells[2::7], cells[4::7], cells[6::7]):
+            assert abs(float(f) + float(b) + float(o) - float(total)) <= 2  # each rounded to 1 ms
+    costs = {line[:28].strip() for line in tables[1].splitlines()[1:]}
+    assert costs == {"value embeddings", "multi-token prediction", "bigram hash", "smear"}
+    ops = tables[2].splitlines()
+    assert ops[0].startswith("torch.profiler, stage 1") and all(line.startswith("aten::") for line in ops[1:-1])
+    assert re.match(r"matrix products: \d+% of the aten ops' self time; [\d,]+ aten op calls per step$", ops[-1])
+    assert summary.startswith("eager step ") and "bigram hash" in summary and "smear" in summary

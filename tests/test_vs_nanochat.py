@@ -1,5 +1,6 @@
 """bench/vs_nanochat.py without a nanochat checkout: its table on canned numbers (ratios, n/a, the summary line), the
 parsing of nanochat's step lines, and one clear error for arguments that cannot work."""
+import math
 import os
 import subprocess
 import sys
@@ -67,6 +68,48 @@ def test_step_times_reads_nanochat_step_lines_after_the_warm_up(bench):
                      "step 00011 (55.00%) | loss: 3.0 | lrm: 1.00 | dt: 250.00ms | tok/sec: 16,384 | mfu: 0.00",
                      "Step 00012 | Validation bpb: 3.1", "Total training time: 0.04m"])
     assert bench.step_times(log) == pytest.approx([1.0115, 0.25])
+
+
+def test_every_step_counts_when_the_compile_is_to_be_counted(bench):
+    log = "\n".join(f"step {i:05d}/00012 (1.00%) | loss: 9.0 | lrm: 1.00 | dt: {3000 if i == 0 else 100}.00ms | x"
+                     for i in range(12))
+    assert sum(bench.step_times(log, skip=-1)) == pytest.approx(3.0 + 11 * 0.1)  # step 0 compiles
+    assert len(bench.step_times(log)) == 1
+
+
+def test_time_to_target_is_a_row_with_its_ratio(bench):
+    rows = rows_by_label(bench.table({**OURS, "target_steps": 60, "target_s": 40.0},
+                                     {**THEIRS, "target_steps": 150, "target_s": 160.0}, bench.metric_rows([1], 11)))
+    assert rows["steps to nanochat's final val bpb"] == ["60", "150", "0.40x"]
+    assert rows["seconds to nanochat's final val bpb"] == ["40.0", "160.0", "0.25x"]
+
+
+def log_law(steps):  # bpb falling linearly in log steps, as it about does at this scale
+    return 4.0 - 0.2 * math.log(steps)
+
+
+@pytest.mark.parametrize("target", [3.2, 3.1, 3.05, 3.0])
+def test_steps_to_target_finds_the_fewest_passing_steps_in_few_runs(bench, target):
+    calls = []
+    steps, runs = bench.steps_to_target(lambda s: calls.append(s) or log_law(s), target, 150, {150: log_law(150)})
+    fewest = next(s for s in range(1, 151) if log_law(s) <= target)
+    assert fewest <= steps <= fewest * 1.05 + 1 and runs[steps] <= target
+    assert any(fewest * 0.95 - 1 <= s < fewest and runs[s] > target for s in runs) or steps == fewest
+    assert 150 not in calls and len(calls) == len(set(calls)) <= 7  # the measured run is reused, none twice
+
+
+def test_steps_to_target_when_the_longest_run_misses_or_the_shortest_passes(bench):
+    calls = []
+    assert bench.steps_to_target(lambda s: calls.append(s) or log_law(s), 2.0, 150) == (None, {150: log_law(150)})
+    assert calls == [150]
+    steps, runs = bench.steps_to_target(log_law, 9.0, 150)
+    assert steps == 3 and sorted(runs) == [3, 9, 37, 150]  # quartered down to min_steps, all passing
+
+
+def test_steps_to_target_ends_on_noisy_results(bench):
+    noisy = lambda s: log_law(s) + (0.03 if s % 2 else -0.03)  # seeds' spread: not monotone
+    steps, runs = bench.steps_to_target(noisy, 3.1, 150)
+    assert runs[steps] <= 3.1 and len(runs) <= 12
 
 
 def fake_inputs(bench, tmp):
