@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(ROOT, "baselines"))
 from record import parse_curves, read_log, t_cdf  # noqa: E402  Student's t, the log's val curve
 
 STACK = os.path.join(ROOT, "decoderstack_small_pt-eval-sft.py")
-STACK_LIKE = re.compile(r"^\s+phases: str\b", re.M)  # a Config with phases: the stack or an edited copy of it
+STACK_LIKE = re.compile(r"^\s+overwrite: bool\b", re.M)  # the stack's Config (a copy's too); peers have no such flag
 CONFIDENCE = 0.95
 
 

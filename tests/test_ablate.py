@@ -129,6 +129,19 @@ def test_every_idea_switches_off_by_a_flag_or_an_edit_that_applies(stack, tmp_pa
         ablations.edited("print()", ablations.IDEAS[3][2], "no smear")
 
 
+def test_every_variant_command_parses_with_its_script_flags(tmp_path):
+    """The command ablate.py builds for each row of the table, peers included, is one its script accepts: the stack's
+    own flags (--overwrite, --wandb) go to the stack and its copies only (the nanochat peer has --phases too)."""
+    from conftest import load_module
+    for text in ablations.variants(str(tmp_path), "cpu"):
+        name, script, flags = ablate.parse_variant(text)
+        command = ablate.run_command(script, "DATA", 0, "RUN", ["--preset", "cpu", "--train-tokens", "122880"], flags)
+        module = load_module(script, "ablate_variant_" + re.sub(r"\W", "_", name))
+        cfg = module.parse_config(command[2:])
+        assert (cfg.data_dir, cfg.run_dir, cfg.seed, cfg.train_tokens) == ("DATA", "RUN", 0, 122880), name
+        assert ("--overwrite" in command) == (script == ablate.STACK or "/stacks/" in script), name
+
+
 def one_step_losses(module, vocab_size, tokens):
     """A tiny model of `module` (a stack or an edited copy): its windows grown once (YaRN), then the training loss
     before and after one optimizer step on the same batch of several documents."""
