@@ -83,7 +83,6 @@ class Stage:
 
     @classmethod
     def of(cls, value):
-        """A Stage from itself, its dict or its positional list."""
         if isinstance(value, Stage):
             return value
         names = [f.name for f in dataclasses.fields(cls)]
@@ -369,7 +368,6 @@ def native_bf16(device):
     return torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 def pick_dtype(device, requested="auto"):
-    """The activation dtype and the reason for it (PRECISION above)."""
     device = torch.device(device)
     if requested != "auto":
         if requested not in DTYPES:
@@ -399,7 +397,6 @@ def init_runtime(cfg):
     return Runtime(device, dtype, rank, world_size, select_attention_backend(device, cfg.attn_backend), why)
 
 def sum_over_ranks(t, rt, op=None):
-    """t reduced in place over the ranks (a sum, or `op`), where there is more than one; returns t."""
     if rt.world_size > 1:
         assert t.is_contiguous()  # gloo reduces the wrong memory for non-contiguous tensors
         dist.all_reduce(t, **({} if op is None else {"op": op}))
@@ -438,8 +435,7 @@ if triton is not None:
             return
         a_ptr, c_ptr = a_ptr + batch * stride_ab, c_ptr + batch * stride_cb
         rows, cols = pid_m * BLOCK + tl.arange(0, BLOCK), pid_n * BLOCK + tl.arange(0, BLOCK)
-        ks = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        ks, acc = tl.arange(0, BLOCK_K), tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kmask = (k0 + ks)[None, :] < K
             a_rows = tl.load(a_ptr + rows[:, None] * stride_am + (k0 + ks)[None, :] * stride_ak,
@@ -495,8 +491,7 @@ if triton is not None:
                              BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        ks, acc = tl.arange(0, BLOCK_K), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             a = tl.load(a_ptr + rows[:, None] * stride_am + (k0 + ks)[None, :] * stride_ak,
                         mask=(rows[:, None] < M) & ((k0 + ks)[None, :] < K), other=0.0)
@@ -1150,7 +1145,6 @@ class GPT(nn.Module):
         return [long_window if i in self.long_window_layers else short_window for i in range(self.cfg.n_layers)]
 
     def bigram_ids(self, ids, prev_ids):
-        """Hash of (previous token, token); a document start (prev_ids < 0) gets the reserved last row."""
         h = ((36313 * ids) ^ (27191 * prev_ids.clamp(min=0))) % (self.bigram_rows - 1)
         return torch.where(prev_ids < 0, self.bigram_rows - 1, h)
 
