@@ -1242,8 +1242,7 @@ def muon_momentum(step, total_steps, warmup=300, cooldown=50, low=0.85, high=0.9
     return high
 
 def normuon_update(p, g, momentum, second_moment, mu, beta2, lr, wd, eps=1e-10):
-    """One NorMuon step on a chunk of matrices (n, rows, cols), all fp32. Updates the two state buffers in place and
-    returns the new parameter values. second_moment is (n, rows, 1) if rows >= cols else (n, 1, cols)."""
+    """One NorMuon step on fp32 matrices (n, rows, cols): state buffers updated in place, new values returned."""
     momentum.lerp_(g, 1 - mu)  # EMA form: buf = mu buf + (1 - mu) g
     V = polar_express(g.lerp(momentum, mu)).float()  # Nesterov: (1 - mu) g + mu buf
     # NorMuon: divide each row (or column, whichever dim is larger) by its running RMS, then restore the
@@ -1258,8 +1257,7 @@ def normuon_update(p, g, momentum, second_moment, mu, beta2, lr, wd, eps=1e-10):
     return p - lr * (V + wd * ((V * p) > 0) * p)
 
 def adam_update(p, g, exp_avg, exp_avg_sq, step, betas, lr, wd, eps=1e-10):
-    """One bias-corrected Adam step (torch.optim.Adam's arithmetic) with cautious weight decay, all fp32. Updates the
-    moments in place and returns the new parameter values. Decay is lr*wd, linear in lr (see normuon_update)."""
+    """torch.optim.Adam's bias-corrected step, fp32, moments in place; cautious decay lr*wd (see normuon_update)."""
     beta1, beta2 = betas
     exp_avg.lerp_(g, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -1415,8 +1413,7 @@ class NorMuonAdam:
         g.step = int(state["step"])
 
     def state_dict(self):
-        """{"state": {param name: {state tensors (full, CPU), "step": int}}}: plain tensors and ints, loadable with
-        torch.load(weights_only=True). A collective: every rank must call it (each gets the whole dict)."""
+        """{"state": {param name: {full CPU tensors, "step": int}}} for torch.load(weights_only=True); a collective."""
         return {"state": {name: {k: v.cpu().clone() if torch.is_tensor(v) else v for k, v in st.items()}
                           for g in self.groups for name, st in self._param_states(g).items()}}
 
@@ -1433,8 +1430,7 @@ class NorMuonAdam:
                 self._set_param_state(name, sd["state"][name])
 
     def copy_state(self, src, dst):
-        """Give parameter `dst` the optimizer state of `src` (same shape and kind), e.g. an input embedding untied from
-        lm_head. dst's whole group takes src's step count. A collective when either is sharded."""
+        """dst (embed, untied from lm_head) takes src's state, its group src's step count; a collective if sharded."""
         self._set_param_state(dst, self._param_states(self.where[src][0])[src])
 
 # -- which rule, lr and weight decay each parameter gets --------------------------------------------------------
@@ -1447,9 +1443,8 @@ def param_label(name):
             "smear_gate": "gate"}.get(leaf, "scalar")
 
 def optimizer_labels(cfg, lr_mul=1.0):
-    """Per-label update rule, lr and weight decay: modded-nanogpt's table, its lrs times lr_mul (SFT's, RL's). Our
-    weight decay is linear in lr, so its values are modded's quadratic ones taken at lr factor 1; mlp_proj gets x4
-    where modded's (3072, 768) storage gets x2 from its shape and x2 more."""
+    """modded-nanogpt's table, per label: rule, lr (x lr_mul: SFT's, RL's), weight decay (linear in lr here: modded's
+    quadratic one at lr factor 1); mlp_proj x4 where modded's (3072, 768) storage gets x2 from its shape, x2 more."""
     muon_lr, adam_lr = cfg.muon_lr * lr_mul, cfg.adam_lr * lr_mul
     muon = lambda mul=1.0: dict(kind="normuon", lr=muon_lr, lr_mul=mul, wd=cfg.muon_wd)
     adam = lambda betas, mul=1.0, wd_mul=0.0: dict(kind="adam", lr=adam_lr, lr_mul=mul, wd=cfg.adam_wd, wd_mul=wd_mul, betas=betas)
@@ -1618,8 +1613,7 @@ def pretrain_shards(data_dir, tokenizer, split, check_sha256=False):
     """Paths of the `split` ('train' or 'val') shards of a prepared pretrain/ directory, in order, every header checked
     (with check_sha256 every byte too, against the manifest's sha256: ~2 s a GB here, so data/check.py does it)."""
     directory = os.path.join(data_dir, "pretrain")
-    manifest, where = read_manifest(directory, "pretrain", tokenizer), f"{directory}/manifest.json"
-    shards = manifest.get("shards")
+    shards, where = read_manifest(directory, "pretrain", tokenizer).get("shards"), f"{directory}/manifest.json"
     if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("file"), str) and
                                                isinstance(s.get("n_tokens"), int) for s in shards):
         raise DataFormatError(f"{where}: 'shards' must be a list of {{file, split, n_tokens, ...}} objects")
@@ -1965,9 +1959,8 @@ def code_lines(run_dir):
 def git_state(directory):
     """(commit, dirty: tracked files differ from it) of the git work tree holding directory; None where git cannot tell
     (no git, repository or commit; one git refuses as another user's). Cached: the state the run started from."""
-    def git(*args):
-        return subprocess.run(["git", "-C", directory, *args], capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
+    git = lambda *args: subprocess.run(["git", "-C", directory, *args], capture_output=True, text=True, timeout=10,
+                                       check=True).stdout.strip()
     try:
         return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
@@ -2032,10 +2025,9 @@ def checkpoints(run_dir, phase):
     return dict(sorted(found.items()))
 
 def save_checkpoint(cfg, rt, step, model, opt, extra_state, phase="pt"):
-    """RUN_DIR/<prefix><step>/: model.safetensors, optim.pt, state.json (step, phase, "loader": extra_state, "model":
-    ModelConfig, "run": this phase's settings, the files' sha256), named by latest_<phase> (what --resume continues) and
-    latest (what the next phase starts from); the phase's newest --keep-checkpoints kept. A failed write (a full disk)
-    leaves the last checkpoint and pointers as they were: a CheckpointError. Every rank returns once rank 0 wrote it."""
+    """RUN_DIR/<prefix><step>/, named by latest_<phase> (what --resume continues) and latest (what the next phase starts
+    from); the phase's newest --keep-checkpoints kept. A failed write (a full disk) leaves the last checkpoint and
+    pointers as they were: a CheckpointError. Every rank returns once rank 0 wrote it."""
     opt_state = opt.state_dict()  # a collective when sharded: every rank calls it
     final = os.path.join(cfg.run_dir, f"{CHECKPOINT_PREFIX[phase]}{step:06d}")
     tmp = final + ".tmp"
@@ -2115,8 +2107,7 @@ def load_model(path, device="cpu"):
     return model, load_checkpoint(path, model, state=state)
 
 def resume_checkpoint(cfg, phase, model, opt, log):
-    """--resume: load the phase's newest checkpoint that verifies (latest_<phase>, else the older ones kept, newest
-    first, each skip logged as a warning) into model and opt. Returns (path, state), or None if the phase has none."""
+    """--resume: (path, state) of the phase's newest checkpoint that loads into model and opt; None if it has none."""
     if not cfg.resume:
         return None
     latest = latest_checkpoint(cfg.run_dir, phase)
@@ -2235,7 +2226,6 @@ StepPlan = collections.namedtuple("StepPlan", ["stage", "batch_tokens", "max_doc
                                                "lr_factor", "mtp_weights"])
 
 def scaled_stages(cfg):
-    """The stages, with step counts rescaled so that they add up to --train-tokens when it is set."""
     if not cfg.train_tokens:
         return list(cfg.stages)
     factor = cfg.train_tokens / sum(s.steps * s.batch_tokens for s in cfg.stages)
