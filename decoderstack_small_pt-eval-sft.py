@@ -2530,11 +2530,9 @@ def task_scores(tasks, name_key, correct, evaluated, rt):
     (accuracy - baseline) / (1 - baseline)}, mean=mean centered, correct=int8 per example, -1 where not evaluated)."""
     correct = sum_over_ranks(correct.to(rt.device), rt)  # NCCL reduces device tensors only
     correct = np.where(evaluated, correct.cpu().numpy(), -1).astype(np.int8)
-    results, centered = {}, {}
-    for t in tasks:
-        rows = correct[t["first_example"]:t["first_example"] + t["n_examples"]]
-        results[t[name_key]] = float((rows == 1).sum() / max(1, (rows >= 0).sum()))
-        centered[t[name_key]] = (results[t[name_key]] - t["random_baseline"]) / (1 - t["random_baseline"])
+    rows = {t[name_key]: correct[t["first_example"]:t["first_example"] + t["n_examples"]] for t in tasks}
+    results = {name: float((r == 1).sum() / max(1, (r >= 0).sum())) for name, r in rows.items()}
+    centered = {t[name_key]: (results[t[name_key]] - t["random_baseline"]) / (1 - t["random_baseline"]) for t in tasks}
     return dict(results=results, centered=centered, mean=sum(centered.values()) / len(centered), correct=correct)
 
 def task_table(out, tasks, name_key, total):
@@ -2558,8 +2556,7 @@ def core_decision(task_type, gold, mean_losses, all_right):
 
 def _span_scores(losses, right, spans):
     """Per sequence (mean loss, all right) from flat fp32 losses / bools, span after span (empty: NaN, as nanochat)."""
-    ends = np.cumsum(spans)
-    return [(losses[e - n:e].mean().item(), bool(right[e - n:e].all())) for n, e in zip(spans, ends)]
+    return [(losses[e - n:e].mean().item(), bool(right[e - n:e].all())) for n, e in zip(spans, np.cumsum(spans))]
 
 @torch.no_grad()
 def core_scores_packed(model, seqs, rt, windows):
@@ -3286,8 +3283,7 @@ def run_sandboxed(program, timeout=5.0, memory_mb=512, disk_mb=64, sandbox="isol
         os.mkdir(work)
         with open(source, "w", encoding="utf-8") as f:
             f.write(program)
-        status, status_w = os.pipe()
-        nonce_r, nonce_w = os.pipe()
+        (status, status_w), (nonce_r, nonce_w) = os.pipe(), os.pipe()
         os.write(nonce_w, nonce)
         os.close(nonce_w)
         args = dict(mode=sandbox, work=work, program=source, status_fd=status_w, nonce_fd=nonce_r, disk=disk_mb << 20,
@@ -3448,9 +3444,7 @@ def evaluate_sft_loss(model, split, rt, windows, max_tokens, batch_tokens=8192):
     n = max(1, int(np.searchsorted(np.cumsum(np.diff(split.convs)[order]), max_tokens, side="right")))
     convs = (split.conversation(int(i)) for i in order[:n])
     sums = torch.zeros(2, device=rt.device, dtype=torch.float64)  # nats, supervised tokens
-    for k, batch in enumerate(token_batches(convs, lambda c: len(c[0]), batch_tokens)):
-        if k % rt.world_size != rt.rank:
-            continue
+    for batch in list(token_batches(convs, lambda c: len(c[0]), batch_tokens))[rt.rank::rt.world_size]:
         batch = [(t[:batch_tokens], m[:batch_tokens]) for t, m in batch]
         h, ids, starts = packed_hidden(model, [t for t, _ in batch], rt, windows)
         # row i predicts token i + 1 of its conversation: a target where that token's mask is 1
@@ -3544,7 +3538,6 @@ def phase_sft(cfg, rt, log):
 # 14. GSM8K RL: on-policy policy gradient with the engine and the calculator, nanochat-style; the loop (phase_rl)
 
 def gsm8k_reward(tokenizer, sample, answer):
-    """1 when the number after '####' in the sample is the reference answer, else 0."""
     return float(gsm8k_answer(reply_text(tokenizer, sample)) == answer)
 
 def group_advantages(rewards):
@@ -3646,8 +3639,7 @@ def phase_rl(cfg, rt, log):
 # =============================================================================================================
 # 15. The phase table and main
 
-PHASES = {"pt": phase_pt, "eval": phase_eval, "sft": phase_sft, "chat": phase_chat, "rl": phase_rl,
-          "generate": phase_generate}
+PHASES = dict(pt=phase_pt, eval=phase_eval, sft=phase_sft, chat=phase_chat, rl=phase_rl, generate=phase_generate)
 TIMED_PHASES = ("pt", "eval", "sft", "chat", "rl")  # their wall times go into metrics.json (phase_time_s)
 MOVED = {"serve": "serve.py", "export": "export.py", "data": "data/check.py"}  # what files beside this one run now
 
