@@ -83,7 +83,6 @@ class Stage:
 
     @classmethod
     def of(cls, value):
-        """A Stage from itself, its dict or its positional list."""
         if isinstance(value, Stage):
             return value
         names = [f.name for f in dataclasses.fields(cls)]
@@ -369,7 +368,6 @@ def native_bf16(device):
     return torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 def pick_dtype(device, requested="auto"):
-    """The activation dtype and the reason for it (PRECISION above)."""
     device = torch.device(device)
     if requested != "auto":
         if requested not in DTYPES:
@@ -399,7 +397,6 @@ def init_runtime(cfg):
     return Runtime(device, dtype, rank, world_size, select_attention_backend(device, cfg.attn_backend), why)
 
 def sum_over_ranks(t, rt, op=None):
-    """t reduced in place over the ranks (a sum, or `op`), where there is more than one; returns t."""
     if rt.world_size > 1:
         assert t.is_contiguous()  # gloo reduces the wrong memory for non-contiguous tensors
         dist.all_reduce(t, **({} if op is None else {"op": op}))
@@ -438,8 +435,7 @@ if triton is not None:
             return
         a_ptr, c_ptr = a_ptr + batch * stride_ab, c_ptr + batch * stride_cb
         rows, cols = pid_m * BLOCK + tl.arange(0, BLOCK), pid_n * BLOCK + tl.arange(0, BLOCK)
-        ks = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        ks, acc = tl.arange(0, BLOCK_K), tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kmask = (k0 + ks)[None, :] < K
             a_rows = tl.load(a_ptr + rows[:, None] * stride_am + (k0 + ks)[None, :] * stride_ak,
@@ -495,8 +491,7 @@ if triton is not None:
                              BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        ks, acc = tl.arange(0, BLOCK_K), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             a = tl.load(a_ptr + rows[:, None] * stride_am + (k0 + ks)[None, :] * stride_ak,
                         mask=(rows[:, None] < M) & ((k0 + ks)[None, :] < K), other=0.0)
@@ -1150,7 +1145,6 @@ class GPT(nn.Module):
         return [long_window if i in self.long_window_layers else short_window for i in range(self.cfg.n_layers)]
 
     def bigram_ids(self, ids, prev_ids):
-        """Hash of (previous token, token); a document start (prev_ids < 0) gets the reserved last row."""
         h = ((36313 * ids) ^ (27191 * prev_ids.clamp(min=0))) % (self.bigram_rows - 1)
         return torch.where(prev_ids < 0, self.bigram_rows - 1, h)
 
@@ -1242,8 +1236,7 @@ def muon_momentum(step, total_steps, warmup=300, cooldown=50, low=0.85, high=0.9
     return high
 
 def normuon_update(p, g, momentum, second_moment, mu, beta2, lr, wd, eps=1e-10):
-    """One NorMuon step on a chunk of matrices (n, rows, cols), all fp32. Updates the two state buffers in place and
-    returns the new parameter values. second_moment is (n, rows, 1) if rows >= cols else (n, 1, cols)."""
+    """One NorMuon step on fp32 matrices (n, rows, cols): state buffers updated in place, new values returned."""
     momentum.lerp_(g, 1 - mu)  # EMA form: buf = mu buf + (1 - mu) g
     V = polar_express(g.lerp(momentum, mu)).float()  # Nesterov: (1 - mu) g + mu buf
     # NorMuon: divide each row (or column, whichever dim is larger) by its running RMS, then restore the
@@ -1258,8 +1251,7 @@ def normuon_update(p, g, momentum, second_moment, mu, beta2, lr, wd, eps=1e-10):
     return p - lr * (V + wd * ((V * p) > 0) * p)
 
 def adam_update(p, g, exp_avg, exp_avg_sq, step, betas, lr, wd, eps=1e-10):
-    """One bias-corrected Adam step (torch.optim.Adam's arithmetic) with cautious weight decay, all fp32. Updates the
-    moments in place and returns the new parameter values. Decay is lr*wd, linear in lr (see normuon_update)."""
+    """torch.optim.Adam's bias-corrected step, fp32, moments in place; cautious decay lr*wd (see normuon_update)."""
     beta1, beta2 = betas
     exp_avg.lerp_(g, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -1415,8 +1407,7 @@ class NorMuonAdam:
         g.step = int(state["step"])
 
     def state_dict(self):
-        """{"state": {param name: {state tensors (full, CPU), "step": int}}}: plain tensors and ints, loadable with
-        torch.load(weights_only=True). A collective: every rank must call it (each gets the whole dict)."""
+        """{"state": {param name: {full CPU tensors, "step": int}}} for torch.load(weights_only=True); a collective."""
         return {"state": {name: {k: v.cpu().clone() if torch.is_tensor(v) else v for k, v in st.items()}
                           for g in self.groups for name, st in self._param_states(g).items()}}
 
@@ -1433,8 +1424,7 @@ class NorMuonAdam:
                 self._set_param_state(name, sd["state"][name])
 
     def copy_state(self, src, dst):
-        """Give parameter `dst` the optimizer state of `src` (same shape and kind), e.g. an input embedding untied from
-        lm_head. dst's whole group takes src's step count. A collective when either is sharded."""
+        """dst (embed, untied from lm_head) takes src's state, its group src's step count; a collective if sharded."""
         self._set_param_state(dst, self._param_states(self.where[src][0])[src])
 
 # -- which rule, lr and weight decay each parameter gets --------------------------------------------------------
@@ -1447,9 +1437,8 @@ def param_label(name):
             "smear_gate": "gate"}.get(leaf, "scalar")
 
 def optimizer_labels(cfg, lr_mul=1.0):
-    """Per-label update rule, lr and weight decay: modded-nanogpt's table, its lrs times lr_mul (SFT's, RL's). Our
-    weight decay is linear in lr, so its values are modded's quadratic ones taken at lr factor 1; mlp_proj gets x4
-    where modded's (3072, 768) storage gets x2 from its shape and x2 more."""
+    """modded-nanogpt's table, per label: rule, lr (x lr_mul: SFT's, RL's), weight decay (linear in lr here: modded's
+    quadratic one at lr factor 1); mlp_proj x4 where modded's (3072, 768) storage gets x2 from its shape, x2 more."""
     muon_lr, adam_lr = cfg.muon_lr * lr_mul, cfg.adam_lr * lr_mul
     muon = lambda mul=1.0: dict(kind="normuon", lr=muon_lr, lr_mul=mul, wd=cfg.muon_wd)
     adam = lambda betas, mul=1.0, wd_mul=0.0: dict(kind="adam", lr=adam_lr, lr_mul=mul, wd=cfg.adam_wd, wd_mul=wd_mul, betas=betas)
@@ -1618,8 +1607,7 @@ def pretrain_shards(data_dir, tokenizer, split, check_sha256=False):
     """Paths of the `split` ('train' or 'val') shards of a prepared pretrain/ directory, in order, every header checked
     (with check_sha256 every byte too, against the manifest's sha256: ~2 s a GB here, so data/check.py does it)."""
     directory = os.path.join(data_dir, "pretrain")
-    manifest, where = read_manifest(directory, "pretrain", tokenizer), f"{directory}/manifest.json"
-    shards = manifest.get("shards")
+    shards, where = read_manifest(directory, "pretrain", tokenizer).get("shards"), f"{directory}/manifest.json"
     if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("file"), str) and
                                                isinstance(s.get("n_tokens"), int) for s in shards):
         raise DataFormatError(f"{where}: 'shards' must be a list of {{file, split, n_tokens, ...}} objects")
@@ -1965,9 +1953,8 @@ def code_lines(run_dir):
 def git_state(directory):
     """(commit, dirty: tracked files differ from it) of the git work tree holding directory; None where git cannot tell
     (no git, repository or commit; one git refuses as another user's). Cached: the state the run started from."""
-    def git(*args):
-        return subprocess.run(["git", "-C", directory, *args], capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
+    git = lambda *args: subprocess.run(["git", "-C", directory, *args], capture_output=True, text=True, timeout=10,
+                                       check=True).stdout.strip()
     try:
         return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
@@ -2032,10 +2019,9 @@ def checkpoints(run_dir, phase):
     return dict(sorted(found.items()))
 
 def save_checkpoint(cfg, rt, step, model, opt, extra_state, phase="pt"):
-    """RUN_DIR/<prefix><step>/: model.safetensors, optim.pt, state.json (step, phase, "loader": extra_state, "model":
-    ModelConfig, "run": this phase's settings, the files' sha256), named by latest_<phase> (what --resume continues) and
-    latest (what the next phase starts from); the phase's newest --keep-checkpoints kept. A failed write (a full disk)
-    leaves the last checkpoint and pointers as they were: a CheckpointError. Every rank returns once rank 0 wrote it."""
+    """RUN_DIR/<prefix><step>/, named by latest_<phase> (what --resume continues) and latest (what the next phase starts
+    from); the phase's newest --keep-checkpoints kept. A failed write (a full disk) leaves the last checkpoint and
+    pointers as they were: a CheckpointError. Every rank returns once rank 0 wrote it."""
     opt_state = opt.state_dict()  # a collective when sharded: every rank calls it
     final = os.path.join(cfg.run_dir, f"{CHECKPOINT_PREFIX[phase]}{step:06d}")
     tmp = final + ".tmp"
@@ -2115,8 +2101,7 @@ def load_model(path, device="cpu"):
     return model, load_checkpoint(path, model, state=state)
 
 def resume_checkpoint(cfg, phase, model, opt, log):
-    """--resume: load the phase's newest checkpoint that verifies (latest_<phase>, else the older ones kept, newest
-    first, each skip logged as a warning) into model and opt. Returns (path, state), or None if the phase has none."""
+    """--resume: (path, state) of the phase's newest checkpoint that loads into model and opt; None if it has none."""
     if not cfg.resume:
         return None
     latest = latest_checkpoint(cfg.run_dir, phase)
@@ -2235,7 +2220,6 @@ StepPlan = collections.namedtuple("StepPlan", ["stage", "batch_tokens", "max_doc
                                                "lr_factor", "mtp_weights"])
 
 def scaled_stages(cfg):
-    """The stages, with step counts rescaled so that they add up to --train-tokens when it is set."""
     if not cfg.train_tokens:
         return list(cfg.stages)
     factor = cfg.train_tokens / sum(s.steps * s.batch_tokens for s in cfg.stages)
@@ -2530,11 +2514,9 @@ def task_scores(tasks, name_key, correct, evaluated, rt):
     (accuracy - baseline) / (1 - baseline)}, mean=mean centered, correct=int8 per example, -1 where not evaluated)."""
     correct = sum_over_ranks(correct.to(rt.device), rt)  # NCCL reduces device tensors only
     correct = np.where(evaluated, correct.cpu().numpy(), -1).astype(np.int8)
-    results, centered = {}, {}
-    for t in tasks:
-        rows = correct[t["first_example"]:t["first_example"] + t["n_examples"]]
-        results[t[name_key]] = float((rows == 1).sum() / max(1, (rows >= 0).sum()))
-        centered[t[name_key]] = (results[t[name_key]] - t["random_baseline"]) / (1 - t["random_baseline"])
+    rows = {t[name_key]: correct[t["first_example"]:t["first_example"] + t["n_examples"]] for t in tasks}
+    results = {name: float((r == 1).sum() / max(1, (r >= 0).sum())) for name, r in rows.items()}
+    centered = {t[name_key]: (results[t[name_key]] - t["random_baseline"]) / (1 - t["random_baseline"]) for t in tasks}
     return dict(results=results, centered=centered, mean=sum(centered.values()) / len(centered), correct=correct)
 
 def task_table(out, tasks, name_key, total):
@@ -2558,8 +2540,7 @@ def core_decision(task_type, gold, mean_losses, all_right):
 
 def _span_scores(losses, right, spans):
     """Per sequence (mean loss, all right) from flat fp32 losses / bools, span after span (empty: NaN, as nanochat)."""
-    ends = np.cumsum(spans)
-    return [(losses[e - n:e].mean().item(), bool(right[e - n:e].all())) for n, e in zip(spans, ends)]
+    return [(losses[e - n:e].mean().item(), bool(right[e - n:e].all())) for n, e in zip(spans, np.cumsum(spans))]
 
 @torch.no_grad()
 def core_scores_packed(model, seqs, rt, windows):
@@ -3286,8 +3267,7 @@ def run_sandboxed(program, timeout=5.0, memory_mb=512, disk_mb=64, sandbox="isol
         os.mkdir(work)
         with open(source, "w", encoding="utf-8") as f:
             f.write(program)
-        status, status_w = os.pipe()
-        nonce_r, nonce_w = os.pipe()
+        (status, status_w), (nonce_r, nonce_w) = os.pipe(), os.pipe()
         os.write(nonce_w, nonce)
         os.close(nonce_w)
         args = dict(mode=sandbox, work=work, program=source, status_fd=status_w, nonce_fd=nonce_r, disk=disk_mb << 20,
@@ -3448,9 +3428,7 @@ def evaluate_sft_loss(model, split, rt, windows, max_tokens, batch_tokens=8192):
     n = max(1, int(np.searchsorted(np.cumsum(np.diff(split.convs)[order]), max_tokens, side="right")))
     convs = (split.conversation(int(i)) for i in order[:n])
     sums = torch.zeros(2, device=rt.device, dtype=torch.float64)  # nats, supervised tokens
-    for k, batch in enumerate(token_batches(convs, lambda c: len(c[0]), batch_tokens)):
-        if k % rt.world_size != rt.rank:
-            continue
+    for batch in list(token_batches(convs, lambda c: len(c[0]), batch_tokens))[rt.rank::rt.world_size]:
         batch = [(t[:batch_tokens], m[:batch_tokens]) for t, m in batch]
         h, ids, starts = packed_hidden(model, [t for t, _ in batch], rt, windows)
         # row i predicts token i + 1 of its conversation: a target where that token's mask is 1
@@ -3544,7 +3522,6 @@ def phase_sft(cfg, rt, log):
 # 14. GSM8K RL: on-policy policy gradient with the engine and the calculator, nanochat-style; the loop (phase_rl)
 
 def gsm8k_reward(tokenizer, sample, answer):
-    """1 when the number after '####' in the sample is the reference answer, else 0."""
     return float(gsm8k_answer(reply_text(tokenizer, sample)) == answer)
 
 def group_advantages(rewards):
@@ -3646,8 +3623,7 @@ def phase_rl(cfg, rt, log):
 # =============================================================================================================
 # 15. The phase table and main
 
-PHASES = {"pt": phase_pt, "eval": phase_eval, "sft": phase_sft, "chat": phase_chat, "rl": phase_rl,
-          "generate": phase_generate}
+PHASES = dict(pt=phase_pt, eval=phase_eval, sft=phase_sft, chat=phase_chat, rl=phase_rl, generate=phase_generate)
 TIMED_PHASES = ("pt", "eval", "sft", "chat", "rl")  # their wall times go into metrics.json (phase_time_s)
 MOVED = {"serve": "serve.py", "export": "export.py", "data": "data/check.py"}  # what files beside this one run now
 
