@@ -1,19 +1,21 @@
 """Ablations with significance: variants of the stack (or other stacks), each trained over --seeds on one prepared data
 directory and one token budget; one table of val bpb (mean +- std, and by val source), the difference from the first
-variant with its 95% interval and Welch's t-test p, tok/s and wall time; a plot of the val curves; a summary line.
+variant with its 95% interval and Welch's t-test p, tok/s and wall time; a plot of the val curves and final bpb; a
+summary line.
 
     python bench/ablate.py --data-dir runs/data --seeds 3 --out runs/ablate \\
         --variant "stack=" --variant "no value embeddings=--value-embed-layers=" \\
         --variant "swiglu=runs/my_stack.py" --variant "gpt2-adamw=models/gpt2-adamw/train_gpt2.py"
 
 A variant is NAME=FLAGS (the stack with those flags added) or NAME=SCRIPT FLAGS (another stack file: an edited copy of
-the stack, or a peer in models/). The first variant is the reference. Every run gets --data-dir, --seed S,
---run-dir OUT/NAME/seed_S, then --flags (default: --preset cpu; e.g. add --train-tokens N to shrink every run alike),
-then the variant's flags; the stack and its copies train only (--phases pt: val bpb over every val token comes with
-it). A finished run (its metrics.json has val_bpb, its ablate.json the same command) is read, not run again; a run
-directory holding another command's run is an error. Writes OUT/ablate.md (the table, the command, the machine, the
-date) and OUT/ablate_val.png (each variant's val bpb against step, the mean over seeds), and prints the table and a
-last summary line. Runs one after another (2 cores: one run at a time is fastest).
+the stack, or a peer in models/). The first variant is the reference. Every run gets --data-dir, --seed S, --run-dir
+OUT/NAME/seed_S, then --flags (default: --preset cpu; e.g. add --train-tokens N to shrink every run alike), then the
+variant's flags; the stack and its copies (told by Config's overwrite field) train only (--phases pt: val bpb over every
+val token comes with it). A finished run (its metrics.json has val_bpb, its ablate.json the same command) is read, not
+run again; a run directory holding another command's run is an error. Writes OUT/ablate.md (the table, the command, the
+machine, the date) and OUT/ablate_val.png (each variant's final val bpb, mean +- std over seeds, beside its val curve,
+the mean over seeds, where the runs validated more than once), and prints the table and a last summary line. Runs one
+after another (2 cores: one run at a time is fastest).
 """
 import argparse
 import datetime
@@ -137,16 +139,26 @@ def mean_curve(run_dirs):
     return [(s, sum(c[s] for c in curves) / len(curves)) for s in steps]
 
 
-def plot(curves, out):
+def plot(curves, finals, out):
+    """The val curves (mean over seeds) where a run evaluated more than once, beside each variant's final val bpb,
+    mean ± std over seeds (a short budget evaluates once, at its end: then the second panel alone)."""
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(7, 4.2), layout="constrained")
-    ax = fig.subplots()
-    for name, curve in curves.items():
-        if curve:
-            ax.plot(*zip(*curve), "o-", ms=3, label=name)
-    ax.set(xlabel="step", ylabel="val bits per byte (mean over seeds)", title="val bpb by variant")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    drawn = {name: curve for name, curve in curves.items() if len(curve) > 1}
+    fig = Figure(figsize=(11 if drawn else 6, 0.3 * len(finals) + 1.6), layout="constrained")
+    axes = fig.subplots(1, 2 if drawn else 1, squeeze=False)[0]
+    if drawn:
+        for name, curve in drawn.items():
+            axes[0].plot(*zip(*curve), "o-", ms=3, label=name)
+        axes[0].set(xlabel="step", ylabel="val bits per byte (mean over seeds)", title="val bpb by variant")
+        axes[0].grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+    ax, names = axes[-1], list(finals)[::-1]  # the reference on top
+    ax.errorbar([finals[n][0] for n in names], range(len(names)), fmt="o", capsize=3,
+                xerr=[0 if math.isnan(finals[n][1]) else finals[n][1] for n in names])
+    ax.axvline(finals[names[-1]][0], color="gray", lw=0.8, ls="--")
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set(xlabel="final val bits per byte (mean ± std over seeds)", title="final val bpb")
+    ax.grid(alpha=0.3, axis="x")
     fig.savefig(out + ".tmp.png", dpi=110)
     os.replace(out + ".tmp.png", out)
 
@@ -206,7 +218,9 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     lines = table(variants, results)
     print("\n".join(lines))
-    plot({name: mean_curve(dirs[name]) for name, *_ in variants}, os.path.join(out, "ablate_val.png"))
+    plot({name: mean_curve(dirs[name]) for name, *_ in variants},
+         {name: mean_std([m["val_bpb"] for m in results[name]]) for name, *_ in variants},
+         os.path.join(out, "ablate_val.png"))
     stamp = f"{datetime.date.today()}, {platform.node() or 'this machine'}, {os.cpu_count()} CPUs"
     with open(os.path.join(out, "ablate.md.tmp"), "w") as f:
         f.write(f"`python bench/ablate.py {shlex.join((argv if argv is not None else sys.argv[1:]))}` ({stamp})\n\n"
