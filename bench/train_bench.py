@@ -3,8 +3,9 @@ AdamW baseline (models/gpt2-adamw) trained on the same data and tokens; with --p
 
     python bench/train_bench.py --data-dir runs/data [--skip-runs] [--profile]
 
---profile, eager, per stage of the cpu preset (each 50 of its 150 steps), on the stage's first batches:
-- forward, backward and optimizer ms per step;
+--profile, eager, per stage of the cpu preset (each 50 of its 150 steps), on the stage's first batches, the variants'
+steps taken in turn:
+- forward, backward and optimizer ms per step (the median of --profile-steps);
 - what each extra of this stack over a plain GPT costs, as the step's ms with it removed for real (no work done,
   unlike bench/ablations.py's quality edits, which multiply a term by 0): value embeddings and multi-token prediction
   by their flags, the bigram hash and smear by edits of a copy (REMOVED);
@@ -75,23 +76,27 @@ def stage_step(stack, data_dir, stage, flags=()):
     return model, stack.make_optimizer(model, cfg), p, loader
 
 
-def split_ms(stack, data_dir, stage, flags=(), steps=4, warmup=2):
-    """ms per step of the stage's forward, backward and optimizer (eager, median of `steps` after `warmup`)."""
-    model, opt, p, loader = stage_step(stack, data_dir, stage, flags)
-    weights, windows = torch.tensor(p.mtp_weights), model.windows(p.short_window, p.long_window)
-    times = []
+def split_ms(variants, data_dir, stage, steps=4, warmup=2):
+    """{name: ([forward, backward, optimizer] ms, range ms)} of one step of the stage for variants [(name, module,
+    flags)], their steps taken in turn (a drift of the machine's speed hits all alike): the median of `steps` after
+    `warmup`, eager, and how far the slowest and fastest of them lay apart (the noise a difference must beat)."""
+    states = {name: stage_step(module, data_dir, stage, flags) for name, module, flags in variants}
+    times = {name: [] for name in states}
     for _ in range(warmup + steps):
-        batch = loader.next_batch(p.batch_tokens, p.max_doc_len, len(p.mtp_weights), "cpu")
-        t0 = time.perf_counter()
-        loss = stack.train_loss(model, batch, windows, weights, "sdpa")
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        opt.step(p.lr_factor, 0.95)
-        opt.zero_grad()
-        times.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
-    times = sorted(times[warmup:], key=sum)[len(times[warmup:]) // 2]
-    return [1000 * t for t in times]
+        for name, module, _ in variants:
+            model, opt, p, loader = states[name]
+            batch = loader.next_batch(p.batch_tokens, p.max_doc_len, len(p.mtp_weights), "cpu")
+            t0 = time.perf_counter()
+            loss = module.train_loss(model, batch, model.windows(p.short_window, p.long_window),
+                                     torch.tensor(p.mtp_weights), "sdpa")
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            opt.step(p.lr_factor, 0.95)
+            opt.zero_grad()
+            times[name].append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+    return {name: ([1000 * t for t in sorted(ts[warmup:], key=sum)[len(ts[warmup:]) // 2]],
+                   1000 * (max(map(sum, ts[warmup:])) - min(map(sum, ts[warmup:])))) for name, ts in times.items()}
 
 
 def load_copy(source, name, folder):
@@ -153,8 +158,10 @@ def profile_report(stack, data_dir, flags=(), steps=4, warmup=2):
         variants = [("this stack", stack, ()), ("no value embeddings", stack, ("--value-embed-layers=",)),
                     ("no multi-token prediction", stack, (mtp_flag,))]
         variants += [(f"no {name}", module, ()) for name, module in without(stack, tmp).items()]
-        ms = {name: [split_ms(module, data_dir, stage, (*flags, *more), steps, warmup) for stage in range(n_stages)]
-              for name, module, more in variants}
+        variants = [(name, module, (*flags, *more)) for name, module, more in variants]
+        per_stage = [split_ms(variants, data_dir, stage, steps, warmup) for stage in range(n_stages)]
+        ms = {name: [stage[name][0] for stage in per_stage] for name, _, _ in variants}
+        noise = sum(stage["this stack"][1] for stage in per_stage) / n_stages
     print(f"\n{'eager ms per step':<28}" + "".join(f" {'stage ' + str(i + 1):>22}" for i in range(n_stages)))
     print(f"{'':<28}" + f" {'fwd / bwd / opt':>22}" * n_stages)
     for name, per_stage in ms.items():
@@ -167,13 +174,15 @@ def profile_report(stack, data_dir, flags=(), steps=4, warmup=2):
         cost = sum(b - sum(t) for b, t in zip(base, per_stage)) / n_stages
         costs[name[3:]] = cost
         print(f"{name[3:]:<28} {cost:>28.1f} {cost / (sum(base) / n_stages):>17.0%}")
+    print(f"noise: the stack's timed steps lie {noise:.0f} ms apart (mean over stages): a smaller cost is not resolved")
     rows, matmul, n_ops = top_ops(stack, data_dir, flags, steps=max(1, steps - 1))
     print(f"\n{'torch.profiler, stage 1':<54} {'self ms/step':>12} {'calls/step':>10} {'share':>6}")
     for op, self_ms, calls, share in rows:
         print(f"{op[:54]:<54} {self_ms:>12.1f} {calls:>10.0f} {share:>6.0%}")
     print(f"matrix products: {matmul:.0%} of the aten ops' self time; {n_ops:,.0f} aten op calls per step")
     extras = ", ".join(f"{name} {cost:.0f} ms" for name, cost in costs.items())
-    return f"eager step {sum(base) / n_stages:.0f} ms (mean of stages), extras {extras}; matmuls {matmul:.0%} of op time"
+    return (f"eager step {sum(base) / n_stages:.0f} ms (mean of stages), extras {extras} (noise {noise:.0f} ms); "
+            f"matmuls {matmul:.0%} of op time")
 
 
 def run(cmd, run_dir):
@@ -190,6 +199,7 @@ def main():
     parser.add_argument("--data-dir", required=True, help="a prepared data directory (data/prepare.py)")
     parser.add_argument("--skip-runs", action="store_true", help="only measure speed, skip the two training runs")
     parser.add_argument("--profile", action="store_true", help="where a step's time goes (see above)")
+    parser.add_argument("--profile-steps", type=int, default=6, help="timed steps per variant and stage (after 2 more)")
     args = parser.parse_args()
     stack = load_stack()
     eager, compiled = training_speed(stack, args.data_dir, False), training_speed(stack, args.data_dir, True)
@@ -198,7 +208,7 @@ def main():
     print(f"{'torch.compile (inductor)':<28} {compiled:>8,.0f}")
     summary = f"summary: cpu preset {eager:,.0f} tok/s eager, {compiled:,.0f} tok/s compiled"
     if args.profile:
-        summary += "; " + profile_report(stack, args.data_dir)
+        summary += "; " + profile_report(stack, args.data_dir, steps=args.profile_steps)
     if not args.skip_runs:
         with tempfile.TemporaryDirectory() as tmp:
             ours_dir, base_dir = os.path.join(tmp, "ours"), os.path.join(tmp, "gpt2")
