@@ -25,7 +25,8 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
+import ablations  # noqa: E402  its edit helper and generated --stages flags
 from load_stack import STACK, load_stack  # noqa: E402
 
 BASELINE = os.path.join(ROOT, "models", "gpt2-adamw", "train_gpt2.py")
@@ -114,15 +115,11 @@ def without(stack, folder):
     """{extra: a copy of the stack without its work (REMOVED), written to folder and imported}."""
     with open(stack.__file__, encoding="utf-8") as f:
         source = f.read()
-    copies = {}
-    for name, edits in REMOVED.items():
-        edited = source
-        for old, new in edits:
-            if edited.count(old) != 1:
-                sys.exit(f"error: REMOVED[{name!r}] no longer applies to {stack.__file__}: update bench/train_bench.py")
-            edited = edited.replace(old, new)
-        copies[name] = load_copy(edited, "train_bench_no_" + name.replace(" ", "_"), folder)
-    return copies
+    try:
+        return {name: load_copy(ablations.edited(source, edits, f"REMOVED[{name!r}]"),
+                                "train_bench_no_" + name.replace(" ", "_"), folder) for name, edits in REMOVED.items()}
+    except ablations.ablate.AblateError as e:
+        sys.exit(f"error: {e}")
 
 
 def top_ops(stack, data_dir, flags=(), stage=0, steps=3, n=12):
@@ -153,7 +150,8 @@ def profile_report(stack, data_dir, flags=(), steps=4, warmup=2):
     """Print the three --profile tables (flags: more for every step, e.g. a smaller model); returns the summary's words."""
     cfg = stack.parse_config(["--preset", "cpu", *flags])
     n_stages = len(cfg.stages)
-    mtp_flag = "--stages=" + json.dumps([[*list(stack.dataclasses.asdict(s).values())[:6], [1.0], [1.0]] for s in cfg.stages])
+    mtp_flag = "--stages=" + json.dumps([{**stack.dataclasses.asdict(s), "mtp_start": [1.0], "mtp_end": [1.0]}
+                                         for s in cfg.stages])  # these flags' stages (ablations.stages_flag: a preset's)
     with tempfile.TemporaryDirectory() as tmp:
         variants = [("this stack", stack, ()), ("no value embeddings", stack, ("--value-embed-layers=",)),
                     ("no multi-token prediction", stack, (mtp_flag,))]
