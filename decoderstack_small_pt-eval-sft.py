@@ -1603,9 +1603,9 @@ def checked_tasks(manifest, path, n_examples, fields, **extra):
             raise DataFormatError(f"{path}: task {i} needs {', '.join(fields)} with its examples inside the {n_examples} rows")
     return tasks
 
-def pretrain_shards(data_dir, tokenizer, split, check_sha256=False):
+def pretrain_shards(data_dir, tokenizer, split):
     """Paths of the `split` ('train' or 'val') shards of a prepared pretrain/ directory, in order, every header checked
-    (with check_sha256 every byte too, against the manifest's sha256: ~2 s a GB here, so data/check.py does it)."""
+    (their bytes against the manifest's sha256: ~2 s a GB here, so data/check.py does it, training does not)."""
     directory = os.path.join(data_dir, "pretrain")
     shards, where = read_manifest(directory, "pretrain", tokenizer).get("shards"), f"{directory}/manifest.json"
     if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("file"), str) and
@@ -1622,9 +1622,6 @@ def pretrain_shards(data_dir, tokenizer, split, check_sha256=False):
         n = len(read_token_file(path, tokenizer.vocab_size, check_ids=False))
         if n != s["n_tokens"]:
             raise DataFormatError(f"{path}: {n} tokens, but {where} says {s['n_tokens']}")
-        if check_sha256 and (digest := sha256_file(path)) != s.get("sha256"):
-            raise DataFormatError(f"{path}: sha256 {digest[:12]}... differs from the {str(s.get('sha256'))[:12]}... "
-                                  f"in {where} (a damaged or replaced shard)")
     return [os.path.join(directory, s["file"]) for s in picked]
 
 # -- the pretraining data of --data-dir: ours (pretrain/manifest.json, tokenizer/ beside it), or llm.c shards (no vocab
@@ -2770,10 +2767,10 @@ def calculate(expr):
 class Sample:
     tokens: list   # generated tokens, forced tool output included; the stop token too when one was reached
     mask: list     # 1 where the model sampled the token, 0 where the calculator's output was forced
-    stopped: bool  # ended on <|assistant_end|> or <|bos|> (else it ran into max_new_tokens, or was cancelled)
+    stopped: bool  # ended on <|assistant_end|> or <|bos|> (else it ran into max_new_tokens; None: it failed, in serve.py)
 
-@dataclasses.dataclass(eq=False)  # by identity: one Sampling's rows draw together, so a request's never sway others'
-class Sampling:  # sample_next's filters and a generator
+@dataclasses.dataclass(eq=False)
+class Sampling:  # sample_next's filters and a generator: a DecodeBatch's streams share one (serve.py's: a request's)
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -2786,12 +2783,10 @@ class Stream:
     sampling: Sampling
     max_new_tokens: int
     on_token: object = None  # on_token(token), in the batch's thread, as each token comes
-    on_done: object = None   # on_done(), once, when it has stopped, run out of tokens or been cancelled
+    on_done: object = None   # on_done(), once, when it has stopped or run out of tokens
     sample: Sample = dataclasses.field(default_factory=lambda: Sample([], [], False))
     forced: list = dataclasses.field(default_factory=list)  # calculator output still to feed
     call: list = None        # tokens of an open calculator call
-    cancelled: bool = False  # any thread may set it: the batch frees the row at its next step
-    error: Exception = None  # what ended it, if its step failed for it (sample.stopped is then None)
 
 class Engine:
     """KV-cached generation with the calculator tool: <|python_start|> expr <|python_end|> forces <|output_start|>
@@ -2811,10 +2806,11 @@ class Engine:
             return self.model.decode(torch.tensor(ids, device=self.rt.device), cache, self.windows, last_only=True,
                                      step=step)[:, -1].float()
 
-    def batch(self, capacity, max_rows):
+    def batch(self, capacity, max_rows, kind=None):
+        """A DecodeBatch (or `kind`, a subclass of it: serve.py's) of max_rows rows of capacity tokens."""
         if self.step is not None:  # compiled: capacities in multiples of 256, so calls reuse CUDA graphs (one a shape)
             capacity = -(-capacity // 256) * 256
-        return DecodeBatch(self, capacity, max_rows)
+        return (kind or DecodeBatch)(self, capacity, max_rows)
 
     @torch.no_grad()
     def generate(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
@@ -2828,15 +2824,14 @@ class Engine:
         batch = self.batch(max(map(len, prompts)) + max_new_tokens, max_rows or len(streams))
         for stream in streams:
             batch.add(stream)
-        while batch.step():
+        while batch.step():  # a failure raises: a sample that failed is not a wrong answer
             pass
-        if failed := next((s.error for s in streams if s.error is not None), None):  # a server's failing stream ends
-            raise failed  # alone; here, as in RL and chat eval, a sample that failed is not a wrong answer
         return [[s.sample for s in streams[i * num_samples:(i + 1) * num_samples]] for i in range(len(prompts))]
 
 class DecodeBatch:
     """Streams decoding in the rows of one KV cache, a token each per step, driven by one thread. A stream takes a free
-    row with its prompt but the last token prefilled (in a one-row cache, once per run of streams sharing a prompt)."""
+    row with its prompt but the last token prefilled (in a one-row cache, once per run of streams sharing a prompt).
+    serve.py's subclass adds what a server needs: streams with their own Sampling, cancelled or failing alone."""
 
     def __init__(self, engine, capacity, max_rows):
         self.engine, self.capacity, self.max_rows, self.waiting = engine, capacity, max_rows, collections.deque()
@@ -2860,9 +2855,7 @@ class DecodeBatch:
             stream.on_done()
 
     def _arrange(self):
-        """Between steps: end cancelled streams, fill free rows (adding some, to max_rows, if streams wait), shrink."""
-        for stream in [s for s in [*self.slots, *self.waiting] if s is not None and s.cancelled]:
-            self._end(stream)
+        """Between steps: fill free rows (adding some, to max_rows, if streams wait), shrink."""
         rt, free = self.engine.rt, [row for row, s in enumerate(self.slots) if s is None]
         extra = min(len(self.waiting) - len(free), self.max_rows - len(self.slots))
         if extra > 0:
@@ -2900,32 +2893,15 @@ class DecodeBatch:
         if not self.slots:
             return False
         logits = self.engine._decode([[token] for token in self.feed], self.cache, self.engine.step)
-        live = [(row, s) for row, s in enumerate(self.slots) if s is not None]
-        greedy, groups = Sampling(temperature=0), {}  # greedy rows draw together, every other Sampling over its own
-        for row, s in live:
-            groups.setdefault(greedy if s.sampling.temperature < MIN_TEMPERATURE else s.sampling, []).append(row)
-        draw = lambda g, x: sample_next(x, g.generator, g.temperature, g.top_k, g.top_p, g.min_p)
-        tokens, failed = torch.zeros(len(self.slots), dtype=torch.long, device=logits.device), {}
-        for g, rows in groups.items():  # a failure ends the streams it touched, never their batch-mates
-            try:
-                if len(groups) == 1:  # one call over every row (free ones too: cheaper than gathering the live ones)
-                    tokens = draw(g, logits)
-                else:
-                    index = torch.tensor(rows, device=logits.device)
-                    tokens[index] = draw(g, logits[index])
-            except Exception as e:
-                failed.update((self.slots[row], e) for row in rows)
-        sampled = tokens.tolist()  # the step's one host sync
-        for row, s in ((row, s) for row, s in live if s not in failed):
-            try:
-                self._advance(row, s, sampled[row])
-            except Exception as e:  # e.g. a client's callback
-                failed[s] = e
-        for s, e in failed.items():
-            s.sample.stopped, s.error = None, e
-            if s in self.slots:
-                self._end(s)
+        sampled = self._draw(logits).tolist()  # the step's one host sync
+        for row, s in [(row, s) for row, s in enumerate(self.slots) if s is not None]:
+            self._advance(row, s, sampled[row])
         return True
+
+    def _draw(self, logits):
+        """(rows,) tokens: one call over every row (free ones too: cheaper than gathering the live ones)."""
+        g = next(s for s in self.slots if s is not None).sampling
+        return sample_next(logits, g.generator, g.temperature, g.top_k, g.top_p, g.min_p)
 
     def _advance(self, row, s, sampled):
         """Stream s (in `row`) takes its next token: forced, else `sampled`; its calculator call, stop or budget."""
@@ -3632,24 +3608,21 @@ def beside(name):
     return os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), name))
 
 def moved_phase(argv):
-    """A message on what replaced an old command's --phases serve/export/data/convert or generate's chat; or None."""
+    """The error for an old command: --phases serve, export, data or convert, or generate without --prompt (its chat)."""
     import shlex
-    for i, arg in enumerate(argv):
-        if arg == "--phases" and i + 1 < len(argv):
-            names, rest = argv[i + 1].split(","), argv[:i] + argv[i + 2:]
-        elif arg.startswith("--phases="):
-            names, rest = arg.split("=", 1)[1].split(","), argv[:i] + argv[i + 1:]
-        else:
-            continue
-        if "convert" in names:
-            return ("--phases convert is gone: checkpoints written before 2026-12-01 are not read (README: Checkpoints "
-                    "and the run directory)")
-        if "generate" in names and not any(a == "--prompt" or a.startswith("--prompt=") for a in argv):
-            return ("--phases generate samples --prompt TEXT; its chat on stdin moved beside the stack: "
-                    + shlex.join(["python", beside("chat_cli.py"), *rest]))
-        for name in (n for n in names if n in MOVED):
-            return (f"--phases {name} moved beside the stack (it imports it); run the other phases first, then: "
-                    + shlex.join(["python", beside(MOVED[name]), *rest]))
+    if (at := next((i for i, a in enumerate(argv) if a.split("=")[0] == "--phases"), None)) is None:
+        return None
+    n = 1 if "=" in argv[at] else 2  # --phases=a,b or --phases a,b
+    names, rest = " ".join(argv[at:at + n])[len("--phases "):].split(","), argv[:at] + argv[at + n:]
+    if "convert" in names:
+        return ("--phases convert is gone: checkpoints written before 2026-12-01 are not read (README: Checkpoints "
+                "and the run directory)")
+    if "generate" in names and not any(a.split("=")[0] == "--prompt" for a in argv):
+        return ("--phases generate samples --prompt TEXT; its chat on stdin moved beside the stack: "
+                + shlex.join(["python", beside("chat_cli.py"), *rest]))
+    if moved := [name for name in names if name in MOVED]:
+        return (f"--phases {moved[0]} moved beside the stack (it imports it); run the other phases first, then: "
+                + shlex.join(["python", beside(MOVED[moved[0]]), *rest]))
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)

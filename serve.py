@@ -5,7 +5,7 @@
 
 It takes the stack's flags (--preset, --data-dir, --run-dir, --init-from, --dtype, the sampling defaults
 --temperature, --top-k, --top-p, --min-p, --max-new-tokens, --decode-compile) and its own below (--help lists them).
-Each choice of each request is a Stream of the stack's continuous DecodeBatch, stepped by one thread: a request joins
+Each choice of each request is a ServedStream of a ServedBatch (the stack's DecodeBatch), stepped by one thread: it joins
 between decode steps and leaves when done; the HTTP side is asyncio (FastAPI + uvicorn). README: "Serve it".
 """
 import asyncio
@@ -382,10 +382,60 @@ def request_models(max_context, max_rows, vocab_size):
     return ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest
 
 
+@dataclasses.dataclass(eq=False)
+class ServedStream(ds.Stream):
+    """A choice of a request: a Stream that the HTTP side may cancel and whose failure is its own."""
+    cancelled: bool = False  # any thread may set it: the batch frees the row at its next step
+    error: Exception = None  # what ended it, if its step failed for it (sample.stopped is then None)
+
+
+class ServedBatch(ds.DecodeBatch):
+    """The stack's DecodeBatch for many clients: each request's streams draw with its own Sampling (greedy ones all
+    together), a cancelled stream leaves at the next step, and a failure (a sampler's, a callback's) ends the streams
+    it touched, never their batch-mates."""
+
+    def _arrange(self):
+        for stream in [s for s in [*self.slots, *self.waiting] if s is not None and s.cancelled]:
+            self._end(stream)
+        super()._arrange()
+
+    def step(self):
+        self.failed = {}  # stream -> the exception that ended it this step
+        busy = super().step()
+        for s, e in self.failed.items():
+            s.sample.stopped, s.error = None, e
+            if s in self.slots:
+                self._end(s)
+        return busy
+
+    def _draw(self, logits):
+        greedy, groups = ds.Sampling(temperature=0), {}  # greedy rows draw together, every other Sampling its own
+        for row, s in enumerate(self.slots):
+            if s is not None:
+                groups.setdefault(greedy if s.sampling.temperature < ds.MIN_TEMPERATURE else s.sampling, []).append(row)
+        if len(groups) == 1:
+            groups = {next(iter(groups)): list(range(len(self.slots)))}  # one call over every row, as the stack's
+        tokens = torch.zeros(len(self.slots), dtype=torch.long, device=logits.device)
+        for g, rows in groups.items():
+            index = torch.tensor(rows, device=logits.device)
+            try:
+                tokens[index] = ds.sample_next(logits[index], g.generator, g.temperature, g.top_k, g.top_p, g.min_p)
+            except Exception as e:
+                self.failed.update((self.slots[row], e) for row in rows if self.slots[row] is not None)
+        return tokens
+
+    def _advance(self, row, s, sampled):
+        if s not in self.failed:
+            try:
+                super()._advance(row, s, sampled)
+            except Exception as e:  # e.g. a client's callback
+                self.failed[s] = e
+
+
 class Server:
     """The OpenAI-compatible server of one Engine: POST /v1/chat/completions, POST /v1/completions (text in, text
     out: for base models), GET /v1/models, GET /health, the chat page at /. Each of a request's n choices is a
-    Stream of the engine's DecodeBatch, stepped by one thread; the choices of a request draw from one generator
+    ServedStream of the engine's ServedBatch, stepped by one thread; the choices of a request draw from one generator
     (its seed), so a request's tokens do not depend on the others in the batch. At most max_rows choices decode at
     once and max_queue more wait; beyond that a request gets 429. A request that runs past `timeout` seconds, or
     whose client disconnects, is cancelled (its rows freed at the next step). Omitted sampling fields take
@@ -396,7 +446,7 @@ class Server:
         self.engine, self.tokenizer, self.model_name, self.chat = engine, tokenizer, model_name, chat
         self.max_context, self.max_rows, self.max_queue, self.timeout = max_context, max_rows, max_queue, timeout
         self.defaults = {**dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=256), **(defaults or {})}
-        self.batch = engine.batch(max_context, max_rows)
+        self.batch = engine.batch(max_context, max_rows, ServedBatch)
         self.inbox = queue.Queue()  # Streams from the HTTP side, added to the batch by its thread
         self.outbox, self.http_loop = [], None  # (asyncio queue, item) from the decode thread, delivered per step
         self.lock, self.in_flight = threading.Lock(), 0  # choices accepted and not yet done
@@ -433,7 +483,7 @@ class Server:
                 self.failures += 1
                 print(f"serve: a decode step failed ({type(e).__name__}: {e}); its requests get a 500", flush=True)
                 streams = [s for s in self.batch.slots if s is not None] + list(self.batch.waiting)
-                self.batch = self.engine.batch(self.max_context, self.max_rows)
+                self.batch = self.engine.batch(self.max_context, self.max_rows, ServedBatch)
                 for s in streams:
                     s.sample.stopped, s.cancelled = None, True  # None: failed
                     s.on_done()
@@ -525,7 +575,7 @@ class Server:
                           "500, the rest of the batch decodes on", flush=True)
                 self.outbox.append((out, (j, None)))
 
-            streams.append(ds.Stream(prompt, sampling, p["max_tokens"], on_token, on_done))
+            streams.append(ServedStream(prompt, sampling, p["max_tokens"], on_token, on_done))
         for s in streams:
             self.inbox.put(s)
         return streams, out

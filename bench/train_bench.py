@@ -1,7 +1,7 @@
 """CPU training speed of the `cpu` preset (eager and compiled) and its sample efficiency against the plain GPT-2 +
 AdamW baseline (models/gpt2-adamw) trained on the same data and tokens; with --profile, where a step's time goes.
 
-    python bench/train_bench.py --data-dir runs/data [--skip-runs] [--profile]
+    python bench/train_bench.py --data-dir runs/data [--skip-runs] [--profile] [--compile-runs]
 
 --profile, eager, per stage of the cpu preset (each 50 of its 150 steps), on the stage's first batches, the variants'
 steps taken in turn:
@@ -11,6 +11,10 @@ steps taken in turn:
   by their flags, the bigram hash and smear by edits of a copy (REMOVED);
 - torch.profiler over the first stage's steps: the ops taking the most self CPU time, and the share of matrix
   products (compute) against everything else (elementwise ops, copies, casts, dispatch: overhead at this size).
+--compile-runs: the cpu preset's whole pretraining three times: eager, compiled with an empty compile cache (cold:
+TORCHINDUCTOR_CACHE_DIR a new folder) and compiled again with that cache (warm: inductor's FX graph and AOTAutograd
+caches, which every run uses at its default place, ~/.cache or /tmp/torchinductor_USER); each run's compile seconds
+(pt_compile_time_s, the warm-up before the timed loop), training seconds, tok/s and val bpb: whether compiling pays.
 Prints one table per part and a last summary line. Timings vary +-30% on shared machines: run it alone.
 """
 import argparse
@@ -183,13 +187,33 @@ def profile_report(stack, data_dir, flags=(), steps=4, warmup=2):
             f"matmuls {matmul:.0%} of op time")
 
 
-def run(cmd, run_dir):
+def run(cmd, run_dir, env=None):
     t0 = time.time()
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if result.returncode:
         sys.exit(f"error: {' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
     metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
     return metrics, time.time() - t0
+
+
+def compile_runs(data_dir, flags=()):
+    """(table lines, summary) of the cpu preset's pretraining eager, compiled cold and compiled warm (see above);
+    flags: more of the stack's (the tests' tiny model)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "inductor")}
+        for name, flag in (("eager", "--no-compile"), ("compiled, cold cache", "--compile"),
+                           ("compiled, warm cache", "--compile")):
+            run_dir = os.path.join(tmp, name.replace(" ", "_").replace(",", ""))
+            m, wall = run([sys.executable, STACK, "--preset", "cpu", "--data-dir", data_dir, "--run-dir", run_dir,
+                           "--wandb", "disabled", *flags, flag], run_dir, env)
+            rows.append((name, m["pt_compile_time_s"], m["pt_train_time_s"], m["tok_per_s"], m["val_bpb"], wall))
+    lines = [f"{'cpu preset pretraining':<22} {'compile s':>9} {'train s':>8} {'sum s':>7} {'tok/s':>7} {'val bpb':>8} {'wall s':>7}"]
+    lines += [f"{n:<22} {c:>9.1f} {t:>8.1f} {c + t:>7.1f} {tps:>7,.0f} {bpb:>8.4f} {w:>7.0f}" for n, c, t, tps, bpb, w in rows]
+    (_, _, eager, _, _, _), (_, cold, cold_t, _, _, _), (_, warm, warm_t, _, _, _) = rows
+    summary = (f"compiling costs {cold:.0f} s cold, {warm:.0f} s warm and saves {eager - warm_t:.0f} s of training: "
+               f"{(cold + cold_t) / eager:.2f}x eager's time cold, {(warm + warm_t) / eager:.2f}x warm")
+    return lines, summary
 
 
 def main():
@@ -198,6 +222,7 @@ def main():
     parser.add_argument("--skip-runs", action="store_true", help="only measure speed, skip the two training runs")
     parser.add_argument("--profile", action="store_true", help="where a step's time goes (see above)")
     parser.add_argument("--profile-steps", type=int, default=6, help="timed steps per variant and stage (after 2 more)")
+    parser.add_argument("--compile-runs", action="store_true", help="the whole pretraining eager, compiled cold and warm")
     args = parser.parse_args()
     stack = load_stack()
     eager, compiled = training_speed(stack, args.data_dir, False), training_speed(stack, args.data_dir, True)
@@ -207,6 +232,10 @@ def main():
     summary = f"summary: cpu preset {eager:,.0f} tok/s eager, {compiled:,.0f} tok/s compiled"
     if args.profile:
         summary += "; " + profile_report(stack, args.data_dir, steps=args.profile_steps)
+    if args.compile_runs:
+        lines, part = compile_runs(args.data_dir)
+        print("\n" + "\n".join(lines))
+        summary += "; " + part
     if not args.skip_runs:
         with tempfile.TemporaryDirectory() as tmp:
             ours_dir, base_dir = os.path.join(tmp, "ours"), os.path.join(tmp, "gpt2")

@@ -42,7 +42,7 @@ def check(cfg, log=print, show=None):
     log(f"pretraining data: vocab {data.vocab_size}, bos {data.bos_id}; {data.origin}")
     for split, paths in (("val", data.val), ("train", data.train)):
         if ours:
-            ds.pretrain_shards(directory, data.tokenizer, split, check_sha256=True)
+            check_sha256(directory, data.tokenizer, split)
         n = sum(len(ds.read_token_file(p, data.vocab_size)) for p in paths)
         log(f"pretrain/{split}: {len(paths)} shards, {n:,} tokens")
     if data.val_sources:
@@ -65,6 +65,17 @@ def check(cfg, log=print, show=None):
         chat = ds.load_chat_eval(directory, tokenizer, name)
         log(f"{name}: " + ", ".join(f"{t['name']} {t['n_examples']}" for t in chat.tasks))
     log(f"data directory {directory} is complete and consistent ({time.time() - t0:.1f}s)")
+
+
+def check_sha256(data_dir, tokenizer, split):
+    """The stack's pretrain_shards (every header), then every byte of them against the manifest's sha256."""
+    paths, where = ds.pretrain_shards(data_dir, tokenizer, split), os.path.join(data_dir, "pretrain", "manifest.json")
+    recorded = {s["file"]: s.get("sha256") for s in ds.read_json(where)["shards"]}
+    for path in paths:
+        if (digest := ds.sha256_file(path)) != recorded[os.path.basename(path)]:
+            raise ds.DataFormatError(f"{path}: sha256 {digest[:12]}... differs from the "
+                                     f"{str(recorded[os.path.basename(path)])[:12]}... in {where} (a damaged or replaced shard)")
+    return paths
 
 
 def document_lengths(tokens, bos_id):

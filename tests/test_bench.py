@@ -106,3 +106,21 @@ def test_train_bench_profile_times_each_extra_removed_for_real(tiny_data, tmp_pa
     assert ops[0].startswith("torch.profiler, stage 1") and all(line.startswith("aten::") for line in ops[1:-1])
     assert re.match(r"matrix products: \d+% of the aten ops' self time; [\d,]+ aten op calls per step$", ops[-1])
     assert summary.startswith("eager step ") and "bigram hash" in summary and "smear" in summary
+
+
+@pytest.mark.slow
+def test_train_bench_compile_runs_time_eager_cold_and_warm(tiny_data):
+    """Three whole pretraining runs: eager compiles nothing; compiled ones report their warm-up; the warm run reuses the
+    cold one's compiled code, so both give the same val bpb to the last digit; eager's differs a little (a step's loss
+    and gradients agree to ~1e-7 relative, which eight steps of NorMuon grow to ~0.005 bpb here)."""
+    from conftest import TINY_ARGS, load_module
+    bench = load_module(os.path.join(ROOT, "bench", "train_bench.py"), "train_bench")
+    lines, summary = bench.compile_runs(str(tiny_data), [a for a in TINY_ARGS if a not in ("--preset", "cpu")])
+    rows = {line[:22].strip(): line[22:].split() for line in lines[1:]}
+    assert list(rows) == ["eager", "compiled, cold cache", "compiled, warm cache"]
+    compile_s, bpb = ({name: float(cells[i].replace(",", "")) for name, cells in rows.items()} for i in (0, 4))
+    assert compile_s["eager"] == 0 and compile_s["compiled, cold cache"] > 0 and compile_s["compiled, warm cache"] > 0
+    assert bpb["compiled, cold cache"] == bpb["compiled, warm cache"]
+    assert abs(bpb["eager"] - bpb["compiled, cold cache"]) < 0.02
+    assert re.match(r"compiling costs \d+ s cold, \d+ s warm and saves -?\d+ s of training: [\d.]+x eager's time cold, "
+                    r"[\d.]+x warm$", summary)

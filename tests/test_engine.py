@@ -431,45 +431,6 @@ def test_compiled_flash_decoding_reads_the_cache_with_one_split(stack, monkeypat
         torch.compile(zero_splits, fullgraph=True)(q, cache, cache, torch.tensor([1], dtype=torch.int32))
 
 
-def test_a_stream_that_fails_ends_alone(stack, tok, monkeypatch):
-    """Eight streams decoding together beside two that fail inside the shared step (one's sampler raises, the other's
-    callback): the two end, failed (stopped None, the error kept), and the eight get the tokens each gets alone."""
-    model = make_model(stack)
-    engine = stack.Engine(model, tok, [4, 9, 3, 40], cpu_rt(stack))
-    engine.stops = set()
-    poison = torch.Generator().manual_seed(99)
-    real = stack.sample_next
-
-    def sample_next(logits, generator, *args, **kw):
-        if generator is poison:
-            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-        return real(logits, generator, *args, **kw)
-
-    monkeypatch.setattr(stack, "sample_next", sample_next)
-    prompts = [[1, 2, 3 + i] for i in range(8)]
-    streams = [stack.Stream(p, stack.Sampling(1.0, 20, generator=torch.Generator().manual_seed(i)), 10)
-               for i, p in enumerate(prompts)]
-    poisoned = stack.Stream([1, 2], stack.Sampling(1.0, generator=poison), 10)
-
-    def callback(token):
-        raise ValueError("a client's callback")
-
-    raising = stack.Stream([1, 3], stack.Sampling(temperature=0), 10, on_token=callback)
-    batch = engine.batch(20, 10)
-    for s in streams[:4] + [poisoned, raising] + streams[4:]:
-        batch.add(s)
-    while batch.step():
-        pass
-    assert poisoned.sample.stopped is None and "inf, nan" in str(poisoned.error) and poisoned.sample.tokens == []
-    assert raising.sample.stopped is None and isinstance(raising.error, ValueError) and len(raising.sample.tokens) == 1
-    for i, s in enumerate(streams):
-        alone = engine.generate([prompts[i]], 1, 10, temperature=1.0, top_k=20, seed=i)[0][0]
-        assert s.error is None and s.sample.tokens == alone.tokens and len(alone.tokens) == 10
-    # generate (RL, chat eval, the terminal chat) has no one to hand a failed sample to: the failure is its error
-    with pytest.raises(ValueError, match="a client's callback"):
-        engine.generate([prompts[0], prompts[1]], 1, 10, temperature=0, on_token=lambda s, t: callback(t) if s else None)
-
-
 def test_each_sample_draws_its_own_tokens_and_seeds_repeat(stack, tok):
     model = make_model(stack)
     engine = stack.Engine(model, tok, [None] * 4, cpu_rt(stack))

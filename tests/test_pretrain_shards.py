@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import check as data_check  # data/check.py
 import prepare
 import pretrain_shards
 import tokenizer
@@ -507,7 +508,7 @@ def test_data_check_compares_every_shard_with_its_sha256(stack, prepared):
     assert stack.pretrain_shards(str(prepared), tok, "val") == [str(path)]
     with pytest.raises(stack.DataFormatError, match=f"{path}: sha256 [0-9a-f]{{12}}\\.\\.\\. differs from the "
                                                     f"{shard['sha256'][:12]}\\.\\.\\. in .*manifest.json"):
-        stack.pretrain_shards(str(prepared), tok, "val", check_sha256=True)
+        data_check.check_sha256(str(prepared), tok, "val")
     result = subprocess.run([sys.executable, os.path.join(ROOT, "data", "check.py"), f"--data-dir={prepared}"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(f"error: {path}: sha256 ")

@@ -180,6 +180,43 @@ def test_calculator_calls_reach_clients_in_gsm8k_notation(stack, serve, tok, mon
     assert again[len(prompt):len(prompt) + len(script)] == script
 
 
+def test_a_stream_that_fails_ends_alone(stack, tok, model, monkeypatch):
+    """Eight streams decoding together beside two that fail inside the shared step (one's sampler raises, the other's
+    callback): the two end, failed (stopped None, the error kept), and the eight get the tokens each gets alone."""
+    engine = make_engine(stack, model, tok)
+    poison = torch.Generator().manual_seed(99)
+    real = stack.sample_next
+
+    def sample_next(logits, generator, *args, **kw):
+        if generator is poison:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, generator, *args, **kw)
+
+    monkeypatch.setattr(stack, "sample_next", sample_next)
+    prompts = [[1, 2, 3 + i] for i in range(8)]
+    streams = [serving.ServedStream(p, stack.Sampling(1.0, 20, generator=torch.Generator().manual_seed(i)), 10)
+               for i, p in enumerate(prompts)]
+    poisoned = serving.ServedStream([1, 2], stack.Sampling(1.0, generator=poison), 10)
+
+    def callback(token):
+        raise ValueError("a client's callback")
+
+    raising = serving.ServedStream([1, 3], stack.Sampling(temperature=0), 10, on_token=callback)
+    batch = engine.batch(20, 10, serving.ServedBatch)
+    for s in streams[:4] + [poisoned, raising] + streams[4:]:
+        batch.add(s)
+    while batch.step():
+        pass
+    assert poisoned.sample.stopped is None and "inf, nan" in str(poisoned.error) and poisoned.sample.tokens == []
+    assert raising.sample.stopped is None and isinstance(raising.error, ValueError) and len(raising.sample.tokens) == 1
+    for i, s in enumerate(streams):
+        alone = engine.generate([prompts[i]], 1, 10, temperature=1.0, top_k=20, seed=i)[0][0]
+        assert s.error is None and s.sample.tokens == alone.tokens and len(alone.tokens) == 10
+    # generate (RL, chat eval, the terminal chat) has no one to hand a failed sample to: the failure is its error
+    with pytest.raises(ValueError, match="a client's callback"):
+        engine.generate([prompts[0], prompts[1]], 1, 10, temperature=0, on_token=lambda s, t: callback(t) if s else None)
+
+
 def test_models_health_and_page(serve):
     url, _, _ = serve()
     models = httpx.get(f"{url}/v1/models").json()
