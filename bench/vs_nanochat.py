@@ -439,22 +439,34 @@ def run_ours(args, work, progress):
     return out
 
 
+def preset_steps(steps):
+    """The steps the cpu preset takes for --train-tokens steps x 4,096: each stage rescaled and rounded (47 -> 48)."""
+    from load_stack import load_stack
+    stack = load_stack()
+    return stack.total_steps(stack.scaled_stages(stack.parse_config(["--preset", "cpu", "--train-tokens",
+                                                                     str(steps * STEP_TOKENS)])))
+
+
 def time_to_target(args, work, ours, target, progress):
     """Our steps and seconds to nanochat's final val bpb: steps_to_target over fresh cpu-preset runs, each scoring every
-    val token at its end, the run of --steps steps (ours) reused; each run's time is pretrain_seconds'."""
-    seconds = {args.steps: ours["train_s"]}
+    val token at its end, the run of --steps steps (ours) reused, a count that the preset rounds to one already run
+    not run again; each run's time is pretrain_seconds', its steps those it took."""
+    done = {preset_steps(args.steps): (ours["val_bpb"], ours["train_s"])}  # steps taken -> (val bpb, seconds)
 
     def bpb_at(steps):
-        m = ours_pretrain(args, os.path.join(work, f"ours_{steps}_steps"), os.path.join(work, f"ours_pt_{steps}.log"), steps)
-        seconds[steps] = pretrain_seconds(m)
-        progress(f"ours: {steps} steps: val bpb {m['val_bpb']:.4f} in {seconds[steps]:.1f} s (nanochat's: {target:.4f})")
-        return m["val_bpb"]
+        taken = preset_steps(steps)
+        if taken not in done:
+            m = ours_pretrain(args, os.path.join(work, f"ours_{taken}_steps"), os.path.join(work, f"ours_pt_{taken}.log"),
+                              steps)
+            done[taken] = m["val_bpb"], pretrain_seconds(m)
+            progress(f"ours: {taken} steps: val bpb {m['val_bpb']:.4f} in {done[taken][1]:.1f} s (nanochat's: {target:.4f})")
+        return done[taken][0]
 
     steps, runs = steps_to_target(bpb_at, target, args.steps, {args.steps: ours["val_bpb"]})
     if steps is None:
         progress(f"ours: {args.steps} steps end at val bpb {ours['val_bpb']:.4f}, above nanochat's {target:.4f}")
         return {}
-    return {"target_steps": steps, "target_s": seconds[steps], "target_runs": len(runs)}
+    return {"target_steps": preset_steps(steps), "target_s": done[preset_steps(steps)][1], "target_runs": len(done)}
 
 
 def run_nanochat(args, work, facts, progress):

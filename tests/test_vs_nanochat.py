@@ -106,6 +106,26 @@ def test_steps_to_target_when_the_longest_run_misses_or_the_shortest_passes(benc
     assert steps == 3 and sorted(runs) == [3, 9, 37, 150]  # quartered down to min_steps, all passing
 
 
+def test_time_to_target_runs_each_step_count_the_preset_takes_once(bench, tmp_path, monkeypatch):
+    """The cpu preset rescales each of its three stages and rounds: 47 and 49 steps both take 48. Those are one run, and
+    the row says 48 with that run's seconds."""
+    assert [bench.preset_steps(n) for n in (47, 48, 49, 150)] == [48, 48, 48, 150]
+    runs = []
+
+    def ours_pretrain(args, run_dir, log_path, steps):
+        taken = bench.preset_steps(steps)
+        runs.append(taken)
+        return {"val_bpb": log_law(taken), "pt_train_time_s": taken / 2, "pt_compile_time_s": 0.0}
+
+    monkeypatch.setattr(bench, "ours_pretrain", ours_pretrain)
+    args = bench.argparse.Namespace(steps=150)
+    ours = {"val_bpb": log_law(150), "train_s": 75.0}
+    out = bench.time_to_target(args, str(tmp_path), ours, 3.22, lambda msg: None)
+    assert len(runs) == len(set(runs)) and 150 not in runs
+    assert out["target_steps"] == bench.preset_steps(out["target_steps"]) and log_law(out["target_steps"]) <= 3.22
+    assert out["target_s"] == out["target_steps"] / 2 and out["target_runs"] == len(runs) + 1
+
+
 def test_steps_to_target_ends_on_noisy_results(bench):
     noisy = lambda s: log_law(s) + (0.03 if s % 2 else -0.03)  # seeds' spread: not monotone
     steps, runs = bench.steps_to_target(noisy, 3.1, 150)
