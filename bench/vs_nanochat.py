@@ -37,8 +37,9 @@ shortens its schedule), ends at or below nanochat's final val bpb, found by fres
 steps) against nanochat's time for its --steps steps. Both times count every step with its compile, and no evaluation:
 ours is the run's pt_train_time_s + pt_compile_time_s (the cpu preset runs eager: no compile), nanochat's the sum of
 base_train's per-step dt, the first steps' compile included (its own "Total training time" leaves out steps 0-10).
-About 15 minutes on 2 cores with the defaults (the cpu preset's 150 + 40 steps), plus 3-7 more of our shorter
-pretraining runs for the time to target (not yet timed). Timings vary +-30% on shared machines: run it alone; the log warns when other processes took CPU time during a
+About 31 minutes on 2 cores with the defaults (2026-12-06): 15 for the table (the cpu preset's 150 + 40 steps), 15
+for the time to target's 4-7 shorter pretraining runs (each ~2 minutes with its full val evaluation).
+Timings vary +-30% on shared machines: run it alone; the log warns when other processes took CPU time during a
 part, and the table's first line says how much in all.
 """
 import argparse
