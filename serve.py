@@ -413,15 +413,13 @@ class ServedBatch(ds.DecodeBatch):
         for row, s in enumerate(self.slots):
             if s is not None:
                 groups.setdefault(greedy if s.sampling.temperature < ds.MIN_TEMPERATURE else s.sampling, []).append(row)
-        if len(groups) == 1:
-            groups = {next(iter(groups)): list(range(len(self.slots)))}  # one call over every row, as the stack's
         tokens = torch.zeros(len(self.slots), dtype=torch.long, device=logits.device)
-        for g, rows in groups.items():
-            index = torch.tensor(rows, device=logits.device)
+        for g, rows in groups.items():  # one group: every row in one call, free ones too, as the stack's draw
+            index = slice(None) if len(groups) == 1 else torch.tensor(rows, device=logits.device)
             try:
                 tokens[index] = ds.sample_next(logits[index], g.generator, g.temperature, g.top_k, g.top_p, g.min_p)
             except Exception as e:
-                self.failed.update((self.slots[row], e) for row in rows if self.slots[row] is not None)
+                self.failed.update((self.slots[row], e) for row in rows)
         return tokens
 
     def _advance(self, row, s, sampled):

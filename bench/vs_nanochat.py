@@ -38,7 +38,7 @@ steps) against nanochat's time for its --steps steps. Both times count every ste
 ours is the run's pt_train_time_s + pt_compile_time_s (the cpu preset runs eager: no compile), nanochat's the sum of
 base_train's per-step dt, the first steps' compile included (its own "Total training time" leaves out steps 0-10).
 About 31 minutes on 2 cores with the defaults (2026-12-06): 15 for the table (the cpu preset's 150 + 40 steps), 15
-for the time to target's 4-7 shorter pretraining runs (each ~2 minutes with its full val evaluation).
+for the time to target's ~5 shorter pretraining runs (each ~2 minutes with its full val evaluation).
 Timings vary +-30% on shared machines: run it alone; the log warns when other processes took CPU time during a
 part, and the table's first line says how much in all.
 """
@@ -550,7 +550,7 @@ def parse_args(argv=None):
     parser.add_argument("--decode-compile", action=argparse.BooleanOptionalAction, default=True,
                         help="our engine with compiled decode steps (the stack's --decode-compile); nanochat's has none")
     parser.add_argument("--time-to-target", action=argparse.BooleanOptionalAction, default=True,
-                        help="after both sides: our fewest steps (and seconds) to nanochat's final val bpb (3-7 more runs)")
+                        help="after both sides: our fewest steps (and seconds) to nanochat's final val bpb (~5 more runs)")
     parser.add_argument("--repeats", type=int, default=3, help="decoding runs per batch size; the fastest counts (shared machines)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on both sides")
     parser.add_argument("--out", help="keep the runs and logs here (default: a temporary directory, removed)")

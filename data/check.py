@@ -72,9 +72,10 @@ def check_sha256(data_dir, tokenizer, split):
     paths, where = ds.pretrain_shards(data_dir, tokenizer, split), os.path.join(data_dir, "pretrain", "manifest.json")
     recorded = {s["file"]: s.get("sha256") for s in ds.read_json(where)["shards"]}
     for path in paths:
-        if (digest := ds.sha256_file(path)) != recorded[os.path.basename(path)]:
-            raise ds.DataFormatError(f"{path}: sha256 {digest[:12]}... differs from the "
-                                     f"{str(recorded[os.path.basename(path)])[:12]}... in {where} (a damaged or replaced shard)")
+        want, digest = recorded[os.path.basename(path)], ds.sha256_file(path)
+        if digest != want:
+            raise ds.DataFormatError(f"{path}: sha256 {digest[:12]}... differs from the {str(want)[:12]}... in {where} "
+                                     "(a damaged or replaced shard)")
     return paths
 
 
