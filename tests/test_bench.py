@@ -111,8 +111,9 @@ def test_train_bench_profile_times_each_extra_removed_for_real(tiny_data, tmp_pa
 @pytest.mark.slow
 def test_train_bench_compile_runs_time_eager_cold_and_warm(tiny_data):
     """Three whole pretraining runs: eager compiles nothing; compiled ones report their warm-up; the warm run reuses the
-    cold one's compiled code (their bpb agree closely: 2.8851 / 2.8850 for the cpu preset, 2026-12-06); eager's differs a
-    little (a step's loss and gradients agree to ~1e-7 relative, which eight steps of NorMuon grow to ~0.005 bpb here)."""
+    cold one's compiled code (their bpb agree closely: 2.8851 / 2.8850 for the cpu preset, 2026-12-06). How compiled
+    training compares with eager is test_pretrain's (a step's loss and gradients; a whole run's losses): eight steps
+    grow a 1e-7 difference to 0.005-0.02 bpb here, depending on the machine."""
     from conftest import TINY_ARGS, load_module
     bench = load_module(os.path.join(ROOT, "bench", "train_bench.py"), "train_bench")
     lines, summary = bench.compile_runs(str(tiny_data), [a for a in TINY_ARGS if a not in ("--preset", "cpu")])
@@ -121,6 +122,5 @@ def test_train_bench_compile_runs_time_eager_cold_and_warm(tiny_data):
     compile_s, bpb = ({name: float(cells[i].replace(",", "")) for name, cells in rows.items()} for i in (0, 4))
     assert compile_s["eager"] == 0 and compile_s["compiled, cold cache"] > 0 and compile_s["compiled, warm cache"] > 0
     assert abs(bpb["compiled, cold cache"] - bpb["compiled, warm cache"]) < 1e-3
-    assert abs(bpb["eager"] - bpb["compiled, cold cache"]) < 0.02
     assert re.match(r"compiling costs \d+ s cold, \d+ s warm and saves -?\d+ s of training: [\d.]+x eager's time cold, "
                     r"[\d.]+x warm$", summary)
