@@ -2,15 +2,13 @@
 fine-tunes it for chat (SFT), evaluates the chat model, improves it on GSM8K (RL) and generates with a KV cache. Data
 is prepared by the scripts in data/ (data/README.md).
 
-Run:
+Run (--help lists every flag and the phases; README has the rest):
     8xH100 record:  torchrun --nproc_per_node=8 decoderstack_small_pt-eval-sft.py --preset h100x8 --data-dir DIR
-    one GPU:        python decoderstack_small_pt-eval-sft.py --preset gpu1 --data-dir DIR
-    Colab:          python decoderstack_small_pt-eval-sft.py --preset colab --data-dir DIR
-    CPU:            python decoderstack_small_pt-eval-sft.py --preset cpu --data-dir DIR --phases pt,eval,sft,chat,rl
-    modded-nanogpt's FineWeb shards (GPT-2 ids; its val loss rule, to compare with its 3.28 target):
-        torchrun --nproc_per_node=8 decoderstack_small_pt-eval-sft.py --preset h100x8 --data-dir data/fineweb10B \\
-            --vocab-size 50257 --bos-id 50256 --val-final-tokens 10485760
-Any setting: --name=value (--flag / --no-flag for booleans, JSON for tuples); --help lists them all and the phases.
+    one GPU, Colab, CPU:  python decoderstack_small_pt-eval-sft.py --preset gpu1|colab|cpu --data-dir DIR \\
+                              --phases pt,eval,sft,chat,rl
+    modded-nanogpt's FineWeb (GPT-2 ids), converted once: python data/llmc.py --src data/fineweb10B --tokenizer gpt2;
+        then --data-dir data/fineweb10B --val-final-tokens 10485760 (its val loss's tokens)
+Any setting: --name=value (--flag / --no-flag for booleans, JSON for tuples).
 
 Contents, in the order data flows; each phase's loop comes right after its parts
     1. Settings: the schedule's stages, Config and its groups, presets, flags   9. Pretraining: schedule, loss, phase_pt
@@ -144,9 +142,9 @@ class SampleConfig:
 class Config:
     # run
     preset: str = "h100x8"          # defaults for a machine: h100x8 | gpu1 | colab | cpu (PRESETS)
-    data_dir: str = "runs/data"     # written by data/prepare.py, or a folder of llm.c shards (PretrainData)
-    vocab_size: int = 0             # 0: from the data; llm.c shards record none (modded's FineWeb: 50257, BOS 50256)
-    bos_id: int = -1                # -1: from the data
+    data_dir: str = "runs/data"     # written by data/prepare.py (or data/llmc.py: llm.c shards, modded's FineWeb)
+    vocab_size: int = 0             # 0: the data's tokenizer's; else checked against it
+    bos_id: int = -1                # -1: the data's tokenizer's; else checked against it
     run_dir: str = "runs/h100x8"    # checkpoints, log.txt, metrics.json, curves.jsonl
     phases: str = "pt"              # comma-separated, run in order (the list below)
     seed: int = 0                   # weights, data order, sampling
@@ -193,7 +191,7 @@ class Config:
     val_tokens: int = 10_485_760     # val targets per evaluation during training, spread over the whole val stream;
                                      # the last step's (and --phases eval's) scores every val token once
     val_final_tokens: int = 0        # N: the last evaluation scores the first N val tokens instead (modded-nanogpt's
-                                     # rule: 10,485,760 of its FineWeb val shard, for its 3.28 val loss)
+                                     # rule: 10,485,760 of its FineWeb val shard)
     checkpoint_every: int = 0        # steps between checkpoints (0: only at the end); pt, sft and rl
     keep_checkpoints: int = 2        # the newest N checkpoints of each phase are kept
     # evaluation of a trained model
@@ -1465,7 +1463,6 @@ class Tokenizer:
     """The tokenizer written by data/tokenizer.py: tiktoken ranks in base64 text, JSON metadata, byte counts."""
 
     def __init__(self, tok_dir):
-        import regex
         import tiktoken
         meta_path, bpe_path = os.path.join(tok_dir, "tokenizer.json"), os.path.join(tok_dir, "tokenizer.tiktoken")
         meta = read_json(meta_path)
@@ -1478,10 +1475,6 @@ class Tokenizer:
                 and "<|bos|>" in specials):
             raise DataFormatError(f"{meta_path}: needs 'pattern' (text), 'vocab_size' (int) and 'special_tokens' "
                                   "({name: id}, <|bos|> among them)")
-        try:
-            regex.compile(meta["pattern"])
-        except regex.error as e:
-            raise DataFormatError(f"{meta_path}: 'pattern' is not a valid regular expression ({e})") from None
         ranks, raw = {}, read_bytes(bpe_path)
         lines = raw.splitlines()
         for lineno, line in enumerate(lines, 1):
@@ -1495,7 +1488,10 @@ class Tokenizer:
             raise DataFormatError(f"{bpe_path}: tokens and ranks must be unique and, with the special tokens of "
                                   "tokenizer.json after them, number 0, 1, 2, ... without gaps")
         self.special_tokens, self.pattern = specials, meta["pattern"]  # the pattern: for export (hf_tokenizer_json)
-        self.enc = tiktoken.Encoding("decoderstack", pat_str=meta["pattern"], mergeable_ranks=ranks, special_tokens=specials)
+        try:  # tiktoken compiles the pattern
+            self.enc = tiktoken.Encoding("decoderstack", pat_str=meta["pattern"], mergeable_ranks=ranks, special_tokens=specials)
+        except ValueError as e:
+            raise DataFormatError(f"{meta_path}: 'pattern' is not a valid regular expression ({e})") from None
         self.vocab_size, self.bos_id = self.enc.n_vocab, specials["<|bos|>"]
         if self.vocab_size != meta["vocab_size"]:
             raise DataFormatError(f"{meta_path}: vocab_size {meta['vocab_size']}, but the files define {self.vocab_size} tokens")
@@ -1562,13 +1558,11 @@ def read_token_file(path, vocab_size, check_ids=True):
         raise DataFormatError(f"{path}: bad magic {magic} (expected {TOKEN_FILE_MAGIC}): not a DecoderStack token file")
     if version != TOKEN_FILE_VERSION:
         raise DataFormatError(f"{path}: token file version {version}, this reader knows {TOKEN_FILE_VERSION}")
-    if (width, file_vocab, file_bos) == (0, 0, 0):  # llm.c's header (modded-nanogpt, the seed): uint16, no vocab
-        width = 2
-        if vocab_size > 65536:
-            raise DataFormatError(f"{path}: an llm.c shard holds uint16 ids, which cannot reach vocab_size {vocab_size}")
-    elif width not in (2, 4) or width != (2 if file_vocab <= 65536 else 4):
+    if (width, file_vocab, file_bos) == (0, 0, 0):  # llm.c's header (data/llmc.py links such shards): uint16 ids
+        width, file_vocab = 2, vocab_size
+    if width not in (2, 4) or width != (2 if file_vocab <= 65536 else 4):
         raise DataFormatError(f"{path}: {width} bytes per token does not fit vocab_size {file_vocab}")
-    elif file_vocab != vocab_size:
+    if file_vocab != vocab_size:
         raise DataFormatError(f"{path}: written for vocab_size {file_vocab}, but the tokenizer has {vocab_size}")
     if size != HEADER_INTS * 4 + n_tokens * width:
         raise DataFormatError(f"{path}: header says {n_tokens} tokens ({HEADER_INTS * 4 + n_tokens * width} bytes), file has {size} bytes (truncated?)")
@@ -1624,22 +1618,15 @@ def pretrain_shards(data_dir, tokenizer, split):
             raise DataFormatError(f"{path}: {n} tokens, but {where} says {s['n_tokens']}")
     return [os.path.join(directory, s["file"]) for s in picked]
 
-# -- the pretraining data of --data-dir: ours (pretrain/manifest.json, tokenizer/ beside it), or llm.c shards (no vocab
-# or BOS in their headers) as published: modded-nanogpt's FineWeb (fineweb_*.bin), the seed's climbmix_32k_8_170.
-
-LLMC_SHARD = re.compile(r"(?:^|_)(train|val)_\d+\.bin$")
-GPT2_VOCAB, GPT2_EOT = 50257, 50256  # modded-nanogpt's FineWeb shards: GPT-2 ids, <|endoftext|> before each document
-
 @dataclasses.dataclass
 class PretrainData:
     train: list               # shard paths, in stream order
     val: list
     vocab_size: int
     bos_id: int               # starts every document
-    token_bytes: np.ndarray   # int32 [vocab_size]: UTF-8 bytes of each token (bpb weights); None: unknown, loss only
+    token_bytes: np.ndarray   # int32 [vocab_size]: UTF-8 bytes of each token (bpb weights)
     val_sources: list         # [(name, n_docs)]: runs of the val stream's documents by source ([]: not recorded)
-    origin: str               # where vocab, BOS and token bytes came from (logged)
-    tokenizer: object = None  # ours, where the directory has one (CORE and the chat phases need it)
+    tokenizer: Tokenizer
     _val: tuple = dataclasses.field(default=None, repr=False)
 
     def source_names(self):  # the val sources by name (a name in several runs of val_sources is one source)
@@ -1658,25 +1645,16 @@ class PretrainData:
             self._val = tokens, source
         return self._val
 
-def llmc_shards(data_dir):
-    """{"train": paths, "val": paths} of the llm.c shards in data_dir or one folder down, in name order."""
-    found = {"train": [], "val": []}
-    for path in sorted(glob.glob(os.path.join(data_dir, "*.bin")) + glob.glob(os.path.join(data_dir, "*", "*.bin"))):
-        if m := LLMC_SHARD.search(os.path.basename(path)):
-            found[m.group(1)].append(path)
-    return found
-
-NOT_GIVEN = {"vocab_size": 0, "bos_id": -1}  # --vocab-size / --bos-id left at their defaults
-
 def pretrain_data(data_dir, vocab_size=0, bos_id=-1):
-    """The pretraining data of `data_dir` (see above); vocab_size, bos_id (0, -1: not given) must agree with its own."""
-    found = llmc_shards(data_dir)
-    if found["train"] + found["val"] and not os.path.isdir(os.path.join(data_dir, "pretrain")):
-        return llmc_data(data_dir, found, vocab_size, bos_id)
+    """The pretraining data of `data_dir` (pretrain/, tokenizer/); vocab_size, bos_id (0, -1: not given) must agree."""
+    llmc = glob.glob(f"{data_dir}/*train_*.bin") + glob.glob(f"{data_dir}/*/*train_*.bin")  # e.g. modded's FineWeb
+    if llmc and not os.path.isdir(os.path.join(data_dir, "pretrain")):
+        raise DataFormatError(f"{data_dir}: shards but no pretrain/: llm.c shards are read once converted: python "
+                              f"data/llmc.py --src {data_dir} --tokenizer gpt2 (GPT-2 ids; else their tokenizer)")
     tokenizer = data_tokenizer(data_dir)
     val, train = (pretrain_shards(data_dir, tokenizer, split) for split in ("val", "train"))
-    for name, given, has in (("vocab_size", vocab_size, tokenizer.vocab_size), ("bos_id", bos_id, tokenizer.bos_id)):
-        if given != NOT_GIVEN[name] and given != has:
+    for name, given, unset in (("vocab_size", vocab_size, 0), ("bos_id", bos_id, -1)):  # unset: the flags' defaults
+        if given not in (unset, has := getattr(tokenizer, name)):
             raise DataFormatError(f"{data_dir}/tokenizer: {name} {has}, but --{name.replace('_', '-')} {given}")
     where = f"{data_dir}/pretrain/manifest.json"
     runs = read_manifest(os.path.join(data_dir, "pretrain"), "pretrain", tokenizer).get("val_sources")
@@ -1684,62 +1662,9 @@ def pretrain_data(data_dir, vocab_size=0, bos_id=-1):
                                            and type(r.get("n_docs")) is int and r["n_docs"] >= 0 for r in runs)):
         raise DataFormatError(f"{where}: 'val_sources' must be a list of {{name, n_docs}} objects")
     data = PretrainData(train, val, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.token_bytes,
-                        [(r["name"], r["n_docs"]) for r in runs], f"{data_dir}/tokenizer", tokenizer)
+                        [(r["name"], r["n_docs"]) for r in runs], tokenizer)
     data.val_stream()  # its documents against val_sources now, not at the first evaluation
     return data
-
-def llmc_data(data_dir, found, vocab_size=0, bos_id=-1):
-    """The llm.c shards `found`; vocab and BOS from --vocab-size / --bos-id, config.json, tokenizer/: all must agree."""
-    if not found["train"] or not found["val"]:
-        raise DataFormatError(f"{data_dir}: llm.c shards need both *train_NNNNNN.bin and *val_NNNNNN.bin (here or one "
-                              f"folder down); found {len(found['train'])} train and {len(found['val'])} val shards")
-    config_path = os.path.join(data_dir, "config.json")
-    config = read_json(config_path) if os.path.isfile(config_path) else None
-    has_tokenizer = os.path.isfile(os.path.join(data_dir, "tokenizer", "tokenizer.json"))
-    tokenizer = data_tokenizer(data_dir) if has_tokenizer else None
-    told = {}  # name -> [(value, where)]: the first is used
-    for name, flag in (("vocab_size", vocab_size), ("bos_id", bos_id)):
-        told[name] = [(flag, f"--{name.replace('_', '-')}")] if flag != NOT_GIVEN[name] else []  # BOS 0 is an id
-        if isinstance(config, dict) and type(config.get(name)) is int:
-            told[name].append((config[name], config_path))
-        if tokenizer is not None:
-            told[name].append((getattr(tokenizer, name), f"{data_dir}/tokenizer"))
-        if not told[name]:
-            raise DataFormatError(f"{data_dir}: llm.c shards record no {name}: give --{name.replace('_', '-')}, or put a "
-                                  "config.json ({vocab_size, bos_id}) or a tokenizer/ (data/tokenizer.py) beside them")
-        if len({v for v, _ in told[name]}) > 1:
-            raise DataFormatError(f"{data_dir}: {name} disagrees: " + ", ".join(f"{v} from {w}" for v, w in told[name]))
-    (V, _), (bos, _) = told["vocab_size"][0], told["bos_id"][0]
-    if not 0 <= bos < V:
-        raise DataFormatError(f"{data_dir}: bos_id {bos} is not below vocab_size {V}")
-    for path in found["train"] + found["val"]:
-        read_token_file(path, V, check_ids=False)  # headers and sizes now; ids when the loader maps a shard
-    token_bytes, bytes_from = llmc_token_bytes(data_dir, V, tokenizer)
-    origin = [f"{name} {told[name][0][0]} from {told[name][0][1]}" for name in told] + [f"token bytes {bytes_from}"]
-    return PretrainData(found["train"], found["val"], V, bos, token_bytes, [], "; ".join(origin), tokenizer)
-
-def llmc_token_bytes(data_dir, vocab_size, tokenizer):
-    """(int32 bytes per token or None, where they came from) for a folder of llm.c shards."""
-    if tokenizer is not None:
-        return tokenizer.token_bytes, f"from {data_dir}/tokenizer"
-    path = os.path.join(data_dir, "tokenizer", "token_bytes.pt")
-    if os.path.isfile(path):
-        try:  # weights_only: a tensor, never code
-            t = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise DataFormatError(f"{path}: not a plain tensor file ({type(e).__name__}: {str(e)[:200]})") from None
-        if not (isinstance(t, torch.Tensor) and t.shape == (vocab_size,) and not t.is_floating_point() and (t >= 0).all()):
-            raise DataFormatError(f"{path}: expected a [{vocab_size}] tensor of byte counts")
-        return t.numpy().astype(np.int32), f"from {path}"
-    if vocab_size == GPT2_VOCAB:
-        try:  # tiktoken's gpt2 ranks: in its cache, or downloaded
-            import tiktoken
-            enc = tiktoken.get_encoding("gpt2")
-            counts = np.array([len(enc.decode_single_token_bytes(i)) for i in range(GPT2_EOT)] + [0], dtype=np.int32)
-            return counts, "from tiktoken's gpt2 encoding"
-        except Exception as e:
-            return None, f"unknown (tiktoken's gpt2 encoding is neither cached nor downloadable: {type(e).__name__}): val loss only, no bpb"
-    return None, "unknown (no tokenizer/ and no tokenizer/token_bytes.pt): val loss only, no bpb"
 
 @dataclasses.dataclass
 class CoreData:
@@ -2156,13 +2081,11 @@ def claim_run_dir(cfg, phases):
             for line in open(curves, encoding="utf-8"):
                 try:
                     values = json.loads(line)
-                except json.JSONDecodeError:
+                except json.JSONDecodeError:  # a torn line: dropped, as one not ours (not an object) is
                     continue
-                if not isinstance(values, dict):  # not a line we wrote: dropped, as a torn one is
-                    continue
-                values = {k: v for k, v in values.items() if CURVE_PHASES.get(k.split("/")[0]) not in replaced}
-                if len(values) > 1:
-                    kept.append(json.dumps(values) + "\n")
+                if isinstance(values, dict):
+                    values = {k: v for k, v in values.items() if CURVE_PHASES.get(k.split("/")[0]) not in replaced}
+                    kept += [json.dumps(values) + "\n"] if len(values) > 1 else []
             write_text_atomic(curves, "".join(kept))
         earlier = [path for p in kept_phases if (path := latest_checkpoint(cfg.run_dir, p)) and os.path.isdir(path)]
         if earlier and latest_checkpoint(cfg.run_dir) is None:  # the phase trains again from what it started from
@@ -2313,11 +2236,11 @@ def val_rows(n_targets, T, subset=0, first=0):
 @torch.no_grad()
 def evaluate_bpb(model, data, rt, windows, max_doc_len, T, subset=0, first=0, log=None):
     """Next-token loss on PretrainData `data`'s val stream in rows of T (val_rows), over targets of > 0 bytes (special
-    tokens count in neither sum: bpb compares across tokenizers); without token bytes, all (modded-nanogpt's loss)."""
+    tokens count in neither sum: bpb compares across tokenizers; modded-nanogpt's val loss counts them too)."""
     tokens, source = data.val_stream()
     n, names = len(tokens) - 1, data.source_names()
     rows = val_rows(n, T, subset, first)
-    weights = None if data.token_bytes is None else torch.from_numpy(data.token_bytes).to(rt.device)
+    weights = torch.from_numpy(data.token_bytes).to(rt.device)
     sums = torch.zeros(max(1, len(names)), 3, device=rt.device, dtype=torch.float64)  # nats, bytes, counted targets
     mine = rows[rt.rank::rt.world_size]
     progress = Progress(log, "val bpb", len(mine), "rows")
@@ -2335,16 +2258,15 @@ def evaluate_bpb(model, data, rt, windows, max_doc_len, T, subset=0, first=0, lo
         for rows_ in torch.split(torch.arange(T, device=rt.device), LOGITS_CHUNK):
             target = b.targets[rows_, 0]
             loss = F.cross_entropy(model.logits(h[rows_]).float(), target, reduction="none")
-            nbytes = weights[target] * counted[rows_] if weights is not None else torch.zeros_like(loss)
-            keep = counted[rows_] & (nbytes > 0) if weights is not None else counted[rows_]
+            nbytes = weights[target] * counted[rows_]
+            keep = counted[rows_] & (nbytes > 0)
             sums.index_add_(0, src[rows_], torch.stack([loss * keep, nbytes, keep]).T.double())
         progress()
     sums = sum_over_ranks(sums, rt).cpu()
     nats, nbytes, count = sums.sum(0).tolist()
     per_nat = 1 / math.log(2)
-    out = {"bpb": nats * per_nat / nbytes if weights is not None else None, "loss": nats / count, "targets": int(count),
-           "of": n, "by_source": {name: float(sums[i, 0] * per_nat / sums[i, 1]) for i, name in enumerate(names)
-                                  if weights is not None and sums[i, 1] > 0}}
+    out = {"bpb": nats * per_nat / nbytes, "loss": nats / count, "targets": int(count), "of": n,
+           "by_source": {name: float(sums[i, 0] * per_nat / sums[i, 1]) for i, name in enumerate(names) if sums[i, 1] > 0}}
     scored = int(np.minimum(T, n - rows * T).sum())  # the padding of a last row is not scored
     out["what"] = ("every val token" if scored == n and not first else f"the first {first:,} val tokens" if first else
                    f"subset: {scored:,} of {n:,} targets, spread over the stream")
@@ -2352,9 +2274,8 @@ def evaluate_bpb(model, data, rt, windows, max_doc_len, T, subset=0, first=0, lo
 
 def val_line(val):
     """The log's line of an evaluate_bpb result (baselines/record.py reads it)."""
-    bpb = "n/a" if val["bpb"] is None else f"{val['bpb']:.4f}"
     split = "".join(f"; {name} {b:.4f}" for name, b in val["by_source"].items())
-    return f"val bpb {bpb} val loss {val['loss']:.4f} ({val['what']}{split})"
+    return f"val bpb {val['bpb']:.4f} val loss {val['loss']:.4f} ({val['what']}{split})"
 
 def val_metrics(val):
     return {"val_bpb": val["bpb"], "val_loss": val["loss"], "val_bpb_by_source": val["by_source"],
@@ -2400,7 +2321,7 @@ def phase_pt(cfg, rt, log):
     """pretrain; reads DATA_DIR/pretrain; writes RUN_DIR/ckpt_<step>/, curves.jsonl, metrics.json"""
     require_training_dtype(rt, "pt")
     data = pretrain_data(cfg.data_dir, cfg.vocab_size, cfg.bos_id)
-    log(f"data: {len(data.train)} train and {len(data.val)} val shards; {data.origin}")
+    log(f"data: {len(data.train)} train and {len(data.val)} val shards")
     torch.manual_seed(cfg.seed)
     model = GPT(ModelConfig.of(cfg, data.vocab_size)).to(rt.device)
     opt, loader = make_optimizer(model, cfg), PretrainLoader(data.train, data, rt.rank, rt.world_size)
@@ -2588,8 +2509,7 @@ def phase_eval(cfg, rt, log):
     """bits per byte over every val token, then CORE; reads pretrain/ val, core/; writes metrics.json, core_examples.jsonl
     Either may be absent: core/ may hold a bundle of your own (data/core_shards.py --bundle); core_examples.jsonl holds
     each example's gold option, choice and verdict."""
-    has_val = (os.path.isdir(os.path.join(cfg.data_dir, "pretrain")) or any(llmc_shards(cfg.data_dir).values())
-               or not os.path.isdir(os.path.join(cfg.data_dir, "core")))
+    has_val = os.path.isdir(os.path.join(cfg.data_dir, "pretrain")) or not os.path.isdir(os.path.join(cfg.data_dir, "core"))
     data = pretrain_data(cfg.data_dir, cfg.vocab_size, cfg.bos_id) if has_val else None
     tokenizer = data.tokenizer if data else data_tokenizer(cfg.data_dir)
     model, _, path = trained_model(cfg, rt)
@@ -2600,7 +2520,7 @@ def phase_eval(cfg, rt, log):
                            first=cfg.val_final_tokens, log=log)
         log(val_line(val))
         metrics = val_metrics(val)
-    if tokenizer is None or not os.path.isdir(os.path.join(cfg.data_dir, "core")):
+    if not os.path.isdir(os.path.join(cfg.data_dir, "core")):
         log(f"no CORE: {cfg.data_dir} has no core/ (data/core_shards.py writes it, with our tokenizer/ beside it)")
     else:
         core = load_core(cfg.data_dir, tokenizer)
@@ -2842,15 +2762,8 @@ class DecodeBatch:
             raise ValueError(f"{len(stream.prompt)} prompt + {stream.max_new_tokens} new tokens > capacity {self.capacity}")
         self.waiting.append(stream)
 
-    @property
-    def live(self):
-        return sum(s is not None for s in self.slots)
-
     def _end(self, stream):
-        if stream in self.slots:  # its row is cleared before the next step
-            self.slots[self.slots.index(stream)] = None
-        else:
-            self.waiting.remove(stream)
+        self.slots[self.slots.index(stream)] = None  # its row is cleared before the next step
         if stream.on_done:
             stream.on_done()
 

@@ -394,6 +394,17 @@ class ServedBatch(ds.DecodeBatch):
     together), a cancelled stream leaves at the next step, and a failure (a sampler's, a callback's) ends the streams
     it touched, never their batch-mates."""
 
+    @property
+    def live(self):
+        return sum(s is not None for s in self.slots)
+
+    def _end(self, stream):
+        if stream in self.slots:
+            return super()._end(stream)
+        self.waiting.remove(stream)  # cancelled before it had a row
+        if stream.on_done:
+            stream.on_done()
+
     def _arrange(self):
         for stream in [s for s in [*self.slots, *self.waiting] if s is not None and s.cancelled]:
             self._end(stream)

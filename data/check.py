@@ -5,7 +5,7 @@ document starts and its cuts (a document longer than max_doc_len is trained on i
 
     python data/check.py --data-dir runs/data
     python data/check.py --data-dir runs/data --histogram --run-dir runs/cpu     # + RUN_DIR/data_doc_lengths.png
-    python data/check.py --data-dir data/fineweb10B --vocab-size 50257 --bos-id 50256     # a folder of llm.c shards
+    python data/check.py --data-dir data/fineweb10B     # a folder of llm.c shards, once data/llmc.py converted it
 
 It takes the stack's flags (--data-dir, --vocab-size, --bos-id, --stages, --run-dir matter here) and its own below,
 and reads with the stack's own readers, so what passes here is what training, evaluation and the chat phases will
@@ -38,19 +38,19 @@ def check(cfg, log=print, show=None):
     then show the pretraining data (inspect)."""
     t0, directory = time.time(), cfg.data_dir
     data = ds.pretrain_data(directory, cfg.vocab_size, cfg.bos_id)
-    ours = os.path.isfile(os.path.join(directory, "pretrain", "manifest.json"))
-    log(f"pretraining data: vocab {data.vocab_size}, bos {data.bos_id}; {data.origin}")
+    log(f"pretraining data: vocab {data.vocab_size}, bos {data.bos_id}, tokenizer {os.path.join(directory, 'tokenizer')}")
     for split, paths in (("val", data.val), ("train", data.train)):
-        if ours:
-            check_sha256(directory, data.tokenizer, split)
+        check_sha256(directory, data.tokenizer, split)
         n = sum(len(ds.read_token_file(p, data.vocab_size)) for p in paths)
         log(f"pretrain/{split}: {len(paths)} shards, {n:,} tokens")
     if data.val_sources:
         log("val documents: " + ", ".join(f"{name} {n:,}" for name, n in data.val_sources))
     if show is not None and show.inspect_tokens > 0:
         inspect(data, cfg, show, log)
-    if not ours:
-        log(f"{directory}: llm.c shards, read for pretraining and its val loss; CORE, SFT and chat need data/prepare.py")
+    sources = ds.read_json(os.path.join(directory, "pretrain", "manifest.json")).get("sources")
+    if isinstance(sources, dict) and sources.get("llmc"):
+        log(f"{directory}: llm.c shards of {sources['llmc']} (data/llmc.py), read for pretraining and its val bpb; "
+            "CORE, SFT and chat need data/prepare.py's files")
         return
     tokenizer = data.tokenizer
     log(f"tokenizer: vocab {tokenizer.vocab_size}, bos {tokenizer.bos_id}, {len(tokenizer.special_tokens)} special tokens")
@@ -102,7 +102,7 @@ def inspect(data, cfg, show, log):
     """Log what the pretraining data holds (by val source, and the first show.inspect_tokens train tokens): documents
     and their lengths, bytes per token, the most frequent tokens, the special tokens' counts, one packed batch."""
     tokenizer, bos = data.tokenizer, data.bos_id
-    text = (lambda ids: tokenizer.decode(ids)) if tokenizer is not None else (lambda ids: " ".join(map(str, ids)))
+    text = tokenizer.decode
     val, source = data.val_stream()
     train = head(data.train, data.vocab_size, show.inspect_tokens)
     streams = [(f"val: {name}", val[source == i]) for i, name in enumerate(data.source_names())] or [("val", val)]
@@ -112,14 +112,12 @@ def inspect(data, cfg, show, log):
     for name, tokens in streams:
         lengths = document_lengths(tokens, bos)
         spread = " / ".join(f"{int(x):,}" for x in np.percentile(lengths, [10, 50, 90, 100], method="lower"))
-        per_token = "n/a" if data.token_bytes is None else f"{data.token_bytes[tokens].sum() / len(tokens):.2f}"
-        log(f"| {name} | {len(lengths):,} | {len(tokens):,} | {spread} | {per_token} |")
+        log(f"| {name} | {len(lengths):,} | {len(tokens):,} | {spread} | {data.token_bytes[tokens].sum() / len(tokens):.2f} |")
     counts = np.bincount(train, minlength=data.vocab_size)
     top = np.argsort(-counts, kind="stable")[:12]
     log("most frequent train tokens: " + ", ".join(f"{text([int(t)])!r} {counts[t] / len(train):.1%}" for t in top))
-    specials = tokenizer.special_tokens if tokenizer is not None else {"bos": bos}
     log("special tokens (train, val): " + ", ".join(f"{name} {counts[i]:,}, {int((val == i).sum()):,}"
-                                                   for name, i in specials.items()))
+                                                   for name, i in tokenizer.special_tokens.items()))
     stage = cfg.stages[0]
     T = min(stage.batch_tokens, 2048, len(train) - 1)
     batch = ds.PretrainLoader(data.train, data, 0, 1).next_batch(T, stage.max_doc_len, 1, torch.device("cpu"))

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 from conftest import ROOT, TINY_ARGS
-from test_llmc_data import llmc_copy
+from test_llmc_data import convert, llmc_copy
 
 CHECK = os.path.join(ROOT, "data", "check.py")
 MAX_DOC_LEN = 128  # TINY_ARGS' first stage
@@ -67,14 +67,20 @@ def test_check_shows_our_data_as_the_stack_reads_it(stack, tiny_data, tmp_path):
     assert (tmp_path / "run" / "data_doc_lengths.png").stat().st_size > 0
 
 
-def test_check_shows_an_llmc_folder_by_ids(stack, tiny_data, tmp_path):
+def test_check_shows_a_converted_llmc_folder_as_ours(stack, tiny_data, tmp_path):
+    """llm.c shards converted by data/llmc.py (our tokenizer beside them): the same view, decoded, bytes per token
+    known; the check ends after the pretraining data, saying what the folder is for."""
     llmc_copy(stack, tiny_data, tmp_path / "llmc")
+    assert convert(tmp_path / "llmc", "--tokenizer", os.path.join(tiny_data, "tokenizer")).returncode == 0
     tok = stack.Tokenizer(os.path.join(tiny_data, "tokenizer"))
     lines = check("--data-dir", str(tmp_path / "llmc"), "--vocab-size", str(tok.vocab_size), "--bos-id",
                   str(tok.bos_id), *TINY_ARGS, "--inspect-tokens", "2000")
-    table = rows(lines)
-    assert set(table) == {"val", "train: first 2,000 tokens"} and table["val"][3] == "n/a"  # no token bytes known
-    assert re.match(r"special tokens \(train, val\): bos [\d,]+, [\d,]+$", next(l for l in lines if l.startswith("special")))
+    table, data = rows(lines), stack.pretrain_data(str(tmp_path / "llmc"))
+    assert set(table) == {"val: llmc", "train: first 2,000 tokens"}
+    val = data.val_stream()[0]
+    assert table["val: llmc"][3] == f"{tok.token_bytes[val].sum() / len(val):.2f}"  # the tokenizer's bytes per token
+    assert re.match(r"special tokens \(train, val\): <\|bos\|> [\d,]+, [\d,]+", next(l for l in lines if l.startswith("special")))
     shown = [line for line in lines if line.startswith("  [doc] ")]
-    assert shown and re.match(rf"  \[doc\] [\d,]+ tokens: '{tok.bos_id}( \d+)+", shown[0])  # ids, not text
+    assert shown and shown[0].startswith("  [doc] ") and not re.match(rf"  \[doc\] [\d,]+ tokens: '{tok.bos_id} ", shown[0])
+    assert lines[-1].endswith("(data/llmc.py), read for pretraining and its val bpb; CORE, SFT and chat need data/prepare.py's files")
     assert not os.path.exists(tmp_path / "llmc" / "data_doc_lengths.png")

@@ -1,17 +1,21 @@
 """The peers' pretraining data: folders of llm.c shards (header words 3-5 zero, uint16 ids) as modded-nanogpt's
-FineWeb and the seed's climbmix_32k_8_170 publish them, with vocab and BOS from somewhere explicit."""
+FineWeb and the seed's climbmix_32k_8_170 publish them, converted once by data/llmc.py (a tokenizer and a manifest
+beside the shards, which are linked, not copied) and then read by the stack as its own pretraining data."""
+import glob
 import json
-import math
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-import torch
 
+from common import DataError
 from conftest import ROOT, STACK_PATH, TINY_ARGS
+
+LLMC = os.path.join(ROOT, "data", "llmc.py")
 
 
 def write_llmc(path, tokens):
@@ -37,92 +41,133 @@ def llmc_copy(stack, tiny_data, out, layout="modded"):
     return tok
 
 
+def convert(src, *args):
+    return subprocess.run([sys.executable, LLMC, "--src", str(src), *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def one_error(r):
+    """The one `error: ...` line a failed data/ script prints (exit status 1)."""
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, (r.returncode, r.stderr[-2000:])
+    return r.stderr.strip()
+
+
 def test_llmc_header_reads_as_uint16_and_keeps_every_check(stack, tmp_path):
     path = str(tmp_path / "fineweb_val_000000.bin")
     write_llmc(path, [5, 1, 2, 50256])
     assert np.asarray(stack.read_token_file(path, 50257)).tolist() == [5, 1, 2, 50256]
     with pytest.raises(stack.DataFormatError, match="token id 50256 >= vocab_size 1024"):
         stack.read_token_file(path, 1024)
-    with pytest.raises(stack.DataFormatError, match="uint16 ids, which cannot reach vocab_size 100000"):
-        stack.read_token_file(path, 100_000)
+    with pytest.raises(stack.DataFormatError, match="2 bytes per token does not fit vocab_size 100000"):
+        stack.read_token_file(path, 100_000)  # uint16 ids cannot reach such a vocabulary
     with open(path, "ab") as f:
         f.write(b"\0")  # one stray byte: the size no longer matches n_tokens
     with pytest.raises(stack.DataFormatError, match="header says 4 tokens"):
         stack.read_token_file(path, 50257)
 
 
-def test_modded_layout_needs_vocab_and_bos_from_somewhere(stack, tiny_data, tmp_path):
-    llmc_copy(stack, tiny_data, tmp_path)
-    with pytest.raises(stack.DataFormatError, match="llm.c shards record no vocab_size: give --vocab-size, or put a config.json"):
-        stack.pretrain_data(str(tmp_path))
-    data = stack.pretrain_data(str(tmp_path), vocab_size=1024, bos_id=1000)
+def test_modded_layout_is_read_once_converted(stack, tiny_data, tmp_path):
+    folder = tmp_path / "fineweb"
+    tok = llmc_copy(stack, tiny_data, folder)
+    # the old command on the raw folder: one error naming the conversion
+    with pytest.raises(stack.DataFormatError, match=f"{folder}: shards but no pretrain/: .* python data/llmc.py --src {folder} --tokenizer gpt2"):
+        stack.pretrain_data(str(folder), vocab_size=1024, bos_id=1000)
+    r = convert(folder, "--tokenizer", os.path.join(tiny_data, "tokenizer"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "val: 1 shards" in r.stdout and f"--data-dir {folder}" in r.stdout.splitlines()[-1]
+    data = stack.pretrain_data(str(folder))
     assert [os.path.basename(p) for p in data.val] == ["fineweb_val_000000.bin"]
     assert [os.path.basename(p) for p in data.train][:2] == ["fineweb_train_000001.bin", "fineweb_train_000002.bin"]
-    assert data.vocab_size == 1024 and data.bos_id == 1000 and data.token_bytes is None and data.val_sources == []
-    assert data.origin.startswith("vocab_size 1024 from --vocab-size; bos_id 1000 from --bos-id; token bytes unknown")
+    assert all(os.path.islink(p) for p in data.val + data.train)  # linked where they lie, not copied
+    assert os.path.realpath(data.val[0]) == str(folder / "fineweb_val_000000.bin")
+    ours = stack.pretrain_data(tiny_data)
+    assert data.vocab_size == tok.vocab_size and data.bos_id == tok.bos_id and (data.token_bytes == tok.token_bytes).all()
+    assert (data.val_stream()[0] == ours.val_stream()[0]).all()
+    assert data.val_sources == [("fineweb", int((ours.val_stream()[0] == tok.bos_id).sum()))]
+    # the flags only confirm the tokenizer's vocabulary and BOS
+    assert stack.pretrain_data(str(folder), vocab_size=tok.vocab_size, bos_id=tok.bos_id).bos_id == tok.bos_id
     with pytest.raises(stack.DataFormatError, match="tokenizer: vocab_size 1024, but --vocab-size 999"):
-        stack.pretrain_data(tiny_data, vocab_size=999)  # ours: the flags must agree with the tokenizer
-    with pytest.raises(stack.DataFormatError, match="bos_id 1024 is not below vocab_size 1024"):
-        stack.pretrain_data(str(tmp_path), vocab_size=1024, bos_id=1024)
-    assert stack.pretrain_data(str(tmp_path), vocab_size=1024, bos_id=0).bos_id == 0  # id 0 is a BOS like any other
-    with pytest.raises(stack.DataFormatError, match="bos_id 1015, but --bos-id 0"):
-        stack.pretrain_data(tiny_data, bos_id=0)
-    (tmp_path / "fineweb_train_000001.bin").unlink()
-    (tmp_path / "fineweb_train_000002.bin").rename(tmp_path / "notashard.bin")
-    for p in tmp_path.glob("fineweb_train_*.bin"):
+        stack.pretrain_data(str(folder), vocab_size=999)
+    with pytest.raises(stack.DataFormatError, match=f"bos_id {tok.bos_id}, but --bos-id 0"):
+        stack.pretrain_data(tiny_data, bos_id=0)  # id 0 is a BOS like any other: given, so checked
+    # converting again replaces the links; a folder without both splits is one error
+    assert convert(folder, "--tokenizer", os.path.join(tiny_data, "tokenizer")).returncode == 0
+    for p in folder.glob("fineweb_train_*.bin"):
         p.unlink()
-    with pytest.raises(stack.DataFormatError, match="llm.c shards need both .*; found 0 train and 1 val shards"):
-        stack.pretrain_data(str(tmp_path), vocab_size=1024, bos_id=1000)
+    error = one_error(convert(folder, "--tokenizer", os.path.join(tiny_data, "tokenizer")))
+    assert error.endswith("llm.c shards need both *train_NNNNNN.bin and *val_NNNNNN.bin (here or one folder down); "
+                          "found 0 train and 1 val shards")
 
 
-def test_seed_layout_config_json_and_token_bytes_pt(stack, tiny_data, tmp_path):
-    tok = llmc_copy(stack, tiny_data, tmp_path, layout="seed")
-    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "seq_len": 2048}))
-    os.makedirs(tmp_path / "tokenizer")
-    torch.save(torch.from_numpy(tok.token_bytes.astype(np.int32)), tmp_path / "tokenizer" / "token_bytes.pt")
-    data = stack.pretrain_data(str(tmp_path))
-    assert [os.path.relpath(p, tmp_path) for p in data.val] == ["climbmix/val_000000.bin"]
+def test_what_does_not_convert_is_one_error_and_nothing_written(stack, tiny_data, tmp_path):
+    folder = tmp_path / "fineweb"
+    tok = llmc_copy(stack, tiny_data, folder)
+    shard = folder / "fineweb_train_000002.bin"
+    tokens = np.fromfile(shard, dtype="<u2", offset=1024)
+    tokens[7] = tok.vocab_size + 3
+    write_llmc(str(shard), tokens)
+    error = one_error(convert(folder, "--tokenizer", os.path.join(tiny_data, "tokenizer")))
+    assert error == f"error: {shard}: token id {tok.vocab_size + 3} >= vocab_size {tok.vocab_size} of the tokenizer"
+    assert sorted(os.listdir(folder)) == sorted(p.name for p in folder.glob("fineweb_*.bin"))  # no tokenizer/, pretrain/
+    shard.write_bytes(np.zeros(256, "<i4").tobytes())  # magic 0: not an llm.c shard
+    assert "not an llm.c shard" in one_error(convert(folder, "--tokenizer", os.path.join(tiny_data, "tokenizer")))
+    ours = tmp_path / "ours"  # a prepared directory's own shards are never replaced by links
+    shutil.copytree(tiny_data, ours)
+    llmc_copy(stack, tiny_data, ours)
+    error = one_error(convert(ours, "--tokenizer", os.path.join(tiny_data, "tokenizer")))
+    assert error.endswith("holds shards of its own (data/prepare.py's?); give another --out")
+    assert not any(os.path.islink(p) for p in glob.glob(str(ours / "pretrain" / "*")))
+
+
+def test_seed_layout_with_its_pickled_tokenizer_and_config_json(stack, tiny_data, tmp_path):
+    folder = tmp_path / "climbmix_32k_8_170"
+    tok = llmc_copy(stack, tiny_data, folder, layout="seed")
+    (folder / "config.json").write_text(json.dumps({"vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "seq_len": 2048}))
+    os.makedirs(folder / "tokenizer")
+    (folder / "tokenizer" / "tokenizer.pkl").write_bytes(pickle.dumps(tok.enc))  # the seed's: a pickled Encoding
+    r = convert(folder, "--tokenizer", str(folder / "tokenizer" / "tokenizer.pkl"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = stack.pretrain_data(str(folder))
+    assert [os.path.relpath(os.path.realpath(p), folder) for p in data.val] == ["climbmix/val_000000.bin"]
     assert (data.token_bytes == tok.token_bytes).all() and data.token_bytes.dtype == np.int32
-    config = str(tmp_path / "config.json")
-    assert data.origin == (f"vocab_size {tok.vocab_size} from {config}; bos_id {tok.bos_id} from {config}; "
-                           f"token bytes from {tmp_path / 'tokenizer' / 'token_bytes.pt'}")
-    assert stack.pretrain_data(str(tmp_path), vocab_size=tok.vocab_size).vocab_size == tok.vocab_size  # agreeing is fine
-    with pytest.raises(stack.DataFormatError, match=f"vocab_size disagrees: 2048 from --vocab-size, {tok.vocab_size} from {config}"):
-        stack.pretrain_data(str(tmp_path), vocab_size=2048)
+    assert data.tokenizer.encode("def main():") == tok.encode("def main():")
 
-    # token_bytes.pt is loaded weights_only: a pickle that would run code is refused, and nothing runs
+    (folder / "config.json").write_text(json.dumps({"vocab_size": 2048, "bos_id": tok.bos_id}))
+    error = one_error(convert(folder, "--tokenizer", str(folder / "tokenizer" / "tokenizer.pkl")))
+    assert error == f"error: {folder / 'config.json'}: vocab_size 2048, but the tokenizer has {tok.vocab_size}"
+
+    # the tokenizer.pkl is never unpickled: one that would run code is refused, and nothing runs
     marker = tmp_path / "ran"
 
     class Evil:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
-    torch.save({"bytes": Evil()}, tmp_path / "tokenizer" / "token_bytes.pt")
-    with pytest.raises(stack.DataFormatError, match="token_bytes.pt: not a plain tensor file"):
-        stack.pretrain_data(str(tmp_path))
-    assert not marker.exists()
-    torch.save(torch.ones(7, dtype=torch.int32), tmp_path / "tokenizer" / "token_bytes.pt")
-    with pytest.raises(stack.DataFormatError, match=f"token_bytes.pt: expected a \\[{tok.vocab_size}\\] tensor of byte counts"):
-        stack.pretrain_data(str(tmp_path))
+    (folder / "tokenizer" / "tokenizer.pkl").write_bytes(pickle.dumps({"bytes": Evil()}))
+    error = one_error(convert(folder, "--tokenizer", str(folder / "tokenizer" / "tokenizer.pkl")))
+    assert "only a pickled tiktoken Encoding is read" in error and not marker.exists()
 
 
-def test_gpt2_token_bytes_from_tiktoken_or_loss_only(stack, tmp_path, monkeypatch):
-    """GPT-2 ids (modded's FineWeb): bytes per token from tiktoken's gpt2 encoding where it loads, else no bpb."""
+def test_gpt2_tokenizer_from_tiktoken_or_a_clear_error(stack, tmp_path, monkeypatch):
+    """GPT-2 ids (modded's FineWeb): tiktoken's gpt2 encoding becomes our tokenizer, <|endoftext|> its <|bos|>."""
     import tiktoken
+    import llmc
     # a stand-in for tiktoken's gpt2 ranks with GPT-2's shape: 50256 tokens of varied lengths, then <|endoftext|>
     ranks = {bytes([i]): i for i in range(256)}
     ranks.update({b"x" * (2 + i % 5) + i.to_bytes(3, "big"): i for i in range(256, 50256)})
     enc = tiktoken.Encoding("gpt2-standin", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256})
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: enc if name == "gpt2" else None)
-    counts, where = stack.llmc_token_bytes(str(tmp_path), 50257, None)
-    assert where == "from tiktoken's gpt2 encoding" and counts.shape == (50257,) and counts[50256] == 0
+    llmc.gpt2_tokenizer().save(str(tmp_path / "tokenizer"))
+    tok = stack.Tokenizer(str(tmp_path / "tokenizer"))
+    assert (tok.vocab_size, tok.bos_id, tok.special_tokens) == (50257, 50256, {"<|bos|>": 50256})
+    counts = tok.token_bytes
+    assert counts.shape == (50257,) and counts[50256] == 0
     assert counts[:50256].tolist() == [len(t) for t, _ in sorted(ranks.items(), key=lambda kv: kv[1])]
     assert counts[65] == 1 and counts[256] == 2 + 256 % 5 + 3
 
     def offline(name):
         raise ConnectionError("no network")
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    counts, where = stack.llmc_token_bytes(str(tmp_path), 50257, None)
-    assert counts is None and "neither cached nor downloadable: ConnectionError" in where and "val loss only" in where
+    with pytest.raises(DataError, match="tiktoken's gpt2 encoding is neither cached nor downloadable \\(ConnectionError"):
+        llmc.gpt2_tokenizer()
 
 
 def run(data, run_dir, *extra):
@@ -132,29 +177,21 @@ def run(data, run_dir, *extra):
 
 @pytest.mark.slow
 def test_training_on_llmc_shards_matches_our_format(stack, tiny_data, tmp_path):
-    """The same tokens in llm.c's header train the same model: identical losses and val bpb where the token bytes are
-    known (our tokenizer/ beside the shards); without them, the val loss counts every target and bpb is n/a."""
+    """The same tokens in llm.c's header, converted, train the same model: identical losses and val bpb."""
     ours = run(tiny_data, tmp_path / "ours", "--phases", "pt")
     assert ours.returncode == 0, ours.stderr[-2000:]
     folder = tmp_path / "modded"
     tok = llmc_copy(stack, tiny_data, folder)
-    shutil.copytree(os.path.join(tiny_data, "tokenizer"), folder / "tokenizer")
+    old = run(folder, tmp_path / "old", "--phases", "pt", "--vocab-size", str(tok.vocab_size), "--bos-id", str(tok.bos_id))
+    assert old.returncode == 1 and f"python data/llmc.py --src {folder} --tokenizer gpt2" in old.stderr  # says how
+    assert convert(folder, "--tokenizer", os.path.join(tiny_data, "tokenizer")).returncode == 0
     theirs = run(folder, tmp_path / "theirs", "--phases", "pt,eval")
     assert theirs.returncode == 0, theirs.stderr[-2000:]
     m_ours, m_theirs = (json.load(open(tmp_path / d / "metrics.json")) for d in ("ours", "theirs"))
-    assert m_theirs["val_bpb"] == pytest.approx(m_ours["val_bpb"], rel=1e-6) and m_theirs["val_bpb_by_source"] == {}
-    assert len(m_ours["val_bpb_by_source"]) == 1 and m_ours["val_scored"] == "every val token"
-    log = open(tmp_path / "theirs" / "log.txt").read()
-    assert f"vocab_size {tok.vocab_size} from {folder}/tokenizer" in log and "no CORE: " in log
-
-    shutil.rmtree(folder / "tokenizer")
-    bare = run(folder, tmp_path / "bare", "--phases", "pt", "--vocab-size", str(tok.vocab_size), "--bos-id", str(tok.bos_id))
-    assert bare.returncode == 0, bare.stderr[-2000:]
-    m_bare = json.load(open(tmp_path / "bare" / "metrics.json"))
-    assert m_bare["val_bpb"] is None and math.isfinite(m_bare["val_loss"])
-    val, _ = stack.pretrain_data(str(folder), tok.vocab_size, tok.bos_id).val_stream()
-    assert m_bare["val_loss_tokens"] == len(val) - 1  # every target, BOS included: modded-nanogpt's val loss
-    assert "val bpb n/a val loss" in open(tmp_path / "bare" / "log.txt").read()
+    assert m_theirs["val_bpb"] == pytest.approx(m_ours["val_bpb"], rel=1e-6) and m_ours["val_scored"] == "every val token"
+    assert list(m_theirs["val_bpb_by_source"].values()) == pytest.approx(list(m_ours["val_bpb_by_source"].values()), rel=1e-6)
+    assert m_theirs["val_loss"] == pytest.approx(m_ours["val_loss"], rel=1e-6)
+    assert "no CORE: " in open(tmp_path / "theirs" / "log.txt").read()
 
 
 def check(data, *extra):
@@ -162,17 +199,18 @@ def check(data, *extra):
                           cwd=ROOT, capture_output=True, text=True)
 
 
-def test_data_check_reads_an_llmc_folder(stack, tiny_data, tmp_path):
-    """data/check.py on a folder of llm.c shards: every shard's ids checked, what was read said; an id past the
-    vocabulary is one error naming the shard."""
+def test_data_check_reads_a_converted_llmc_folder(stack, tiny_data, tmp_path):
+    """data/check.py on a converted folder of llm.c shards: every shard's bytes against the sha256 the conversion
+    recorded, what was read said; a shard changed since is one error naming it."""
     tok = llmc_copy(stack, tiny_data, tmp_path / "d")
-    ids = ["--vocab-size", str(tok.vocab_size), "--bos-id", str(tok.bos_id)]
-    ok = check(tmp_path / "d", *ids)
+    assert convert(tmp_path / "d", "--tokenizer", os.path.join(tiny_data, "tokenizer")).returncode == 0
+    ok = check(tmp_path / "d")
     assert ok.returncode == 0, ok.stderr[-2000:]
-    assert "llm.c shards, read for pretraining and its val loss" in ok.stdout and "pretrain/val: 1 shards" in ok.stdout
+    assert f"llm.c shards of {tmp_path / 'd'} (data/llmc.py)" in ok.stdout and "pretrain/val: 1 shards" in ok.stdout
     shard = tmp_path / "d" / "fineweb_train_000002.bin"
     tokens = np.fromfile(shard, dtype="<u2", offset=1024)
     tokens[7] = tok.vocab_size + 3
     write_llmc(str(shard), tokens)
-    bad = check(tmp_path / "d", *ids)
-    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == f"error: {shard}: token id {tok.vocab_size + 3} >= vocab_size {tok.vocab_size}"
+    bad = check(tmp_path / "d")
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith(
+        f"error: {tmp_path / 'd' / 'pretrain' / shard.name}: sha256 ")
