@@ -1,7 +1,7 @@
 """CPU training speed of the `cpu` preset (eager and compiled) and its sample efficiency against the plain GPT-2 +
 AdamW baseline (models/gpt2-adamw) trained on the same data and tokens; with --profile, where a step's time goes.
 
-    python bench/train_bench.py --data-dir runs/data [--skip-runs] [--profile] [--compile-runs]
+    python bench/train_bench.py --data-dir runs/data [--skip-runs] [--profile] [--compile-runs] [--first-step]
 
 --profile, eager, per stage of the cpu preset (each 50 of its 150 steps), on the stage's first batches, the variants'
 steps taken in turn:
@@ -15,6 +15,10 @@ steps taken in turn:
 TORCHINDUCTOR_CACHE_DIR a new folder) and compiled again with that cache (warm: inductor's FX graph and AOTAutograd
 caches, which every run uses at its default place, ~/.cache or /tmp/torchinductor_USER); each run's compile seconds
 (pt_compile_time_s, the warm-up before the timed loop), training seconds, tok/s and val bpb: whether compiling pays.
+--first-step: where an eager and a compiled run part: one optimizer step of the cpu preset from the same weights and
+batch with each side's gradients; per parameter label, the largest relative difference of the gradients and of the
+updates, and the entries whose gradient is exactly 0 on one side only, with the largest step the other side takes
+there (Adam, eps 1e-10, makes a gradient of ~1e-10 a step of ~lr).
 Prints one table per part and a last summary line. Timings vary +-30% on shared machines: run it alone.
 """
 import argparse
@@ -216,6 +220,45 @@ def compile_runs(data_dir, flags=()):
     return lines, summary
 
 
+def first_step_fork(stack, data_dir, flags=(), other=None):
+    """(table lines, summary): eager against `other` (default: torch.compile of train_loss) over one optimizer step
+    from the same weights (see above); flags: more of the stack's (the tests' tiny model)."""
+    import copy
+    cfg = stack.parse_config(["--preset", "cpu", "--data-dir", data_dir, *flags])
+    tok = stack.Tokenizer(os.path.join(data_dir, "tokenizer"))
+    torch.manual_seed(0)
+    base = stack.GPT(stack.ModelConfig.of(cfg, tok.vocab_size))
+    stages = stack.scaled_stages(cfg)
+    _, p, T, _, _, _ = next(stack.pretrain_steps(cfg, stages, 1))
+    batch = stack.PretrainLoader(stack.pretrain_shards(data_dir, tok, "train"), tok, 0, 1).next_batch(
+        T, p.max_doc_len, len(p.mtp_weights), "cpu")
+    sides = []
+    for fn in (stack.train_loss, other or torch.compile(stack.train_loss)):
+        model = copy.deepcopy(base)
+        opt = stack.make_optimizer(model, cfg)
+        fn(model, batch, model.windows(p.short_window, p.long_window), torch.tensor(p.mtp_weights), "sdpa").backward()
+        grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+        opt.step(p.lr_factor, stack.muon_momentum(0, stack.total_steps(stages)))
+        sides.append((grads, {n: q.detach() - b.detach() for (n, q), b in zip(model.named_parameters(), base.parameters())}))
+    (ga, ua), (gb, ub) = sides
+    rel = lambda a, b: float((a - b).norm() / b.norm()) if b.norm() > 0 else (0.0 if a.norm() == 0 else float("inf"))
+    rows = {}  # label -> [gradient diff, update diff, entries 0 in eager only, in the other only, the other's step there]
+    for n in ga:
+        row, lone = rows.setdefault(stack.param_label(n), [0.0, 0.0, 0, 0, 0.0]), (ga[n] == 0) & (gb[n] != 0)
+        row[0], row[1] = max(row[0], rel(gb[n], ga[n])), max(row[1], rel(ub[n], ua[n]))
+        row[2], row[3] = row[2] + int(lone.sum()), row[3] + int(((gb[n] == 0) & (ga[n] != 0)).sum())
+        row[4] = max(row[4], float(ub[n][lone].abs().max()) if lone.any() else 0.0)
+    lines = [f"{'first step, label':<18} {'gradient':>9} {'update':>9} {'0 eager only':>13} {'0 other only':>13} "
+             f"{'its step there':>15}"]
+    lines += [f"{label:<18} {g:>9.1e} {u:>9.1e} {a:>13,} {b:>13,} {m:>15.1e}" for label, (g, u, a, b, m) in sorted(rows.items())]
+    alike = [r for r in rows.values() if not r[2]]
+    summary = (f"one step from the same weights: where no gradient is 0 on one side only, gradients within "
+               f"{max(r[0] for r in alike):.1e} and updates within {max(r[1] for r in alike):.1e} relative; "
+               f"{sum(r[2] for r in rows.values())} gradient entries exactly 0 in eager only, where the other side "
+               f"steps up to {max(r[4] for r in rows.values()):.1e}")
+    return lines, summary
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True, help="a prepared data directory (data/prepare.py)")
@@ -223,6 +266,7 @@ def main():
     parser.add_argument("--profile", action="store_true", help="where a step's time goes (see above)")
     parser.add_argument("--profile-steps", type=int, default=6, help="timed steps per variant and stage (after 2 more)")
     parser.add_argument("--compile-runs", action="store_true", help="the whole pretraining eager, compiled cold and warm")
+    parser.add_argument("--first-step", action="store_true", help="where eager and compiled part: one step's updates")
     args = parser.parse_args()
     stack = load_stack()
     eager, compiled = training_speed(stack, args.data_dir, False), training_speed(stack, args.data_dir, True)
@@ -234,6 +278,10 @@ def main():
         summary += "; " + profile_report(stack, args.data_dir, steps=args.profile_steps)
     if args.compile_runs:
         lines, part = compile_runs(args.data_dir)
+        print("\n" + "\n".join(lines))
+        summary += "; " + part
+    if args.first_step:
+        lines, part = first_step_fork(stack, args.data_dir)
         print("\n" + "\n".join(lines))
         summary += "; " + part
     if not args.skip_runs:

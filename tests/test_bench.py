@@ -124,3 +124,22 @@ def test_train_bench_compile_runs_time_eager_cold_and_warm(tiny_data):
     assert abs(bpb["compiled, cold cache"] - bpb["compiled, warm cache"]) < 1e-3
     assert re.match(r"compiling costs \d+ s cold, \d+ s warm and saves -?\d+ s of training: [\d.]+x eager's time cold, "
                     r"[\d.]+x warm$", summary)
+
+
+def test_train_bench_first_step_compares_one_step_side_by_side(stack, tiny_data):
+    """--first-step's table: eager against itself differs nowhere; against the loss doubled (gradients exactly twice
+    eager's: a power of two rounds nothing) every gradient differs by exactly 1.0 relative and no zero appears on one
+    side only."""
+    from conftest import TINY_ARGS, load_module
+    bench = load_module(os.path.join(ROOT, "bench", "train_bench.py"), "train_bench")
+    flags = [a for a in TINY_ARGS if a not in ("--preset", "cpu")]
+    for scale in (1.0, 2.0):
+        lines, summary = bench.first_step_fork(stack, str(tiny_data), flags, lambda *a: stack.train_loss(*a) * scale)
+        rows = {line.split()[0]: [float(x.replace(",", "")) for x in line.split()[1:]] for line in lines[1:]}
+        assert {"attn", "lm_head", "scalar", "mlp_proj"} <= set(rows)
+        assert all(r[2] == r[3] == 0 for r in rows.values())
+        if scale == 1:
+            assert all(r[0] == r[1] == r[4] == 0 for r in rows.values())
+            assert summary.endswith("0 gradient entries exactly 0 in eager only, where the other side steps up to 0.0e+00")
+        else:
+            assert {r[0] for r in rows.values()} <= {0.0, 1.0} and rows["lm_head"][0] == 1.0, rows

@@ -324,6 +324,37 @@ def test_compiled_loss_and_grads_match_eager(stack, tiny_data):
         torch.testing.assert_close(gb[name], ga[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow
+def test_compiled_graphs_follow_the_schedule_after_warm_up(stack, tiny_data):
+    """The warm-up compiles every graph before the loop; after each window growth (YaRN rescales a buffer and the
+    attention scale) and the untie, the compiled loss is still the eager one on the same weights: no graph keeps a
+    value from before (weights perturbed off the zero init, so attention and every table reach the loss)."""
+    cfg = stack.parse_config(TINY_ARGS + ["--data-dir", tiny_data, "--compile"])
+    tok = stack.Tokenizer(os.path.join(tiny_data, "tokenizer"))
+    rt = stack.Runtime(torch.device("cpu"), torch.float32, 0, 1, "sdpa")
+    torch.manual_seed(0)
+    model = stack.GPT(stack.ModelConfig.of(cfg, tok.vocab_size))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    loader = stack.PretrainLoader(stack.pretrain_shards(tiny_data, tok, "train"), tok, 0, 1)
+    stages, compiled = stack.scaled_stages(cfg), torch.compile(stack.train_loss)
+    stack.warm_up_compiled(compiled, model, cfg, rt, stages, loader, 0)
+    seen = []
+    for step, p, T, accum, grow, untie in stack.pretrain_steps(cfg, stages, 1):
+        if grow:
+            model.grow_window(*grow)
+        if untie:
+            model.untie()
+        batch = loader.fork().next_batch(T, p.max_doc_len, len(p.mtp_weights), "cpu")
+        w, windows = torch.tensor(p.mtp_weights), model.windows(p.short_window, p.long_window)
+        a, b = (fn(model, batch, windows, w, "sdpa", 1 / accum) for fn in (stack.train_loss, compiled))
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=0, msg=f"step {step}")
+        seen.append((grow is not None, untie, model.scale, model.is_tied))
+    assert any(g for g, *_ in seen) and any(u for _, u, *_ in seen)  # both changes happened inside the walk
+    assert len({s for *_, s, _ in seen}) == 2 and {t for *_, t in seen} == {True, False}
+
+
 def test_fp8_lm_head_path_matches_plain_matmul(stack, tiny_data, monkeypatch):
     """The FP8 lm_head (used on sm89+ GPUs) through torch._scaled_mm, which torch's CPU build also runs."""
     cfg = stack.parse_config(TINY_ARGS + ["--data-dir", tiny_data])
