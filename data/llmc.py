@@ -18,16 +18,19 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 
 import numpy as np
 
-from common import HEADER_INTS, TOKEN_FILE_MAGIC, TOKEN_FILE_VERSION, DataError, read_text, run_cli, sha256_file, write_json
+from common import DataError, read_text, run_cli, sha256_file, write_json
 from pretrain_shards import FORMAT_VERSION
 from tokenizer import Tokenizer, import_pickled
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from load_stack import load_stack  # noqa: E402  (the stack sits one folder up; its reader checks the shards)
+
 SHARD_NAME = re.compile(r"(?:^|_)(train|val)_\d+\.bin$")
-UINT16_IDS = 65536
 
 
 def find_shards(src, skip):
@@ -46,19 +49,15 @@ def find_shards(src, skip):
 
 
 def read_shard(path, vocab_size):
-    """An llm.c shard's tokens (memory-mapped) after its header, size and ids are checked against the tokenizer."""
-    size = os.path.getsize(path)
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    if size < HEADER_INTS * 4 or header[0] != TOKEN_FILE_MAGIC or header[1] != TOKEN_FILE_VERSION or header[3:].any():
-        raise DataError(f"{path}: not an llm.c shard (header: magic {TOKEN_FILE_MAGIC}, version {TOKEN_FILE_VERSION}, "
-                        "n_tokens, then zeros)")
-    n = int(header[2])
-    if size != HEADER_INTS * 4 + 2 * n:
-        raise DataError(f"{path}: header says {n} tokens ({HEADER_INTS * 4 + 2 * n} bytes), file has {size} bytes (truncated?)")
-    tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INTS * 4, shape=(n,)) if n else np.zeros(0, "<u2")
-    if n and int(tokens.max()) >= vocab_size:
-        raise DataError(f"{path}: token id {int(tokens.max())} >= vocab_size {vocab_size} of the tokenizer")
-    return tokens
+    """An llm.c shard's tokens (memory-mapped), read by the stack's own reader: magic, version, size and every id
+    against the tokenizer; words 3-5 of the header (bytes per token, vocab, BOS in ours) must be llm.c's zeros."""
+    if np.fromfile(path, dtype="<i4", count=6)[3:].any():
+        raise DataError(f"{path}: not an llm.c shard (its header records bytes per token, vocab and BOS: a token file "
+                        "of ours, which data/prepare.py's pretrain/ lists already)")
+    try:
+        return load_stack().read_token_file(path, vocab_size)
+    except load_stack().DataFormatError as e:
+        raise DataError(str(e)) from None
 
 
 def gpt2_tokenizer():
@@ -98,8 +97,6 @@ def convert(src, tokenizer, out=None, log=print):
     """Write out/tokenizer and out/pretrain (links to src's shards and their manifest); returns the shard rows."""
     out = out or src
     tok, target = load_tokenizer(tokenizer), os.path.abspath(os.path.join(out, "pretrain"))
-    if tok.vocab_size > UINT16_IDS:
-        raise DataError(f"{tokenizer}: vocab_size {tok.vocab_size}; an llm.c shard holds uint16 ids, which cannot reach it")
     check_config(src, tok)
     found = find_shards(src, skip=target)
     if os.path.isdir(target) and not all(os.path.islink(p) for p in glob.glob(os.path.join(target, "*.bin"))):

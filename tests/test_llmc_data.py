@@ -106,9 +106,12 @@ def test_what_does_not_convert_is_one_error_and_nothing_written(stack, tiny_data
     tokens[7] = tok.vocab_size + 3
     write_llmc(str(shard), tokens)
     error = one_error(convert(folder, "--tokenizer", os.path.join(tiny_data, "tokenizer")))
-    assert error == f"error: {shard}: token id {tok.vocab_size + 3} >= vocab_size {tok.vocab_size} of the tokenizer"
+    assert error == f"error: {shard}: token id {tok.vocab_size + 3} >= vocab_size {tok.vocab_size}"  # the stack's reader
     assert sorted(os.listdir(folder)) == sorted(p.name for p in folder.glob("fineweb_*.bin"))  # no tokenizer/, pretrain/
-    shard.write_bytes(np.zeros(256, "<i4").tobytes())  # magic 0: not an llm.c shard
+    shard.write_bytes(np.zeros(256, "<i4").tobytes())  # magic 0: not a token file at all
+    assert "bad magic 0" in one_error(convert(folder, "--tokenizer", os.path.join(tiny_data, "tokenizer")))
+    header = np.fromfile(os.path.join(tiny_data, "pretrain", "val_000000.bin"), dtype="<i4", count=256)
+    shard.write_bytes(header.tobytes() + b"\0" * (2 * int(header[2])))  # our header: words 3-5 set
     assert "not an llm.c shard" in one_error(convert(folder, "--tokenizer", os.path.join(tiny_data, "tokenizer")))
     ours = tmp_path / "ours"  # a prepared directory's own shards are never replaced by links
     shutil.copytree(tiny_data, ours)
