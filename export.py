@@ -3,9 +3,10 @@
     python export.py --preset cpu                                  # the run's latest checkpoint -> runs/cpu/hf
     python export.py --preset cpu --init-from CKPT --export-dir DIR --push-to-hub ORG/NAME
 
-The folder holds our weights as they are, the code that runs them (hf/modeling_decoderstack.py, copied as it is: it
-must stand alone for trust_remote_code, so it is a second implementation of the stack's GPT, which
-tests/test_export.py holds to the stack part by part and logit by logit), our tokenizer in the HF format with the
+The folder holds our weights as they are, the code that runs them (hf/modeling_decoderstack.py, or for the medium
+stack's checkpoints hf/modeling_decoderstack_medium.py, copied as it is: it must stand alone for trust_remote_code, so
+it is a second implementation of the stack's GPT, which tests/test_export.py and tests/test_medium.py hold to the stack
+logit by logit), our tokenizer in the HF format with the
 chat template (hf/chat_template.jinja), a generation config and a model card (hf/model_card.md). Neither this file
 nor the stack imports transformers. It takes the stack's flags (--preset, --data-dir, --run-dir, --init-from) and its
 own below (--help lists them).
@@ -22,8 +23,13 @@ from load_stack import load_stack
 
 ds = load_stack()
 HF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf")
-MODELING, CHAT_TEMPLATE, MODEL_CARD = (os.path.join(HF, name) for name in
-                                       ("modeling_decoderstack.py", "chat_template.jinja", "model_card.md"))
+CHAT_TEMPLATE, MODEL_CARD = (os.path.join(HF, name) for name in ("chat_template.jinja", "model_card.md"))
+# per stack (the checkpoint's, which load_stack picked): the modeling file, its model_type and classes
+ARCHITECTURES = {"small": ("modeling_decoderstack.py", "decoderstack", "DecoderStackConfig", "DecoderStackForCausalLM"),
+                 "medium": ("modeling_decoderstack_medium.py", "decoderstack_medium", "DecoderStackMediumConfig",
+                            "DecoderStackMediumForCausalLM")}
+MODELING_FILE, MODEL_TYPE, CONFIG_CLASS, MODEL_CLASS = ARCHITECTURES[getattr(ds, "STACK_NAME", "small")]
+MODELING = os.path.join(HF, MODELING_FILE)
 
 
 @dataclasses.dataclass
@@ -103,12 +109,12 @@ def hf_tokenizer_files(tokenizer):
 
 def hf_model_card(model_name, cfg):
     """README.md: what the model is and how transformers loads it (the Hub shows it as the model's page)."""
-    return read(MODEL_CARD).format(model_name=model_name, cfg=cfg)
+    return read(MODEL_CARD).format(model_name=model_name, cfg=cfg, modeling=MODELING_FILE)
 
 
 def export_hf(model, tokenizer, out_dir, model_name="decoderstack"):
-    """Write a Hugging Face folder of `model` to out_dir: config.json (the ModelConfig, auto_map to
-    modeling_decoderstack.py), model.safetensors (the state dict as it is), the modeling file, the tokenizer files,
+    """Write a Hugging Face folder of `model` to out_dir: config.json (the ModelConfig, auto_map to the stack's
+    modeling file), model.safetensors (the state dict as it is), the modeling file, the tokenizer files,
     generation_config.json (eos: the Engine's stops) and a model card. Written into out_dir.tmp and moved into place
     whole, so a failure leaves out_dir as it was (absent, or the previous export) and no .tmp. Returns
     {file name: bytes}."""
@@ -117,16 +123,16 @@ def export_hf(model, tokenizer, out_dir, model_name="decoderstack"):
         raise ExportError(f"{out_dir}: the model has {model.vocab_size} tokens, the tokenizer {tokenizer.vocab_size}")
     cfg, special = model.cfg, tokenizer.special
     stops = [special(name) for name in HF_STOPS]
-    config = {"architectures": ["DecoderStackForCausalLM"], "model_type": "decoderstack",
-              "auto_map": {"AutoConfig": "modeling_decoderstack.DecoderStackConfig",
-                           "AutoModelForCausalLM": "modeling_decoderstack.DecoderStackForCausalLM"},
+    module = MODELING_FILE.removesuffix(".py")
+    config = {"architectures": [MODEL_CLASS], "model_type": MODEL_TYPE,
+              "auto_map": {"AutoConfig": f"{module}.{CONFIG_CLASS}", "AutoModelForCausalLM": f"{module}.{MODEL_CLASS}"},
               **dataclasses.asdict(cfg), "bos_token_id": tokenizer.bos_id, "eos_token_id": stops, "dtype": "float32"}
     # pad = a stop: generate takes prompt tokens equal to a pad id that is no eos for padding (pad <|bos|> would
     # mask every document start)
     generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops, "pad_token_id": stops[0]}
     texts = {"config.json": json.dumps(config, indent=1) + "\n",
              "generation_config.json": json.dumps(generation, indent=1) + "\n",
-             "modeling_decoderstack.py": read(MODELING), "README.md": hf_model_card(model_name, cfg),
+             MODELING_FILE: read(MODELING), "README.md": hf_model_card(model_name, cfg),
              **hf_tokenizer_files(tokenizer)}
     out_dir = os.path.abspath(out_dir)
     tmp, old = out_dir + ".tmp", out_dir + ".old.tmp"  # .tmp: what claim_run_dir also clears as a crash's leftovers

@@ -2,7 +2,8 @@
 
     python bench/compare.py --data-dir runs/data [--core-max-per-task 50] [--train-tokens N --val-tokens N] [--out DIR]
 
-Trains one after another the main stack (--phases pt,eval), models/gpt2-adamw, models/nanochat,
+Trains one after another the main stack (--phases pt,eval), the medium stack (nanochat's GPT and recipe in the main
+stack's frame: its depth-4 cpu twin), models/gpt2-adamw, models/nanochat,
 models/modded-nanogpt and models/llama, each with --preset cpu (150 steps x 4,096 tokens = 614,400 tokens; val bpb
 over every val token once, and per val source), then CORE over the first --core-max-per-task examples of each task.
 About 30 minutes on 2 cores for the first four
@@ -22,6 +23,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STACKS = [  # name, script, extra arguments
     ("decoderstack", os.path.join(ROOT, "decoderstack_small_pt-eval-sft.py"), ["--phases", "pt,eval", "--wandb", "disabled"]),
+    ("medium", os.path.join(ROOT, "decoderstack_medium_pt-eval-sft.py"), ["--phases", "pt,eval", "--wandb", "disabled"]),
     ("gpt2-adamw", os.path.join(ROOT, "models", "gpt2-adamw", "train_gpt2.py"), []),
     ("nanochat", os.path.join(ROOT, "models", "nanochat", "train_nanochat.py"), []),
     ("modded-nanogpt", os.path.join(ROOT, "models", "modded-nanogpt", "train_modded.py"), []),
@@ -57,7 +59,7 @@ def main():
         out = os.path.abspath(args.out) if args.out else tmp
         for name, script, extra in STACKS:
             core = ["--core-max-per-task", str(args.core_max_per_task)]
-            if args.core_max_per_task == 0 and name == "decoderstack":
+            if args.core_max_per_task == 0 and name in ("decoderstack", "medium"):
                 extra = ["--phases", "pt", "--wandb", "disabled"]  # its eval phase is CORE (bpb comes with pt)
             print(f"training {name} ...", file=sys.stderr, flush=True)
             metrics, seconds = run(script, common + extra + core, os.path.join(out, name))

@@ -4,6 +4,7 @@
     python bench/gpu_check.py --data-dir runs/data  # train on prepared data instead of synthetic tokens
     python bench/gpu_check.py --only decode,fp8     # rerun some checks (the compile caches under OUT make it quick)
     python bench/gpu_check.py --device cpu          # a dry run of every check: small shapes, fp32, the interpreter
+    python bench/gpu_check.py --stack medium        # the medium stack (nanochat's d24) at its h100x8 shapes
 
 Checks, in the order of what their numbers are worth, each time-boxed (a check past its box is recorded as a timeout
 and the next one starts), with the results rewritten to OUT/gpu_check.json after each. It runs offline
@@ -13,7 +14,8 @@ same machine skips the compiles. A --budget below the boxes' sum shrinks the lat
                python versions, device, compute capability, native bf16, FP8, the attention backend "auto" picks and
                why each other one can't run (FlashAttention may be absent: nothing needs it)
   train        a compiled run of the h100x8 model (the gpu1 preset: one GPU) on its last stage's shapes, two graphs
-               (tied, then untied embeddings): tok/s, MFU, peak memory, loss falling, compile time
+               (tied, then untied embeddings; medium: d24 at batch 131,072): tok/s, MFU, peak memory, loss falling,
+               compile time
   kernels      every Triton kernel in bf16 against its fp32 PyTorch reference at the h100x8 shapes (Polar Express
                Gram matrices of the 8-rank shard, the ReLU^2 MLP forward and backward over 49,152 tokens, the
                softcapped cross-entropy over 49,152 x 50,304 > 2^31 logits), each timed against the reference
@@ -25,6 +27,8 @@ same machine skips the compiles. A --budget below the boxes' sum shrinks the lat
                or not: inductor's counters) and the server's batched requests: their logits, step by step on forced
                tokens, against the eager / alone forward (greedy tokens' agreement reported, not asserted); tok/s
   warmup       where time remains: the full four-stage schedule's compile warm-up (every graph variant) and run
+               (medium: one stage; a few steps of its real 2^20-token batch, 32 accumulated forwards)
+The medium stack (--stack medium) has no FP8 (its check is skipped) and its own shapes (SHAPES).
 
 The last lines are a table and a summary; the exit status is 1 if any check failed.
 """
@@ -46,17 +50,28 @@ import types
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STACK = os.path.join(ROOT, "decoderstack_small_pt-eval-sft.py")
 BOXES = dict(environment=30, train=300, kernels=90, fp8=60, attention=120, kv_cache=60, decode=120, warmup=300)  # seconds
 RESERVED = ("environment", "train")  # their boxes whatever the --budget: the numbers the first GPU hour is for
 NEEDS = dict(train=("tiktoken", "regex", "safetensors"), warmup=("tiktoken", "regex", "safetensors"))  # beyond torch
-VOCAB = 50257  # GPT-2's, as modded-nanogpt's record: lm_head rows padded to 50,304
+# Per stack, the h100x8 shapes the checks use: vocabulary (small: GPT-2's, as modded-nanogpt's record; medium:
+# nanochat's), one rank's Polar Express banks of the 8-rank run (medium: 96 (1536, 1536) and 24 (1536, 6144) matrices
+# over 8 ranks), one micro-batch's tokens x width, heads x head dim, windows.
+SHAPES = {"small": dict(vocab=50257, polar=((6, 768, 768), (2, 768, 3072)), mlp=(49152, 768), heads=(6, 128),
+                        windows=(128, 1664), fp8=True),
+          "medium": dict(vocab=32768, polar=((12, 1536, 1536), (3, 1536, 6144)), mlp=(32768, 1536), heads=(12, 128),
+                         windows=(768, 2048), fp8=False)}
+# the dry run's tiny models (--device cpu), on the cpu preset
+TINY_MODEL = {"small": ["--n-layers", "2", "--model-dim", "64", "--n-heads", "2", "--head-dim", "32",
+                        "--long-window-layers", "1", "--value-embed-layers", "0,1"],
+              "medium": ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-doc-len", "256",
+                         "--long-window", "256", "--short-window", "64"]}
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run (small, fp32)")
+    ap.add_argument("--stack", default="small", choices=list(SHAPES), help="which stack to check (default small)")
     ap.add_argument("--data-dir", default="", help="prepared data for the train check (default: synthetic tokens)")
     ap.add_argument("--out", default="runs/gpu_check", help="results (gpu_check.json), the runs, synthetic data, "
                     "compile caches")
@@ -164,8 +179,8 @@ def check_environment(ctx, res):
         env.update(name=props.name, capability=f"sm{props.major}{props.minor}", memory_gib=round(props.total_memory / 2**30, 1),
                    multiprocessors=props.multi_processor_count, cuda=torch.version.cuda,
                    peak_bf16_tflops=(stack.peak_flops(dev) or 0) / 1e12 or None)
-    env.update(native_bf16=stack.native_bf16(dev), fp8=stack.fp8_supported(dev), triton_kernels=stack.triton is not None
-               and dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 0),
+    env.update(native_bf16=stack.native_bf16(dev), fp8=hasattr(stack, "fp8_supported") and stack.fp8_supported(dev),
+               triton_kernels=stack.triton is not None and dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 0),
                activations=stack.pick_dtype(dev)[1])
     reasons = {name: stack._unavailable(name, dev) for name in stack.ATTENTION_BACKENDS}
     env["attention_auto"] = stack.select_attention_backend(dev)
@@ -193,8 +208,9 @@ def check_kernels(ctx, res):
     rand = lambda *shape, scale=1.0: (torch.randn(*shape, device=dev, generator=g) * scale)
     # Polar Express on one rank's shard of the h100x8 NorMuon banks: 44 attention matrices (768, 768) over 8 ranks,
     # 11 MLP matrices iterated as (768, 3072)
-    for name, shape in (("attn bank", (2, 64, 64) if small else (6, 768, 768)),
-                        ("mlp bank", (2, 64, 192) if small else (2, 768, 3072))):
+    shapes = ctx["shapes"]
+    for name, shape in (("attn bank", (2, 64, 64) if small else shapes["polar"][0]),
+                        ("mlp bank", (2, 64, 192) if small else shapes["polar"][1])):
         A = rand(*shape).to(dt)
         err = rel_error(stack.xxt_triton(A), stack.xxt_reference(A.float()))
         ms, ref_ms = timed_ms(torch, lambda: stack.xxt_triton(A), dev), timed_ms(torch, lambda: stack.xxt_reference(A), dev)
@@ -206,7 +222,7 @@ def check_kernels(ctx, res):
                       timed_ms(torch, lambda: stack.ba_plus_caa_reference(S, b, c), dev))
         res.add("kernels", f"ba_plus_caa {name} {tuple(S.shape)}", verdict(err, tol), error=err, ms=ms, speedup=ref_ms / ms)
     # the ReLU^2 MLP of one h100x8 micro-batch: 49,152 tokens, 768 -> 3072 -> 768; fp32 weights as the model keeps
-    T, dim = (256, 64) if small else (49152, 768)
+    T, dim = (256, 64) if small else shapes["mlp"]
     x = rand(T, dim).to(dt).requires_grad_()
     w_fc, w_proj = rand(4 * dim, dim, scale=dim ** -0.5).requires_grad_(), rand(dim, 4 * dim, scale=(4 * dim) ** -0.5).requires_grad_()
     grad = rand(T, dim).to(dt)
@@ -224,7 +240,7 @@ def check_kernels(ctx, res):
             + " ".join(f"{e:.1e}" for e in errors), error=max(errors), ms=ms, speedup=ref_ms / ms)
     del x, w_fc, w_proj, grad, out, got, leaves, ref, want
     # softcapped MTP cross-entropy over one micro-batch's logits: 49,152 x 50,304 = 2.47e9 elements, past 2^31
-    n, v, k = (300, 1000, 3) if small else (49152, 50304, 3)
+    n, v, k = (300, 1000, 3) if small else (shapes["mlp"][0], -(-shapes["vocab"] // 128) * 128, 3)
     logits = rand(n, v, scale=4.0).to(dt)
     targets = torch.randint(0, v, (n, k), device=dev, generator=g)
     targets[::7, 2] = -1
@@ -252,6 +268,9 @@ def check_kernels(ctx, res):
 
 def check_fp8(ctx, res):
     torch, stack, dev, small = ctx["torch"], ctx["stack"], ctx["device"], ctx["small"]
+    if not ctx["shapes"]["fp8"]:
+        res.add("fp8", "lm_head", "skip", "this stack has no FP8")
+        return
     if dev.type == "cuda" and not stack.fp8_supported(dev):
         res.add("fp8", "lm_head", "skip", "FP8 needs sm89+")
         return
@@ -295,7 +314,7 @@ def random_documents(torch, stack, dev, T, max_len, seed=2):
 
 def check_attention(ctx, res):
     torch, stack, dev, small = ctx["torch"], ctx["stack"], ctx["device"], ctx["small"]
-    T, H, D, max_len = (768, 2, 32, 300) if small else (16384, 6, 128, 2048)
+    T, H, D, max_len = (768, 2, 32, 300) if small else (16384, *ctx["shapes"]["heads"], 2048)
     dt = torch.float32 if small else torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(3)
     q, k, v = (torch.randn(T, H, D, device=dev, generator=g).to(dt) for _ in range(3))
@@ -303,7 +322,7 @@ def check_attention(ctx, res):
     cu, _ = random_documents(torch, stack, dev, T, max_len)
     backends = ["sdpa"] + [b for b in ("flex", "fa3", "fa2") if stack._unavailable(b, dev) is None]
     skipped = {b: stack._unavailable(b, dev) for b in ("flex", "fa3", "fa2") if b not in backends}
-    for window in (128, 1664, None):
+    for window in (*ctx["shapes"]["windows"], None):
         w = None if window is None else min(window, max_len)
         leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
         ref = stack.attention_reference(*leaves, cu, w, D ** -0.5)
@@ -331,7 +350,7 @@ def check_kv_cache(ctx, res):
     # SDPA anyway, and compiling flex here would spend the box)
     packed_rt = stack.Runtime(dev, rt.dtype, 0, 1, rt.backend if rt.backend in ("fa3", "fa2") else "sdpa")
     torch.manual_seed(0)
-    model = stack.GPT(stack.ModelConfig.of(cfg, 1000 if small else VOCAB)).to(dev)
+    model = stack.GPT(stack.ModelConfig.of(cfg, 1000 if small else ctx["shapes"]["vocab"])).to(dev)
     with torch.no_grad():  # off the zero init, so attention and the MLPs shape the logits
         for name, p in model.named_parameters():
             if name.endswith((".o", ".proj")) or name == "bigram_embed":
@@ -407,7 +426,7 @@ def check_decode(ctx, res):
     cfg = stack.parse_config(["--preset", "cpu" if small else "h100x8"])
     rt = stack.Runtime(dev, torch.float32 if small else torch.bfloat16, 0, 1, stack.select_attention_backend(dev))
     torch.manual_seed(0)
-    model = stack.GPT(stack.ModelConfig.of(cfg, 1000 if small else VOCAB)).to(dev).eval()
+    model = stack.GPT(stack.ModelConfig.of(cfg, 1000 if small else ctx["shapes"]["vocab"])).to(dev).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith((".o", ".proj")) or name == "bigram_embed":
@@ -537,22 +556,28 @@ def run_pretraining(ctx, res, check, schedule):
     stack, small, args = ctx["stack"], ctx["small"], ctx["args"]
     run_dir = os.path.join(args.out, check)
     preset = "cpu" if small else "gpu1"
-    cfg = stack.parse_config(["--preset", preset])
-    stages = schedule(cfg.stages)
-    n_train = sum(s["steps"] * s["batch_tokens"] for s in stages) + (1 << 20)
-    data = args.data_dir or synthetic_data(os.path.join(args.out, "synthetic-data"), 1024 if small else VOCAB, n_train,
+    cfg = stack.parse_config(["--preset", preset, *(TINY_MODEL[args.stack] if small else [])])
+    if hasattr(cfg, "stages"):  # the small stack: its schedule as data
+        stages = schedule(cfg.stages)
+        steps, n_train = sum(s["steps"] for s in stages), sum(s["steps"] * s["batch_tokens"] for s in stages)
+        flags = ["--stages", json.dumps(stages)]
+    else:  # the medium: one stage, the steps and batch the check asks for
+        steps, batch = schedule(None)
+        n_train, flags = steps * batch, ["--train-tokens", str(steps * batch), "--batch-tokens", str(batch),
+                                         "--lr-warmup-steps", "2", "--momentum-warmup", str(steps)]
+    data = args.data_dir or synthetic_data(os.path.join(args.out, "synthetic-data"),
+                                           1024 if small else ctx["shapes"]["vocab"], n_train + (1 << 20),
                                            1 << (17 if small else 21))
-    cmd = [sys.executable, STACK, "--preset", preset, "--data-dir", data, "--run-dir", run_dir, "--phases", "pt",
-           "--stages", json.dumps(stages), "--val-every", str(sum(s["steps"] for s in stages) // 2), "--checkpoint-every", "0",
+    cmd = [sys.executable, stack.__file__, "--preset", preset, "--data-dir", data, "--run-dir", run_dir, "--phases",
+           "pt", *flags, "--val-every", str(steps // 2), "--checkpoint-every", "0",
            "--val-tokens", str(1 << (15 if small else 20)), "--log-every", "4", "--wandb", "disabled"]
     if small:
-        cmd += ["--n-layers", "2", "--model-dim", "64", "--n-heads", "2", "--head-dim", "32", "--long-window-layers", "1",
-                "--value-embed-layers", "0,1", "--no-compile"]
+        cmd += [*TINY_MODEL[args.stack], "--no-compile"]
     shutil.rmtree(run_dir, ignore_errors=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("TRITON_INTERPRET", None)
     left = max(10, ctx["box"] - 5 - int(time.time() - ctx["check_started"]))
-    label = f"{preset} model, {sum(s['steps'] for s in stages)} steps"
+    label = f"{preset} model, {steps} steps"
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired as e:
@@ -577,12 +602,14 @@ def run_pretraining(ctx, res, check, schedule):
 
 def check_train(ctx, res):
     steps = 16 if ctx["small"] else ctx["args"].train_steps
-    run_pretraining(ctx, res, "train", lambda stages: last_stage_schedule(stages, steps))
+    medium = (steps, 4096 if ctx["small"] else 131072)  # 4 forwards of 32,768 tokens a step
+    run_pretraining(ctx, res, "train", lambda stages: medium if stages is None else last_stage_schedule(stages, steps))
 
 
 def check_warmup(ctx, res):
     steps = 6 if ctx["small"] else ctx["args"].warmup_steps
-    run_pretraining(ctx, res, "warmup", lambda stages: short_schedule(stages, steps))
+    medium = (4, 8192) if ctx["small"] else (6, 1 << 20)  # a few of the preset's real steps
+    run_pretraining(ctx, res, "warmup", lambda stages: medium if stages is None else short_schedule(stages, steps))
 
 
 CHECKS = dict(environment=check_environment, train=check_train, kernels=check_kernels, fp8=check_fp8,
@@ -605,7 +632,7 @@ def main(argv=None):
         import torch
         sys.path.insert(0, ROOT)
         from load_stack import load_stack
-        stack = load_stack()
+        stack = load_stack(None if args.stack == "small" else args.stack)  # small: DECODERSTACK_STACK may name a copy
     except Exception as e:  # e.g. a torch or triton without something the stack uses
         res.add("environment", "import the stack", "FAIL", f"{type(e).__name__}: {e}")
         print(res.table())
@@ -617,7 +644,7 @@ def main(argv=None):
     if unknown := set(only) - set(CHECKS):
         sys.exit(f"gpu_check: unknown check(s) {', '.join(sorted(unknown))}; choose from {', '.join(CHECKS)}")
     missing = [m for m in sorted({m for modules in NEEDS.values() for m in modules}) if importlib.util.find_spec(m) is None]
-    ctx = dict(torch=torch, stack=stack, device=device, small=small, args=args, missing=missing)
+    ctx = dict(torch=torch, stack=stack, device=device, small=small, args=args, missing=missing, shapes=SHAPES[args.stack])
     for name in [c for c in CHECKS if c in only or not only]:
         ctx["check_started"], before = time.time(), len(res.rows)
         left = int(args.budget - (time.time() - res.started))

@@ -13,7 +13,7 @@ import core_shards
 from conftest import ROOT
 from test_core_eval import MAX_LEN, TASKS, write_bundle
 
-STACKS = ["decoderstack", "gpt2-adamw", "nanochat", "modded-nanogpt", "llama"]
+STACKS = ["decoderstack", "medium", "gpt2-adamw", "nanochat", "modded-nanogpt", "llama"]
 
 
 # every stack at its cpu preset's model size, three steps each (the main stack's stages)

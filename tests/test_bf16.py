@@ -4,7 +4,8 @@ in fp32), every Triton launcher forced on (under TRITON_INTERPRET=1; the stack u
 the interpreter's bf16 tl.dot is wrong), FlashAttention 3 through the stand-ins with FA's exact signatures and dtype
 rules, the FP8 lm_head through torch's CPU _scaled_mm. Every kernel and attention call must receive one dtype, bf16,
 and nothing may raise. Then every Triton kernel is compiled ahead of time for sm80 and sm90 with exactly the
-signatures recorded in that run. bf16 is 50-150x slower than fp32 on these CPUs: the model and runs are tiny."""
+signatures recorded in that run. Both stacks, each with its own tiny model (the medium has no FP8 head). bf16 is
+50-150x slower than fp32 on these CPUs: the model and runs are tiny."""
 import inspect
 import json
 import math
@@ -22,17 +23,23 @@ import torch
 import torch.nn.functional as F
 
 from conftest import STACK_PATH, TINY_ARGS, UNINTERPRETED_STACK, unstamped, write_eval_sources
+from load_stack import load_stack
+from test_medium import MEDIUM_PATH, MEDIUM_TINY
 from test_attention import make_standins
 from test_engine import kvcache_standins
 from test_sft import conversations
 
 KERNELS = ("_sym_matmul_kernel", "_relu2_matmul_kernel", "_softcap_ce_kernel")
 # 3 steps of 512 tokens: the long window grows before step 1 (YaRN), embed and lm_head untie at step 2
-BF16_ARGS = ["--stages", "[[1, 512, 128, 32, 64, 1.0, [1, 0.5], [1, 0.5]], [2, 512, 128, 32, 128, 1.0, [1], [1]]]",
-             "--val-tokens", "512", "--checkpoint-every", "0", "--sft-steps", "2", "--sft-batch-tokens", "512",
+BF16_ARGS = ["--val-tokens", "512", "--checkpoint-every", "0", "--sft-steps", "2", "--sft-batch-tokens", "512",
              "--sft-eval-every", "1", "--sft-val-tokens", "512", "--sft-momentum-warmup", "1", "--rl-steps", "1",
              "--rl-questions-per-step", "1", "--rl-samples", "2", "--rl-max-new-tokens", "4", "--rl-batch-tokens", "512",
              "--rl-eval-every", "1", "--rl-eval-questions", "1", "--rl-eval-samples", "2", "--no-compile"]
+# per stack: its tiny model, 3 steps of 512 tokens (small: the long window grows before step 1 (YaRN), embed and
+# lm_head untie at step 2), its file
+STACK_RUNS = {"small": (TINY_ARGS + ["--stages", "[[1, 512, 128, 32, 64, 1.0, [1, 0.5], [1, 0.5]], [2, 512, 128, 32, 128, "
+                                     "1.0, [1], [1]]]"], STACK_PATH),
+              "medium": (MEDIUM_TINY + ["--train-tokens", "1536", "--batch-tokens", "512"], MEDIUM_PATH)}
 
 
 def triton_type(value):
@@ -81,8 +88,8 @@ def bf16_data(tiny_data, tok_dir, tmp_path_factory):
     return data
 
 
-def run_phases(stack, data, run_dir, rt, phases):
-    cfg = stack.parse_config(TINY_ARGS + BF16_ARGS + ["--data-dir", str(data), "--run-dir", str(run_dir)])
+def run_phases(stack, data, run_dir, rt, phases, args):
+    cfg = stack.parse_config(args + BF16_ARGS + ["--data-dir", str(data), "--run-dir", str(run_dir)])
     log = stack.Logger(cfg, rt)
     for phase in phases:
         stack.PHASES[phase](cfg, rt, log)
@@ -93,12 +100,15 @@ def first_loss(run_dir):
     return float(re.search(r"^step 1/3 loss (\S+)", unstamped(open(run_dir / "log.txt").read()), re.M).group(1))
 
 
-@pytest.fixture(scope="module")
-def gpu_like_run(stack, bf16_data, tmp_path_factory):
+@pytest.fixture(scope="module", params=list(STACK_RUNS))
+def gpu_like_run(request, bf16_data, tmp_path_factory):
     """Every phase on CPU as it runs on an H100; returns what each kernel and attention call received."""
+    stack = load_stack(None if request.param == "small" else request.param)  # small: DECODERSTACK_STACK's copy
+    args, path = STACK_RUNS[request.param]
     if stack.triton is None:
         pytest.skip("triton is not installed")
-    calls = dict(kernels=[], attention=[], kvcache=[], fp8=[], rms_norm=[], norm=[], branch_attention=[])
+    calls = dict(kernels=[], attention=[], kvcache=[], fp8=[], rms_norm=[], norm=[], branch_attention=[],
+                 stack=request.param, path=path)
     varlen, kvcache = make_standins(stack, [], False)["fa3"], kvcache_standins([])["fa3"]
 
     def fa3_varlen(q, k, v, *args, **kwargs):
@@ -111,7 +121,7 @@ def gpu_like_run(stack, bf16_data, tmp_path_factory):
         calls["kvcache"].append((q.dtype, k_cache.dtype, v_cache.dtype))  # read-only: the new keys are in the cache
         return kvcache(q, k_cache, v_cache, k, v, **kwargs)
 
-    real_rms_norm, real_fp8, real_norm = F.rms_norm, stack.fp8_linear, stack.norm
+    real_rms_norm, real_fp8, real_norm = F.rms_norm, getattr(stack, "fp8_linear", None), stack.norm
 
     def cuda_rms_norm(x, shape, weight=None, eps=None):  # CUDA autocast (torch >= 2.12): rms_norm in fp32
         calls["rms_norm"].append(x.dtype)
@@ -136,11 +146,12 @@ def gpu_like_run(stack, bf16_data, tmp_path_factory):
         mp.setitem(stack._FLASH, "fa3", types.SimpleNamespace(flash_attn_varlen_func=fa3_varlen,
                                                                 flash_attn_with_kvcache=fa3_kvcache))
         mp.setattr(torch.nn.functional, "rms_norm", cuda_rms_norm)
-        mp.setattr(stack, "fp8_supported", lambda device: True)
-        mp.setattr(stack, "fp8_linear", fp8_linear)
+        if real_fp8 is not None:  # the small stack's FP8 head
+            mp.setattr(stack, "fp8_supported", lambda device: True)
+            mp.setattr(stack, "fp8_linear", fp8_linear)
         mp.setattr(stack, "norm", norm)
         rt = stack.Runtime(torch.device("cpu"), torch.bfloat16, 0, 1, "fa3")
-        cfg = run_phases(stack, bf16_data, root / "run", rt, ["pt", "sft", "rl"])
+        cfg = run_phases(stack, bf16_data, root / "run", rt, ["pt", "sft", "rl"], args)
         # the packed eval forward (CORE, chat eval, bpb) and prefill + decode with the KV cache
         tok = stack.Tokenizer(str(bf16_data / "tokenizer"))
         model, _, _ = stack.trained_model(cfg, rt)
@@ -150,7 +161,7 @@ def gpu_like_run(stack, bf16_data, tmp_path_factory):
         calls["core"] = stack.core_scores_packed(model, seqs, rt, windows)
         calls["samples"] = stack.Engine(model, tok, windows, rt).generate([seqs[0][0].tolist()], 2, 5, temperature=1.0)
     fp32 = stack.Runtime(torch.device("cpu"), torch.float32, 0, 1, "sdpa")
-    run_phases(stack, bf16_data, root / "fp32", fp32, ["pt"])
+    run_phases(stack, bf16_data, root / "fp32", fp32, ["pt"], args)
     calls["first_losses"] = first_loss(root / "run"), first_loss(root / "fp32")
     calls["metrics"] = json.load(open(root / "run" / "metrics.json"))
     return calls
@@ -176,7 +187,10 @@ def test_every_attention_call_gets_bf16(gpu_like_run):
 
 
 def test_fp8_head_writes_bf16_and_norms_see_bf16(gpu_like_run):
-    assert gpu_like_run["fp8"] and set(gpu_like_run["fp8"]) == {(torch.bfloat16, torch.bfloat16)}
+    if gpu_like_run["stack"] == "small":
+        assert gpu_like_run["fp8"] and set(gpu_like_run["fp8"]) == {(torch.bfloat16, torch.bfloat16)}
+    else:
+        assert gpu_like_run["fp8"] == []  # the medium stack has no FP8
     # the residual stream is bf16 from the embeddings on: every norm's input is (the QK-norm's too) ...
     assert gpu_like_run["norm"] and set(gpu_like_run["norm"]) == {torch.bfloat16}
     # ... and norm() upcasts for rms_norm itself, so CUDA's fp32 rms_norm and CPU's bf16 one give the same dtypes
@@ -187,7 +201,7 @@ def test_phases_finish_and_compute_what_fp32_computes(gpu_like_run):
     m = gpu_like_run["metrics"]
     assert math.isfinite(m["val_bpb"]) and math.isfinite(m["sft_val_loss"]) and len(m["rl_reward"]) == 1
     bf16, fp32 = gpu_like_run["first_losses"]
-    assert bf16 == pytest.approx(fp32, rel=0.02)  # same weights, same batch; bf16 activations and an FP8 head
+    assert bf16 == pytest.approx(fp32, rel=0.02)  # same weights, same batch; bf16 activations (small: an FP8 head)
     assert all(math.isfinite(loss) for loss, _ in gpu_like_run["core"])
     assert len(gpu_like_run["samples"][0]) == 2 and all(1 <= len(s.tokens) <= 5 for s in gpu_like_run["samples"][0])
 
@@ -222,13 +236,62 @@ def test_recorded_kernels_compile_for_sm80_and_sm90(gpu_like_run, tmp_path):
     (tmp_path / "launches.json").write_text(json.dumps(launches))
     env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton-cache"), "TRITON_DEFAULT_FP_FUSION": "1"}
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-c", AOT_RECORDED, STACK_PATH, str(tmp_path / "launches.json")], env=env,
+    proc = subprocess.run([sys.executable, "-c", AOT_RECORDED, gpu_like_run["path"], str(tmp_path / "launches.json")], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     compiled = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(compiled) == 2 * len(launches) and {c["kernel"] for c in compiled} == set(KERNELS)
     assert all(c["ptx"] > 0 for c in compiled)
     assert max(c["shared"] for c in compiled) <= 99 * 1024  # fits an sm86/sm89 block's shared memory
+
+
+class ShapeRecorder(RecordingKernel):
+    """Records a launch's signature like RecordingKernel and launches nothing: the launchers run on meta tensors."""
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+            constexprs = {k: v for k, v in kwargs.items() if k not in options}
+            self.calls.append(dict(kernel=self.name, signature={n: triton_type(a) for n, a in zip(self.arg_names, args)},
+                                   constexprs=constexprs, options=options))
+        return launch
+
+
+@pytest.mark.parametrize("name", list(STACK_RUNS))
+def test_kernels_compile_for_sm80_and_sm90_at_the_h100x8_shapes(name, monkeypatch, tmp_path):
+    """Every kernel's launcher, forward and backward, on meta tensors of the stack's h100x8 shapes (gpu_check's SHAPES:
+    one rank's Polar Express banks, a micro-batch's MLP and logits; for the small stack past 2^31 logits), recorded
+    and compiled for sm80 and sm90 as launched: the integer types, block sizes and warps of the real run."""
+    from gpu_check import SHAPES
+    stack = load_stack(None if name == "small" else name)
+    if stack.triton is None:
+        pytest.skip("triton is not installed")
+    shapes, calls = SHAPES[name], []
+    for kernel in KERNELS:
+        monkeypatch.setattr(stack, kernel, ShapeRecorder(kernel, getattr(stack, kernel), calls))
+    T, dim = shapes["mlp"]
+    k = 3 if name == "small" else 1  # MTP horizons of the first stage; the medium trains next-token only
+    with torch.device("meta"):
+        for shape in shapes["polar"]:
+            gram = stack.xxt_triton(torch.empty(shape, dtype=torch.bfloat16))
+            stack.ba_plus_caa_triton(gram, -2.8, 0.5)
+        x = torch.empty(T, dim, dtype=torch.bfloat16, requires_grad=True)
+        w_fc, w_proj = torch.empty(4 * dim, dim, requires_grad=True), torch.empty(dim, 4 * dim, requires_grad=True)
+        stack.relu2_mlp_triton(x, w_fc, w_proj).sum().backward()
+        z = torch.empty(T, -(-shapes["vocab"] // 128) * 128, dtype=torch.bfloat16, requires_grad=True)
+        stack.softcap_cross_entropy_triton(z, torch.zeros(T, k, dtype=torch.long), torch.ones(k)).sum().backward()
+    # per bank xxt and ba_plus_caa; the MLP forward and backward; the cross-entropy
+    assert {c["kernel"] for c in calls} == set(KERNELS) and len(calls) == 2 * len(shapes["polar"]) + 3
+    launches = [json.loads(u) for u in sorted({json.dumps(c, sort_keys=True) for c in calls})]
+    (tmp_path / "launches.json").write_text(json.dumps(launches))
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton-cache"), "TRITON_DEFAULT_FP_FUSION": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", AOT_RECORDED, STACK_RUNS[name][1], str(tmp_path / "launches.json")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    compiled = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(compiled) == 2 * len(launches) and all(c["ptx"] > 0 for c in compiled)
+    assert max(c["shared"] for c in compiled) <= 99 * 1024
 
 
 # ---- which dtype a GPU gets ------------------------------------------------------------------------------------------

@@ -47,6 +47,22 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
 
 
 @pytest.mark.slow
+def test_gpu_check_dry_run_of_the_medium_stack(tmp_path):
+    """--stack medium: every check on the medium stack's model (its cpu twin here), FP8's said to be absent there."""
+    out = subprocess.run([sys.executable, SCRIPT, "--device", "cpu", "--stack", "medium", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900, env=ENV, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = json.load(open(tmp_path / "gpu_check.json"))["rows"]
+    assert {r["item"]: r["detail"] for r in rows if r["status"] == "skip"} == {
+        "lm_head": "this stack has no FP8", **{b: next(r["detail"] for r in rows if r["item"] == b) for b in ("flex", "fa3", "fa2")}}
+    assert all(r["status"] in ("ok", "skip") for r in rows) and len([r for r in rows if r["check"] == "kernels"]) == 6
+    runs = {r["check"]: r for r in rows if r["check"] in ("train", "warmup")}
+    assert "16 steps" in runs["train"]["item"] and "4 steps" in runs["warmup"]["item"]
+    assert all(r["tok_per_s"] > 0 for r in runs.values())
+    assert out.stdout.strip().splitlines()[-1].startswith("gpu_check: 17 ok, 0 failed, 0 timed out, 4 skipped, 0 cut")
+
+
+@pytest.mark.slow
 def test_a_tiny_budget_still_trains(tmp_path):
     """--budget 60: environment and train get their boxes; the later checks get what is left or are skipped."""
     out = subprocess.run([sys.executable, SCRIPT, "--device", "cpu", "--out", str(tmp_path), "--budget", "60"],

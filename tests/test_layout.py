@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from conftest import ROOT, STACK_PATH, TINY_ARGS, unstamped
+from load_stack import STACKS
 from test_report import data_for_every_phase
 from test_rl import RL_ARGS
 from test_sft import SFT_ARGS
@@ -44,10 +45,11 @@ FLAGS_BEFORE = json.loads("""{"preset": "h100x8", "data_dir": "runs/data", "voca
 "sft_val_tokens": 4194304, "sft_chat_max_per_task": 0, "export_dir": "", "push_to_hub": ""}""")
 
 
-def test_the_stack_imports_nothing_beside_it_and_keeps_no_code_in_strings():
+@pytest.mark.parametrize("path", [STACK_PATH, STACKS["medium"]], ids=["small", "medium"])
+def test_the_stack_imports_nothing_beside_it_and_keeps_no_code_in_strings(path):
     """Serving, export and the report import the stack, never the other way; code lives in files (chat.html,
     hf/), not in the stack's strings: none spans more than LONGEST_STRING lines but docstrings."""
-    tree = ast.parse(open(STACK_PATH, encoding="utf-8").read())
+    tree = ast.parse(open(path, encoding="utf-8").read())
     imported, docstrings = set(), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -139,8 +141,11 @@ def test_the_stack_alone_runs_every_phase(tiny_data, tok_dir, tmp_path):
 
 
 def latest_record_stack():
-    records = sorted(glob.glob(os.path.join(ROOT, "baselines", "*", "record.json")))
-    return os.path.join(os.path.dirname(records[-1]), json.load(open(records[-1]))["script"])
+    """The frozen stack of the latest record of this stack (the medium track's records hold the other file)."""
+    records = [(path, json.load(open(path)))
+               for path in sorted(glob.glob(os.path.join(ROOT, "baselines", "*", "record.json")))]
+    path, meta = [(p, m) for p, m in records if m["script"] == os.path.basename(STACK_PATH)][-1]
+    return os.path.join(os.path.dirname(path), meta["script"])
 
 
 @pytest.mark.slow
