@@ -228,7 +228,11 @@ class Config:
     def n_heads(self):
         return self.model_dim // self.head_dim
 
+GPT2_CORE = 0.256525  # the track's target: GPT-2 (1.6B)'s DCLM CORE, nanochat's time-to-GPT-2 bar
+
 PRESETS = {  # flag name -> value
+    # the leaderboard run: d24 on one 8xH100 node, its tokens and batch from the rules (5,568 steps of 2^20 tokens at
+    # nanochat's 32,768-token vocabulary); done when CORE over every example beats GPT2_CORE
     "h100x8": dict(run_dir="runs/medium-h100x8"),
     # the same model, batch and tokens on one GPU: 8x the forwards per step, about 8x the time
     "gpu1": dict(run_dir="runs/medium-gpu1"),
@@ -2470,6 +2474,9 @@ def phase_eval(cfg, rt, log):
         core = load_core(cfg.data_dir, tokenizer)
         out = evaluate_core(model, core, rt, windows, cfg.core_max_per_task, cfg.core_batch_tokens, log)
         log(task_table(out, core.tasks, "label", "CORE"))
+        log(f"CORE {out['core']:.4f} {'beats' if out['core'] > GPT2_CORE else 'is below'} GPT-2's {GPT2_CORE}, the track's "
+            "target" + ("" if cfg.core_max_per_task < 0 else f" (over {cfg.core_max_per_task} examples per task, not "
+                                                              "every one: no claim)"))
         metrics.update({"core": out["core"], "core_per_task": out["centered"], "core_max_per_task": cfg.core_max_per_task})
         if rt.master:  # what each example got, for reading one task closely
             write_text_atomic(os.path.join(cfg.run_dir, "core_examples.jsonl"), "".join(

@@ -59,7 +59,7 @@ def test_gpu_check_dry_run_of_the_medium_stack(tmp_path):
     runs = {r["check"]: r for r in rows if r["check"] in ("train", "warmup")}
     assert "16 steps" in runs["train"]["item"] and "4 steps" in runs["warmup"]["item"]
     assert all(r["tok_per_s"] > 0 for r in runs.values())
-    assert out.stdout.strip().splitlines()[-1].startswith("gpu_check: 17 ok, 0 failed, 0 timed out, 4 skipped, 0 cut")
+    assert out.stdout.strip().splitlines()[-1].startswith("gpu_check: 20 ok, 0 failed, 0 timed out, 4 skipped, 0 cut")
 
 
 @pytest.mark.slow

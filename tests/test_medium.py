@@ -274,6 +274,8 @@ def test_the_medium_stack_alone_runs_every_phase(medium_run):
     log = unstamped((run / "log.txt").read_text())
     assert re.search(r"^scaling rules \(reference d2\): [\d,]+ scaling parameters, 8,192 tokens .* batch 1,024, 8 steps, "
                      r"lrs x 1\.0000, Muon weight decay 0\.2800$", log, re.M), log[:3000]
+    assert re.search(r"^CORE -?[\d.]+ (?:beats|is below) GPT-2's 0\.256525, the track's target \(over 4 examples per task, "
+                     r"not every one: no claim\)$", log, re.M)
     losses = [float(x) for x in re.findall(r"^step \d+/8 loss (\S+)", log, re.M)]
     assert len(losses) == 8 and losses[-1] < losses[0]  # it learns
     for name in ("latest_pt", "latest_sft", "latest_rl"):
