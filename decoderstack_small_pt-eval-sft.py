@@ -1929,7 +1929,6 @@ def record_phase_time(cfg, rt, phase, checkpoint, seconds, header):
 CHECKPOINT_PREFIX = {"pt": "ckpt_", "sft": "sft_ckpt_", "rl": "rl_ckpt_"}  # RUN_DIR/<prefix><step>/, in phase order
 CURVE_PHASES = {"train": "pt", "val": "pt", "sft": "sft", "rl": "rl"}  # curves.jsonl's "<group>/<name>" -> phase
 CHECKPOINT_FILES = ("model.safetensors", "optim.pt")
-STACK_NAME = "small"  # state.json's "stack": whose model a checkpoint holds (load_stack.py picks the stack by it)
 
 class CheckpointError(DataFormatError):
     """A checkpoint or run directory problem: missing, truncated, corrupt, unwritable, in use; the message names it."""
@@ -1958,7 +1957,7 @@ def save_checkpoint(cfg, rt, step, model, opt, extra_state, phase="pt"):
             torch.save(opt_state, os.path.join(tmp, "optim.pt"))
             files = {name: sha256_file(os.path.join(tmp, name)) for name in CHECKPOINT_FILES}
             with open(os.path.join(tmp, "state.json"), "w") as f:
-                json.dump({"stack": STACK_NAME, "step": step, "phase": phase, "loader": extra_state, "model": dataclasses.asdict(model.cfg),
+                json.dump({"step": step, "phase": phase, "loader": extra_state, "model": dataclasses.asdict(model.cfg),
                            "run": dataclasses.asdict(cfg), "files": files}, f, indent=1)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -1987,9 +1986,6 @@ def verify_checkpoint(path, files):
     if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("model"), dict)):
         raise CheckpointError(f"{where}: not a checkpoint's state (step, model); checkpoints written before "
                               "2026-12-01 carry no model and are not read")
-    if (stack := state.get("stack", "small")) != STACK_NAME:  # written before the medium stack: the small one's
-        raise CheckpointError(f"{where}: written by the {stack} stack (decoderstack_{stack}_pt-eval-sft.py), not this "
-                              f"{STACK_NAME} one: run that one (serve.py, export.py, chat_cli.py pick it themselves)")
     for name in files:
         file = os.path.join(path, name)
         if not os.path.isfile(file):

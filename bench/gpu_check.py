@@ -550,9 +550,10 @@ def last_stage_schedule(stages, steps):
     return [{**last, "steps": steps, "mtp_start": last["mtp_end"]}]
 
 
-def run_pretraining(ctx, res, check, schedule):
-    """The stack's pt phase on the preset's model (gpu1 on a GPU; a 2-layer cpu one in the dry run) over `schedule`,
-    compiled on a GPU, in a child process within the check's box; one row: loss, val bpb, tok/s, MFU, compile, memory."""
+def run_pretraining(ctx, res, check, schedule, medium_steps):
+    """The stack's pt phase on the preset's model (gpu1 on a GPU; a 2-layer cpu one in the dry run), compiled on a GPU,
+    in a child process within the check's box; one row: loss, val bpb, tok/s, MFU, compile, memory. The small stack
+    trains over schedule(its stages); the medium (one stage) for medium_steps = (steps, batch tokens)."""
     stack, small, args = ctx["stack"], ctx["small"], ctx["args"]
     run_dir = os.path.join(args.out, check)
     preset = "cpu" if small else "gpu1"
@@ -562,7 +563,7 @@ def run_pretraining(ctx, res, check, schedule):
         steps, n_train = sum(s["steps"] for s in stages), sum(s["steps"] * s["batch_tokens"] for s in stages)
         flags = ["--stages", json.dumps(stages)]
     else:  # the medium: one stage, the steps and batch the check asks for
-        steps, batch = schedule(None)
+        steps, batch = medium_steps
         n_train, flags = steps * batch, ["--train-tokens", str(steps * batch), "--batch-tokens", str(batch),
                                          "--lr-warmup-steps", "2", "--momentum-warmup", str(steps)]
     data = args.data_dir or synthetic_data(os.path.join(args.out, "synthetic-data"),
@@ -602,14 +603,14 @@ def run_pretraining(ctx, res, check, schedule):
 
 def check_train(ctx, res):
     steps = 16 if ctx["small"] else ctx["args"].train_steps
-    medium = (steps, 4096 if ctx["small"] else 131072)  # 4 forwards of 32,768 tokens a step
-    run_pretraining(ctx, res, "train", lambda stages: medium if stages is None else last_stage_schedule(stages, steps))
+    run_pretraining(ctx, res, "train", lambda stages: last_stage_schedule(stages, steps),
+                    (steps, 4096 if ctx["small"] else 131072))  # medium: 4 forwards of 32,768 tokens a step
 
 
 def check_warmup(ctx, res):
     steps = 6 if ctx["small"] else ctx["args"].warmup_steps
-    medium = (4, 8192) if ctx["small"] else (6, 1 << 20)  # a few of the preset's real steps
-    run_pretraining(ctx, res, "warmup", lambda stages: medium if stages is None else short_schedule(stages, steps))
+    run_pretraining(ctx, res, "warmup", lambda stages: short_schedule(stages, steps),
+                    (4, 8192) if ctx["small"] else (6, 1 << 20))  # medium: a few of the preset's real steps
 
 
 CHECKS = dict(environment=check_environment, train=check_train, kernels=check_kernels, fp8=check_fp8,

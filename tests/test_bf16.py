@@ -55,10 +55,11 @@ def triton_type(value):
 
 
 class RecordingKernel:
-    """Stands in for a @triton.jit kernel: records each launch's signature, then launches the real kernel."""
+    """Stands in for a @triton.jit kernel: records each launch's signature, then launches the real kernel (unless
+    launch=False: the launchers then run on meta tensors)."""
 
-    def __init__(self, name, kernel, calls):
-        self.name, self.kernel, self.calls = name, kernel, calls
+    def __init__(self, name, kernel, calls, launch=True):
+        self.name, self.kernel, self.calls, self.launch = name, kernel, calls, launch
         self.arg_names = list(inspect.signature(kernel.fn).parameters)
 
     def __getitem__(self, grid):
@@ -67,7 +68,7 @@ class RecordingKernel:
             constexprs = {k: v for k, v in kwargs.items() if k not in options}
             signature = {name: triton_type(a) for name, a in zip(self.arg_names, args)}
             self.calls.append(dict(kernel=self.name, signature=signature, constexprs=constexprs, options=options))
-            return self.kernel[grid](*args, **kwargs)
+            return self.kernel[grid](*args, **kwargs) if self.launch else None
         return launch
 
 
@@ -245,18 +246,6 @@ def test_recorded_kernels_compile_for_sm80_and_sm90(gpu_like_run, tmp_path):
     assert max(c["shared"] for c in compiled) <= 99 * 1024  # fits an sm86/sm89 block's shared memory
 
 
-class ShapeRecorder(RecordingKernel):
-    """Records a launch's signature like RecordingKernel and launches nothing: the launchers run on meta tensors."""
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
-            constexprs = {k: v for k, v in kwargs.items() if k not in options}
-            self.calls.append(dict(kernel=self.name, signature={n: triton_type(a) for n, a in zip(self.arg_names, args)},
-                                   constexprs=constexprs, options=options))
-        return launch
-
-
 @pytest.mark.parametrize("name", list(STACK_RUNS))
 def test_kernels_compile_for_sm80_and_sm90_at_the_h100x8_shapes(name, monkeypatch, tmp_path):
     """Every kernel's launcher, forward and backward, on meta tensors of the stack's h100x8 shapes (gpu_check's SHAPES:
@@ -268,7 +257,7 @@ def test_kernels_compile_for_sm80_and_sm90_at_the_h100x8_shapes(name, monkeypatc
         pytest.skip("triton is not installed")
     shapes, calls = SHAPES[name], []
     for kernel in KERNELS:
-        monkeypatch.setattr(stack, kernel, ShapeRecorder(kernel, getattr(stack, kernel), calls))
+        monkeypatch.setattr(stack, kernel, RecordingKernel(kernel, getattr(stack, kernel), calls, launch=False))
     T, dim = shapes["mlp"]
     k = 3 if name == "small" else 1  # MTP horizons of the first stage; the medium trains next-token only
     with torch.device("meta"):

@@ -118,20 +118,28 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+def run_alone(stack_path, args, data, root):
+    """The stack copied alone into ROOT/alone runs pt, eval, sft, chat, rl and generate on `data` with the libraries
+    of the files beside it unimportable; (that folder, the finished process)."""
+    alone = root / "alone"
+    alone.mkdir()
+    shutil.copy(stack_path, alone)
+    r = subprocess.run([sys.executable, "-c", BLOCKED.format(libraries=LIBRARIES_BESIDE),
+                        str(alone / os.path.basename(stack_path)), *args, "--data-dir", str(data), "--run-dir",
+                        str(alone / "run"), "--core-max-per-task", "4", "--chat-max-new-tokens", "8", *SFT_ARGS, *RL_ARGS,
+                        "--phases", "pt,eval,sft,chat,rl,generate", "--prompt", "The", "--max-new-tokens", "4"],
+                       cwd=alone, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return alone, r
+
+
 @pytest.mark.slow
 def test_the_stack_alone_runs_every_phase(tiny_data, tok_dir, tmp_path):
     """Copied alone into an empty folder, with fastapi, uvicorn, transformers and matplotlib unimportable, the stack
     runs pt, eval, sft, chat, rl and generate on a prepared data directory; its log names the one file it ran."""
     data = data_for_every_phase(tmp_path, tiny_data, tok_dir)
-    alone = tmp_path / "alone"
-    alone.mkdir()
-    shutil.copy(STACK_PATH, alone)
+    alone, r = run_alone(STACK_PATH, TINY_ARGS, data, tmp_path)
     script = alone / os.path.basename(STACK_PATH)
-    r = subprocess.run([sys.executable, "-c", BLOCKED.format(libraries=LIBRARIES_BESIDE), str(script), *TINY_ARGS,
-                        "--data-dir", str(data), "--run-dir", str(alone / "run"), "--core-max-per-task", "4",
-                        "--chat-max-new-tokens", "8", *SFT_ARGS, *RL_ARGS, "--phases", "pt,eval,sft,chat,rl,generate",
-                        "--prompt", "The", "--max-new-tokens", "4"], cwd=alone, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((alone / "run" / "metrics.json").read_text())
     assert {"val_bpb", "core", "sft_val_loss", "chatcore", "gsm8k_pass_at"} <= set(metrics)
     assert [t["phase"] for t in metrics["phase_time_s"]] == ["pt", "eval", "sft", "chat", "rl"]

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -245,21 +244,11 @@ def test_a_document_in_a_pack_is_scored_as_alone(medium):
 def medium_run(tiny_data, tok_dir, tmp_path_factory):
     """The medium stack copied alone into an empty folder runs pt, eval, sft, chat, rl and generate (with fastapi,
     uvicorn, transformers and matplotlib unimportable); returns (data, run directory, stdout)."""
-    from test_layout import BLOCKED, LIBRARIES_BESIDE
+    from test_layout import run_alone
     from test_report import data_for_every_phase
-    from test_rl import RL_ARGS
-    from test_sft import SFT_ARGS
     root = tmp_path_factory.mktemp("medium")
     data = data_for_every_phase(root, tiny_data, tok_dir)
-    alone = root / "alone"
-    alone.mkdir()
-    shutil.copy(MEDIUM_PATH, alone)
-    script = alone / os.path.basename(MEDIUM_PATH)
-    r = subprocess.run([sys.executable, "-c", BLOCKED.format(libraries=LIBRARIES_BESIDE), str(script), *MEDIUM_TINY,
-                        "--data-dir", str(data), "--run-dir", str(alone / "run"), "--core-max-per-task", "4",
-                        "--chat-max-new-tokens", "8", *SFT_ARGS, *RL_ARGS, "--phases", "pt,eval,sft,chat,rl,generate",
-                        "--prompt", "The", "--max-new-tokens", "4"], cwd=alone, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
+    alone, r = run_alone(MEDIUM_PATH, MEDIUM_TINY, data, root)
     assert sorted(os.listdir(alone)) == ["decoderstack_medium_pt-eval-sft.py", "run"]
     return data, alone / "run", r.stdout
 
@@ -285,10 +274,19 @@ def test_the_medium_stack_alone_runs_every_phase(medium_run):
 
 
 @pytest.mark.slow
-def test_the_small_stack_refuses_a_medium_checkpoint_by_name(stack, medium_run):
-    _, run, _ = medium_run
-    with pytest.raises(stack.CheckpointError, match=r"written by the medium stack \(decoderstack_medium_pt-eval-sft\.py\)"):
-        stack.load_model(str(run / (run / "latest").read_text().strip()))
+def test_each_stack_refuses_the_others_checkpoint_in_one_error_naming_it(stack, medium, medium_run, pretrained_run):
+    """A checkpoint of the other stack is a model this one does not build: load_model's one error names its
+    state.json; loading its weights into this stack's model (--init-from, --resume) names its safetensors."""
+    run = medium_run[1]
+    ckpts = {"small": pretrained_run[1] / "ckpt_000008", "medium": run / (run / "latest_pt").read_text().strip()}
+    for this, other in ((stack, "medium"), (medium, "small")):
+        with pytest.raises(this.CheckpointError, match=rf"^{re.escape(str(ckpts[other]))}/state.json: 'model' is not a "
+                                                       r"model this stack builds \(.*unexpected keyword argument"):
+            this.load_model(str(ckpts[other]))
+        own, _ = this.load_model(str(ckpts["small" if other == "medium" else "medium"]))
+        with pytest.raises(this.CheckpointError, match=rf"^{re.escape(str(ckpts[other]))}/model.safetensors: does not "
+                                                       "load into this model"):
+            this.load_checkpoint(str(ckpts[other]), own)
 
 
 @pytest.mark.slow
